@@ -1,0 +1,67 @@
+"""Command line: ``python -m deftnumba {info,demo,ptx}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+
+def _info(args) -> int:
+    from . import backend
+
+    for key, value in backend.device_info().items():
+        print(f"{key:>20}: {value}")
+    return 0
+
+
+def _demo(args) -> int:
+    from . import backend, demo
+
+    result = demo.run(method=args.method, seed=args.seed)
+    print(demo.format_result(result))
+    return 0 if result["passed"] else 1
+
+
+def _ptx(args) -> int:
+    if os.environ.get("DEFTNUMBA_BACKEND") != "cuda":
+        # The audit needs numba-cuda's real compiler, never the simulator.
+        env = dict(os.environ, DEFTNUMBA_BACKEND="cuda", DEFTNUMBA_QUIET="1")
+        env.pop("NUMBA_ENABLE_CUDASIM", None)
+        return subprocess.call([sys.executable, "-m", "deftnumba", "ptx"] + (["--json"] if args.json else []), env=env)
+    from . import ptx
+
+    reports = ptx.audit()
+    if args.json:
+        print(json.dumps([r.__dict__ for r in reports]))
+        return 0
+    print(f"{'kernel':<44} {'dtype':<8} {'PTX lines':>9} {'f64 ops':>8} {'local mem':>9}")
+    bad = 0
+    for r in reports:
+        print(f"{r.kernel:<44} {r.dtype:<8} {r.lines:>9} {r.f64_instructions:>8} {str(r.uses_local_memory):>9}")
+        bad += r.dtype == "float32" and r.f64_instructions > 0
+    print(f"{len(reports)} kernels compiled for sm_90; float32 kernels with float64 instructions: {bad}")
+    return 1 if bad else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deftnumba", description=__doc__)
+    sub = parser.add_subparsers(dest="verb", required=True)
+    sub.add_parser("info", help="backend, device, versions, CUDA capability").set_defaults(run=_info)
+    demo = sub.add_parser("demo", help="run one DCN layer, check it, time each operator")
+    demo.add_argument("--method", default="auto")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+    ptx = sub.add_parser("ptx", help="compile every kernel to PTX (no GPU needed) and audit it")
+    ptx.add_argument("--json", action="store_true")
+    ptx.set_defaults(run=_ptx)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

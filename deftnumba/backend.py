@@ -1,0 +1,215 @@
+"""The one place that knows whether deftnumba runs on a real GPU or in Numba's
+CUDA simulator.
+
+The decision is made once, at import, before Numba is imported:
+
+* ``DEFTNUMBA_BACKEND=cuda``      real CUDA through numba-cuda, arrays in CuPy;
+* ``DEFTNUMBA_BACKEND=simulator`` Numba's CUDA simulator (every GPU thread is a
+  Python thread), arrays in NumPy; slow but exact, for machines without a GPU;
+* ``DEFTNUMBA_BACKEND=auto`` (default) ``cuda`` if the CUDA driver reports a
+  device, else ``simulator``. ``NUMBA_ENABLE_CUDASIM=1`` also selects the simulator.
+
+The choice is printed once to stderr (``DEFTNUMBA_QUIET=1`` silences it).
+Everything else in the package imports ``cuda`` from here: this is the single
+``from numba import cuda`` site.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+import time
+
+import numpy as np
+
+ENV_VAR = "DEFTNUMBA_BACKEND"
+_CHOICES = ("auto", "cuda", "simulator")
+
+
+def _cuda_device_count() -> int:
+    """Number of CUDA devices the driver reports, without importing Numba."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        if lib.cuInit(0) != 0:
+            return 0
+        count = ctypes.c_int(0)
+        if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
+def _choose() -> tuple[str, str]:
+    wanted = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if wanted not in _CHOICES:
+        raise ValueError(f"{ENV_VAR}={wanted!r}: expected one of {', '.join(_CHOICES)}")
+    if wanted != "auto":
+        return wanted, f"forced by {ENV_VAR}={wanted}"
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+        return "simulator", "NUMBA_ENABLE_CUDASIM is set"
+    count = _cuda_device_count()
+    if count > 0:
+        return "cuda", f"the CUDA driver reports {count} device(s)"
+    return "simulator", f"no CUDA GPU found; set {ENV_VAR}=cuda to force the GPU"
+
+
+NAME, REASON = _choose()
+IS_SIMULATOR = NAME == "simulator"
+
+if IS_SIMULATOR:
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    if "numba" in sys.modules:  # numba read its config before us: make it look again
+        from numba.core import config as _numba_config
+
+        _numba_config.reload_config()
+
+from numba import cuda  # noqa: E402  (the single import site; must follow the env setup)
+
+if IS_SIMULATOR != (getattr(cuda, "simulator_init", None) is not None):
+    # numba.cuda was imported in the other mode before deftnumba; it cannot be switched now.
+    _actual = "simulator" if not IS_SIMULATOR else "cuda"
+    raise ImportError(
+        f"deftnumba chose the {NAME} backend ({REASON}), but numba.cuda was already imported "
+        f"in {_actual} mode. Import deftnumba before numba.cuda, or set {ENV_VAR}."
+    )
+
+if os.environ.get("DEFTNUMBA_QUIET", "0") in ("", "0"):
+    print(f"deftnumba: backend={NAME} ({REASON})", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- arrays
+def cupy():
+    """The CuPy module; a clear error if the GPU backend runs without it."""
+    try:
+        import cupy as cp
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "the cuda backend needs CuPy: pip install 'deftnumba[cu13]' (or [cu12])"
+        ) from err
+    return cp
+
+
+def is_cupy_array(a) -> bool:
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def array_module(like):
+    """NumPy on the simulator; CuPy on the GPU (also for NumPy inputs, which are copied)."""
+    return np if IS_SIMULATOR else cupy()
+
+
+def to_device(a):
+    """Place a host or device array where the kernels can read it."""
+    if IS_SIMULATOR or is_cupy_array(a):
+        return a
+    return cupy().asarray(a)
+
+
+def to_host(a):
+    return a if isinstance(a, np.ndarray) else a.get()
+
+
+def synchronize() -> None:
+    if not IS_SIMULATOR:
+        cuda.synchronize()
+
+
+def launch_config(total: int, threads: int = 256) -> tuple[int, int]:
+    """Blocks and threads for a grid-stride loop over ``total`` items.
+
+    The block count is capped, so any problem size launches within the device's
+    grid limits; kernels loop ``for i in range(cuda.grid(1), total, cuda.gridsize(1))``.
+    In the simulator, where every thread is a Python thread, the cap is small.
+    """
+    cap = 8 if IS_SIMULATOR else 65536
+    threads = min(threads, 64) if IS_SIMULATOR else threads
+    blocks = max(1, min(cap, -(-int(total) // threads)))
+    return blocks, threads
+
+
+# --------------------------------------------------------------------------- device facts
+def device_info() -> dict:
+    """Backend, device name, compute capability and library versions."""
+    import numba
+
+    info = {"backend": NAME, "reason": REASON, "numpy": np.__version__, "numba": numba.__version__}
+    try:
+        import numba_cuda
+
+        info["numba_cuda"] = numba_cuda.__version__
+    except ImportError:
+        info["numba_cuda"] = "not installed (frozen numba.cuda)"
+    if IS_SIMULATOR:
+        info.update(device="Numba CUDA simulator (CPU)", compute_capability="n/a", driver="n/a")
+        return info
+    dev = cuda.get_current_device()
+    info.update(device=dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name),
+                compute_capability="%d.%d" % dev.compute_capability,
+                multiprocessors=dev.MULTIPROCESSOR_COUNT)
+    try:
+        cp = cupy()
+        info.update(cupy=cp.__version__,
+                    driver=str(cp.cuda.runtime.driverGetVersion()),
+                    cuda_runtime=str(cp.cuda.runtime.runtimeGetVersion()))
+    except ImportError:
+        info.update(cupy="not installed")
+    return info
+
+
+# --------------------------------------------------------------------------- timing
+class Stopwatch:
+    """Times named sections: CUDA events on the GPU, the host clock in the simulator.
+
+    >>> sw = Stopwatch()
+    >>> with sw.section("gemm"):
+    ...     pass
+    >>> sw.milliseconds()   # {'gemm': [...]}   (call after the work is done)
+
+    ``sw.unit`` says which clock was used, so simulator times are never taken
+    for GPU times.
+    """
+
+    def __init__(self):
+        self.unit = "simulator wall-clock ms" if IS_SIMULATOR else "GPU ms (CUDA events)"
+        self._records: list[tuple[str, object, object]] = []
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        if IS_SIMULATOR:
+            start = time.perf_counter()
+            yield
+            self._records.append((name, start, time.perf_counter()))
+            return
+        cp = cupy()
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        yield
+        stop.record()
+        self._records.append((name, start, stop))
+
+    def milliseconds(self) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for name, start, stop in self._records:
+            if IS_SIMULATOR:
+                ms = (stop - start) * 1e3
+            else:
+                stop.synchronize()
+                ms = cupy().cuda.get_elapsed_time(start, stop)
+            out.setdefault(name, []).append(ms)
+        return out
+
+
+class _NoStopwatch:
+    """Stand-in used when the caller does not time anything."""
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        yield
+
+
+NO_STOPWATCH = _NoStopwatch()
