@@ -17,6 +17,7 @@ Everything else in the package imports ``cuda`` from here: this is the single
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import os
 import sys
@@ -117,6 +118,39 @@ def to_host(a):
 def synchronize() -> None:
     if not IS_SIMULATOR:
         cuda.synchronize()
+
+
+_STREAM = contextvars.ContextVar("deftnumba_stream", default=None)
+
+
+@contextlib.contextmanager
+def external_stream(pointer: int):
+    """Run deftnumba's kernels and CuPy work on an existing CUDA stream.
+
+    ``pointer`` is a raw ``cudaStream_t`` (e.g. ``torch.cuda.current_stream().cuda_stream``).
+    A no-op in the simulator or for the legacy default stream (0).
+    """
+    if IS_SIMULATOR or not pointer:
+        yield
+        return
+    token = _STREAM.set(cuda.external_stream(pointer))
+    try:
+        with cupy().cuda.ExternalStream(pointer):
+            yield
+    finally:
+        _STREAM.reset(token)
+
+
+def launch(kernel, grid, block, *args, shared_bytes: int = 0) -> None:
+    """Launch ``kernel[grid, block](*args)`` on the current stream (see ``external_stream``).
+
+    Every kernel launch in the package goes through here.
+    """
+    stream = _STREAM.get()
+    if stream is None:
+        kernel[grid, block, 0, shared_bytes](*args)
+    else:
+        kernel[grid, block, stream, shared_bytes](*args)
 
 
 def launch_config(total: int, threads: int = 256) -> tuple[int, int]:

@@ -97,7 +97,7 @@ def columns_kernel(dtype, use_mask: bool):
 def launch(kernel, total, *args):
     """Launch a grid-stride ``kernel`` over ``total`` items."""
     blocks, threads = backend.launch_config(total)
-    kernel[blocks, threads](*args)
+    backend.launch(kernel, blocks, threads, *args)
 
 
 def gemm_bias(geometry, columns, weight, bias, out, first_image, xp):
