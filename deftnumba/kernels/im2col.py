@@ -114,26 +114,35 @@ def gemm_bias(geometry, columns, weight, bias, out, first_image, xp):
     out[first_image:first_image + n_chunk] = result
 
 
+def column_chunks(geometry, xp, dtype):
+    """Yield ``(first_image, columns)`` per chunk of at most ``CHUNK_IMAGES`` images.
+
+    One buffer ``[C*kh*kw, chunk*Ho*Wo]`` is allocated and reused: each
+    ``columns`` is a view of it sized for the chunk's images.
+    """
+    g = geometry
+    pixels = g.out_h * g.out_w
+    chunk = min(g.batch, CHUNK_IMAGES)
+    buffer = xp.empty((g.in_channels * g.taps, chunk * pixels), dtype=dtype)
+    for first in range(0, g.batch, chunk):
+        yield first, buffer[:, :min(chunk, g.batch - first) * pixels]
+
+
 def forward(geometry, input, offset, weight, bias, mask, out, stopwatch=backend.NO_STOPWATCH):
     """Run the three-stage pipeline into ``out`` (``[N, Cout, Ho, Wo]``, preallocated)."""
     g = geometry
     xp = backend.array_module(input)
     conv = conv_tuple(g)
-    pixels = g.out_h * g.out_w
     mask_arg = mask if mask is not None else xp.empty((1, 1, 1, 1), dtype=input.dtype)
 
     with stopwatch.section("offset sampling"):
         positions = xp.empty(offset.shape, dtype=offset.dtype)
         launch(positions_kernel(g.dtype), offset.size // 2, offset, positions, conv)
 
-    chunk = min(g.batch, CHUNK_IMAGES)
-    columns = xp.empty((g.in_channels * g.taps, chunk * pixels), dtype=input.dtype)
     fill = columns_kernel(g.dtype, mask is not None)
-    for first in range(0, g.batch, chunk):
-        n_chunk = min(chunk, g.batch - first)
-        cols = columns[:, :n_chunk * pixels]
+    for first, cols in column_chunks(g, xp, input.dtype):
         with stopwatch.section("bilinear columns"):
-            launch(fill, n_chunk * g.in_channels * pixels, input, positions, mask_arg, cols, np.int64(first))
+            launch(fill, cols.shape[1] * g.in_channels, input, positions, mask_arg, cols, np.int64(first))
         with stopwatch.section("gemm"):
             gemm_bias(g, cols, weight, bias, out, first, xp)
     return out
