@@ -38,16 +38,16 @@ def run(method: str = "auto", seed: int = 0, repeats: int = 5) -> dict:
     host = random_layer(geometry, seed)
     arrays = [backend.to_device(a) if a is not None else None for a in host]
     x, offset, weight, bias, mask = arrays
-    kwargs = dict(stride=(geometry.stride_h, geometry.stride_w), padding=(geometry.pad_h, geometry.pad_w),
-                  dilation=(geometry.dil_h, geometry.dil_w), mask=mask, method=method)
-    out = backend.to_host(deform_conv2d(x, offset, weight, bias, **kwargs))  # warm-up / compile
-    expected = reference.deform_conv2d(*host[:4], **{k: v for k, v in kwargs.items() if k != "method"} | {"mask": host[4]})
+    conv = dict(stride=(geometry.stride_h, geometry.stride_w), padding=(geometry.pad_h, geometry.pad_w),
+                dilation=(geometry.dil_h, geometry.dil_w))
+    out = backend.to_host(deform_conv2d(x, offset, weight, bias, **conv, mask=mask, method=method))  # warm-up
+    expected = reference.deform_conv2d(*host[:4], **conv, mask=host[4])
     rel_error = float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
 
     stopwatch = backend.Stopwatch()
     start = time.perf_counter()
     for _ in range(repeats):
-        deform_conv2d(x, offset, weight, bias, **kwargs, stopwatch=stopwatch)
+        deform_conv2d(x, offset, weight, bias, **conv, mask=mask, method=method, stopwatch=stopwatch)
     backend.synchronize()
     wall = (time.perf_counter() - start) / repeats * 1e3
     times = {name: float(np.median(ms)) * (len(ms) / repeats) for name, ms in stopwatch.milliseconds().items()}
