@@ -105,9 +105,25 @@ def array_module(like):
 
 
 def to_device(a):
-    """Place a host or device array where the kernels can read it."""
-    if IS_SIMULATOR or is_cupy_array(a):
+    """Place a host or device array where the kernels can read it.
+
+    Any strides and read-only arrays are accepted; the caller's array is never
+    written. Copies are made only where needed:
+
+    * simulator: a launch copies each NumPy argument in and back out, which needs
+      a single contiguous buffer (C or F order) and a writeable array, so a strided
+      view, a negative-stride view or a read-only array is copied first;
+    * cuda: NumPy arrays are copied to the GPU (contiguous); a CuPy view with a
+      negative stride is made contiguous, other CuPy strides are used as they are.
+    """
+    if is_cupy_array(a):
+        if not IS_SIMULATOR and any(s < 0 for s in a.strides):
+            return cupy().ascontiguousarray(a)
         return a
+    if not (a.flags.c_contiguous or a.flags.f_contiguous):
+        a = np.ascontiguousarray(a)
+    if IS_SIMULATOR:
+        return a if a.flags.writeable else a.copy()
     return cupy().asarray(a)
 
 

@@ -117,15 +117,20 @@ def gemm_bias(geometry, columns, weight, bias, out, first_image, xp):
 def column_chunks(geometry, xp, dtype):
     """Yield ``(first_image, columns)`` per chunk of at most ``CHUNK_IMAGES`` images.
 
-    One buffer ``[C*kh*kw, chunk*Ho*Wo]`` is allocated and reused: each
-    ``columns`` is a view of it sized for the chunk's images.
+    One buffer of ``C*kh*kw * chunk*Ho*Wo`` elements is allocated and reused: each
+    ``columns`` is a contiguous ``[C*kh*kw, n*Ho*Wo]`` view of it for the chunk's images.
     """
     g = geometry
     pixels = g.out_h * g.out_w
+    rows = g.in_channels * g.taps
     chunk = min(g.batch, CHUNK_IMAGES)
-    buffer = xp.empty((g.in_channels * g.taps, chunk * pixels), dtype=dtype)
+    # One flat buffer; each chunk's view is its first rows*n*P elements, so the view is
+    # C-contiguous even for a short last chunk (the simulator transfers only contiguous
+    # arrays, and the GEMM's reshape then needs no copy).
+    buffer = xp.empty(rows * chunk * pixels, dtype=dtype)
     for first in range(0, g.batch, chunk):
-        yield first, buffer[:, :min(chunk, g.batch - first) * pixels]
+        width = min(chunk, g.batch - first) * pixels
+        yield first, buffer[:rows * width].reshape(rows, width)
 
 
 def forward(geometry, input, offset, weight, bias, mask, out, stopwatch=backend.NO_STOPWATCH):
