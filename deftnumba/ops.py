@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from . import backend
 from .arguments import check_forward
-from .kernels import im2col
+from .kernels import fused_columns, im2col
 
 # Forward methods by name. Each takes
 # (geometry, input, offset, weight, bias, mask, out, stopwatch) and fills ``out``.
 _FORWARD = {
     "im2col": im2col.forward,
+    "fused_columns": fused_columns.forward,
 }
 METHODS: tuple[str, ...] = tuple(_FORWARD)
 
