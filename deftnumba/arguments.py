@@ -167,3 +167,22 @@ def check_forward(input, offset, weight, bias, stride, padding, dilation, mask) 
         if tuple(value.shape) != expected[name]:
             raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(value.shape)}")
     return geometry
+
+
+def check_backward(grad_output, input, offset, weight, bias, stride, padding, dilation, mask) -> Geometry:
+    """Validate ``deform_conv2d_backward`` arguments; return the layer's ``Geometry``.
+
+    The forward's arguments are checked by ``check_forward``; ``grad_output`` must
+    be an array of the same kind and dtype with the output's shape ``[N, Cout, Ho, Wo]``.
+    """
+    geometry = check_forward(input, offset, weight, bias, stride, padding, dilation, mask)
+    _check_array(grad_output, "grad_output", 4, "[N, Cout, Ho, Wo]")
+    if backend.is_cupy_array(grad_output) != backend.is_cupy_array(input):
+        kind = "CuPy" if backend.is_cupy_array(grad_output) else "NumPy"
+        raise TypeError(f"grad_output is a {kind} array but input is not: arrays must all be NumPy or all be CuPy")
+    if np.dtype(grad_output.dtype) != np.dtype(input.dtype):
+        raise TypeError(f"grad_output must have the dtype of input ({input.dtype}), got {grad_output.dtype}")
+    expected = geometry.shapes["output"]
+    if tuple(grad_output.shape) != expected:
+        raise ValueError(f"grad_output must have the output's shape {expected}, got {tuple(grad_output.shape)}")
+    return geometry

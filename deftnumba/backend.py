@@ -263,3 +263,101 @@ class _NoStopwatch:
 
 
 NO_STOPWATCH = _NoStopwatch()
+
+
+# --------------------------------------------------------------------------- simulator checks
+def _check_index(shape, index) -> None:
+    """``IndexError`` unless every integer in ``index`` lies in ``[0, dim)``."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    for axis, i in enumerate(index):
+        if i is Ellipsis:
+            return
+        if isinstance(i, (int, np.integer)) and not isinstance(i, bool):
+            if axis >= len(shape) or not 0 <= int(i) < shape[axis]:
+                raise IndexError(f"kernel index {tuple(int(v) if isinstance(v, (int, np.integer)) else v for v in index)}"
+                                 f" outside an array of shape {tuple(shape)}")
+
+
+class _CheckedArray(np.ndarray):
+    """A shared or local array whose integer indices are bounds-checked (see ``bounds_checked``)."""
+
+    def __getitem__(self, index):
+        _check_index(self.shape, index)
+        return np.ndarray.__getitem__(self, index)
+
+    def __setitem__(self, index, value):
+        _check_index(self.shape, index)
+        np.ndarray.__setitem__(self, index, value)
+
+
+def _poisoned(shape, dtype):
+    a = np.empty(shape, dtype)
+    a.fill(np.nan if a.dtype.kind == "f" else -(2**30) if a.dtype.kind == "i" else 0)
+    return a.view(_CheckedArray)
+
+
+@contextlib.contextmanager
+def bounds_checked():
+    """Simulator only: a poor man's ``compute-sanitizer`` for the kernels run inside.
+
+    NumPy, and so the simulator, silently wraps a negative index (``a[-1]`` is the
+    last element) where a GPU would read outside the array. Inside this context:
+
+    * every integer index into a kernel argument, a shared or a local array must
+      satisfy ``0 <= i < dim``, or the kernel raises ``IndexError``;
+    * shared and local arrays start filled with NaN (integers with ``-2**30``), so
+      a read of memory no thread wrote shows up as NaN in the results.
+
+    Not thread-safe with other simulator launches; slower. Races are not detected.
+    """
+    if not IS_SIMULATOR:
+        raise RuntimeError("bounds_checked() needs the simulator backend; use compute-sanitizer on a GPU")
+    import traceback
+
+    from numba.cuda.simulator import kernelapi
+    from numba.cuda.simulator.cudadrv import devicearray
+
+    within = devicearray.FakeWithinKernelCUDAArray
+    saved = (within.__getitem__, within.__setitem__, kernelapi.FakeCUDAShared.array,
+             kernelapi.FakeCUDALocal.array)
+    get_item, set_item = saved[0], saved[1]
+
+    def checked_get(self, index):
+        if not isinstance(index, str):
+            _check_index(self._item.shape, index)
+        return get_item(self, index)
+
+    def checked_set(self, index, value):
+        if not isinstance(index, str):
+            _check_index(self._item.shape, index)
+        set_item(self, index, value)
+
+    def shared_array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory: unchanged
+            return saved[2](self, shape, dtype, alignment)
+        if not isinstance(dtype, np.dtype) and not isinstance(dtype, type):
+            from numba.np import numpy_support
+            dtype = numpy_support.as_dtype(dtype)
+        # keyed by the caller's source line, as the simulator does
+        caller = tuple(traceback.extract_stack(sys._getframe(1), limit=1)[-1][0:2])
+        res = self._allocations.get(caller)
+        if res is None:
+            res = self._allocations[caller] = _poisoned(shape, dtype)
+        return res
+
+    def local_array(self, shape, dtype, alignment=None):
+        if alignment is not None:
+            return saved[3](self, shape, dtype, alignment)
+        if not isinstance(dtype, np.dtype) and not isinstance(dtype, type):
+            from numba.np import numpy_support
+            dtype = numpy_support.as_dtype(dtype)
+        return _poisoned(shape, dtype)
+
+    within.__getitem__, within.__setitem__ = checked_get, checked_set
+    kernelapi.FakeCUDAShared.array, kernelapi.FakeCUDALocal.array = shared_array, local_array
+    try:
+        yield
+    finally:
+        (within.__getitem__, within.__setitem__, kernelapi.FakeCUDAShared.array,
+         kernelapi.FakeCUDALocal.array) = saved

@@ -20,6 +20,8 @@ Semantics follow ``torchvision.ops.deform_conv2d``:
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import numpy as np
 
 
@@ -102,3 +104,111 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     if bias is not None:
         out = out + np.asarray(bias, dtype=np.float64)[None, :, None, None]
     return out
+
+
+# --------------------------------------------------------------------------- backward
+Gradients = namedtuple("Gradients", "input offset weight bias mask")
+Gradients.__doc__ = "Float64 gradients of ``deform_conv2d``; ``bias``/``mask`` are None when not given."
+
+def _bilinear_corner_terms(height, width, y, x):
+    """The four corners of bilinear sampling at ``(y, x)`` with their weights and derivatives.
+
+    Yields ``(cy, cx, weight, d_weight/dy, d_weight/dx)`` per corner, each an array
+    of the shape of ``y``; corners outside the image and samples outside the band
+    ``-1 < y < H, -1 < x < W`` (or non-finite) have weight and derivatives zero,
+    and their indices are clipped into the image so they can be used to index.
+    """
+    with np.errstate(invalid="ignore"):
+        inside = (y > -1) & (y < height) & (x > -1) & (x < width)
+    y = np.where(inside, y, 0.0)
+    x = np.where(inside, x, 0.0)
+    y0 = np.floor(y).astype(np.int64)
+    x0 = np.floor(x).astype(np.int64)
+    ly, lx = y - y0, x - x0
+    # corner row (or column), its 1-D weight, and that weight's derivative
+    rows = ((y0, 1.0 - ly, -1.0), (y0 + 1, ly, 1.0))
+    cols = ((x0, 1.0 - lx, -1.0), (x0 + 1, lx, 1.0))
+    for cy, wy, dwy in rows:
+        for cx, wx, dwx in cols:
+            ok = inside & (cy >= 0) & (cy < height) & (cx >= 0) & (cx < width)
+            yield (np.clip(cy, 0, height - 1), np.clip(cx, 0, width - 1),
+                   np.where(ok, wy * wx, 0.0), np.where(ok, dwy * wx, 0.0), np.where(ok, wy * dwx, 0.0))
+
+
+def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride=1, padding=0, dilation=1,
+                           mask=None):
+    """Float64 gradients of ``deform_conv2d`` with respect to every argument.
+
+    ``grad_output`` is ``dL/d out`` (``[N, Cout, Ho, Wo]``). Returns ``Gradients``
+    (fields ``input, offset, weight, bias, mask``; ``bias``/``mask`` are ``None``
+    when the argument is ``None``), each ``dL/d argument`` in float64.
+
+    Derivation: ``out[n, o, p] = b[o] + sum_{c, k} W[o, c, k] * m[n, g(c), k, p] *
+    S[n, c, k, p]`` with ``S = sum_corners w(y, x) * I[n, c, corner]`` the bilinear
+    sample. With ``gcol = dL/d cols = W^T grad_out`` (per weight group):
+
+    * ``dL/dI[n, c, corner] += gcol * m * w``;
+    * ``dL/dy = m * sum_{c in group} gcol * sum_corners (dw/dy) * I[corner]`` (x alike);
+      ``dy`` is the offset's first channel of the tap, ``dx`` the second;
+    * ``dL/dm = sum_{c in group} gcol * S``;
+    * ``dL/dW = grad_out (x) cols``; ``dL/db = sum grad_out``.
+
+    The bilinear weights are piecewise linear in ``y`` and ``x``; at integer
+    coordinates the derivative used is the one-sided one from the right (the
+    floor cell), as torchvision does.
+    """
+    go = np.asarray(grad_output, dtype=np.float64)
+    image = np.asarray(input, dtype=np.float64)
+    w = np.asarray(weight, dtype=np.float64)
+    n, c, height, width = image.shape
+    c_out, c_per_group, kh, kw = w.shape
+    taps = kh * kw
+    groups = c // c_per_group
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    out_h, out_w = go.shape[2:]
+    pixels = out_h * out_w
+
+    y_pos, x_pos = sampling_positions(offset, (kh, kw), stride, padding, dilation)  # [N, G, K, Ho, Wo]
+    offset_groups = y_pos.shape[1]
+    per_offset_group = c // offset_groups
+    y_pos = y_pos.reshape(n, offset_groups, taps, pixels)
+    x_pos = x_pos.reshape(n, offset_groups, taps, pixels)
+    if mask is not None:
+        m = np.asarray(mask, dtype=np.float64).reshape(n, offset_groups, taps, pixels)
+    else:
+        m = np.ones((n, offset_groups, taps, pixels))
+
+    # Gradient of the columns: [N, C, K, P], per weight group W^T @ grad_out.
+    w_groups = w.reshape(groups, c_out // groups, c_per_group * taps)
+    go_groups = go.reshape(n, groups, c_out // groups, pixels)
+    gcol = np.einsum("gok,ngop->ngkp", w_groups, go_groups).reshape(n, c, taps, pixels)
+    gcol = gcol.reshape(n, offset_groups, per_offset_group, taps, pixels)
+
+    images = image.reshape(n, offset_groups, per_offset_group, height * width)
+    grad_image = np.zeros((n, offset_groups, per_offset_group, height * width))
+    grad_y = np.zeros((n, offset_groups, taps, pixels))
+    grad_x = np.zeros((n, offset_groups, taps, pixels))
+    grad_m = np.zeros((n, offset_groups, taps, pixels))
+    for cy, cx, wgt, dwdy, dwdx in _bilinear_corner_terms(height, width, y_pos, x_pos):
+        flat = cy * width + cx  # [N, G, K, P]
+        for b in range(n):
+            for g in range(offset_groups):
+                corner_values = images[b, g][:, flat[b, g]]  # [C/G, K, P]
+                grad_y[b, g] += np.sum(gcol[b, g] * corner_values, axis=0) * dwdy[b, g]
+                grad_x[b, g] += np.sum(gcol[b, g] * corner_values, axis=0) * dwdx[b, g]
+                grad_m[b, g] += np.sum(gcol[b, g] * corner_values, axis=0) * wgt[b, g]
+                contribution = gcol[b, g] * (m[b, g] * wgt[b, g])[None]  # [C/G, K, P]
+                for ch in range(per_offset_group):
+                    np.add.at(grad_image[b, g, ch], flat[b, g].ravel(), contribution[ch].ravel())
+
+    grad_offset = np.stack([grad_y * m, grad_x * m], axis=3).reshape(n, 2 * offset_groups * taps, out_h, out_w)
+    cols = columns(image, offset, (kh, kw), stride, padding, dilation, mask)  # [N, C, K, Ho, Wo]
+    cols = cols.reshape(n, groups, c_per_group * taps, pixels)
+    grad_weight = np.einsum("ngop,ngkp->gok", go_groups, cols).reshape(w.shape)
+    return Gradients(
+        input=grad_image.reshape(image.shape),
+        offset=grad_offset,
+        weight=grad_weight,
+        bias=go.sum(axis=(0, 2, 3)) if bias is not None else None,
+        mask=grad_m.reshape(n, offset_groups * taps, out_h, out_w) if mask is not None else None,
+    )

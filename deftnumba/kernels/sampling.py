@@ -86,11 +86,51 @@ def sampling_functions(dtype) -> SimpleNamespace:
         return (w00 * image[n, c, y0, x0] + w01 * image[n, c, y0, x1]
                 + w10 * image[n, c, y1, x0] + w11 * image[n, c, y1, x1])
 
+    @cuda.jit(device=True, inline=True)
+    def bilinear_corner_gradients(y, x, height, width):
+        """Corners, weights and weight derivatives for the backward at ``(y, x)``.
+
+        Returns ``(y0, y1, x0, x1, w00, w01, w10, w11, gy00, gy01, gy10, gy11,
+        gx00, gx01, gx10, gx11)``: the corners and weights of ``bilinear_corners``
+        (same clamping, same zeros), plus ``gyab = d wab / dy`` and
+        ``gxab = d wab / dx``. With ``wy0 = 1 - ly``, ``wy1 = ly`` (``ly`` the
+        fractional part of ``y``), ``d wy0/dy = -1`` and ``d wy1/dy = +1``; a row
+        or column outside the image has weight and derivative zero, and so has a
+        sample outside the band ``-1 < y < H, -1 < x < W`` (torchvision's rule:
+        no value, no offset gradient). So ``d value / dy = sum gyab * I[ya, xb]``.
+        """
+        if not (y > MINUS_ONE and y < T(height) and x > MINUS_ONE and x < T(width)):
+            return (0, 0, 0, 0, ZERO, ZERO, ZERO, ZERO,
+                    ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO)
+        fy = math.floor(y)
+        fx = math.floor(x)
+        ly = y - T(fy)
+        lx = x - T(fx)
+        y0 = np.int32(fy)
+        x0 = np.int32(fx)
+        row0 = y0 >= 0
+        row1 = y0 + 1 < height
+        col0 = x0 >= 0
+        col1 = x0 + 1 < width
+        wy0 = ONE - ly if row0 else ZERO
+        wy1 = ly if row1 else ZERO
+        wx0 = ONE - lx if col0 else ZERO
+        wx1 = lx if col1 else ZERO
+        sy0 = MINUS_ONE if row0 else ZERO
+        sy1 = ONE if row1 else ZERO
+        sx0 = MINUS_ONE if col0 else ZERO
+        sx1 = ONE if col1 else ZERO
+        return (max(y0, 0), min(y0 + 1, height - 1), max(x0, 0), min(x0 + 1, width - 1),
+                wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1,
+                sy0 * wx0, sy0 * wx1, sy1 * wx0, sy1 * wx1,
+                wy0 * sx0, wy0 * sx1, wy1 * sx0, wy1 * sx1)
+
     return SimpleNamespace(
         T=T, ZERO=ZERO, ONE=ONE,
         tap_position=tap_position,
         bilinear_corners=bilinear_corners,
         bilinear_sample=bilinear_sample,
+        bilinear_corner_gradients=bilinear_corner_gradients,
     )
 
 
