@@ -138,6 +138,23 @@ def test_kernel_gradients_match_finite_differences(method, mode, name, rng):
     directional_check(grads, go, arrays, g, rng)
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("method", METHODS)
+def test_more_images_than_one_chunk(method, mode, rng):
+    """34 images: two chunks of the image loop (``im2col.CHUNK_IMAGES`` is 32)."""
+    from deftnumba.kernels import im2col
+
+    g = CASES["basic-3x3"]
+    g = Geometry(**{**g.__dict__, "batch": im2col.CHUNK_IMAGES + 2, "in_channels": 1, "out_channels": 2,
+                    "height": 3, "width": 4})
+    arrays = layer_arrays(g, rng)
+    go = grad_out_for(g, rng)
+    expected = reference.deform_conv2d_backward(go, *arrays[:4], **conv_kwargs(g), mask=arrays[4])
+    grads = run(method, go, *arrays, g, deterministic=MODES[mode])
+    for field in FIELDS:
+        assert rel_error(getattr(grads, field), getattr(expected, field)) < 10 * tolerance(g.dtype), field
+
+
 def collision_arrays(g: Geometry, rng):
     """Offsets that pile every sample of every tap onto the few pixels around (1.5, 2.5)."""
     x, offset, weight, bias, mask = layer_arrays(g, rng)

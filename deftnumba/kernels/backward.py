@@ -18,7 +18,8 @@ and ``cols[c, k, p] = m * bilinear(I[c], y, x)`` gives
 * ``grad_offset_y = m * sum_{c in group} grad_cols * sum_corners dw/dy * I[c, corner]``
   (and ``x`` alike), ``grad_mask = sum_{c in group} grad_cols * bilinear(I[c], y, x)``;
 * ``grad_weight = grad_out @ cols^T`` per weight group, with ``cols`` recomputed
-  by the forward's ``im2col.columns_kernel`` (never stored by the forward);
+  (never stored by the forward): by the forward's ``im2col`` kernels for the
+  ``im2col`` method, by the sample pass itself for the fused methods;
 * ``grad_bias = sum of grad_out over N, Ho, Wo``.
 
 The bilinear rule, its corners and their derivatives come from
@@ -38,7 +39,9 @@ Methods (``ops`` keeps the registry)
 ``fused_columns``  GEMM -> ``grad_cols`` -> one ``sample_kernel`` pass: position,
                    corners and derivative weights once per sample, then per
                    channel one read of ``grad_cols`` and of the four corners
-                   feeds the input scatter, the offset and the mask gradients.
+                   feeds the input scatter, the offset and the mask gradients,
+                   and the same four corners give the forward's column, stored
+                   for the weight-gradient GEMM (no separate recompute pass).
 ``fused_gemm``     no ``grad_cols`` buffer at all: ``sample_kernel`` computes each
                    ``grad_cols`` element as the dot product over ``Og`` outputs
                    from ``W`` and ``grad_out`` (read through L1/L2), so the
@@ -167,21 +170,25 @@ def col2im_kernel(dtype, use_mask: bool):
 #   - grad_cols C*K*P*s (coalesced over p), unless fused_gemm, which instead reads
 #     W (broadcast: a warp shares the tap) and grad_out (Og values per element, coalesced
 #     over p; C/G*K reuses of each grad_out value, through L1/L2);
-#   writes grad_offset 2*G*K*P*s and grad_mask G*K*P*s once (no atomics), and with
-#   scatter_input 4 atomic adds per (channel, sample) into grad_input as in col2im_kernel.
+#   writes grad_offset 2*G*K*P*s and grad_mask G*K*P*s once (no atomics), with
+#   scatter_input 4 atomic adds per (channel, sample) into grad_input as in col2im_kernel,
+#   and with write_columns the recomputed forward columns C*K*P*s (coalesced over p).
 # FLOPs: ~40 per sample for position, corners and derivative weights; per channel
-#   24 for the three reductions (+8 scatter products), + 2*Og with fused_gemm.
+#   24 for the three reductions (+8 scatter products, +1 column), + 2*Og with fused_gemm.
 # Nothing in shared memory.
 @functools.cache
-def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool):
+def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, write_columns: bool):
     """Kernel ``(grad_cols, grad_output, weight, input, offset, mask, grad_input,
-    grad_offset, grad_mask, conv, first_image, n_images)``: one thread per sample.
+    grad_offset, grad_mask, columns, conv, first_image, n_images)``: one thread per sample.
 
     Always writes ``grad_offset`` (and ``grad_mask`` if ``use_mask``) for images
     ``first_image .. first_image + n_images - 1``. ``scatter_input`` also adds the
     input gradient into ``grad_input`` with atomics. ``fused_gemm`` computes the
     ``grad_cols`` elements on the fly from ``weight`` and ``grad_output``;
     otherwise they are read from ``grad_cols`` (``[C*K, n_images*P]``).
+    ``write_columns`` also stores the forward's columns ``m * bilinear(I[c], y, x)``
+    into ``columns`` (``[C*K, n_images*P]``) for the weight-gradient GEMM: the pass
+    already holds the four corners and the sample, so the recompute costs one store.
     Unused array arguments may be 1-element dummies of the right rank and dtype.
     """
     fns = sampling_functions(dtype)
@@ -193,7 +200,7 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool):
 
     @cuda.jit
     def kernel(grad_cols, grad_output, weight, input, offset, mask, grad_input, grad_offset, grad_mask,
-               conv, first_image, n_images):
+               columns, conv, first_image, n_images):
         _, channels, height, width = input.shape
         _, off_channels, out_h, out_w = offset.shape
         kw = conv[7]
@@ -231,7 +238,10 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool):
                 v11 = input[n, c, y1, x1]
                 acc_y += gc * (gy00 * v00 + gy01 * v01 + gy10 * v10 + gy11 * v11)
                 acc_x += gc * (gx00 * v00 + gx01 * v01 + gx10 * v10 + gx11 * v11)
-                acc_m += gc * (w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11)
+                sample = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
+                acc_m += gc * sample
+                if write_columns:
+                    columns[c * taps + tap, col] = sample * m
                 if scatter_input:
                     value = gc * m
                     if w00 != ZERO:
@@ -252,7 +262,10 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool):
 
 
 # Traffic (per image, one thread per sample): reads offsets 2*G*K*P*s and mask G*K*P*s;
-#   writes 4*G*K*P entries of (int64 key, s-byte coefficient, int32 source).
+#   writes 4*G*K*P entries of (int32 key, s-byte coefficient, int32 source); the host then
+#   sorts them (stable argsort of the keys: a radix sort, ~4 passes reading and writing
+#   key and index, ~4*G*K*P*12*2*4 bytes) and permutes coefficient and source.
+#   (Keys and sources become int64 only when the chunk's sizes need it.)
 # FLOPs: ~25 per sample (position, corners, 4 mask products).
 @functools.cache
 def entries_kernel(dtype, use_mask: bool):
@@ -290,7 +303,7 @@ def entries_kernel(dtype, use_mask: bool):
             y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
             m = mask[n, g * taps + tap, oy, ox] if use_mask else ONE
             base = (n_local * groups + g) * plane
-            src = np.int32(tap * pixels + p)
+            src = tap * pixels + p  # stored as the source array's type (int32 unless K*P needs int64)
             e = 4 * idx
             key[e] = base + y0 * width + x0 if w00 != ZERO else sentinel
             key[e + 1] = base + y0 * width + x1 if w01 != ZERO else sentinel
@@ -383,17 +396,18 @@ def _deterministic_input_grad(g, grad_cols, grad_output, weight, offset, mask_ar
                               first, n_chunk, fused_gemm, xp, conv):
     """Sort-then-segment col2im for one chunk (see the module docstring)."""
     samples = n_chunk * g.offset_groups * g.taps * g.out_h * g.out_w
-    key = xp.empty(4 * samples, dtype=np.int64)
+    segments = n_chunk * g.offset_groups * g.height * g.width
+    # 32-bit keys when the segment ids fit: a radix sort then makes half the passes.
+    key = xp.empty(4 * samples, dtype=np.int32 if segments < 2**31 - 1 else np.int64)
     coef = xp.empty(4 * samples, dtype=grad_input.dtype)
-    source = xp.empty(4 * samples, dtype=np.int32)
+    source = xp.empty(4 * samples, dtype=np.int32 if g.taps * g.out_h * g.out_w <= 2**31 - 1 else np.int64)
     launch(entries_kernel(g.dtype, g.has_mask), samples, offset, mask_arg, key, coef, source, conv,
            np.int64(first), np.int64(n_chunk), np.int32(g.height), np.int32(g.width))
     order = xp.argsort(key, kind="stable")
     key = key[order]
     source = xp.ascontiguousarray(source[order])
     coef = xp.ascontiguousarray(coef[order])
-    segments = n_chunk * g.offset_groups * g.height * g.width
-    starts = xp.searchsorted(key, xp.arange(segments + 1, dtype=np.int64), side="left").astype(np.int64)
+    starts = xp.searchsorted(key, xp.arange(segments + 1, dtype=key.dtype), side="left").astype(np.int64)
     launch(gather_kernel(g.dtype, fused_gemm), n_chunk * g.in_channels * g.height * g.width,
            grad_cols, grad_output, weight, starts, source, coef, grad_input, conv,
            np.int64(first), np.int64(n_chunk), np.int64(g.offset_groups))
@@ -419,12 +433,15 @@ def _run(method, geometry, grad_output, input, offset, weight, mask, grad_input,
         grad_input[...] = 0
     grad_weight[...] = 0
 
-    with stopwatch.section("offset sampling"):
-        positions = xp.empty(offset.shape, dtype=dtype)
-        launch(im2col.positions_kernel(g.dtype), offset.size // 2, offset, positions, conv)
-    fill = im2col.columns_kernel(g.dtype, mask is not None)
-    samples_kernel = sample_kernel(g.dtype, mask is not None, method != "im2col" and not deterministic,
-                                   fused_gemm)
+    unfused = method == "im2col"
+    if unfused:  # torchvision's design: recompute the columns with the forward's own kernels
+        with stopwatch.section("offset sampling"):
+            positions = xp.empty(offset.shape, dtype=dtype)
+            launch(im2col.positions_kernel(g.dtype), offset.size // 2, offset, positions, conv)
+        fill = im2col.columns_kernel(g.dtype, mask is not None)
+    # The fused methods' sample pass writes the columns for the weight gradient itself.
+    samples_kernel = sample_kernel(g.dtype, mask is not None, not unfused and not deterministic, fused_gemm,
+                                   not unfused)
 
     for first, cols in im2col.column_chunks(g, xp, dtype):
         n_chunk = cols.shape[1] // pixels
@@ -434,20 +451,21 @@ def _run(method, geometry, grad_output, input, offset, weight, mask, grad_input,
         else:
             with stopwatch.section("grad columns gemm"):
                 gcols = grad_columns(g, weight, go, xp)
-        if method == "im2col" and not deterministic:
+        if unfused and not deterministic:
             with stopwatch.section("col2im"):
                 launch(col2im_kernel(g.dtype, mask is not None), g.in_channels * g.taps * n_chunk * pixels,
                        gcols, offset, mask_arg, grad_input, conv, np.int64(first))
-        with stopwatch.section("offset and mask grad" if method == "im2col" else "fused sample grads"):
+        with stopwatch.section("offset and mask grad" if unfused else "fused sample grads"):
             launch(samples_kernel, n_chunk * g.offset_groups * g.taps * pixels,
                    gcols, grad_output, weight, input, offset, mask_arg, grad_input, grad_offset,
-                   grad_mask_arg, conv, np.int64(first), np.int64(n_chunk))
+                   grad_mask_arg, cols if not unfused else dummy2, conv, np.int64(first), np.int64(n_chunk))
         if deterministic:
             with stopwatch.section("deterministic col2im"):
                 _deterministic_input_grad(g, gcols, grad_output, weight, offset, mask_arg, grad_input,
                                           first, n_chunk, fused_gemm, xp, conv)
-        with stopwatch.section("bilinear columns"):
-            launch(fill, cols.shape[1] * g.in_channels, input, positions, mask_arg, cols, np.int64(first))
+        if unfused:
+            with stopwatch.section("bilinear columns"):
+                launch(fill, cols.shape[1] * g.in_channels, input, positions, mask_arg, cols, np.int64(first))
         with stopwatch.section("weight grad gemm"):
             c_per_group = g.in_channels // g.groups
             by_group = cols.reshape(g.groups, c_per_group * g.taps, n_chunk * pixels)
@@ -489,12 +507,16 @@ def ptx_cases():
         k1, s1 = types.Array(types.int64, 1, "C"), types.Array(types.int32, 1, "C")
         for use_mask in (True, False):
             yield f"col2im[mask={use_mask}]", dtype, col2im_kernel(dtype, use_mask), (a2, a4, a4, a4, conv, i64)
-            for scatter, fused in ((False, False), (True, False), (True, True), (False, True)):
-                yield (f"sample[mask={use_mask},scatter={scatter},fused_gemm={fused}]", dtype,
-                       sample_kernel(dtype, use_mask, scatter, fused),
-                       (a2, a4, a4, a4, a4, a4, a4, a4, a4, conv, i64, i64))
-            yield (f"entries[mask={use_mask}]", dtype, entries_kernel(dtype, use_mask),
-                   (a4, a4, k1, a1, s1, conv, i64, i64, types.int32, types.int32))
+            # (scatter_input, fused_gemm, write_columns) of: im2col; fused_columns atomic and
+            # deterministic; fused_gemm atomic and deterministic
+            for scatter, fused, write in ((False, False, False), (True, False, True), (False, False, True),
+                                          (True, True, True), (False, True, True)):
+                yield (f"sample[mask={use_mask},scatter={scatter},fused_gemm={fused},columns={write}]", dtype,
+                       sample_kernel(dtype, use_mask, scatter, fused, write),
+                       (a2, a4, a4, a4, a4, a4, a4, a4, a4, a2, conv, i64, i64))
+            for keys in (s1, k1):
+                yield (f"entries[mask={use_mask},key={keys.dtype}]", dtype, entries_kernel(dtype, use_mask),
+                       (a4, a4, keys, a1, s1, conv, i64, i64, types.int32, types.int32))
         for fused in (False, True):
             yield (f"gather[fused_gemm={fused}]", dtype, gather_kernel(dtype, fused),
                    (a2, a4, a4, k1, s1, a1, a4, conv, i64, i64, i64))
