@@ -1,4 +1,4 @@
-"""Command line: ``python -m deftnumba {info,demo,ptx}``."""
+"""Command line: ``python -m deftnumba {info,demo,ptx,bench}``."""
 
 from __future__ import annotations
 
@@ -48,6 +48,12 @@ def _ptx(args) -> int:
     return 1 if bad else 0
 
 
+def _bench(args) -> int:
+    from . import bench
+
+    return bench.main(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deftnumba", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -59,6 +65,14 @@ def main(argv=None) -> int:
     ptx = sub.add_parser("ptx", help="compile every kernel to PTX (no GPU needed) and audit it")
     ptx.add_argument("--json", action="store_true")
     ptx.set_defaults(run=_ptx)
+    bench = sub.add_parser("bench", help="time every method on the suite shapes; CSV + chart "
+                                         "(a simulator smoke run without a GPU)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its options live in deftnumba.bench (importing it picks the backend)
+        from .bench import add_arguments
+
+        add_arguments(bench)
+    bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return args.run(args)
 
