@@ -85,9 +85,16 @@ def pair(value, name: str) -> tuple[int, int]:
 def _check_array(a, name: str, ndim: int, layout: str):
     if not (isinstance(a, np.ndarray) or backend.is_cupy_array(a)):
         raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array, whose mask the kernels would ignore: "
+                        f"pass {name}.filled(value) or np.asarray({name})")
     if a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(a.shape)}")
-    if np.dtype(a.dtype) not in FLOAT_DTYPES:
+    dtype = np.dtype(a.dtype)
+    if dtype.kind == "f" and not dtype.isnative and dtype.newbyteorder() in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64 in native byte order, got {dtype.str}: "
+                        f"pass {name}.astype({dtype.newbyteorder().name})")
+    if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
 
 
@@ -166,7 +173,43 @@ def check_forward(input, offset, weight, bias, stride, padding, dilation, mask) 
             raise ValueError(f"{name}.shape[0] ({value.shape[0]}) must equal the batch size {n}")
         if tuple(value.shape) != expected[name]:
             raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(value.shape)}")
+    check_limits(geometry)
     return geometry
+
+
+INT32_MAX = 2**31 - 1
+
+
+def check_limits(geometry: Geometry) -> None:
+    """Sizes the kernels cannot handle get a clear ``ValueError`` before any launch.
+
+    Index arithmetic in the kernels is 64-bit, so tensors may have more than 2**31
+    elements. What stays 32-bit or float is bounded here:
+
+    * stride, padding, dilation and kernel size travel as int32 (``conv_tuple``);
+    * sampling positions are computed in the input's float type, and a float32
+      holds integer pixel coordinates exactly only up to 2**24 (float64: the
+      corner index is an int32, so up to 2**31);
+    * one image's output pixels ``Ho*Wo`` are a GEMM dimension (cuBLAS takes int32).
+    """
+    g = geometry
+    params = {"stride": (g.stride_h, g.stride_w), "padding": (g.pad_h, g.pad_w),
+              "dilation": (g.dil_h, g.dil_w), "kernel size": (g.kernel_h, g.kernel_w)}
+    for name, value in params.items():
+        if max(value) > INT32_MAX:
+            raise ValueError(f"{name} must be < 2**31, got {value}")
+    coordinate_limit = 2**24 if g.dtype == "float32" else INT32_MAX
+    extent = max(g.height + g.pad_h, g.width + g.pad_w,
+                 (g.out_h - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h,
+                 (g.out_w - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w)
+    if extent > coordinate_limit:
+        raise ValueError(
+            f"input {g.height}x{g.width} with padding {(g.pad_h, g.pad_w)} has pixel coordinates up to "
+            f"{extent}, past what {g.dtype} sampling positions hold exactly ({coordinate_limit})"
+            + ("; use float64" if g.dtype == "float32" else ""))
+    if g.out_h * g.out_w > INT32_MAX:
+        raise ValueError(f"one image's output has {g.out_h}x{g.out_w} = {g.out_h * g.out_w} pixels; "
+                         f"at most 2**31 - 1 are supported")
 
 
 def check_backward(grad_output, input, offset, weight, bias, stride, padding, dilation, mask) -> Geometry:

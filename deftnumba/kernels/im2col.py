@@ -123,7 +123,9 @@ def column_chunks(geometry, xp, dtype):
     g = geometry
     pixels = g.out_h * g.out_w
     rows = g.in_channels * g.taps
-    chunk = min(g.batch, CHUNK_IMAGES)
+    # At most CHUNK_IMAGES images, and (unless one image alone is more) at most 2**31 - 1
+    # elements: bounds the buffer's memory and keeps the GEMM's n = chunk*P within int32.
+    chunk = max(1, min(g.batch, CHUNK_IMAGES, (2**31 - 1) // (rows * pixels)))
     # One flat buffer; each chunk's view is its first rows*n*P elements, so the view is
     # C-contiguous even for a short last chunk (the simulator transfers only contiguous
     # arrays, and the GEMM's reshape then needs no copy).
