@@ -121,6 +121,7 @@ class Config:
     commit: str | None = None
     seed: int = 0
     quiet: bool = False
+    max_minutes: float = 8.0   # cases not started by then are recorded as skipped
 
     @property
     def smoke(self) -> bool:
@@ -521,7 +522,7 @@ def _roofline_columns(case: _Case, median_ms: float, ceilings: roofline.Ceilings
     if case.pass_ == "host":
         return {}
     method = case.method.removesuffix("+tf32")
-    model = method if method in roofline.MODELS else None
+    model = method if roofline.has_model(method, case.pass_) else None
     basis = model or "fused (ideal)"
     conv = roofline.conv_flops(case.g, case.pass_)
     moved = roofline.min_bytes(case.g, model or "fused", case.pass_)
@@ -558,8 +559,14 @@ def _progress(done: int, total: int, text: str, quiet: bool) -> None:
     sys.stderr.flush()
 
 
-def run(config: Config) -> list[dict]:
-    """Time every case of ``config``; return the rows (dicts keyed by ``COLUMNS``)."""
+def run(config: Config, on_row=None) -> list[dict]:
+    """Time every case of ``config``; return the rows (dicts keyed by ``COLUMNS``).
+
+    ``on_row(row)`` is called after each case (the CLI appends it to a partial CSV, so
+    a run cut short still leaves its rows). Cases not started within
+    ``config.max_minutes`` are recorded as skipped.
+    """
+    started = time.perf_counter()
     torch = _torch()
     _disable_tf32(torch)
     if not backend.IS_SIMULATOR and torch is not None and torch.cuda.is_available():
@@ -578,10 +585,11 @@ def run(config: Config) -> list[dict]:
     rows, layers, refs = [], {}, {}
     for i, case in enumerate(cases):
         _progress(i, len(cases), f"{case.shape} {case.pass_} {case.method}", config.quiet)
-        if case.shape not in layers:
+        over_budget = time.perf_counter() - started > 60 * config.max_minutes
+        if case.shape not in layers and not over_budget:
             layers.clear()  # one shape's arrays at a time
             layers[case.shape] = _Layer(case.g, config.seed)
-        layer = layers[case.shape]
+        layer = layers.get(case.shape)
         g = case.g
         row = dict(base, dtype=g.dtype, tf32=case.tf32, shape=case.shape, batch=g.batch,
                    in_channels=g.in_channels, out_channels=g.out_channels, height=g.height, width=g.width,
@@ -595,6 +603,8 @@ def run(config: Config) -> list[dict]:
                    ceiling_tflops=ceilings.flops_per_s / 1e12, ceiling_gbps=ceilings.bytes_per_s / 1e9)
         row["pass"] = case.pass_
         try:
+            if over_budget:
+                raise TimeoutError(f"skipped: past the --max-minutes {config.max_minutes} budget")
             with _TF32(case.tf32):
                 if case.pass_ == "host":
                     if case.method in BASELINES:
@@ -614,9 +624,13 @@ def run(config: Config) -> list[dict]:
             row["median_ms"], row["p10_ms"], row["p90_ms"] = _percentiles(ms)
             row.update(_roofline_columns(case, row["median_ms"], ceilings))
             row["status"] = "ok"
+        except TimeoutError as err:
+            row["status"] = str(err)
         except Exception as err:  # noqa: BLE001 - one failing case must not end the run
             row["status"] = f"error: {type(err).__name__}: {str(err)[:200]}"
         rows.append(row)
+        if on_row is not None:
+            on_row({c: row.get(c, "") for c in COLUMNS})
     _progress(len(cases), len(cases), "done", config.quiet)
     _add_speedups(rows)
     return [{c: row.get(c, "") for c in COLUMNS} for row in rows]
@@ -634,14 +648,18 @@ def output_dir(config: Config) -> Path:
     return out
 
 
+def csv_name(row: dict) -> str:
+    """``[smoke_]<UTC timestamp>_<device>_<commit>.csv`` for a row's provenance."""
+    stamp = row["timestamp"].replace("-", "").replace(":", "")
+    device = "".join(ch if ch.isalnum() else "-" for ch in row["device"]).strip("-").lower()
+    prefix = "smoke_" if row["mode"] == SMOKE_LABEL else ""
+    return f"{prefix}{stamp}_{device[:40]}_{row['commit'][:12]}.csv"
+
+
 def write_csv(rows: list[dict], directory: Path) -> Path:
-    """Write ``rows`` as ``<timestamp>_<device>_<commit>.csv`` under ``directory``."""
+    """Write ``rows`` as ``csv_name(rows[0])`` under ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    first = rows[0] if rows else provenance()
-    stamp = first["timestamp"].replace("-", "").replace(":", "")
-    device = "".join(ch if ch.isalnum() else "-" for ch in first["device"]).strip("-").lower()
-    prefix = "smoke_" if first["mode"] == SMOKE_LABEL else ""
-    path = directory / f"{prefix}{stamp}_{device[:40]}_{first['commit'][:12]}.csv"
+    path = directory / csv_name(rows[0] if rows else provenance())
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
@@ -677,7 +695,8 @@ def describe(rows: list[dict]) -> str:
 def latest_csv(directory=BENCH_DIR) -> Path | None:
     """The newest GPU CSV under ``directory`` (names start with the UTC timestamp)."""
     directory = Path(directory)
-    files = sorted(p for p in directory.glob("*.csv") if not p.name.startswith("smoke_")) \
+    files = sorted(p for p in directory.glob("*.csv")
+                   if not p.name.startswith("smoke_") and not p.name.endswith(".partial.csv")) \
         if directory.is_dir() else []
     return files[-1] if files else None
 
@@ -826,6 +845,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--commit", help="commit to record (default $DEFTNUMBA_COMMIT or git rev-parse HEAD)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--max-minutes", type=float, default=8.0,
+                        help="cases not started within this budget are recorded as skipped (default 8)")
 
 
 def config_from_args(args) -> Config:
@@ -834,7 +855,28 @@ def config_from_args(args) -> Config:
     return Config(suites=suites, shapes=shapes, methods=tuple(args.method) if args.method else None,
                   passes=tuple(args.passes or PASSES), dtype=args.dtype, reps=args.reps, warmup=args.warmup,
                   out=args.out, plot=not args.no_plot, tf32_rows=args.tf32, measure=not args.no_measure,
-                  commit=args.commit, seed=args.seed, quiet=args.quiet)
+                  commit=args.commit, seed=args.seed, quiet=args.quiet, max_minutes=args.max_minutes)
+
+
+class _PartialCsv:
+    """Rows appended as they are timed, to ``<name>.partial.csv`` (removed once the full
+    CSV, with the speedup columns, is written), so a run that is cut short keeps its rows."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.path = directory, None
+
+    def append(self, row: dict) -> None:
+        if self.path is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.path = self.directory / csv_name(row).replace(".csv", ".partial.csv")
+            with open(self.path, "w", newline="") as f:
+                csv.DictWriter(f, fieldnames=COLUMNS).writeheader()
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=COLUMNS).writerow(row)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def main(args) -> int:
@@ -845,10 +887,12 @@ def main(args) -> int:
         print(f"{SMOKE_LABEL}: no GPU, so kernels run in Numba's CUDA simulator on a tiny shape; "
               f"these times say nothing about GPU speed. Output goes to {directory}.", file=sys.stderr)
     start = time.perf_counter()
-    rows = run(config)
+    partial = _PartialCsv(directory)
+    rows = run(config, on_row=partial.append)
     print(describe(rows))
     print(format_table(rows))
     path = write_csv(rows, directory)
+    partial.remove()
     print(f"csv: {path}")
     if config.plot:
         fig = plot_speedups(rows)

@@ -20,7 +20,8 @@ Modelled methods (``MODELS``): ``im2col`` (our baseline pipeline), ``torchvision
 (the same design with positions computed inside its im2col kernel),
 ``fused_columns``, ``fused`` (the minimal bytes of the layer: inputs, offsets,
 mask and weights read once, output written once) and ``cudnn_conv`` (a dense
-convolution of the same shape: the slowdown denominator).
+convolution of the same shape: the slowdown denominator); and, for the backward
+only, ``fused_gemm`` (``kernels/backward.py``).
 
 Notation (whole batch): ``N`` images, ``C`` input and ``Co`` output channels,
 ``Gw`` weight groups, ``G`` offset groups, ``K = kh*kw`` taps, ``P = Ho*Wo``,
@@ -165,44 +166,20 @@ def _forward(g: Geometry, method: str) -> list[Operator]:
 def _backward(g: Geometry, method: str) -> list[Operator]:
     """Backward: grads of input, offset, mask, weight (and bias), given grad_output.
 
-    The column methods follow torchvision's design (``kernels/backward.py``):
-    GEMM ``W^T grad_out`` -> column gradients in memory -> scatter into the input
-    gradient and offset/mask gradients -> columns recomputed -> GEMM
-    ``grad_out cols^T`` for the weight gradient.
+    The column methods follow ``kernels/backward.py`` (torchvision's design for
+    ``im2col``): ``grad_out`` regrouped to ``[Co, N*P]``, GEMM ``W^T grad_out`` ->
+    column gradients in memory -> atomic scatter into the (zeroed) input gradient,
+    offset/mask gradients -> columns recomputed -> GEMM ``grad_out cols^T`` for the
+    weight gradient (accumulated per chunk). ``fused_columns`` does the scatter, the
+    offset/mask gradients and the column recompute in one sample pass;
+    ``fused_gemm`` also computes the column gradients inside that pass (no
+    ``grad_cols`` buffer; its inner products run on CUDA cores).
     """
     z = _Sizes.of(g)
     grad_out = z.output
-    sampled_in = z.offset + z.mask + z.input
-    grad_bias = [Operator("bias grad", z.out_elements, grad_out, z.bias)] if g.has_bias else []
-    grad_cols = Operator("grad columns gemm", z.gemm, z.weight * z.chunks + grad_out, z.columns, gemm_flops=z.gemm)
-    weight_grad = Operator("weight grad gemm", z.gemm, grad_out + z.columns, z.weight, gemm_flops=z.gemm)
-    sample_grads = z.input + z.offset + z.mask  # written: grad_input, grad_offset, grad_mask
-    m = _mask_per_sample(g)
-    if method in ("im2col", "torchvision"):
-        # im2col keeps a positions buffer (read in place of the offsets, same size);
-        # torchvision recomputes the position in every per-sample thread.
-        inline = POSITION_FLOPS if method == "torchvision" else 0
-        head = [] if inline else [Operator("offset sampling", POSITION_FLOPS * z.points, z.offset, z.offset)]
-        columns = next(op for op in _forward(g, method) if op.name == "bilinear columns")
-        return grad_bias + head + [
-            grad_cols,
-            Operator("col2im", (inline + CORNER_FLOPS + SCATTER_FLOPS + m) * z.samples,
-                     z.columns + z.offset + z.mask, z.input),
-            Operator("offset and mask grad",
-                     (inline + CORNER_FLOPS + CORNER_GRADIENT_FLOPS + COORD_FLOPS) * z.samples,
-                     z.columns + sampled_in, z.offset + z.mask),
-            replace(columns, name="bilinear columns (recompute)"),
-            weight_grad,
-        ]
-    if method == "fused_columns":
-        per_point = POSITION_FLOPS + CORNER_FLOPS + CORNER_GRADIENT_FLOPS + _mask_per_point(g)
-        return grad_bias + [
-            grad_cols,
-            Operator("fused sample grads", per_point * z.points + (SCATTER_FLOPS + COORD_FLOPS) * z.samples,
-                     z.columns + sampled_in, sample_grads),
-            replace(_forward(g, "fused_columns")[0], name="fused columns (recompute)"),
-            weight_grad,
-        ]
+    sampled_in = z.offset + z.mask + z.input    # what a sampling pass reads
+    sample_grads = z.input + z.offset + z.mask  # grad_input, grad_offset, grad_mask
+    bias_grad = [Operator("bias grad", z.out_elements, grad_out, z.bias)] if g.has_bias else []
     if method == "fused":
         per_point = POSITION_FLOPS + CORNER_FLOPS + CORNER_GRADIENT_FLOPS + _mask_per_point(g)
         flops = (per_point * z.points + (INTERP_FLOPS + SCATTER_FLOPS + COORD_FLOPS) * z.samples
@@ -210,21 +187,61 @@ def _backward(g: Geometry, method: str) -> list[Operator]:
         return [Operator("fused backward", flops, grad_out + sampled_in + z.weight,
                          sample_grads + z.weight + z.bias, gemm_flops=2 * z.gemm)]
     if method == "cudnn_conv":
-        return grad_bias + [
+        return bias_grad + [
             Operator("grad input", z.gemm, grad_out + z.weight, z.input, gemm_flops=z.gemm),
             Operator("grad weight", z.gemm, grad_out + z.input, z.weight, gemm_flops=z.gemm),
         ]
-    raise KeyError(method)
+    if method not in ("im2col", "torchvision", "fused_columns", "fused_gemm"):
+        raise KeyError(method)
+    head = bias_grad + [Operator("zero grad_input", 0, 0, z.input),
+                        Operator("grad_out regroup", 0, grad_out, grad_out)]
+    grad_cols = Operator("grad columns gemm", z.gemm, z.weight * z.chunks + grad_out, z.columns, gemm_flops=z.gemm)
+    weight_grad = Operator("weight grad gemm", z.gemm, grad_out + z.columns, z.weight * z.chunks,
+                           gemm_flops=z.gemm)
+    per_point = POSITION_FLOPS + CORNER_FLOPS + CORNER_GRADIENT_FLOPS + _mask_per_point(g)
+    if method in ("fused_columns", "fused_gemm"):
+        flops = per_point * z.points + (SCATTER_FLOPS + COORD_FLOPS + INTERP_FLOPS) * z.samples
+        if method == "fused_columns":
+            sample = Operator("fused sample grads", flops, z.columns + sampled_in, sample_grads + z.columns)
+            return head + [grad_cols, sample, weight_grad]
+        sample = Operator("fused sample grads (gemm inside)", flops + z.gemm, grad_out + z.weight + sampled_in,
+                          sample_grads + z.columns, gemm_flops=z.gemm)
+        return head + [sample, weight_grad]
+    # im2col keeps a positions buffer; its offset/mask kernel works per point like the fused
+    # pass. torchvision recomputes the position and corners per sample (and per offset
+    # element, i.e. twice, in its coordinate kernel).
+    m = _mask_per_sample(g)
+    columns = next(op for op in _forward(g, method) if op.name == "bilinear columns")
+    if method == "im2col":
+        coord_flops = per_point * z.points + COORD_FLOPS * z.samples
+        head = head + [Operator("offset sampling", POSITION_FLOPS * z.points, z.offset, z.offset)]
+    else:
+        coord_flops = (2 * (POSITION_FLOPS + CORNER_FLOPS + CORNER_GRADIENT_FLOPS) + COORD_FLOPS) * z.samples
+    return head + [
+        grad_cols,
+        Operator("col2im", (POSITION_FLOPS + CORNER_FLOPS + SCATTER_FLOPS + m) * z.samples,
+                 z.columns + z.offset + z.mask, z.input),
+        Operator("offset and mask grad", coord_flops, z.columns + sampled_in, z.offset + z.mask),
+        replace(columns, name="bilinear columns (recompute)"),
+        weight_grad,
+    ]
 
 
 MODELS = ("im2col", "torchvision", "fused_columns", "fused", "cudnn_conv")
+BACKWARD_ONLY = ("fused_gemm",)  # backward methods with no forward of that name
+
+
+def has_model(method: str, pass_: str = "fwd") -> bool:
+    """Whether ``method`` has counts for ``pass_`` (``fused_gemm``: ``bwd`` only)."""
+    return method in MODELS or (method in BACKWARD_ONLY and pass_ == "bwd")
 
 
 def _check(method: str, pass_: str) -> None:
-    if method not in MODELS:
-        raise ValueError(f"no roofline model for method {method!r}; modelled: {MODELS}")
     if pass_ not in PASSES:
         raise ValueError(f"pass must be one of {PASSES}, got {pass_!r}")
+    if not has_model(method, pass_):
+        raise ValueError(f"no roofline model for method {method!r} and pass {pass_!r}; modelled: "
+                         f"{MODELS} (all passes), {BACKWARD_ONLY} (bwd)")
 
 
 def operators(g: Geometry, method: str = "fused", pass_: str = "fwd") -> list[Operator]:

@@ -95,8 +95,23 @@ def test_backward_counts_by_hand():
     assert conv_bwd["bias grad"].bytes == OUTPUT + BIAS
     im2col_bwd = {o.name: o for o in rl.operators(SMALL, "im2col", "bwd")}
     assert im2col_bwd["grad columns gemm"].bytes_written == COLUMNS
-    assert im2col_bwd["col2im"].bytes_written == INPUT
+    assert im2col_bwd["col2im"].bytes == COLUMNS + OFFSET + MASK + INPUT
+    assert im2col_bwd["offset and mask grad"].bytes == COLUMNS + OFFSET + MASK + INPUT + OFFSET + MASK
     assert im2col_bwd["weight grad gemm"].bytes_read == OUTPUT + COLUMNS
+    assert im2col_bwd["zero grad_input"].bytes == INPUT and im2col_bwd["grad_out regroup"].bytes == 2 * OUTPUT
+    # fused_columns: one sample pass replaces col2im, the offset/mask kernel and the recompute
+    fc = {o.name: o for o in rl.operators(SMALL, "fused_columns", "bwd")}
+    assert fc["fused sample grads"].bytes == COLUMNS + (OFFSET + MASK + INPUT) * 2 + COLUMNS
+    # fused_gemm (backward only): no grad_cols buffer; the GEMM moves into the sample pass
+    fg = {o.name: o for o in rl.operators(SMALL, "fused_gemm", "bwd")}
+    assert "grad columns gemm" not in fg
+    assert fg["fused sample grads (gemm inside)"].gemm_flops == GEMM
+    assert rl.min_bytes(SMALL, "fused_columns", "bwd") - rl.min_bytes(SMALL, "fused_gemm", "bwd") == (
+        COLUMNS + WEIGHT + OUTPUT + COLUMNS - OUTPUT - WEIGHT)  # grad_cols written and read back
+    assert rl.totals(SMALL, "fused_gemm", "bwd").gemm_flops == rl.conv_flops(SMALL, "bwd")
+    assert rl.has_model("fused_gemm", "bwd") and not rl.has_model("fused_gemm", "fwd")
+    with pytest.raises(ValueError, match="fused_gemm"):
+        rl.totals(SMALL, "fused_gemm", "fwd")
 
 
 def test_deft64_matches_papers_back_of_envelope():
