@@ -49,6 +49,10 @@ def _ptx(args) -> int:
 
 
 def _bench(args) -> int:
+    if getattr(args, "training", False):
+        from . import training
+
+        return training.main(args)
     from . import bench
 
     return bench.main(args)
@@ -72,6 +76,9 @@ def main(argv=None) -> int:
         from .bench import add_arguments
 
         add_arguments(bench)
+        bench.add_argument("--training", action="store_true",
+                           help="time training steps of a DCN ResNet-50 per variant (conv, torchvision, "
+                                "deftnumba) instead of single layers; --method picks variants, --reps steps")
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return args.run(args)

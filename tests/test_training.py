@@ -1,0 +1,120 @@
+"""The DCN ResNet-50 (deftnumba.models) and the training benchmark's simulator smoke run."""
+
+import argparse
+import os
+
+import pytest
+
+from deftnumba import backend
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from deftnumba import models, training  # noqa: E402
+from deftnumba.torch import DeformConv2d  # noqa: E402
+
+DEVICE = torch.device("cpu" if backend.IS_SIMULATOR else "cuda")
+
+
+def snapshot(directory):
+    """Every file under ``directory`` with its size and modification time."""
+    if not directory.exists():
+        return None
+    return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*"))
+
+
+def test_resnet50_shapes_and_deformable_layers():
+    plain = models.resnet50("conv")
+    assert sum(p.numel() for p in plain.parameters()) == 25_557_032  # torchvision's resnet50
+    assert models.deformable_layers(plain) == []
+    dcn = models.resnet50("deftnumba")
+    layers = models.deformable_layers(dcn)
+    assert len(layers) == 13  # every 3x3 of layer2 (4), layer3 (6), layer4 (3)
+    assert all(isinstance(m.conv, DeformConv2d) for m in layers)
+    assert all(m.offset_mask.weight.abs().max() == 0 and m.offset_mask.bias.abs().max() == 0 for m in layers)
+    assert [m.conv.stride for m in layers[:2]] == [(2, 2), (1, 1)]
+    assert not any(isinstance(m, models.ModulatedDeformConv3x3) for m in dcn.layer1.modules())
+    with pytest.raises(ValueError, match="variant"):
+        models.resnet50("nope")
+
+
+def test_deformable_block_starts_as_half_a_dense_conv():
+    """Zero-initialised predictor: offsets 0 and mask sigmoid(0) = 0.5, so the block is 0.5 * conv."""
+    torch.manual_seed(0)
+    block = models.ModulatedDeformConv3x3(3, 4, 2, DeformConv2d).to(DEVICE)
+    x = torch.randn(2, 3, 7, 6).to(DEVICE)
+    expected = 0.5 * nn.functional.conv2d(x, block.conv.weight, stride=2, padding=1)
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_torchvision_variant_needs_torchvision():
+    try:
+        import torchvision.ops  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="torchvision"):
+            models.resnet50("torchvision")
+        assert training.available_variants(training.VARIANTS)[1] == {"torchvision": "torchvision is not installed"}
+    else:
+        assert len(models.deformable_layers(models.resnet50("torchvision"))) == 13
+
+
+def test_conv_variant_matches_torchvision_resnet50_state_dict():
+    tv_models = pytest.importorskip("torchvision.models")
+    ours = models.resnet50("conv").state_dict()
+    theirs = tv_models.resnet50().state_dict()
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in theirs)
+
+
+@pytest.mark.skipif(not backend.IS_SIMULATOR, reason="the smoke run is the simulator's mode")
+def test_smoke_run_prints_a_labelled_table_and_writes_nothing(capsys):
+    before = snapshot(training.BENCH_DIR)
+    # A shallower net than the CLI's smoke run (ResNet-50's depth) keeps this test quick.
+    args = argparse.Namespace(training=True, training_layers=(1, 1, 1, 1), training_steps=2)
+    assert training.main(args) == 0
+    out = capsys.readouterr().out
+    assert snapshot(training.BENCH_DIR) == before
+    assert "SIMULATOR SMOKE RUN" in out and "not GPU timings" in out
+    assert "resnet50-w4-1111, batch 2, 32x32" in out and "0 warm-up + 2 timed steps" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["conv"], ["deftnumba"])}
+    assert set(rows) == {"conv", "deftnumba"}
+    assert rows["conv"][1] == "0" and rows["deftnumba"][1] == "3"  # DCN layers
+    assert float(rows["conv"][5]) == 1.0 and float(rows["deftnumba"][5]) > 0
+    for row in rows.values():
+        first, last = map(float, row[-1].split("->"))
+        assert 0 < last < 10 and first != last  # it trained: the loss moved
+    assert "torchvision" in out  # a row where torchvision is installed, else a line saying it was skipped
+
+
+def test_csv_rows_carry_provenance_and_pass_train(tmp_path):
+    bench = pytest.importorskip("deftnumba.bench")
+    rows = [dict(variant=v, dcn_layers=d, params=p, median_ms=ms, p10_ms=ms - 1, p90_ms=ms + 1, normalized=ms / 10,
+                 images_per_s=32e3 / ms, steps=50, first_loss=7.0, last_loss=6.5)
+            for v, d, p, ms in (("conv", 0, 25_557_032, 10.0), ("torchvision", 13, 26_428_295, 20.0),
+                                ("deftnumba", 13, 26_428_295, 16.0))]
+    table = training.csv_rows(rows, training.GPU_CONFIG, tf32_check="off: test", commit="abc123")
+    provenance = bench.provenance("abc123")
+    assert all(list(row)[:len(provenance)] == list(provenance) for row in table)
+    assert all(list(row)[len(provenance):] == list(training.COLUMNS) for row in table)
+    assert [row["pass"] for row in table] == ["train"] * 3
+    assert [row["method"] for row in table] == ["conv", "torchvision", "deftnumba"]
+    assert table[0]["shape"] == "resnet50" and table[0]["batch"] == 32 and table[0]["height"] == 224
+    assert table[2]["speedup_vs_torchvision"] == pytest.approx(1.25) and table[2]["commit"] == "abc123"
+    path = training.write_csv(table, tmp_path)
+    assert path.parent == tmp_path and path.name.endswith(".csv")
+    loaded = bench.load_results(path)
+    assert [r["method"] for r in loaded] == ["conv", "torchvision", "deftnumba"]
+    assert loaded[2]["median_ms"] == 16.0 and loaded[0]["tf32"] is False
+    if backend.IS_SIMULATOR:
+        with pytest.raises(ValueError, match="refusing"):
+            training.write_csv(table, training.BENCH_DIR / "training")
+
+
+def test_cli_bench_training_flag_reaches_training_main(monkeypatch):
+    from deftnumba import __main__ as cli
+
+    seen = {}
+    monkeypatch.setattr(training, "main", lambda args: seen.setdefault("args", args) and 0)
+    assert cli.main(["bench", "--training", "--method", "conv", "--reps", "7"]) == 0
+    args = seen["args"]
+    assert args.training and args.method == ["conv"] and args.reps == 7
