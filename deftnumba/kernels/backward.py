@@ -68,6 +68,14 @@ sort-then-segment reduction whose order is fixed:
    each destination's segment ``[start, end)``.
 3. ``gather_kernel``: one thread per ``(image, channel, y, x)`` sums its segment
    in sorted order and writes ``grad_input`` once (no atomics, no zero fill).
+   It reads ``grad_cols``; with ``fused_gemm``, which has no ``grad_cols``, it
+   recomputes each element per corner (4x the column-gradient GEMM's work on
+   CUDA cores: the price of keeping that method buffer-free).
+
+Why sort rather than e.g. a per-pixel search over all samples: any sample can
+land on any pixel, so a gather without an index costs ``O(K*P)`` per pixel; a
+sort builds that index in ``O(entries)`` device-wide passes, and the segment
+sums keep a fixed order without any atomics or per-thread scratch.
 
 Offset and mask gradients never need atomics here: one thread owns each
 sample and loops over the channels in a fixed order. The weight and bias
