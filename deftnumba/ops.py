@@ -13,26 +13,29 @@ from .arguments import check_forward
 from .arguments import check_backward
 from .kernels import backward as _backward
 from .kernels import fused_columns, im2col
+from .kernels import fused_tiled
+from . import tiling
 
 # Forward methods by name. Each takes
 # (geometry, input, offset, weight, bias, mask, out, stopwatch) and fills ``out``.
 _FORWARD = {
     "im2col": im2col.forward,
     "fused_columns": fused_columns.forward,
+    "fused": fused_tiled.forward,  # takes plan= too (its tile); see deftnumba.tiling
 }
 METHODS: tuple[str, ...] = tuple(_FORWARD)
 
 
-def _pick_method(method: str, geometry) -> str:
-    if method == "auto":
-        return "im2col"
+def _pick_method(method: str, geometry, plan=None) -> str:
+    if method == "auto":  # the plan's method: given, or the cost model's (tiling.plan_for)
+        return (plan if plan is not None else tiling.plan_for(geometry)).method
     if method not in _FORWARD:
         raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
     return method
 
 
 def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None,
-                  *, method: str = "auto", stopwatch=None):
+                  *, method: str = "auto", stopwatch=None, plan=None):
     """Deformable convolution (DCN v1, or v2 when ``mask`` is given).
 
     Arguments match ``torchvision.ops.deform_conv2d``:
@@ -50,16 +53,22 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
 
     method:    ``"auto"`` or one of ``deftnumba.METHODS``.
     stopwatch: optional ``deftnumba.backend.Stopwatch`` that times each operator.
+    plan:      optional ``deftnumba.tiling.Plan`` (e.g. ``tiling.plan_for(geometry, offset)``):
+               ``"auto"`` runs its method, and ``"fused"`` its tile.
 
     Returns ``[N, Cout, Ho, Wo]``.
     """
     geometry = check_forward(input, offset, weight, bias, stride, padding, dilation, mask)
-    name = _pick_method(method, geometry)
+    name = _pick_method(method, geometry, plan)
     host_result = not backend.is_cupy_array(input)
     arrays = [backend.to_device(a) if a is not None else None for a in (input, offset, weight, bias, mask)]
     xp = backend.array_module(arrays[0])
     out = xp.empty(geometry.shapes["output"], dtype=arrays[0].dtype)
-    _FORWARD[name](geometry, *arrays, out, stopwatch or backend.NO_STOPWATCH)
+    extra = {}
+    if name == "fused":
+        extra["plan"] = (plan if plan is not None and plan.tile is not None
+                         else tiling.plan_for(geometry, methods=("fused",)))
+    _FORWARD[name](geometry, *arrays, out, stopwatch or backend.NO_STOPWATCH, **extra)
     return backend.to_host(out) if host_result and not backend.IS_SIMULATOR else out
 
 
