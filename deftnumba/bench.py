@@ -273,7 +273,10 @@ class _Clock:
         self.label = "host clock (simulator)" if backend.IS_SIMULATOR else "CUDA events, L2 flushed"
         if not backend.IS_SIMULATOR:
             cp = backend.cupy()
-            l2 = int(cp.cuda.Device().attributes.get("L2CacheSize", 0))
+            try:
+                l2 = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["l2CacheSize"])
+            except (KeyError, TypeError, AttributeError):
+                l2 = 60 << 20  # the H200's, as PyTorch reported it on this workplace's machine
             self.flush_bytes = max(128 << 20, 2 * l2)
             self._flush = cp.empty(self.flush_bytes // 4, dtype=cp.float32)
             self._count = 0
@@ -283,13 +286,25 @@ class _Clock:
             self._count += 1
             self._flush.fill(self._count)  # a write of >= 2x L2 evicts the previous run's data
 
-    def time(self, prepare, run, reps: int, warmup: int, framework: str) -> list[float]:
-        """Milliseconds of ``run(state)`` per repetition; ``state = prepare()`` is untimed."""
-        for _ in range(warmup):
+    def time(self, prepare, run, reps: int, warmup: int, framework: str,
+             case_seconds: float = 30.0) -> list[float]:
+        """Milliseconds of ``run(state)`` per repetition; ``state = prepare()`` is untimed.
+
+        A case whose last warm-up call (compiled by then) says ``reps`` runs would take
+        over ``case_seconds`` gets fewer runs (never under 10): the row's ``reps`` says so.
+        """
+        def synchronize():
+            backend.synchronize()
+            if framework == "torch" and not backend.IS_SIMULATOR:
+                _torch().cuda.synchronize()
+
+        for _ in range(max(warmup, 1)):
+            start = time.perf_counter()
             run(prepare())
-        backend.synchronize()
-        if framework == "torch" and not backend.IS_SIMULATOR:
-            _torch().cuda.synchronize()
+            synchronize()
+        per_call = time.perf_counter() - start
+        if not backend.IS_SIMULATOR and per_call * reps > case_seconds:
+            reps = max(10, int(case_seconds / per_call))
         if backend.IS_SIMULATOR:
             times = []
             for _ in range(reps):
@@ -621,6 +636,7 @@ def run(config: Config, on_row=None) -> list[dict]:
                         row["detail"] = f"output checked against {against}"
                     prepare, timed, framework = _runner(case, layer)
                     ms = clock.time(prepare, timed, reps, warmup, framework)
+                row["reps"] = len(ms)
             row["median_ms"], row["p10_ms"], row["p90_ms"] = _percentiles(ms)
             row.update(_roofline_columns(case, row["median_ms"], ceilings))
             row["status"] = "ok"
