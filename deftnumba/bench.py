@@ -210,8 +210,14 @@ def tf32_check() -> str:
 
     parts = []
     env = os.environ.get("CUPY_TF32", "0")
+    try:  # CuPy's cuBLAS compute type for float32 (TF32 only when CUPY_TF32=1)
+        from cupy._core import _routines_linalg as linalg
+
+        compute = linalg.compute_type_to_str(linalg.get_compute_type(np.float32))
+    except Exception:  # noqa: BLE001 - a private API; the measured error below decides
+        compute = "unknown"
     err = rel(cp.asnumpy(cp.matmul(cp.asarray(a), cp.asarray(b))).astype(np.float64))
-    parts.append(f"cupy {err:.1e} (CUPY_TF32={env})")
+    parts.append(f"cupy {err:.1e} (CUPY_TF32={env}, compute type {compute})")
     worst = err
     torch = _torch()
     if torch is not None and torch.cuda.is_available():
@@ -787,7 +793,7 @@ def plot_roofline(ceilings: roofline.Ceilings = roofline.H200_LEADS, rows: list[
     points = []
     if rows:
         for r in rows:
-            if r["status"] != "ok" or r["pass"] != pass_ or r["method"] not in roofline.MODELS:
+            if r["status"] != "ok" or r["pass"] != pass_ or not roofline.has_model(r["method"], pass_):
                 continue
             g = Geometry(**{k: int(r[k]) for k in ("batch", "in_channels", "height", "width", "out_channels",
                                                     "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_h",
