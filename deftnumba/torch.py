@@ -36,6 +36,8 @@ Where the tensors live decides what runs, and it must agree with the backend
   with a message that says how to fix it.
 
 Non-contiguous tensors are made contiguous first (one copy), as torchvision does.
+Under CUDA autocast (AMP) the layer runs in float32, as torchvision's does: its
+inputs are cast to float32 and the output is float32.
 The backward is first-order only (``once_differentiable``); it skips the bias
 gradient when the bias needs none, and the whole kernel call when only the bias
 needs a gradient. With ``deterministic=None`` (the default) it follows
@@ -119,6 +121,14 @@ def _on_device(device: torch.device):
 
 
 # --------------------------------------------------------------------------- autograd
+if hasattr(torch.amp, "custom_fwd"):  # torch >= 2.4
+    _autocast_to_float32 = torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    _autocast_backward = torch.amp.custom_bwd(device_type="cuda")
+else:  # pragma: no cover - older torch
+    _autocast_to_float32 = torch.cuda.amp.custom_fwd(cast_inputs=torch.float32)
+    _autocast_backward = torch.cuda.amp.custom_bwd
+
+
 class DeformConv2dFunction(torch.autograd.Function):
     """Autograd glue around ``deftnumba.deform_conv2d`` and ``deftnumba.deform_conv2d_backward``.
 
@@ -127,6 +137,7 @@ class DeformConv2dFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_to_float32
     def forward(ctx, input, offset, weight, bias, mask, stride, padding, dilation, method, deterministic):
         device = _check_tensors(dict(input=input, offset=offset, weight=weight, bias=bias, mask=mask))
         with _on_device(device):
@@ -143,6 +154,7 @@ class DeformConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @_autocast_backward
     def backward(ctx, grad_output):
         input, offset, weight, mask = ctx.saved_tensors
         need_input, need_offset, need_weight, need_bias, need_mask = ctx.needs_input_grad[:5]

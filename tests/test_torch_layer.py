@@ -391,36 +391,46 @@ def test_cuda_forward_and_backward_match_torchvision(name, dtype, rng):
             assert rel(a.grad, b.grad) < (1e-4 if dtype == torch.float32 else 1e-10), label
 
 
-@GPU
-def test_dlpack_path_is_zero_copy(monkeypatch):
+def pointer(array) -> int:
+    """Device address of a CuPy array, host address of a NumPy array."""
+    return array.data.ptr if backend.is_cupy_array(array) else array.ctypes.data
+
+
+def test_zero_copy_both_ways(monkeypatch):
+    """DLPack on CUDA (CuPy views of torch memory), NumPy views on the CPU: no copies."""
     import deftnumba.ops as ops
     from deftnumba.torch import _to_array
 
     layer, x, offset, mask = small_layer()
     for t in (x, offset, mask, layer.weight):
-        assert _to_array(t).data.ptr == t.data_ptr()
+        assert pointer(_to_array(t)) == t.data_ptr()
+        assert backend.is_cupy_array(_to_array(t)) == (DEVICE.type == "cuda")
     seen = {}
     real_fwd, real_bwd = ops.deform_conv2d, ops.deform_conv2d_backward
 
     def forward(*args, **kwargs):
-        seen["inputs"] = [a.data.ptr for a in args[:3]] + [kwargs["mask"].data.ptr]
-        seen["out"] = real_fwd(*args, **kwargs)
-        return seen["out"]
+        seen["inputs"] = [pointer(a) for a in args[:3]] + [pointer(kwargs["mask"])]
+        out = real_fwd(*args, **kwargs)
+        seen["out"] = pointer(out)
+        return out
 
     def backward(*args, **kwargs):
-        seen["grads"] = real_bwd(*args, **kwargs)
-        return seen["grads"]
+        grads = real_bwd(*args, **kwargs)
+        seen["grads"] = {"input": pointer(grads.input), "offset": pointer(grads.offset)}
+        return grads
 
     monkeypatch.setattr(ops, "deform_conv2d", forward)
     monkeypatch.setattr(ops, "deform_conv2d_backward", backward)
     x.requires_grad_(True)
     offset.requires_grad_(True)
+    produced = {}
+    x.register_hook(lambda g: produced.update(input=g.data_ptr()))  # returns None: g unchanged
+    offset.register_hook(lambda g: produced.update(offset=g.data_ptr()))
     out = layer(x, offset, mask)
     assert seen["inputs"] == [x.data_ptr(), offset.data_ptr(), layer.weight.data_ptr(), mask.data_ptr()]
-    assert out.data_ptr() == seen["out"].data.ptr
+    assert out.data_ptr() == seen["out"]
     out.sum().backward()
-    assert x.grad.data_ptr() == seen["grads"].input.data.ptr
-    assert offset.grad.data_ptr() == seen["grads"].offset.data.ptr
+    assert produced == seen["grads"]
 
 
 @GPU
@@ -439,3 +449,15 @@ def test_runs_on_torchs_current_stream():
     torch.cuda.current_stream().wait_stream(side)
     assert torch.equal(out, expected)
     assert torch.isfinite(done)
+
+
+@GPU
+def test_autocast_runs_in_float32():
+    layer, x, offset, mask = small_layer()
+    expected = layer(x, offset, mask)
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = layer(x.half(), offset.half(), mask.half())
+    assert out.dtype == torch.float32
+    assert rel(out, expected) < 1e-2
+    out.sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
