@@ -400,8 +400,9 @@ class _Layer:
         tv = _torchvision_deform()
 
         def forward():
-            leaves = [t.detach().requires_grad_(requires_grad) if t is not None else None
-                      for t in (x, offset, weight, bias, mask)]
+            leaves = (x, offset, weight, bias, mask)
+            if requires_grad:  # fresh leaves per call, so every backward has its own graph
+                leaves = [t.detach().requires_grad_() if t is not None else None for t in leaves]
             xi, oi, wi, bi, mi = leaves
             if method == "torchvision":
                 out = tv(xi, oi, wi, bi, mask=mi, **self.kwargs)
