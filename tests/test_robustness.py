@@ -514,3 +514,22 @@ def test_validation_runs_before_any_launch(rng):
                 dn.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask[:, :3], method=method)
     assert seen[0] == 0
     assert isinstance(arguments.check_forward(x, offset, weight, bias, 1, 1, 1, mask), Geometry)
+
+
+# --------------------------------------------------------------------------- 6. the GPU check's driver
+@pytest.mark.skipif(not backend.IS_SIMULATOR, reason="tools/gpu_check.sh runs it on the GPU")
+def test_sanitizer_driver_runs_in_the_simulator():
+    """``tools/sanitizer_cases.py`` (what ``tools/gpu_check.sh`` runs under compute-sanitizer)
+    still runs: two cases, every method, bounds-checked, compared with the reference."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, DEFTNUMBA_BACKEND="simulator", DEFTNUMBA_QUIET="1")
+    proc = subprocess.run([sys.executable, str(root / "tools" / "sanitizer_cases.py"), "--only", "one-pixel",
+                           "--random", "0", "--require-coverage"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "all cases ran and matched" in proc.stdout and "bounds-check=True" in proc.stdout
