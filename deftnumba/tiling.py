@@ -34,12 +34,12 @@ import numpy as np
 
 from . import backend
 from .kernels import fused_tiled
-from .kernels.fused_tiled import OUT_OF_TILE, TileConfig
+from .kernels.fused_tiled import OUT_OF_TILE, TileConfig, count_out_of_tile
 
 __all__ = [
     "DeviceModel", "H200", "SIMULATOR", "OffsetStats", "Plan", "TileConfig", "OUT_OF_TILE",
     "offset_statistics", "normal_statistics", "out_of_tile_fraction", "out_of_tile_table",
-    "brute_force_counts", "predict", "candidate_tiles", "choose_plan", "plan_for",
+    "brute_force_counts", "count_out_of_tile", "predict", "candidate_tiles", "choose_plan", "plan_for",
     "clear_plan_cache", "plan_cache_info", "autotune",
 ]
 
@@ -215,7 +215,10 @@ def out_of_tile_fraction(geometry, stats: OffsetStats, tile_h: int, tile_w: int,
     (output index, tap), image borders and ragged edge tiles included, and the fraction is
     ``1 - E[in-tile] / E[in-band]``. It is exact in expectation for independent offsets;
     spatial correlation does not change the expectation (only how it varies from tile to
-    tile), correlation *between* dy and dx does.
+    tile), correlation *between* dy and dx does. One convention differs from the kernel
+    on a set of measure zero: a position exactly on ``y = -1`` (or ``x = -1``) is outside
+    the band for the kernel but counted by its floor (-1) here; it matters only for
+    offsets that put samples exactly there (integer offsets next to a padded border).
     """
     g = geometry
     support = stats.support

@@ -176,3 +176,16 @@ def test_tile_config_validation_and_shared_budget():
 
     deft64 = replace(g, batch=8, in_channels=64, out_channels=64, height=64, width=64)
     assert gpu.shared_bytes(deft64) <= fused_tiled.STATIC_SHARED_LIMIT
+
+
+def test_batches_beyond_the_grid_limit_are_split(monkeypatch, rng):
+    """Images go to gridDim.z (at most 65535): larger batches run in several launches.
+    The limit is lowered to 2 so three images need two launches."""
+    monkeypatch.setattr(fused_tiled, "GRID_YZ_LIMIT", 2)
+    g = CASES["odd-everything"]  # 3 images
+    arrays = layer_arrays(g, rng)
+    expected = reference.deform_conv2d(*arrays[:4], **conv_kwargs(g), mask=arrays[4])
+    out = fused(g, arrays, CONFIGS["1x8-h1"])
+    assert np.all(np.isfinite(out)) and rel_error(out, expected) < tolerance(g.dtype)
+    counts = fused_tiled.count_out_of_tile(g, arrays[1], CONFIGS["1x8-h1"])
+    assert counts == tiling.brute_force_counts(g, arrays[1], CONFIGS["1x8-h1"])

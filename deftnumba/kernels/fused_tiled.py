@@ -401,15 +401,28 @@ def _config_of(plan, geometry) -> TileConfig:
     return tile if tile is not None else default_config(geometry)
 
 
+GRID_YZ_LIMIT = 65535  # CUDA's limit on gridDim.y and gridDim.z
+
+
 def _launch(geometry, config, input, offset, weight, bias, mask, out, counters, counting):
+    """One launch per run of at most 65535 images (gridDim.z), on the current stream."""
     g = geometry
     xp = backend.array_module(input)
     dummy = xp.zeros((1, 1, 1, 1), dtype=input.dtype)
     kernel = fused_kernel(g.dtype, g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.dil_h, g.dil_w,
                           config, mask is not None, bias is not None, counting)
-    kernel[config.grid(g), config.threads](
-        input, offset, mask if mask is not None else dummy, weight,
-        bias if bias is not None else dummy.reshape(1), out, conv_tuple(g), counters)
+    tiles, blocks_y, _ = config.grid(g)
+    if blocks_y > GRID_YZ_LIMIT:
+        raise ValueError(f"groups * ceil(Cout/groups / oc_block) = {blocks_y} exceeds the grid's "
+                         f"y limit {GRID_YZ_LIMIT}; use a larger oc_block")
+    conv = conv_tuple(g)
+    bias_arg = bias if bias is not None else dummy.reshape(1)
+    for first in range(0, g.batch, GRID_YZ_LIMIT):
+        last = min(g.batch, first + GRID_YZ_LIMIT)
+        mask_arg = mask[first:last] if mask is not None else dummy
+        backend.launch(kernel, (tiles, blocks_y, last - first), config.threads,
+                       input[first:last], offset[first:last], mask_arg, weight, bias_arg,
+                       out[first:last], conv, counters)
 
 
 def forward(geometry, input, offset, weight, bias, mask, out, stopwatch=backend.NO_STOPWATCH, plan=None):
