@@ -118,3 +118,54 @@ def test_cli_bench_training_flag_reaches_training_main(monkeypatch):
     assert cli.main(["bench", "--training", "--method", "conv", "--reps", "7"]) == 0
     args = seen["args"]
     assert args.training and args.method == ["conv"] and args.reps == 7
+
+
+def test_deftnumba_and_torchvision_resnets_agree():
+    """Same weights (state_dicts interchange): same logits and same gradients, through 3 DCN layers."""
+    pytest.importorskip("torchvision.ops")
+    torch.manual_seed(0)
+    theirs = models.resnet50("torchvision", num_classes=5, width=4, layers=(1, 1, 1, 1)).to(DEVICE).double()
+    ours = models.resnet50("deftnumba", num_classes=5, width=4, layers=(1, 1, 1, 1)).to(DEVICE).double()
+    ours.load_state_dict(theirs.state_dict())
+    for m in models.deformable_layers(theirs):  # non-zero offsets, so sampling is really bilinear
+        torch.nn.init.normal_(m.offset_mask.weight, std=0.3)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64).to(DEVICE)
+    out_theirs, out_ours = theirs(x), ours(x)
+    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-9, atol=1e-9)
+    out_theirs.square().sum().backward()
+    out_ours.square().sum().backward()
+    grads = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-7, atol=1e-9, msg=name)
+
+
+@pytest.mark.skipif(backend.IS_SIMULATOR or not torch.cuda.is_available(), reason="needs a GPU and the cuda backend")
+def test_gpu_training_benchmark_writes_a_csv(tmp_path, capsys):
+    bench = pytest.importorskip("deftnumba.bench")
+    args = argparse.Namespace(training=True, out=tmp_path, reps=3, warmup=1, training_resolution=64,
+                              training_width=8, training_batch=4)
+    assert training.main(args) == 0
+    out = capsys.readouterr().out
+    assert "SMOKE" not in out and "GPU ms, CUDA events" in out
+    (path,) = tmp_path.glob("*.csv")
+    rows = bench.load_results(path)
+    assert {r["method"] for r in rows} >= {"conv", "deftnumba"}
+    assert all(r["pass"] == "train" and r["mode"] == "gpu" and r["median_ms"] > 0 for r in rows)
+
+
+def test_comparison_and_table_wording():
+    def row(variant, ms, dcn):
+        return dict(variant=variant, dcn_layers=dcn, median_ms=ms, p10_ms=ms, p90_ms=ms, normalized=ms / 10,
+                    images_per_s=320 / ms, first_loss=7.0, last_loss=6.0)
+
+    rows = [row("conv", 10.0, 0), row("torchvision", 30.0, 13), row("deftnumba", 20.0, 13)]
+    cmp = training.comparison(rows)
+    assert cmp == pytest.approx({"step_speedup": 1.5, "normalized_reduction": 1 / 3, "overhead_reduction": 0.5})
+    table = training.format_table(rows, {}, training.GPU_CONFIG, smoke=False)
+    assert "step speedup 1.50x; normalized training time 33.3% lower, DCN overhead over conv 50.0% lower" in table
+    assert "SMOKE" not in table and "resnet50, batch 32, 224x224" in table
+    slower = training.format_table([row("conv", 10.0, 0), row("torchvision", 20.0, 13), row("deftnumba", 30.0, 13)],
+                                   {}, training.GPU_CONFIG, smoke=False)
+    assert "normalized training time 50.0% higher, DCN overhead over conv 100.0% higher" in slower
+    assert training.comparison(rows[::2]) is None
