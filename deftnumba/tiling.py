@@ -40,7 +40,7 @@ __all__ = [
     "DeviceModel", "H200", "SIMULATOR", "OffsetStats", "Plan", "TileConfig", "OUT_OF_TILE",
     "offset_statistics", "normal_statistics", "out_of_tile_fraction", "out_of_tile_table",
     "brute_force_counts", "count_out_of_tile", "predict", "candidate_tiles", "choose_plan", "plan_for",
-    "clear_plan_cache", "plan_cache_info", "autotune",
+    "clear_plan_cache", "plan_cache_info", "autotune", "rank_tiles", "out_of_tile_sweep",
 ]
 
 CLIP = 64
@@ -448,6 +448,52 @@ def candidate_tiles(geometry, device: DeviceModel = H200):
                                 yield TileConfig(th, tw, halo, chunk, ocb, ro, rp)
 
 
+def rank_tiles(geometry, stats: OffsetStats | None = None, top: int = 10,
+               device: DeviceModel | None = None) -> list:
+    """The ``top`` fused tiles by predicted time: ``[(TileConfig, predict-terms dict), ...]``,
+    fastest first (ties in ``candidate_tiles`` order). Shows a notebook reader what the
+    planner weighed: ``terms["out_of_tile"]``, ``["shared_bytes"]``, ``["blocks_per_sm"]``,
+    ``["halo_redundancy"]``, ``["compute_s"]``, ``["memory_s"]``."""
+    stats = stats or _PRIOR
+    device = device or (SIMULATOR if backend.IS_SIMULATOR else H200)
+    fractions, scored = {}, []
+    for tile in candidate_tiles(geometry, device):
+        if tile.shared_bytes(geometry) > device.shared_per_block:
+            continue
+        key = (tile.tile_h, tile.tile_w, tile.halo)
+        if key not in fractions:
+            fractions[key] = out_of_tile_fraction(geometry, stats, *key)
+        terms = _fused_terms(geometry, tile, fractions[key], device)
+        if terms["feasible"]:
+            scored.append((terms["seconds"], len(scored), tile, terms))
+    scored.sort(key=lambda item: item[:2])
+    return [(tile, terms) for _, _, tile, terms in scored[:top]]
+
+
+def out_of_tile_sweep(geometry, offset, tiles=((2, 2), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16)),
+                      halos=(0, 1, 2, 3, 4), count: str = "numpy") -> dict:
+    """Model against measurement over tile shapes x halos, for one layer's offsets.
+
+    Returns ``{"tiles", "halos", "model", "measured"}``; ``model`` and ``measured`` are
+    ``[len(tiles), len(halos)]`` out-of-tile fractions. ``model`` comes from
+    ``offset_statistics(offset)`` alone; ``measured`` counts the real samples with
+    ``brute_force_counts`` (``count="numpy"``) or the kernel's counting build
+    (``count="kernel"``: the same numbers, slow in the simulator, so small layers only).
+    """
+    if count not in ("numpy", "kernel"):
+        raise ValueError(f"count must be 'numpy' or 'kernel', got {count!r}")
+    stats = offset_statistics(offset)
+    model = np.zeros((len(tiles), len(halos)))
+    measured = np.zeros_like(model)
+    for a, (th, tw) in enumerate(tiles):
+        for b, halo in enumerate(halos):
+            model[a, b] = out_of_tile_fraction(geometry, stats, th, tw, halo)
+            tile = TileConfig(th, tw, halo, 1, 1, 1, 1)
+            counter = brute_force_counts if count == "numpy" else count_out_of_tile
+            measured[a, b] = counter(geometry, offset, tile)["out_of_tile_fraction"]
+    return {"tiles": tuple(tiles), "halos": tuple(halos), "model": model, "measured": measured}
+
+
 @dataclass(frozen=True)
 class Plan:
     """A forward plan: which method, and for ``fused`` which tile. Frozen and hashable.
@@ -482,17 +528,11 @@ def choose_plan(geometry, stats: OffsetStats | None = None, device: DeviceModel 
     device = device or (SIMULATOR if backend.IS_SIMULATOR else H200)
     best = None
     if "fused" in methods:
-        fractions = {}
-        for tile in candidate_tiles(geometry, device):
-            if tile.shared_bytes(geometry) > device.shared_per_block:
-                continue
-            key = (tile.tile_h, tile.tile_w, tile.halo)
-            if key not in fractions:
-                fractions[key] = out_of_tile_fraction(geometry, stats, *key)
-            terms = _fused_terms(geometry, tile, fractions[key], device)
-            if terms["feasible"] and (best is None or terms["seconds"] < best[0]):
-                best = (terms["seconds"], Plan("fused", tile, terms["seconds"] * 1e3, fractions[key],
-                                               terms["shared_bytes"], device.name))
+        ranked = rank_tiles(geometry, stats, 1, device)
+        if ranked:
+            tile, terms = ranked[0]
+            best = (terms["seconds"], Plan("fused", tile, terms["seconds"] * 1e3, terms["out_of_tile"],
+                                           terms["shared_bytes"], device.name))
     if "im2col" in methods:
         seconds = _im2col_terms(geometry, device)["seconds"]
         if best is None or seconds < best[0]:
@@ -555,15 +595,7 @@ def autotune(geometry, input, offset, weight, bias=None, mask=None, candidates=N
     stats = stats or offset_statistics(offset)
     device = SIMULATOR if backend.IS_SIMULATOR else H200
     if candidates is None:
-        scored = []
-        for tile in candidate_tiles(geometry, device):
-            if tile.shared_bytes(geometry) > device.shared_per_block:
-                continue
-            terms = predict(geometry, stats, "fused", tile, device)
-            if terms["feasible"]:
-                scored.append((terms["seconds"], len(scored), tile))
-        scored.sort(key=lambda item: item[:2])
-        candidates = [t for _, _, t in scored[:top]] + [Plan("im2col", device=device.name)]
+        candidates = [t for t, _ in rank_tiles(geometry, stats, top, device)] + [Plan("im2col", device=device.name)]
     arrays = [backend.to_device(a) if a is not None else None for a in (input, offset, weight, bias, mask)]
     xp = backend.array_module(arrays[0])
     out = xp.empty(geometry.shapes["output"], dtype=arrays[0].dtype)

@@ -189,3 +189,24 @@ def test_autotune_smoke(rng):
     assert best.method in ("fused", "im2col")
     stats = tiling.offset_statistics(arrays[1])
     assert tiling.plan_for(g, stats=stats) == best
+
+
+def test_rank_tiles_explains_the_plan():
+    stats = tiling.normal_statistics(1.5)
+    ranked = tiling.rank_tiles(DEFT64, stats, top=5, device=tiling.H200)
+    assert len(ranked) == 5
+    seconds = [terms["seconds"] for _, terms in ranked]
+    assert seconds == sorted(seconds)
+    assert ranked[0][0] == tiling.choose_plan(DEFT64, stats, tiling.H200).tile
+    assert all(terms["shared_bytes"] <= tiling.H200.shared_per_block for _, terms in ranked)
+
+
+def test_out_of_tile_sweep_kernel_and_numpy_agree(rng):
+    _, g = case("sweep", n=1, c=2, h=7, w=9, c_out=2)
+    offset = rng.normal(0, 1.5, g.shapes["offset"]).astype(np.float32)
+    kw = dict(tiles=((2, 2), (3, 4)), halos=(0, 2))
+    numpy_sweep = tiling.out_of_tile_sweep(g, offset, **kw)
+    kernel_sweep = tiling.out_of_tile_sweep(g, offset, count="kernel", **kw)
+    np.testing.assert_array_equal(numpy_sweep["measured"], kernel_sweep["measured"])
+    assert numpy_sweep["model"].shape == (2, 2)
+    assert np.all(numpy_sweep["measured"][:, 1] < numpy_sweep["measured"][:, 0])  # halo 2 < halo 0
