@@ -502,6 +502,28 @@ def test_a_kernel_failure_in_the_backward_leaves_the_next_call_right(method, det
             close(grads[name], getattr(expected, name), g.dtype, f"grad {name} after a failure at {at}")
 
 
+def test_a_failed_plan_is_not_cached(monkeypatch, rng):
+    """``method="auto"`` plans through ``tiling.plan_for``'s cache: a planning failure must
+    leave the cache as it was, and the next call must plan afresh and be right."""
+    tiling = pytest.importorskip("deftnumba.tiling")
+    g = geometry(n=1, c=3, h=5, w=4, c_out=2)
+    args = arrays(g, rng)
+    tiling.clear_plan_cache()
+    real = tiling.choose_plan
+
+    def broken(*a, **k):
+        raise InjectedFailure("planner failed")
+
+    monkeypatch.setattr(tiling, "choose_plan", broken)
+    with pytest.raises(InjectedFailure):
+        dn.deform_conv2d(*args[:4], **conv_kwargs(g), mask=args[4], method="auto")
+    assert tiling.plan_cache_info()["size"] == 0
+    monkeypatch.setattr(tiling, "choose_plan", real)
+    out = forward("auto", g, *args)
+    close(out, reference.deform_conv2d(*args[:4], **conv_kwargs(g), mask=args[4]), g.dtype)
+    assert tiling.plan_cache_info()["size"] >= 1
+
+
 def test_validation_runs_before_any_launch(rng):
     """A bad call must fail in argument checking, before a kernel runs or memory is touched."""
     if not backend.IS_SIMULATOR:
