@@ -1,0 +1,311 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Bottleneck analysis: where does a DCN layer's time go?
+#
+# **Motivation.** A deformable convolution (DCN) is a convolution whose taps read the input at
+# learned, per-pixel offsets. It helps accuracy, yet networks use few DCN layers, because a DCN
+# layer runs several times slower than the dense convolution of the same shape: about **4x** for
+# the DefT paper's 64x64, 64 -> 64 channel layer (ASPLOS'23). Before we try to win that back, we
+# need to know where the time goes.
+#
+# The plan, in the style of a roofline analysis:
+#
+# 1. write the layer as the chain of operators that torchvision (and our baseline `im2col`) run;
+# 2. check the baseline against an independent float64 reference;
+# 3. count each operator's FLOPs and the fewest bytes it must move, before timing anything;
+# 4. place the operators on an H200 roofline;
+# 5. compare with measured times;
+# 6. explain why the gather dominates, and what that means for the slowdown against cuDNN.
+
+# %%
+import inspect
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+import deftnumba as dn
+from deftnumba import backend, bench, offsets, reference, roofline
+from deftnumba import notebook as nb
+from deftnumba.arguments import Geometry
+from deftnumba.demo import random_layer
+from deftnumba.kernels import im2col
+
+MODE = nb.mode()
+nb.show(MODE.banner())
+
+# %% [markdown]
+# ## 1. DCN as four operators
+#
+# For every output pixel `p` and kernel tap `k`, DCN samples the input at the tap's regular
+# position plus a learned offset `(dy, dx)`, by bilinear interpolation of the four surrounding
+# pixels, optionally scales it by a mask (DCN v2), and then does what a convolution does: an inner
+# product with the weights over channels and taps. torchvision computes this as:
+#
+# | operator | what it does | in `deftnumba.kernels.im2col` |
+# | --- | --- | --- |
+# | **offset sampling** | offsets -> absolute positions `y = oy*s - pad + i*dil + dy` | `positions_kernel` |
+# | **bilinear interpolation** | 4 corner reads, 4 weights, 7 FLOPs per sample | `columns_kernel` (device function `bilinear_sample`) |
+# | **column building** | writes the sample to a matrix `[C*kh*kw, N*Ho*Wo]` | `columns_kernel` |
+# | **GEMM** | `weight [Cout, C*kh*kw] @ columns` | `gemm_bias` (cuBLAS on a GPU) |
+#
+# Interpolation and column building share one kernel (every sample is written as soon as it is
+# interpolated), so the package times three stages: `offset sampling`, `bilinear columns` and
+# `gemm`. Here is the host side of the pipeline, straight from the package:
+
+# %%
+print(inspect.getsource(im2col.forward))
+
+# %% [markdown]
+# ## 2. A check
+#
+# Before measuring anything, the baseline must be right. We compare it with
+# `deftnumba.reference`, a float64 NumPy implementation that shares no code with the kernels,
+# on a small irregular layer (9x11 input, stride 1, random offsets of a few pixels, a mask).
+# In the simulator this is the only thing the kernels do in this notebook.
+
+# %%
+small = Geometry(batch=2, in_channels=3, height=9, width=11, out_channels=5, kernel_h=3, kernel_w=3,
+                 pad_h=1, pad_w=1, has_mask=True, has_bias=True)
+x, offset, weight, bias, mask = random_layer(small, seed=0)
+device = [backend.to_device(a) for a in (x, offset, weight, bias, mask)]
+got = backend.to_host(dn.deform_conv2d(*device[:4], padding=1, mask=device[4], method="im2col"))
+expected = reference.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
+error = float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+nb.show(f"`im2col` against the float64 reference: relative error **{error:.1e}** "
+        f"({'PASS' if error < 1e-5 else 'FAIL'}, bound 1e-5) on {MODE.device}.")
+
+# %% [markdown]
+# ## 3. Counting: FLOPs, bytes and arithmetic intensity per operator
+#
+# `deftnumba.roofline` counts, for every operator, the floating-point operations it must do and
+# the fewest bytes it must move through device memory (inputs read once, outputs written once).
+# Their ratio is the **arithmetic intensity** (FLOP/B). Against the two roofs of a device, the
+# arithmetic rate and the memory bandwidth, it gives a **floor**: the least time the operator can
+# take. The layer is `deft64`, the DefT paper's (8 images, 64 -> 64 channels, 64x64, 3x3, DCN v2).
+#
+# The device numbers are **leads, not measurements**: fp32 67 TFLOP/s from NVIDIA's H200
+# datasheet, and 4.3 TB/s copy bandwidth (the datasheet says 4.8 TB/s for HBM3e).
+# `roofline.measure_ceilings()` replaces them on a GPU.
+
+# %%
+deft64 = bench.SUITES["deft64"]
+ceilings = roofline.H200_LEADS
+operators = roofline.operators(deft64, "im2col", "fwd")
+ridge = ceilings.flops_per_s / ceilings.bytes_per_s
+rows = []
+for op in operators:
+    rows.append({"operator": op.name, "GFLOP": op.flops / 1e9, "MB read": op.bytes_read / 1e6,
+                 "MB written": op.bytes_written / 1e6, "FLOP/B": op.intensity,
+                 "bound by": "compute" if op.intensity > ridge else "memory",
+                 "floor ms": roofline.floor_ms_of(op.flops, op.bytes, ceilings)})
+layer = {m: roofline.totals(deft64, m, "fwd") for m in ("im2col", "fused", "cudnn_conv")}
+layer_floor = {m: roofline.floor_ms(deft64, m, "fwd", ceilings) for m in layer}
+for m, t in layer.items():
+    rows.append({"operator": f"**whole layer, {m}**", "GFLOP": t.flops / 1e9, "MB read": t.bytes_read / 1e6,
+                 "MB written": t.bytes_written / 1e6, "FLOP/B": t.intensity, "bound by": "",
+                 "floor ms": layer_floor[m]})
+nb.show(nb.markdown_table(rows, floats=".3g")
+        + f"\n\nRidge point of the H200 leads: **{ridge:.1f} FLOP/B** (below it an operator is memory-bound).")
+
+# %% [markdown]
+# ## 4. The operators on an H200 roofline
+#
+# Each operator sits at its intensity; its height is the most it could achieve there, the lower
+# of the two roofs. Nothing here is measured: the roofs are leads and the points are counts.
+
+# %%
+fig, ax = plt.subplots(figsize=(8, 4.8))
+hidden = nb.plot_operator_roofline(ax, operators, [roofline.H200_LEADS, roofline.H200_DATASHEET])
+ax.set_title("deft64 forward, im2col pipeline: operators on the H200 roofline", fontsize=10)
+nb.caption(fig, "Roofs: H200 datasheet leads, not measured here. Points: counted FLOPs and bytes, not timings."
+           + (f" Not shown (no FLOPs): {', '.join(hidden)}." if hidden else ""))
+fig.tight_layout()
+
+# %% [markdown]
+# ## 5. Measured time per operator
+#
+# The roofline says what each operator *must* cost at least. Measured times say what it does
+# cost. On a GPU this notebook times the three stages itself with CUDA events
+# (`backend.Stopwatch`, the same timer `python -m deftnumba demo` uses). Without a GPU it uses
+# recorded results, if any exist: simulator times would measure Python threads, not a GPU.
+
+# %%
+floors = {op.name: roofline.floor_ms_of(op.flops, op.bytes, ceilings) for op in operators}
+measured = nb.time_operators(deft64, "im2col", repeats=20) if MODE.live else None
+fig, ax = plt.subplots(figsize=(8, 3.6))
+names = list(floors)
+ypos = np.arange(len(names))
+ax.barh(ypos - 0.2, [floors[n] for n in names], 0.4, color="0.6", label="roofline floor (H200 leads)")
+if measured:
+    ax.barh(ypos + 0.2, [measured["operator_ms"].get(n, 0.0) for n in names], 0.4, color="C3",
+            label=f"measured ({measured['unit']})")
+ax.set_yticks(ypos, names)
+ax.invert_yaxis()
+ax.set_xlabel("time per forward call (ms)")
+ax.set_title("deft64 forward, im2col: roofline floor" + (" and measured time" if measured else "")
+             + " per operator", fontsize=10)
+ax.legend(fontsize=8)
+nb.caption(fig, nb.live_caption() if measured else
+           "Floors only: counted bytes and FLOPs over the H200 datasheet leads. No measured bars: no GPU here.")
+fig.tight_layout()
+if not measured:
+    nb.show("**Not recorded yet: time per operator on a GPU.** This project has not had a GPU yet, and "
+            "the bench CSVs under `data/bench/` hold whole-layer times, not per-operator ones. Run this "
+            "notebook on a GPU machine (or `python -m deftnumba demo`) to see the measured bars.")
+
+# %% [markdown]
+# ## 6. Why the gather dominates
+#
+# First, what the counts say.
+
+# %%
+by_name = {op.name: op for op in operators}
+columns_op, gemm_op = by_name["bilinear columns"], by_name["gemm"]
+column_bytes = roofline.column_buffer_bytes(deft64)
+input_bytes = deft64.batch * deft64.in_channels * deft64.height * deft64.width * deft64.itemsize
+samples = deft64.batch * deft64.in_channels * deft64.taps * deft64.out_h * deft64.out_w
+nb.show(
+    f"- The column matrix is **{column_bytes / 1e6:.1f} MB** for the batch: **{column_bytes / input_bytes:.0f}x** "
+    f"the input it is sampled from ({input_bytes / 1e6:.1f} MB), because each input pixel is copied once per tap.\n"
+    f"- `bilinear columns` writes it and the GEMM reads it back: together "
+    f"**{(columns_op.bytes_written + column_bytes) / 1e6:.0f} MB** of the pipeline's "
+    f"**{sum(op.bytes for op in operators) / 1e6:.0f} MB** of traffic, for a layer whose own data "
+    f"(input, offsets, mask, weights, output) is **{layer['fused'].bytes / 1e6:.1f} MB**.\n"
+    f"- `bilinear columns` does ~{columns_op.flops / samples:.0f} FLOPs per sample: **{columns_op.intensity:.1f} FLOP/B**, "
+    f"far under the ridge at {ridge:.1f}. It is memory-bound even in this best case.\n"
+    f"- The GEMM reading the columns stays compute-bound ({gemm_op.intensity:.0f} FLOP/B), so its floor equals a "
+    f"dense convolution's ({floors['gemm']:.3f} ms). On the floors alone the im2col layer costs "
+    f"**{layer_floor['im2col']:.3f} ms**, a fused one {layer_floor['fused']:.3f} ms and the dense conv "
+    f"{layer_floor['cudnn_conv']:.3f} ms.")
+
+# %% [markdown]
+# The floor of the gather assumes each byte is moved once, perfectly coalesced. The real gather
+# is worse: each thread reads the **four corners** of its bilinear footprint, at positions that
+# depend on the offsets, and the memory system serves whole 32-byte **sectors**. A warp of 32
+# threads (32 neighbouring output pixels) reading one tap touches as many sectors as its corners
+# spread over. `offsets.gather_sectors` counts them for the im2col kernel's thread layout, exactly,
+# from the offsets, no GPU needed (the counting idea of GPU-Puzzles). Offsets here are smooth
+# random fields (`offsets.for_geometry`) of growing magnitude.
+
+# %%
+cases = {"zero offsets (a plain conv's gather)": (0.0, 2.0), "RMS 1 px, smooth (like learned)": (1.0, 2.0),
+         "RMS 1 px, white noise": (1.0, 0.0), "RMS 4 px, smooth": (4.0, 2.0)}
+sector_rows = []
+for label, (magnitude, correlation) in cases.items():
+    field = offsets.for_geometry(deft64, magnitude=magnitude, correlation=correlation, seed=0)
+    counted = offsets.gather_sectors(deft64, field)
+    sector_rows.append({"offsets": label, "bytes per sample": counted["bytes_per_sample"],
+                        "gather requests MB": counted["bytes"] / 1e6,
+                        "x the input": counted["bytes"] / input_bytes,
+                        "x the counted floor read": counted["bytes"] / columns_op.bytes_read})
+nb.show(nb.markdown_table(sector_rows, floats=".3g")
+        + "\n\n(Sector requests to L1/L2, counted for the im2col kernel's thread layout; not DRAM bytes "
+        "and not a measurement.)")
+
+# %%
+fig, ax = plt.subplots(figsize=(8, 3.4))
+labels = [r["offsets"] for r in sector_rows]
+ax.barh(labels, [r["bytes per sample"] for r in sector_rows], color=["0.6", "C0", "C1", "C3"])
+ax.axvline(deft64.itemsize, color="black", lw=0.8, ls="--", label="4 B: the column value each sample writes")
+ax.legend(fontsize=8, loc="upper right")
+ax.invert_yaxis()
+ax.set_xlabel("bytes requested per sample (32-byte sectors, warps of 32)")
+ax.set_title("deft64, im2col gather: memory sectors requested per bilinear sample", fontsize=10)
+nb.caption(fig, "Counted from the offsets with offsets.gather_sectors (no GPU, no timing): requests to L1/L2.")
+fig.tight_layout()
+
+# %% [markdown]
+# **Reading.** The gather does little arithmetic (about 16 FLOPs per sample, against `2*Cout` =
+# 128 for the GEMM), yet it is the operator that grows with everything that makes DCN different:
+#
+# * it **materialises** its result, blowing the input up 9x (one copy per tap) into a 75 MB
+#   column matrix that goes out to device memory and comes straight back for the GEMM;
+# * its reads are **scattered**: even with zero offsets a warp requests about 9 bytes per 4-byte
+#   sample (two rows of corners, partly used sectors); learned-like offsets (1 px, smooth) raise
+#   that to about 15 bytes, white noise to about 21, and 4-pixel offsets to about 33. That is
+#   170-570 MB of sector requests to gather an 8.4 MB input, and it depends on the *data*, which
+#   no static schedule can fix.
+#
+# The floors put the im2col layer at about 1.7x a dense convolution on the H200; the scattered
+# requests, the extra launches and the column round trip's latency are what turn that into the
+# ~4x DefT measured. Fusing the sampling into the GEMM removes the column matrix, and staging a
+# tile of input in shared memory turns most of the scattered requests into shared-memory reads:
+# DefT's two ideas, `method="fused"` in this package. Notebook 02 sizes its tiles; notebook 03
+# measures it.
+#
+# ## 7. The DCN slowdown against a dense cuDNN convolution, across the suite
+#
+# The headline number: how much slower is a DCN layer than the dense convolution of the same
+# shape? First the model's answer (ratio of roofline floors, always available), then the
+# measured one (recorded on a GPU).
+
+# %%
+suite = bench.SUITES
+methods = ("torchvision", "im2col", "fused")
+model_slowdown = {m: [roofline.floor_ms(g, m, "fwd", ceilings) / roofline.floor_ms(g, "cudnn_conv", "fwd", ceilings)
+                      for g in suite.values()] for m in methods}
+recorded = nb.recorded_results()
+measured_slowdown = {}
+for r in recorded["layer"]:
+    if r["pass"] == "fwd" and r["status"] == "ok" and r["method"] in methods and r.get("speedup_vs_cudnn_conv"):
+        measured_slowdown.setdefault(r["method"], {})[r["shape"]] = 1.0 / r["speedup_vs_cudnn_conv"]
+
+fig, axes = plt.subplots(1, 2 if measured_slowdown else 1, figsize=(11 if measured_slowdown else 7, 3.8),
+                         squeeze=False)
+positions = np.arange(len(suite))
+width = 0.8 / len(methods)
+ax = axes[0, 0]
+for j, m in enumerate(methods):
+    ax.bar(positions + (j - 1) * width, model_slowdown[m], width, label=m)
+ax.axhline(1.0, color="black", lw=0.8)
+ax.set_xticks(positions, list(suite))
+ax.set_ylabel("floor(method) / floor(dense conv)")
+ax.set_title("Model: slowdown of the roofline floors (H200 leads)", fontsize=10)
+ax.legend(fontsize=8)
+if measured_slowdown:
+    ax = axes[0, 1]
+    for j, m in enumerate(methods):
+        values = [measured_slowdown.get(m, {}).get(s, np.nan) for s in suite]
+        ax.bar(positions + (j - 1) * width, values, width, label=m)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(positions, list(suite))
+    ax.set_ylabel("time(method) / time(cudnn_conv)")
+    ax.set_title("Measured slowdown, forward", fontsize=10)
+    ax.legend(fontsize=8)
+    nb.caption(fig, "Left: a model, not a measurement. Right: " + nb.recorded_caption(recorded["layer"])
+               + f" ({recorded['layer_file'].name}).")
+else:
+    nb.caption(fig, "A model from counted bytes and FLOPs over H200 datasheet leads: not a measurement.")
+fig.tight_layout()
+if not measured_slowdown:
+    nb.show(nb.not_recorded("the measured DCN slowdown against cuDNN across the suite"))
+
+# %%
+i = list(suite).index("deft64")
+nb.show(f"Model, deft64: torchvision's design cannot run faster than **{model_slowdown['torchvision'][i]:.1f}x** "
+        f"the dense convolution on these roofs; a fused kernel's floor is **{model_slowdown['fused'][i]:.2f}x**. "
+        f"Across the suite the im2col floor ranges from {min(model_slowdown['im2col']):.1f}x to "
+        f"{max(model_slowdown['im2col']):.1f}x. DefT measured about 4x for torchvision on deft64 "
+        "(on its GPU); the gap between that and the floor ratio is what scattered reads and launch "
+        "overheads add on top of the traffic.")
+
+# %% [markdown]
+# **Reading.** Even a perfect im2col pipeline stays a few times slower than cuDNN, because the
+# column round trip is part of its design: no tuning of the gather kernel can remove those bytes.
+# A fused layer's floor sits close to the convolution's (it does the same GEMM, plus ~5% of
+# sampling FLOPs, and reads a little more: offsets and the mask). The rest of the slowdown is
+# what the fused kernel must win back in practice, where the scattered reads and shared-memory
+# staging decide how close it gets; that is the subject of notebooks 02 and 03.
