@@ -6,7 +6,8 @@ groups, mask or not, bias or not, float32 or float64, and offsets from zero to
 far outside the image, with some NaN, +-inf and int32-overflowing values mixed
 in. Every method in ``dn.METHODS`` (and every backward method, once
 ``dn.deform_conv2d_backward`` exists) is run on each drawn layer and compared
-element by element with ``deftnumba.reference``.
+element by element with ``deftnumba.reference``. In the simulator the kernels run
+under ``backend.bounds_checked()``, so an out-of-bounds index fails the case too.
 
 Profiles (hypothesis settings profiles, chosen by ``DEFTNUMBA_FUZZ_PROFILE``):
 
@@ -106,14 +107,21 @@ def conv_kwargs(g: Geometry) -> dict:
     return dict(stride=(g.stride_h, g.stride_w), padding=(g.pad_h, g.pad_w), dilation=(g.dil_h, g.dil_w))
 
 
+def checked():
+    """In the simulator: every kernel index bounds-checked, shared/local memory NaN-poisoned."""
+    return backend.bounds_checked() if backend.IS_SIMULATOR else contextlib.nullcontext()
+
+
 def run_forward(method, g, x, offset, weight, bias, mask):
-    out = dn.deform_conv2d(x, offset, weight, bias, **conv_kwargs(g), mask=mask, method=method)
+    with checked():
+        out = dn.deform_conv2d(x, offset, weight, bias, **conv_kwargs(g), mask=mask, method=method)
     return backend.to_host(out)
 
 
 def run_backward(method, g, grad_out, x, offset, weight, bias, mask, deterministic=False):
-    grads = backward_function()(grad_out, x, offset, weight, bias, **conv_kwargs(g), mask=mask,
-                                method=method, deterministic=deterministic)
+    with checked():
+        grads = backward_function()(grad_out, x, offset, weight, bias, **conv_kwargs(g), mask=mask,
+                                    method=method, deterministic=deterministic)
     return {k: (backend.to_host(v) if v is not None else None) for k, v in grad_fields(grads).items()}
 
 
