@@ -64,10 +64,16 @@ IS_SIMULATOR = NAME == "simulator"
 
 if IS_SIMULATOR:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-    if "numba" in sys.modules:  # numba read its config before us: make it look again
-        from numba.core import config as _numba_config
+else:
+    # Numba otherwise synchronizes the host on the stream a CuPy/torch array exports
+    # (its __cuda_array_interface__) at every kernel launch: a host stall per array per
+    # launch. deftnumba orders all its work on one stream (see external_stream), so
+    # that sync buys nothing. A user's explicit setting wins.
+    os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")
+if "numba" in sys.modules:  # numba read its config before us: make it look again
+    from numba.core import config as _numba_config
 
-        _numba_config.reload_config()
+    _numba_config.reload_config()
 
 from numba import cuda  # noqa: E402  (the single import site; must follow the env setup)
 
