@@ -106,8 +106,9 @@ fig.tight_layout()
 # %% [markdown]
 # **Reading.** The learned offsets are small and smooth: most taps move by about a pixel, and
 # neighbouring pixels move together (correlation near 0.8-0.9, like a synthetic field with a
-# correlation length of a few pixels). The histogram of the learned layer is more peaked and
-# longer-tailed than a Gaussian of the same RMS. One thing the pooled histogram hides: each
+# correlation length of a few pixels). The first layer's histogram is more peaked at zero than a
+# Gaussian of the same RMS: many taps barely move, others move a pixel or two. The second layer,
+# at half the resolution, moves its taps about twice as far (in its own pixels). One thing the pooled histogram hides: each
 # *tap* has its own mean. The table below shows that the network pushes the top row of taps up
 # and the bottom row down (the receptive field *grows*), which matters for the next section.
 
@@ -140,7 +141,9 @@ geometry = Geometry(batch=dcn1.shape[0], in_channels=1, height=16, width=16, out
                     kernel_h=3, kernel_w=3, pad_h=1, pad_w=1, has_mask=False)
 stats = tiling.offset_statistics(dcn1)
 tiles, halos = (2, 4, 8), (0, 1, 2, 3)
-model = tiling.out_of_tile_table(geometry, stats, tiles, halos)           # [tile, halo]
+# Model and NumPy count over tiles x halos: [tile, halo] arrays of out-of-tile fractions.
+sweep = tiling.out_of_tile_sweep(geometry, dcn1, tiles=[(t, t) for t in tiles], halos=halos, count="numpy")
+model, brute = sweep["model"], sweep["measured"]
 
 
 def tile_config(side, halo):
@@ -148,8 +151,6 @@ def tile_config(side, halo):
     return tiling.TileConfig(side, side, halo, chunk=1, oc_block=2, reg_oc=2, reg_px=max(1, side * side // 16))
 
 
-brute = np.array([[tiling.brute_force_counts(geometry, dcn1, tile_config(t, h))["out_of_tile_fraction"]
-                   for h in halos] for t in tiles])
 # The instrumented kernel runs on 2 images and the tiles >= 4 (cheap in the simulator).
 two = dataclasses.replace(geometry, batch=2)
 instrumented = {(t, h): fused_tiled.count_out_of_tile(two, dcn1[:2], tile_config(t, h))
@@ -168,9 +169,8 @@ wide = Geometry(batch=2, in_channels=1, height=64, width=64, out_channels=2, ker
                 pad_h=1, pad_w=1, has_mask=False)
 synthetic = offsets.for_geometry(wide, magnitude=offsets.summarize(dcn1)["rms_px"], correlation=2.0, seed=3)
 wide_tiles = (2, 4, 8, 16)
-wide_model = tiling.out_of_tile_table(wide, tiling.offset_statistics(synthetic), wide_tiles, halos)
-wide_brute = np.array([[tiling.brute_force_counts(wide, synthetic, tile_config(t, h))["out_of_tile_fraction"]
-                        for h in halos] for t in wide_tiles])
+wide_sweep = tiling.out_of_tile_sweep(wide, synthetic, tiles=[(t, t) for t in wide_tiles], halos=halos)
+wide_model, wide_brute = wide_sweep["model"], wide_sweep["measured"]
 
 # %%
 FLOOR = 1e-2  # percent; the log axis cannot show 0, so smaller values are drawn on this line
@@ -192,15 +192,16 @@ for (t, h), c in instrumented.items():
     axes[0].plot(t, max(100 * c["out_of_tile_fraction"], FLOOR), "x", color=colors[halos.index(h)], ms=9)
 axes[0].set_ylabel("out-of-tile samples (% of in-band, log)")
 handles = [plt.Line2D([], [], color=c, lw=2) for c in colors]
-axes[0].legend(handles, [f"halo {h}" for h in halos], fontsize=8, loc="upper right")
-style = [plt.Line2D([], [], color="k", ls="-"), plt.Line2D([], [], color="k", ls="", marker="o", mfc="none"),
-         plt.Line2D([], [], color="k", ls="", marker="x")]
-axes[1].legend(style, ["model (statistics only)", "brute-force count", "instrumented kernel (2 images)"],
-               fontsize=8, loc="upper right")
+handles += [plt.Line2D([], [], color="k", ls="-"), plt.Line2D([], [], color="k", ls="", marker="o", mfc="none"),
+            plt.Line2D([], [], color="k", ls="", marker="x")]
+labels = [f"halo {h}" for h in halos] + ["model (statistics only)", "brute-force count",
+                                         "instrumented kernel (2 images)"]
+fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.935), ncol=len(labels), fontsize=8,
+           frameon=False)
 nb.caption(fig, "Counts, not timings" + ("" if MODE.live else "; the instrumented kernel ran in the simulator")
            + f". Values below {FLOOR:g}% (including exact zeros) are drawn at {FLOOR:g}%.")
 fig.suptitle("Out-of-tile fraction against tile size and halo: model vs counts", fontsize=11)
-fig.tight_layout()
+fig.tight_layout(rect=(0, 0, 1, 0.9))
 
 # %%
 i4, i8 = tiles.index(4), tiles.index(8)
@@ -215,28 +216,44 @@ nb.show(f"Numbers, learned offsets: with 4x4 tiles and no halo, **{100 * brute[i
 #
 # * The kernel's own counters and the NumPy brute force agree exactly, so the rule the planner
 #   reasons about is the rule the kernel runs.
-# * A halo of one or two pixels does most of the work: learned taps rarely move more than two
-#   pixels, so a halo of 2 around even a small tile catches nearly everything; a bigger tile helps
-#   less than a halo does, because only its border pixels can leave it.
-# * The model is right in shape but **underestimates** the count for small tiles and small halos.
-#   It pools every tap into one distribution, but the learned layer moves its top-row taps up and
-#   its bottom-row taps down (the tap table above): the outer taps, the ones nearest the edge of
-#   the staged region, are exactly the ones that move outward. Once the halo covers that spread,
-#   model and count meet.
+# * The **halo does most of the work.** Each extra pixel of halo cuts the out-of-tile fraction
+#   3x to 30x, while doubling the tile side cuts it only 2-3x: a tile's interior pixels rarely
+#   leave it, only its border does, and the border's share shrinks slowly as the tile grows.
+# * On the synthetic field, whose taps are independent and zero-mean, the model sits on the
+#   counts. On the learned offsets it **underestimates** them, by about 1.5x without a halo and
+#   2-3x with one. The model pools every tap into one distribution, but the learned layer moves its
+#   top-row taps up and its bottom-row taps down (the tap table above). The outer taps sit nearest
+#   the edge of the staged region and move outward. A per-tap model would close that gap.
 
 # %% [markdown]
 # ## 4. How the plan picks a tile
 #
 # `tiling.choose_plan(geometry, stats, device)` walks the candidate tiles, evaluates the
 # out-of-tile model and a cost model (FLOPs, staged and out-of-tile bytes, shared memory,
-# occupancy) for each, and keeps the cheapest. Here it plans the DefT paper's layer
-# (`deft64`: 8 images, 64 -> 64 channels, 64x64, 3x3) on the **H200 cost model** for offsets of
-# growing magnitude, and for the learned statistics. The times are the model's predictions, made
-# from datasheet-level device numbers (`tiling.H200`), **not measurements**.
+# occupancy) for each, and keeps the cheapest. `tiling.rank_tiles` shows what it weighed. The
+# layer is the DefT paper's (`deft64`: 8 images, 64 -> 64 channels, 64x64, 3x3), the device the
+# **H200 cost model** (`tiling.H200`, datasheet-level numbers), and the statistics those of the
+# learned offsets. Every time below is the model's **prediction, not a measurement**.
 
 # %%
 deft64 = Geometry(batch=8, in_channels=64, height=64, width=64, out_channels=64, kernel_h=3, kernel_w=3,
                   pad_h=1, pad_w=1)
+ranked, seen = [], set()
+for tile, terms in tiling.rank_tiles(deft64, stats, top=40, device=tiling.H200):
+    if (tile.tile_h, tile.tile_w, tile.halo) in seen:      # register-blocking variants tie: show one
+        continue
+    seen.add((tile.tile_h, tile.tile_w, tile.halo))
+    ranked.append({"tile": f"{tile.tile_h}x{tile.tile_w}", "halo": tile.halo,
+                   "out-of-tile %": 100 * terms["out_of_tile"], "shared KiB": terms["shared_bytes"] / 1024,
+                   "blocks/SM": terms["blocks_per_sm"], "halo re-reads": terms["halo_redundancy"],
+                   "compute us": 1e6 * terms["compute_s"], "memory us": 1e6 * terms["memory_s"],
+                   "predicted us": 1e6 * terms["seconds"]})
+nb.show(nb.markdown_table(ranked[:6], floats=".3g"))
+
+# %% [markdown]
+# Now the plan for offsets of growing magnitude (smooth synthetic fields), next to the learned ones:
+
+# %%
 candidates = {"learned dcn1": stats}
 for magnitude in (0.5, 2.0, 4.0):
     candidates[f"synthetic RMS {magnitude:g} px"] = tiling.offset_statistics(
@@ -255,10 +272,17 @@ nb.show(nb.markdown_table(plan_rows, floats=".3g")
         "(cost-model predictions on H200 datasheet leads, not measurements).")
 
 # %% [markdown]
-# **Reading.** As the offsets grow, the planner buys a wider halo first (it costs a few rows of
-# shared memory) and accepts a rising out-of-tile fraction only when the halo would cost more than
-# the scattered reads it saves. For offsets like the learned ones it picks a small tile with a
-# halo of 2, and predicts that fewer than 1% of samples leave it.
+# **Reading.** Two things stand out.
+#
+# * As the offsets grow, the planner buys a **wider halo** first (a few more rows of shared
+#   memory: 24.5 -> 26.6 KiB) and lets the out-of-tile fraction rise only when more halo would
+#   cost more than the scattered reads it saves: a halo of 1 for 0.5-pixel offsets, 2 for the
+#   learned ones (under 0.5% out-of-tile), 4 for 4-pixel offsets (about 17% out-of-tile).
+# * On this layer the model says the fused kernel is **compute-bound**: about 83 us of FMA
+#   work against 18-28 us of memory traffic for every top tile, so the predicted times differ by
+#   about 1%. The tile choice matters through the memory side: it keeps that side hidden
+#   under the compute. Whether it stays hidden on a real H200 (the out-of-tile reads are
+#   latency, not just bytes) is a question for a measurement, below.
 #
 # ### What the pick buys, measured
 #

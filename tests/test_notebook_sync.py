@@ -4,9 +4,13 @@ The source of truth is the py:percent file (``notebooks/NN_name.py``: reviewable
 diffs). The ``.ipynb`` is committed too, so that ``jupyter lab notebooks/`` and
 GitHub open a real notebook, and so that CI executes exactly what is committed
 (``pytest --nbmake``). This test fails when the two drift or when an ``.ipynb``
-carries outputs. To fix it, regenerate the notebook from its source:
+carries outputs. To fix it, regenerate the notebook from its source (``--update``
+keeps the cell ids, so the diff shows only what changed):
 
-    jupytext --to ipynb notebooks/NN_name.py
+    jupytext --update --to ipynb notebooks/NN_name.py
+
+and clear outputs saved from Jupyter with
+``jupyter nbconvert --clear-output --inplace notebooks/NN_name.ipynb``.
 """
 
 from pathlib import Path
@@ -18,7 +22,7 @@ nbformat = pytest.importorskip("nbformat")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 SOURCES = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
-FIX = "regenerate it: jupytext --to ipynb notebooks/{name}.py"
+FIX = "regenerate it: jupytext --update --to ipynb notebooks/{name}.py"
 
 
 def _cells(notebook):
@@ -47,4 +51,5 @@ def test_ipynb_has_no_outputs(source):
     for cell in actual.cells:
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, (
-                f"{source.stem}.ipynb carries outputs; " + FIX.format(name=source.stem))
+                f"{source.stem}.ipynb carries outputs; clear them: "
+                f"jupyter nbconvert --clear-output --inplace notebooks/{source.stem}.ipynb")
