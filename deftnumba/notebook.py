@@ -415,3 +415,63 @@ def plot_percent_of_roofline(ax, rows, pass_: str = "fwd", column: str = "pct_id
     basis = "the ideal fused layer's floor" if column == "pct_ideal" else "the method's own floor"
     ax.set_ylabel(f"% of roofline ({pass_})\n100 = {basis}")
     ax.legend(fontsize=8, ncol=min(3, max(len(methods), 1)), loc="upper center")
+
+
+def time_calls(calls: Mapping, repeats: int = 20, warmup: int = 2) -> dict[str, dict]:
+    """Time zero-argument callables: ``{name: {"median_ms", "p10_ms", "p90_ms", "unit"}}``.
+
+    Each call runs ``warmup`` times untimed (compilation, caches), then ``repeats``
+    times, each inside a ``backend.Stopwatch`` section (CUDA events on a GPU, the
+    host clock in the simulator; ``unit`` says which).
+    """
+    results = {}
+    for name, call in calls.items():
+        for _ in range(warmup):
+            call()
+        backend.synchronize()
+        watch = backend.Stopwatch()
+        for _ in range(repeats):
+            with watch.section(name):
+                call()
+        ms = np.asarray(watch.milliseconds()[name])
+        results[name] = {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
+                         "p90_ms": float(np.percentile(ms, 90)), "unit": watch.unit}
+    return results
+
+
+def time_tiles(geometry, offset, device=None, repeats: int = 50, warmup: int = 3, seed: int = 0) -> dict[str, dict]:
+    """Time the fused forward with the planned tile against other tiles, and im2col.
+
+    The tiles come from ``tiling.rank_tiles`` for the statistics of ``offset`` on
+    ``device`` (a ``tiling.DeviceModel``): the planner's pick, the best tile without a
+    halo, the biggest tile and the last-ranked one. Inputs are random
+    (``demo.random_layer``); ``offset`` is used as given. Returns ``time_calls``'s dict,
+    keyed ``"<pick>: <TH>x<TW>, halo <h>"`` and ``"im2col (no tiles)"``.
+    """
+    import deftnumba as dn
+
+    from . import tiling
+    from .demo import random_layer
+
+    g = geometry
+    x, _, weight, bias, mask = (backend.to_device(a) if a is not None else None for a in random_layer(g, seed))
+    offset = backend.to_device(np.asarray(backend.to_host(offset), dtype=g.dtype))
+    ranking = [tile for tile, _ in tiling.rank_tiles(g, tiling.offset_statistics(offset), top=1000, device=device)]
+    if not ranking:
+        raise ValueError("no feasible fused tile for this geometry and device")
+    picks = {"planned": ranking[0],
+             "best without halo": next((t for t in ranking if t.halo == 0), None),
+             "biggest tile": max(ranking, key=lambda t: t.pixels),
+             "ranked last": ranking[-1]}
+    conv = dict(stride=(g.stride_h, g.stride_w), padding=(g.pad_h, g.pad_w), dilation=(g.dil_h, g.dil_w),
+                mask=mask)
+    calls, seen = {}, set()
+    for name, tile in picks.items():
+        if tile is None or tile in seen:
+            continue
+        seen.add(tile)
+        plan = tiling.Plan("fused", tile)
+        calls[f"{name}: {tile.tile_h}x{tile.tile_w}, halo {tile.halo}"] = (
+            lambda plan=plan: dn.deform_conv2d(x, offset, weight, bias, **conv, method="fused", plan=plan))
+    calls["im2col (no tiles)"] = lambda: dn.deform_conv2d(x, offset, weight, bias, **conv, method="im2col")
+    return time_calls(calls, repeats=repeats, warmup=warmup)

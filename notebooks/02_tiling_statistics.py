@@ -40,8 +40,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import deftnumba as dn
-from deftnumba import notebook as nb
 from deftnumba import offsets, tiling
+from deftnumba import notebook as nb
 from deftnumba.arguments import Geometry
 from deftnumba.kernels import fused_tiled
 
@@ -291,13 +291,23 @@ nb.show(nb.markdown_table(plan_rows, floats=".3g")
 
 # %%
 if MODE.live:
-    nb.show("Live on a GPU: `tiling.autotune(...)` times candidate tiles with CUDA events; "
-            "`python -m deftnumba bench` records the comparison with provenance.")
-recorded = nb.recorded_files()
-if not recorded:
-    nb.show(nb.not_recorded("fused-kernel time with the planned tile against fixed tiles"))
+    field = offsets.for_geometry(deft64, magnitude=offsets.summarize(dcn1)["rms_px"], correlation=2.0, seed=4)
+    timed = nb.time_tiles(deft64, field, tiling.H200)
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    names = list(timed)
+    medians = [timed[n]["median_ms"] for n in names]
+    errors = [[m - timed[n]["p10_ms"] for n, m in zip(names, medians)],
+              [timed[n]["p90_ms"] - m for n, m in zip(names, medians)]]
+    ax.barh(names, medians, xerr=errors, capsize=3, color=["C3"] + ["C0"] * (len(names) - 2) + ["0.6"])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"time per forward call, ms ({timed[names[0]]['unit']}; bars p10-p90)")
+    ax.set_title("deft64 forward, learned-like offsets: the planned tile against others", fontsize=10)
+    nb.caption(fig, nb.live_caption() + "; 50 runs after 3 warm-ups each")
+    fig.tight_layout()
 else:
-    nb.show(f"Recorded results: {', '.join(p.name for p in recorded)} (plot with `deftnumba.bench`).")
+    nb.show(nb.not_recorded("fused-kernel time with the planned tile against other tiles")
+            + " The bench records one tile per method, so this comparison is timed live: "
+              "run this notebook on a GPU machine to see it.")
 
 # %% [markdown]
 # ## 5. Try it: your own tile and halo

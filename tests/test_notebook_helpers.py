@@ -120,3 +120,23 @@ def test_recorded_charts_draw(tmp_path):
     plt.close(fig)
     assert [t.get_text() for t in a.get_xticklabels()] == ["conv", "torchvision", "deftnumba"]
     assert [t.get_text() for t in b.get_xticklabels()] == ["deft64", "res128"]
+
+
+def test_time_calls_reports_percentiles_and_unit():
+    calls = []
+    got = notebook.time_calls({"a": lambda: calls.append(1)}, repeats=5, warmup=2)
+    assert len(calls) == 7
+    r = got["a"]
+    assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["unit"] == backend.Stopwatch().unit
+
+
+def test_time_tiles_runs_the_planned_and_other_tiles():
+    from deftnumba import offsets, tiling
+    from deftnumba.arguments import Geometry
+
+    g = Geometry(batch=1, in_channels=2, height=4, width=5, out_channels=2, kernel_h=3, kernel_w=3,
+                 pad_h=1, pad_w=1)
+    got = notebook.time_tiles(g, offsets.for_geometry(g, magnitude=1.0), tiling.SIMULATOR, repeats=1, warmup=0)
+    names = list(got)
+    assert names[0].startswith("planned: ") and names[-1] == "im2col (no tiles)"
+    assert all(r["median_ms"] > 0 for r in got.values())
