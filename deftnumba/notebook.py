@@ -331,19 +331,22 @@ def time_operators(geometry, method: str = "im2col", repeats: int = 20, seed: in
     return {"unit": watch.unit, "operator_ms": per_call, "device": mode().device}
 
 
-def plot_operator_roofline(ax, operators, ceilings, dtype: str = "float32") -> list[str]:
+def plot_operator_roofline(ax, operators, ceilings, dtype: str = "float32", layers=()) -> list[str]:
     """Place operators on a roofline: x = arithmetic intensity (FLOP/B), y = the best FLOP/s
     the roofs allow at that intensity, ``min(rate, intensity * bandwidth)``.
 
     operators: ``deftnumba.roofline.Operator`` records (or anything with ``name``, ``flops``,
     ``bytes`` and ``intensity``); ceilings: one ``roofline.Ceilings`` or a list (the first
     is drawn solid, the rest dashed). Operators with no FLOPs cannot sit on a log axis:
-    their names are returned (and left off the chart).
+    their names are returned (and left off the chart). ``layers``: optional whole-layer
+    totals (``roofline.totals``), drawn as hollow squares for context.
     """
     ceilings = ceilings if isinstance(ceilings, (list, tuple)) else [ceilings]
     shown = [op for op in operators if op.flops > 0 and op.bytes > 0]
     skipped = [op.name for op in operators if not (op.flops > 0 and op.bytes > 0)]
-    xs = [op.intensity for op in shown] + [c.rate(dtype) / c.bytes_per_s for c in ceilings]
+    layers = [op for op in layers if op.flops > 0 and op.bytes > 0]
+    xs = ([op.intensity for op in shown] + [op.intensity for op in layers]
+          + [c.rate(dtype) / c.bytes_per_s for c in ceilings])
     grid = np.logspace(np.log10(min(xs)) - 0.7, np.log10(max(xs)) + 0.7, 400)
     for i, c in enumerate(ceilings):
         roof = np.minimum(c.rate(dtype), grid * c.bytes_per_s) / 1e12
@@ -357,6 +360,10 @@ def plot_operator_roofline(ax, operators, ceilings, dtype: str = "float32") -> l
     for k, op in enumerate(shown):
         y = min(best.rate(dtype), op.intensity * best.bytes_per_s) / 1e12
         ax.plot([op.intensity], [y], "o", ms=8, color=f"C{k}", label=f"{op.name}: {op.intensity:.2g} FLOP/B")
+    for k, op in enumerate(layers, start=len(shown)):
+        y = min(best.rate(dtype), op.intensity * best.bytes_per_s) / 1e12
+        ax.plot([op.intensity], [y], "s", ms=9, mfc="none", mew=1.6, color=f"C{k}",
+                label=f"whole layer, {op.name}: {op.intensity:.3g} FLOP/B")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP per byte of device memory)")

@@ -123,12 +123,15 @@ nb.show(nb.markdown_table(rows, floats=".3g")
 # %% [markdown]
 # ## 4. The operators on an H200 roofline
 #
-# Each operator sits at its intensity; its height is the most it could achieve there, the lower
-# of the two roofs. Nothing here is measured: the roofs are leads and the points are counts.
+# Each operator (filled circle) sits at its intensity; its height is the most it could achieve
+# there, the lower of the two roofs. The hollow squares are whole layers: the im2col pipeline,
+# a fused layer with no column matrix, and the dense convolution. Nothing here is measured: the
+# roofs are leads and the points are counts.
 
 # %%
 fig, ax = plt.subplots(figsize=(8, 4.8))
-hidden = nb.plot_operator_roofline(ax, operators, [roofline.H200_LEADS, roofline.H200_DATASHEET])
+hidden = nb.plot_operator_roofline(ax, operators, [roofline.H200_LEADS, roofline.H200_DATASHEET],
+                                   layers=list(layer.values()))
 ax.set_title("deft64 forward, im2col pipeline: operators on the H200 roofline", fontsize=10)
 nb.caption(fig, "Roofs: H200 datasheet leads, not measured here. Points: counted FLOPs and bytes, not timings."
            + (f" Not shown (no FLOPs): {', '.join(hidden)}." if hidden else ""))
