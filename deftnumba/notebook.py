@@ -215,13 +215,14 @@ def recorded_results(directory: str | Path = BENCH_DIR) -> dict:
     Returns ``{"layer": rows, "layer_file": Path | None, "train": rows, "train_file": Path | None}``:
     ``layer`` rows come from the newest CSV of ``python -m deftnumba bench`` (passes fwd, bwd,
     fwdbwd, host), ``train`` rows from the newest training-benchmark CSV (pass ``train``).
-    Simulator smoke files (``smoke_*``) are never read. Empty lists where nothing is recorded.
+    Simulator smoke files (``smoke_*``) and the rows of runs cut short (``*.partial.csv``, which
+    lack the speedup columns) are never read. Empty lists where nothing is recorded.
     """
     from . import bench
 
     found = {"layer": ([], None, ""), "train": ([], None, "")}
     for path in recorded_files("*.csv", directory):
-        if path.name.startswith("smoke_"):
+        if path.name.startswith("smoke_") or path.name.endswith(".partial.csv"):
             continue
         rows = bench.load_results(path)
         rows = [r for r in rows if r.get("mode", bench.GPU_LABEL) != bench.SMOKE_LABEL]

@@ -96,6 +96,8 @@ def test_recorded_results_split_layer_and_training_csvs(tmp_path):
     layer["pass"] = "fwd"
     bench.write_csv([layer], tmp_path)
     (tmp_path / "smoke_x.csv").write_text("mode,pass\nsimulator smoke (not GPU data),fwd\n")
+    (tmp_path / "20990101T000000Z_x.partial.csv").write_text(
+        "mode,device,commit,timestamp,pass,method,status\ngpu,H200,abc,2099-01-01T00:00:00Z,fwd,fused,ok\n")
     (tmp_path / "train-2026.csv").write_text(
         "mode,device,commit,timestamp,pass,method,median_ms,p10_ms,p90_ms,normalized\n"
         "gpu,NVIDIA H200,abc,2026-01-02T00:00:00Z,train,conv,10,9,11,1.0\n")
