@@ -324,7 +324,7 @@ def _fused_terms(geometry, tile: TileConfig, fraction: float, device: DeviceMode
     k = g.taps
     cpg = g.in_channels // g.groups
     opg = g.out_channels // g.groups
-    tiles, gy, _ = tile.grid(g)
+    tiles, gy, _ = tile.blocks(g)
     oc_blocks = gy // g.groups
     blocks = tiles * gy * g.batch
     rows, cols = tile.staged_shape(g)

@@ -178,14 +178,28 @@ def test_tile_config_validation_and_shared_budget():
     assert gpu.shared_bytes(deft64) <= fused_tiled.STATIC_SHARED_LIMIT
 
 
-def test_batches_beyond_the_grid_limit_are_split(monkeypatch, rng):
-    """Images go to gridDim.z (at most 65535): larger batches run in several launches.
-    The limit is lowered to 2 so three images need two launches."""
-    monkeypatch.setattr(fused_tiled, "GRID_YZ_LIMIT", 2)
-    g = CASES["odd-everything"]  # 3 images
+@pytest.mark.parametrize("name, limit, launches", [("odd-everything", 1, 6), ("groups-2", 1, 4)])
+def test_grids_beyond_the_65535_limit_are_split(monkeypatch, name, limit, launches, rng):
+    """Images go to gridDim.z and (group, channel block) to gridDim.y, both at most 65535:
+    bigger layers run in several launches. The limit is lowered here so that tiny layers
+    need several (odd-everything: 3 images x 2 channel blocks; groups-2: 2 images x 2 groups)."""
+    monkeypatch.setattr(fused_tiled, "GRID_YZ_LIMIT", limit)
+    g = CASES[name]
+    config = CONFIGS["1x8-h1"]
+    assert len(list(config.launches(g))) == launches
+    assert all(d <= limit for d in config.grid(g)[1:])
     arrays = layer_arrays(g, rng)
     expected = reference.deform_conv2d(*arrays[:4], **conv_kwargs(g), mask=arrays[4])
-    out = fused(g, arrays, CONFIGS["1x8-h1"])
+    out = fused(g, arrays, config)
     assert np.all(np.isfinite(out)) and rel_error(out, expected) < tolerance(g.dtype)
-    counts = fused_tiled.count_out_of_tile(g, arrays[1], CONFIGS["1x8-h1"])
-    assert counts == tiling.brute_force_counts(g, arrays[1], CONFIGS["1x8-h1"])
+    counts = fused_tiled.count_out_of_tile(g, arrays[1], config)
+    assert counts == tiling.brute_force_counts(g, arrays[1], config)
+
+
+@pytest.mark.parametrize("k, dil", [(5, 1), (7, 1), (9, 2), (11, 1)])
+def test_default_config_fits_static_shared_memory(monkeypatch, k, dil):
+    monkeypatch.setattr(fused_tiled.backend, "IS_SIMULATOR", False)  # the GPU default
+    _, g = case("big-kernel", n=2, c=64, h=64, w=64, c_out=64, kh=k, kw=k, pad=(k // 2 * dil,) * 2,
+                dil=(dil, dil))
+    cfg = fused_tiled.default_config(g)
+    assert cfg.shared_bytes(g) <= fused_tiled.STATIC_SHARED_LIMIT

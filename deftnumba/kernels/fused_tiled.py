@@ -39,7 +39,6 @@ the model in ``tiling`` use the same one)
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,13 +126,28 @@ class TileConfig:
         return (s * (self.chunk * rows * cols + ck * (self.oc_block + 1) + ck * self.pixels)
                 + 4 * 4 * k * self.pixels + s * 4 * k * self.pixels)
 
-    def grid(self, geometry) -> tuple[int, int, int]:
-        """``(tiles, groups * oc_blocks, batch)``."""
+    def blocks(self, geometry) -> tuple[int, int, int]:
+        """All blocks of the layer: ``(tiles, groups * oc_blocks, batch)``."""
         g = geometry
         tiles = -(-g.out_h // self.tile_h) * -(-g.out_w // self.tile_w)
         oc_blocks = -(-(g.out_channels // g.groups) // self.oc_block)
         return tiles, g.groups * oc_blocks, g.batch
 
+    def grid(self, geometry) -> tuple[int, int, int]:
+        """The grid of one launch: ``blocks`` with y and z capped at 65535 (CUDA's limit);
+        ``forward`` launches as many times as the cap needs (see ``launches``)."""
+        tiles, blocks_y, batch = self.blocks(geometry)
+        return tiles, min(blocks_y, GRID_YZ_LIMIT), min(batch, GRID_YZ_LIMIT)
+
+    def launches(self, geometry):
+        """``(first_image, images, first_block_y, blocks_y)`` of every launch, in order."""
+        _, blocks_y, batch = self.blocks(geometry)
+        for first in range(0, batch, GRID_YZ_LIMIT):
+            for y0 in range(0, blocks_y, GRID_YZ_LIMIT):
+                yield first, min(GRID_YZ_LIMIT, batch - first), y0, min(GRID_YZ_LIMIT, blocks_y - y0)
+
+
+GRID_YZ_LIMIT = 65535  # CUDA's limit on gridDim.y and gridDim.z
 
 # A small config for the simulator (32 threads) and a GPU default used when no plan is given.
 SIMULATOR_CONFIG = TileConfig(tile_h=4, tile_w=4, halo=1, chunk=2, oc_block=4, reg_oc=2, reg_px=1)
@@ -144,16 +158,19 @@ STATIC_SHARED_LIMIT = 48 * 1024
 
 
 def default_config(geometry) -> TileConfig:
-    """The config used when ``forward`` gets no plan (``tiling.plan_for`` is the better choice)."""
+    """The config used when ``forward`` gets no plan (``tiling.plan_for`` is the better choice):
+    ``GPU_CONFIG``, shrunk (channel chunk, then output-channel block, then tile) until its
+    static shared memory fits 48 KB; ``SIMULATOR_CONFIG`` in the simulator."""
     if backend.IS_SIMULATOR:
         return SIMULATOR_CONFIG
     cfg = GPU_CONFIG
-    while cfg.shared_bytes(geometry) > STATIC_SHARED_LIMIT and cfg.chunk > 1:
-        cfg = TileConfig(cfg.tile_h, cfg.tile_w, cfg.halo, cfg.chunk // 2, cfg.oc_block, cfg.reg_oc, cfg.reg_px)
-    while cfg.shared_bytes(geometry) > STATIC_SHARED_LIMIT and cfg.tile_h > 1:
-        cfg = TileConfig(max(1, cfg.tile_h // 2), cfg.tile_w, cfg.halo, cfg.chunk, cfg.oc_block,
-                         cfg.reg_oc, math.gcd(cfg.reg_px, max(1, cfg.tile_h // 2) * cfg.tile_w))
-    return cfg
+    for th, tw in ((8, 8), (4, 8), (4, 4), (2, 4), (2, 2), (1, 2), (1, 1)):
+        for ocb, ro in ((64, 8), (32, 4), (16, 2), (8, 1)):
+            for chunk in (4, 2, 1):
+                cfg = TileConfig(th, tw, GPU_CONFIG.halo, chunk, ocb, ro, min(GPU_CONFIG.reg_px, th * tw))
+                if cfg.shared_bytes(geometry) <= STATIC_SHARED_LIMIT:
+                    return cfg
+    return cfg  # a 1x1 tile of 8 channels: ~32*K + 36*K bytes, over 48 KB only for K > ~700 taps
 
 
 # Traffic of one launch (N images, C -> Cout, K = kh*kw taps, P = Ho*Wo, s = itemsize,
@@ -172,14 +189,15 @@ def default_config(geometry) -> TileConfig:
 @functools.cache
 def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, config: TileConfig,
                  use_mask: bool, use_bias: bool, counting: bool = False):
-    """Kernel ``(input, offset, mask, weight, bias, out, conv, counters)``, launched on
-    ``config.grid(geometry)`` blocks of ``config.threads`` threads.
+    """Kernel ``(input, offset, mask, weight, bias, out, conv, counters, block_y0)``, launched
+    on ``config.grid(geometry)`` blocks of ``config.threads`` threads (``config.launches``).
 
     input ``[N, C, H, W]``; offset ``[N, 2*G*K, Ho, Wo]``; mask ``[N, G*K, Ho, Wo]`` (a dummy
     when ``use_mask`` is false); weight ``[Cout, C/groups, kh, kw]``; bias ``[Cout]`` (dummy
     when ``use_bias`` is false); out ``[N, Cout, Ho, Wo]``; conv the int32 tuple of
     ``sampling.conv_tuple``; counters int64 ``[3]``: ``(in_tile, out_of_tile, outside_band)``
-    samples, accumulated only when ``counting`` (see ``OUT_OF_TILE``).
+    samples, accumulated only when ``counting`` (see ``OUT_OF_TILE``); block_y0 (int64) the
+    first (weight group x output-channel block) index of this launch.
     """
     fns = sampling_functions(dtype)
     tap_position = fns.tap_position
@@ -209,7 +227,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
     USE_MASK, USE_BIAS, COUNTING = use_mask, use_bias, counting
 
     @cuda.jit
-    def kernel(input, offset, mask, weight, bias, out, conv, counters):
+    def kernel(input, offset, mask, weight, bias, out, conv, counters, block_y0):
         tid = cuda.threadIdx.x
         n = cuda.blockIdx.z
         channels = input.shape[1]
@@ -222,8 +240,9 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
         groups = channels // cpg
         opg = out_channels // groups  # output channels per weight group
         oc_blocks = (opg + OCB - 1) // OCB
-        g = cuda.blockIdx.y // oc_blocks
-        ob = cuda.blockIdx.y - g * oc_blocks
+        gy = cuda.blockIdx.y + block_y0  # launches split at 65535 blocks in y
+        g = gy // oc_blocks
+        ob = gy - g * oc_blocks
         oc0 = g * opg + ob * OCB
         oc_end = min(oc0 + OCB, (g + 1) * opg)
         cpo = channels // (offset.shape[1] // (2 * K))  # input channels per offset group
@@ -401,28 +420,24 @@ def _config_of(plan, geometry) -> TileConfig:
     return tile if tile is not None else default_config(geometry)
 
 
-GRID_YZ_LIMIT = 65535  # CUDA's limit on gridDim.y and gridDim.z
-
-
 def _launch(geometry, config, input, offset, weight, bias, mask, out, counters, counting):
-    """One launch per run of at most 65535 images (gridDim.z), on the current stream."""
+    """Launch ``config.launches(geometry)`` on the current stream: images past 65535 go to
+    further launches on batch slices, (group x channel-block) indices past 65535 through
+    ``block_y0``."""
     g = geometry
     xp = backend.array_module(input)
     dummy = xp.zeros((1, 1, 1, 1), dtype=input.dtype)
     kernel = fused_kernel(g.dtype, g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.dil_h, g.dil_w,
                           config, mask is not None, bias is not None, counting)
-    tiles, blocks_y, _ = config.grid(g)
-    if blocks_y > GRID_YZ_LIMIT:
-        raise ValueError(f"groups * ceil(Cout/groups / oc_block) = {blocks_y} exceeds the grid's "
-                         f"y limit {GRID_YZ_LIMIT}; use a larger oc_block")
+    tiles = config.blocks(g)[0]
     conv = conv_tuple(g)
     bias_arg = bias if bias is not None else dummy.reshape(1)
-    for first in range(0, g.batch, GRID_YZ_LIMIT):
-        last = min(g.batch, first + GRID_YZ_LIMIT)
+    for first, images, y0, blocks_y in config.launches(g):
+        last = first + images
         mask_arg = mask[first:last] if mask is not None else dummy
-        backend.launch(kernel, (tiles, blocks_y, last - first), config.threads,
+        backend.launch(kernel, (tiles, blocks_y, images), config.threads,
                        input[first:last], offset[first:last], mask_arg, weight, bias_arg,
-                       out[first:last], conv, counters)
+                       out[first:last], conv, counters, np.int64(y0))
 
 
 def forward(geometry, input, offset, weight, bias, mask, out, stopwatch=backend.NO_STOPWATCH, plan=None):
@@ -474,7 +489,7 @@ def ptx_cases():
         t = getattr(types, dtype)
         a4, a1 = types.Array(t, 4, "A"), types.Array(t, 1, "A")
         conv = types.UniTuple(types.int32, 8)
-        sig = (a4, a4, a4, a4, a1, a4, conv, types.Array(types.int64, 1, "A"))
+        sig = (a4, a4, a4, a4, a1, a4, conv, types.Array(types.int64, 1, "A"), types.int64)
         for cfg in configs[dtype]:
             tag = f"{cfg.tile_h}x{cfg.tile_w}h{cfg.halo}c{cfg.chunk}o{cfg.oc_block}r{cfg.reg_oc}x{cfg.reg_px}"
             yield f"fused[3x3,{tag}]", dtype, fused_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, True), sig
