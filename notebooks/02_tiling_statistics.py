@@ -57,7 +57,7 @@ nb.show(MODE.banner())
 # whether neighbouring pixels move together, which is what makes a *shared* tile useful.
 
 # %%
-fields = {f"RMS 1 px, corr {c:g} px": offsets.smooth_field(4, 9, 16, 16, magnitude=1.0, correlation=c, seed=0)
+fields = {f"RMS 1 px, corr. length {c:g} px": offsets.smooth_field(4, 9, 16, 16, magnitude=1.0, correlation=c, seed=0)
           for c in (0, 2, 4)}
 fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
 for ax, (label, field) in zip(axes, fields.items()):
@@ -108,7 +108,9 @@ fig.tight_layout()
 # neighbouring pixels move together (correlation near 0.8-0.9, like a synthetic field with a
 # correlation length of a few pixels). The first layer's histogram is more peaked at zero than a
 # Gaussian of the same RMS: many taps barely move, others move a pixel or two. The second layer,
-# at half the resolution, moves its taps about twice as far (in its own pixels). One thing the pooled histogram hides: each
+# at half the resolution, moves its taps about twice as far (in its own pixels). The arrow map
+# shows where the network spends its offsets: they are longest (darkest) on the strokes of the
+# digit and short on the empty background. One thing the pooled histogram hides: each
 # *tap* has its own mean. The table below shows that the network pushes the top row of taps up
 # and the bottom row down (the receptive field *grows*), which matters for the next section.
 
