@@ -64,14 +64,16 @@ nb.show(f"Forward methods in this build: {', '.join(f'`{m}`' for m in dn.METHODS
 # bias, offsets of about 1.5 pixels. On a GPU this runs on the GPU; here it runs in the simulator.
 
 # %%
+recorded = nb.recorded_results()
 checks = nb.check_methods(seed=0)
 nb.show(nb.markdown_table([{**r, "ok": "PASS" if r["ok"] else "FAIL"} for r in checks],
                           ["pass", "method", "rel_error", "tolerance", "worst_gradient", "ok"], floats=".1e"))
 failed = [f"{r['pass']} {r['method']}" for r in checks if not r["ok"]]
 assert not failed, f"methods disagree with the reference: {failed}"
 nb.show(f"**All {len(checks)} checks pass** on {MODE.device}."
-        + ("" if MODE.live else " These are correctness checks only: simulator times mean nothing for a GPU, "
-           "and **no GPU data is recorded yet** for the measurements below."))
+        + ("" if MODE.live else " These are correctness checks only: simulator times mean nothing for a GPU.")
+        + ("" if MODE.live or recorded["layer"] or recorded["train"] else
+           " **No GPU data is recorded yet** for the measurements below."))
 
 # %% [markdown]
 # ## 2. Layer speedups
@@ -82,7 +84,6 @@ nb.show(f"**All {len(checks)} checks pass** on {MODE.device}."
 # bars span the method's p10 to p90.
 
 # %%
-recorded = nb.recorded_results()
 rows = recorded["layer"]
 if not rows and MODE.live:
     nb.show("No recorded results: timing `deft64` live now (fwd and fwd+bwd; a full run is "
