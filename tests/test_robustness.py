@@ -180,19 +180,12 @@ def test_extreme_offsets_mixed_gradients_match_reference(method, deterministic, 
 
 
 # --------------------------------------------------------------------------- 2. NaN / inf in input and mask
-def footprints(g: Geometry, offset):
-    """Per (n, offset group, tap, oy, ox): the clamped 2x2 corner rows/cols a sample may read,
-    and the bilinear weight of every input pixel (float64, from the reference's rule)."""
-    y, x = reference.sampling_positions(offset, (g.kernel_h, g.kernel_w), (g.stride_h, g.stride_w),
-                                        (g.pad_h, g.pad_w), (g.dil_h, g.dil_w))
-    return y, x
-
-
 def pixel_reach(g: Geometry, offset, n, group, r, s):
     """``(may, must)`` boolean maps over output pixels ``[Ho, Wo]`` of image ``n`` for input
     pixel ``(r, s)`` of offset group ``group``: ``may`` = some tap's clamped 2x2 footprint
     contains it (a method may read it), ``must`` = some tap gives it a non-zero weight."""
-    y, x = footprints(g, offset)
+    y, x = reference.sampling_positions(offset, (g.kernel_h, g.kernel_w), (g.stride_h, g.stride_w),
+                                        (g.pad_h, g.pad_w), (g.dil_h, g.dil_w))
     y, x = y[n, group], x[n, group]  # [K, Ho, Wo]
     with np.errstate(invalid="ignore"):
         inside = (y > -1) & (y < g.height) & (x > -1) & (x < g.width)
