@@ -222,8 +222,8 @@ nb.show(f"Numbers, learned offsets: with 4x4 tiles and no halo, **{100 * brute[i
 #   3x to 30x, while doubling the tile side cuts it only 2-3x: a tile's interior pixels rarely
 #   leave it, only its border does, and the border's share shrinks slowly as the tile grows.
 # * On the synthetic field, whose taps are independent and zero-mean, the model sits on the
-#   counts. On the learned offsets it **underestimates** them, by about 1.5x without a halo and
-#   2-3x with one. The model pools every tap into one distribution, but the learned layer moves its
+#   counts. On the learned offsets it **underestimates** them (the numbers above: the gap widens
+#   once a halo is added). The model pools every tap into one distribution, but the learned layer moves its
 #   top-row taps up and its bottom-row taps down (the tap table above). The outer taps sit nearest
 #   the edge of the staged region and move outward. A per-tap model would close that gap.
 
@@ -273,18 +273,34 @@ nb.show(nb.markdown_table(plan_rows, floats=".3g")
         + f"\n\nFor comparison the same model predicts **{im2col_ms:.3f} ms** for `im2col` on this layer "
         "(cost-model predictions on H200 datasheet leads, not measurements).")
 
+# %%
+synthetic_plans = plan_rows[1:]
+compute = [r["compute us"] for r in ranked[:6]]
+memory = [r["memory us"] for r in ranked[:6]]
+predicted = [r["predicted us"] for r in ranked[:6]]
+bound = "compute" if min(compute) > max(memory) else "memory" if max(compute) < min(memory) else "neither clearly"
+nb.show(
+    "Numbers: as the synthetic offsets grow from "
+    + " to ".join(r["offsets"].removeprefix("synthetic RMS ") for r in synthetic_plans)
+    + ", the planned halo goes " + " -> ".join(str(r["halo"]) for r in synthetic_plans)
+    + ", shared memory " + " -> ".join(f"{r['shared KiB']:.1f}" for r in synthetic_plans) + " KiB, and the "
+    + "out-of-tile fraction it accepts " + " -> ".join(f"{r['out-of-tile %']:.2g}%" for r in synthetic_plans)
+    + f". For the learned offsets: a {plan_rows[0]['tile']} tile with halo {plan_rows[0]['halo']}, "
+    f"{plan_rows[0]['out-of-tile %']:.2g}% out-of-tile. Among the top tiles the model's compute term is "
+    f"{min(compute):.0f}-{max(compute):.0f} us against {min(memory):.0f}-{max(memory):.0f} us of memory "
+    f"(**{bound}-bound**), and their predicted times differ by {100 * (max(predicted) / min(predicted) - 1):.1f}%.")
+
 # %% [markdown]
 # **Reading.** Two things stand out.
 #
-# * As the offsets grow, the planner buys a **wider halo** first (a few more rows of shared
-#   memory: 24.5 -> 26.6 KiB) and lets the out-of-tile fraction rise only when more halo would
-#   cost more than the scattered reads it saves: a halo of 1 for 0.5-pixel offsets, 2 for the
-#   learned ones (under 0.5% out-of-tile), 4 for 4-pixel offsets (about 17% out-of-tile).
-# * On this layer the model says the fused kernel is **compute-bound**: about 83 us of FMA
-#   work against 18-28 us of memory traffic for every top tile, so the predicted times differ by
-#   about 1%. The tile choice matters through the memory side: it keeps that side hidden
-#   under the compute. Whether it stays hidden on a real H200 (the out-of-tile reads are
-#   latency, not just bytes) is a question for a measurement, below.
+# * As the offsets grow, the planner **widens the halo**, which costs a few rows of shared memory,
+#   and lets the out-of-tile fraction rise only when more halo would cost more than the
+#   scattered reads it saves.
+# * On this layer the model says the fused kernel is **compute-bound**: the FMA work outweighs the
+#   memory traffic for every top tile, so their predicted times differ by about a percent. The
+#   tile choice works on the memory side: it keeps that side hidden under the compute. Whether it
+#   stays hidden on a real H200 is a question for a measurement (below): the out-of-tile reads cost
+#   latency as well as bytes.
 #
 # ### What the pick buys, measured
 #
