@@ -5,8 +5,14 @@ On a machine without a GPU the backend is Numba's CUDA simulator. Set
 """
 
 import os
+import secrets
+import zlib
 
 os.environ.setdefault("DEFTNUMBA_QUIET", "1")
+# One random seed per test session, inherited by pytest-xdist workers through the
+# environment; DEFTNUMBA_TEST_SEED=<n> replays a session's data exactly.
+os.environ.setdefault("DEFTNUMBA_TEST_SEED", str(secrets.randbelow(2**31)))
+SESSION_SEED = int(os.environ["DEFTNUMBA_TEST_SEED"])
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -14,8 +20,12 @@ import pytest  # noqa: E402
 import deftnumba  # noqa: E402,F401  (selects the backend before anything imports numba.cuda)
 
 
+def pytest_report_header(config):
+    return f"deftnumba: backend={deftnumba.backend.NAME}; test data seed DEFTNUMBA_TEST_SEED={SESSION_SEED}"
+
+
 @pytest.fixture
 def rng(request):
-    """A fresh generator per test, seeded from the test's name so failures replay."""
-    seed = abs(hash(request.node.nodeid)) % (2**32)
-    return np.random.default_rng(seed)
+    """Fresh random data for every test and every session; replayable from the seed
+    in the pytest header (``DEFTNUMBA_TEST_SEED``) plus the test's id."""
+    return np.random.default_rng([SESSION_SEED, zlib.crc32(request.node.nodeid.encode())])
