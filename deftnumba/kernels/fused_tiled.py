@@ -316,6 +316,12 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                                 n_out += 1
                         else:
                             n_band += 1
+                            if USE_MASK:  # value 0 times the mask, as torchvision: NaN stays NaN
+                                m = mask[n, og * K + k, oy, ox]
+                                w00 = ZERO * m
+                                w01 = w00
+                                w10 = w00
+                                w11 = w00
                     s_idx[0, e] = r0
                     s_idx[1, e] = r1
                     s_idx[2, e] = q0
