@@ -39,10 +39,14 @@ def _ptx(args) -> int:
     if args.json:
         print(json.dumps([r.__dict__ for r in reports]))
         return 0
-    print(f"{'kernel':<44} {'dtype':<8} {'PTX lines':>9} {'f64 ops':>8} {'local mem':>9}")
+    print(f"{'kernel':<44} {'dtype':<8} {'PTX lines':>9} {'f64 ops':>8} {'local mem':>9} "
+          f"{'regs':>5} {'spill B':>8} {'smem B':>7}")
     bad = 0
     for r in reports:
-        print(f"{r.kernel:<44} {r.dtype:<8} {r.lines:>9} {r.f64_instructions:>8} {str(r.uses_local_memory):>9}")
+        print(f"{r.kernel:<44} {r.dtype:<8} {r.lines:>9} {r.f64_instructions:>8} {str(r.uses_local_memory):>9} "
+              f"{r.registers if r.registers is not None else '?':>5} "
+              f"{r.spill_bytes if r.spill_bytes is not None else '?':>8} "
+              f"{r.shared_bytes if r.shared_bytes is not None else '?':>7}")
         bad += r.dtype == "float32" and r.f64_instructions > 0
     print(f"{len(reports)} kernels compiled for sm_90; float32 kernels with float64 instructions: {bad}")
     return 1 if bad else 0

@@ -36,3 +36,19 @@ def test_float32_kernels_have_no_float64_instructions(reports):
     offenders = {r["kernel"]: r["f64_examples"] for r in reports
                  if r["dtype"] == "float32" and r["f64_instructions"]}
     assert not offenders
+
+
+def test_no_kernel_spills_registers(reports):
+    """ptxas (through nvJitLink) reports no spill stores or loads for any kernel."""
+    if any(r["spill_bytes"] is None for r in reports):
+        pytest.skip("nvJitLink not installed: no ptxas resource report")
+    spilling = {f'{r["kernel"]} {r["dtype"]}': r["spill_bytes"] for r in reports if r["spill_bytes"]}
+    assert not spilling
+    assert all(0 < r["registers"] <= 255 for r in reports)
+
+
+def test_static_shared_memory_fits_the_48kb_limit(reports):
+    """Declared static shared memory <= 48 KB; ptxas adds sm_90's 1 KB system reserve."""
+    if any(r["shared_bytes"] is None for r in reports):
+        pytest.skip("nvJitLink not installed: no ptxas resource report")
+    assert all(r["shared_bytes"] <= 48 * 1024 + 1024 for r in reports)
