@@ -68,7 +68,12 @@ def mode() -> Mode:
 
 @functools.cache
 def git_commit(short: bool = True) -> str | None:
-    """The commit of the working tree the notebook runs from, or ``None`` outside git."""
+    """The commit of the working tree the notebook runs from: ``DEFTNUMBA_COMMIT`` if set (a
+    copy of the repo without ``.git``, as on a borrowed GPU machine), else git's; ``None``
+    when neither is available."""
+    explicit = os.environ.get("DEFTNUMBA_COMMIT", "").strip()
+    if explicit:
+        return explicit[:7] if short else explicit
     command = ["git", "rev-parse"] + (["--short"] if short else []) + ["HEAD"]
     try:
         out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=10)

@@ -142,3 +142,13 @@ def test_time_tiles_runs_the_planned_and_other_tiles():
     names = list(got)
     assert names[0].startswith("planned: ") and names[-1] == "im2col (no tiles)"
     assert all(r["median_ms"] > 0 for r in got.values())
+
+
+def test_commit_can_be_given_by_environment(monkeypatch):
+    notebook.git_commit.cache_clear()
+    monkeypatch.setenv("DEFTNUMBA_COMMIT", "0123456789abcdef")
+    try:
+        assert notebook.git_commit() == "0123456" and notebook.git_commit(short=False) == "0123456789abcdef"
+        assert notebook.live_caption().endswith("commit 0123456")
+    finally:
+        notebook.git_commit.cache_clear()
