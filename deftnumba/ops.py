@@ -8,13 +8,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from . import backend
-from .arguments import check_forward
-from .arguments import check_backward
+from . import backend, tiling
+from .arguments import check_backward, check_forward
 from .kernels import backward as _backward
-from .kernels import fused_columns, im2col
-from .kernels import fused_tiled
-from . import tiling
+from .kernels import fused_columns, fused_tiled, im2col
 
 # Forward methods by name. Each takes
 # (geometry, input, offset, weight, bias, mask, out, stopwatch) and fills ``out``.
@@ -26,12 +23,17 @@ _FORWARD = {
 METHODS: tuple[str, ...] = tuple(_FORWARD)
 
 
-def _pick_method(method: str, geometry, plan=None) -> str:
-    if method == "auto":  # the plan's method: given, or the cost model's (tiling.plan_for)
-        return (plan if plan is not None else tiling.plan_for(geometry)).method
-    if method not in _FORWARD:
+def _pick_method(method: str, geometry, plan=None):
+    """``(method name, plan)``. ``"auto"`` runs the plan's method (the given plan, or the
+    cost model's: ``tiling.plan_for``); ``"fused"`` needs a plan with a tile."""
+    if method == "auto":
+        plan = plan if plan is not None else tiling.plan_for(geometry)
+        method = plan.method
+    elif method not in _FORWARD:
         raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
-    return method
+    if method == "fused" and (plan is None or plan.tile is None):
+        plan = tiling.plan_for(geometry, methods=("fused",))
+    return method, plan
 
 
 def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None,
@@ -59,15 +61,12 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     Returns ``[N, Cout, Ho, Wo]``.
     """
     geometry = check_forward(input, offset, weight, bias, stride, padding, dilation, mask)
-    name = _pick_method(method, geometry, plan)
+    name, plan = _pick_method(method, geometry, plan)
     host_result = not backend.is_cupy_array(input)
     arrays = [backend.to_device(a) if a is not None else None for a in (input, offset, weight, bias, mask)]
     xp = backend.array_module(arrays[0])
     out = xp.empty(geometry.shapes["output"], dtype=arrays[0].dtype)
-    extra = {}
-    if name == "fused":
-        extra["plan"] = (plan if plan is not None and plan.tile is not None
-                         else tiling.plan_for(geometry, methods=("fused",)))
+    extra = {"plan": plan} if name == "fused" else {}
     _FORWARD[name](geometry, *arrays, out, stopwatch or backend.NO_STOPWATCH, **extra)
     return backend.to_host(out) if host_result and not backend.IS_SIMULATOR else out
 
