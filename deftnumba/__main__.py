@@ -20,11 +20,15 @@ def _info(args) -> int:
 
 
 def _demo(args) -> int:
-    from . import backend, demo
+    from . import METHODS, demo
 
-    result = demo.run(method=args.method, seed=args.seed)
-    print(demo.format_result(result))
-    return 0 if result["passed"] else 1
+    methods = list(METHODS) if args.method == "all" else [args.method]
+    passed = True
+    for i, method in enumerate(methods):
+        result = demo.run(method=method, seed=args.seed)
+        print(("\n" if i else "") + demo.format_result(result))
+        passed &= result["passed"]
+    return 0 if passed else 1
 
 
 def _ptx(args) -> int:
@@ -67,7 +71,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="verb", required=True)
     sub.add_parser("info", help="backend, device, versions, CUDA capability").set_defaults(run=_info)
     demo = sub.add_parser("demo", help="run one DCN layer, check it, time each operator")
-    demo.add_argument("--method", default="auto")
+    demo.add_argument("--method", default="all",
+                      help="'all' (default: every method, one after another), 'auto', or one method")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
     ptx = sub.add_parser("ptx", help="compile every kernel to PTX (no GPU needed) and audit it")

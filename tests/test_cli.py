@@ -26,3 +26,13 @@ def test_demo_checks_against_reference_and_times_each_operator():
         assert operator in proc.stdout
     if "simulator" in proc.stdout:
         assert "not GPU performance" in proc.stdout
+
+
+def test_demo_runs_every_method_by_default():
+    import deftnumba as dn
+
+    proc = _cli("demo")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("PASS") == len(dn.METHODS)
+    for method in dn.METHODS:
+        assert f"method={method}" in proc.stdout
