@@ -90,8 +90,8 @@ def test_kernel_indices_come_from_64_bit_grid_stride_loops():
 
 # Every 32-bit cast inside the kernel modules, audited. Key: (file, source text of the cast).
 AUDITED_INT32 = {
-    ("sampling.py", "np.int32(fy)"): "inside the band -1 < y < H, so |floor(y)| <= H < 2**31 (check_limits)",
-    ("sampling.py", "np.int32(fx)"): "inside the band -1 < x < W, so |floor(x)| <= W < 2**31",
+    ("sampling.py", "np.int32(f)"): "bilinear_axis runs only inside the band -1 < v < size (in_band), "
+                                    "so |floor(v)| <= max(H, W) < 2**31 (check_limits)",
     ("sampling.py", "np.int32(v)"): "stride/padding/dilation/kernel size < 2**31 (check_limits)",
     ("backward.py", "np.int32(g.height)"): "H < 2**31; products with it are int64 in numba",
     ("backward.py", "np.int32(g.width)"): "W < 2**31; products with it are int64 in numba",

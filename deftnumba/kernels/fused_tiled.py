@@ -201,10 +201,10 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
     """
     fns = sampling_functions(dtype)
     tap_position = fns.tap_position
+    in_band = fns.in_band
     bilinear_corners = fns.bilinear_corners
     T = fns.T
     ZERO = fns.ZERO
-    MINUS_ONE = T(-1)
     DT = T  # shared/local array element type
 
     TH, TW, HALO = config.tile_h, config.tile_w, config.halo
@@ -252,8 +252,6 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
         ox0 = (cuda.blockIdx.x - ty * tiles_x) * TW
         iy0 = oy0 * SH_ - conv[2] - HALO  # first staged input row
         ix0 = ox0 * SW_ - conv[3] - HALO  # first staged input column
-        fheight = T(height)
-        fwidth = T(width)
 
         s_in = cuda.shared.array((CC, SHR, SWR), dtype=DT)
         s_w = cuda.shared.array((CK, OCP), dtype=DT)
@@ -298,7 +296,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                     w11 = ZERO
                     if oy < out_h and ox < out_w:
                         y, x = tap_position(offset, n, og, k, oy, ox, conv)
-                        if y > MINUS_ONE and y < fheight and x > MINUS_ONE and x < fwidth:
+                        if in_band(y, x, height, width):
                             y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
                             if USE_MASK:
                                 m = mask[n, og * K + k, oy, ox]

@@ -57,6 +57,30 @@ def sampling_functions(dtype) -> SimpleNamespace:
         return y, x
 
     @cuda.jit(device=True, inline=True)
+    def in_band(y, x, height, width):
+        """True where torchvision samples at all: ``-1 < y < H`` and ``-1 < x < W``.
+        False for NaN and +-inf, so no non-finite position is ever floored."""
+        return y > MINUS_ONE and y < T(height) and x > MINUS_ONE and x < T(width)
+
+    @cuda.jit(device=True, inline=True)
+    def bilinear_axis(v, size):
+        """One axis of the bilinear rule at ``v`` (inside the band ``-1 < v < size``).
+
+        Returns ``(lo, hi, w_lo, w_hi, dw_lo, dw_hi)``: the two neighbouring indices
+        clamped into ``[0, size-1]``, their weights ``1 - frac(v)`` and ``frac(v)``,
+        and the weights' derivatives ``-1`` and ``+1``; a weight and its derivative
+        are zero where the index lies outside the image.
+        """
+        f = math.floor(v)
+        frac = v - T(f)
+        lo = np.int32(f)
+        lo_inside = lo >= 0
+        hi_inside = lo + 1 < size
+        return (max(lo, 0), min(lo + 1, size - 1),
+                ONE - frac if lo_inside else ZERO, frac if hi_inside else ZERO,
+                MINUS_ONE if lo_inside else ZERO, ONE if hi_inside else ZERO)
+
+    @cuda.jit(device=True, inline=True)
     def bilinear_corners(y, x, height, width):
         """``(y0, y1, x0, x1, w00, w01, w10, w11)`` for sampling at ``(y, x)``.
 
@@ -64,20 +88,11 @@ def sampling_functions(dtype) -> SimpleNamespace:
         image, or a sample outside the band ``-1 < y < H, -1 < x < W``, gets
         weight zero. ``value = w00*I[y0,x0] + w01*I[y0,x1] + w10*I[y1,x0] + w11*I[y1,x1]``.
         """
-        if not (y > MINUS_ONE and y < T(height) and x > MINUS_ONE and x < T(width)):
+        if not in_band(y, x, height, width):
             return 0, 0, 0, 0, ZERO, ZERO, ZERO, ZERO
-        fy = math.floor(y)
-        fx = math.floor(x)
-        ly = y - T(fy)
-        lx = x - T(fx)
-        y0 = np.int32(fy)
-        x0 = np.int32(fx)
-        wy0 = ONE - ly if y0 >= 0 else ZERO
-        wx0 = ONE - lx if x0 >= 0 else ZERO
-        wy1 = ly if y0 + 1 < height else ZERO
-        wx1 = lx if x0 + 1 < width else ZERO
-        return (max(y0, 0), min(y0 + 1, height - 1), max(x0, 0), min(x0 + 1, width - 1),
-                wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1)
+        y0, y1, wy0, wy1, _, _ = bilinear_axis(y, height)
+        x0, x1, wx0, wx1, _, _ = bilinear_axis(x, width)
+        return y0, y1, x0, x1, wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1
 
     @cuda.jit(device=True, inline=True)
     def bilinear_sample(image, n, c, y, x):
@@ -99,28 +114,12 @@ def sampling_functions(dtype) -> SimpleNamespace:
         sample outside the band ``-1 < y < H, -1 < x < W`` (torchvision's rule:
         no value, no offset gradient). So ``d value / dy = sum gyab * I[ya, xb]``.
         """
-        if not (y > MINUS_ONE and y < T(height) and x > MINUS_ONE and x < T(width)):
+        if not in_band(y, x, height, width):
             return (0, 0, 0, 0, ZERO, ZERO, ZERO, ZERO,
                     ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO)
-        fy = math.floor(y)
-        fx = math.floor(x)
-        ly = y - T(fy)
-        lx = x - T(fx)
-        y0 = np.int32(fy)
-        x0 = np.int32(fx)
-        row0 = y0 >= 0
-        row1 = y0 + 1 < height
-        col0 = x0 >= 0
-        col1 = x0 + 1 < width
-        wy0 = ONE - ly if row0 else ZERO
-        wy1 = ly if row1 else ZERO
-        wx0 = ONE - lx if col0 else ZERO
-        wx1 = lx if col1 else ZERO
-        sy0 = MINUS_ONE if row0 else ZERO
-        sy1 = ONE if row1 else ZERO
-        sx0 = MINUS_ONE if col0 else ZERO
-        sx1 = ONE if col1 else ZERO
-        return (max(y0, 0), min(y0 + 1, height - 1), max(x0, 0), min(x0 + 1, width - 1),
+        y0, y1, wy0, wy1, sy0, sy1 = bilinear_axis(y, height)
+        x0, x1, wx0, wx1, sx0, sx1 = bilinear_axis(x, width)
+        return (y0, y1, x0, x1,
                 wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1,
                 sy0 * wx0, sy0 * wx1, sy1 * wx0, sy1 * wx1,
                 wy0 * sx0, wy0 * sx1, wy1 * sx0, wy1 * sx1)
@@ -128,6 +127,7 @@ def sampling_functions(dtype) -> SimpleNamespace:
     return SimpleNamespace(
         T=T, ZERO=ZERO, ONE=ONE,
         tap_position=tap_position,
+        in_band=in_band,
         bilinear_corners=bilinear_corners,
         bilinear_sample=bilinear_sample,
         bilinear_corner_gradients=bilinear_corner_gradients,
