@@ -223,7 +223,10 @@ def test_all_samples_far_outside(mode, rng):
     grads = run("auto", go, x, offset, weight, bias, mask, g, deterministic=MODES[mode])
     for field in ("input", "offset", "weight", "mask"):
         np.testing.assert_array_equal(getattr(grads, field), 0.0, err_msg=field)
-    np.testing.assert_allclose(grads.bias, go.astype(np.float64).sum(axis=(0, 2, 3)), rtol=1e-5)
+    # float32 sums of random signs can land near zero: bound the error by the magnitudes summed
+    # (a bare rtol failed for ~2.5% of seeds).
+    np.testing.assert_allclose(grads.bias, go.astype(np.float64).sum(axis=(0, 2, 3)), rtol=0,
+                               atol=1e-6 * float(np.abs(go).astype(np.float64).sum(axis=(0, 2, 3)).max()))
 
 
 @pytest.mark.parametrize("mode", list(MODES))
