@@ -21,6 +21,7 @@ import contextvars
 import ctypes
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -84,6 +85,43 @@ if IS_SIMULATOR != (getattr(cuda, "simulator_init", None) is not None):
         f"deftnumba chose the {NAME} backend ({REASON}), but numba.cuda was already imported "
         f"in {_actual} mode. Import deftnumba before numba.cuda, or set {ENV_VAR}."
     )
+
+# --------------------------------------------------------------------------- simulator fix
+# numba-cuda's simulator (0.30) gives each block one dict of shared arrays keyed by the
+# source line of ``cuda.shared.array``, filled check-then-insert without a lock. Two
+# threads of a block that reach the line together can each create an array: the block
+# then runs on two different "shared" arrays and readers see the other copy's garbage.
+# (Seen here: a tiled kernel with correct barriers gave wrong values about 1 run in 20.)
+# The replacement below is the same factory under a lock; ``bounds_checked`` swaps only
+# how a new array is filled.
+_SHARED_LOCK = threading.Lock()
+_new_shared = np.empty  # how a new simulated shared array is made (bounds_checked poisons it)
+
+
+def _install_thread_safe_shared_arrays() -> None:
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    dynamic = kernelapi.FakeCUDAShared.array
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory, or unsupported
+            return dynamic(self, shape, dtype, alignment)
+        if not isinstance(dtype, (np.dtype, type)):
+            dtype = numpy_support.as_dtype(dtype)
+        frame = sys._getframe(1)  # the kernel line that asked: the simulator's key
+        caller = (frame.f_code.co_filename, frame.f_lineno)
+        with _SHARED_LOCK:
+            found = self._allocations.get(caller)
+            if found is None:
+                found = self._allocations[caller] = _new_shared(shape, dtype)
+        return found
+
+    kernelapi.FakeCUDAShared.array = array
+
+
+if IS_SIMULATOR:
+    _install_thread_safe_shared_arrays()
 
 if os.environ.get("DEFTNUMBA_QUIET", "0") in ("", "0"):
     print(f"deftnumba: backend={NAME} ({REASON})", file=sys.stderr)
@@ -319,14 +357,12 @@ def bounds_checked():
     """
     if not IS_SIMULATOR:
         raise RuntimeError("bounds_checked() needs the simulator backend; use compute-sanitizer on a GPU")
-    import traceback
-
     from numba.cuda.simulator import kernelapi
     from numba.cuda.simulator.cudadrv import devicearray
 
+    global _new_shared
     within = devicearray.FakeWithinKernelCUDAArray
-    saved = (within.__getitem__, within.__setitem__, kernelapi.FakeCUDAShared.array,
-             kernelapi.FakeCUDALocal.array)
+    saved = (within.__getitem__, within.__setitem__, _new_shared, kernelapi.FakeCUDALocal.array)
     get_item, set_item = saved[0], saved[1]
 
     def checked_get(self, index):
@@ -339,19 +375,6 @@ def bounds_checked():
             _check_index(self._item.shape, index)
         set_item(self, index, value)
 
-    def shared_array(self, shape, dtype, alignment=None):
-        if shape == 0 or alignment is not None:  # dynamic shared memory: unchanged
-            return saved[2](self, shape, dtype, alignment)
-        if not isinstance(dtype, np.dtype) and not isinstance(dtype, type):
-            from numba.np import numpy_support
-            dtype = numpy_support.as_dtype(dtype)
-        # keyed by the caller's source line, as the simulator does
-        caller = tuple(traceback.extract_stack(sys._getframe(1), limit=1)[-1][0:2])
-        res = self._allocations.get(caller)
-        if res is None:
-            res = self._allocations[caller] = _poisoned(shape, dtype)
-        return res
-
     def local_array(self, shape, dtype, alignment=None):
         if alignment is not None:
             return saved[3](self, shape, dtype, alignment)
@@ -361,9 +384,8 @@ def bounds_checked():
         return _poisoned(shape, dtype)
 
     within.__getitem__, within.__setitem__ = checked_get, checked_set
-    kernelapi.FakeCUDAShared.array, kernelapi.FakeCUDALocal.array = shared_array, local_array
+    _new_shared, kernelapi.FakeCUDALocal.array = _poisoned, local_array
     try:
         yield
     finally:
-        (within.__getitem__, within.__setitem__, kernelapi.FakeCUDAShared.array,
-         kernelapi.FakeCUDALocal.array) = saved
+        within.__getitem__, within.__setitem__, _new_shared, kernelapi.FakeCUDALocal.array = saved

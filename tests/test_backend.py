@@ -63,3 +63,41 @@ def test_stopwatch_labels_its_clock():
         np.ones(1000).sum()
     assert list(sw.milliseconds()) == ["work"]
     assert ("simulator" in sw.unit) == backend.IS_SIMULATOR
+
+
+@pytest.mark.skipif(not backend.IS_SIMULATOR, reason="the simulator's shared-array factory")
+def test_simulated_shared_array_is_one_array_per_block_under_contention():
+    """Threads of one block that reach ``cuda.shared.array`` together must share one array.
+
+    numba-cuda's simulator (0.30) allocates check-then-insert without a lock; under this
+    harness its factory handed out two arrays in about 27% of rounds (measured here
+    2026-11-22), which made a correct tiled kernel read garbage about 1 run in 20.
+    ``backend`` installs a locked factory; this test fails if that fix is lost.
+    """
+    import sys
+    import threading
+
+    from numba.cuda.simulator import kernelapi
+
+    threads, rounds, split = 32, 30, 0
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # preempt often, so the race window is actually hit
+    try:
+        for _ in range(rounds):
+            shared = kernelapi.FakeCUDAShared(0)
+            got = [None] * threads
+            gate = threading.Barrier(threads)
+
+            def body(i):
+                gate.wait()
+                got[i] = shared.array((16,), np.float32)  # one source line: one shared array
+
+            workers = [threading.Thread(target=body, args=(i,)) for i in range(threads)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            split += len({id(a) for a in got}) > 1
+    finally:
+        sys.setswitchinterval(old)
+    assert split == 0, f"{split}/{rounds} rounds gave one block several 'shared' arrays"
