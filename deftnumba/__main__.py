@@ -12,7 +12,7 @@ import numpy as np
 
 
 def _info(args) -> int:
-    from . import backend
+    from .runtime import backend
 
     for key, value in backend.device_info().items():
         print(f"{key:>20}: {value}")
@@ -20,7 +20,8 @@ def _info(args) -> int:
 
 
 def _demo(args) -> int:
-    from . import METHODS, demo
+    from . import METHODS
+    from .dcn import demo
 
     methods = list(METHODS) if args.method == "all" else [args.method]
     passed = True
@@ -37,7 +38,7 @@ def _ptx(args) -> int:
         env = dict(os.environ, DEFTNUMBA_BACKEND="cuda", DEFTNUMBA_QUIET="1")
         env.pop("NUMBA_ENABLE_CUDASIM", None)
         return subprocess.call([sys.executable, "-m", "deftnumba", "ptx"] + (["--json"] if args.json else []), env=env)
-    from . import ptx
+    from .perf import audit as ptx
 
     reports = ptx.audit()
     if args.json:
@@ -58,10 +59,10 @@ def _ptx(args) -> int:
 
 def _bench(args) -> int:
     if getattr(args, "training", False):
-        from . import training
+        from .dcn import training
 
         return training.main(args)
-    from . import bench
+    from .bench import harness as bench
 
     return bench.main(args)
 
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
                                          "(a simulator smoke run without a GPU)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its options live in deftnumba.bench (importing it picks the backend)
-        from .bench import add_arguments
+        from .bench.harness import add_arguments
 
         add_arguments(bench)
         bench.add_argument("--training", action="store_true",

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend
+from .runtime import backend
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(os.environ.get("DEFTNUMBA_BENCH_DIR") or REPO / "data" / "bench")
@@ -223,7 +223,7 @@ def recorded_results(directory: str | Path = BENCH_DIR) -> dict:
     Simulator smoke files (``smoke_*``) and the rows of runs cut short (``*.partial.csv``, which
     lack the speedup columns) are never read. Empty lists where nothing is recorded.
     """
-    from . import bench
+    from .bench import harness as bench
 
     found = {"layer": ([], None, ""), "train": ([], None, "")}
     for path in recorded_files("*.csv", directory):
@@ -259,8 +259,8 @@ def check_methods(geometry=None, seed: int = 0, deterministic=(False, True)) -> 
     """
     import deftnumba as dn
 
-    from . import reference
-    from .arguments import Geometry
+    from .dcn import reference
+    from .dcn.geometry import Geometry
 
     g = geometry or Geometry(batch=2, in_channels=3, height=6, width=7, out_channels=4, kernel_h=3,
                              kernel_w=3, pad_h=1, pad_w=1, has_mask=True, has_bias=True)
@@ -319,7 +319,7 @@ def time_operators(geometry, method: str = "im2col", repeats: int = 20, seed: in
     """
     import deftnumba as dn
 
-    from .demo import random_layer
+    from .dcn.demo import random_layer
 
     g = geometry
     arrays = [backend.to_device(a) if a is not None else None for a in random_layer(g, seed)]
@@ -463,8 +463,8 @@ def time_tiles(geometry, offset, device=None, repeats: int = 50, warmup: int = 3
     """
     import deftnumba as dn
 
-    from . import tiling
-    from .demo import random_layer
+    from .dcn.planning import plan as tiling
+    from .dcn.demo import random_layer
 
     g = geometry
     x, _, weight, bias, mask = (backend.to_device(a) if a is not None else None for a in random_layer(g, seed))

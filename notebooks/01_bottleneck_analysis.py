@@ -37,11 +37,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import deftnumba as dn
-from deftnumba import backend, bench, offsets, reference, roofline
+from deftnumba.runtime import backend
+from deftnumba.dcn import offsets, reference, roofline
+from deftnumba.bench import harness as bench
 from deftnumba import notebook as nb
-from deftnumba.arguments import Geometry
-from deftnumba.demo import random_layer
-from deftnumba.kernels import im2col
+from deftnumba.dcn.geometry import Geometry
+from deftnumba.dcn.demo import random_layer
+from deftnumba.dcn.kernels import im2col
 
 MODE = nb.mode()
 nb.show(MODE.banner())

@@ -40,10 +40,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import deftnumba as dn
-from deftnumba import offsets, tiling
+from deftnumba.dcn import offsets
+from deftnumba.dcn.planning import plan as tiling
 from deftnumba import notebook as nb
-from deftnumba.arguments import Geometry
-from deftnumba.kernels import fused_tiled
+from deftnumba.dcn.geometry import Geometry
+from deftnumba.dcn.kernels import fused_tiled
 
 MODE = nb.mode()
 nb.show(MODE.banner())

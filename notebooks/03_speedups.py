@@ -33,7 +33,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import deftnumba as dn
-from deftnumba import bench, roofline
+from deftnumba.dcn import roofline
+from deftnumba.bench import harness as bench
 from deftnumba import notebook as nb
 
 MODE = nb.mode()

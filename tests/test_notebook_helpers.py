@@ -5,7 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from deftnumba import backend, notebook
+from deftnumba.runtime import backend
+from deftnumba import notebook
 
 
 def test_mode_follows_the_backend():
@@ -85,7 +86,7 @@ def test_check_methods_covers_every_method_and_passes():
 
 
 def test_recorded_results_split_layer_and_training_csvs(tmp_path):
-    from deftnumba import bench
+    from deftnumba.bench import harness as bench
 
     assert notebook.recorded_results(tmp_path) == {"layer": [], "layer_file": None, "train": [],
                                                    "train_file": None}
@@ -133,8 +134,9 @@ def test_time_calls_reports_percentiles_and_unit():
 
 
 def test_time_tiles_runs_the_planned_and_other_tiles():
-    from deftnumba import offsets, tiling
-    from deftnumba.arguments import Geometry
+    from deftnumba.dcn import offsets
+    from deftnumba.dcn.planning import plan as tiling
+    from deftnumba.dcn.geometry import Geometry
 
     g = Geometry(batch=1, in_channels=2, height=4, width=5, out_channels=2, kernel_h=3, kernel_w=3,
                  pad_h=1, pad_w=1)

@@ -44,8 +44,9 @@ os.environ.setdefault("DEFTNUMBA_QUIET", "1")
 import numpy as np  # noqa: E402
 
 import deftnumba as dn  # noqa: E402
-from deftnumba import backend, kernels, ops, reference  # noqa: E402
-from deftnumba.arguments import Geometry  # noqa: E402
+from deftnumba.runtime import backend  # noqa: E402
+from deftnumba.dcn import kernels, ops, reference  # noqa: E402
+from deftnumba.dcn.geometry import Geometry  # noqa: E402
 
 SPECIALS = [np.nan, np.inf, -np.inf, 1e10, -1e10, 2.0**31, -(2.0**31), 3e9, -3e9, 2.0**63, 1e30, -1.0, 0.0]
 
@@ -278,7 +279,7 @@ def run_case(case: Case, check: bool, methods, log) -> list[str]:
                 failures.append(f"{case.name}: {what}: {type(err).__name__}: {err}")
                 log(traceback.format_exc())
     try:  # the fused kernel's counting build (a separate compiled variant)
-        from deftnumba.kernels import fused_tiled
+        from deftnumba.dcn.kernels import fused_tiled
 
         fused_tiled.count_out_of_tile(g, offset)
         backend.synchronize()

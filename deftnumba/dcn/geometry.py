@@ -1,0 +1,231 @@
+"""Argument checking for every public entry point, in one place.
+
+``check_forward`` turns the user's arrays and ``stride/padding/dilation`` into a
+``Geometry``: the frozen description of one deformable-convolution layer that
+kernels, plans, roofline counts and benchmarks all share. Every error names the
+argument and what was expected, in the style of ``torchvision.ops``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..runtime import backend
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shapes and hyper-parameters of one DCN layer (all plain ints)."""
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel_h: int
+    kernel_w: int
+    stride_h: int = 1
+    stride_w: int = 1
+    pad_h: int = 0
+    pad_w: int = 0
+    dil_h: int = 1
+    dil_w: int = 1
+    groups: int = 1
+    offset_groups: int = 1
+    has_mask: bool = True
+    has_bias: bool = False
+    dtype: str = "float32"
+
+    @property
+    def out_h(self) -> int:
+        return (self.height + 2 * self.pad_h - self.dil_h * (self.kernel_h - 1) - 1) // self.stride_h + 1
+
+    @property
+    def out_w(self) -> int:
+        return (self.width + 2 * self.pad_w - self.dil_w * (self.kernel_w - 1) - 1) // self.stride_w + 1
+
+    @property
+    def taps(self) -> int:
+        """Kernel taps ``kh * kw``."""
+        return self.kernel_h * self.kernel_w
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The expected shape of every array argument and of the output."""
+        n, g, k = self.batch, self.offset_groups, self.taps
+        return {
+            "input": (n, self.in_channels, self.height, self.width),
+            "offset": (n, 2 * g * k, self.out_h, self.out_w),
+            "weight": (self.out_channels, self.in_channels // self.groups, self.kernel_h, self.kernel_w),
+            "bias": (self.out_channels,),
+            "mask": (n, g * k, self.out_h, self.out_w),
+            "output": (n, self.out_channels, self.out_h, self.out_w),
+        }
+
+
+def pair(value, name: str) -> tuple[int, int]:
+    """``int`` or a pair of ints -> ``(int, int)``; ``TypeError`` otherwise."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value), int(value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value
+    ):
+        return int(value[0]), int(value[1])
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def _check_array(a, name: str, ndim: int, layout: str):
+    if not (isinstance(a, np.ndarray) or backend.is_cupy_array(a)):
+        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array, whose mask the kernels would ignore: "
+                        f"pass {name}.filled(value) or np.asarray({name})")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(a.shape)}")
+    dtype = np.dtype(a.dtype)
+    if dtype.kind == "f" and not dtype.isnative and dtype.newbyteorder() in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64 in native byte order, got {dtype.str}: "
+                        f"pass {name}.astype({dtype.newbyteorder().name})")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
+
+
+def check_forward(input, offset, weight, bias, stride, padding, dilation, mask) -> Geometry:
+    """Validate ``deform_conv2d`` arguments; return the layer's ``Geometry``."""
+    _check_array(input, "input", 4, "[N, C, H, W]")
+    _check_array(offset, "offset", 4, "[N, 2*offset_groups*kh*kw, Ho, Wo]")
+    _check_array(weight, "weight", 4, "[Cout, C/groups, kh, kw]")
+    if bias is not None:
+        _check_array(bias, "bias", 1, "[Cout]")
+    if mask is not None:
+        _check_array(mask, "mask", 4, "[N, offset_groups*kh*kw, Ho, Wo]")
+
+    arrays = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
+    given = {k: v for k, v in arrays.items() if v is not None}
+    kinds = {k: ("CuPy" if backend.is_cupy_array(v) else "NumPy") for k, v in given.items()}
+    if len(set(kinds.values())) > 1:
+        raise TypeError(f"arrays must all be NumPy or all be CuPy, got {kinds}")
+    if backend.IS_SIMULATOR and "CuPy" in kinds.values():
+        raise TypeError("CuPy arrays need the cuda backend; the simulator backend takes NumPy arrays")
+    dtypes = {k: str(v.dtype) for k, v in given.items()}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"all arrays must have one dtype, got {dtypes}")
+
+    stride_h, stride_w = pair(stride, "stride")
+    pad_h, pad_w = pair(padding, "padding")
+    dil_h, dil_w = pair(dilation, "dilation")
+    if stride_h < 1 or stride_w < 1:
+        raise ValueError(f"stride must be >= 1, got {(stride_h, stride_w)}")
+    if dil_h < 1 or dil_w < 1:
+        raise ValueError(f"dilation must be >= 1, got {(dil_h, dil_w)}")
+    if pad_h < 0 or pad_w < 0:
+        raise ValueError(f"padding must be >= 0, got {(pad_h, pad_w)}")
+
+    n, c, h, w = input.shape
+    c_out, c_per_group, kh, kw = weight.shape
+    for name, value in (("input", input), ("weight", weight), ("offset", offset)):
+        if 0 in value.shape:
+            raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
+    if c % c_per_group != 0:
+        raise ValueError(
+            f"input channels ({c}) must be divisible by weight.shape[1] ({c_per_group}), "
+            f"which is C/groups"
+        )
+    groups = c // c_per_group
+    if c_out % groups != 0:
+        raise ValueError(f"weight.shape[0] (Cout={c_out}) must be divisible by groups ({groups})")
+    taps = kh * kw
+    if offset.shape[1] % (2 * taps) != 0:
+        raise ValueError(
+            f"offset.shape[1] ({offset.shape[1]}) must be 2*offset_groups*kh*kw, a multiple of "
+            f"2*{kh}*{kw}={2 * taps}"
+        )
+    offset_groups = offset.shape[1] // (2 * taps)
+    if c % offset_groups != 0:
+        raise ValueError(f"input channels ({c}) must be divisible by offset_groups ({offset_groups})")
+
+    geometry = Geometry(
+        batch=n, in_channels=c, height=h, width=w, out_channels=c_out, kernel_h=kh, kernel_w=kw,
+        stride_h=stride_h, stride_w=stride_w, pad_h=pad_h, pad_w=pad_w, dil_h=dil_h, dil_w=dil_w,
+        groups=groups, offset_groups=offset_groups, has_mask=mask is not None,
+        has_bias=bias is not None, dtype=str(input.dtype),
+    )
+    if geometry.out_h < 1 or geometry.out_w < 1:
+        raise ValueError(
+            f"the output would be empty ({geometry.out_h}x{geometry.out_w}): input {h}x{w} with "
+            f"padding {(pad_h, pad_w)} is smaller than the dilated kernel "
+            f"{(dil_h * (kh - 1) + 1, dil_w * (kw - 1) + 1)}"
+        )
+    expected = geometry.shapes
+    for name in ("offset", "mask", "bias"):
+        value = arrays[name]
+        if value is None:
+            continue
+        if value.shape[0] != n and name != "bias":
+            raise ValueError(f"{name}.shape[0] ({value.shape[0]}) must equal the batch size {n}")
+        if tuple(value.shape) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(value.shape)}")
+    check_limits(geometry)
+    return geometry
+
+
+INT32_MAX = 2**31 - 1
+
+
+def check_limits(geometry: Geometry) -> None:
+    """Sizes the kernels cannot handle get a clear ``ValueError`` before any launch.
+
+    Index arithmetic in the kernels is 64-bit, so tensors may have more than 2**31
+    elements. What stays 32-bit or float is bounded here:
+
+    * stride, padding, dilation and kernel size travel as int32 (``conv_tuple``);
+    * sampling positions are computed in the input's float type, and a float32
+      holds integer pixel coordinates exactly only up to 2**24 (float64: the
+      corner index is an int32, so up to 2**31);
+    * one image's output pixels ``Ho*Wo`` are a GEMM dimension (cuBLAS takes int32).
+    """
+    g = geometry
+    params = {"stride": (g.stride_h, g.stride_w), "padding": (g.pad_h, g.pad_w),
+              "dilation": (g.dil_h, g.dil_w), "kernel size": (g.kernel_h, g.kernel_w)}
+    for name, value in params.items():
+        if max(value) > INT32_MAX:
+            raise ValueError(f"{name} must be < 2**31, got {value}")
+    coordinate_limit = 2**24 if g.dtype == "float32" else INT32_MAX
+    extent = max(g.height + g.pad_h, g.width + g.pad_w,
+                 (g.out_h - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h,
+                 (g.out_w - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w)
+    if extent > coordinate_limit:
+        raise ValueError(
+            f"input {g.height}x{g.width} with padding {(g.pad_h, g.pad_w)} has pixel coordinates up to "
+            f"{extent}, past what {g.dtype} sampling positions hold exactly ({coordinate_limit})"
+            + ("; use float64" if g.dtype == "float32" else ""))
+    if g.out_h * g.out_w > INT32_MAX:
+        raise ValueError(f"one image's output has {g.out_h}x{g.out_w} = {g.out_h * g.out_w} pixels; "
+                         f"at most 2**31 - 1 are supported")
+
+
+def check_backward(grad_output, input, offset, weight, bias, stride, padding, dilation, mask) -> Geometry:
+    """Validate ``deform_conv2d_backward`` arguments; return the layer's ``Geometry``.
+
+    The forward's arguments are checked by ``check_forward``; ``grad_output`` must
+    be an array of the same kind and dtype with the output's shape ``[N, Cout, Ho, Wo]``.
+    """
+    geometry = check_forward(input, offset, weight, bias, stride, padding, dilation, mask)
+    _check_array(grad_output, "grad_output", 4, "[N, Cout, Ho, Wo]")
+    if backend.is_cupy_array(grad_output) != backend.is_cupy_array(input):
+        kind = "CuPy" if backend.is_cupy_array(grad_output) else "NumPy"
+        raise TypeError(f"grad_output is a {kind} array but input is not: arrays must all be NumPy or all be CuPy")
+    if np.dtype(grad_output.dtype) != np.dtype(input.dtype):
+        raise TypeError(f"grad_output must have the dtype of input ({input.dtype}), got {grad_output.dtype}")
+    expected = geometry.shapes["output"]
+    if tuple(grad_output.shape) != expected:
+        raise ValueError(f"grad_output must have the output's shape {expected}, got {tuple(grad_output.shape)}")
+    return geometry

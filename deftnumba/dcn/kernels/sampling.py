@@ -1,0 +1,141 @@
+"""Device functions shared by every kernel: where a tap samples, and how.
+
+The torchvision rule lives here once. A tap ``(i, j)`` of output pixel
+``(oy, ox)`` samples at ``y = oy*sh - ph + i*dh + dy``,
+``x = ox*sw - pw + j*dw + dx``. Bilinear interpolation there is
+
+* zero unless ``-1 < y < H`` and ``-1 < x < W`` (so NaN and +-inf sample zero,
+  and no float is ever converted to an out-of-range integer);
+* otherwise the weighted sum of the four corners, a corner outside the image
+  counting as zero.
+
+``bilinear_corners`` returns corner indices already clamped into the image and
+the four weights with out-of-image corners zeroed, so the gather that follows is
+branch-free and can never address memory outside the image. (A side effect: a
+non-finite *input* value on the border can leak into a neighbouring sample with
+weight zero, as ``0 * inf = NaN``.)
+
+Device functions come from ``sampling_functions(dtype)``, a factory cached per
+dtype, so that float32 kernels get float32 constants and never promote to float64.
+Kernels must bind the functions they use to plain local names before their
+``@cuda.jit`` body (``bilinear_sample = sampling_functions(dtype).bilinear_sample``):
+real numba-cuda cannot type attribute access on the namespace; the simulator can.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from types import SimpleNamespace
+
+import numpy as np
+
+from ...runtime.backend import cuda
+
+
+@functools.cache
+def sampling_functions(dtype) -> SimpleNamespace:
+    """The device functions for one float dtype (``float32`` or ``float64``)."""
+    T = np.dtype(dtype).type  # converter and constant type used inside kernels
+    ZERO = T(0)
+    ONE = T(1)
+    MINUS_ONE = T(-1)
+
+    @cuda.jit(device=True, inline=True)
+    def tap_position(offset, n, group, tap, oy, ox, conv):
+        """Sampling position ``(y, x)`` of ``tap`` for output pixel ``(oy, ox)``.
+
+        ``offset`` is ``[N, 2*G*K, Ho, Wo]`` with ``(dy, dx)`` interleaved per tap;
+        ``conv`` is the int32 tuple ``(sh, sw, ph, pw, dh, dw, kh, kw)``.
+        """
+        sh, sw, ph, pw, dh, dw, kh, kw = conv
+        i = tap // kw
+        j = tap - i * kw
+        channel = 2 * (group * kh * kw + tap)
+        y = T(oy * sh - ph + i * dh) + offset[n, channel, oy, ox]
+        x = T(ox * sw - pw + j * dw) + offset[n, channel + 1, oy, ox]
+        return y, x
+
+    @cuda.jit(device=True, inline=True)
+    def in_band(y, x, height, width):
+        """True where torchvision samples at all: ``-1 < y < H`` and ``-1 < x < W``.
+        False for NaN and +-inf, so no non-finite position is ever floored."""
+        return y > MINUS_ONE and y < T(height) and x > MINUS_ONE and x < T(width)
+
+    @cuda.jit(device=True, inline=True)
+    def bilinear_axis(v, size):
+        """One axis of the bilinear rule at ``v`` (inside the band ``-1 < v < size``).
+
+        Returns ``(lo, hi, w_lo, w_hi, dw_lo, dw_hi)``: the two neighbouring indices
+        clamped into ``[0, size-1]``, their weights ``1 - frac(v)`` and ``frac(v)``,
+        and the weights' derivatives ``-1`` and ``+1``; a weight and its derivative
+        are zero where the index lies outside the image.
+        """
+        f = math.floor(v)
+        frac = v - T(f)
+        lo = np.int32(f)
+        lo_inside = lo >= 0
+        hi_inside = lo + 1 < size
+        return (max(lo, 0), min(lo + 1, size - 1),
+                ONE - frac if lo_inside else ZERO, frac if hi_inside else ZERO,
+                MINUS_ONE if lo_inside else ZERO, ONE if hi_inside else ZERO)
+
+    @cuda.jit(device=True, inline=True)
+    def bilinear_corners(y, x, height, width):
+        """``(y0, y1, x0, x1, w00, w01, w10, w11)`` for sampling at ``(y, x)``.
+
+        Indices are clamped into ``[0, H-1] x [0, W-1]``; a corner outside the
+        image, or a sample outside the band ``-1 < y < H, -1 < x < W``, gets
+        weight zero. ``value = w00*I[y0,x0] + w01*I[y0,x1] + w10*I[y1,x0] + w11*I[y1,x1]``.
+        """
+        if not in_band(y, x, height, width):
+            return 0, 0, 0, 0, ZERO, ZERO, ZERO, ZERO
+        y0, y1, wy0, wy1, _, _ = bilinear_axis(y, height)
+        x0, x1, wx0, wx1, _, _ = bilinear_axis(x, width)
+        return y0, y1, x0, x1, wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1
+
+    @cuda.jit(device=True, inline=True)
+    def bilinear_sample(image, n, c, y, x):
+        """Bilinear sample of ``image[n, c]`` (an ``[N, C, H, W]`` array) at ``(y, x)``."""
+        y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, image.shape[2], image.shape[3])
+        return (w00 * image[n, c, y0, x0] + w01 * image[n, c, y0, x1]
+                + w10 * image[n, c, y1, x0] + w11 * image[n, c, y1, x1])
+
+    @cuda.jit(device=True, inline=True)
+    def bilinear_corner_gradients(y, x, height, width):
+        """Corners, weights and weight derivatives for the backward at ``(y, x)``.
+
+        Returns ``(y0, y1, x0, x1, w00, w01, w10, w11, gy00, gy01, gy10, gy11,
+        gx00, gx01, gx10, gx11)``: the corners and weights of ``bilinear_corners``
+        (same clamping, same zeros), plus ``gyab = d wab / dy`` and
+        ``gxab = d wab / dx``. With ``wy0 = 1 - ly``, ``wy1 = ly`` (``ly`` the
+        fractional part of ``y``), ``d wy0/dy = -1`` and ``d wy1/dy = +1``; a row
+        or column outside the image has weight and derivative zero, and so has a
+        sample outside the band ``-1 < y < H, -1 < x < W`` (torchvision's rule:
+        no value, no offset gradient). So ``d value / dy = sum gyab * I[ya, xb]``.
+        """
+        if not in_band(y, x, height, width):
+            return (0, 0, 0, 0, ZERO, ZERO, ZERO, ZERO,
+                    ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO)
+        y0, y1, wy0, wy1, sy0, sy1 = bilinear_axis(y, height)
+        x0, x1, wx0, wx1, sx0, sx1 = bilinear_axis(x, width)
+        return (y0, y1, x0, x1,
+                wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1,
+                sy0 * wx0, sy0 * wx1, sy1 * wx0, sy1 * wx1,
+                wy0 * sx0, wy0 * sx1, wy1 * sx0, wy1 * sx1)
+
+    return SimpleNamespace(
+        T=T, ZERO=ZERO, ONE=ONE,
+        tap_position=tap_position,
+        in_band=in_band,
+        bilinear_corners=bilinear_corners,
+        bilinear_sample=bilinear_sample,
+        bilinear_corner_gradients=bilinear_corner_gradients,
+    )
+
+
+def conv_tuple(geometry) -> tuple:
+    """The int32 tuple ``(sh, sw, ph, pw, dh, dw, kh, kw)`` kernels take as ``conv``."""
+    g = geometry
+    return tuple(np.int32(v) for v in (g.stride_h, g.stride_w, g.pad_h, g.pad_w,
+                                       g.dil_h, g.dil_w, g.kernel_h, g.kernel_w))

@@ -1,0 +1,146 @@
+"""The public functions: validate once, pick a method, allocate, launch.
+
+``deform_conv2d`` has the signature, argument order and semantics of
+``torchvision.ops.deform_conv2d``; see ``deftnumba.reference`` for the rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from ..runtime import backend
+from .planning import plan as tiling
+from .geometry import check_backward, check_forward
+from .kernels import backward as _backward
+from .kernels import fused_columns, fused_tiled, im2col
+
+# Forward methods by name. Each takes
+# (geometry, input, offset, weight, bias, mask, out, stopwatch) and fills ``out``.
+_FORWARD = {
+    "im2col": im2col.forward,
+    "fused_columns": fused_columns.forward,
+    "fused": fused_tiled.forward,  # takes plan= too (its tile); see deftnumba.tiling
+}
+METHODS: tuple[str, ...] = tuple(_FORWARD)
+
+
+def _pick_method(method: str, geometry, plan=None):
+    """``(method name, plan)``. ``"auto"`` runs the plan's method (the given plan, or the
+    cost model's: ``tiling.plan_for``); ``"fused"`` needs a plan with a tile."""
+    if method == "auto":
+        plan = plan if plan is not None else tiling.plan_for(geometry)
+        method = plan.method
+    elif method not in _FORWARD:
+        raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
+    if method == "fused" and (plan is None or plan.tile is None):
+        plan = tiling.plan_for(geometry, methods=("fused",))
+    return method, plan
+
+
+def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None,
+                  *, method: str = "auto", stopwatch=None, plan=None):
+    """Deformable convolution (DCN v1, or v2 when ``mask`` is given).
+
+    Arguments match ``torchvision.ops.deform_conv2d``:
+
+    input:    ``[N, C, H, W]``
+    offset:   ``[N, 2*offset_groups*kh*kw, Ho, Wo]``, ``(dy, dx)`` interleaved per tap
+    weight:   ``[Cout, C/groups, kh, kw]``; groups = ``C // weight.shape[1]``
+    bias:     ``[Cout]`` or ``None``
+    stride, padding, dilation: int or pair
+    mask:     ``[N, offset_groups*kh*kw, Ho, Wo]`` or ``None`` (DCN v1)
+
+    All arrays share one dtype (float32 or float64) and one kind: CuPy arrays on
+    the ``cuda`` backend give a CuPy result; NumPy arrays give a NumPy result on
+    either backend (on the GPU they are copied over and back).
+
+    method:    ``"auto"`` or one of ``deftnumba.METHODS``.
+    stopwatch: optional ``deftnumba.backend.Stopwatch`` that times each operator.
+    plan:      optional ``deftnumba.tiling.Plan`` (e.g. ``tiling.plan_for(geometry, offset)``):
+               ``"auto"`` runs its method, and ``"fused"`` its tile.
+
+    Returns ``[N, Cout, Ho, Wo]``.
+    """
+    geometry = check_forward(input, offset, weight, bias, stride, padding, dilation, mask)
+    name, plan = _pick_method(method, geometry, plan)
+    host_result = not backend.is_cupy_array(input)
+    arrays = [backend.to_device(a) if a is not None else None for a in (input, offset, weight, bias, mask)]
+    xp = backend.array_module(arrays[0])
+    out = xp.empty(geometry.shapes["output"], dtype=arrays[0].dtype)
+    extra = {"plan": plan} if name == "fused" else {}
+    _FORWARD[name](geometry, *arrays, out, stopwatch or backend.NO_STOPWATCH, **extra)
+    return backend.to_host(out) if host_result and not backend.IS_SIMULATOR else out
+
+
+# --------------------------------------------------------------------------- backward
+class DeformConv2dGrads(NamedTuple):
+    """Gradients from ``deform_conv2d_backward``; ``bias``/``mask`` are None when not given."""
+
+    input: Any
+    offset: Any
+    weight: Any
+    bias: Any
+    mask: Any
+
+
+# Backward methods by name (see ``deftnumba.kernels.backward``). Each takes
+# (geometry, grad_output, input, offset, weight, mask, grad_input, grad_offset,
+#  grad_weight, grad_bias, grad_mask, deterministic, stopwatch) and fills the grads.
+_BACKWARD = {
+    "im2col": _backward.backward_im2col,
+    "fused_columns": _backward.backward_fused_columns,
+    "fused_gemm": _backward.backward_fused_gemm,
+}
+BACKWARD_METHODS: tuple[str, ...] = tuple(_BACKWARD)
+
+
+def _pick_backward_method(method: str, geometry) -> str:
+    if method == "auto":
+        # One pass over the samples, and the GEMM stays in cuBLAS (unmeasured: no GPU yet).
+        return "fused_columns"
+    if method not in _BACKWARD:
+        raise ValueError(f"method must be 'auto' or one of {BACKWARD_METHODS}, got {method!r}")
+    return method
+
+
+def _empty(xp, shape, dtype):
+    """Allocation of the gradients (a seam for tests that poison outputs)."""
+    return xp.empty(shape, dtype=dtype)
+
+
+def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride=1, padding=0, dilation=1,
+                           mask=None, *, method: str = "auto", deterministic: bool = False, stopwatch=None):
+    """Gradients of ``deform_conv2d`` with respect to all its array arguments.
+
+    ``grad_output`` is ``dL/d out`` (``[N, Cout, Ho, Wo]``, the forward's dtype
+    and array kind); the other arguments are the forward's, checked the same way.
+
+    method:        ``"auto"`` or one of ``deftnumba.BACKWARD_METHODS``.
+    deterministic: ``False`` scatters the input gradient with atomics (fast, run-to-run
+                   float differences); ``True`` uses a sorted, order-fixed reduction and
+                   gives bit-identical results on every run.
+    stopwatch:     optional ``deftnumba.backend.Stopwatch`` that times each operator.
+
+    Returns ``DeformConv2dGrads(input, offset, weight, bias, mask)``; ``bias`` and
+    ``mask`` are None when those arguments are None.
+    """
+    geometry = check_backward(grad_output, input, offset, weight, bias, stride, padding, dilation, mask)
+    name = _pick_backward_method(method, geometry)
+    host_result = not backend.is_cupy_array(input)
+    arrays = [backend.to_device(a) if a is not None else None
+              for a in (grad_output, input, offset, weight, mask)]
+    xp = backend.array_module(arrays[1])
+    dtype = arrays[1].dtype
+    shapes = geometry.shapes
+    grads = DeformConv2dGrads(
+        input=_empty(xp, shapes["input"], dtype),
+        offset=_empty(xp, shapes["offset"], dtype),
+        weight=_empty(xp, shapes["weight"], dtype),
+        bias=_empty(xp, shapes["bias"], dtype) if bias is not None else None,
+        mask=_empty(xp, shapes["mask"], dtype) if mask is not None else None,
+    )
+    _BACKWARD[name](geometry, *arrays, *grads, deterministic=bool(deterministic),
+                    stopwatch=stopwatch or backend.NO_STOPWATCH)
+    if host_result and not backend.IS_SIMULATOR:
+        grads = DeformConv2dGrads(*(backend.to_host(a) if a is not None else None for a in grads))
+    return grads

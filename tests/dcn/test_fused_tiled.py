@@ -1,0 +1,207 @@
+"""The fused tiled kernel: tile configs, far offsets, the counting build, memory, poison.
+
+``tests/test_forward.py`` already runs ``method="fused"`` on every case of
+``tests/cases.py`` with the planner's tile; these tests pin tile configs by hand.
+"""
+
+import numpy as np
+import pytest
+
+import deftnumba as dn
+from deftnumba.runtime import backend
+from deftnumba.dcn import reference
+from deftnumba.dcn.planning import plan as tiling
+from deftnumba.dcn.kernels import fused_tiled
+from deftnumba.dcn.kernels.fused_tiled import TileConfig
+
+from .cases import CASES, case, conv_kwargs, layer_arrays, rel_error, tolerance
+
+# Small blocks (4 to 32 threads) so the simulator stays quick. Several tiles do not
+# divide the outputs they meet (5x7, 4x6, ...), one is a single row, one a single pixel.
+CONFIGS = {
+    "4x4-h1": TileConfig(4, 4, 1, 2, 4, 2, 1),
+    "3x5-h0": TileConfig(3, 5, 0, 3, 2, 1, 5),
+    "2x3-h2-chunk1": TileConfig(2, 3, 2, 1, 8, 4, 3),
+    "1x8-h1": TileConfig(1, 8, 1, 4, 4, 4, 2),
+    "1x1-h3": TileConfig(1, 1, 3, 2, 16, 1, 1),
+}
+
+
+def fused(g, arrays, config):
+    x, offset, weight, bias, mask = arrays
+    out = np.full(g.shapes["output"], np.nan, dtype=g.dtype)  # poisoned
+    fused_tiled.forward(g, x, offset, weight, bias, mask, out, plan=config)
+    return out
+
+
+PAIRS = [("basic-3x3", "4x4-h1"), ("basic-3x3", "3x5-h0"), ("stride-pad-dil-pairs", "2x3-h2-chunk1"),
+         ("stride-pad-dil-pairs", "1x8-h1"), ("groups-and-offset-groups", "3x5-h0"),
+         ("groups-and-offset-groups", "2x3-h2-chunk1"), ("kernel-2x3", "1x1-h3"), ("kernel-2x3", "4x4-h1"),
+         ("float64", "1x8-h1"), ("float64", "3x5-h0"), ("batch-1-image-1x1", "1x1-h3"),
+         ("kernel-5x5", "2x3-h2-chunk1"), ("odd-everything", "1x8-h1")]
+
+
+@pytest.mark.parametrize("name, config", PAIRS)
+def test_tile_configs_match_reference(name, config, rng):
+    g = CASES[name]
+    arrays = layer_arrays(g, rng)
+    expected = reference.deform_conv2d(*arrays[:4], **conv_kwargs(g), mask=arrays[4])
+    out = fused(g, arrays, CONFIGS[config])
+    assert np.all(np.isfinite(out)), "some output element was never written"
+    assert rel_error(out, expected) < tolerance(g.dtype)
+
+
+@pytest.mark.parametrize("scale", [6.0, 40.0])
+@pytest.mark.parametrize("config", ["4x4-h1", "3x5-h0"])
+def test_offsets_far_beyond_the_halo(scale, config, rng):
+    """Offsets of several pixels (and of tens, mostly outside the image) against a halo of
+    0 or 1: most in-band samples are out-of-tile and come from global memory."""
+    _, g = case("far", n=2, c=4, h=9, w=10, c_out=4, offset_groups=2)
+    arrays = layer_arrays(g, rng, offset_scale=scale)
+    expected = reference.deform_conv2d(*arrays[:4], **conv_kwargs(g), mask=arrays[4])
+    out = fused(g, arrays, CONFIGS[config])
+    assert rel_error(out, expected) < tolerance(g.dtype)
+    counts = tiling.brute_force_counts(g, arrays[1], CONFIGS[config])
+    assert counts["out_of_tile"] > counts["in_tile"] > 0 if scale == 6.0 else counts["out_of_tile"] > 0
+
+
+def test_through_deform_conv2d_with_a_plan(rng):
+    g = CASES["offset-groups-2"]
+    arrays = layer_arrays(g, rng)
+    expected = reference.deform_conv2d(*arrays[:4], **conv_kwargs(g), mask=arrays[4])
+    plan = tiling.Plan("fused", CONFIGS["2x3-h2-chunk1"])
+    for method in ("auto", "fused"):
+        out = dn.deform_conv2d(*arrays[:4], **conv_kwargs(g), mask=arrays[4], method=method, plan=plan)
+        assert rel_error(out, expected) < tolerance(g.dtype)
+
+
+def test_counting_build_equals_brute_force_on_an_exact_grid(rng):
+    """Integer and half-integer offsets put corners exactly on staged-region edges, the
+    image border and the band edge (y = -1, y = H)."""
+    _, g = case("grid", n=1, c=2, h=10, w=11, c_out=2, stride=(2, 1), dil=(1, 2))  # 5x9 outputs
+    offset = rng.integers(-4, 5, g.shapes["offset"]).astype(np.float32) / 2
+    seen = []
+    for config in (CONFIGS["4x4-h1"], CONFIGS["3x5-h0"], CONFIGS["2x3-h2-chunk1"], CONFIGS["1x1-h3"]):
+        expected = tiling.brute_force_counts(g, offset, config)
+        assert fused_tiled.count_out_of_tile(g, offset, config) == expected
+        assert expected["in_tile"] and expected["outside_band"]
+        seen.append(expected["out_of_tile"])
+    # offsets reach +-2: halos 0 and 1 miss some (all but certainly, over 405 positions), a halo of 3 none
+    assert seen[0] > 0 and seen[1] > 0 and seen[3] == 0
+
+
+@pytest.mark.parametrize("name", ["basic-3x3", "groups-and-offset-groups", "odd-everything",
+                                  "kernel-5x5", "float64"])
+def test_counting_build_equals_brute_force(name, rng):
+    g = CASES[name]
+    offset = layer_arrays(g, rng, offset_scale=1.5)[1]
+    offset.reshape(-1)[::17] = np.nan  # non-finite offsets: outside the band
+    config = CONFIGS["4x4-h1"]
+    counted = fused_tiled.count_out_of_tile(g, offset, config)
+    assert counted == tiling.brute_force_counts(g, offset, config)
+    total = g.batch * g.in_channels * g.taps * g.out_h * g.out_w
+    assert counted["in_tile"] + counted["out_of_tile"] + counted["outside_band"] == total
+
+
+def test_halo_catches_small_offsets(rng):
+    """|dy|, |dx| < 1 and a halo of 1: every sample whose undeformed footprint is inside
+    the staged region stays in-tile, so no out-of-tile samples at all."""
+    _, g = case("small", n=1, c=2, h=8, w=8, c_out=2)
+    offset = rng.uniform(-0.99, 0.99, g.shapes["offset"]).astype(np.float32)
+    counted = fused_tiled.count_out_of_tile(g, offset, CONFIGS["4x4-h1"])
+    assert counted["out_of_tile"] == 0 and counted["in_tile"] > 0
+
+
+def test_no_column_buffer(monkeypatch, rng):
+    """Extra device memory stays far below 5% of input + offset + mask + output."""
+    _, g = case("mem", n=1, c=8, h=8, w=8, c_out=8)
+    arrays = layer_arrays(g, rng)
+    allocated = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            attr = getattr(np, name)
+            if name in ("zeros", "empty", "full", "ones", "empty_like", "zeros_like"):
+                def alloc(*args, **kwargs):
+                    result = attr(*args, **kwargs)
+                    allocated.append(result.nbytes)
+                    return result
+                return alloc
+            return attr
+
+    monkeypatch.setattr(fused_tiled.backend, "array_module", lambda like: Recorder())
+    out = fused(g, arrays, CONFIGS["4x4-h1"])
+    data = sum(a.nbytes for a in (arrays[0], arrays[1], arrays[4], out))
+    assert allocated and sum(allocated) < 0.05 * data
+
+
+def test_poisoned_output_through_the_public_function(monkeypatch, rng):
+    g = CASES["odd-everything"]
+    arrays = layer_arrays(g, rng)
+    import deftnumba.dcn.ops as ops
+
+    class Poisoned:
+        def __getattr__(self, name):
+            if name == "empty":
+                return lambda shape, dtype: np.full(shape, np.nan, dtype=dtype)
+            return getattr(np, name)
+
+    monkeypatch.setattr(ops.backend, "array_module", lambda like: Poisoned())
+    out = dn.deform_conv2d(*arrays[:4], **conv_kwargs(g), mask=arrays[4], method="fused")
+    assert np.all(np.isfinite(out))
+    expected = reference.deform_conv2d(*arrays[:4], **conv_kwargs(g), mask=arrays[4])
+    assert rel_error(out, expected) < tolerance(g.dtype)
+
+
+def test_kernel_factory_is_cached():
+    cfg = CONFIGS["4x4-h1"]
+    first = fused_tiled.fused_kernel("float32", 3, 3, 1, 1, 1, 1, cfg, True, False)
+    assert fused_tiled.fused_kernel("float32", 3, 3, 1, 1, 1, 1, TileConfig(4, 4, 1, 2, 4, 2, 1),
+                                    True, False) is first
+    assert fused_tiled.fused_kernel("float32", 3, 3, 1, 1, 1, 1, cfg, True, True) is not first
+
+
+def test_tile_config_validation_and_shared_budget():
+    with pytest.raises(ValueError, match="reg_oc"):
+        TileConfig(4, 4, 1, 2, 6, 4, 1)
+    with pytest.raises(ValueError, match="reg_px"):
+        TileConfig(3, 3, 1, 2, 4, 1, 2)
+    with pytest.raises(ValueError, match="halo"):
+        TileConfig(4, 4, -1, 2, 4, 1, 1)
+    g = CASES["basic-3x3"]
+    cfg = TileConfig(8, 8, 2, 4, 64, 4, 4)
+    assert cfg.threads == 256 and cfg.staged_shape(g) == (14, 14)
+    # staged 4*14*14, weights 36*65, columns 36*64 floats; table 576 * (4 int32 + 4 floats)
+    assert cfg.shared_bytes(g) == 4 * (4 * 196 + 36 * 65 + 36 * 64) + 576 * 32
+    gpu = fused_tiled.GPU_CONFIG
+    from dataclasses import replace
+
+    deft64 = replace(g, batch=8, in_channels=64, out_channels=64, height=64, width=64)
+    assert gpu.shared_bytes(deft64) <= fused_tiled.STATIC_SHARED_LIMIT
+
+
+@pytest.mark.parametrize("name, limit, launches", [("odd-everything", 1, 6), ("groups-2", 1, 4)])
+def test_grids_beyond_the_65535_limit_are_split(monkeypatch, name, limit, launches, rng):
+    """Images go to gridDim.z and (group, channel block) to gridDim.y, both at most 65535:
+    bigger layers run in several launches. The limit is lowered here so that tiny layers
+    need several (odd-everything: 3 images x 2 channel blocks; groups-2: 2 images x 2 groups)."""
+    monkeypatch.setattr(fused_tiled, "GRID_YZ_LIMIT", limit)
+    g = CASES[name]
+    config = CONFIGS["1x8-h1"]
+    assert len(list(config.launches(g))) == launches
+    assert all(d <= limit for d in config.grid(g)[1:])
+    arrays = layer_arrays(g, rng)
+    expected = reference.deform_conv2d(*arrays[:4], **conv_kwargs(g), mask=arrays[4])
+    out = fused(g, arrays, config)
+    assert np.all(np.isfinite(out)) and rel_error(out, expected) < tolerance(g.dtype)
+    counts = fused_tiled.count_out_of_tile(g, arrays[1], config)
+    assert counts == tiling.brute_force_counts(g, arrays[1], config)
+
+
+@pytest.mark.parametrize("k, dil", [(5, 1), (7, 1), (9, 2), (11, 1)])
+def test_default_config_fits_static_shared_memory(monkeypatch, k, dil):
+    monkeypatch.setattr(fused_tiled.backend, "IS_SIMULATOR", False)  # the GPU default
+    _, g = case("big-kernel", n=2, c=64, h=64, w=64, c_out=64, kh=k, kw=k, pad=(k // 2 * dil,) * 2,
+                dil=(dil, dil))
+    cfg = fused_tiled.default_config(g)
+    assert cfg.shared_bytes(g) <= fused_tiled.STATIC_SHARED_LIMIT
