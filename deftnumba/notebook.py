@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .runtime import backend
+from .runtime.timing import time_calls  # noqa: F401  (the notebooks' timer)
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(os.environ.get("DEFTNUMBA_BENCH_DIR") or REPO / "data" / "bench")
@@ -428,28 +429,6 @@ def plot_percent_of_roofline(ax, rows, pass_: str = "fwd", column: str = "pct_id
     basis = "the ideal fused layer's floor" if column == "pct_ideal" else "the method's own floor"
     ax.set_ylabel(f"% of roofline ({pass_})\n100 = {basis}")
     ax.legend(fontsize=8, ncol=min(3, max(len(methods), 1)), loc="upper center")
-
-
-def time_calls(calls: Mapping, repeats: int = 20, warmup: int = 2) -> dict[str, dict]:
-    """Time zero-argument callables: ``{name: {"median_ms", "p10_ms", "p90_ms", "unit"}}``.
-
-    Each call runs ``warmup`` times untimed (compilation, caches), then ``repeats``
-    times, each inside a ``backend.Stopwatch`` section (CUDA events on a GPU, the
-    host clock in the simulator; ``unit`` says which).
-    """
-    results = {}
-    for name, call in calls.items():
-        for _ in range(warmup):
-            call()
-        backend.synchronize()
-        watch = backend.Stopwatch()
-        for _ in range(repeats):
-            with watch.section(name):
-                call()
-        ms = np.asarray(watch.milliseconds()[name])
-        results[name] = {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
-                         "p90_ms": float(np.percentile(ms, 90)), "unit": watch.unit}
-    return results
 
 
 def time_tiles(geometry, offset, device=None, repeats: int = 50, warmup: int = 3, seed: int = 0) -> dict[str, dict]:

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from ..dcn import roofline
-from ..runtime import backend
+from ..runtime import backend, timing
 from ..dcn.geometry import Geometry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -263,95 +263,6 @@ def provenance(commit: str | None = None) -> dict:
         "commit": git_commit(commit),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-
-
-# --------------------------------------------------------------------------- timing
-def _percentiles(ms: list[float]) -> tuple[float, float, float]:
-    a = np.asarray(ms, dtype=np.float64)
-    return float(np.median(a)), float(np.percentile(a, 10)), float(np.percentile(a, 90))
-
-
-class _Clock:
-    """CUDA events (CuPy's for deftnumba, torch's for torch work; both on the legacy
-    default stream) with an L2 flush before every run; the host clock in the simulator."""
-
-    def __init__(self):
-        self.flush_bytes = 0
-        self.label = "host clock (simulator)" if backend.IS_SIMULATOR else "CUDA events, L2 flushed"
-        if not backend.IS_SIMULATOR:
-            cp = backend.cupy()
-            try:
-                l2 = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["l2CacheSize"])
-            except (KeyError, TypeError, AttributeError):
-                l2 = 60 << 20  # the H200's, as PyTorch reported it on this workplace's machine
-            self.flush_bytes = max(128 << 20, 2 * l2)
-            self._flush = cp.empty(self.flush_bytes // 4, dtype=cp.float32)
-            self._count = 0
-
-    def flush(self) -> None:
-        if not backend.IS_SIMULATOR:
-            self._count += 1
-            self._flush.fill(self._count)  # a write of >= 2x L2 evicts the previous run's data
-
-    def time(self, prepare, run, reps: int, warmup: int, framework: str,
-             case_seconds: float = 30.0) -> list[float]:
-        """Milliseconds of ``run(state)`` per repetition; ``state = prepare()`` is untimed.
-
-        A case whose last warm-up call (compiled by then) says ``reps`` runs would take
-        over ``case_seconds`` gets fewer runs (never under 10): the row's ``reps`` says so.
-        """
-        def synchronize():
-            backend.synchronize()
-            if framework == "torch" and not backend.IS_SIMULATOR:
-                _torch().cuda.synchronize()
-
-        for _ in range(max(warmup, 1)):
-            start = time.perf_counter()
-            run(prepare())
-            synchronize()
-        per_call = time.perf_counter() - start
-        if not backend.IS_SIMULATOR and per_call * reps > case_seconds:
-            reps = max(10, int(case_seconds / per_call))
-        if backend.IS_SIMULATOR:
-            times = []
-            for _ in range(reps):
-                state = prepare()
-                start = time.perf_counter()
-                run(state)
-                times.append((time.perf_counter() - start) * 1e3)
-            return times
-        if framework == "torch":
-            torch = _torch()
-            new_event = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
-            elapsed = lambda a, b: a.elapsed_time(b)  # noqa: E731
-        else:
-            cp = backend.cupy()
-            new_event = cp.cuda.Event
-            elapsed = cp.cuda.get_elapsed_time
-        pairs = []
-        for _ in range(reps):
-            state = prepare()
-            self.flush()
-            start, stop = new_event(), new_event()
-            start.record()
-            run(state)
-            stop.record()
-            pairs.append((start, stop))
-        pairs[-1][1].synchronize()
-        return [elapsed(a, b) for a, b in pairs]
-
-
-def host_call_ms(call, reps: int) -> list[float]:
-    """Host time of ``call()`` from Python to return (to launch), the GPU idle before each."""
-    call()
-    times = []
-    for _ in range(reps):
-        backend.synchronize()
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    backend.synchronize()
-    return times
 
 
 # --------------------------------------------------------------------------- the cases
@@ -603,7 +514,7 @@ def run(config: Config, on_row=None) -> list[dict]:
         ceilings = roofline.measure_ceilings()
     base = provenance(config.commit)
     base["tf32_check"] = tf32_check()
-    clock = _Clock()
+    clock = timing.Timer()
     cases = _cases(config)
     rows, layers, refs = [], {}, {}
     for i, case in enumerate(cases):
@@ -634,7 +545,7 @@ def run(config: Config, on_row=None) -> list[dict]:
                         forward = layer.torch_forward(case.method)
                     else:
                         forward = layer.dn_forward(case.method)
-                    ms = host_call_ms(forward, reps)
+                    ms = timing.host_call_ms(forward, reps)
                 else:
                     if case.pass_ == "fwd" and not case.tf32 and case.method != "cudnn_conv":
                         if case.shape not in refs:
@@ -645,7 +556,7 @@ def run(config: Config, on_row=None) -> list[dict]:
                     prepare, timed, framework = _runner(case, layer)
                     ms = clock.time(prepare, timed, reps, warmup, framework)
                 row["reps"] = len(ms)
-            row["median_ms"], row["p10_ms"], row["p90_ms"] = _percentiles(ms)
+            row["median_ms"], row["p10_ms"], row["p90_ms"] = timing.percentiles(ms)
             row.update(_roofline_columns(case, row["median_ms"], ceilings))
             row["status"] = "ok"
         except TimeoutError as err:

@@ -357,17 +357,10 @@ def measure_ceilings(copy_bytes: int = 2 << 30, gemm_n: int = 8192, repeats: int
     if int(os.environ.get("CUPY_TF32", "0") or 0) > 0:
         raise RuntimeError("CUPY_TF32 is set: the fp32 ceiling must be measured with TF32 off")
 
+    from ..runtime.timing import time_calls
+
     def median_ms(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start, stop = cp.cuda.Event(), cp.cuda.Event()
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, stop))
-        return float(np.median(times))
+        return time_calls({"run": fn}, repeats=repeats, warmup=1)["run"]["median_ms"]
 
     src = cp.random.standard_normal(copy_bytes // 4, dtype=cp.float32)
     dst = cp.empty_like(src)

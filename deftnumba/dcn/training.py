@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime import backend
+from ..runtime import backend, timing
 
 VARIANTS = ("conv", "torchvision", "deftnumba")
 BENCH_DIR = Path(__file__).resolve().parents[2] / "data" / "bench"
@@ -122,25 +122,9 @@ def time_variant(variant: str, cfg: Config, device) -> dict:
         optimizer.step()
         losses.append(loss.detach())
 
-    for _ in range(cfg.warmup):
-        step()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        events = []
-        for _ in range(cfg.steps):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            stop.record()
-            events.append((start, stop))
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(stop) for start, stop in events]
-    else:
-        for _ in range(cfg.steps):
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
+    # The one timer: torch's CUDA events on a GPU (L2 flushed before each step), the host clock otherwise.
+    times = timing.Timer().time(lambda: None, lambda _: step(), cfg.steps, cfg.warmup, framework="torch",
+                                case_seconds=float("inf"))
     losses = [float(loss) for loss in losses]
     result = {
         "variant": variant, "dcn_layers": len(deformable_layers(model)),

@@ -21,8 +21,6 @@ import contextvars
 import ctypes
 import os
 import sys
-import threading
-import time
 
 import numpy as np
 
@@ -86,42 +84,10 @@ if IS_SIMULATOR != (getattr(cuda, "simulator_init", None) is not None):
         f"in {_actual} mode. Import deftnumba before numba.cuda, or set {ENV_VAR}."
     )
 
-# --------------------------------------------------------------------------- simulator fix
-# numba-cuda's simulator (0.30) gives each block one dict of shared arrays keyed by the
-# source line of ``cuda.shared.array``, filled check-then-insert without a lock. Two
-# threads of a block that reach the line together can each create an array: the block
-# then runs on two different "shared" arrays and readers see the other copy's garbage.
-# (Seen here: a tiled kernel with correct barriers gave wrong values about 1 run in 20.)
-# The replacement below is the same factory under a lock; ``bounds_checked`` swaps only
-# how a new array is filled.
-_SHARED_LOCK = threading.Lock()
-_new_shared = np.empty  # how a new simulated shared array is made (bounds_checked poisons it)
-
-
-def _install_thread_safe_shared_arrays() -> None:
-    from numba.cuda.simulator import kernelapi
-    from numba.np import numpy_support
-
-    dynamic = kernelapi.FakeCUDAShared.array
-
-    def array(self, shape, dtype, alignment=None):
-        if shape == 0 or alignment is not None:  # dynamic shared memory, or unsupported
-            return dynamic(self, shape, dtype, alignment)
-        if not isinstance(dtype, (np.dtype, type)):
-            dtype = numpy_support.as_dtype(dtype)
-        frame = sys._getframe(1)  # the kernel line that asked: the simulator's key
-        caller = (frame.f_code.co_filename, frame.f_lineno)
-        with _SHARED_LOCK:
-            found = self._allocations.get(caller)
-            if found is None:
-                found = self._allocations[caller] = _new_shared(shape, dtype)
-        return found
-
-    kernelapi.FakeCUDAShared.array = array
-
-
 if IS_SIMULATOR:
-    _install_thread_safe_shared_arrays()
+    from . import simulator as _simulator
+
+    _simulator.install_thread_safe_shared_arrays()
 
 if os.environ.get("DEFTNUMBA_QUIET", "0") in ("", "0"):
     print(f"deftnumba: backend={NAME} ({REASON})", file=sys.stderr)
@@ -213,19 +179,6 @@ def launch(kernel, grid, block, *args, shared_bytes: int = 0) -> None:
         kernel[grid, block, stream, shared_bytes](*args)
 
 
-def launch_config(total: int, threads: int = 256) -> tuple[int, int]:
-    """Blocks and threads for a grid-stride loop over ``total`` items.
-
-    The block count is capped, so any problem size launches within the device's
-    grid limits; kernels loop ``for i in range(cuda.grid(1), total, cuda.gridsize(1))``.
-    In the simulator, where every thread is a Python thread, the cap is small.
-    """
-    cap = 8 if IS_SIMULATOR else 65536
-    threads = min(threads, 64) if IS_SIMULATOR else threads
-    blocks = max(1, min(cap, -(-int(total) // threads)))
-    return blocks, threads
-
-
 # --------------------------------------------------------------------------- device facts
 def device_info() -> dict:
     """Backend, device name, compute capability and library versions."""
@@ -255,137 +208,8 @@ def device_info() -> dict:
     return info
 
 
-# --------------------------------------------------------------------------- timing
-class Stopwatch:
-    """Times named sections: CUDA events on the GPU, the host clock in the simulator.
-
-    >>> sw = Stopwatch()
-    >>> with sw.section("gemm"):
-    ...     pass
-    >>> sw.milliseconds()   # {'gemm': [...]}   (call after the work is done)
-
-    ``sw.unit`` says which clock was used, so simulator times are never taken
-    for GPU times.
-    """
-
-    def __init__(self):
-        self.unit = "simulator wall-clock ms" if IS_SIMULATOR else "GPU ms (CUDA events)"
-        self._records: list[tuple[str, object, object]] = []
-
-    @contextlib.contextmanager
-    def section(self, name: str):
-        if IS_SIMULATOR:
-            start = time.perf_counter()
-            yield
-            self._records.append((name, start, time.perf_counter()))
-            return
-        cp = cupy()
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
-        yield
-        stop.record()
-        self._records.append((name, start, stop))
-
-    def milliseconds(self) -> dict[str, list[float]]:
-        out: dict[str, list[float]] = {}
-        for name, start, stop in self._records:
-            if IS_SIMULATOR:
-                ms = (stop - start) * 1e3
-            else:
-                stop.synchronize()
-                ms = cupy().cuda.get_elapsed_time(start, stop)
-            out.setdefault(name, []).append(ms)
-        return out
-
-
-class _NoStopwatch:
-    """Stand-in used when the caller does not time anything."""
-
-    @contextlib.contextmanager
-    def section(self, name: str):
-        yield
-
-
-NO_STOPWATCH = _NoStopwatch()
-
-
-# --------------------------------------------------------------------------- simulator checks
-def _check_index(shape, index) -> None:
-    """``IndexError`` unless every integer in ``index`` lies in ``[0, dim)``."""
-    if not isinstance(index, tuple):
-        index = (index,)
-    for axis, i in enumerate(index):
-        if i is Ellipsis:
-            return
-        if isinstance(i, (int, np.integer)) and not isinstance(i, bool):
-            if axis >= len(shape) or not 0 <= int(i) < shape[axis]:
-                raise IndexError(f"kernel index {tuple(int(v) if isinstance(v, (int, np.integer)) else v for v in index)}"
-                                 f" outside an array of shape {tuple(shape)}")
-
-
-class _CheckedArray(np.ndarray):
-    """A shared or local array whose integer indices are bounds-checked (see ``bounds_checked``)."""
-
-    def __getitem__(self, index):
-        _check_index(self.shape, index)
-        return np.ndarray.__getitem__(self, index)
-
-    def __setitem__(self, index, value):
-        _check_index(self.shape, index)
-        np.ndarray.__setitem__(self, index, value)
-
-
-def _poisoned(shape, dtype):
-    a = np.empty(shape, dtype)
-    a.fill(np.nan if a.dtype.kind == "f" else -(2**30) if a.dtype.kind == "i" else 0)
-    return a.view(_CheckedArray)
-
-
-@contextlib.contextmanager
-def bounds_checked():
-    """Simulator only: a poor man's ``compute-sanitizer`` for the kernels run inside.
-
-    NumPy, and so the simulator, silently wraps a negative index (``a[-1]`` is the
-    last element) where a GPU would read outside the array. Inside this context:
-
-    * every integer index into a kernel argument, a shared or a local array must
-      satisfy ``0 <= i < dim``, or the kernel raises ``IndexError``;
-    * shared and local arrays start filled with NaN (integers with ``-2**30``), so
-      a read of memory no thread wrote shows up as NaN in the results.
-
-    Not thread-safe with other simulator launches; slower. Races are not detected.
-    """
-    if not IS_SIMULATOR:
-        raise RuntimeError("bounds_checked() needs the simulator backend; use compute-sanitizer on a GPU")
-    from numba.cuda.simulator import kernelapi
-    from numba.cuda.simulator.cudadrv import devicearray
-
-    global _new_shared
-    within = devicearray.FakeWithinKernelCUDAArray
-    saved = (within.__getitem__, within.__setitem__, _new_shared, kernelapi.FakeCUDALocal.array)
-    get_item, set_item = saved[0], saved[1]
-
-    def checked_get(self, index):
-        if not isinstance(index, str):
-            _check_index(self._item.shape, index)
-        return get_item(self, index)
-
-    def checked_set(self, index, value):
-        if not isinstance(index, str):
-            _check_index(self._item.shape, index)
-        set_item(self, index, value)
-
-    def local_array(self, shape, dtype, alignment=None):
-        if alignment is not None:
-            return saved[3](self, shape, dtype, alignment)
-        if not isinstance(dtype, np.dtype) and not isinstance(dtype, type):
-            from numba.np import numpy_support
-            dtype = numpy_support.as_dtype(dtype)
-        return _poisoned(shape, dtype)
-
-    within.__getitem__, within.__setitem__ = checked_get, checked_set
-    _new_shared, kernelapi.FakeCUDALocal.array = _poisoned, local_array
-    try:
-        yield
-    finally:
-        within.__getitem__, within.__setitem__, _new_shared, kernelapi.FakeCUDALocal.array = saved
+# --------------------------------------------------------------------------- moved, still reachable here
+# The kernels and older code call these through ``backend``; they live in their own modules.
+from .grid import GRID_YZ_LIMIT, launch_config  # noqa: E402,F401
+from .simulator import bounds_checked  # noqa: E402,F401
+from .timing import NO_STOPWATCH, Stopwatch  # noqa: E402,F401

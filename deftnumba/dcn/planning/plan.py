@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ...runtime import backend
+from ...runtime.timing import time_calls
 from ..kernels import fused_tiled
 from ..kernels.fused_tiled import OUT_OF_TILE, TileConfig, count_out_of_tile
 
@@ -593,7 +594,7 @@ def autotune(geometry, input, offset, weight, bias=None, mask=None, candidates=N
 
     candidates: ``Plan``s or ``TileConfig``s; by default the ``top`` fused tiles by the cost
     model plus ``im2col``. Each runs ``warmup`` times, then ``repeats`` times timed with
-    CUDA events (``backend.Stopwatch``; host clock in the simulator, where this is only a
+    CUDA events (``runtime.timing.time_calls``; host clock in the simulator, where this is only a
     smoke test). The winner is returned with ``measured_ms`` (median) set.
     """
     from ..kernels import im2col
@@ -612,13 +613,7 @@ def autotune(geometry, input, offset, weight, bias=None, mask=None, candidates=N
             shared_bytes=cand.shared_bytes(geometry), device=device.name)
         run = ((lambda sw: fused_tiled.forward(geometry, *arrays, out, sw, plan=plan)) if plan.method == "fused"
                else (lambda sw: im2col.forward(geometry, *arrays, out, sw)))
-        for _ in range(warmup):
-            run(backend.NO_STOPWATCH)
-        watch = backend.Stopwatch()
-        for _ in range(repeats):
-            with watch.section("run"):
-                run(backend.NO_STOPWATCH)
-        ms = float(np.median(watch.milliseconds()["run"]))
+        ms = time_calls({"run": lambda: run(backend.NO_STOPWATCH)}, repeats, warmup)["run"]["median_ms"]
         if best is None or ms < best.measured_ms:
             best = replace(plan, measured_ms=ms)
     _PLAN_CACHE[(geometry, stats.key(), device, ("fused", "im2col"))] = best
