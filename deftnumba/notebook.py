@@ -18,19 +18,18 @@ Plots of benchmark CSVs belong to ``deftnumba.bench``.
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .perf import provenance
 from .runtime import backend
 from .runtime.timing import time_calls  # noqa: F401  (the notebooks' timer)
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH_DIR = Path(os.environ.get("DEFTNUMBA_BENCH_DIR") or REPO / "data" / "bench")
+REPO = provenance.REPO
+BENCH_DIR = provenance.bench_dir()
 """Where the notebooks look for recorded GPU results (``DEFTNUMBA_BENCH_DIR`` overrides it,
 e.g. to preview a CSV before committing it)."""
 
@@ -72,21 +71,11 @@ def git_commit(short: bool = True) -> str | None:
     """The commit of the working tree the notebook runs from: ``DEFTNUMBA_COMMIT`` if set (a
     copy of the repo without ``.git``, as on a borrowed GPU machine), else git's; ``None``
     when neither is available."""
-    explicit = os.environ.get("DEFTNUMBA_COMMIT", "").strip()
-    if explicit:
-        return explicit[:7] if short else explicit
-    command = ["git", "rev-parse"] + (["--short"] if short else []) + ["HEAD"]
-    try:
-        out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
+    commit = provenance.git_commit(short=short)
+    return None if commit == "unknown" else commit
 
 
-def _short(commit: str) -> str:
-    return commit[:7] if len(commit) >= 7 and all(c in "0123456789abcdef" for c in commit[:7]) else commit
+_short = provenance.short_commit
 
 
 def _distinct(rows: Iterable[Mapping], key: str) -> list[str]:

@@ -38,11 +38,7 @@ Reusable pieces for notebooks: ``load_results``, ``describe``, ``latest_csv``,
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -51,14 +47,14 @@ from pathlib import Path
 import numpy as np
 
 from ..dcn import roofline
+from ..perf import provenance as provenance_
+from ..perf.provenance import GPU_LABEL, SMOKE_LABEL, csv_name, git_commit, provenance, tf32_check  # noqa: F401
 from ..runtime import backend, timing
 from ..dcn.geometry import Geometry
 
-REPO = Path(__file__).resolve().parents[2]
-BENCH_DIR = REPO / "data" / "bench"
+REPO = provenance_.REPO
+BENCH_DIR = provenance_.bench_dir()
 SMOKE_DIR = REPO / "build" / "bench-smoke"
-SMOKE_LABEL = "simulator smoke (not GPU data)"
-GPU_LABEL = "gpu"
 
 
 def _layer(n, c, c_out, h, w, k=3) -> Geometry:
@@ -163,6 +159,9 @@ def _torch():
     return torch
 
 
+_disable_tf32 = provenance_.disable_tf32
+
+
 def _torchvision_deform():
     """``torchvision.ops.deform_conv2d`` if importable and usable on CUDA, else None."""
     torch = _torch()
@@ -173,96 +172,6 @@ def _torchvision_deform():
     except Exception:  # noqa: BLE001 - missing or broken install
         return None
     return deform_conv2d
-
-
-def git_commit(explicit: str | None = None) -> str:
-    """The commit to record: ``explicit``, ``$DEFTNUMBA_COMMIT``, or ``git rev-parse HEAD``
-    (``-dirty`` appended when tracked files differ); "unknown" where there is no git."""
-    if explicit or os.environ.get("DEFTNUMBA_COMMIT"):
-        return explicit or os.environ["DEFTNUMBA_COMMIT"]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
-
-
-def _disable_tf32(torch) -> None:
-    if torch is not None:
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-
-def tf32_check() -> str:
-    """Compare an fp32 GEMM through CuPy and through torch with float64: TF32 shows as a
-    relative error near 1e-4..1e-3, true fp32 near 1e-6. Returns a one-line verdict."""
-    if backend.IS_SIMULATOR:
-        return "n/a (simulator: NumPy BLAS, fp32)"
-    cp = backend.cupy()
-    rng = np.random.default_rng(1)
-    a, b = (rng.standard_normal((512, 512)).astype(np.float32) for _ in range(2))
-    exact = a.astype(np.float64) @ b.astype(np.float64)
-
-    def rel(result) -> float:
-        return float(np.linalg.norm(result - exact) / np.linalg.norm(exact))
-
-    parts = []
-    env = os.environ.get("CUPY_TF32", "0")
-    try:  # CuPy's cuBLAS compute type for float32 (TF32 only when CUPY_TF32=1)
-        from cupy._core import _routines_linalg as linalg
-
-        compute = linalg.compute_type_to_str(linalg.get_compute_type(np.float32))
-    except Exception:  # noqa: BLE001 - a private API; the measured error below decides
-        compute = "unknown"
-    err = rel(cp.asnumpy(cp.matmul(cp.asarray(a), cp.asarray(b))).astype(np.float64))
-    parts.append(f"cupy {err:.1e} (CUPY_TF32={env}, compute type {compute})")
-    worst = err
-    torch = _torch()
-    if torch is not None and torch.cuda.is_available():
-        ta, tb = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
-        err = rel((ta @ tb).cpu().numpy().astype(np.float64))
-        conv = torch.nn.functional.conv2d(ta[None, None], tb[:3, :3][None, None]).cpu().numpy()
-        conv_ref = torch.nn.functional.conv2d(torch.from_numpy(a).double()[None, None],
-                                              torch.from_numpy(b).double()[:3, :3][None, None]).numpy()
-        conv_err = float(np.linalg.norm(conv - conv_ref) / np.linalg.norm(conv_ref))
-        parts.append(f"torch matmul {err:.1e}, cudnn conv {conv_err:.1e}")
-        worst = max(worst, err, conv_err)
-    verdict = "off" if worst < 2e-5 else "ON?"
-    return f"{verdict}: fp32 GEMM rel. err. vs float64: " + ", ".join(parts)
-
-
-def provenance(commit: str | None = None) -> dict:
-    """The columns every row carries: where, when, with what."""
-    info = backend.device_info()
-    torch = _torch()
-    tv = "not installed"
-    try:
-        import torchvision
-
-        tv = torchvision.__version__
-    except Exception:  # noqa: BLE001
-        pass
-    cupy_version = info.get("cupy", "")
-    if not cupy_version and not backend.IS_SIMULATOR:
-        cupy_version = backend.cupy().__version__
-    return {
-        "mode": SMOKE_LABEL if backend.IS_SIMULATOR else GPU_LABEL,
-        "device": info["device"],
-        "compute_capability": info.get("compute_capability", ""),
-        "driver": info.get("driver", ""),
-        "cuda_runtime": info.get("cuda_runtime", ""),
-        "numba_cuda": info.get("numba_cuda", ""),
-        "cupy": cupy_version or "not used (simulator)",
-        "torch": torch.__version__ if torch is not None else "not installed",
-        "torchvision": tv,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "commit": git_commit(commit),
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
 
 
 # --------------------------------------------------------------------------- the cases
@@ -577,18 +486,8 @@ def output_dir(config: Config) -> Path:
     output is refused anywhere under ``data/bench/``."""
     out = Path(config.out) if config.out else (SMOKE_DIR if config.smoke else BENCH_DIR)
     if config.smoke:
-        resolved, bench = out.resolve(), BENCH_DIR.resolve()
-        if resolved == bench or bench in resolved.parents:
-            raise ValueError(f"{SMOKE_LABEL}: refusing to write simulator output into {BENCH_DIR}")
+        provenance_.refuse_smoke_output(out, BENCH_DIR)
     return out
-
-
-def csv_name(row: dict) -> str:
-    """``[smoke_]<UTC timestamp>_<device>_<commit>.csv`` for a row's provenance."""
-    stamp = row["timestamp"].replace("-", "").replace(":", "")
-    device = "".join(ch if ch.isalnum() else "-" for ch in row["device"]).strip("-").lower()
-    prefix = "smoke_" if row["mode"] == SMOKE_LABEL else ""
-    return f"{prefix}{stamp}_{device[:40]}_{row['commit'][:12]}.csv"
 
 
 def write_csv(rows: list[dict], directory: Path) -> Path:

@@ -43,13 +43,14 @@ methods (their GEMM runs per chunk) and once per call by ``fused`` and
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
+from ..perf.device import H200_DATASHEET, H200_LEADS, Ceilings  # noqa: F401  (re-exported: the ceilings)
+from ..perf.roofline import Operator, floor_ms_of, measure_ceilings  # noqa: F401  (generic; re-exported)
 from .geometry import Geometry
+from .kernels.im2col import CHUNK_IMAGES  # the column methods' image chunk
 
-PASSES = ("fwd", "bwd", "fwdbwd")
-CHUNK_IMAGES = 32  # the column methods' image chunk (kernels.im2col.CHUNK_IMAGES)
+from ..perf.roofline import PASSES  # noqa: E402
 
 # FLOPs per point or per sample (see the module docstring).
 POSITION_FLOPS = 2
@@ -61,26 +62,6 @@ FOLDED_MASK_FLOPS = 4       # per point: the mask folded into the four weights
 SCATTER_FLOPS = 8           # col2im per sample: four coefficient products and four adds
 COORD_FLOPS = 27            # offset/mask grads per sample: d/dy, d/dx and value (7 each),
                             # times the column gradient (3), accumulated (3)
-
-
-@dataclass(frozen=True)
-class Operator:
-    """One operator's counts: FLOPs and the minimal bytes it reads and writes."""
-
-    name: str
-    flops: float
-    bytes_read: float
-    bytes_written: float
-    gemm_flops: float = 0.0  # the part of ``flops`` spent in inner products
-
-    @property
-    def bytes(self) -> float:
-        return self.bytes_read + self.bytes_written
-
-    @property
-    def intensity(self) -> float:
-        """FLOP per byte of device-memory traffic."""
-        return self.flops / self.bytes if self.bytes else math.inf
 
 
 @dataclass(frozen=True)
@@ -289,45 +270,6 @@ def column_buffer_bytes(g: Geometry) -> int:
     return _Sizes.of(g).columns
 
 
-# --------------------------------------------------------------------------- ceilings
-@dataclass(frozen=True)
-class Ceilings:
-    """A device's two roofs: the fp32 arithmetic rate and the memory bandwidth.
-
-    ``source`` says where they come from: ``"datasheet lead"`` / ``"lead"`` values
-    are leads to be replaced by ``measure_ceilings()`` on the device itself.
-    """
-
-    name: str
-    flops_per_s: float           # fp32, non-tensor-core (TF32 off)
-    bytes_per_s: float
-    source: str = "lead"
-    fp64_flops_per_s: float | None = None
-
-    def rate(self, dtype: str = "float32") -> float:
-        if dtype == "float64" and self.fp64_flops_per_s:
-            return self.fp64_flops_per_s
-        return self.flops_per_s
-
-    @property
-    def ridge(self) -> float:
-        """The intensity (FLOP/B) above which a kernel is compute-bound."""
-        return self.flops_per_s / self.bytes_per_s
-
-
-H200_DATASHEET = Ceilings(
-    "H200 datasheet lead (fp32 67 TFLOP/s, HBM3e 4.8 TB/s)", 67e12, 4.8e12,
-    source="datasheet lead", fp64_flops_per_s=34e12)
-H200_LEADS = Ceilings(
-    "H200 leads (fp32 67 TFLOP/s datasheet, 4.3 TB/s copy measured on this workplace's H200)",
-    67e12, 4.3e12, source="lead", fp64_flops_per_s=34e12)
-
-
-def floor_ms_of(flops_: float, bytes_: float, ceilings: Ceilings = H200_LEADS, dtype: str = "float32") -> float:
-    """``max(FLOPs / rate, bytes / bandwidth)`` in milliseconds."""
-    return 1e3 * max(flops_ / ceilings.rate(dtype), bytes_ / ceilings.bytes_per_s)
-
-
 def floor_ms(g: Geometry, method: str = "fused", pass_: str = "fwd", ceilings: Ceilings = H200_LEADS) -> float:
     """The roofline floor of ``method``'s operators, summed: each operator is
     bounded by its own larger term (operators of one method run one after another)."""
@@ -342,41 +284,6 @@ def percent_of_roofline(measured_ms: float, g: Geometry, method: str = "fused", 
     traffic (the ideal); a method's own name measures it against its own operators.
     """
     return 100.0 * floor_ms(g, method, pass_, ceilings) / measured_ms
-
-
-def measure_ceilings(copy_bytes: int = 2 << 30, gemm_n: int = 8192, repeats: int = 10) -> Ceilings:
-    """Measure the two roofs on the current GPU with CuPy: a device-to-device copy
-    (bytes read + written) and an fp32 ``gemm_n``-cubed matrix product on random
-    data with TF32 off (CuPy's default unless ``CUPY_TF32=1``, which is refused).
-    The median of ``repeats`` timed runs after a warm-up, with CUDA events."""
-    import os
-
-    import cupy as cp
-    import numpy as np
-
-    if int(os.environ.get("CUPY_TF32", "0") or 0) > 0:
-        raise RuntimeError("CUPY_TF32 is set: the fp32 ceiling must be measured with TF32 off")
-
-    from ..runtime.timing import time_calls
-
-    def median_ms(fn) -> float:
-        return time_calls({"run": fn}, repeats=repeats, warmup=1)["run"]["median_ms"]
-
-    src = cp.random.standard_normal(copy_bytes // 4, dtype=cp.float32)
-    dst = cp.empty_like(src)
-    copy_ms = median_ms(lambda: cp.copyto(dst, src))
-    del src, dst
-    a = cp.random.standard_normal((gemm_n, gemm_n), dtype=cp.float32)
-    b = cp.random.standard_normal((gemm_n, gemm_n), dtype=cp.float32)
-    c = cp.empty_like(a)
-    gemm_ms = median_ms(lambda: cp.matmul(a, b, out=c))
-    del a, b, c
-    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    return Ceilings(f"measured on {name}: copy {2 * copy_bytes / copy_ms / 1e9:.0f} GB/s, "
-                    f"fp32 GEMM {2 * gemm_n ** 3 / gemm_ms / 1e9:.1f} TFLOP/s (TF32 off)",
-                    flops_per_s=2 * gemm_n ** 3 / (gemm_ms * 1e-3),
-                    bytes_per_s=2 * copy_bytes / (copy_ms * 1e-3), source="measured")
 
 
 # --------------------------------------------------------------------------- tables

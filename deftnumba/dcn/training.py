@@ -19,7 +19,7 @@ median and the p10/p90 band.
 
 On the GPU the results are printed and written to
 ``data/bench/training/<timestamp>_<device>_<commit>.csv``: the layer benchmark's
-provenance columns (``deftnumba.bench.provenance``), then ``COLUMNS``, with
+provenance columns (``deftnumba.perf.provenance``), then ``COLUMNS``, with
 ``pass`` = ``train`` and ``method`` = the variant. (A subfolder, so that the
 layer benchmark's "latest CSV in data/bench" never picks a training file.)
 
@@ -40,10 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..perf import provenance as provenance_
 from ..runtime import backend, timing
 
 VARIANTS = ("conv", "torchvision", "deftnumba")
-BENCH_DIR = Path(__file__).resolve().parents[2] / "data" / "bench"
+BENCH_DIR = provenance_.bench_dir()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +222,7 @@ def format_table(rows: list[dict], skipped: dict[str, str], cfg: Config, smoke: 
     return "\n".join(lines)
 
 
-# After the layer benchmark's provenance columns (deftnumba.bench.provenance), in this order.
+# After the layer benchmark's provenance columns (deftnumba.perf.provenance), in this order.
 COLUMNS = (
     "dtype", "tf32", "tf32_check", "cudnn_benchmark",
     "shape", "batch", "height", "width", "model_width", "blocks", "dcn_layers", "params",
@@ -233,9 +234,8 @@ COLUMNS = (
 
 def csv_rows(rows: list[dict], cfg: Config, tf32_check: str = "", commit: str | None = None) -> list[dict]:
     """CSV rows: the layer benchmark's provenance columns, then ``COLUMNS``."""
-    from ..bench.harness import provenance  # one provenance helper for every benchmark
 
-    common = provenance(commit)
+    common = provenance_.provenance(commit)
     by = {r["variant"]: r for r in rows}
     out = []
     for r in rows:
@@ -262,15 +262,11 @@ def csv_rows(rows: list[dict], cfg: Config, tf32_check: str = "", commit: str | 
 def write_csv(rows: list[dict], directory: Path) -> Path:
     """Write ``rows`` under ``directory`` as the layer benchmark names its files
     (``<UTC timestamp>_<device>_<commit>.csv``)."""
-    from ..bench.harness import csv_name
-
     if backend.IS_SIMULATOR:
-        resolved, bench_dir = Path(directory).resolve(), BENCH_DIR.resolve()
-        if resolved == bench_dir or bench_dir in resolved.parents:
-            raise ValueError(f"refusing to write simulator results under {BENCH_DIR}")
+        provenance_.refuse_smoke_output(directory, BENCH_DIR)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / csv_name(rows[0])
+    path = directory / provenance_.csv_name(rows[0])
     fields = list(dict.fromkeys([*rows[0], *COLUMNS]))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -327,10 +323,9 @@ def main(args=None) -> int:
     if smoke:
         print(f"smoke run done in {time.perf_counter() - start:.1f} s; no CSV written")
         return 0
-    from ..bench.harness import tf32_check
 
     with fp32_settings():
-        check = tf32_check()
+        check = provenance_.tf32_check()
     out = getattr(args, "out", None)
     path = write_csv(csv_rows(rows, cfg, check, getattr(args, "commit", None)),
                      Path(out) if out else BENCH_DIR / "training")

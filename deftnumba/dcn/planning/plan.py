@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ...runtime import backend
+from ...perf.device import H200, SIMULATOR, DeviceModel
 from ...runtime.timing import time_calls
 from ..kernels import fused_tiled
 from ..kernels.fused_tiled import OUT_OF_TILE, TileConfig, count_out_of_tile
@@ -275,34 +276,6 @@ def brute_force_counts(geometry, offset, tile: TileConfig) -> dict:
 
 
 # --------------------------------------------------------------------------- cost model
-@dataclass(frozen=True)
-class DeviceModel:
-    """The device facts the cost model uses. Numbers not from a datasheet are marked."""
-
-    name: str
-    sms: int
-    fp32_flops: float           # FLOP/s, FMA = 2
-    fp64_flops: float
-    dram_bandwidth: float       # B/s (copy bandwidth measured on the H200: ~4.3 TB/s)
-    l2_bandwidth: float         # B/s (assumed ~2.5x DRAM; not measured)
-    shared_per_sm: int = 228 * 1024
-    shared_per_block: int = 48 * 1024   # static shared memory limit per block
-    threads_per_sm: int = 2048
-    registers_per_sm: int = 65536
-    blocks_per_sm: int = 32
-    max_threads: int = 512      # largest block the planner considers
-    min_threads: int = 64
-    gemm_efficiency: float = 0.75  # vendor GEMM fraction of peak (assumed)
-    simulated: bool = False     # cost = the simulator's Python work, not GPU time
-
-
-H200 = DeviceModel("H200", sms=132, fp32_flops=67e12, fp64_flops=34e12, dram_bandwidth=4.3e12,
-                   l2_bandwidth=11e12)
-SIMULATOR = replace(H200, name="simulator", max_threads=64, min_threads=16, simulated=True)
-"""The simulator: small blocks, and the cost is Python work (~100 us per simulated thread plus
-~1 us per thread instruction), so plans made there keep the test suite fast."""
-
-
 def _chunks_per_block(geometry, chunk: int) -> float:
     """Channel chunks one block steps through (mean over weight groups): the group's channels
     split at offset-group boundaries, each piece in steps of ``chunk``."""
