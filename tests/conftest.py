@@ -4,8 +4,11 @@ On a machine without a GPU the backend is Numba's CUDA simulator. Set
 ``DEFTNUMBA_BACKEND=cuda`` to run the same suite on a real GPU.
 """
 
+import json
 import os
 import secrets
+import subprocess
+import sys
 import zlib
 
 os.environ.setdefault("DEFTNUMBA_QUIET", "1")
@@ -29,3 +32,18 @@ def rng(request):
     """Fresh random data for every test and every session; replayable from the seed
     in the pytest header (``DEFTNUMBA_TEST_SEED``) plus the test's id."""
     return np.random.default_rng([SESSION_SEED, zlib.crc32(request.node.nodeid.encode())])
+
+
+@pytest.fixture(scope="session")
+def audit_reports():
+    """``python -m deftnumba ptx --json``'s reports: every registered kernel compiled for
+    sm_90 once per test run (per xdist worker), shared by every audit test."""
+    env = dict(os.environ, DEFTNUMBA_BACKEND="cuda", DEFTNUMBA_QUIET="1")
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    proc = subprocess.run([sys.executable, "-m", "deftnumba", "ptx", "--json"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 and ("libnvvm" in proc.stderr or "nvrtc" in proc.stderr.lower()
+                                 and "not found" in proc.stderr.lower()):
+        pytest.skip("NVVM/NVRTC not installed: pip install 'numba-cuda[cu13]'")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

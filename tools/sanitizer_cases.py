@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import math
 import os
-import pkgutil
 import sys
 import time
 import traceback
@@ -45,7 +43,8 @@ import numpy as np  # noqa: E402
 
 import deftnumba as dn  # noqa: E402
 from deftnumba.runtime import backend  # noqa: E402
-from deftnumba.dcn import kernels, ops, reference  # noqa: E402
+from deftnumba.dcn import ops, reference  # noqa: E402
+from deftnumba.perf import audit  # noqa: E402
 from deftnumba.dcn.geometry import Geometry  # noqa: E402
 
 SPECIALS = [np.nan, np.inf, -np.inf, 1e10, -1e10, 2.0**31, -(2.0**31), 3e9, -3e9, 2.0**63, 1e30, -1.0, 0.0]
@@ -209,15 +208,13 @@ def recording_launches():
 
 
 def declared_kernels() -> set[str]:
-    """Every kernel factory a kernel module lists in ``ptx_cases()``."""
+    """Every kernel factory a registered kernel module lists in ``ptx_cases()`` (the
+    audit's registry, ``deftnumba.perf.audit.registered_cases``)."""
     names = set()
-    for info in pkgutil.iter_modules(kernels.__path__):
-        module = importlib.import_module(f"{kernels.__name__}.{info.name}")
-        for case in getattr(module, "ptx_cases", lambda: ())():
-            kernel = case[2]
-            fn = getattr(kernel, "py_func", None) or getattr(kernel, "fn", None)
-            if fn is not None:
-                names.add(_kernel_name(fn))
+    for _, _, kernel, _ in audit.registered_cases():
+        fn = getattr(kernel, "py_func", None) or getattr(kernel, "fn", None)
+        if fn is not None:
+            names.add(_kernel_name(fn))
     return names
 
 

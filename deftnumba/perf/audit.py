@@ -13,6 +13,13 @@ kernel module lists in its ``ptx_cases()`` with numba-cuda's real compiler
   declaring exactly 48 KB (the static limit) reports 50176 B; one byte more fails to
   compile.
 
+**The kernel registry.** ``KERNEL_PACKAGES`` lists one kernels package per system
+(``deftnumba.dcn.kernels``, ``deftnumba.tucker.kernels``, ``deftnumba.lean.kernels``);
+a package not present is skipped, ``register_kernel_package`` adds one. Every
+module of a registered package that defines ``ptx_cases()`` -- a list of
+``(name, dtype, kernel, numba_signature)`` -- is audited, and the same walk
+(``registered_cases``) drives ``tools/sanitizer_cases.py``: nothing escapes either.
+
 It must run with the ``cuda`` backend (``DEFTNUMBA_BACKEND=cuda``), because the
 simulator has no compiler: ``python -m deftnumba ptx`` does that in a subprocess.
 """
@@ -24,8 +31,43 @@ import pkgutil
 import re
 from dataclasses import dataclass
 
-from ..dcn import kernels
 from ..runtime import backend
+
+KERNEL_PACKAGES = ["deftnumba.dcn.kernels", "deftnumba.tucker.kernels", "deftnumba.lean.kernels"]
+"""Every system's kernels package, in audit order; missing ones are skipped."""
+
+
+def register_kernel_package(package: str) -> None:
+    """Add a kernels package (dotted name) to the audit and the sanitizer runs."""
+    if package not in KERNEL_PACKAGES:
+        KERNEL_PACKAGES.append(package)
+
+
+def kernel_modules():
+    """``(package, module)`` for every module with ``ptx_cases()`` in every registered package."""
+    for package in KERNEL_PACKAGES:
+        try:
+            found = importlib.import_module(package)
+        except ModuleNotFoundError as err:
+            if err.name and package.startswith(err.name):
+                continue  # this system (or its kernels) does not exist in this checkout
+            raise
+        for info in pkgutil.iter_modules(found.__path__):
+            module = importlib.import_module(f"{package}.{info.name}")
+            if hasattr(module, "ptx_cases"):
+                yield package, module
+
+
+def registered_cases():
+    """``(name, dtype, kernel, numba_signature)`` of every registered kernel, ``kernel`` as its
+    ``ptx_cases()`` gives it. Names are ``<module>.<case>`` for DCN, ``<system>.<module>.<case>``
+    for the other systems."""
+    for package, module in kernel_modules():
+        system = package.removeprefix("deftnumba.").split(".")[0]
+        prefix = "" if system == "dcn" else f"{system}."
+        short = module.__name__.rsplit(".", 1)[-1]
+        for name, dtype, kernel, signature in module.ptx_cases():
+            yield f"{prefix}{short}.{name}", dtype, kernel, signature
 
 
 @dataclass
@@ -42,12 +84,9 @@ class PtxReport:
 
 
 def cases():
-    """``(name, dtype, python_function, numba_signature)`` from every kernel module."""
-    for info in pkgutil.iter_modules(kernels.__path__):
-        module = importlib.import_module(f"{kernels.__name__}.{info.name}")
-        if hasattr(module, "ptx_cases"):
-            for name, dtype, kernel, signature in module.ptx_cases():
-                yield f"{info.name}.{name}", dtype, kernel.py_func, signature
+    """``(name, dtype, python_function, numba_signature)`` from every registered kernel module."""
+    for name, dtype, kernel, signature in registered_cases():
+        yield name, dtype, kernel.py_func, signature
 
 
 def ptxas_resources(ptx: str, cc=(9, 0)) -> dict:

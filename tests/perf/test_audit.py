@@ -3,28 +3,18 @@
 The simulator accepts code a GPU compiler rejects (untyped globals, dynamic
 shared shapes) and hides float64 promotion. This test runs ``python -m
 deftnumba ptx --json`` in a subprocess with the cuda backend; it skips only
-where NVVM is not installed (``pip install 'numba-cuda[cu13]'`` provides it).
+where NVVM is not installed (``pip install 'numba-cuda[cu13]'`` provides it). The
+compilation runs once per test run (per xdist worker): the session fixture ``audit_reports``
+in tests/conftest.py; every audit test reads its reports.
 """
-
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 
 @pytest.fixture(scope="module")
-def reports():
-    env = dict(os.environ, DEFTNUMBA_BACKEND="cuda", DEFTNUMBA_QUIET="1")
-    env.pop("NUMBA_ENABLE_CUDASIM", None)
-    proc = subprocess.run([sys.executable, "-m", "deftnumba", "ptx", "--json"], env=env,
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 and ("libnvvm" in proc.stderr or "nvrtc" in proc.stderr.lower()
-                                 and "not found" in proc.stderr.lower()):
-        pytest.skip("NVVM/NVRTC not installed: pip install 'numba-cuda[cu13]'")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def reports(audit_reports):
+    """The session's audit reports (compiled once per run: tests/conftest.py)."""
+    return audit_reports
 
 
 def test_every_kernel_compiles_for_sm90(reports):
