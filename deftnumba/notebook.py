@@ -251,16 +251,13 @@ def check_methods(geometry=None, seed: int = 0, deterministic=(False, True)) -> 
 
     from .dcn import reference
     from .dcn.geometry import Geometry
+    from .dcn.inputs import random_layer
 
     g = geometry or Geometry(batch=2, in_channels=3, height=6, width=7, out_channels=4, kernel_h=3,
                              kernel_w=3, pad_h=1, pad_w=1, has_mask=True, has_bias=True)
     rng = np.random.default_rng(seed)
     shapes, dtype = g.shapes, np.dtype(g.dtype)
-    x = rng.standard_normal(shapes["input"]).astype(dtype)
-    offset = (rng.standard_normal(shapes["offset"]) * 1.5).astype(dtype)
-    weight = rng.standard_normal(shapes["weight"]).astype(dtype)
-    bias = rng.standard_normal(shapes["bias"]).astype(dtype) if g.has_bias else None
-    mask = rng.uniform(0.1, 1.0, shapes["mask"]).astype(dtype) if g.has_mask else None
+    x, offset, weight, bias, mask = random_layer(g, rng, offset_scale=1.5)
     grad_out = rng.standard_normal(shapes["output"]).astype(dtype)
     conv = dict(stride=(g.stride_h, g.stride_w), padding=(g.pad_h, g.pad_w), dilation=(g.dil_h, g.dil_w))
     tolerance = 1e-5 if dtype == np.float32 else 1e-12
@@ -309,7 +306,7 @@ def time_operators(geometry, method: str = "im2col", repeats: int = 20, seed: in
     """
     import deftnumba as dn
 
-    from .dcn.demo import random_layer
+    from .dcn.inputs import random_layer
 
     g = geometry
     arrays = [backend.to_device(a) if a is not None else None for a in random_layer(g, seed)]
@@ -426,13 +423,13 @@ def time_tiles(geometry, offset, device=None, repeats: int = 50, warmup: int = 3
     The tiles come from ``tiling.rank_tiles`` for the statistics of ``offset`` on
     ``device`` (a ``tiling.DeviceModel``): the planner's pick, the best tile without a
     halo, the biggest tile and the last-ranked one. Inputs are random
-    (``demo.random_layer``); ``offset`` is used as given. Returns ``time_calls``'s dict,
+    (``dcn.inputs.random_layer``); ``offset`` is used as given. Returns ``time_calls``'s dict,
     keyed ``"<pick>: <TH>x<TW>, halo <h>"`` and ``"im2col (no tiles)"``.
     """
     import deftnumba as dn
 
     from .dcn.planning import plan as tiling
-    from .dcn.demo import random_layer
+    from .dcn.inputs import random_layer
 
     g = geometry
     x, _, weight, bias, mask = (backend.to_device(a) if a is not None else None for a in random_layer(g, seed))

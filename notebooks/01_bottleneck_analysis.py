@@ -42,7 +42,7 @@ from deftnumba.dcn import offsets, reference, roofline
 from deftnumba.bench import harness as bench
 from deftnumba import notebook as nb
 from deftnumba.dcn.geometry import Geometry
-from deftnumba.dcn.demo import random_layer
+from deftnumba.dcn.inputs import random_layer
 from deftnumba.dcn.kernels import im2col
 
 MODE = nb.mode()

@@ -14,23 +14,13 @@ import numpy as np
 from ..runtime import backend
 from . import reference
 from .geometry import Geometry
+from .inputs import random_layer
 from .ops import deform_conv2d
 
 GPU_LAYER = Geometry(batch=8, in_channels=64, height=64, width=64, out_channels=64,
                      kernel_h=3, kernel_w=3, pad_h=1, pad_w=1)
 SIMULATOR_LAYER = Geometry(batch=2, in_channels=4, height=9, width=11, out_channels=5,
                            kernel_h=3, kernel_w=3, pad_h=1, pad_w=1)
-
-
-def random_layer(geometry: Geometry, seed: int = 0, offset_scale: float = 2.0):
-    """Random ``(input, offset, weight, bias, mask)`` NumPy arrays for a geometry."""
-    rng = np.random.default_rng(seed)
-    shapes, dtype = geometry.shapes, np.dtype(geometry.dtype)
-    make = lambda shape, scale=1.0: (rng.standard_normal(shape) * scale).astype(dtype)
-    return (make(shapes["input"]), make(shapes["offset"], offset_scale),
-            make(shapes["weight"], 1.0 / np.sqrt(np.prod(shapes["weight"][1:]))),
-            make(shapes["bias"]) if geometry.has_bias else None,
-            rng.random(shapes["mask"]).astype(dtype) if geometry.has_mask else None)
 
 
 def run(method: str = "auto", seed: int = 0, repeats: int = 5) -> dict:

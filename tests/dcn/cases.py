@@ -6,6 +6,7 @@ import numpy as np
 
 from deftnumba.runtime import backend
 from deftnumba.dcn.geometry import Geometry
+from deftnumba.dcn.inputs import random_layer
 
 
 def case(name, n=2, c=4, h=5, w=7, c_out=6, kh=3, kw=3, stride=(1, 1), pad=(1, 1), dil=(1, 1),
@@ -35,16 +36,10 @@ CASES = dict([
 def layer_arrays(geometry: Geometry, rng, offset_scale=2.0):
     """Fresh random NumPy arrays ``(input, offset, weight, bias, mask)`` for a geometry.
 
-    Nothing is zero: inputs are standard normal, offsets non-integer and up to a
-    few pixels, the mask in (0.1, 1).
+    Nothing is zero: the package's one random layer (``deftnumba.dcn.inputs``): inputs
+    standard normal, offsets non-integer and up to a few pixels, the mask in (0.1, 1).
     """
-    shapes, dtype = geometry.shapes, np.dtype(geometry.dtype)
-    x = rng.standard_normal(shapes["input"]).astype(dtype)
-    offset = (rng.standard_normal(shapes["offset"]) * offset_scale).astype(dtype)
-    weight = rng.standard_normal(shapes["weight"]).astype(dtype)
-    bias = rng.standard_normal(shapes["bias"]).astype(dtype) if geometry.has_bias else None
-    mask = rng.uniform(0.1, 1.0, shapes["mask"]).astype(dtype) if geometry.has_mask else None
-    return x, offset, weight, bias, mask
+    return random_layer(geometry, rng, offset_scale)
 
 
 def conv_kwargs(g: Geometry) -> dict:

@@ -48,7 +48,8 @@ def test_forward_matches_torchvision(method, name, rng):
 @pytest.mark.parametrize("method", list(dn.METHODS))
 def test_suite_shape_matches_torchvision(method, rng):
     """The DefT layer itself (deft64, one image), not only tiny cases."""
-    from deftnumba.dcn.demo import GPU_LAYER, random_layer
+    from deftnumba.dcn.demo import GPU_LAYER
+    from deftnumba.dcn.inputs import random_layer
     from dataclasses import replace
 
     g = replace(GPU_LAYER, batch=2)
