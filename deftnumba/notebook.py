@@ -11,8 +11,10 @@ picked:
   where and when they were recorded. Where nothing is recorded, the notebook
   says so instead of drawing a chart.
 
-Nothing here computes a result a notebook reports; it only frames them.
-Plots of benchmark CSVs belong to ``deftnumba.bench``.
+Nothing here computes a result a notebook reports; it only frames them. The
+checks and timings the notebooks run live in ``dcn.study``, the timer in
+``runtime.timing``, every chart in ``bench.plots``; their names are re-exported
+here so a notebook needs one import.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import numpy as np
 from .perf import provenance
 from .runtime import backend
 from .runtime.timing import time_calls  # noqa: F401  (the notebooks' timer)
+from .bench.plots import (TRAIN_ORDER, plot_offset_field, plot_offset_histograms,  # noqa: F401
+                          plot_operator_roofline, plot_percent_of_roofline, plot_training)
+from .dcn.study import check_methods, time_operators, time_tiles  # noqa: F401
 
 REPO = provenance.REPO
 BENCH_DIR = provenance.bench_dir()
@@ -173,36 +178,6 @@ def markdown_table(rows: list[Mapping], columns: list[str] | None = None, floats
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- offset plots
-def plot_offset_histograms(ax, fields: Mapping[str, np.ndarray], limit: float = 6.0, bins: int = 61) -> None:
-    """Histograms (density) of every ``dy`` and ``dx`` value, one line per named field."""
-    edges = np.linspace(-limit, limit, bins + 1)
-    centres = 0.5 * (edges[1:] + edges[:-1])
-    for label, offset in fields.items():
-        values = np.asarray(offset, dtype=np.float64).ravel()
-        density, _ = np.histogram(np.clip(values, -limit, limit), bins=edges, density=True)
-        ax.plot(centres, density, label=label, drawstyle="steps-mid")
-    ax.set_xlabel("offset component dy or dx (input pixels)")
-    ax.set_ylabel("density")
-    ax.set_xlim(-limit, limit)
-    ax.legend(fontsize=8)
-
-
-def plot_offset_field(ax, offset: np.ndarray, image: int = 0, tap: int = 4, title: str = "") -> None:
-    """Arrows of one tap's ``(dy, dx)`` over the output pixels of one image."""
-    dy = np.asarray(offset[image, 2 * tap], dtype=np.float64)
-    dx = np.asarray(offset[image, 2 * tap + 1], dtype=np.float64)
-    h, w = dy.shape
-    yy, xx = np.mgrid[0:h, 0:w]
-    ax.imshow(np.hypot(dy, dx), cmap="Greys", origin="upper")
-    ax.quiver(xx, yy, dx, dy, color="tab:red", angles="xy", scale_units="xy", scale=1, width=0.006)
-    ax.set_xlim(-0.5, w - 0.5)
-    ax.set_ylim(h - 0.5, -0.5)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(title, fontsize=9)
-
-
 # --------------------------------------------------------------------------- recorded results
 def recorded_results(directory: str | Path = BENCH_DIR) -> dict:
     """The newest GPU results under ``data/bench/``, split by kind.
@@ -235,221 +210,3 @@ def recorded_results(directory: str | Path = BENCH_DIR) -> dict:
                 found[kind] = (mine, path, newest)
     return {"layer": found["layer"][0], "layer_file": found["layer"][1],
             "train": found["train"][0], "train_file": found["train"][1]}
-
-
-# --------------------------------------------------------------------------- correctness checks
-def check_methods(geometry=None, seed: int = 0, deterministic=(False, True)) -> list[dict]:
-    """Every forward method and every backward method against the float64 reference.
-
-    Runs on the current backend (in the simulator: keep ``geometry`` tiny). Forward
-    outputs are compared with ``reference.deform_conv2d``; backward gradients (each of
-    input, offset, weight, bias, mask; the worst is reported) with
-    ``reference.deform_conv2d_backward``, for the atomic and the deterministic input
-    gradient. One row per (pass, method): ``rel_error`` is ``||got - ref|| / ||ref||``.
-    """
-    import deftnumba as dn
-
-    from .dcn import reference
-    from .dcn.geometry import Geometry
-    from .dcn.inputs import random_layer
-
-    g = geometry or Geometry(batch=2, in_channels=3, height=6, width=7, out_channels=4, kernel_h=3,
-                             kernel_w=3, pad_h=1, pad_w=1, has_mask=True, has_bias=True)
-    rng = np.random.default_rng(seed)
-    shapes, dtype = g.shapes, np.dtype(g.dtype)
-    x, offset, weight, bias, mask = random_layer(g, rng, offset_scale=1.5)
-    grad_out = rng.standard_normal(shapes["output"]).astype(dtype)
-    conv = dict(stride=(g.stride_h, g.stride_w), padding=(g.pad_h, g.pad_w), dilation=(g.dil_h, g.dil_w))
-    tolerance = 1e-5 if dtype == np.float32 else 1e-12
-
-    def rel(got, ref):
-        got = backend.to_host(got).astype(np.float64)
-        scale = float(np.linalg.norm(ref))
-        return float(np.linalg.norm(got - ref) / (scale if scale > 0 else 1.0))
-
-    def device(a):
-        return backend.to_device(a) if a is not None else None
-
-    rows = []
-    expected = reference.deform_conv2d(x, offset, weight, bias, **conv, mask=mask)
-    for method in dn.METHODS:
-        out = dn.deform_conv2d(device(x), device(offset), device(weight), device(bias), **conv,
-                               mask=device(mask), method=method)
-        err = rel(out, expected)
-        rows.append({"pass": "fwd", "method": method, "rel_error": err, "tolerance": tolerance,
-                     "ok": bool(err < tolerance)})
-    if hasattr(dn, "deform_conv2d_backward"):
-        ref = reference.deform_conv2d_backward(grad_out, x, offset, weight, bias, **conv, mask=mask)
-        for method in dn.BACKWARD_METHODS:
-            for det in deterministic:
-                grads = dn.deform_conv2d_backward(device(grad_out), device(x), device(offset), device(weight),
-                                                  device(bias), **conv, mask=device(mask), method=method,
-                                                  deterministic=det)
-                errs = {name: rel(getattr(grads, name), getattr(ref, name))
-                        for name in ("input", "offset", "weight", "bias", "mask")
-                        if getattr(ref, name) is not None}
-                worst = max(errs, key=errs.get)
-                # Gradients sum over more terms than the forward: allow 10x the forward's bound.
-                rows.append({"pass": "bwd" + (" (deterministic)" if det else " (atomic)"), "method": method,
-                             "rel_error": errs[worst], "worst_gradient": worst, "tolerance": 10 * tolerance,
-                             "ok": bool(errs[worst] < 10 * tolerance)})
-    return rows
-
-
-# --------------------------------------------------------------------------- per-operator timing and roofline
-def time_operators(geometry, method: str = "im2col", repeats: int = 20, seed: int = 0) -> dict:
-    """Median time of each operator of ``method`` on random data of ``geometry``.
-
-    Uses ``backend.Stopwatch``: CUDA events on a GPU, the host clock in the simulator
-    (the result's ``unit`` says which). One untimed call first (compilation, caches).
-    Returns ``{"unit": str, "operator_ms": {name: median ms per call}, "device": str}``.
-    """
-    import deftnumba as dn
-
-    from .dcn.inputs import random_layer
-
-    g = geometry
-    arrays = [backend.to_device(a) if a is not None else None for a in random_layer(g, seed)]
-    x, offset, weight, bias, mask = arrays
-    kwargs = dict(stride=(g.stride_h, g.stride_w), padding=(g.pad_h, g.pad_w), dilation=(g.dil_h, g.dil_w),
-                  mask=mask, method=method)
-    dn.deform_conv2d(x, offset, weight, bias, **kwargs)
-    backend.synchronize()
-    watch = backend.Stopwatch()
-    for _ in range(repeats):
-        dn.deform_conv2d(x, offset, weight, bias, **kwargs, stopwatch=watch)
-    backend.synchronize()
-    # An operator may run several times per call (one per image chunk): report per call.
-    per_call = {name: float(np.median(ms)) * len(ms) / repeats for name, ms in watch.milliseconds().items()}
-    return {"unit": watch.unit, "operator_ms": per_call, "device": mode().device}
-
-
-def plot_operator_roofline(ax, operators, ceilings, dtype: str = "float32", layers=()) -> list[str]:
-    """Place operators on a roofline: x = arithmetic intensity (FLOP/B), y = the best FLOP/s
-    the roofs allow at that intensity, ``min(rate, intensity * bandwidth)``.
-
-    operators: ``deftnumba.roofline.Operator`` records (or anything with ``name``, ``flops``,
-    ``bytes`` and ``intensity``); ceilings: one ``roofline.Ceilings`` or a list (the first
-    is drawn solid, the rest dashed). Operators with no FLOPs cannot sit on a log axis:
-    their names are returned (and left off the chart). ``layers``: optional whole-layer
-    totals (``roofline.totals``), drawn as hollow squares for context.
-    """
-    ceilings = ceilings if isinstance(ceilings, (list, tuple)) else [ceilings]
-    shown = [op for op in operators if op.flops > 0 and op.bytes > 0]
-    skipped = [op.name for op in operators if not (op.flops > 0 and op.bytes > 0)]
-    layers = [op for op in layers if op.flops > 0 and op.bytes > 0]
-    xs = ([op.intensity for op in shown] + [op.intensity for op in layers]
-          + [c.rate(dtype) / c.bytes_per_s for c in ceilings])
-    grid = np.logspace(np.log10(min(xs)) - 0.7, np.log10(max(xs)) + 0.7, 400)
-    for i, c in enumerate(ceilings):
-        roof = np.minimum(c.rate(dtype), grid * c.bytes_per_s) / 1e12
-        ax.plot(grid, roof, color="black", ls="-" if i == 0 else "--", lw=1.2 if i == 0 else 0.9,
-                label=f"roof: {c.name}")
-    best = ceilings[0]
-    ridge = best.rate(dtype) / best.bytes_per_s
-    ax.axvline(ridge, color="0.7", lw=0.8, ls=":")
-    ax.annotate(f"ridge {ridge:.0f} FLOP/B", (ridge, best.rate(dtype) / 1e12), fontsize=7, color="0.4",
-                xytext=(4, -12), textcoords="offset points")
-    for k, op in enumerate(shown):
-        y = min(best.rate(dtype), op.intensity * best.bytes_per_s) / 1e12
-        ax.plot([op.intensity], [y], "o", ms=8, color=f"C{k}", label=f"{op.name}: {op.intensity:.2g} FLOP/B")
-    for k, op in enumerate(layers, start=len(shown)):
-        y = min(best.rate(dtype), op.intensity * best.bytes_per_s) / 1e12
-        ax.plot([op.intensity], [y], "s", ms=9, mfc="none", mew=1.6, color=f"C{k}",
-                label=f"whole layer, {op.name}: {op.intensity:.3g} FLOP/B")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("arithmetic intensity (FLOP per byte of device memory)")
-    ax.set_ylabel("attainable TFLOP/s (roofline bound)")
-    ax.legend(fontsize=7, loc="lower right")
-    return skipped
-
-
-# --------------------------------------------------------------------------- charts of recorded results
-TRAIN_ORDER = ("conv", "torchvision", "deftnumba")
-
-
-def plot_training(ax, rows) -> None:
-    """Normalised training-step time per variant (plain-conv step = 1), bars from p10 to p90.
-
-    ``rows``: the training benchmark's CSV rows (``pass`` = ``train``; ``method`` is the
-    variant, ``normalized`` the median step time over the plain-conv one).
-    """
-    rows = sorted(rows, key=lambda r: (TRAIN_ORDER.index(r["method"]) if r["method"] in TRAIN_ORDER else 99,
-                                       r["method"]))
-    names = [r["method"] for r in rows]
-    values = [float(r["normalized"]) for r in rows]
-    lo = [v - v * float(r["p10_ms"]) / float(r["median_ms"]) for v, r in zip(values, rows)]
-    hi = [v * float(r["p90_ms"]) / float(r["median_ms"]) - v for v, r in zip(values, rows)]
-    bars = ax.bar(names, values, yerr=[lo, hi], capsize=4, color=[f"C{i}" for i in range(len(rows))])
-    ax.bar_label(bars, [f"{v:.2f}" for v in values], padding=3, fontsize=8)
-    ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_ylabel("training step time / plain-conv step\n(median; bars p10-p90)")
-    shape = rows[0].get("shape", "") if rows else ""
-    ax.set_title(f"Normalised training time{', ' + shape if shape else ''}", fontsize=10)
-
-
-def plot_percent_of_roofline(ax, rows, pass_: str = "fwd", column: str = "pct_ideal") -> None:
-    """Grouped bars: percent of roofline per shape and method, from bench rows.
-
-    ``column``: ``pct_ideal`` (against the ideal fused layer's floor: the same yardstick
-    for every method) or ``pct_roofline`` (against the method's own operators' floor).
-    """
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("pass") == pass_ and r.get(column) is not None
-          and not r.get("tf32")]
-    shapes = list(dict.fromkeys(r["shape"] for r in ok))
-    methods = list(dict.fromkeys(r["method"] for r in ok))
-    width = 0.8 / max(len(methods), 1)
-    for j, method in enumerate(methods):
-        xs, ys = [], []
-        for i, shape in enumerate(shapes):
-            r = next((r for r in ok if r["shape"] == shape and r["method"] == method), None)
-            if r is not None:
-                xs.append(i + (j - (len(methods) - 1) / 2) * width)
-                ys.append(float(r[column]))
-        ax.bar(xs, ys, width, label=method)
-    ax.axhline(100.0, color="black", lw=0.8, ls="--")
-    top = max([100.0] + [float(r[column]) for r in ok])
-    ax.set_ylim(0, 1.3 * top)  # headroom for the legend
-    ax.set_xticks(range(len(shapes)), shapes)
-    basis = "the ideal fused layer's floor" if column == "pct_ideal" else "the method's own floor"
-    ax.set_ylabel(f"% of roofline ({pass_})\n100 = {basis}")
-    ax.legend(fontsize=8, ncol=min(3, max(len(methods), 1)), loc="upper center")
-
-
-def time_tiles(geometry, offset, device=None, repeats: int = 50, warmup: int = 3, seed: int = 0) -> dict[str, dict]:
-    """Time the fused forward with the planned tile against other tiles, and im2col.
-
-    The tiles come from ``tiling.rank_tiles`` for the statistics of ``offset`` on
-    ``device`` (a ``tiling.DeviceModel``): the planner's pick, the best tile without a
-    halo, the biggest tile and the last-ranked one. Inputs are random
-    (``dcn.inputs.random_layer``); ``offset`` is used as given. Returns ``time_calls``'s dict,
-    keyed ``"<pick>: <TH>x<TW>, halo <h>"`` and ``"im2col (no tiles)"``.
-    """
-    import deftnumba as dn
-
-    from .dcn.planning import plan as tiling
-    from .dcn.inputs import random_layer
-
-    g = geometry
-    x, _, weight, bias, mask = (backend.to_device(a) if a is not None else None for a in random_layer(g, seed))
-    offset = backend.to_device(np.asarray(backend.to_host(offset), dtype=g.dtype))
-    ranking = [tile for tile, _ in tiling.rank_tiles(g, tiling.offset_statistics(offset), top=1000, device=device)]
-    if not ranking:
-        raise ValueError("no feasible fused tile for this geometry and device")
-    picks = {"planned": ranking[0],
-             "best without halo": next((t for t in ranking if t.halo == 0), None),
-             "biggest tile": max(ranking, key=lambda t: t.pixels),
-             "ranked last": ranking[-1]}
-    conv = dict(stride=(g.stride_h, g.stride_w), padding=(g.pad_h, g.pad_w), dilation=(g.dil_h, g.dil_w),
-                mask=mask)
-    calls, seen = {}, set()
-    for name, tile in picks.items():
-        if tile is None or tile in seen:
-            continue
-        seen.add(tile)
-        plan = tiling.Plan("fused", tile)
-        calls[f"{name}: {tile.tile_h}x{tile.tile_w}, halo {tile.halo}"] = (
-            lambda plan=plan: dn.deform_conv2d(x, offset, weight, bias, **conv, method="fused", plan=plan))
-    calls["im2col (no tiles)"] = lambda: dn.deform_conv2d(x, offset, weight, bias, **conv, method="im2col")
-    return time_calls(calls, repeats=repeats, warmup=warmup)

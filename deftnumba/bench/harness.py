@@ -1,88 +1,169 @@
-"""The benchmark harness: shape suites x methods x passes, timed with CUDA events.
+"""The benchmark harness: for each registered op, its shape suites x methods x passes,
+timed with CUDA events.
 
-``python -m deftnumba bench`` times, for every suite shape (DESIGN.md's
-"Benchmark conventions"):
+The harness is generic; what it times comes from an **op** (``deftnumba.dcn.bench_op``
+is the first), a module or object with:
 
-* every forward method in ``deftnumba.METHODS`` (read when the run starts, so
-  methods added later are timed too), plus the baselines ``torchvision``
-  (``torchvision.ops.deform_conv2d``, on CUDA when importable) and
-  ``cudnn_conv`` (a dense ``torch.nn.functional.conv2d`` of the same shape: the
-  slowdown denominator);
-* the passes ``fwd``, and ``bwd`` / ``fwdbwd`` when ``deftnumba`` has
-  ``deform_conv2d_backward`` (the baselines' backward goes through torch
-  autograd), and ``host``: the host time of one call, Python to launch, with the
-  GPU idle (the target is under 30 us).
+* ``name``: ``"dcn"``, ``"tucker"``, ``"lean"``: the CSV's ``op`` column and the
+  folder ``data/bench/<name>/``;
+* ``methods()``: ``{method: one-line description}``, ours and the baselines;
+* ``suites()``: ``{shape name: shape parameters (a dict)}``; the parameters become
+  the CSV's shape columns;
+* ``make_inputs(shape, dtype, seed)``: the inputs of one shape (on the device);
+* ``runner(method, pass_, inputs)``: a zero-argument callable to time (or a
+  ``runtime.timing.Timed``), or None where that method has no such pass;
+* ``operators(shape, method, pass_)``: ``perf.roofline.Operator`` counts, or ``[]``.
 
-Each time is the median of ``--reps`` (default 50) runs after warm-up, with
-p10 and p90, each run timed with CUDA events and preceded by a write of a
-buffer of at least twice the L2 size (128 MiB or more), so no run finds its
-inputs in L2. Offsets are random (a few pixels), never zeros. fp32 rows run
-with TF32 off in cuDNN, cuBLAS-through-torch and CuPy (checked at start: an
-fp32 GEMM through each is compared with float64); ``--tf32`` adds baseline rows
-with TF32 on, named ``<method>+tf32``.
+Optional, with defaults when absent: ``baselines()`` (speedup columns, ``+tf32``
+rows; default none), ``passes(method)`` (default fwd, bwd, fwdbwd, host),
+``smoke_suites()`` (the simulator's tiny shapes; an op without them is not run in
+the simulator), ``parse_shape(text)`` (``--shape``), ``useful_flops(shape, pass_)``
+(what TFLOP/s are quoted in; default the method's counted FLOPs),
+``ideal_method`` (``pct_ideal``'s yardstick), ``detail(method, pass_)`` and
+``check(method, inputs)`` (a forward's ``(against, relative error)``). The shape
+dicts given to ``operators`` and ``useful_flops`` also carry the row's ``dtype``.
+``OPS`` lists the ops found (``OP_MODULES``: dcn, tucker, lean; missing ones
+are skipped); ``register_op`` adds one. A new op is a module, not a branch here.
 
-Every row carries its provenance (device, driver, CUDA, library versions,
-commit, timestamp), the shape, the roofline floor of its method and of the
-ideal fused layer (``deftnumba.roofline``, with ceilings measured once per run)
-and its speedup over ``torchvision`` and ``cudnn_conv``. The CSV goes to
-``data/bench/`` with a speedup chart (PNG) beside it.
+Passes: ``fwd``, ``bwd``, ``fwdbwd`` (forward then backward) and ``host``: the host
+time of one forward call, Python to launch, with the GPU idle (the target is under
+30 us). Each time is the median of ``--reps`` (default 50) runs after warm-up, with
+p10 and p90, each run timed with CUDA events and preceded by a write of a buffer of
+at least twice the L2 size (``runtime.timing.Timer``). fp32 rows run with TF32 off
+in cuDNN, cuBLAS-through-torch and CuPy (checked at start); ``--tf32`` adds baseline
+rows with TF32 on, named ``<method>+tf32``.
 
-Without a GPU the harness runs a **simulator smoke** version on a tiny shape,
+Every row carries its provenance (``perf.provenance``: device, driver, CUDA, library
+versions, commit, timestamp), the op, the shape and its parameters, the roofline floor
+of its method and of the op's ideal method (ceilings measured once per run) and its
+speedup over each baseline. The CSV goes to ``data/bench/<op>/`` (or
+``$DEFTNUMBA_BENCH_DIR/<op>/``) with a speedup chart (PNG) beside it.
+
+Without a GPU the harness runs a **simulator smoke** version on tiny shapes,
 labelled ``simulator smoke (not GPU data)`` in every row; its files go to
-``build/bench-smoke/`` (or ``--out``), never to ``data/bench/``.
+``build/bench-smoke/`` (or ``--out``), never under ``data/bench/``.
 
 Reusable pieces for notebooks: ``load_results``, ``describe``, ``latest_csv``,
-``recorded_note``, ``plot_speedups``, ``plot_roofline``.
+``recorded_note``; the charts are in ``bench.plots``.
 """
 
 from __future__ import annotations
 
 import csv
-import math
+import importlib
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from ..dcn import roofline
+from ..dcn import bench_op as dcn_op
 from ..perf import provenance as provenance_
+from ..perf.device import H200_LEADS
 from ..perf.provenance import GPU_LABEL, SMOKE_LABEL, csv_name, git_commit, provenance, tf32_check  # noqa: F401
+from ..perf.roofline import floor_ms_of, measure_ceilings
 from ..runtime import backend, timing
-from ..dcn.geometry import Geometry
+from ..runtime.timing import Timed
+from .plots import describe, plot_roofline, plot_speedups  # noqa: F401  (the harness's charts)
 
 REPO = provenance_.REPO
 BENCH_DIR = provenance_.bench_dir()
 SMOKE_DIR = REPO / "build" / "bench-smoke"
 
+# --------------------------------------------------------------------------- the ops
+OP_MODULES = ["deftnumba.dcn.bench_op", "deftnumba.tucker.bench_op", "deftnumba.lean.bench_op"]
+"""Where the ops live; a module that does not exist in this checkout is skipped."""
 
-def _layer(n, c, c_out, h, w, k=3) -> Geometry:
-    """3x3 (or kxk), stride 1, 'same' padding, one offset group, DCNv2 with mask, no bias."""
-    return Geometry(batch=n, in_channels=c, height=h, width=w, out_channels=c_out, kernel_h=k, kernel_w=k,
-                    pad_h=k // 2, pad_w=k // 2, has_mask=True, has_bias=False)
+OPS: dict = {}
+"""``{name: op}`` of every op found (filled at import; ``register_op`` adds more)."""
 
 
-SUITES: dict[str, Geometry] = {
-    "deft64": _layer(8, 64, 64, 64, 64),      # the DefT paper's layer
-    "res128": _layer(16, 128, 128, 128, 128),
-    "det-c4": _layer(4, 256, 256, 50, 68),
-    "det-c5": _layer(4, 512, 512, 25, 34),
-}
-SMOKE_SUITES: dict[str, Geometry] = {"smoke": _layer(1, 2, 3, 5, 6)}
+def register_op(op) -> None:
+    """Add an op (a module or object following the protocol above) under ``op.name``."""
+    OPS[op.name] = op
 
-BASELINES = ("torchvision", "cudnn_conv")
+
+def _find_ops() -> None:
+    for module in OP_MODULES:
+        try:
+            register_op(importlib.import_module(module))
+        except ModuleNotFoundError as err:
+            if not (err.name and module.startswith(err.name)):
+                raise  # the op exists but something it needs is missing: say so
+
+
+_find_ops()
+
+
+def get_op(name: str):
+    if name not in OPS:
+        raise ValueError(f"unknown op {name!r}; ops are {list(OPS)}")
+    return OPS[name]
+
+
+def shape_columns(op) -> tuple[str, ...]:
+    """An op's shape-parameter columns: the keys of its suites' parameter dicts, in order."""
+    suites = dict(op.suites())
+    if hasattr(op, "smoke_suites"):
+        suites.update(op.smoke_suites())
+    return tuple(dict.fromkeys(k for params in suites.values() for k in as_shape(op, params)))
+
+
+def as_shape(op, shape) -> dict:
+    """Shape parameters as a dict (an op may keep richer objects, e.g. DCN's ``Geometry``)."""
+    if isinstance(shape, dict):
+        return dict(shape)
+    params = getattr(op, "params", None)
+    if params is None:
+        raise TypeError(f"op {op.name!r}: shape parameters must be a dict, got {type(shape).__name__}")
+    return params(shape)
+
+
+def shape_of(row: dict, op) -> dict:
+    """A CSV row's shape parameters (integral floats back to ints)."""
+    def value(v):
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
+    return {k: value(row[k]) for k in shape_columns(op) if k in row}
+
+
+def _optional(op, attribute, default):
+    return getattr(op, attribute, default)
+
+
+def passes_of(op, method: str) -> tuple[str, ...]:
+    passes = _optional(op, "passes", None)
+    return tuple(passes(method)) if passes is not None else PASSES
+
+
+def baselines_of(op) -> tuple[str, ...]:
+    baselines = _optional(op, "baselines", None)
+    return tuple(baselines()) if baselines is not None else ()
+
+
+def useful_flops(op, shape: dict, method: str, pass_: str) -> float:
+    """What TFLOP/s are quoted in: the op's ``useful_flops`` (one number for every method,
+    e.g. convolution FLOPs), else the method's counted FLOPs."""
+    if hasattr(op, "useful_flops"):
+        return op.useful_flops(shape, pass_)
+    return sum(o.flops for o in op.operators(shape, method, pass_))
+
+
+def floor_ms(operators, ceilings, dtype: str = "float32") -> float:
+    """The roofline floor of operators run one after another: each bounded by its own larger term."""
+    return sum(floor_ms_of(o.flops, o.bytes, ceilings, dtype) for o in operators)
+
+
+# The DCN op's suites, kept here under their old names (notebooks and tests read them).
+SUITES = dcn_op.SUITES
+SMOKE_SUITES = dcn_op.SMOKE_SUITES
+parse_shape = dcn_op.parse_shape
+
+BASELINES = dcn_op.BASELINES
 PASSES = ("fwd", "bwd", "fwdbwd", "host")
 
-COLUMNS = (
-    # provenance
-    "mode", "device", "compute_capability", "driver", "cuda_runtime", "numba_cuda", "cupy", "torch",
-    "torchvision", "numpy", "python", "commit", "timestamp",
-    # precision
-    "dtype", "tf32", "tf32_check",
-    # shape
-    "shape", "batch", "in_channels", "out_channels", "height", "width", "kernel_h", "kernel_w",
-    "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "groups", "offset_groups", "mask", "bias",
+_PROVENANCE = ("mode", "device", "compute_capability", "driver", "cuda_runtime", "numba_cuda", "cupy", "torch",
+               "torchvision", "numpy", "python", "commit", "timestamp")
+_AFTER_SHAPE = (
     # what and how
     "pass", "method", "detail", "status", "reps", "warmup", "l2_flush_bytes", "clock",
     # times and rates
@@ -90,22 +171,29 @@ COLUMNS = (
     # roofline
     "ceilings", "ceiling_source", "ceiling_tflops", "ceiling_gbps",
     "floor_ms", "pct_roofline", "ideal_floor_ms", "pct_ideal",
-    # comparisons
-    "speedup_vs_torchvision", "speedup_vs_cudnn_conv",
 )
-_NUMERIC = {"batch", "in_channels", "out_channels", "height", "width", "kernel_h", "kernel_w", "stride_h",
-            "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "groups", "offset_groups", "reps", "warmup",
-            "l2_flush_bytes", "median_ms", "p10_ms", "p90_ms", "tflops", "gbps", "check_rel_err",
-            "ceiling_tflops", "ceiling_gbps", "floor_ms", "pct_roofline", "ideal_floor_ms", "pct_ideal",
-            "speedup_vs_torchvision", "speedup_vs_cudnn_conv"}
+_TEXT = set(_PROVENANCE) | {"op", "dtype", "tf32_check", "shape", "pass", "method", "detail", "status", "clock",
+                            "bytes_basis", "ceilings", "ceiling_source"}
+
+
+def columns(op) -> tuple[str, ...]:
+    """An op's CSV columns: provenance, op, precision, shape and its parameters, the
+    measurement, the roofline, then one speedup column per baseline."""
+    baselines = getattr(op, "BASELINES", None) or baselines_of(op)
+    return (_PROVENANCE + ("op", "dtype", "tf32", "tf32_check", "shape") + shape_columns(op) + _AFTER_SHAPE
+            + tuple(f"speedup_vs_{b}" for b in baselines))
+
+
+COLUMNS = columns(dcn_op)
+"""The DCN op's CSV columns."""
 
 
 @dataclass
 class Config:
     """What to run. ``smoke`` is forced in the simulator."""
 
-    suites: tuple[str, ...] = tuple(SUITES)
-    shapes: tuple[tuple[str, Geometry], ...] = ()   # user shapes (name, geometry)
+    suites: tuple[str, ...] | None = None            # None: all of the op's suites
+    shapes: tuple[tuple[str, object], ...] = ()      # user shapes (name, parameters)
     methods: tuple[str, ...] | None = None           # None: all available
     passes: tuple[str, ...] = PASSES
     dtype: str = "float32"
@@ -119,38 +207,58 @@ class Config:
     seed: int = 0
     quiet: bool = False
     max_minutes: float = 8.0   # cases not started by then are recorded as skipped
+    op: str = "dcn"
 
     @property
     def smoke(self) -> bool:
         return backend.IS_SIMULATOR
 
 
-# --------------------------------------------------------------------------- shapes
-def parse_shape(text: str) -> tuple[str, Geometry]:
-    """``N,C,Cout,H,W[,k]`` -> ``("N,C,Cout,H,W,k", Geometry)`` (stride 1, same padding, mask)."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) not in (5, 6) or min(values) < 1:
-        raise ValueError(f"--shape expects N,C,Cout,H,W[,k] (positive ints), got {text!r}")
-    g = _layer(*values)
-    return "x".join(str(v) for v in values), g
-
-
-def _geometries(config: Config) -> list[tuple[str, Geometry]]:
+# --------------------------------------------------------------------------- cases
+def _shapes(config: Config, op) -> list[tuple[str, dict]]:
     if config.smoke:
-        chosen = list(SMOKE_SUITES.items())
+        smoke = _optional(op, "smoke_suites", None)
+        chosen = list(smoke().items()) if smoke is not None else []
     else:
-        unknown = [s for s in config.suites if s not in SUITES]
+        suites = op.suites()
+        names = list(suites) if config.suites is None else list(config.suites)
+        unknown = [s for s in names if s not in suites]
         if unknown:
-            raise ValueError(f"unknown suite(s) {unknown}; suites are {list(SUITES)}")
-        chosen = [(s, SUITES[s]) for s in config.suites]
+            raise ValueError(f"unknown suite(s) {unknown} of op {op.name!r}; suites are {list(suites)}")
+        chosen = [(s, suites[s]) for s in names]
     chosen += list(config.shapes)
-    return [(name, replace(g, dtype=config.dtype)) for name, g in chosen]
+    return [(name, as_shape(op, params)) for name, params in chosen]
 
 
-# --------------------------------------------------------------------------- environment
+@dataclass
+class _Case:
+    shape: str
+    params: dict
+    pass_: str
+    method: str
+    detail: str = ""
+    tf32: bool = False
+
+
+def _cases(config: Config, op) -> list[_Case]:
+    """Every (shape, pass, method) to time, in that order; methods read now."""
+    methods = list(op.methods())
+    if config.methods is not None:
+        methods = [m for m in methods if m in config.methods]
+    baselines = baselines_of(op)
+    detail = _optional(op, "detail", lambda method, pass_: "")
+    cases = []
+    for shape, params in _shapes(config, op):
+        for pass_ in (p for p in PASSES if p in config.passes):
+            for method in methods:
+                if pass_ not in passes_of(op, method):
+                    continue
+                cases.append(_Case(shape, params, pass_, method, detail(method, pass_)))
+                if config.tf32_rows and method in baselines and pass_ != "host" and config.dtype == "float32":
+                    cases.append(_Case(shape, params, pass_, method + "+tf32", "TF32 on (cuDNN, cuBLAS)", True))
+    return cases
+
+
 def _torch():
     try:
         import torch
@@ -160,158 +268,6 @@ def _torch():
 
 
 _disable_tf32 = provenance_.disable_tf32
-
-
-def _torchvision_deform():
-    """``torchvision.ops.deform_conv2d`` if importable and usable on CUDA, else None."""
-    torch = _torch()
-    if torch is None or backend.IS_SIMULATOR or not torch.cuda.is_available():
-        return None
-    try:
-        from torchvision.ops import deform_conv2d
-    except Exception:  # noqa: BLE001 - missing or broken install
-        return None
-    return deform_conv2d
-
-
-# --------------------------------------------------------------------------- the cases
-class _Layer:
-    """One shape's arrays: deftnumba's (NumPy in the simulator, CuPy on the GPU) and
-    torch views of the same memory (DLPack on the GPU, ``from_numpy`` in the simulator)."""
-
-    def __init__(self, g: Geometry, seed: int):
-        from ..dcn.demo import random_layer
-
-        self.g = g
-        host = random_layer(g, seed=seed, offset_scale=2.0)  # random offsets of a few pixels
-        rng = np.random.default_rng(seed + 1)
-        grad = rng.standard_normal(g.shapes["output"]).astype(g.dtype)
-        self.arrays = [backend.to_device(a) if a is not None else None for a in host]
-        self.grad_output = backend.to_device(grad)
-        self.kwargs = dict(stride=(g.stride_h, g.stride_w), padding=(g.pad_h, g.pad_w),
-                           dilation=(g.dil_h, g.dil_w))
-        torch = _torch()
-        self.tensors = None
-        if torch is not None:
-            convert = torch.from_numpy if backend.IS_SIMULATOR else torch.from_dlpack
-            self.tensors = [convert(a) if a is not None else None for a in self.arrays]
-            self.grad_tensor = convert(self.grad_output)
-
-    # deftnumba --------------------------------------------------------------
-    def dn_forward(self, method):
-        import deftnumba as dn
-
-        x, offset, weight, bias, mask = self.arrays
-        return lambda: dn.deform_conv2d(x, offset, weight, bias, **self.kwargs, mask=mask, method=method)
-
-    def dn_backward(self, method):
-        import deftnumba as dn
-
-        x, offset, weight, bias, mask = self.arrays
-        return lambda: dn.deform_conv2d_backward(self.grad_output, x, offset, weight, bias, **self.kwargs,
-                                                 mask=mask, method=method)
-
-    # torch ------------------------------------------------------------------
-    def torch_forward(self, method, requires_grad=False):
-        """A function running the baseline forward; with ``requires_grad`` it returns
-        ``(output, leaf tensors)`` for autograd."""
-        torch = _torch()
-        x, offset, weight, bias, mask = self.tensors
-        g = self.g
-        tv = _torchvision_deform()
-
-        def forward():
-            leaves = (x, offset, weight, bias, mask)
-            if requires_grad:  # fresh leaves per call, so every backward has its own graph
-                leaves = [t.detach().requires_grad_() if t is not None else None for t in leaves]
-            xi, oi, wi, bi, mi = leaves
-            if method == "torchvision":
-                out = tv(xi, oi, wi, bi, mask=mi, **self.kwargs)
-            else:  # cudnn_conv: the dense convolution of the same shape
-                out = torch.nn.functional.conv2d(xi, wi, bi, stride=self.kwargs["stride"],
-                                                 padding=self.kwargs["padding"],
-                                                 dilation=self.kwargs["dilation"], groups=g.groups)
-                leaves = [xi, wi, bi]
-            return out, [t for t in leaves if t is not None]
-
-        return forward
-
-
-@dataclass
-class _Case:
-    shape: str
-    g: Geometry
-    pass_: str
-    method: str
-    detail: str = ""
-    tf32: bool = False
-
-
-def _methods(config: Config) -> dict[str, list[str]]:
-    """Methods per pass, read now: deftnumba's own, then the available baselines."""
-    import deftnumba as dn
-
-    torch = _torch()
-    baselines = []
-    if _torchvision_deform() is not None:
-        baselines.append("torchvision")
-    if torch is not None:
-        baselines.append("cudnn_conv")
-    forward = list(dn.METHODS)
-    has_backward = hasattr(dn, "deform_conv2d_backward")
-    backward = list(getattr(dn, "BACKWARD_METHODS", dn.METHODS)) if has_backward else []
-    chosen = {
-        "fwd": forward + baselines,
-        "bwd": backward + baselines if has_backward else [],
-        "fwdbwd": backward + baselines if has_backward else [],
-        "host": forward + baselines,
-    }
-    if config.methods is not None:
-        chosen = {p: [m for m in ms if m in config.methods] for p, ms in chosen.items()}
-    return {p: ms for p, ms in chosen.items() if p in config.passes}
-
-
-def _cases(config: Config) -> list[_Case]:
-    cases = []
-    methods = _methods(config)
-    import deftnumba as dn
-
-    for shape, g in _geometries(config):
-        for pass_ in (p for p in PASSES if p in methods):
-            for method in methods[pass_]:
-                detail = ""
-                if pass_ == "fwdbwd" and method not in BASELINES:
-                    detail = f"fwd={method if method in dn.METHODS else 'auto'} bwd={method}"
-                cases.append(_Case(shape, g, pass_, method, detail))
-                if config.tf32_rows and method in BASELINES and pass_ != "host" and g.dtype == "float32":
-                    cases.append(_Case(shape, g, pass_, method + "+tf32", "TF32 on (cuDNN, cuBLAS)", True))
-    return cases
-
-
-def _runner(case: _Case, layer: _Layer):
-    """``(prepare, run, framework)`` for a timed case."""
-    import deftnumba as dn
-
-    method = case.method.removesuffix("+tf32")
-    if method not in BASELINES:
-        fwd_method = method if method in dn.METHODS else "auto"
-        forward, backward = layer.dn_forward(fwd_method), None
-        if case.pass_ != "fwd":
-            backward = layer.dn_backward(method)
-        run = {"fwd": lambda _: forward(), "bwd": lambda _: backward(),
-               "fwdbwd": lambda _: (forward(), backward())}[case.pass_]
-        return (lambda: None), run, "deftnumba"
-    torch = _torch()
-    forward = layer.torch_forward(method, requires_grad=case.pass_ != "fwd")
-
-    def grads(out, leaves):
-        return torch.autograd.grad(out, leaves, layer.grad_tensor)
-
-    if case.pass_ == "fwd":
-        return (lambda: None), (lambda _: forward()), "torch"
-    if case.pass_ == "bwd":
-        return forward, (lambda state: grads(*state)), "torch"
-    return (lambda: None), (lambda _: grads(*forward())), "torch"
 
 
 class _TF32:
@@ -330,63 +286,40 @@ class _TF32:
         _disable_tf32(_torch())
 
 
-def _forward_output(layer: _Layer, method: str) -> np.ndarray:
-    """One forward of ``method`` as a float64 host array."""
-    import deftnumba as dn
-
-    if method in BASELINES:
-        out, _ = layer.torch_forward(method)()
-        return out.detach().double().cpu().numpy()
-    x, offset, weight, bias, mask = layer.arrays
-    out = dn.deform_conv2d(x, offset, weight, bias, **layer.kwargs, mask=mask, method=method)
-    return np.asarray(backend.to_host(out), dtype=np.float64)
-
-
-def _reference_output(layer: _Layer) -> tuple[str, np.ndarray]:
-    """What forward outputs are checked against: torchvision where it runs, else the
-    float64 NumPy reference for small layers, else deftnumba's im2col baseline."""
-    if _torchvision_deform() is not None:
-        return "torchvision", _forward_output(layer, "torchvision")
-    g = layer.g
-    if g.batch * g.in_channels * g.taps * g.out_h * g.out_w <= 2e6:
-        from ..dcn import reference
-
-        host = [backend.to_host(a) if a is not None else None for a in layer.arrays]
-        return "float64 reference", reference.deform_conv2d(*host[:4], **layer.kwargs, mask=host[4])
-    return "im2col", _forward_output(layer, "im2col")
-
-
-def _rel_err(out: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(out - ref) / max(float(np.linalg.norm(ref)), 1e-300))
-
-
 # --------------------------------------------------------------------------- the run
-def _roofline_columns(case: _Case, median_ms: float, ceilings: roofline.Ceilings) -> dict:
+def _roofline_columns(op, case: _Case, dtype: str, median_ms: float, ceilings) -> dict:
     if case.pass_ == "host":
         return {}
     method = case.method.removesuffix("+tf32")
-    model = method if roofline.has_model(method, case.pass_) else None
-    basis = model or "fused (ideal)"
-    conv = roofline.conv_flops(case.g, case.pass_)
-    moved = roofline.min_bytes(case.g, model or "fused", case.pass_)
-    cols = {"tflops": conv / (median_ms * 1e-3) / 1e12, "gbps": moved / (median_ms * 1e-3) / 1e9,
-            "bytes_basis": basis,
-            "ideal_floor_ms": roofline.floor_ms(case.g, "fused", case.pass_, ceilings)}
-    cols["pct_ideal"] = 100.0 * cols["ideal_floor_ms"] / median_ms
-    if model:
-        cols["floor_ms"] = roofline.floor_ms(case.g, model, case.pass_, ceilings)
+    shape = dict(case.params, dtype=dtype)
+    counted = op.operators(shape, method, case.pass_)
+    ideal = _optional(op, "ideal_method", None)
+    ideal_ops = op.operators(shape, ideal, case.pass_) if ideal else []
+    basis = method if counted else (f"{ideal} (ideal)" if ideal_ops else "")
+    moved = sum(o.bytes for o in (counted or ideal_ops))
+    useful = useful_flops(op, shape, method, case.pass_)
+    cols = {"bytes_basis": basis}
+    if useful:
+        cols["tflops"] = useful / (median_ms * 1e-3) / 1e12
+    if moved:
+        cols["gbps"] = moved / (median_ms * 1e-3) / 1e9
+    if ideal_ops:
+        cols["ideal_floor_ms"] = floor_ms(ideal_ops, ceilings, dtype)
+        cols["pct_ideal"] = 100.0 * cols["ideal_floor_ms"] / median_ms
+    if counted:
+        cols["floor_ms"] = floor_ms(counted, ceilings, dtype)
         cols["pct_roofline"] = 100.0 * cols["floor_ms"] / median_ms
     return cols
 
 
-def _add_speedups(rows: list[dict]) -> None:
-    """``speedup_vs_<baseline> = baseline median / row median`` for the same shape,
+def _add_speedups(rows: list[dict], baselines=BASELINES) -> None:
+    """``speedup_vs_<baseline> = baseline median / row median`` for the same op, shape,
     dtype and pass (fp32 rows against the TF32-off baseline)."""
-    index = {(r["shape"], r["dtype"], r["pass"], r["method"]): r["median_ms"]
+    index = {(r.get("op"), r["shape"], r["dtype"], r["pass"], r["method"]): r["median_ms"]
              for r in rows if r["status"] == "ok"}
     for r in rows:
-        for base in BASELINES:
-            ref = index.get((r["shape"], r["dtype"], r["pass"], base))
+        for base in baselines:
+            ref = index.get((r.get("op"), r["shape"], r["dtype"], r["pass"], base))
             if r["status"] == "ok" and ref:
                 r[f"speedup_vs_{base}"] = ref / r["median_ms"]
 
@@ -403,13 +336,16 @@ def _progress(done: int, total: int, text: str, quiet: bool) -> None:
 
 
 def run(config: Config, on_row=None) -> list[dict]:
-    """Time every case of ``config``; return the rows (dicts keyed by ``COLUMNS``).
+    """Time every case of ``config`` (one op, ``config.op``); return the rows (dicts keyed
+    by ``columns(op)``).
 
     ``on_row(row)`` is called after each case (the CLI appends it to a partial CSV, so
     a run cut short still leaves its rows). Cases not started within
     ``config.max_minutes`` are recorded as skipped.
     """
     started = time.perf_counter()
+    op = get_op(config.op)
+    cols = columns(op)
     torch = _torch()
     _disable_tf32(torch)
     if not backend.IS_SIMULATOR and torch is not None and torch.cuda.is_available():
@@ -417,56 +353,48 @@ def run(config: Config, on_row=None) -> list[dict]:
     reps, warmup = (min(config.reps, 3), min(config.warmup, 1)) if config.smoke else (config.reps, config.warmup)
     if not config.smoke and reps < 50:
         print(f"warning: --reps {reps} < 50: below the benchmark convention", file=sys.stderr)
-    if config.smoke or not config.measure:
-        ceilings = roofline.H200_LEADS
-    else:
-        ceilings = roofline.measure_ceilings()
+    ceilings = H200_LEADS if config.smoke or not config.measure else measure_ceilings()
     base = provenance(config.commit)
     base["tf32_check"] = tf32_check()
     clock = timing.Timer()
-    cases = _cases(config)
-    rows, layers, refs = [], {}, {}
+    cases = _cases(config, op)
+    check = _optional(op, "check", None)
+    rows, inputs = [], {}
     for i, case in enumerate(cases):
         _progress(i, len(cases), f"{case.shape} {case.pass_} {case.method}", config.quiet)
         over_budget = time.perf_counter() - started > 60 * config.max_minutes
-        if case.shape not in layers and not over_budget:
-            layers.clear()  # one shape's arrays at a time
-            layers[case.shape] = _Layer(case.g, config.seed)
-        layer = layers.get(case.shape)
-        g = case.g
-        row = dict(base, dtype=g.dtype, tf32=case.tf32, shape=case.shape, batch=g.batch,
-                   in_channels=g.in_channels, out_channels=g.out_channels, height=g.height, width=g.width,
-                   kernel_h=g.kernel_h, kernel_w=g.kernel_w, stride_h=g.stride_h, stride_w=g.stride_w,
-                   pad_h=g.pad_h, pad_w=g.pad_w, dil_h=g.dil_h, dil_w=g.dil_w, groups=g.groups,
-                   offset_groups=g.offset_groups, mask=g.has_mask, bias=g.has_bias,
+        if case.shape not in inputs and not over_budget:
+            inputs.clear()  # one shape's inputs at a time
+            inputs[case.shape] = op.make_inputs(case.params, config.dtype, config.seed)
+        made = inputs.get(case.shape)
+        row = dict(base, op=op.name, dtype=config.dtype, tf32=case.tf32, shape=case.shape, **case.params,
                    method=case.method, detail=case.detail, reps=reps, warmup=warmup,
                    l2_flush_bytes=clock.flush_bytes if case.pass_ != "host" else 0,
                    clock="host clock" if case.pass_ == "host" else clock.label,
                    ceilings=ceilings.name, ceiling_source=ceilings.source,
                    ceiling_tflops=ceilings.flops_per_s / 1e12, ceiling_gbps=ceilings.bytes_per_s / 1e9)
         row["pass"] = case.pass_
+        method = case.method.removesuffix("+tf32")
         try:
             if over_budget:
                 raise TimeoutError(f"skipped: past the --max-minutes {config.max_minutes} budget")
             with _TF32(case.tf32):
+                work = op.runner(method, "fwd" if case.pass_ == "host" else case.pass_, made)
+                if work is None:
+                    raise LookupError(f"{op.name} has no {case.pass_} pass for {method}")
+                work = Timed.of(work)
                 if case.pass_ == "host":
-                    if case.method in BASELINES:
-                        forward = layer.torch_forward(case.method)
-                    else:
-                        forward = layer.dn_forward(case.method)
-                    ms = timing.host_call_ms(forward, reps)
+                    ms = timing.host_call_ms(lambda: work.run(work.prepare()), reps)
                 else:
-                    if case.pass_ == "fwd" and not case.tf32 and case.method != "cudnn_conv":
-                        if case.shape not in refs:
-                            refs[case.shape] = _reference_output(layer)
-                        against, ref = refs[case.shape]
-                        row["check_rel_err"] = _rel_err(_forward_output(layer, case.method), ref)
-                        row["detail"] = f"output checked against {against}"
-                    prepare, timed, framework = _runner(case, layer)
-                    ms = clock.time(prepare, timed, reps, warmup, framework)
+                    if case.pass_ == "fwd" and not case.tf32 and check is not None:
+                        checked = check(method, made)
+                        if checked is not None:
+                            against, row["check_rel_err"] = checked
+                            row["detail"] = f"output checked against {against}"
+                    ms = clock.time(work.prepare, work.run, reps, warmup, work.framework)
                 row["reps"] = len(ms)
             row["median_ms"], row["p10_ms"], row["p90_ms"] = timing.percentiles(ms)
-            row.update(_roofline_columns(case, row["median_ms"], ceilings))
+            row.update(_roofline_columns(op, case, config.dtype, row["median_ms"], ceilings))
             row["status"] = "ok"
         except TimeoutError as err:
             row["status"] = str(err)
@@ -474,173 +402,82 @@ def run(config: Config, on_row=None) -> list[dict]:
             row["status"] = f"error: {type(err).__name__}: {str(err)[:200]}"
         rows.append(row)
         if on_row is not None:
-            on_row({c: row.get(c, "") for c in COLUMNS})
+            on_row({c: row.get(c, "") for c in cols})
     _progress(len(cases), len(cases), "done", config.quiet)
-    _add_speedups(rows)
-    return [{c: row.get(c, "") for c in COLUMNS} for row in rows]
+    _add_speedups(rows, baselines_of(op))
+    return [{c: row.get(c, "") for c in cols} for row in rows]
 
 
 # --------------------------------------------------------------------------- files
 def output_dir(config: Config) -> Path:
-    """``data/bench/`` for GPU runs; ``build/bench-smoke/`` for the simulator. Simulator
-    output is refused anywhere under ``data/bench/``."""
-    out = Path(config.out) if config.out else (SMOKE_DIR if config.smoke else BENCH_DIR)
+    """``data/bench/<op>/`` (``$DEFTNUMBA_BENCH_DIR/<op>/``) for GPU runs; ``build/bench-smoke/``
+    for the simulator; ``config.out`` if given. Simulator output is refused anywhere under
+    the recorded-results folder."""
+    out = Path(config.out) if config.out else (SMOKE_DIR if config.smoke else BENCH_DIR / config.op)
     if config.smoke:
         provenance_.refuse_smoke_output(out, BENCH_DIR)
     return out
 
 
 def write_csv(rows: list[dict], directory: Path) -> Path:
-    """Write ``rows`` as ``csv_name(rows[0])`` under ``directory``."""
+    """Write ``rows`` as ``csv_name(rows[0])`` under ``directory``, in their op's columns."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / csv_name(rows[0] if rows else provenance())
+    first = rows[0] if rows else provenance()
+    fields = columns(OPS[first["op"]]) if first.get("op") in OPS else list(first)
+    path = directory / csv_name(first)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     return path
 
 
+def _value(key: str, text: str):
+    if key in _TEXT:
+        return text
+    if text in ("", None):
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def load_results(path) -> list[dict]:
-    """Rows of a bench CSV, numbers as floats (``None`` where empty)."""
-    rows = []
+    """Rows of a bench CSV: numbers as floats (``None`` where empty), ``True``/``False`` as
+    booleans, provenance and names as text."""
     with open(path, newline="") as f:
-        for raw in csv.DictReader(f):
-            row = dict(raw)
-            for key in _NUMERIC & row.keys():
-                row[key] = float(row[key]) if row[key] not in ("", None) else None
-            for key in ("mask", "bias", "tf32"):
-                if key in row:
-                    row[key] = row[key] == "True"
-            rows.append(row)
-    return rows
+        return [{k: _value(k, v) for k, v in raw.items()} for raw in csv.DictReader(f)]
 
 
-def describe(rows: list[dict]) -> str:
-    """"recorded on NVIDIA H200, commit abc123, 2026-..." (or the smoke label) for rows."""
-    if not rows:
-        return "nothing recorded"
-    first = rows[0]
-    where = "simulator smoke (not GPU data), " if first["mode"] == SMOKE_LABEL else ""
-    return (f"{where}recorded on {first['device']}, commit {str(first['commit'])[:12]}, "
-            f"{first['timestamp']}, TF32 {first.get('tf32_check', '')}")
-
-
-def latest_csv(directory=BENCH_DIR) -> Path | None:
-    """The newest GPU CSV under ``directory`` (names start with the UTC timestamp)."""
-    directory = Path(directory)
+def latest_csv(directory=None) -> Path | None:
+    """The newest GPU CSV under ``directory`` (default ``data/bench/dcn/``; names start with
+    the UTC timestamp)."""
+    directory = Path(directory) if directory is not None else BENCH_DIR / dcn_op.name
     files = sorted(p for p in directory.glob("*.csv")
                    if not p.name.startswith("smoke_") and not p.name.endswith(".partial.csv")) \
         if directory.is_dir() else []
     return files[-1] if files else None
 
 
-def recorded_note(directory=BENCH_DIR) -> str:
+def recorded_note(directory=None) -> str:
     """What a notebook says about recorded GPU results: their provenance, or that none exist."""
+    directory = Path(directory) if directory is not None else BENCH_DIR / dcn_op.name
     path = latest_csv(directory)
     if path is None:
         return f"nothing recorded yet: no GPU benchmark CSV under {directory} (run `python -m deftnumba bench` on a GPU)"
     return f"{describe(load_results(path))} ({path.name})"
 
 
-# --------------------------------------------------------------------------- plots
-def _figure(ax):
-    if ax is not None:
-        return ax.figure, ax
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    return fig, fig.add_subplot()
-
-
-def plot_speedups(rows: list[dict], baseline: str = "torchvision", pass_: str = "fwd", ax=None, title=None):
-    """Grouped bars: speedup of each method over ``baseline`` per shape (``baseline``
-    median / method median), error bars from the p10/p90 of the method. Falls back to
-    ``im2col`` as the baseline when no ``baseline`` rows exist. Returns the Figure."""
-    ok = [r for r in rows if r["status"] == "ok" and r["pass"] == pass_ and not r.get("tf32")]
-    if not any(r["method"] == baseline for r in ok):
-        baseline = "im2col"
-    base = {r["shape"]: r["median_ms"] for r in ok if r["method"] == baseline}
-    shapes = [s for s in dict.fromkeys(r["shape"] for r in ok) if s in base]
-    methods = [m for m in dict.fromkeys(r["method"] for r in ok) if m != baseline]
-    fig, ax = _figure(ax)
-    width = 0.8 / max(len(methods), 1)
-    for j, method in enumerate(methods):
-        xs, ys, lo, hi = [], [], [], []
-        for i, shape in enumerate(shapes):
-            r = next((r for r in ok if r["shape"] == shape and r["method"] == method), None)
-            if r is None:
-                continue
-            s = base[shape] / r["median_ms"]
-            xs.append(i + (j - (len(methods) - 1) / 2) * width)
-            ys.append(s)
-            lo.append(s - base[shape] / r["p90_ms"])
-            hi.append(base[shape] / r["p10_ms"] - s)
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=method)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    speedups = [base[r["shape"]] / r["median_ms"] for r in ok if r["shape"] in base]
-    if speedups and max(speedups) / min(speedups) > 20:
-        ax.set_yscale("log")
-    ax.set_xticks(range(len(shapes)), shapes)
-    ax.set_ylabel(f"speedup over {baseline} ({pass_}; bars p10-p90)")
-    ax.legend(fontsize="small")
-    ax.set_title(title or describe(rows), fontsize="small", wrap=True)
-    _label_smoke(ax, rows)
-    return fig
-
-
-def _label_smoke(ax, rows) -> None:
-    """Stamp simulator-smoke charts so they are never read as GPU results."""
-    if rows and rows[0].get("mode") == SMOKE_LABEL:
-        ax.text(0.5, 0.5, SMOKE_LABEL.upper(), transform=ax.transAxes, ha="center", va="center",
-                fontsize=16, color="red", alpha=0.35, rotation=20)
-
-
-def plot_roofline(ceilings: roofline.Ceilings = roofline.H200_LEADS, rows: list[dict] | None = None,
-                  geometries: dict | None = None, pass_: str = "fwd", ax=None, title=None):
-    """Log-log roofline: ``min(rate, intensity * bandwidth)``, with one point per row
-    (intensity of its method's modelled bytes, achieved conv FLOP/s) or, without rows,
-    each modelled method of ``geometries`` at its predicted floor. Returns the Figure."""
-    fig, ax = _figure(ax)
-    points = []
-    if rows:
-        for r in rows:
-            if r["status"] != "ok" or r["pass"] != pass_ or not roofline.has_model(r["method"], pass_):
-                continue
-            g = Geometry(**{k: int(r[k]) for k in ("batch", "in_channels", "height", "width", "out_channels",
-                                                    "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_h",
-                                                    "pad_w", "dil_h", "dil_w", "groups", "offset_groups")},
-                         has_mask=bool(r["mask"]), has_bias=bool(r["bias"]), dtype=r["dtype"])
-            conv = roofline.conv_flops(g, pass_)
-            points.append((f"{r['shape']} {r['method']}",
-                           conv / roofline.min_bytes(g, r["method"], pass_), conv / (r["median_ms"] * 1e-3)))
-    else:
-        for shape, g in (geometries or SUITES).items():
-            for method in roofline.MODELS:
-                conv = roofline.conv_flops(g, pass_)
-                floor = roofline.floor_ms(g, method, pass_, ceilings)
-                points.append((f"{shape} {method}", conv / roofline.min_bytes(g, method, pass_),
-                               conv / (floor * 1e-3)))
-    intensities = [p[1] for p in points] or [1.0]
-    xs = np.logspace(math.log10(min(intensities + [1.0])) - 0.5, math.log10(max(intensities + [1e3])) + 0.5, 200)
-    ax.loglog(xs, np.minimum(ceilings.flops_per_s, xs * ceilings.bytes_per_s) / 1e12, color="black",
-              label=f"roof: {ceilings.name}")
-    for label, x, y in points:
-        ax.loglog([x], [y / 1e12], "o")
-        ax.annotate(label, (x, y / 1e12), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("intensity (conv FLOP per modelled byte)")
-    ax.set_ylabel("TFLOP/s (conv FLOPs)")
-    what = describe(rows) if rows else "predicted floors (no measurement)"
-    ax.set_title(title or what, fontsize="small", wrap=True)
-    ax.legend(fontsize="small")
-    _label_smoke(ax, rows)
-    return fig
-
-
 # --------------------------------------------------------------------------- report
 def format_table(rows: list[dict]) -> str:
+    """The run's table: one line per row, a speedup column per baseline (``x <baseline>``)."""
+    speedups = [c for c in (rows[0] if rows else {}) if c.startswith("speedup_vs_")]
     head = (f"{'shape':<10} {'pass':<7} {'method':<18} {'median ms':>10} {'p10':>9} {'p90':>9} "
-            f"{'TFLOP/s':>8} {'GB/s':>8} {'%roof':>6} {'%ideal':>6} {'x tv':>6} {'x cudnn':>7}")
+            f"{'TFLOP/s':>8} {'GB/s':>8} {'%roof':>6} {'%ideal':>6}"
+            + "".join(f" {'x ' + c.removeprefix('speedup_vs_')[:10]:>12}" for c in speedups))
     lines = [head, "-" * len(head)]
 
     def f(v, width, digits):
@@ -652,17 +489,20 @@ def format_table(rows: list[dict]) -> str:
             continue
         lines.append(f"{r['shape']:<10} {r['pass']:<7} {r['method']:<18} {f(r['median_ms'], 10, 4)} "
                      f"{f(r['p10_ms'], 9, 4)} {f(r['p90_ms'], 9, 4)} {f(r['tflops'], 8, 2)} "
-                     f"{f(r['gbps'], 8, 1)} {f(r['pct_roofline'], 6, 1)} {f(r['pct_ideal'], 6, 1)} "
-                     f"{f(r['speedup_vs_torchvision'], 6, 2)} {f(r['speedup_vs_cudnn_conv'], 7, 3)}")
+                     f"{f(r['gbps'], 8, 1)} {f(r['pct_roofline'], 6, 1)} {f(r['pct_ideal'], 6, 1)}"
+                     + "".join(f" {f(r[c], 12, 3)}" for c in speedups))
     return "\n".join(lines)
 
 
 def add_arguments(parser) -> None:
     """The ``bench`` verb's options (``deftnumba.__main__`` adds the subparser)."""
-    parser.add_argument("--suite", action="append", choices=list(SUITES),
-                        help="suite shape(s) to run (default: all); repeatable")
+    parser.add_argument("--op", default="dcn", choices=list(OPS),
+                        help="the op to benchmark (default dcn)")
+    parser.add_argument("--suite", action="append",
+                        help="suite shape(s) of the op to run (default: all); repeatable; "
+                             f"dcn: {', '.join(SUITES)}")
     parser.add_argument("--shape", action="append", default=[], metavar="N,C,Cout,H,W[,k]",
-                        help="an extra shape (stride 1, same padding, mask); repeatable")
+                        help="an extra shape in the op's notation (dcn: stride 1, same padding, mask); repeatable")
     parser.add_argument("--only-shapes", action="store_true", help="run only the --shape shapes")
     parser.add_argument("--method", action="append", help="limit to these methods; repeatable")
     parser.add_argument("--pass", dest="passes", action="append", choices=PASSES,
@@ -670,8 +510,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--reps", type=int, default=50, help="timed runs per case (>= 50 on a GPU)")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--out", type=Path, help="output directory (default data/bench, or build/bench-smoke "
-                                                  "in the simulator)")
+    parser.add_argument("--out", type=Path, help="output directory (default data/bench/<op>, or "
+                                                  "build/bench-smoke in the simulator)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--tf32", action="store_true", help="add baseline rows with TF32 on, named <method>+tf32")
     parser.add_argument("--no-measure", action="store_true",
@@ -684,29 +524,32 @@ def add_arguments(parser) -> None:
 
 
 def config_from_args(args) -> Config:
-    shapes = tuple(parse_shape(s) for s in args.shape)
-    suites = () if args.only_shapes else tuple(args.suite or SUITES)
+    op = get_op(getattr(args, "op", "dcn"))
+    if args.shape and not hasattr(op, "parse_shape"):
+        raise SystemExit(f"op {op.name!r} takes no --shape")
+    shapes = tuple(op.parse_shape(s) for s in args.shape)
+    suites = () if args.only_shapes else (tuple(args.suite) if args.suite else None)
     return Config(suites=suites, shapes=shapes, methods=tuple(args.method) if args.method else None,
                   passes=tuple(args.passes or PASSES), dtype=args.dtype, reps=args.reps, warmup=args.warmup,
                   out=args.out, plot=not args.no_plot, tf32_rows=args.tf32, measure=not args.no_measure,
-                  commit=args.commit, seed=args.seed, quiet=args.quiet, max_minutes=args.max_minutes)
+                  commit=args.commit, seed=args.seed, quiet=args.quiet, max_minutes=args.max_minutes, op=op.name)
 
 
 class _PartialCsv:
     """Rows appended as they are timed, to ``<name>.partial.csv`` (removed once the full
     CSV, with the speedup columns, is written), so a run that is cut short keeps its rows."""
 
-    def __init__(self, directory: Path):
-        self.directory, self.path = directory, None
+    def __init__(self, directory: Path, fields):
+        self.directory, self.path, self.fields = directory, None, fields
 
     def append(self, row: dict) -> None:
         if self.path is None:
             self.directory.mkdir(parents=True, exist_ok=True)
             self.path = self.directory / csv_name(row).replace(".csv", ".partial.csv")
             with open(self.path, "w", newline="") as f:
-                csv.DictWriter(f, fieldnames=COLUMNS).writeheader()
+                csv.DictWriter(f, fieldnames=self.fields).writeheader()
         with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=COLUMNS).writerow(row)
+            csv.DictWriter(f, fieldnames=self.fields).writerow(row)
 
     def remove(self) -> None:
         if self.path is not None:
@@ -717,11 +560,15 @@ def main(args) -> int:
     """``python -m deftnumba bench``: run, print the table, write the CSV and chart."""
     config = config_from_args(args)
     directory = output_dir(config)  # refuse a bad --out before spending any time
+    if config.smoke and not hasattr(get_op(config.op), "smoke_suites"):
+        print(f"{SMOKE_LABEL}: op {config.op!r} has no smoke suite; nothing to run without a GPU.",
+              file=sys.stderr)
+        return 0
     if config.smoke:
         print(f"{SMOKE_LABEL}: no GPU, so kernels run in Numba's CUDA simulator on a tiny shape; "
               f"these times say nothing about GPU speed. Output goes to {directory}.", file=sys.stderr)
     start = time.perf_counter()
-    partial = _PartialCsv(directory)
+    partial = _PartialCsv(directory, columns(get_op(config.op)))
     rows = run(config, on_row=partial.append)
     print(describe(rows))
     print(format_table(rows))
@@ -729,7 +576,11 @@ def main(args) -> int:
     partial.remove()
     print(f"csv: {path}")
     if config.plot:
-        fig = plot_speedups(rows)
+        op = get_op(config.op)
+        baselines = baselines_of(op) or tuple(getattr(op, "BASELINES", ()))
+        ours = [m for m in op.methods() if m not in baselines]
+        fig = plot_speedups(rows, **({} if op.name == "dcn" else
+                                     {"baseline": (baselines or ours)[0], "fallback": ours[0] if ours else ""}))
         png = path.with_name(path.stem + "_speedup.png")
         fig.savefig(png, dpi=120)
         print(f"chart: {png}")

@@ -16,11 +16,29 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from . import backend
+
+
+@dataclass
+class Timed:
+    """What to time when a plain zero-argument callable is not enough: ``run(state)`` is
+    timed, ``state = prepare()`` before it is not (e.g. a forward whose backward is timed);
+    ``framework`` picks whose CUDA events (``"torch"`` or ``"cupy"``)."""
+
+    run: Callable[[Any], Any]
+    prepare: Callable[[], Any] = lambda: None
+    framework: str = "cupy"
+
+    @classmethod
+    def of(cls, what) -> "Timed":
+        """A ``Timed`` as is; a zero-argument callable as ``Timed(lambda _: what())``."""
+        return what if isinstance(what, Timed) else cls(lambda _: what())
 
 
 def percentiles(ms) -> tuple[float, float, float]:
