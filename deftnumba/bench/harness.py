@@ -50,7 +50,6 @@ Reusable pieces for notebooks: ``load_results``, ``describe``, ``latest_csv``,
 from __future__ import annotations
 
 import csv
-import importlib
 import sys
 import time
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ from ..dcn import bench_op as dcn_op
 from ..perf import provenance as provenance_
 from ..perf.device import H200_LEADS
 from ..perf.provenance import GPU_LABEL, SMOKE_LABEL, csv_name, git_commit, provenance, tf32_check  # noqa: F401
-from ..perf.roofline import floor_ms_of, measure_ceilings
+from ..perf.roofline import measure_ceilings
 from ..runtime import backend, timing
 from ..runtime.timing import Timed
 from .plots import describe, plot_roofline, plot_speedups  # noqa: F401  (the harness's charts)
@@ -69,89 +68,8 @@ REPO = provenance_.REPO
 BENCH_DIR = provenance_.bench_dir()
 SMOKE_DIR = REPO / "build" / "bench-smoke"
 
-# --------------------------------------------------------------------------- the ops
-OP_MODULES = ["deftnumba.dcn.bench_op", "deftnumba.tucker.bench_op", "deftnumba.lean.bench_op"]
-"""Where the ops live; a module that does not exist in this checkout is skipped."""
-
-OPS: dict = {}
-"""``{name: op}`` of every op found (filled at import; ``register_op`` adds more)."""
-
-
-def register_op(op) -> None:
-    """Add an op (a module or object following the protocol above) under ``op.name``."""
-    OPS[op.name] = op
-
-
-def _find_ops() -> None:
-    for module in OP_MODULES:
-        try:
-            register_op(importlib.import_module(module))
-        except ModuleNotFoundError as err:
-            if not (err.name and module.startswith(err.name)):
-                raise  # the op exists but something it needs is missing: say so
-
-
-_find_ops()
-
-
-def get_op(name: str):
-    if name not in OPS:
-        raise ValueError(f"unknown op {name!r}; ops are {list(OPS)}")
-    return OPS[name]
-
-
-def shape_columns(op) -> tuple[str, ...]:
-    """An op's shape-parameter columns: the keys of its suites' parameter dicts, in order."""
-    suites = dict(op.suites())
-    if hasattr(op, "smoke_suites"):
-        suites.update(op.smoke_suites())
-    return tuple(dict.fromkeys(k for params in suites.values() for k in as_shape(op, params)))
-
-
-def as_shape(op, shape) -> dict:
-    """Shape parameters as a dict (an op may keep richer objects, e.g. DCN's ``Geometry``)."""
-    if isinstance(shape, dict):
-        return dict(shape)
-    params = getattr(op, "params", None)
-    if params is None:
-        raise TypeError(f"op {op.name!r}: shape parameters must be a dict, got {type(shape).__name__}")
-    return params(shape)
-
-
-def shape_of(row: dict, op) -> dict:
-    """A CSV row's shape parameters (integral floats back to ints)."""
-    def value(v):
-        return int(v) if isinstance(v, float) and v.is_integer() else v
-
-    return {k: value(row[k]) for k in shape_columns(op) if k in row}
-
-
-def _optional(op, attribute, default):
-    return getattr(op, attribute, default)
-
-
-def passes_of(op, method: str) -> tuple[str, ...]:
-    passes = _optional(op, "passes", None)
-    return tuple(passes(method)) if passes is not None else PASSES
-
-
-def baselines_of(op) -> tuple[str, ...]:
-    baselines = _optional(op, "baselines", None)
-    return tuple(baselines()) if baselines is not None else ()
-
-
-def useful_flops(op, shape: dict, method: str, pass_: str) -> float:
-    """What TFLOP/s are quoted in: the op's ``useful_flops`` (one number for every method,
-    e.g. convolution FLOPs), else the method's counted FLOPs."""
-    if hasattr(op, "useful_flops"):
-        return op.useful_flops(shape, pass_)
-    return sum(o.flops for o in op.operators(shape, method, pass_))
-
-
-def floor_ms(operators, ceilings, dtype: str = "float32") -> float:
-    """The roofline floor of operators run one after another: each bounded by its own larger term."""
-    return sum(floor_ms_of(o.flops, o.bytes, ceilings, dtype) for o in operators)
-
+from .ops import (OP_MODULES, OPS, PASSES, as_shape, baselines_of, floor_ms, get_op,  # noqa: F401,E402
+                  passes_of, register_op, shape_columns, shape_of, useful_flops)
 
 # The DCN op's suites, kept here under their old names (notebooks and tests read them).
 SUITES = dcn_op.SUITES
@@ -159,7 +77,6 @@ SMOKE_SUITES = dcn_op.SMOKE_SUITES
 parse_shape = dcn_op.parse_shape
 
 BASELINES = dcn_op.BASELINES
-PASSES = ("fwd", "bwd", "fwdbwd", "host")
 
 _PROVENANCE = ("mode", "device", "compute_capability", "driver", "cuda_runtime", "numba_cuda", "cupy", "torch",
                "torchvision", "numpy", "python", "commit", "timestamp")
@@ -217,7 +134,7 @@ class Config:
 # --------------------------------------------------------------------------- cases
 def _shapes(config: Config, op) -> list[tuple[str, dict]]:
     if config.smoke:
-        smoke = _optional(op, "smoke_suites", None)
+        smoke = getattr(op, "smoke_suites", None)
         chosen = list(smoke().items()) if smoke is not None else []
     else:
         suites = op.suites()
@@ -246,7 +163,7 @@ def _cases(config: Config, op) -> list[_Case]:
     if config.methods is not None:
         methods = [m for m in methods if m in config.methods]
     baselines = baselines_of(op)
-    detail = _optional(op, "detail", lambda method, pass_: "")
+    detail = getattr(op, "detail", lambda method, pass_: "")
     cases = []
     for shape, params in _shapes(config, op):
         for pass_ in (p for p in PASSES if p in config.passes):
@@ -293,7 +210,7 @@ def _roofline_columns(op, case: _Case, dtype: str, median_ms: float, ceilings) -
     method = case.method.removesuffix("+tf32")
     shape = dict(case.params, dtype=dtype)
     counted = op.operators(shape, method, case.pass_)
-    ideal = _optional(op, "ideal_method", None)
+    ideal = getattr(op, "ideal_method", None)
     ideal_ops = op.operators(shape, ideal, case.pass_) if ideal else []
     basis = method if counted else (f"{ideal} (ideal)" if ideal_ops else "")
     moved = sum(o.bytes for o in (counted or ideal_ops))
@@ -358,7 +275,7 @@ def run(config: Config, on_row=None) -> list[dict]:
     base["tf32_check"] = tf32_check()
     clock = timing.Timer()
     cases = _cases(config, op)
-    check = _optional(op, "check", None)
+    check = getattr(op, "check", None)
     rows, inputs = [], {}
     for i, case in enumerate(cases):
         _progress(i, len(cases), f"{case.shape} {case.pass_} {case.method}", config.quiet)

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..perf.device import H200_LEADS
 from ..perf.provenance import SMOKE_LABEL
+from . import ops
 
 
 def figure(ax=None):
@@ -184,32 +185,30 @@ def plot_roofline(ceilings=H200_LEADS, rows: list[dict] | None = None, geometrie
     achieved useful FLOP/s) or, without rows, each modelled method of each shape (default:
     the op's suites) at its predicted floor. ``op``: the bench op whose counts are used
     (default: the rows' op, else DCN). Returns the Figure."""
-    from . import harness
-
     fig, ax = figure(ax)
     points = []
     if rows:
         for r in rows:
             if r["status"] != "ok" or r["pass"] != pass_:
                 continue
-            row_op = op or harness.get_op(r.get("op") or "dcn")
-            shape = dict(harness.shape_of(r, row_op), dtype=r["dtype"])
+            row_op = op or ops.get_op(r.get("op") or "dcn")
+            shape = dict(ops.shape_of(r, row_op), dtype=r["dtype"])
             moved = sum(o.bytes for o in row_op.operators(shape, r["method"], pass_))
             if not moved:
                 continue
-            useful = harness.useful_flops(row_op, shape, r["method"], pass_)
+            useful = ops.useful_flops(row_op, shape, r["method"], pass_)
             points.append((f"{r['shape']} {r['method']}", useful / moved, useful / (r["median_ms"] * 1e-3)))
     else:
-        op = op or harness.get_op("dcn")
+        op = op or ops.get_op("dcn")
         shapes = geometries if geometries is not None else op.suites()
         for name, shape in shapes.items():
-            shape = harness.as_shape(op, shape)
+            shape = ops.as_shape(op, shape)
             for method in op.methods():
                 counted = op.operators(shape, method, pass_)
                 if not counted:
                     continue
-                useful = harness.useful_flops(op, shape, method, pass_)
-                floor = harness.floor_ms(counted, ceilings, shape.get("dtype", "float32"))
+                useful = ops.useful_flops(op, shape, method, pass_)
+                floor = ops.floor_ms(counted, ceilings, shape.get("dtype", "float32"))
                 points.append((f"{name} {method}", useful / sum(o.bytes for o in counted), useful / (floor * 1e-3)))
     intensities = [p[1] for p in points] or [1.0]
     draw_roofs(ax, [ceilings], [min(intensities + [1.0]), max(intensities + [1e3])])

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from ..runtime import backend
+from ..runtime import backend, timing
 from . import reference
 from .geometry import Geometry
 from .inputs import random_layer
@@ -35,7 +35,7 @@ def run(method: str = "auto", seed: int = 0, repeats: int = 5) -> dict:
     expected = reference.deform_conv2d(*host[:4], **conv, mask=host[4])
     rel_error = float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
 
-    stopwatch = backend.Stopwatch()
+    stopwatch = timing.Stopwatch()
     start = time.perf_counter()
     for _ in range(repeats):
         deform_conv2d(x, offset, weight, bias, **conv, mask=mask, method=method, stopwatch=stopwatch)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ..runtime import backend
+from ..runtime import backend, timing
 from .planning import plan as tiling
 from .geometry import check_backward, check_forward
 from .kernels import backward as _backward
@@ -55,7 +55,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     either backend (on the GPU they are copied over and back).
 
     method:    ``"auto"`` or one of ``deftnumba.METHODS``.
-    stopwatch: optional ``deftnumba.backend.Stopwatch`` that times each operator.
+    stopwatch: optional ``deftnumba.runtime.timing.Stopwatch`` that times each operator.
     plan:      optional ``deftnumba.tiling.Plan`` (e.g. ``tiling.plan_for(geometry, offset)``):
                ``"auto"`` runs its method, and ``"fused"`` its tile.
 
@@ -68,7 +68,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     xp = backend.array_module(arrays[0])
     out = xp.empty(geometry.shapes["output"], dtype=arrays[0].dtype)
     extra = {"plan": plan} if name == "fused" else {}
-    _FORWARD[name](geometry, *arrays, out, stopwatch or backend.NO_STOPWATCH, **extra)
+    _FORWARD[name](geometry, *arrays, out, stopwatch or timing.NO_STOPWATCH, **extra)
     return backend.to_host(out) if host_result and not backend.IS_SIMULATOR else out
 
 
@@ -119,7 +119,7 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
     deterministic: ``False`` scatters the input gradient with atomics (fast, run-to-run
                    float differences); ``True`` uses a sorted, order-fixed reduction and
                    gives bit-identical results on every run.
-    stopwatch:     optional ``deftnumba.backend.Stopwatch`` that times each operator.
+    stopwatch:     optional ``deftnumba.runtime.timing.Stopwatch`` that times each operator.
 
     Returns ``DeformConv2dGrads(input, offset, weight, bias, mask)``; ``bias`` and
     ``mask`` are None when those arguments are None.
@@ -140,7 +140,7 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
         mask=_empty(xp, shapes["mask"], dtype) if mask is not None else None,
     )
     _BACKWARD[name](geometry, *arrays, *grads, deterministic=bool(deterministic),
-                    stopwatch=stopwatch or backend.NO_STOPWATCH)
+                    stopwatch=stopwatch or timing.NO_STOPWATCH)
     if host_result and not backend.IS_SIMULATOR:
         grads = DeformConv2dGrads(*(backend.to_host(a) if a is not None else None for a in grads))
     return grads

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..runtime import backend
+from ..runtime import backend, timing
 from ..runtime.timing import time_calls
 from . import reference
 from .geometry import Geometry
@@ -77,7 +77,7 @@ def check_methods(geometry=None, seed: int = 0, deterministic=(False, True)) -> 
 def time_operators(geometry, method: str = "im2col", repeats: int = 20, seed: int = 0) -> dict:
     """Median time of each operator of ``method`` on random data of ``geometry``.
 
-    Uses ``backend.Stopwatch``: CUDA events on a GPU, the host clock in the simulator
+    Uses ``timing.Stopwatch``: CUDA events on a GPU, the host clock in the simulator
     (the result's ``unit`` says which). One untimed call first (compilation, caches).
     Returns ``{"unit": str, "operator_ms": {name: median ms per call}, "device": str}``.
     """
@@ -91,7 +91,7 @@ def time_operators(geometry, method: str = "im2col", repeats: int = 20, seed: in
                   mask=mask, method=method)
     dn.deform_conv2d(x, offset, weight, bias, **kwargs)
     backend.synchronize()
-    watch = backend.Stopwatch()
+    watch = timing.Stopwatch()
     for _ in range(repeats):
         dn.deform_conv2d(x, offset, weight, bias, **kwargs, stopwatch=watch)
     backend.synchronize()

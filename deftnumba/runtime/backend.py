@@ -209,7 +209,16 @@ def device_info() -> dict:
 
 
 # --------------------------------------------------------------------------- moved, still reachable here
-# The kernels and older code call these through ``backend``; they live in their own modules.
-from .grid import GRID_YZ_LIMIT, launch_config  # noqa: E402,F401
-from .simulator import bounds_checked  # noqa: E402,F401
-from .timing import NO_STOPWATCH, Stopwatch  # noqa: E402,F401
+_MOVED = {"launch_config": "grid", "GRID_YZ_LIMIT": "grid", "bounds_checked": "simulator",
+          "Stopwatch": "timing", "NO_STOPWATCH": "timing"}
+
+
+def __getattr__(name: str):
+    """``backend.launch_config``, ``backend.Stopwatch`` ... (older code and the kernels call
+    them here): they live in ``runtime.grid``, ``runtime.timing`` and ``runtime.simulator``,
+    which import this module, so they are looked up when first used."""
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,7 @@
 and ``bounds_checked`` (NaN-filled shared/local memory, index checks).
 
 Nothing here is used on a GPU. ``backend`` installs the shared-array fix when it
-chooses the simulator.
+chooses the simulator; this module imports nothing of deftnumba (``backend`` imports it).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import threading
 
 import numpy as np
 
-from . import backend
 
 # --------------------------------------------------------------------------- simulator fix
 # numba-cuda's simulator (0.30) gives each block one dict of shared arrays keyed by the
@@ -96,7 +95,9 @@ def bounds_checked():
 
     Not thread-safe with other simulator launches; slower. Races are not detected.
     """
-    if not backend.IS_SIMULATOR:
+    from numba.core import config
+
+    if not config.ENABLE_CUDASIM:
         raise RuntimeError("bounds_checked() needs the simulator backend; use compute-sanitizer on a GPU")
     from numba.cuda.simulator import kernelapi
     from numba.cuda.simulator.cudadrv import devicearray

@@ -34,7 +34,7 @@ import numpy as np
 
 from ...runtime import backend
 from ...perf.device import H200, SIMULATOR, DeviceModel
-from ...runtime.timing import time_calls
+from ...runtime.timing import NO_STOPWATCH, time_calls
 from ..kernels import fused_tiled
 from ..kernels.fused_tiled import OUT_OF_TILE, TileConfig, count_out_of_tile
 
@@ -586,7 +586,7 @@ def autotune(geometry, input, offset, weight, bias=None, mask=None, candidates=N
             shared_bytes=cand.shared_bytes(geometry), device=device.name)
         run = ((lambda sw: fused_tiled.forward(geometry, *arrays, out, sw, plan=plan)) if plan.method == "fused"
                else (lambda sw: im2col.forward(geometry, *arrays, out, sw)))
-        ms = time_calls({"run": lambda: run(backend.NO_STOPWATCH)}, repeats, warmup)["run"]["median_ms"]
+        ms = time_calls({"run": lambda: run(NO_STOPWATCH)}, repeats, warmup)["run"]["median_ms"]
         if best is None or ms < best.measured_ms:
             best = replace(plan, measured_ms=ms)
     _PLAN_CACHE[(geometry, stats.key(), device, ("fused", "im2col"))] = best
