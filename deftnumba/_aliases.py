@@ -45,9 +45,13 @@ def new_name(fullname: str) -> str | None:
 
 class _OldNameFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, fullname, path=None, target=None):
-        if new_name(fullname) is None:
+        new = new_name(fullname)
+        if new is None:
             return None
-        return importlib.util.spec_from_loader(fullname, self)
+        found = importlib.util.find_spec(new)
+        if found is None:
+            return None
+        return importlib.util.spec_from_loader(fullname, self, origin=found.origin)
 
     def create_module(self, spec):
         module = importlib.import_module(new_name(spec.name))

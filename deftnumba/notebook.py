@@ -115,9 +115,10 @@ def live_caption() -> str:
 
 
 def recorded_files(pattern: str = "*.csv", directory: str | Path = BENCH_DIR) -> list[Path]:
-    """The recorded CSVs under ``data/bench/`` matching ``pattern``, oldest first."""
+    """The recorded CSVs under ``data/bench/`` and its folders (``dcn/``, ``training/`` ...)
+    matching ``pattern``, oldest first (names start with the UTC timestamp)."""
     directory = Path(directory)
-    return sorted(directory.glob(pattern)) if directory.is_dir() else []
+    return sorted(directory.rglob(pattern), key=lambda p: (p.name, str(p))) if directory.is_dir() else []
 
 
 def not_recorded(what: str, command: str = "python -m deftnumba bench") -> str:

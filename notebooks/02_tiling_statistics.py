@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 02 · Tiling statistics: how far do deformable taps wander?
 #
-# **Motivation.** The fused DCN kernel (`method="fused"`, `deftnumba/kernels/fused_tiled.py`)
+# **Motivation.** The fused DCN kernel (`method="fused"`, `deftnumba/dcn/kernels/fused_tiled.py`)
 # never writes the column matrix to device memory. Each block owns a tile of output pixels and
 # stages in shared memory the input region its taps would read *if every offset were zero*,
 # widened by a `halo` of extra rows and columns. A deformed tap whose 2x2 bilinear footprint

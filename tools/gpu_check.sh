@@ -14,7 +14,7 @@
 #   racecheck  compute-sanitizer --tool racecheck (shared-memory races; quick case set)
 #   synccheck  compute-sanitizer --tool synccheck (barrier misuse; quick case set)
 #   initcheck  compute-sanitizer --tool initcheck (reads of uninitialised global memory)
-#   pytest     the GPU-only tests: tests/test_big_tensors.py (an input past 2**31 elements,
+#   pytest     the GPU-only tests: tests/dcn/test_big_tensors.py (an input past 2**31 elements,
 #              a batch past 65535), then the robustness and fuzz tests on the GPU
 #
 # Logs go to ${OUT:-build}/gpu_check/: one <step>.log per step and summary.txt. The exit
@@ -122,7 +122,7 @@ run_tool() {  # tool [extra sanitizer args...]
 run_pytest() {
   local log=$LOGDIR/pytest.log
   timeout "$TIMEOUT" "$PY" -m pytest -p no:cacheprovider -q -rxs \
-      "$ROOT/tests/test_big_tensors.py" "$ROOT/tests/test_robustness.py" "$ROOT/tests/test_fuzz.py" >"$log" 2>&1
+      "$ROOT/tests/dcn/test_big_tensors.py" "$ROOT/tests/dcn/test_robustness.py" "$ROOT/tests/dcn/test_fuzz.py" >"$log" 2>&1
   local rc=$?
   record pytest "$( [ $rc -eq 0 ] && echo PASS || echo "FAIL(rc=$rc)")" "$(grep -E '(passed|failed|error)' "$log" | tail -1)"
 }

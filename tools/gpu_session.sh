@@ -29,7 +29,7 @@ case $step in
     "$PY" -m pytest -o addopts="-ra" -p no:cacheprovider -n 8 -q tests 2>&1 | tee "$OUTDIR/pytest-cuda.log"
     rc=$?
     # torchvision agreement with per-case errors printed (-s), one process.
-    "$PY" -m pytest -o addopts="-ra" -p no:cacheprovider -q -s tests/test_torchvision.py 2>&1 \
+    "$PY" -m pytest -o addopts="-ra" -p no:cacheprovider -q -s tests/dcn/test_torchvision.py 2>&1 \
       | grep -E "rel. error|passed|failed" | tee "$OUTDIR/torchvision-agreement.txt"
     exit $rc ;;
   bench)
