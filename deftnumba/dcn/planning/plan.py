@@ -10,14 +10,14 @@ depends on how far the offsets move, which this module measures.
 
 The pipeline, each step usable on its own from a notebook:
 
-1. ``offset_statistics(offset)`` -> ``OffsetStats``: the distribution of
+1. ``offset_statistics(offset)`` -> ``OffsetStats`` (``planning/stats.py``): the distribution of
    ``floor(dy)`` and ``floor(dx)`` (all the out-of-tile rule depends on), the
    quantiles of ``|dy|`` and ``|dx|`` and their spatial correlation length.
-2. ``out_of_tile_fraction(geometry, stats, tile_h, tile_w, halo)``: the expected
+2. ``out_of_tile_fraction(geometry, stats, tile_h, tile_w, halo)`` (``planning/out_of_tile.py``): the expected
    fraction of in-band samples that are out-of-tile, from the statistics alone.
    ``brute_force_counts(geometry, offset, tile)`` counts the real thing in NumPy
    (the kernel's counting build, ``fused_tiled.count_out_of_tile``, must agree).
-3. ``predict(geometry, stats, method, tile)``: a cost model (FLOPs, staged and
+3. ``predict(geometry, stats, method, tile)`` (here, with the plan): a cost model (FLOPs, staged and
    out-of-tile bytes, shared memory, occupancy) giving a predicted time.
 4. ``choose_plan(geometry, stats)`` -> ``Plan``: the cheapest (method, tile) by
    that model. ``plan_for`` adds a cache; ``autotune`` times candidates on a GPU.
@@ -30,13 +30,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 
 from ...runtime import backend
 from ...perf.device import H200, SIMULATOR, DeviceModel
 from ...runtime.timing import NO_STOPWATCH, time_calls
 from ..kernels import fused_tiled
 from ..kernels.fused_tiled import OUT_OF_TILE, TileConfig, count_out_of_tile
+from .out_of_tile import brute_force_counts, out_of_tile_fraction, out_of_tile_sweep, out_of_tile_table  # noqa: F401
+from .stats import CLIP, OffsetStats, normal_statistics, offset_statistics  # noqa: F401
 
 __all__ = [
     "DeviceModel", "H200", "SIMULATOR", "OffsetStats", "Plan", "TileConfig", "OUT_OF_TILE",
@@ -44,236 +45,6 @@ __all__ = [
     "brute_force_counts", "count_out_of_tile", "predict", "candidate_tiles", "choose_plan", "plan_for",
     "clear_plan_cache", "plan_cache_info", "autotune", "rank_tiles", "out_of_tile_sweep",
 ]
-
-CLIP = 64
-"""``floor(dy)`` and ``floor(dx)`` beyond +-CLIP are lumped at +-(CLIP+1): always out-of-tile
-(or outside the band) for any tile the planner considers."""
-
-
-# --------------------------------------------------------------------------- statistics
-@dataclass(frozen=True)
-class OffsetStats:
-    """Statistics of one layer's offsets (hashable, so they can key the plan cache).
-
-    floor_y, floor_x: probability of each ``floor(d)`` value for ``d = dy`` / ``dx``, a
-        tuple over the integers ``-CLIP-1 .. CLIP+1`` (the ends hold the far tails).
-    nonfinite: fraction of (dy, dx) pairs with a NaN or inf (those sample zero).
-    quantiles: ``(q, |dy| quantile, |dx| quantile)`` rows for q in 0.5, 0.9, 0.99, 1.
-    mean_y, mean_x, rms_y, rms_x: moments of dy and dx (finite values).
-    corr_y, corr_x: correlation length of dy and dx along output rows (y) and columns
-        (x), in output pixels: the lag where the autocorrelation first falls below 1/e
-        (interpolated; ``inf`` if it never does within the map, 0 for white noise).
-    samples: how many (dy, dx) pairs were measured.
-    """
-
-    floor_y: tuple
-    floor_x: tuple
-    nonfinite: float = 0.0
-    quantiles: tuple = ()
-    mean_y: float = 0.0
-    mean_x: float = 0.0
-    rms_y: float = 0.0
-    rms_x: float = 0.0
-    corr_y: float = 0.0
-    corr_x: float = 0.0
-    samples: int = 0
-
-    @property
-    def support(self) -> np.ndarray:
-        """The integers ``floor_y`` / ``floor_x`` are indexed by."""
-        return np.arange(-CLIP - 1, CLIP + 2)
-
-    def key(self, decimals: int = 3) -> tuple:
-        """The plan-cache key: the floor distributions rounded to ``decimals``."""
-        return (tuple(round(p, decimals) for p in self.floor_y),
-                tuple(round(p, decimals) for p in self.floor_x), round(self.nonfinite, decimals))
-
-    def summary(self) -> dict:
-        """The few numbers a notebook quotes."""
-        q = {f"|dy| q{int(row[0] * 100)}": row[1] for row in self.quantiles}
-        q.update({f"|dx| q{int(row[0] * 100)}": row[2] for row in self.quantiles})
-        return dict(samples=self.samples, mean_y=self.mean_y, mean_x=self.mean_x, rms_y=self.rms_y,
-                    rms_x=self.rms_x, corr_y=self.corr_y, corr_x=self.corr_x,
-                    nonfinite=self.nonfinite, **q)
-
-
-def _floor_pmf(d: np.ndarray) -> tuple:
-    f = np.floor(d[np.isfinite(d)])
-    f = np.clip(f, -CLIP - 1, CLIP + 1).astype(np.int64) + CLIP + 1
-    counts = np.bincount(f, minlength=2 * CLIP + 3).astype(np.float64)
-    total = d.size
-    return tuple(float(v) for v in counts / total) if total else tuple([0.0] * (2 * CLIP + 3))
-
-
-def _correlation_length(maps: np.ndarray, axis: int, max_lag: int = 16) -> float:
-    """Lag (in pixels) at which the mean autocorrelation of ``maps[..., H, W]`` along ``axis``
-    first drops below 1/e, linearly interpolated."""
-    maps = np.where(np.isfinite(maps), maps, 0.0)
-    maps = maps - maps.mean(axis=(-2, -1), keepdims=True)
-    var = float(np.mean(maps * maps))
-    if var == 0.0:
-        return 0.0
-    n = maps.shape[axis]
-    previous = 1.0
-    for lag in range(1, min(max_lag, n - 1) + 1):
-        a = np.take(maps, np.arange(n - lag), axis=axis)
-        b = np.take(maps, np.arange(lag, n), axis=axis)
-        rho = float(np.mean(a * b)) / var
-        if rho < 1.0 / math.e:
-            return lag - 1 + (previous - 1.0 / math.e) / (previous - rho)
-        previous = rho
-    return math.inf
-
-
-def offset_statistics(offset, max_maps: int = 256) -> OffsetStats:
-    """Measure ``OffsetStats`` of one layer's offsets ``[N, 2*G*K, Ho, Wo]`` (NumPy or CuPy).
-
-    The floor distributions and quantiles use every value; the correlation lengths
-    use at most ``max_maps`` (image, tap) maps, chosen evenly.
-    """
-    off = np.asarray(backend.to_host(offset), dtype=np.float64)
-    if off.ndim != 4 or off.shape[1] % 2:
-        raise ValueError(f"offset must be [N, 2*G*K, Ho, Wo], got shape {off.shape}")
-    dy, dx = off[:, 0::2], off[:, 1::2]
-    finite = np.isfinite(dy) & np.isfinite(dx)
-    ay, ax = np.abs(dy[finite]), np.abs(dx[finite])
-    qs = (0.5, 0.9, 0.99, 1.0)
-    quantiles = tuple((q, float(np.quantile(ay, q)) if ay.size else 0.0,
-                       float(np.quantile(ax, q)) if ax.size else 0.0) for q in qs)
-    maps_y = dy.reshape(-1, *dy.shape[2:])
-    maps_x = dx.reshape(-1, *dx.shape[2:])
-    pick = np.unique(np.linspace(0, maps_y.shape[0] - 1, min(max_maps, maps_y.shape[0])).astype(int))
-    return OffsetStats(
-        floor_y=_floor_pmf(dy), floor_x=_floor_pmf(dx), nonfinite=float(1.0 - finite.mean()),
-        quantiles=quantiles,
-        mean_y=float(dy[finite].mean()) if ay.size else 0.0,
-        mean_x=float(dx[finite].mean()) if ax.size else 0.0,
-        rms_y=float(np.sqrt(np.mean(dy[finite] ** 2))) if ay.size else 0.0,
-        rms_x=float(np.sqrt(np.mean(dx[finite] ** 2))) if ax.size else 0.0,
-        corr_y=_correlation_length(maps_y[pick], axis=-2),
-        corr_x=_correlation_length(maps_x[pick], axis=-1),
-        samples=int(dy.size),
-    )
-
-
-def normal_statistics(sigma: float = 1.0, mean: tuple = (0.0, 0.0)) -> OffsetStats:
-    """``OffsetStats`` of independent ``dy ~ N(mean[0], sigma^2)``, ``dx ~ N(mean[1], sigma^2)``,
-    computed exactly (no sampling). The default prior of ``plan_for`` when no offsets are
-    given: trained DCN layers typically move taps by about a pixel."""
-    ks = np.arange(-CLIP - 1, CLIP + 2, dtype=np.float64)
-
-    def pmf(mu):
-        if sigma <= 0:
-            p = (ks == np.clip(math.floor(mu), -CLIP - 1, CLIP + 1)).astype(np.float64)
-            return tuple(float(v) for v in p)
-        cdf = lambda t: 0.5 * (1.0 + np.vectorize(math.erf)((t - mu) / (sigma * math.sqrt(2.0))))
-        lo = np.where(ks == -CLIP - 1, -np.inf, ks)
-        hi = np.where(ks == CLIP + 1, np.inf, ks + 1)
-        return tuple(float(v) for v in cdf(hi) - cdf(lo))
-
-    half = lambda q: sigma * math.sqrt(2.0) * _erfinv(q) if q < 1 else math.inf
-    quantiles = tuple((q, half(q), half(q)) for q in (0.5, 0.9, 0.99, 1.0)) if mean == (0.0, 0.0) else ()
-    return OffsetStats(floor_y=pmf(mean[0]), floor_x=pmf(mean[1]), quantiles=quantiles,
-                       mean_y=float(mean[0]), mean_x=float(mean[1]), rms_y=math.hypot(sigma, mean[0]),
-                       rms_x=math.hypot(sigma, mean[1]))
-
-
-def _erfinv(q: float) -> float:
-    lo, hi = 0.0, 10.0
-    for _ in range(100):  # bisection: plenty for a quantile
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if math.erf(mid) < q else (lo, mid)
-    return 0.5 * (lo + hi)
-
-
-# --------------------------------------------------------------------------- the out-of-tile rule
-def _axis_terms(size, out_size, stride, pad, dil, taps, tile, halo, support, pmf):
-    """Per axis: expected in-band and in-tile probability mass, summed over (output index, tap).
-
-    For output index o, tap t: row r = o*stride - pad + t*dil; a floor f = floor(d) puts the
-    footprint at rows r+f, r+f+1, clamped into [0, size-1]. The tile of o stages rows
-    [o0*stride - pad - halo, ... + span) with o0 = (o // tile) * tile.
-    """
-    span = (tile - 1) * stride + (taps - 1) * dil + 1 + 2 * halo
-    o = np.arange(out_size)[:, None, None]
-    t = np.arange(taps)[None, :, None]
-    f = support[None, None, :]
-    first = o * stride - pad + t * dil + f
-    band = (first >= -1) & (first <= size - 1)
-    lo = np.maximum(first, 0)
-    hi = np.minimum(first + 1, size - 1)
-    start = (o // tile) * tile * stride - pad - halo
-    inside = band & (lo >= start) & (hi <= start + span - 1)
-    p = np.asarray(pmf, dtype=np.float64)[None, None, :]
-    return float((band * p).sum()), float((inside * p).sum())
-
-
-def out_of_tile_fraction(geometry, stats: OffsetStats, tile_h: int, tile_w: int, halo: int) -> float:
-    """Expected fraction of in-band samples that are out-of-tile, from the statistics alone.
-
-    Model: every (pixel, tap) draws ``floor(dy)`` and ``floor(dx)`` independently from
-    ``stats.floor_y`` / ``stats.floor_x``. Under that assumption the expected numbers of
-    in-band and in-tile samples factor into a row sum times a column sum over
-    (output index, tap), image borders and ragged edge tiles included, and the fraction is
-    ``1 - E[in-tile] / E[in-band]``. It is exact in expectation for independent offsets;
-    spatial correlation does not change the expectation (only how it varies from tile to
-    tile), correlation *between* dy and dx does. One convention differs from the kernel
-    on a set of measure zero: a position exactly on ``y = -1`` (or ``x = -1``) is outside
-    the band for the kernel but counted by its floor (-1) here; it matters only for
-    offsets that put samples exactly there (integer offsets next to a padded border).
-    """
-    g = geometry
-    support = stats.support
-    band_y, in_y = _axis_terms(g.height, g.out_h, g.stride_h, g.pad_h, g.dil_h, g.kernel_h,
-                               tile_h, halo, support, stats.floor_y)
-    band_x, in_x = _axis_terms(g.width, g.out_w, g.stride_w, g.pad_w, g.dil_w, g.kernel_w,
-                               tile_w, halo, support, stats.floor_x)
-    band = band_y * band_x
-    return 0.0 if band <= 0 else max(0.0, 1.0 - (in_y * in_x) / band)
-
-
-def out_of_tile_table(geometry, stats: OffsetStats, tiles=(2, 4, 8, 16, 32), halos=(0, 1, 2, 3, 4)):
-    """``out_of_tile_fraction`` for square tiles x halos: a ``[len(tiles), len(halos)]`` array
-    (rows: tile side, columns: halo), ready for a heat map or one line per halo."""
-    return np.array([[out_of_tile_fraction(geometry, stats, t, t, h) for h in halos] for t in tiles])
-
-
-def brute_force_counts(geometry, offset, tile: TileConfig) -> dict:
-    """Count in-tile, out-of-tile and outside-band samples in NumPy, by the kernel's rule.
-
-    Uses the same float arithmetic as the kernel (position = float(base) + offset in the
-    layer's dtype), so the counts equal ``fused_tiled.count_out_of_tile`` exactly.
-    Returns the same dict as that function.
-    """
-    g = geometry
-    dt = np.dtype(g.dtype).type
-    off = np.asarray(backend.to_host(offset)).astype(dt, copy=False)
-    n, k, ho, wo = g.batch, g.taps, g.out_h, g.out_w
-    off = off.reshape(n, g.offset_groups, k, 2, ho, wo)
-    ti, tj = np.divmod(np.arange(k), g.kernel_w)
-    oy = np.arange(ho)
-    ox = np.arange(wo)
-    base_y = (oy[None, :] * g.stride_h - g.pad_h + ti[:, None] * g.dil_h).astype(dt)[:, :, None]  # [K,Ho,1]
-    base_x = (ox[None, :] * g.stride_w - g.pad_w + tj[:, None] * g.dil_w).astype(dt)[:, None, :]  # [K,1,Wo]
-    y = base_y + off[:, :, :, 0]
-    x = base_x + off[:, :, :, 1]
-    with np.errstate(invalid="ignore"):
-        band = (y > dt(-1)) & (y < dt(g.height)) & (x > dt(-1)) & (x < dt(g.width))
-    fy = np.floor(np.where(band, y, 0)).astype(np.int64)
-    fx = np.floor(np.where(band, x, 0)).astype(np.int64)
-    rows, cols = tile.staged_shape(g)
-    iy0 = ((oy // tile.tile_h) * tile.tile_h * g.stride_h - g.pad_h - tile.halo)[None, :, None]
-    ix0 = ((ox // tile.tile_w) * tile.tile_w * g.stride_w - g.pad_w - tile.halo)[None, None, :]
-    inside = (band & (np.maximum(fy, 0) >= iy0) & (np.minimum(fy + 1, g.height - 1) <= iy0 + rows - 1)
-              & (np.maximum(fx, 0) >= ix0) & (np.minimum(fx + 1, g.width - 1) <= ix0 + cols - 1))
-    per_position = g.in_channels // g.offset_groups
-    in_tile = int(inside.sum()) * per_position
-    inband = int(band.sum()) * per_position
-    total = n * g.offset_groups * k * ho * wo * per_position
-    out_tile = inband - in_tile
-    return {"in_tile": in_tile, "out_of_tile": out_tile, "outside_band": total - inband,
-            "out_of_tile_fraction": out_tile / inband if inband else 0.0}
-
 
 # --------------------------------------------------------------------------- cost model
 def _chunks_per_block(geometry, chunk: int) -> float:
@@ -448,30 +219,6 @@ def rank_tiles(geometry, stats: OffsetStats | None = None, top: int = 10,
             scored.append((terms["seconds"], len(scored), tile, terms))
     scored.sort(key=lambda item: item[:2])
     return [(tile, terms) for _, _, tile, terms in scored[:top]]
-
-
-def out_of_tile_sweep(geometry, offset, tiles=((2, 2), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16)),
-                      halos=(0, 1, 2, 3, 4), count: str = "numpy") -> dict:
-    """Model against measurement over tile shapes x halos, for one layer's offsets.
-
-    Returns ``{"tiles", "halos", "model", "measured"}``; ``model`` and ``measured`` are
-    ``[len(tiles), len(halos)]`` out-of-tile fractions. ``model`` comes from
-    ``offset_statistics(offset)`` alone; ``measured`` counts the real samples with
-    ``brute_force_counts`` (``count="numpy"``) or the kernel's counting build
-    (``count="kernel"``: the same numbers, slow in the simulator, so small layers only).
-    """
-    if count not in ("numpy", "kernel"):
-        raise ValueError(f"count must be 'numpy' or 'kernel', got {count!r}")
-    stats = offset_statistics(offset)
-    model = np.zeros((len(tiles), len(halos)))
-    measured = np.zeros_like(model)
-    for a, (th, tw) in enumerate(tiles):
-        for b, halo in enumerate(halos):
-            model[a, b] = out_of_tile_fraction(geometry, stats, th, tw, halo)
-            tile = TileConfig(th, tw, halo, 1, 1, 1, 1)
-            counter = brute_force_counts if count == "numpy" else count_out_of_tile
-            measured[a, b] = counter(geometry, offset, tile)["out_of_tile_fraction"]
-    return {"tiles": tuple(tiles), "halos": tuple(halos), "model": model, "measured": measured}
 
 
 @dataclass(frozen=True)
