@@ -31,7 +31,7 @@ import numpy as np
 
 from ..runtime import backend
 from ..runtime.timing import Timed
-from . import roofline
+from . import ops, roofline
 from .geometry import Geometry
 
 name = "dcn"
@@ -125,10 +125,8 @@ def baselines() -> tuple[str, ...]:
 
 
 def methods() -> dict[str, str]:
-    import deftnumba as dn
-
-    described = {m: f"deftnumba method={m!r}" for m in dn.METHODS}
-    for m in getattr(dn, "BACKWARD_METHODS", ()):
+    described = {m: f"deftnumba method={m!r}" for m in ops.METHODS}
+    for m in ops.BACKWARD_METHODS:
         described.setdefault(m, f"deftnumba backward method={m!r} (forward: auto)")
     described.update({b: d for b, d in (("torchvision", "torchvision.ops.deform_conv2d"),
                                         ("cudnn_conv", "dense torch conv2d of the same shape"))
@@ -139,23 +137,19 @@ def methods() -> dict[str, str]:
 def passes(method: str) -> tuple[str, ...]:
     """The passes ``method`` has: forward methods ``fwd`` (and ``host``), backward methods
     ``bwd`` and ``fwdbwd``; the baselines all of them."""
-    import deftnumba as dn
-
     if method in BASELINES:
         return ("fwd", "bwd", "fwdbwd", "host")
     found = ()
-    if method in dn.METHODS:
+    if method in ops.METHODS:
         found += ("fwd", "host")
-    if hasattr(dn, "deform_conv2d_backward") and method in getattr(dn, "BACKWARD_METHODS", dn.METHODS):
+    if method in ops.BACKWARD_METHODS:
         found += ("bwd", "fwdbwd")
     return found
 
 
 def detail(method: str, pass_: str) -> str:
-    import deftnumba as dn
-
     if pass_ == "fwdbwd" and method not in BASELINES:
-        return f"fwd={method if method in dn.METHODS else 'auto'} bwd={method}"
+        return f"fwd={method if method in ops.METHODS else 'auto'} bwd={method}"
     return ""
 
 
@@ -184,17 +178,13 @@ class Layer:
             self.grad_tensor = convert(self.grad_output)
 
     def dn_forward(self, method):
-        import deftnumba as dn
-
         x, offset, weight, bias, mask = self.arrays
-        return lambda: dn.deform_conv2d(x, offset, weight, bias, **self.kwargs, mask=mask, method=method)
+        return lambda: ops.deform_conv2d(x, offset, weight, bias, **self.kwargs, mask=mask, method=method)
 
     def dn_backward(self, method):
-        import deftnumba as dn
-
         x, offset, weight, bias, mask = self.arrays
-        return lambda: dn.deform_conv2d_backward(self.grad_output, x, offset, weight, bias, **self.kwargs,
-                                                 mask=mask, method=method)
+        return lambda: ops.deform_conv2d_backward(self.grad_output, x, offset, weight, bias, **self.kwargs,
+                                                  mask=mask, method=method)
 
     def torch_forward(self, method, requires_grad=False):
         """A function running the baseline forward; it returns ``(output, leaf tensors)``
@@ -228,12 +218,10 @@ def make_inputs(shape: dict, dtype: str, seed: int) -> Layer:
 def runner(method: str, pass_: str, inputs: Layer):
     """What to time: a zero-argument callable, or for the baselines' ``bwd`` a
     ``runtime.timing.Timed`` whose untimed ``prepare`` runs the forward. None if absent."""
-    import deftnumba as dn
-
     if pass_ not in passes(method):
         return None
     if method not in BASELINES:
-        forward = inputs.dn_forward(method if method in dn.METHODS else "auto")
+        forward = inputs.dn_forward(method if method in ops.METHODS else "auto")
         if pass_ == "fwd":
             return forward
         backward = inputs.dn_backward(method)
@@ -253,13 +241,11 @@ def runner(method: str, pass_: str, inputs: Layer):
 
 def _forward_output(layer: Layer, method: str) -> np.ndarray:
     """One forward of ``method`` as a float64 host array."""
-    import deftnumba as dn
-
     if method in BASELINES:
         out, _ = layer.torch_forward(method)()
         return out.detach().double().cpu().numpy()
     x, offset, weight, bias, mask = layer.arrays
-    out = dn.deform_conv2d(x, offset, weight, bias, **layer.kwargs, mask=mask, method=method)
+    out = ops.deform_conv2d(x, offset, weight, bias, **layer.kwargs, mask=mask, method=method)
     return np.asarray(backend.to_host(out), dtype=np.float64)
 
 
@@ -270,7 +256,7 @@ def _reference_output(layer: Layer) -> tuple[str, np.ndarray]:
         return "torchvision", _forward_output(layer, "torchvision")
     g = layer.g
     if g.batch * g.in_channels * g.taps * g.out_h * g.out_w <= 2e6:
-        from . import reference
+        from . import ops, reference
 
         host = [backend.to_host(a) if a is not None else None for a in layer.arrays]
         return "float64 reference", reference.deform_conv2d(*host[:4], **layer.kwargs, mask=host[4])

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..runtime import backend, timing
 from ..runtime.timing import time_calls
-from . import reference
+from . import ops, reference
 from .geometry import Geometry
 from .inputs import random_layer
 from .planning import plan as tiling
@@ -27,8 +27,6 @@ def check_methods(geometry=None, seed: int = 0, deterministic=(False, True)) -> 
     ``reference.deform_conv2d_backward``, for the atomic and the deterministic input
     gradient. One row per (pass, method): ``rel_error`` is ``||got - ref|| / ||ref||``.
     """
-    import deftnumba as dn
-
 
     g = geometry or Geometry(batch=2, in_channels=3, height=6, width=7, out_channels=4, kernel_h=3,
                              kernel_w=3, pad_h=1, pad_w=1, has_mask=True, has_bias=True)
@@ -49,27 +47,26 @@ def check_methods(geometry=None, seed: int = 0, deterministic=(False, True)) -> 
 
     rows = []
     expected = reference.deform_conv2d(x, offset, weight, bias, **conv, mask=mask)
-    for method in dn.METHODS:
-        out = dn.deform_conv2d(device(x), device(offset), device(weight), device(bias), **conv,
-                               mask=device(mask), method=method)
+    for method in ops.METHODS:
+        out = ops.deform_conv2d(device(x), device(offset), device(weight), device(bias), **conv,
+                                mask=device(mask), method=method)
         err = rel(out, expected)
         rows.append({"pass": "fwd", "method": method, "rel_error": err, "tolerance": tolerance,
                      "ok": bool(err < tolerance)})
-    if hasattr(dn, "deform_conv2d_backward"):
-        ref = reference.deform_conv2d_backward(grad_out, x, offset, weight, bias, **conv, mask=mask)
-        for method in dn.BACKWARD_METHODS:
-            for det in deterministic:
-                grads = dn.deform_conv2d_backward(device(grad_out), device(x), device(offset), device(weight),
-                                                  device(bias), **conv, mask=device(mask), method=method,
-                                                  deterministic=det)
-                errs = {name: rel(getattr(grads, name), getattr(ref, name))
-                        for name in ("input", "offset", "weight", "bias", "mask")
-                        if getattr(ref, name) is not None}
-                worst = max(errs, key=errs.get)
-                # Gradients sum over more terms than the forward: allow 10x the forward's bound.
-                rows.append({"pass": "bwd" + (" (deterministic)" if det else " (atomic)"), "method": method,
-                             "rel_error": errs[worst], "worst_gradient": worst, "tolerance": 10 * tolerance,
-                             "ok": bool(errs[worst] < 10 * tolerance)})
+    ref = reference.deform_conv2d_backward(grad_out, x, offset, weight, bias, **conv, mask=mask)
+    for method in ops.BACKWARD_METHODS:
+        for det in deterministic:
+            grads = ops.deform_conv2d_backward(device(grad_out), device(x), device(offset), device(weight),
+                                               device(bias), **conv, mask=device(mask), method=method,
+                                               deterministic=det)
+            errs = {name: rel(getattr(grads, name), getattr(ref, name))
+                    for name in ("input", "offset", "weight", "bias", "mask")
+                    if getattr(ref, name) is not None}
+            worst = max(errs, key=errs.get)
+            # Gradients sum over more terms than the forward: allow 10x the forward's bound.
+            rows.append({"pass": "bwd" + (" (deterministic)" if det else " (atomic)"), "method": method,
+                         "rel_error": errs[worst], "worst_gradient": worst, "tolerance": 10 * tolerance,
+                         "ok": bool(errs[worst] < 10 * tolerance)})
     return rows
 
 
@@ -81,19 +78,17 @@ def time_operators(geometry, method: str = "im2col", repeats: int = 20, seed: in
     (the result's ``unit`` says which). One untimed call first (compilation, caches).
     Returns ``{"unit": str, "operator_ms": {name: median ms per call}, "device": str}``.
     """
-    import deftnumba as dn
-
 
     g = geometry
     arrays = [backend.to_device(a) if a is not None else None for a in random_layer(g, seed)]
     x, offset, weight, bias, mask = arrays
     kwargs = dict(stride=(g.stride_h, g.stride_w), padding=(g.pad_h, g.pad_w), dilation=(g.dil_h, g.dil_w),
                   mask=mask, method=method)
-    dn.deform_conv2d(x, offset, weight, bias, **kwargs)
+    ops.deform_conv2d(x, offset, weight, bias, **kwargs)
     backend.synchronize()
     watch = timing.Stopwatch()
     for _ in range(repeats):
-        dn.deform_conv2d(x, offset, weight, bias, **kwargs, stopwatch=watch)
+        ops.deform_conv2d(x, offset, weight, bias, **kwargs, stopwatch=watch)
     backend.synchronize()
     # An operator may run several times per call (one per image chunk): report per call.
     per_call = {name: float(np.median(ms)) * len(ms) / repeats for name, ms in watch.milliseconds().items()}
@@ -109,8 +104,6 @@ def time_tiles(geometry, offset, device=None, repeats: int = 50, warmup: int = 3
     (``dcn.inputs.random_layer``); ``offset`` is used as given. Returns ``time_calls``'s dict,
     keyed ``"<pick>: <TH>x<TW>, halo <h>"`` and ``"im2col (no tiles)"``.
     """
-    import deftnumba as dn
-
 
     g = geometry
     x, _, weight, bias, mask = (backend.to_device(a) if a is not None else None for a in random_layer(g, seed))
@@ -131,6 +124,6 @@ def time_tiles(geometry, offset, device=None, repeats: int = 50, warmup: int = 3
         seen.add(tile)
         plan = tiling.Plan("fused", tile)
         calls[f"{name}: {tile.tile_h}x{tile.tile_w}, halo {tile.halo}"] = (
-            lambda plan=plan: dn.deform_conv2d(x, offset, weight, bias, **conv, method="fused", plan=plan))
-    calls["im2col (no tiles)"] = lambda: dn.deform_conv2d(x, offset, weight, bias, **conv, method="im2col")
+            lambda plan=plan: ops.deform_conv2d(x, offset, weight, bias, **conv, method="fused", plan=plan))
+    calls["im2col (no tiles)"] = lambda: ops.deform_conv2d(x, offset, weight, bias, **conv, method="im2col")
     return time_calls(calls, repeats=repeats, warmup=warmup)

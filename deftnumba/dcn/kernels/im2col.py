@@ -29,7 +29,7 @@ CHUNK_IMAGES = 32
 
 
 # Traffic (per image, G offset groups, K taps, P = Ho*Wo, itemsize s):
-#   reads the offsets 2*G*K*P*s, writes the positions 2*G*K*P*s; ~4 FLOPs per position.
+#   reads the offsets 2*G*K*P*s, writes the positions 2*G*K*P*s; 2 FLOPs per position.
 @functools.cache
 def positions_kernel(dtype):
     """Kernel ``(offset, positions, conv)``: both ``[N, 2*G*K, Ho, Wo]``, ``(y, x)`` interleaved."""
@@ -55,7 +55,7 @@ def positions_kernel(dtype):
 # Traffic (per image): reads positions 2*G*K*P*s (+ mask G*K*P*s) once per channel of
 # the group, i.e. C*K*P*(2 or 3)*s through cache, and 4 input corners per sample
 # (C*K*P*4*s, mostly cache hits); writes the column block C*K*P*s.
-# FLOPs: ~20 per sample for corner setup, 7 for the interpolation, 1 for the mask.
+# FLOPs: 8 per sample for the corner setup, 7 for the interpolation, 1 for the mask.
 @functools.cache
 def columns_kernel(dtype, use_mask: bool):
     """Kernel ``(input, positions, mask, columns, first_image)``.
