@@ -176,12 +176,7 @@ def _cases(config: Config, op) -> list[_Case]:
     return cases
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
+_torch = backend.torch_or_none
 
 
 _disable_tf32 = provenance_.disable_tf32

@@ -94,12 +94,7 @@ def parse_shape(text: str) -> tuple[str, Geometry]:
 
 
 # --------------------------------------------------------------------------- methods
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
+_torch = backend.torch_or_none
 
 
 def _torchvision_deform():

@@ -51,12 +51,7 @@ def csv_name(row: dict) -> str:
     return f"{prefix}{stamp}_{device[:40]}_{row['commit'][:12]}.csv"
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
+_torch = backend.torch_or_none
 
 
 def short_commit(commit: str) -> str:

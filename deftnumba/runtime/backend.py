@@ -94,6 +94,15 @@ if os.environ.get("DEFTNUMBA_QUIET", "0") in ("", "0"):
 
 
 # --------------------------------------------------------------------------- arrays
+def torch_or_none():
+    """PyTorch if it is installed, else None (it is optional: baselines, the layer, training)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
 def cupy():
     """The CuPy module; a clear error if the GPU backend runs without it."""
     try:

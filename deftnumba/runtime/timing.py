@@ -100,12 +100,7 @@ class _NoStopwatch:
 NO_STOPWATCH = _NoStopwatch()
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
+_torch = backend.torch_or_none
 
 
 class Timer:
