@@ -5,12 +5,13 @@
 ``bench.SUITES`` ...) still resolve here, to ``bench.harness``.
 """
 
+import importlib
+
 
 def __getattr__(name: str):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    from . import harness
-
+    if name.startswith("__") or name in ("harness", "ops", "plots"):
+        raise AttributeError(name)  # submodules import normally; never recurse through here
+    harness = importlib.import_module(f"{__name__}.harness")
     try:
         return getattr(harness, name)
     except AttributeError:
