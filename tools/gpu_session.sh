@@ -11,7 +11,8 @@
 #
 # The run times above are estimates: nothing here has run on a GPU yet.
 # The device copy of the repo may have no .git: pass DEFTNUMBA_COMMIT=<sha> so CSVs
-# record the commit. Afterwards copy $OUT's CSV/PNG files into data/bench/ and commit.
+# record the commit. Afterwards copy $OUT's CSV/PNG files into data/bench/<op>/ (bench: dcn/,
+# train: training/) and commit.
 set -u -o pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
