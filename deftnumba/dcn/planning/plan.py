@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 
 from ...runtime import backend
 from ...perf.device import H200, SIMULATOR, DeviceModel
-from ...runtime.timing import NO_STOPWATCH, time_calls
+from ...runtime.timing import time_calls
 from ..kernels import fused_tiled
 from ..kernels.fused_tiled import OUT_OF_TILE, TileConfig, count_out_of_tile
 from .out_of_tile import brute_force_counts, out_of_tile_fraction, out_of_tile_sweep, out_of_tile_table  # noqa: F401
@@ -313,27 +313,27 @@ def autotune(geometry, input, offset, weight, bias=None, mask=None, candidates=N
     """Time candidate plans and cache the fastest for (geometry, statistics of ``offset``).
 
     candidates: ``Plan``s or ``TileConfig``s; by default the ``top`` fused tiles by the cost
-    model plus ``im2col``. Each runs ``warmup`` times, then ``repeats`` times timed with
-    CUDA events (``runtime.timing.time_calls``; host clock in the simulator, where this is only a
-    smoke test). The winner is returned with ``measured_ms`` (median) set.
+    model plus ``im2col``. Each runs through ``dcn.ops.deform_conv2d`` (the path a caller
+    takes, checks included) ``warmup`` times, then ``repeats`` times timed with CUDA events
+    (``runtime.timing.time_calls``; host clock in the simulator, where this is only a smoke
+    test). The winner is returned with ``measured_ms`` (median) set.
     """
-    from ..kernels import im2col
+    from .. import ops  # ops imports this module: a call-time import
 
     stats = stats or offset_statistics(offset)
     device = SIMULATOR if backend.IS_SIMULATOR else H200
     if candidates is None:
         candidates = [t for t, _ in rank_tiles(geometry, stats, top, device)] + [Plan("im2col", device=device.name)]
-    arrays = [backend.to_device(a) if a is not None else None for a in (input, offset, weight, bias, mask)]
-    xp = backend.array_module(arrays[0])
-    out = xp.empty(geometry.shapes["output"], dtype=arrays[0].dtype)
+    x, off, w, b, m = (backend.to_device(a) if a is not None else None for a in (input, offset, weight, bias, mask))
+    g = geometry
+    conv = dict(stride=(g.stride_h, g.stride_w), padding=(g.pad_h, g.pad_w), dilation=(g.dil_h, g.dil_w), mask=m)
     best = None
     for cand in candidates:
         plan = cand if isinstance(cand, Plan) else Plan(
             "fused", cand, out_of_tile=out_of_tile_fraction(geometry, stats, cand.tile_h, cand.tile_w, cand.halo),
             shared_bytes=cand.shared_bytes(geometry), device=device.name)
-        run = ((lambda sw: fused_tiled.forward(geometry, *arrays, out, sw, plan=plan)) if plan.method == "fused"
-               else (lambda sw: im2col.forward(geometry, *arrays, out, sw)))
-        ms = time_calls({"run": lambda: run(NO_STOPWATCH)}, repeats, warmup)["run"]["median_ms"]
+        run = lambda: ops.deform_conv2d(x, off, w, b, **conv, method=plan.method, plan=plan)  # noqa: E731
+        ms = time_calls({"run": run}, repeats, warmup)["run"]["median_ms"]
         if best is None or ms < best.measured_ms:
             best = replace(plan, measured_ms=ms)
     _PLAN_CACHE[(geometry, stats.key(), device, ("fused", "im2col"))] = best
