@@ -9,6 +9,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 import zlib
 
 os.environ.setdefault("DEFTNUMBA_QUIET", "1")
@@ -34,10 +35,7 @@ def rng(request):
     return np.random.default_rng([SESSION_SEED, zlib.crc32(request.node.nodeid.encode())])
 
 
-@pytest.fixture(scope="session")
-def audit_reports():
-    """``python -m deftnumba ptx --json``'s reports: every registered kernel compiled for
-    sm_90 once per test run (per xdist worker), shared by every audit test."""
+def _compile_audit() -> list:
     env = dict(os.environ, DEFTNUMBA_BACKEND="cuda", DEFTNUMBA_QUIET="1")
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     proc = subprocess.run([sys.executable, "-m", "deftnumba", "ptx", "--json"], env=env,
@@ -47,3 +45,33 @@ def audit_reports():
         pytest.skip("NVVM/NVRTC not installed: pip install 'numba-cuda[cu13]'")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def audit_reports(tmp_path_factory, request):
+    """``python -m deftnumba ptx --json``'s reports: every registered kernel compiled for
+    sm_90 once per test run, shared by every audit test. Under pytest-xdist the first
+    worker to ask compiles and the others read its result (a lock file in the run's
+    shared temporary folder), so the ~2 minutes of compilation are paid once, not per worker."""
+    if not hasattr(request.config, "workerinput"):  # no xdist worker: this process compiles
+        return _compile_audit()
+    shared = tmp_path_factory.getbasetemp().parent
+    result, lock = shared / "audit_reports.json", shared / "audit_reports.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:  # another worker is compiling: wait for its result
+            while lock.exists() and not result.exists():
+                time.sleep(1)
+            if result.exists():
+                return json.loads(result.read_text())
+            continue  # it failed (lock gone, no result): try ourselves
+        try:
+            if not result.exists():
+                reports = _compile_audit()
+                result.write_text(json.dumps(reports))
+            return json.loads(result.read_text())
+        finally:
+            os.close(fd)
+            if not result.exists():
+                lock.unlink(missing_ok=True)
