@@ -1,0 +1,1 @@
+"""How we reason about speed without running anything: static audits and models."""
