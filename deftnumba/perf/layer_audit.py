@@ -477,3 +477,91 @@ def env_for_compiler() -> dict:
     env = dict(os.environ, DEFTNUMBA_BACKEND="cuda", DEFTNUMBA_QUIET="1")
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     return env
+
+
+# --------------------------------------------------------------------------- issue 10's targets
+def target_rows(name: str, results: dict) -> list:
+    """Issue 10's static targets, checked on the audit's figures. ``results`` maps a method
+    to ``model_layer``'s result for one layer."""
+    rows = []
+
+    def add(what, value, limit, ok):
+        rows.append({"shape": name, "target": what, "value": value, "limit": limit,
+                     "status": "n/a" if value is None else ("meets" if ok(value) else "MISSES")})
+
+    fused = results.get("fused")
+    if fused:
+        m = fused["launches"][0]
+        a = m["audit"]
+        phases = {p["phase"]: p for p in m["phases"]}
+        mult = phases.get("multiply")
+        add("fused multiply FFMA %", mult and mult["body_ffma_%"], ">= 85", lambda v: v >= 85)
+        widest = max((int(w) for w in (a.phases["multiply"].body_lds_widths if "multiply" in a.phases else {})),
+                     default=None)
+        add("fused multiply widest LDS bits", widest, ">= 64", lambda v: v >= 64)
+        add("fused columns instr per sample", phases.get("columns") and phases["columns"]["body"], "<= 25",
+            lambda v: v <= 25)
+        add("fused weights instr per element", phases.get("weights") and phases["weights"]["body"], "<= 4",
+            lambda v: v <= 4)
+        add("fused registers", a.registers, "<= 128", lambda v: v <= 128)
+        loops_bad = sum(lp.mix["f64"] + lp.mix["local"] for lp in a.loops)
+        add("fused F64 + LDL/STL in loops", loops_bad, "0", lambda v: v == 0)
+        add("fused 64-bit div calls in loops", a.div64_in_loops, "0", lambda v: v == 0)
+        ratio = fused["predicted_ms"] / fused["floor_ms"]
+        add("fused predicted / fp32 floor", round(ratio, 2), "<= 1.5", lambda v: v <= 1.5)
+    for method, limit in (("fused_columns", 25), ("im2col", 60)):
+        r = results.get(method)
+        if r:
+            per = next((m.get("per_column_element") for m in r["launches"] if m.get("per_column_element")), None)
+            add(f"{method} instr per column element", per and round(per, 1), f"<= {limit}",
+                lambda v, limit=limit: v <= limit)
+    return rows
+
+
+# --------------------------------------------------------------------------- command line
+def main(args) -> int:
+    """``python -m deftnumba audit`` (run in a process with the cuda backend)."""
+    if args.planner_table:
+        table = planner_table()
+        path = args.planner_table if isinstance(args.planner_table, str) else PLANNER_TABLE
+        write_planner_table(table, path)
+        print(f"wrote {path}: {len(table['configs'])} configs, kernel source hash {table['source_hash']}")
+        return 0
+    audits = audit_cases(args.kernels)
+    rows = [kernel_row(a) for a in audits]
+    csv_rows = [{"table": "kernels", **r} for r in rows]
+    if args.json:
+        print(json.dumps([a.to_json() for a in audits]))
+    else:
+        print(KERNEL_HEADER)
+        print(format_table(rows, KERNEL_COLUMNS))
+    from .. import bench
+
+    names = list(bench.SUITES) if args.layer == ["all"] else (args.layer or [])
+    methods = ["fused", "im2col", "fused_columns"] if args.method == "all" else [args.method]
+    targets = []
+    for name in names:
+        if name not in bench.SUITES:
+            raise SystemExit(f"--layer: unknown shape {name!r}; shapes are {list(bench.SUITES)} or 'all'")
+        g = bench.SUITES[name]
+        results = {}
+        for i, method in enumerate(methods, 1):
+            print(f"[layer {name}: {method}] compiling", file=sys.stderr, flush=True)
+            results[method] = r = model_layer(g, method)
+            if not args.json:
+                print()
+                print(format_layer(name, g, r))
+            csv_rows += [{"table": "layer", **row} for row in layer_rows(name, g, r)]
+        t = target_rows(name, results)
+        targets += t
+        csv_rows += [{"table": "targets", **row} for row in t]
+    if targets and not args.json:
+        print("\nIssue 10's static targets (figures from the audit above; predictions, not measurements):")
+        print(format_table(targets))
+    if args.csv:
+        write_csv(args.csv, csv_rows)
+        print(f"wrote {args.csv}", file=sys.stderr)
+    bad = sum(r["dtype"] == "float32" and r["f64"] > 0 for r in rows)
+    if not args.json:
+        print(f"\n{len(rows)} kernels compiled for sm_90; float32 kernels with float64 instructions: {bad}")
+    return 1 if bad else 0

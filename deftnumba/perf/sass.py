@@ -595,6 +595,7 @@ class KernelAudit:
     hottest: LoopSummary | None
     phases: dict                      # name -> PhaseCount
     lineinfo: bool                    # the listing carried source lines of the kernel
+    div64_in_loops: int = 0           # of those CALLs, the ones inside a loop
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -693,7 +694,9 @@ def audit_listing(listing: Listing, source: Source | None = None, name: str = ""
         shared_bytes=resources.get("shared_bytes"), block_threads=block_threads, warps_per_sm=warps,
         instructions=len(code), mix=mix, f64=mix["f64"], local=mix["local"],
         div64_calls=sum(n for t, n in calls.items() if t and DIV64_ROUTINE.search(t)), calls=dict(calls),
-        loops=loops, hottest=hottest_loop(loops), phases=phases, lineinfo=kernel_lines)
+        loops=loops, hottest=hottest_loop(loops), phases=phases, lineinfo=kernel_lines,
+        div64_in_loops=sum(1 for i in live if depth_of[i] and ins[i].base == "CALL" and ins[i].target
+                           and DIV64_ROUTINE.search(ins[i].target)))
 
 
 # --------------------------------------------------------------------------- occupancy and issue slots
