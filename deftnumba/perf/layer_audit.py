@@ -433,7 +433,8 @@ def planner_table(cc=sass.CC, report=progress) -> dict:
         configs[planner_key(dtype, ro, rp)] = {
             "tile": [tile.tile_h, tile.tile_w, tile.halo, tile.chunk, tile.oc_block, tile.reg_oc, tile.reg_px],
             "registers": a.registers, "spill_bytes": a.spill_bytes,
-            "phases": {name: {"body": c.body, "straight": c.straight} for name, c in sorted(a.phases.items())},
+            "phases": {name: {"body": c.body, "straight": c.straight, "ffma": c.body_ffma, "dfma": c.body_dfma,
+                              "unroll": c.unroll} for name, c in sorted(a.phases.items())},
         }
     from .. import backend  # noqa: F401  (versions of the compiler that measured)
     import numba

@@ -574,6 +574,7 @@ class PhaseCount:
     div64_calls: int
     body_sass: int = 0   # instructions per pass through the SASS loop(s) (= body * unroll)
     unroll: int = 1      # source iterations per pass (LLVM unrolls runtime-count loops)
+    body_dfma: float = 0.0  # DFMA per source iteration (float64 kernels)
 
 
 @dataclass
@@ -671,18 +672,33 @@ def audit_listing(listing: Listing, source: Source | None = None, name: str = ""
         body = [ins[i] for i in in_body]
         straight = [ins[i] for i in members if not (deepest and depth_of[i] == deepest)]
         every = [ins[i] for i in members]
-        # per source iteration: each loop's share divided by that loop's unroll factor
-        per_loop = Counter(id(innermost_of[i][0]) for i in in_body)
-        unroll_of = {id(innermost_of[i][0]): innermost_of[i][1] for i in in_body}
-        ffma_of = Counter(id(innermost_of[i][0]) for i in in_body if ins[i].category == "ffma")
-        unrolls = set(unroll_of.values())
+        # per source iteration: each loop's share divided by that loop's unroll factor. LLVM
+        # may split one source loop into an unrolled main loop and a remainder loop: loops
+        # spanning the same source lines count once (the most unrolled one); the others'
+        # instructions run at most unroll-1 times and are counted with the straight part.
+        loops_here: dict = {}
+        for i in in_body:
+            loops_here.setdefault(id(innermost_of[i][0]), []).append(i)
+        chosen: dict = {}
+        for key, idx in loops_here.items():
+            lines = [ins[i].line for i in idx if ins[i].line is not None]
+            span = (min(lines), max(lines)) if lines else key
+            unroll = innermost_of[idx[0]][1]
+            best = chosen.get(span)
+            if best is None or (unroll, len(idx)) > (best[0], len(best[1])):
+                chosen[span] = (unroll, idx)
+        kept = {i for _, idx in chosen.values() for i in idx}
+        body = [ins[i] for i in in_body if i in kept]
+        straight += [ins[i] for i in in_body if i not in kept]
+        unrolls = [u for u, _ in chosen.values()]
         phases[name_] = PhaseCount(
-            body=sum(n / unroll_of[k] for k, n in per_loop.items()), straight=len(straight), depth=deepest,
-            body_ffma=sum(n / unroll_of[k] for k, n in ffma_of.items()),
+            body=sum(len(idx) / u for u, idx in chosen.values()), straight=len(straight), depth=deepest,
+            body_ffma=sum(sum(1 for i in idx if ins[i].category == "ffma") / u for u, idx in chosen.values()),
             body_lds_widths=widths_of(body, "lds"), body_ldg_widths=widths_of(body, "ldg"),
             calls=sum(1 for i in every if i.base == "CALL"),
             div64_calls=sum(1 for i in every if i.base == "CALL" and i.target and DIV64_ROUTINE.search(i.target)),
-            body_sass=len(body), unroll=max(unrolls) if unrolls else 1)
+            body_sass=len(body), unroll=max(unrolls) if unrolls else 1,
+            body_dfma=sum(sum(1 for i in idx if ins[i].base == "DFMA") / u for u, idx in chosen.values()))
     resources = resources or {}
     mix = mix_of(code)
     warps = None
