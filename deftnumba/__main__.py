@@ -93,6 +93,8 @@ def main(argv=None) -> int:
                        help="issue-slot model of a suite shape (deft64, res128, det-c4, det-c5, or all); repeatable")
     audit.add_argument("--method", default="fused", choices=["fused", "im2col", "fused_columns", "all"],
                        help="forward method(s) modelled for --layer (default fused)")
+    audit.add_argument("--tile", metavar="TH,TW,HALO,CHUNK,OCB,RO,RP",
+                       help="model this fused TileConfig instead of the planner's")
     audit.add_argument("--csv", metavar="PATH", help="also write the tables as CSV")
     audit.add_argument("--json", action="store_true", help="print the kernel audits as JSON")
     audit.add_argument("--planner-table", nargs="?", const=True, default=None, metavar="PATH",

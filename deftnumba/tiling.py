@@ -327,7 +327,11 @@ def _measured_counts(dtype, reg_oc: int, reg_px: int) -> dict | None:
     this register blocking, measured from its SASS (the committed planner table), or ``None``
     when the table lacks it. The table is read once per process."""
     if "table" not in _MEASURED:
-        _MEASURED["table"] = layer_audit.load_planner_table() or {"configs": {}}
+        table = layer_audit.load_planner_table()
+        if table is None:
+            raise RuntimeError(f"the planner's measured SASS counts are missing ({layer_audit.PLANNER_TABLE}); "
+                               "make them with: python -m deftnumba audit --planner-table (no GPU needed)")
+        _MEASURED["table"] = table
     return _MEASURED["table"]["configs"].get(layer_audit.planner_key(str(dtype), reg_oc, reg_px))
 
 

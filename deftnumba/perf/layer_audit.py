@@ -546,9 +546,14 @@ def main(args) -> int:
             raise SystemExit(f"--layer: unknown shape {name!r}; shapes are {list(bench.SUITES)} or 'all'")
         g = bench.SUITES[name]
         results = {}
+        tile = None
+        if getattr(args, "tile", None):
+            from ..kernels.fused_tiled import TileConfig
+
+            tile = TileConfig(*(int(v) for v in args.tile.split(",")))
         for i, method in enumerate(methods, 1):
             print(f"[layer {name}: {method}] compiling", file=sys.stderr, flush=True)
-            results[method] = r = model_layer(g, method)
+            results[method] = r = model_layer(g, method, tile if method == "fused" else None)
             if not args.json:
                 print()
                 print(format_layer(name, g, r))
