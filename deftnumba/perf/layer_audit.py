@@ -183,6 +183,26 @@ def fused_columns_launches(g) -> list:
 
 
 # --------------------------------------------------------------------------- phase models of today's kernels
+def normalise_multiply(phases: dict, fma_per_step: int) -> dict:
+    """Divide the ``multiply`` phase's counts by the unroll factor the store rule cannot see.
+
+    The multiply loop has a compile-time trip count and no stores; LLVM unrolls it by 2 or
+    4 when its body is small. One source step issues ``reg_oc * reg_px`` FMAs, so a body
+    with k times that many is k steps. ``phases`` maps names to ``PhaseCount``; returns a
+    copy with ``multiply`` rescaled (unchanged when the ratio is not an integer > 1)."""
+    from dataclasses import replace
+
+    m = phases.get("multiply")
+    if m is None or not fma_per_step:
+        return dict(phases)
+    fma = m.body_ffma + m.body_dfma
+    k = fma / fma_per_step
+    if k > 1 and abs(k - round(k)) < 1e-9:
+        k = int(round(k))
+        m = replace(m, body=m.body / k, body_ffma=m.body_ffma / k, body_dfma=m.body_dfma / k, unroll=m.unroll * k)
+    return {**phases, "multiply": m}
+
+
 def _per_thread(items: int, threads_total: int) -> int:
     """Iterations of a grid-stride or block-stride loop for the busiest thread."""
     return -(-int(items) // int(threads_total))
@@ -266,12 +286,15 @@ def model_launch(launch: Launch, g, out_of_tile: float = 0.0, cc=sass.CC) -> dic
     """Audit one launch's kernel and run the issue-slot model: a dict with the audit, the
     per-phase rows and the predicted issue-bound seconds (a prediction)."""
     a = sass.audit_kernel(launch.kernel, launch.signature, launch.label, str(g.dtype), cc)
+    counts = a.phases
+    if launch.label == "fused":
+        counts = normalise_multiply(counts, launch.config.reg_oc * launch.config.reg_px)
     iterations = phase_iterations(launch, g, out_of_tile)
-    per_thread = sass.per_thread_instructions(a.phases, iterations)
+    per_thread = sass.per_thread_instructions(counts, iterations)
     model = sass.issue_model(per_thread, launch.blocks, launch.threads, a.registers, a.shared_bytes or 0)
     seconds = model["seconds"] * launch.repeats
     phases = []
-    for name, count in a.phases.items():
+    for name, count in counts.items():
         it = iterations.get(name, 0)
         body_it, runs = it if isinstance(it, (tuple, list)) else (it, 1)
         phases.append({"phase": name, "body": round(count.body, 2), "unroll": count.unroll,
@@ -403,13 +426,14 @@ PLANNER_DTYPES = ("float32", "float64")
 PLANNER_REG = (1, 2, 4, 8)
 
 
-def planner_base_tile(reg_oc: int, reg_px: int):
+def planner_base_tile(reg_oc: int, reg_px: int, dtype: str = "float32"):
     """The representative config measured for a register blocking: an 8x8 tile, halo 2,
-    chunk 4 and 64 output channels (deft64's plan family). The other parameters only change
-    compile-time constants (divisors, trip counts), not the loop bodies' shape."""
+    64 output channels and a chunk of 4 channels (1 in float64, to fit 48 KB of static
+    shared memory): deft64's plan family. The other parameters only change compile-time
+    constants (divisors, trip counts), not the loop bodies' shape."""
     from ..kernels.fused_tiled import TileConfig
 
-    return TileConfig(8, 8, 2, 4, 64, reg_oc, reg_px)
+    return TileConfig(8, 8, 2, 4 if dtype == "float32" else 1, 64, reg_oc, reg_px)
 
 
 def planner_table(cc=sass.CC, report=progress) -> dict:
@@ -426,15 +450,16 @@ def planner_table(cc=sass.CC, report=progress) -> dict:
     for i, (dtype, ro, rp) in enumerate(keys, 1):
         if report:
             report(i, len(keys), f"fused {dtype} reg {ro}x{rp}")
-        tile = planner_base_tile(ro, rp)
+        tile = planner_base_tile(ro, rp, dtype)
         g = _with_dtype(g0, dtype)
         launch = fused_launch(g, tile)
         a = sass.audit_kernel(launch.kernel, launch.signature, f"fused[{planner_key(dtype, ro, rp)}]", dtype, cc)
+        counts = normalise_multiply(a.phases, ro * rp)
         configs[planner_key(dtype, ro, rp)] = {
             "tile": [tile.tile_h, tile.tile_w, tile.halo, tile.chunk, tile.oc_block, tile.reg_oc, tile.reg_px],
             "registers": a.registers, "spill_bytes": a.spill_bytes,
             "phases": {name: {"body": c.body, "straight": c.straight, "ffma": c.body_ffma, "dfma": c.body_dfma,
-                              "unroll": c.unroll} for name, c in sorted(a.phases.items())},
+                              "unroll": c.unroll} for name, c in sorted(counts.items())},
         }
     from .. import backend  # noqa: F401  (versions of the compiler that measured)
     import numba

@@ -134,9 +134,12 @@ def link_cubin(ptx: str, cc=CC) -> tuple[bytes, dict]:
         nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), "kernel")
         try:
             nvjitlink.complete(handle)
-        finally:
-            log = bytearray(nvjitlink.get_info_log_size(handle))
-            nvjitlink.get_info_log(handle, log)
+        except nvjitlink.nvJitLinkError as e:
+            error = bytearray(nvjitlink.get_error_log_size(handle))
+            nvjitlink.get_error_log(handle, error)
+            raise RuntimeError(f"nvJitLink failed ({e}): {error.decode(errors='replace').strip()[-2000:]}") from e
+        log = bytearray(nvjitlink.get_info_log_size(handle))
+        nvjitlink.get_info_log(handle, log)
         cubin = bytearray(nvjitlink.get_linked_cubin_size(handle))
         nvjitlink.get_linked_cubin(handle, cubin)
     finally:
@@ -533,6 +536,31 @@ def _def_line(source: Source | None) -> int:
     return source.first
 
 
+STRAY_SHARE = 0.25
+"""A phase holding less than this share of an innermost loop's instructions is a stray there."""
+
+
+def reassign_strays(phase: list, cfg: Cfg) -> list:
+    """Give an innermost loop's stray instructions to the loop's main phase.
+
+    The scheduler moves a few instructions of one source line into a neighbouring loop
+    (an address of the next phase computed inside this one). They run once per iteration
+    of the loop they sit in, so they are counted with that loop's main phase; otherwise a
+    single stray would make that loop the other phase's innermost loop. A phase is a stray
+    in a loop when it holds under ``STRAY_SHARE`` of the loop's instructions."""
+    phase = list(phase)
+    for loop in cfg.loops:
+        if loop.children:
+            continue
+        idx = [i for b in loop.blocks for i in range(cfg.starts[b], cfg.ends[b])]
+        counts = Counter(phase[i] for i in idx)
+        main = max(counts, key=lambda k: (counts[k], k))
+        for i in idx:
+            if counts[phase[i]] < STRAY_SHARE * len(idx):
+                phase[i] = main
+    return phase
+
+
 # --------------------------------------------------------------------------- the audit
 def mix_of(instructions) -> dict:
     """``{category: count}`` over ``CATEGORIES`` (zeros included, table order)."""
@@ -651,7 +679,7 @@ def audit_listing(listing: Listing, source: Source | None = None, name: str = ""
     ins = fn.instructions
     live = [i for b in sorted(cfg.reachable) for i in range(cfg.starts[b], cfg.ends[b])]
     code = [ins[i] for i in live]
-    phase = phases_of(fn, source, cfg)
+    phase = reassign_strays(phases_of(fn, source, cfg), cfg)
     loops = [_summarise_loop(lp, cfg, ins, phase) for lp in cfg.loops]
     calls = Counter(i.target for i in code if i.base == "CALL")
     # per phase: its deepest loops' instructions are the body, the rest straight-line
