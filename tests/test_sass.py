@@ -211,7 +211,7 @@ def test_planner_table_covers_the_candidates_and_matches_the_kernel_source():
     missing = wanted - set(table["configs"])
     assert not missing, f"the planner table lacks {sorted(missing)}; {regenerate}"
     for key, entry in table["configs"].items():
-        assert 0 < entry["registers"] <= 255 and not entry["spill_bytes"], key
+        assert 0 < entry["registers"] <= 255, key  # configs that spill are not planned (tiling)
         multiply = entry["phases"]["multiply"]
         reg_oc, reg_px = entry["tile"][5], entry["tile"][6]
         # the unit of the model: one source iteration of the multiply loop is one rank-1 update
