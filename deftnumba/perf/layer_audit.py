@@ -130,8 +130,15 @@ def _array_types(dtype):
 
 
 def fused_launch(g, tile) -> Launch:
+    """The fused kernel's launch for ``g`` and ``tile``. A rewritten module may define
+    ``audit_launch(geometry, config) -> (kernel, signature, blocks, threads)`` to say
+    this itself (its factory's arguments may differ from today's)."""
     from ..kernels import fused_tiled
 
+    hook = getattr(fused_tiled, "audit_launch", None)
+    if hook is not None:
+        kernel, sig, blocks, threads = hook(g, tile)
+        return Launch("fused", fused_tiled, kernel, tuple(sig), blocks, threads, tile, operator="fused")
     a4, _, a1, types = _array_types(g.dtype)
     kernel = fused_tiled.fused_kernel(g.dtype, g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.dil_h, g.dil_w,
                                       tile, g.has_mask, g.has_bias)
