@@ -1,4 +1,4 @@
-"""Command line: ``python -m deftnumba {info,demo,ptx,bench}``."""
+"""Command line: ``python -m deftnumba {info,demo,audit,ptx,bench}``."""
 
 from __future__ import annotations
 
@@ -57,6 +57,17 @@ def _ptx(args) -> int:
     return 1 if bad else 0
 
 
+def _audit(args) -> int:
+    if os.environ.get("DEFTNUMBA_BACKEND") != "cuda":
+        # The audit needs numba-cuda's real compiler (no GPU), never the simulator.
+        from .dcn.audit import env_for_compiler
+
+        return subprocess.call([sys.executable, "-m", "deftnumba"] + args.argv, env=env_for_compiler())
+    from .dcn import audit as dcn_audit
+
+    return dcn_audit.main(args)
+
+
 def _bench(args) -> int:
     if getattr(args, "training", False):
         from .dcn import training
@@ -76,7 +87,23 @@ def main(argv=None) -> int:
                       help="'all' (default: every method, one after another), 'auto', or one method")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
-    ptx = sub.add_parser("ptx", help="compile every kernel to PTX (no GPU needed) and audit it")
+    audit = sub.add_parser("audit", help="compile every kernel for sm_90 and audit its SASS (no GPU needed); "
+                                         "--layer models a suite shape's launches (predictions)")
+    audit.add_argument("--kernels", metavar="TEXT", help="only kernels whose name contains TEXT")
+    audit.add_argument("--layer", action="append", metavar="SHAPE",
+                       help="issue-slot model of a suite shape (deft64, res128, det-c4, det-c5, or all); repeatable")
+    audit.add_argument("--method", default="fused", choices=["fused", "im2col", "fused_columns", "all"],
+                       help="forward method(s) modelled for --layer (default fused)")
+    audit.add_argument("--tile", metavar="TH,TW,HALO,CHUNK,OCB,RO,RP",
+                       help="model this fused TileConfig instead of the planner's")
+    audit.add_argument("--csv", metavar="PATH", help="also write the tables as CSV")
+    audit.add_argument("--json", action="store_true", help="print the kernel audits as JSON")
+    audit.add_argument("--planner-table", nargs="?", const=True, default=None, metavar="PATH",
+                       help="measure the fused kernel's per-phase counts for the planner and write "
+                            "deftnumba/data/fused_phase_counts.json (or PATH)")
+    audit.set_defaults(run=_audit)
+    ptx = sub.add_parser("ptx", help="compile every kernel to PTX (no GPU needed) and audit it "
+                                     "(the PTX-level table; `audit` reads the SASS)")
     ptx.add_argument("--json", action="store_true")
     ptx.set_defaults(run=_ptx)
     bench = sub.add_parser("bench", help="time every method on the suite shapes; CSV + chart "
@@ -91,6 +118,7 @@ def main(argv=None) -> int:
                                 "deftnumba) instead of single layers; --method picks variants, --reps steps")
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
+    args.argv = argv
     return args.run(args)
 
 

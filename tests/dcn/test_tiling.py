@@ -113,7 +113,10 @@ def test_plans_are_deterministic_for_equal_statistics(rng):
     a = tiling.offset_statistics(offset)
     b = tiling.offset_statistics(offset.copy())
     assert a == b and hash(a) == hash(b)
-    p, q = tiling.choose_plan(DEFT64, a, tiling.H200), tiling.choose_plan(DEFT64, b, tiling.H200)
+    # fused only: these tests are about the tile (with SASS-measured costs today's fused kernel
+    # loses to im2col at deft64, which issue 10's rewrite is to change)
+    fused = ("fused",)
+    p, q = tiling.choose_plan(DEFT64, a, tiling.H200, fused), tiling.choose_plan(DEFT64, b, tiling.H200, fused)
     assert p == q and hash(p) == hash(q)
     assert p.method == "fused" and p.tile is not None
     assert p.shared_bytes == p.tile.shared_bytes(DEFT64) <= tiling.H200.shared_per_block
@@ -124,8 +127,8 @@ def test_plans_are_deterministic_for_equal_statistics(rng):
 
 def test_plans_follow_the_offsets():
     """Far-moving offsets cost out-of-tile reads: the planner widens the halo (or the tile)."""
-    near = tiling.choose_plan(DEFT64, tiling.normal_statistics(0.3), tiling.H200)
-    far = tiling.choose_plan(DEFT64, tiling.normal_statistics(3.0), tiling.H200)
+    near = tiling.choose_plan(DEFT64, tiling.normal_statistics(0.3), tiling.H200, ("fused",))
+    far = tiling.choose_plan(DEFT64, tiling.normal_statistics(3.0), tiling.H200, ("fused",))
     assert far.tile.halo > near.tile.halo or far.tile.pixels > near.tile.pixels
     assert far.predicted_ms > near.predicted_ms
 
@@ -198,7 +201,7 @@ def test_rank_tiles_explains_the_plan():
     assert len(ranked) == 5
     seconds = [terms["seconds"] for _, terms in ranked]
     assert seconds == sorted(seconds)
-    assert ranked[0][0] == tiling.choose_plan(DEFT64, stats, tiling.H200).tile
+    assert ranked[0][0] == tiling.choose_plan(DEFT64, stats, tiling.H200, ("fused",)).tile
     assert all(terms["shared_bytes"] <= tiling.H200.shared_per_block for _, terms in ranked)
 
 

@@ -65,6 +65,7 @@ def fused_columns_kernel(dtype, use_mask: bool):
         per_group = channels // (group_taps // taps)
         pixels = out_h * out_w
         total = (columns.shape[1] // pixels) * group_taps * pixels
+        # phase: point
         for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
             p = idx % pixels
             gk = (idx // pixels) % group_taps
@@ -83,6 +84,7 @@ def fused_columns_kernel(dtype, use_mask: bool):
                 w10 *= m
                 w11 *= m
             col = n_local * pixels + p
+            # phase: channel
             for c in range(group * per_group, (group + 1) * per_group):
                 columns[c * taps + tap, col] = (w00 * input[n, c, y0, x0] + w01 * input[n, c, y0, x1]
                                                 + w10 * input[n, c, y1, x0] + w11 * input[n, c, y1, x1])

@@ -272,10 +272,12 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
         c_end = c_begin + cpg
         table_og = -1
         c = c_begin
+        # phase: chunk
         while c < c_end:
             og = c // cpo
             seg_end = min(c_end, (og + 1) * cpo)
             if og != table_og:
+                # phase: table
                 # 1. sampling table of offset group og (the previous chunk ended with a barrier)
                 n_in = 0
                 n_out = 0
@@ -334,10 +336,12 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                     cuda.atomic.add(counters, 1, np.int64(n_out * seg_channels))
                     cuda.atomic.add(counters, 2, np.int64(n_band * seg_channels))
                 table_og = og
+            # phase: chunk
             chunk_end = min(seg_end, c + CC)
             nc = chunk_end - c
 
             # 2. stage the input region (coalesced along rows) and the weight slice
+            # phase: staging
             for idx in range(tid, STAGED, THREADS):
                 cc = idx // REGION
                 rem = idx - cc * REGION
@@ -349,6 +353,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                 if cc < nc and gy >= 0 and gy < height and gx >= 0 and gx < width:
                     v = input[n, c + cc, gy, gx]
                 s_in[cc, row, col] = v
+            # phase: weights
             for idx in range(tid, WSTAGE, THREADS):
                 o = idx // CK
                 ck = idx - o * CK
@@ -362,6 +367,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
             cuda.syncthreads()
 
             # 3. the column tile: in-tile samples from shared memory, the others from global
+            # phase: columns
             for idx in range(tid, CK * P, THREADS):
                 ck = idx // P
                 p = idx - ck * P
@@ -377,15 +383,18 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                         v = (s_wt[0, e] * s_in[cc, r0, q0] + s_wt[1, e] * s_in[cc, r0, q1]
                              + s_wt[2, e] * s_in[cc, r1, q0] + s_wt[3, e] * s_in[cc, r1, q1])
                     else:
+                        # phase: out_of_tile
                         ci = c + cc
                         v = (s_wt[0, e] * input[n, ci, iy0 + r0, ix0 + q0]
                              + s_wt[1, e] * input[n, ci, iy0 + r0, ix0 + q1]
                              + s_wt[2, e] * input[n, ci, iy0 + r1, ix0 + q0]
                              + s_wt[3, e] * input[n, ci, iy0 + r1, ix0 + q1])
+                # phase: columns
                 s_col[ck, p] = v
             cuda.syncthreads()
 
             # 4. register-blocked rank-1 updates (compile-time bounds; unused rows are zero)
+            # phase: multiply
             for ck in range(CK):
                 for i in range(RO):
                     a[i] = s_w[ck, oc_t + i * OC_T]
@@ -395,9 +404,11 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                     for j in range(RP):
                         acc[i, j] += a[i] * b[j]
             cuda.syncthreads()
+            # phase: chunk
             c = chunk_end
 
         # epilogue: bias, NCHW store (consecutive threads -> consecutive pixels of a tile row)
+        # phase: epilogue
         for i in range(RO):
             oc = oc0 + oc_t + i * OC_T
             if oc < oc_end:

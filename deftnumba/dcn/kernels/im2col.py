@@ -40,6 +40,7 @@ def positions_kernel(dtype):
         n_img, channels, out_h, out_w = offset.shape
         taps = conv[6] * conv[7]
         total = n_img * (channels // 2) * out_h * out_w
+        # phase: positions
         for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
             ox = idx % out_w
             oy = (idx // out_w) % out_h
@@ -74,6 +75,7 @@ def columns_kernel(dtype, use_mask: bool):
         per_group = channels // groups
         pixels = out_h * out_w
         total = columns.shape[1] * channels  # (images in chunk) * C * P
+        # phase: pixel
         for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
             p = idx % pixels
             c = (idx // pixels) % channels
@@ -82,6 +84,7 @@ def columns_kernel(dtype, use_mask: bool):
             oy = p // out_w
             ox = p - oy * out_w
             g = c // per_group
+            # phase: sample
             for tap in range(taps):
                 gk = g * taps + tap
                 y = positions[n, 2 * gk, oy, ox]

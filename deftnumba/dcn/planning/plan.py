@@ -38,6 +38,8 @@ from ..kernels import fused_tiled
 from ..kernels.fused_tiled import OUT_OF_TILE, TileConfig, count_out_of_tile
 from .out_of_tile import brute_force_counts, out_of_tile_fraction, out_of_tile_sweep, out_of_tile_table  # noqa: F401
 from .stats import CLIP, OffsetStats, normal_statistics, offset_statistics  # noqa: F401
+from ...perf import sass
+from .. import audit as dcn_audit
 
 __all__ = [
     "DeviceModel", "H200", "SIMULATOR", "OffsetStats", "Plan", "TileConfig", "OUT_OF_TILE",
@@ -63,6 +65,31 @@ def _chunks_per_block(geometry, chunk: int) -> float:
     return total / g.groups
 
 
+_MEASURED: dict = {}
+
+
+def _measured_counts(dtype, reg_oc: int, reg_px: int) -> dict | None:
+    """``{registers, spill_bytes, phases: {name: {body, straight}}}`` of the fused kernel with
+    this register blocking, measured from its SASS (the committed planner table), or ``None``
+    when the table lacks it. The table is read once per process."""
+    if "table" not in _MEASURED:
+        table = dcn_audit.load_planner_table()
+        if table is None:
+            raise RuntimeError(f"the planner's measured SASS counts are missing ({dcn_audit.PLANNER_TABLE}); "
+                               "make them with: python -m deftnumba audit --planner-table (no GPU needed)")
+        _MEASURED["table"] = table
+    return _MEASURED["table"]["configs"].get(dcn_audit.planner_key(str(dtype), reg_oc, reg_px))
+
+
+def _phase_iterations(geometry, tile: TileConfig, fraction: float) -> dict:
+    """Iterations per thread of each phase: the kernel module's ``phase_model`` if it has one,
+    else the model of today's kernel (``dcn.audit.before_phase_model``)."""
+    model = getattr(fused_tiled, "phase_model", None)
+    if model is not None:
+        return dict(model(geometry, tile))
+    return dcn_audit.before_phase_model("fused", geometry, tile, fraction)
+
+
 def _fused_terms(geometry, tile: TileConfig, fraction: float, device: DeviceModel) -> dict:
     g = geometry
     s = g.itemsize
@@ -74,41 +101,35 @@ def _fused_terms(geometry, tile: TileConfig, fraction: float, device: DeviceMode
     blocks = tiles * gy * g.batch
     rows, cols = tile.staged_shape(g)
     p_tile = tile.pixels
-    # issue slots (thread instructions): GEMM = FMA + shared loads per rank-1 update,
-    # sampling ~ 24 per sample (index math, 8 table + 4 staged loads, 4 FMA, a store),
-    # staging ~ 8 per staged element; out-of-tile samples add 4 global loads (~ 4 x 8 slots).
-    gemm_slots = blocks * cpg * k * (tile.oc_block * p_tile + tile.threads * (tile.reg_oc + tile.reg_px))
+    # issue slots: per-phase instruction counts measured in the compiled kernel's SASS for this
+    # register blocking (data/fused_phase_counts.json, from `python -m deftnumba audit
+    # --planner-table`), times the iterations each phase runs per thread (the kernel's phase
+    # model), through the audit's issue-slot model; registers measured by ptxas too.
     samples = blocks * cpg * k * p_tile
-    sample_slots = samples * (24 + 32 * fraction)
     staged = blocks * cpg * rows * cols
-    stage_slots = 8 * (staged + blocks * cpg * k * tile.oc_block)
-    table_slots = blocks * k * p_tile * 40 * max(1, g.offset_groups // g.groups)
-    # three barriers per channel chunk, each ~64 slots per thread of drained pipeline (assumed)
-    chunks = _chunks_per_block(g, tile.chunk)
-    sync_slots = blocks * chunks * 3 * 64 * tile.threads
-    slots = gemm_slots + sample_slots + stage_slots + table_slots + sync_slots
-    peak = device.fp32_flops if g.dtype == "float32" else device.fp64_flops
-    # occupancy: shared memory, threads, registers. Registers per thread follow ptxas
-    # (sm_90, via nvJitLink, no GPU needed) on the compiled kernel: ~128 for the sampling
-    # and index arithmetic plus the accumulators and GEMM operands, in 8-register units
-    # (130 for 2x1 blocking, 150 for 4x4, 170-200 for 4x8, 214 for 8x8; 0 spills).
     shared = tile.shared_bytes(g)
-    words = (tile.reg_oc * tile.reg_px + tile.reg_oc + tile.reg_px) * g.itemsize // 4
-    regs = -(-(128 + words) // 8) * 8
-    if regs > 255:  # would spill to local memory: not a candidate
+    measured = _measured_counts(g.dtype, tile.reg_oc, tile.reg_px)
+    if measured is None:
+        return {"feasible": False, "shared_bytes": shared, "reason": "no measured phase counts for this blocking"}
+    regs = measured["registers"]
+    if measured.get("spill_bytes"):  # spills to local memory: not a candidate
         return {"feasible": False, "shared_bytes": shared, "registers": regs}
-    per_sm = min(device.blocks_per_sm, device.shared_per_sm // (shared + 1024),
-                 device.threads_per_sm // tile.threads, device.registers_per_sm // (regs * tile.threads))
+    per_thread = sass.per_thread_instructions(measured["phases"], _phase_iterations(g, tile, fraction))
+    issue = sass.issue_model(per_thread, blocks, tile.threads, regs, shared + sass.SYSTEM_SHARED_RESERVE, device)
+    per_sm = issue["blocks_per_sm"]
     if per_sm < 1 or shared > device.shared_per_block:
         return {"feasible": False, "shared_bytes": shared}
-    warps = per_sm * tile.threads / 32
+    slots = issue["per_thread"] * tile.threads * blocks  # thread instructions of the launch
+    peak = device.fp32_flops if g.dtype == "float32" else device.fp64_flops
+    warps = issue["warps_per_sm"]
     # ~8 resident warps keep an SM busy when each thread has many independent FMAs in
     # flight (register-blocked GEMM loops reach near peak at 8 warps/SM); assumed
     latency_hiding = min(1.0, warps / 8.0)
-    waves = math.ceil(blocks / (per_sm * device.sms))
+    waves = issue["waves"]
     wave_efficiency = blocks / (waves * per_sm * device.sms)
-    issue_rate = peak / 2.0  # thread instructions per second (one FMA slot per lane per clock)
-    compute_s = slots / (issue_rate * latency_hiding * wave_efficiency)
+    flops_total = 2 * g.batch * g.out_channels * cpg * k * g.out_h * g.out_w
+    # the issue-bound time, or the arithmetic rate where it is lower (float64: half rate)
+    compute_s = max(issue["seconds"], flops_total / (peak * wave_efficiency)) / latency_hiding
     # bytes: DRAM sees each array once (the halo re-reads and per-block weight slices hit L2);
     # L2 sees the staged tiles, the table inputs per output-channel block and the out-of-tile
     # sectors (4 corners x 32 B).
@@ -127,7 +148,8 @@ def _fused_terms(geometry, tile: TileConfig, fraction: float, device: DeviceMode
             "memory_s": memory_s, "flops": flops, "dram_bytes": dram, "l2_bytes": l2,
             "staged_bytes": s * staged, "halo_redundancy": staged / max(1, blocks * cpg * p_tile),
             "out_of_tile": fraction, "shared_bytes": shared, "blocks": blocks,
-            "blocks_per_sm": per_sm, "waves": waves, "wave_efficiency": wave_efficiency}
+            "blocks_per_sm": per_sm, "waves": waves, "wave_efficiency": wave_efficiency,
+            "registers": regs, "instructions_per_thread": issue["per_thread"], "issue_s": issue["seconds"]}
 
 
 def _im2col_terms(geometry, device: DeviceModel) -> dict:
@@ -152,8 +174,9 @@ def predict(geometry, stats: OffsetStats, method: str = "fused", tile: TileConfi
             device: DeviceModel = H200) -> dict:
     """The cost model's breakdown for one (method, tile): predicted ``seconds`` and its terms.
 
-    ``fused`` terms: ``compute_s`` (issue slots of the GEMM, sampling, staging and table,
-    derated by occupancy and wave quantisation), ``memory_s`` (max of DRAM and L2 time),
+    ``fused`` terms: ``compute_s`` (the SASS audit's issue-slot model: per-phase instruction
+    counts measured in the compiled kernel, ``data/fused_phase_counts.json``, times each
+    phase's iterations; derated by occupancy and wave quantisation), ``memory_s`` (max of DRAM and L2 time),
     ``out_of_tile`` (the modelled fraction), ``shared_bytes``, ``blocks_per_sm``,
     ``halo_redundancy`` (staged elements per output pixel and channel). ``im2col``: the
     column buffer written and read at DRAM bandwidth plus a vendor GEMM.

@@ -1,0 +1,602 @@
+"""The SASS audit applied to this package's DCN kernels: the kernel table, the per-layer
+issue-slot model and the planner's table of measured per-phase counts.
+
+``perf/sass.py`` knows nothing about deformable convolution; this module knows which
+kernels a forward method launches, with which grid, and how many iterations each phase
+runs (``phase_model`` of the kernel module, else ``before_phase_model``). Everything it
+prints about time is a **prediction** from static instruction counts, never a measurement.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import math
+import os
+import pkgutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..perf import sass
+
+PLANNER_TABLE = Path(__file__).resolve().parent / "data" / "fused_phase_counts.json"
+"""The committed per-config phase counts the planner reads (``python -m deftnumba audit
+--planner-table`` writes it)."""
+
+
+# --------------------------------------------------------------------------- registered kernels
+def cases():
+    """``(name, dtype, kernel, signature)`` of every kernel module's ``ptx_cases()``."""
+    from ..perf import audit
+
+    for name, dtype, kernel, signature in audit.registered_cases():
+        yield name, dtype, kernel, tuple(signature)
+
+
+def progress(i: int, n: int, name: str) -> None:
+    print(f"[{i}/{n}] compiling {name}", file=sys.stderr, flush=True)
+
+
+def audit_cases(pattern: str | None = None, cc=sass.CC, report=progress) -> list:
+    """``KernelAudit`` of every registered kernel whose name contains ``pattern``."""
+    chosen = [c for c in cases() if not pattern or pattern in c[0]]
+    out = []
+    for i, (name, dtype, kernel, signature) in enumerate(chosen, 1):
+        if report:
+            report(i, len(chosen), f"{name} {dtype}")
+        out.append(sass.audit_kernel(kernel, signature, name, dtype, cc))
+    return out
+
+
+KERNEL_COLUMNS = ("kernel", "dtype", "regs", "spill_B", "smem_B", "threads", "warps/SM", "instr",
+                  "hot_loop_instr", "hot_ffma_%", "hot_lds_bits", "hot_ldg_bits", "f64", "ldl/stl", "div64_calls")
+
+
+def kernel_row(a: sass.KernelAudit) -> dict:
+    h = a.hottest
+    widest = lambda widths: max((int(w) for w in widths), default=0) if widths else 0  # noqa: E731
+    return {
+        "kernel": a.kernel, "dtype": a.dtype, "regs": a.registers, "spill_B": a.spill_bytes,
+        "smem_B": a.shared_bytes, "threads": a.block_threads, "warps/SM": a.warps_per_sm,
+        "instr": a.instructions, "hot_loop_instr": h.instructions if h else 0,
+        "hot_ffma_%": round(100 * h.ffma_fraction, 1) if h else 0.0,
+        "hot_lds_bits": widest(h.lds_widths) if h else 0, "hot_ldg_bits": widest(h.ldg_widths) if h else 0,
+        "f64": a.f64, "ldl/stl": a.local, "div64_calls": a.div64_calls,
+    }
+
+
+def format_table(rows: list, columns=None) -> str:
+    """Aligned text table (text left, numbers right)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0])
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    numeric = [all(_is_number(r.get(c)) for r in rows) for c in columns]
+    line = lambda vals: "  ".join(v.rjust(w) if num else v.ljust(w)  # noqa: E731
+                                  for v, w, num in zip(vals, widths, numeric)).rstrip()
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _is_number(v) -> bool:
+    return v is None or isinstance(v, (int, float))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "?"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.4g}"
+    return str(v)
+
+
+KERNEL_HEADER = """\
+SASS audit, sm_90 (static; compiled with numba-cuda + nvJitLink, read with nvdisasm; no GPU).
+smem_B is ptxas's figure: the declared static shared memory plus the 1 KB per block that
+sm_80+ reserves for the system. warps/SM: theoretical occupancy from registers, shared memory
+and the block size (256 threads for grid-stride kernels). hot loop: the innermost loop with
+the most FFMA; its FFMA share and its widest shared (LDS) and global (LDG) loads in bits.
+div64_calls: CALLs to the 64-bit integer division/modulo routines."""
+
+
+# --------------------------------------------------------------------------- launches of a layer
+@dataclass
+class Launch:
+    """One kernel launch of a forward method, as the audit models it."""
+
+    label: str
+    module: object
+    kernel: object
+    signature: tuple
+    blocks: int
+    threads: int
+    config: object = None       # what ``phase_model`` gets
+    repeats: int = 1            # identical launches (image chunks)
+    operator: str = ""          # its roofline operator (``roofline.operators`` name)
+    extra: dict = field(default_factory=dict)
+
+
+def _array_types(dtype):
+    from numba import types
+
+    t = getattr(types, str(dtype))
+    # contiguous arrays, as CuPy passes them (the layer's arrays and their batch slices)
+    return types.Array(t, 4, "C"), types.Array(t, 2, "C"), types.Array(t, 1, "C"), types
+
+
+def fused_launch(g, tile) -> Launch:
+    """The fused kernel's launch for ``g`` and ``tile``. A rewritten module may define
+    ``audit_launch(geometry, config) -> (kernel, signature, blocks, threads)`` to say
+    this itself (its factory's arguments may differ from today's)."""
+    from .kernels import fused_tiled
+
+    hook = getattr(fused_tiled, "audit_launch", None)
+    if hook is not None:
+        kernel, sig, blocks, threads = hook(g, tile)
+        return Launch("fused", fused_tiled, kernel, tuple(sig), blocks, threads, tile, operator="fused")
+    a4, _, a1, types = _array_types(g.dtype)
+    kernel = fused_tiled.fused_kernel(g.dtype, g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.dil_h, g.dil_w,
+                                      tile, g.has_mask, g.has_bias)
+    conv = types.UniTuple(types.int32, 8)
+    sig = (a4, a4, a4, a4, a1, a4, conv, types.Array(types.int64, 1, "C"), types.int64)
+    tiles, blocks_y, batch = tile.blocks(g)
+    return Launch("fused", fused_tiled, kernel, sig, tiles * blocks_y * batch, tile.threads, tile, operator="fused")
+
+
+def _grid_stride(total):
+    from ..runtime import backend
+
+    return backend.launch_config(total)
+
+
+def im2col_launches(g) -> list:
+    from .kernels import im2col
+
+    a4, a2, _, types = _array_types(g.dtype)
+    conv = types.UniTuple(types.int32, 8)
+    points = g.batch * g.offset_groups * g.taps * g.out_h * g.out_w
+    blocks, threads = _grid_stride(points)
+    chunk = max(1, min(g.batch, im2col.CHUNK_IMAGES, (2**31 - 1) // (g.in_channels * g.taps * g.out_h * g.out_w)))
+    cols = chunk * g.out_h * g.out_w * g.in_channels
+    cblocks, cthreads = _grid_stride(cols)
+    return [
+        Launch("im2col.positions", im2col, im2col.positions_kernel(g.dtype), (a4, a4, conv), blocks, threads,
+               (blocks, threads), operator="offset sampling", extra={"items": points}),
+        Launch("im2col.columns", im2col, im2col.columns_kernel(g.dtype, g.has_mask),
+               (a4, a4, a4, a2, types.int64), cblocks, cthreads, (cblocks, cthreads),
+               repeats=-(-g.batch // chunk), operator="bilinear columns",
+               extra={"items": cols, "column_elements": cols * g.taps}),
+    ]
+
+
+def fused_columns_launches(g) -> list:
+    from .kernels import fused_columns, im2col
+
+    a4, a2, _, types = _array_types(g.dtype)
+    conv = types.UniTuple(types.int32, 8)
+    chunk = max(1, min(g.batch, im2col.CHUNK_IMAGES, (2**31 - 1) // (g.in_channels * g.taps * g.out_h * g.out_w)))
+    points = chunk * g.offset_groups * g.taps * g.out_h * g.out_w
+    blocks, threads = _grid_stride(points)
+    return [Launch("fused_columns", fused_columns, fused_columns.fused_columns_kernel(g.dtype, g.has_mask),
+                   (a4, a4, a4, a2, types.int64, conv), blocks, threads, (blocks, threads),
+                   repeats=-(-g.batch // chunk), operator="fused columns",
+                   extra={"items": points,
+                          "column_elements": chunk * g.in_channels * g.taps * g.out_h * g.out_w})]
+
+
+# --------------------------------------------------------------------------- phase models of today's kernels
+def normalise_multiply(phases: dict, fma_per_step: int) -> dict:
+    """Divide the ``multiply`` phase's counts by the unroll factor the store rule cannot see.
+
+    The multiply loop has a compile-time trip count and no stores; LLVM unrolls it by 2 or
+    4 when its body is small. One source step issues ``reg_oc * reg_px`` FMAs, so a body
+    with k times that many is k steps. ``phases`` maps names to ``PhaseCount``; returns a
+    copy with ``multiply`` rescaled (unchanged when the ratio is not an integer > 1)."""
+    from dataclasses import replace
+
+    m = phases.get("multiply")
+    if m is None or not fma_per_step:
+        return dict(phases)
+    fma = m.body_ffma + m.body_dfma
+    k = fma / fma_per_step
+    if k > 1 and abs(k - round(k)) < 1e-9:
+        k = int(round(k))
+        m = replace(m, body=m.body / k, body_ffma=m.body_ffma / k, body_dfma=m.body_dfma / k, unroll=m.unroll * k)
+    return {**phases, "multiply": m}
+
+
+def _per_thread(items: int, threads_total: int) -> int:
+    """Iterations of a grid-stride or block-stride loop for the busiest thread."""
+    return -(-int(items) // int(threads_total))
+
+
+def _offset_segments(g) -> int:
+    """Offset-group segments one block's weight group crosses (sampling tables it builds)."""
+    cpg = g.in_channels // g.groups
+    cpo = g.in_channels // g.offset_groups
+    return max(1, -(-cpg // cpo)) if cpg >= cpo else 1
+
+
+def warp_fraction(f: float, lanes: int = 32) -> float:
+    """Probability that a warp issues a branch taken by a fraction ``f`` of its lanes
+    (independent lanes): ``1 - (1 - f)**32``."""
+    return 1.0 - (1.0 - min(max(f, 0.0), 1.0)) ** lanes
+
+
+def before_phase_model(label: str, g, config, out_of_tile: float = 0.0) -> dict:
+    """Iterations per thread of each phase of the kernels *as they stood before issue 10's
+    rewrites* (their sources carry ``# phase:`` markers). Used when a kernel module does
+    not define ``phase_model`` itself."""
+    if label == "fused":
+        from .planning.plan import _chunks_per_block
+
+        t = config
+        k = g.taps
+        p = t.pixels
+        ck = t.chunk * k
+        rows, cols = t.staged_shape(g)
+        chunks = _chunks_per_block(g, t.chunk)
+        seg = _offset_segments(g)
+        column_iters = chunks * _per_thread(ck * p, t.threads)
+        return {
+            "chunk": chunks,
+            "table": (seg * _per_thread(k * p, t.threads), seg),
+            "staging": (chunks * _per_thread(t.chunk * rows * cols, t.threads), chunks),
+            "weights": (chunks * _per_thread(t.oc_block * ck, t.threads), chunks),
+            "columns": (column_iters, chunks),
+            "out_of_tile": (column_iters * warp_fraction(out_of_tile), 0),
+            "multiply": (chunks * ck, chunks),
+            "epilogue": 0,
+        }
+    blocks, threads = config
+    if label == "im2col.positions":
+        it = _per_thread(g.batch * g.offset_groups * g.taps * g.out_h * g.out_w, blocks * threads)
+        return {"positions": it}
+    if label == "im2col.columns":
+        chunk = _chunk_images(g)
+        it = _per_thread(chunk * g.in_channels * g.out_h * g.out_w, blocks * threads)
+        return {"pixel": it, "sample": it * g.taps}
+    if label == "fused_columns":
+        chunk = _chunk_images(g)
+        it = _per_thread(chunk * g.offset_groups * g.taps * g.out_h * g.out_w, blocks * threads)
+        return {"point": it, "channel": it * (g.in_channels // g.offset_groups)}
+    raise KeyError(label)
+
+
+def _chunk_images(g) -> int:
+    from .kernels import im2col
+
+    return max(1, min(g.batch, im2col.CHUNK_IMAGES, (2**31 - 1) // (g.in_channels * g.taps * g.out_h * g.out_w)))
+
+
+def phase_iterations(launch: Launch, g, out_of_tile: float = 0.0) -> dict:
+    """The launch's ``phase_model``: the kernel module's own if it has one, else today's."""
+    model = getattr(launch.module, "phase_model", None)
+    if model is not None:
+        return dict(model(g, launch.config))
+    return before_phase_model(launch.label, g, launch.config, out_of_tile)
+
+
+# --------------------------------------------------------------------------- the layer model
+def prior_out_of_tile(g, tile) -> float:
+    from .planning import plan as tiling
+
+    return tiling.out_of_tile_fraction(g, tiling.normal_statistics(1.0), tile.tile_h, tile.tile_w, tile.halo)
+
+
+def model_launch(launch: Launch, g, out_of_tile: float = 0.0, cc=sass.CC) -> dict:
+    """Audit one launch's kernel and run the issue-slot model: a dict with the audit, the
+    per-phase rows and the predicted issue-bound seconds (a prediction)."""
+    a = sass.audit_kernel(launch.kernel, launch.signature, launch.label, str(g.dtype), cc)
+    counts = a.phases
+    if launch.label == "fused":
+        counts = normalise_multiply(counts, launch.config.reg_oc * launch.config.reg_px)
+    iterations = phase_iterations(launch, g, out_of_tile)
+    per_thread = sass.per_thread_instructions(counts, iterations)
+    model = sass.issue_model(per_thread, launch.blocks, launch.threads, a.registers, a.shared_bytes or 0)
+    seconds = model["seconds"] * launch.repeats
+    phases = []
+    for name, count in counts.items():
+        it = iterations.get(name, 0)
+        body_it, runs = it if isinstance(it, (tuple, list)) else (it, 1)
+        phases.append({"phase": name, "body": round(count.body, 2), "unroll": count.unroll,
+                       "iterations": body_it, "straight": count.straight,
+                       "straight_runs": runs, "per_thread": per_thread[name],
+                       "body_ffma_%": round(100 * count.body_ffma / count.body, 1) if count.body else 0.0,
+                       "body_lds_bits": "/".join(sorted(count.body_lds_widths, key=int)) or "-",
+                       "div64_calls": count.div64_calls,
+                       "predicted_us": 1e6 * model["phases_s"].get(name, 0.0) * launch.repeats})
+    missing = sorted(set(iterations) - set(a.phases))
+    return {"launch": launch.label, "audit": a, "blocks": launch.blocks, "threads": launch.threads,
+            "repeats": launch.repeats, "model": model, "phases": phases, "predicted_s": seconds,
+            "per_thread": model["per_thread"], "unknown_phases": missing, "extra": launch.extra}
+
+
+def layer_launches(g, method: str, tile=None) -> list:
+    if method == "fused":
+        from .planning import plan as tiling
+
+        tile = tile or tiling.plan_for(g, methods=("fused",), device=tiling.H200).tile
+        return [fused_launch(g, tile)]
+    if method == "im2col":
+        return im2col_launches(g)
+    if method == "fused_columns":
+        return fused_columns_launches(g)
+    raise ValueError(f"no launch model for method {method!r}")
+
+
+def model_layer(g, method: str = "fused", tile=None, cc=sass.CC) -> dict:
+    """Every launch of ``method`` on geometry ``g``: per-launch models and their sum, next
+    to the method's roofline floor (fp32 rate and bytes, H200 leads)."""
+    from . import roofline
+
+    launches = layer_launches(g, method, tile)
+    f = prior_out_of_tile(g, launches[0].config) if method == "fused" else 0.0
+    models = [model_launch(launch, g, f, cc) for launch in launches]
+    ops = {op.name: op for op in roofline.operators(g, method)}
+    for m, launch in zip(models, launches):
+        op = ops.get(launch.operator)
+        m["floor_ms"] = roofline.floor_ms_of(op.flops, op.bytes, dtype=g.dtype) if op else None
+        elements = launch.extra.get("column_elements")
+        if elements:
+            # thread instructions of all launches over column elements (every thread counted
+            # as the busiest one: an upper bound for uneven grid strides)
+            total = m["per_thread"] * launch.blocks * launch.threads * launch.repeats
+            m["per_column_element"] = total / (elements * launch.repeats)
+    return {"method": method, "tile": launches[0].config if method == "fused" else None,
+            "out_of_tile": f, "launches": models,
+            "predicted_ms": 1e3 * sum(m["predicted_s"] for m in models),
+            "floor_ms": roofline.floor_ms(g, method), "fused_floor_ms": roofline.floor_ms(g, "fused")}
+
+
+PHASE_COLUMNS = ("phase", "body", "unroll", "iterations", "straight", "straight_runs", "per_thread", "body_ffma_%",
+                 "body_lds_bits", "div64_calls", "predicted_us")
+
+
+def format_layer(name: str, g, result: dict) -> str:
+    """Text of one layer's model (each launch: its phases, then the totals)."""
+    out = []
+    tile = result["tile"]
+    head = f"{name}: {g.batch} x {g.in_channels}->{g.out_channels}, {g.height}x{g.width}, method {result['method']}"
+    if tile is not None:
+        head += (f", tile {tile.tile_h}x{tile.tile_w} halo {tile.halo} chunk {tile.chunk} oc_block {tile.oc_block}"
+                 f" reg {tile.reg_oc}x{tile.reg_px} ({tile.threads} threads)"
+                 f", modelled out-of-tile {100 * result['out_of_tile']:.2f}% (prior N(0,1) offsets)")
+    out.append(head)
+    for m in result["launches"]:
+        a, mo = m["audit"], m["model"]
+        line = (f"  launch {m['launch']}: {m['blocks']} blocks x {m['threads']} threads"
+                + (f" x {m['repeats']} launches" if m["repeats"] > 1 else "")
+                + f", {a.registers} registers, smem {a.shared_bytes} B, {mo.get('blocks_per_sm')} blocks"
+                  f" = {mo.get('warps_per_sm')} warps/SM (limited by {mo.get('limited_by')}), "
+                  f"{mo.get('waves')} wave(s)")
+        out.append(line)
+        out.append(_indent(format_table(m["phases"], PHASE_COLUMNS), 4))
+        extra = f"    {m['per_thread']:,.0f} instructions per thread; PREDICTED issue-bound {1e3 * m['predicted_s']:.4f} ms"
+        if m.get("floor_ms") is not None:
+            extra += f" (roofline floor of this operator {m['floor_ms']:.4f} ms)"
+        if m.get("per_column_element") is not None:
+            extra += f"; {m['per_column_element']:.1f} instructions per column element"
+        out.append(extra)
+        if m["unknown_phases"]:
+            out.append(f"    note: phase_model names phases the SASS lacks: {m['unknown_phases']}")
+    ratio = result["predicted_ms"] / result["floor_ms"] if result["floor_ms"] else math.nan
+    out.append(f"  PREDICTED issue-bound time {result['predicted_ms']:.4f} ms (a prediction from static SASS counts, "
+               f"not a measurement) vs fp32 roofline floor {result['floor_ms']:.4f} ms of '{result['method']}'"
+               f" = {ratio:.2f}x" + ("" if result["method"] == "fused"
+                                     else f"; the fused ideal's floor is {result['fused_floor_ms']:.4f} ms"
+                                          " (the GEMM launches are not modelled)"))
+    return "\n".join(out)
+
+
+def _indent(text: str, n: int) -> str:
+    return "\n".join(" " * n + ln for ln in text.splitlines())
+
+
+def layer_rows(name: str, g, result: dict) -> list:
+    """CSV rows: one per (launch, phase), plus a total row per launch."""
+    rows = []
+    for m in result["launches"]:
+        a = m["audit"]
+        for ph in m["phases"]:
+            rows.append({"shape": name, "method": result["method"], "launch": m["launch"], **ph,
+                         "registers": a.registers, "warps_per_sm": m["model"].get("warps_per_sm"),
+                         "kind": "prediction (static SASS issue-slot model)"})
+        rows.append({"shape": name, "method": result["method"], "launch": m["launch"], "phase": "TOTAL",
+                     "per_thread": m["per_thread"], "predicted_us": 1e6 * m["predicted_s"],
+                     "floor_us": 1e3 * m["floor_ms"] if m.get("floor_ms") is not None else None,
+                     "registers": a.registers, "warps_per_sm": m["model"].get("warps_per_sm"),
+                     "kind": "prediction (static SASS issue-slot model)"})
+    return rows
+
+
+def write_csv(path, rows: list) -> None:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+
+
+# --------------------------------------------------------------------------- the planner's table
+def planner_key(dtype: str, reg_oc: int, reg_px: int) -> str:
+    return f"{dtype}/{reg_oc}x{reg_px}"
+
+
+PLANNER_DTYPES = ("float32", "float64")
+PLANNER_REG = (1, 2, 4, 8)
+
+
+def planner_base_tile(reg_oc: int, reg_px: int, dtype: str = "float32"):
+    """The representative config measured for a register blocking: an 8x8 tile, halo 2,
+    64 output channels and a chunk of 4 channels (1 in float64, to fit 48 KB of static
+    shared memory): deft64's plan family. The other parameters only change compile-time
+    constants (divisors, trip counts), not the loop bodies' shape."""
+    from .kernels.fused_tiled import TileConfig
+
+    return TileConfig(8, 8, 2, 4 if dtype == "float32" else 1, 64, reg_oc, reg_px)
+
+
+def planner_table(cc=sass.CC, report=progress) -> dict:
+    """Measure per-phase counts of the fused kernel for every (dtype, reg_oc, reg_px) the
+    planner can pick: ``{"source_hash", "configs": {key: {registers, shared_bytes,
+    phases: {name: {body, straight}}}}}``. Deterministic for a given kernel source and
+    compiler."""
+    from . import bench_op as bench
+    from .kernels import fused_tiled
+
+    g0 = bench.SUITES["deft64"]
+    keys = [(d, ro, rp) for d in PLANNER_DTYPES for ro in PLANNER_REG for rp in PLANNER_REG]
+    configs = {}
+    for i, (dtype, ro, rp) in enumerate(keys, 1):
+        if report:
+            report(i, len(keys), f"fused {dtype} reg {ro}x{rp}")
+        tile = planner_base_tile(ro, rp, dtype)
+        g = _with_dtype(g0, dtype)
+        launch = fused_launch(g, tile)
+        a = sass.audit_kernel(launch.kernel, launch.signature, f"fused[{planner_key(dtype, ro, rp)}]", dtype, cc)
+        counts = normalise_multiply(a.phases, ro * rp)
+        configs[planner_key(dtype, ro, rp)] = {
+            "tile": [tile.tile_h, tile.tile_w, tile.halo, tile.chunk, tile.oc_block, tile.reg_oc, tile.reg_px],
+            "registers": a.registers, "spill_bytes": a.spill_bytes,
+            "phases": {name: {"body": c.body, "straight": c.straight, "ffma": c.body_ffma, "dfma": c.body_dfma,
+                              "unroll": c.unroll} for name, c in sorted(counts.items())},
+        }
+    from ..runtime import backend  # noqa: F401  (versions of the compiler that measured)
+    import numba
+
+    return {"what": "per-phase SASS instruction counts of kernels/fused_tiled.py (sm_90), "
+                    "from python -m deftnumba audit --planner-table",
+            "source_hash": kernel_source_hash(), "cc": list(cc), "numba": numba.__version__,
+            "configs": configs}
+
+
+def kernel_source_hash() -> str:
+    """Hash of the sources the fused kernel's SASS depends on (the kernel and its sampling)."""
+    from .kernels import fused_tiled, sampling
+
+    return sass.source_hash(fused_tiled, sampling)
+
+
+def _with_dtype(g, dtype):
+    from dataclasses import replace
+
+    return replace(g, dtype=dtype)
+
+
+def write_planner_table(table: dict, path=PLANNER_TABLE) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def load_planner_table(path=PLANNER_TABLE) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def env_for_compiler() -> dict:
+    """Environment for a child process that compiles (the cuda backend, no simulator)."""
+    env = dict(os.environ, DEFTNUMBA_BACKEND="cuda", DEFTNUMBA_QUIET="1")
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    return env
+
+
+# --------------------------------------------------------------------------- issue 10's targets
+def target_rows(name: str, results: dict) -> list:
+    """Issue 10's static targets, checked on the audit's figures. ``results`` maps a method
+    to ``model_layer``'s result for one layer."""
+    rows = []
+
+    def add(what, value, limit, ok):
+        rows.append({"shape": name, "target": what, "value": value, "limit": limit,
+                     "status": "n/a" if value is None else ("meets" if ok(value) else "MISSES")})
+
+    fused = results.get("fused")
+    if fused:
+        m = fused["launches"][0]
+        a = m["audit"]
+        phases = {p["phase"]: p for p in m["phases"]}
+        mult = phases.get("multiply")
+        add("fused multiply FFMA %", mult and mult["body_ffma_%"], ">= 85", lambda v: v >= 85)
+        widest = max((int(w) for w in (a.phases["multiply"].body_lds_widths if "multiply" in a.phases else {})),
+                     default=None)
+        add("fused multiply widest LDS bits", widest, ">= 64", lambda v: v >= 64)
+        add("fused columns instr per sample", phases.get("columns") and phases["columns"]["body"], "<= 25",
+            lambda v: v <= 25)
+        add("fused weights instr per element", phases.get("weights") and phases["weights"]["body"], "<= 4",
+            lambda v: v <= 4)
+        add("fused registers", a.registers, "<= 128", lambda v: v <= 128)
+        loops_bad = sum(lp.mix["f64"] + lp.mix["local"] for lp in a.loops)
+        add("fused F64 + LDL/STL in loops", loops_bad, "0", lambda v: v == 0)
+        add("fused 64-bit div calls in loops", a.div64_in_loops, "0", lambda v: v == 0)
+        ratio = fused["predicted_ms"] / fused["floor_ms"]
+        add("fused predicted / fp32 floor", round(ratio, 2), "<= 1.5", lambda v: v <= 1.5)
+    for method, limit in (("fused_columns", 25), ("im2col", 60)):
+        r = results.get(method)
+        if r:
+            per = next((m.get("per_column_element") for m in r["launches"] if m.get("per_column_element")), None)
+            add(f"{method} instr per column element", per and round(per, 1), f"<= {limit}",
+                lambda v, limit=limit: v <= limit)
+    return rows
+
+
+# --------------------------------------------------------------------------- command line
+def main(args) -> int:
+    """``python -m deftnumba audit`` (run in a process with the cuda backend)."""
+    if args.planner_table:
+        table = planner_table()
+        path = args.planner_table if isinstance(args.planner_table, str) else PLANNER_TABLE
+        write_planner_table(table, path)
+        print(f"wrote {path}: {len(table['configs'])} configs, kernel source hash {table['source_hash']}")
+        return 0
+    audits = audit_cases(args.kernels)
+    rows = [kernel_row(a) for a in audits]
+    csv_rows = [{"table": "kernels", **r} for r in rows]
+    if args.json:
+        print(json.dumps([a.to_json() for a in audits]))
+    else:
+        print(KERNEL_HEADER)
+        print(format_table(rows, KERNEL_COLUMNS))
+    from . import bench_op as bench
+
+    names = list(bench.SUITES) if args.layer == ["all"] else (args.layer or [])
+    methods = ["fused", "im2col", "fused_columns"] if args.method == "all" else [args.method]
+    targets = []
+    for name in names:
+        if name not in bench.SUITES:
+            raise SystemExit(f"--layer: unknown shape {name!r}; shapes are {list(bench.SUITES)} or 'all'")
+        g = bench.SUITES[name]
+        results = {}
+        tile = None
+        if getattr(args, "tile", None):
+            from .kernels.fused_tiled import TileConfig
+
+            tile = TileConfig(*(int(v) for v in args.tile.split(",")))
+        for i, method in enumerate(methods, 1):
+            print(f"[layer {name}: {method}] compiling", file=sys.stderr, flush=True)
+            results[method] = r = model_layer(g, method, tile if method == "fused" else None)
+            if not args.json:
+                print()
+                print(format_layer(name, g, r))
+            csv_rows += [{"table": "layer", **row} for row in layer_rows(name, g, r)]
+        t = target_rows(name, results)
+        targets += t
+        csv_rows += [{"table": "targets", **row} for row in t]
+    if targets and not args.json:
+        print("\nIssue 10's static targets (figures from the audit above; predictions, not measurements):")
+        print(format_table(targets))
+    if args.csv:
+        write_csv(args.csv, csv_rows)
+        print(f"wrote {args.csv}", file=sys.stderr)
+    bad = sum(r["dtype"] == "float32" and r["f64"] > 0 for r in rows)
+    if not args.json:
+        print(f"\n{len(rows)} kernels compiled for sm_90; float32 kernels with float64 instructions: {bad}")
+    return 1 if bad else 0

@@ -1,0 +1,271 @@
+"""The SASS audit (``deftnumba.perf.sass``): parsing, loops, phases, the issue-slot model, the
+compiled int32/int64 contrast, and the planner's table of measured counts.
+
+Parsing and the model run on a captured listing and fixed numbers (no compiler). The
+compiled checks run once, in one subprocess with the cuda backend (numba-cuda's compiler,
+nvJitLink and nvdisasm, no GPU), shared by the tests through a module-scope fixture.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deftnumba.dcn import audit as layer_audit
+from deftnumba.perf import sass
+
+HERE = Path(__file__).resolve().parent
+SNIPPET = HERE / "data" / "two_phases.sass"
+# tests/sass_kernels.py:two_phases as it was captured: decorator line 34, def 35,
+# "# phase: copy" at 37, "# phase: scale" at 42, last line 46 (path shortened to /src/...)
+SNIPPET_SOURCE = sass.Source("/src/tests/sass_kernels.py", 35, 46, ((37, "copy"), (42, "scale")))
+
+
+@pytest.fixture(scope="module")
+def listing():
+    return sass.parse_sass(SNIPPET.read_text())
+
+
+# --------------------------------------------------------------------------- parsing
+def test_parse_finds_the_kernel_its_labels_and_line_info(listing):
+    kernel = listing.kernel
+    assert kernel.entry and "two_phases" in kernel.name
+    ins = kernel.instructions
+    assert len(ins) > 100
+    assert not any(i.opcode == "NOP" for i in ins)
+    assert ins[0].opcode == "LDC" and ins[0].offset == 0 and ins[0].line == 35
+    assert all(b.offset > a.offset for a, b in zip(ins, ins[1:]))
+    assert sum(i.file is not None for i in ins) == len(ins)
+    # every branch target is a parsed label
+    targets = {i.target for i in ins if i.is_branch}
+    assert targets and targets <= set(kernel.labels)
+    assert {i.opcode for i in ins if i.category == "ffma"} == {"FFMA"}
+    assert [i.width for i in ins if i.base == "STG"] == [32] * sum(i.base == "STG" for i in ins)
+    predicated = [i for i in ins if i.predicate]
+    assert predicated and all(i.predicate.startswith("@") for i in predicated)
+
+
+@pytest.mark.parametrize("opcode, category, width", [
+    ("FFMA", "ffma", None), ("FFMA.FTZ", "ffma", None), ("FMUL", "fmul", None), ("FADD.FTZ", "fadd", None),
+    ("DFMA", "f64", None), ("F2F.F64.F32", "f64", None), ("MUFU.RCP64H", "f64", None), ("MUFU.RCP", "fp32_other", None),
+    ("I2F.U32.RP", "convert", None), ("IMAD.WIDE.U32", "int", None), ("IADD3.X", "int", None), ("LEA.HI.X.SX32", "int", None),
+    ("SHF.R.S32.HI", "int", None), ("ISETP.GE.U32.AND", "int", None), ("MOV", "int", None),
+    ("ULDC.64", "uniform", None), ("R2UR", "uniform", None),
+    ("LDS", "lds", 32), ("LDS.64", "lds", 64), ("LDS.128", "lds", 128), ("LDS.U8", "lds", 8), ("STS.128", "sts", 128),
+    ("LDG.E", "ldg", 32), ("LDG.E.128.CONSTANT", "ldg", 128), ("LDG.E.U16", "ldg", 16), ("STG.E.64", "stg", 64),
+    ("LDL", "local", 32), ("STL.64", "local", 64), ("LDC", "const", 32), ("ATOMG.E.ADD.F32.FTZ.RN", "atomic", 32),
+    ("RED.E.ADD.F32.FTZ.RN", "atomic", 32), ("BRA", "control", None), ("BAR.SYNC.DEFER_BLOCKING", "control", None),
+    ("BSSY", "control", None), ("CALL.ABS.NOINC", "control", None), ("EXIT", "control", None),
+])
+def test_classify_and_widths(opcode, category, width):
+    assert sass.classify(opcode) == category
+    assert sass.access_width(opcode) == width
+
+
+def test_div64_routine_names():
+    for name in ("__cuda_sm20_div_s64", "__cuda_sm20_rem_u64", "__cuda_sm20_div_u64"):
+        assert sass.DIV64_ROUTINE.search(name)
+    assert not sass.DIV64_ROUTINE.search("__cuda_sm20_div_rn_f64_full")
+
+
+# --------------------------------------------------------------------------- loops and phases
+def test_natural_loops_of_the_snippet(listing):
+    """Each while loop became an unrolled main loop and a remainder loop (LLVM): four
+    loops, none nested; the trailing ``BRA`` to itself after EXIT is unreachable, not a loop."""
+    cfg = sass.build_cfg(listing.kernel)
+    assert len(cfg.loops) == 4
+    assert all(lp.depth == 1 and not lp.children for lp in cfg.loops)
+    last = len(listing.kernel.instructions) - 1
+    assert cfg.block_of[last] not in cfg.reachable
+
+
+def test_phases_and_unrolling_of_the_snippet(listing):
+    a = sass.audit_listing(listing, SNIPPET_SOURCE, "two_phases", "float32", {"registers": 31}, 32)
+    assert set(a.phases) == {"prologue", "copy", "scale"}
+    copy, scale = a.phases["copy"], a.phases["scale"]
+    # y = a*y*y + a: one FMUL and one FFMA per source iteration; the main loop is unrolled 4x
+    assert scale.unroll == 4 and scale.body_ffma == 1.0 and scale.depth == 1
+    assert copy.body_ffma == 0 and copy.unroll == 4
+    assert scale.body == scale.body_sass / 4
+    assert a.hottest is not None and a.hottest.ffma == 4 and a.hottest.phases == {"scale": a.hottest.instructions}
+    assert a.f64 == 0 and a.local == 0 and a.div64_calls == 0
+    assert a.lineinfo  # the listing's lines name the kernel's file
+    # every FFMA lies in 'scale', every instruction of the copy loops in 'copy'
+    phase = sass.phases_of(listing.kernel, SNIPPET_SOURCE, sass.build_cfg(listing.kernel))
+    assert {p for p, i in zip(phase, listing.kernel.instructions) if i.category == "ffma"} == {"scale"}
+
+
+def test_phase_markers_are_read_from_the_source():
+    from tests import sass_kernels
+
+    src = sass.source_of(sass_kernels.two_phases)
+    assert [name for _, name in src.markers] == ["copy", "scale"]
+    assert src.phase(src.first) == "prologue" and src.phase(src.markers[1][0] + 1) == "scale"
+    assert src.phase(src.last + 1) is None
+
+
+# --------------------------------------------------------------------------- the issue-slot model
+def test_occupancy_on_fixed_numbers():
+    # 214 registers -> 216 per thread -> 6912 per warp: 2 warps per 16K sub-partition, 8 per SM
+    occ = sass.occupancy(214, 41168, 64)
+    assert occ == {"blocks_per_sm": 4, "warps_per_sm": 8, "limited_by": "registers", "warps_per_block": 2}
+    assert sass.occupancy(128, 0, 256)["warps_per_sm"] == 16
+    assert sass.occupancy(32, 50176, 128)["blocks_per_sm"] == 4  # 228 KB / 49 KB
+    assert sass.occupancy(32, 50176, 128)["limited_by"] == "shared"
+
+
+def test_issue_model_arithmetic():
+    clock = sass.clock_hz()
+    assert clock == pytest.approx(67e12 / (2 * 128 * 132))
+    # 512 blocks of 2 warps, 4 per SM: the busiest SM holds 4 blocks, one wave of 8 warps,
+    # 2 warps per scheduler -> 2 slots per thread instruction
+    m = sass.issue_model({"a": 600, "b": 400}, 512, 64, 214, 41168)
+    assert (m["waves"], m["busiest_sm_blocks"]) == (1, 4)
+    assert m["seconds"] == pytest.approx(2 * 1000 / clock)
+    assert m["phases_s"]["a"] == pytest.approx(2 * 600 / clock)
+    # 1000 blocks of 8 warps, 2 per SM (registers): 8 blocks on the busiest SM in 4 waves of
+    # 16 warps -> 4 * 4 slots per instruction
+    m = sass.issue_model({"a": 100}, 1000, 256, 128, 0)
+    assert (m["blocks_per_sm"], m["busiest_sm_blocks"], m["waves"]) == (2, 8, 4)
+    assert m["seconds"] == pytest.approx(16 * 100 / clock)
+    # a partial last wave: 3 blocks on the busiest SM, 2 resident -> 2 waves (16 + 8 warps)
+    m = sass.issue_model({"a": 100}, 3 * 132, 256, 128, 0)
+    assert m["seconds"] == pytest.approx((4 + 2) * 100 / clock)
+
+
+def test_per_thread_instructions_from_phase_counts():
+    phases = {"multiply": {"body": 10, "straight": 6}, "epilogue": {"body": 0, "straight": 50},
+              "staging": {"body": 4.5, "straight": 20}}
+    it = {"multiply": (36 * 16, 16), "staging": 100}
+    out = sass.per_thread_instructions(phases, it)
+    assert out == {"multiply": 10 * 576 + 6 * 16, "epilogue": 50, "staging": 450 + 20}
+
+
+def test_warp_fraction():
+    assert layer_audit.warp_fraction(0.0) == 0.0
+    assert layer_audit.warp_fraction(1.0) == 1.0
+    assert layer_audit.warp_fraction(0.01) == pytest.approx(1 - 0.99 ** 32)
+
+
+# --------------------------------------------------------------------------- compiled kernels
+def _compiler_env():
+    env = layer_audit.env_for_compiler()
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Audits of tests/sass_kernels.py, compiled once in a cuda-backend subprocess."""
+    try:
+        sass.find_nvdisasm()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    proc = subprocess.run([sys.executable, "-m", "tests.sass_kernels"], env=_compiler_env(), cwd=HERE.parent,
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 and "libnvvm" in proc.stderr:
+        pytest.skip("NVVM not installed: pip install 'numba-cuda[cu13]'")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_int64_indexing_calls_the_64_bit_division_routines(compiled):
+    wide, narrow = compiled["axpy_int64"], compiled["axpy_int32"]
+    assert wide["div64_in_loops"] > 0 and narrow["div64_calls"] == 0
+    assert wide["lineinfo"] and narrow["lineinfo"]
+    # the same multiply-add costs several times the instructions in int64
+    assert narrow["phases"]["body"]["body"] * 3 < wide["phases"]["body"]["body"]
+    assert narrow["hottest"]["ffma_fraction"] > 2 * wide["hottest"]["ffma_fraction"]
+    assert narrow["registers"] < wide["registers"]
+    for a in (wide, narrow):
+        assert a["f64"] == 0 and a["local"] == 0
+
+
+def test_compiled_phases_follow_the_markers(compiled):
+    a = compiled["two_phases"]
+    assert set(a["phases"]) == {"prologue", "copy", "scale"}
+    assert a["phases"]["scale"]["body_ffma"] == 1.0 and a["phases"]["copy"]["body_ffma"] == 0
+    assert a["phases"]["copy"]["body"] > 0 and a["phases"]["scale"]["depth"] == 1
+
+
+# --------------------------------------------------------------------------- the planner's table
+def test_planner_table_covers_the_candidates_and_matches_the_kernel_source():
+    from deftnumba import bench, tiling
+    from tests.dcn.cases import CASES
+
+    table = layer_audit.load_planner_table()
+    regenerate = "regenerate it: python -m deftnumba audit --planner-table (no GPU needed)"
+    assert table is not None, f"{layer_audit.PLANNER_TABLE} is missing; {regenerate}"
+    assert table["source_hash"] == layer_audit.kernel_source_hash(), (
+        f"{layer_audit.PLANNER_TABLE} was measured on another version of kernels/fused_tiled.py or "
+        f"kernels/sampling.py; {regenerate}")
+    geometries = list(bench.SUITES.values()) + list(CASES.values())
+    wanted = set()
+    for g in geometries:
+        for device in (tiling.H200, tiling.SIMULATOR):
+            for tile in tiling.candidate_tiles(g, device):
+                wanted.add(layer_audit.planner_key(g.dtype, tile.reg_oc, tile.reg_px))
+    missing = wanted - set(table["configs"])
+    assert not missing, f"the planner table lacks {sorted(missing)}; {regenerate}"
+    for key, entry in table["configs"].items():
+        assert 0 < entry["registers"] <= 255, key  # configs that spill are not planned (tiling)
+        multiply = entry["phases"]["multiply"]
+        reg_oc, reg_px = entry["tile"][5], entry["tile"][6]
+        # the unit of the model: one source iteration of the multiply loop is one rank-1 update
+        fma = "ffma" if key.startswith("float32") else "dfma"
+        assert multiply[fma] == reg_oc * reg_px, (key, multiply)
+
+
+def test_planner_reads_the_measured_counts():
+    from deftnumba import tiling
+    from deftnumba.kernels import fused_tiled
+    from tests.dcn.cases import CASES  # noqa: F401
+
+    from deftnumba import bench
+
+    g = bench.SUITES["deft64"]
+    terms = tiling.predict(g, tiling.normal_statistics(1.0), "fused", fused_tiled.GPU_CONFIG, tiling.H200)
+    entry = layer_audit.load_planner_table()["configs"]["float32/8x8"]
+    assert terms["registers"] == entry["registers"]
+    iterations = layer_audit.before_phase_model("fused", g, fused_tiled.GPU_CONFIG, terms["out_of_tile"])
+    per_thread = sum(sass.per_thread_instructions(entry["phases"], iterations).values())
+    assert terms["instructions_per_thread"] == pytest.approx(per_thread)
+    assert terms["compute_s"] >= terms["issue_s"] > 0
+    assert math.isfinite(terms["seconds"])
+
+
+def test_audit_command_prints_progress_a_table_and_csv(tmp_path):
+    """``python -m deftnumba audit`` on two small kernels: progress on stderr, an aligned
+    table with the column heads on stdout, the same rows in the CSV."""
+    try:
+        sass.find_nvdisasm()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    out = tmp_path / "audit.csv"
+    env = dict(os.environ, DEFTNUMBA_QUIET="1")
+    proc = subprocess.run([sys.executable, "-m", "deftnumba", "audit", "--kernels", "im2col.positions",
+                           "--csv", str(out)], env=env, cwd=HERE.parent, capture_output=True, text=True,
+                          timeout=900)
+    if proc.returncode != 0 and "libnvvm" in proc.stderr:
+        pytest.skip("NVVM not installed: pip install 'numba-cuda[cu13]'")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[1/2] compiling im2col.positions float32" in proc.stderr
+    assert "[2/2] compiling im2col.positions float64" in proc.stderr
+    lines = proc.stdout.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("kernel "))
+    for column in ("regs", "warps/SM", "hot_ffma_%", "hot_lds_bits", "f64", "ldl/stl", "div64_calls"):
+        assert column in lines[head]
+    assert set(lines[head + 1]) <= {"-", " "}
+    rows = [ln for ln in lines[head + 2:] if ln.startswith("im2col.positions")]
+    assert len(rows) == 2 and len({len(r.rstrip()) for r in rows}) >= 1
+    assert "1 KB" in proc.stdout  # the shared-memory reserve is explained
+    import csv
+
+    with open(out) as f:
+        records = list(csv.DictReader(f))
+    assert [r["dtype"] for r in records] == ["float32", "float64"]
+    assert int(records[0]["f64"]) == 0 and int(records[1]["f64"]) > 0
