@@ -13,6 +13,22 @@ the notebooks can time and analyse each operator:
 
 Images are processed in chunks of at most ``CHUNK_IMAGES`` (torchvision uses 32)
 so the column buffer stays bounded.
+
+An honest baseline, not a strawman: the design is torchvision's (per channel,
+every tap re-reads its position and recomputes its corners), but the kernels are
+written the way any of ours is (see docs/perf-notes.md for their SASS):
+
+* every array is a flat, C-contiguous view; an image's first element is a 64-bit
+  *image base*, and everything inside an image is 32-bit unsigned arithmetic
+  (``uint32``: no sign extension, no negative-index wraparound); a compile-time
+  ``wide`` variant does all of it in int64, for images, position blocks or column
+  buffers of 2**31 elements or more (``needs_wide``);
+* the tap loop walks its three streams (positions, mask, columns) by adding a
+  constant stride, so no index is divided or multiplied inside it;
+* an out-of-band sample (``-1 < y < H`` and ``-1 < x < W`` fails, NaN and +-inf
+  included) never reaches a memory read: the gather is inside the band test;
+* launches take ``np.int32`` scalars (one compiled specialisation per dtype and
+  variant), and the launch configuration of a chunk loop is computed once.
 """
 
 from __future__ import annotations
@@ -26,78 +42,224 @@ from ..backend import cuda
 from .sampling import conv_tuple, sampling_functions
 
 CHUNK_IMAGES = 32
+INT32_LIMIT = 2**31 - 1  # the largest index the narrow (uint32) kernels are launched for
 
 
-# Traffic (per image, G offset groups, K taps, P = Ho*Wo, itemsize s):
-#   reads the offsets 2*G*K*P*s, writes the positions 2*G*K*P*s; ~4 FLOPs per position.
-@functools.cache
-def positions_kernel(dtype):
-    """Kernel ``(offset, positions, conv)``: both ``[N, 2*G*K, Ho, Wo]``, ``(y, x)`` interleaved."""
-    tap_position = sampling_functions(dtype).tap_position
+def needs_wide(*sizes) -> bool:
+    """True when an index space of ``sizes`` (elements) needs the 64-bit kernel variant.
 
-    @cuda.jit
-    def kernel(offset, positions, conv):
-        n_img, channels, out_h, out_w = offset.shape
-        taps = conv[6] * conv[7]
-        total = n_img * (channels // 2) * out_h * out_w
-        for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
-            ox = idx % out_w
-            oy = (idx // out_w) % out_h
-            gk = (idx // (out_w * out_h)) % (channels // 2)
-            n = idx // (out_w * out_h * (channels // 2))
-            y, x = tap_position(offset, n, gk // taps, gk % taps, oy, ox, conv)
-            positions[n, 2 * gk, oy, ox] = y
-            positions[n, 2 * gk + 1, oy, ox] = x
-
-    return kernel
-
-
-# Traffic (per image): reads positions 2*G*K*P*s (+ mask G*K*P*s) once per channel of
-# the group, i.e. C*K*P*(2 or 3)*s through cache, and 4 input corners per sample
-# (C*K*P*4*s, mostly cache hits); writes the column block C*K*P*s.
-# FLOPs: ~20 per sample for corner setup, 7 for the interpolation, 1 for the mask.
-@functools.cache
-def columns_kernel(dtype, use_mask: bool):
-    """Kernel ``(input, positions, mask, columns, first_image)``.
-
-    Fills ``columns[c*K + tap, n_local*P + p]`` for images
-    ``first_image .. first_image + columns.shape[1] // P - 1``.
+    The narrow variant indexes in ``uint32``; we keep its products below 2**31 so that a
+    sum of two in-range indices (e.g. a row plus ``pixels``) cannot wrap either.
     """
-    bilinear_sample = sampling_functions(dtype).bilinear_sample
+    return max(int(s) for s in sizes) > INT32_LIMIT
 
-    @cuda.jit
-    def kernel(input, positions, mask, columns, first_image):
-        _, channels, _, _ = input.shape
-        _, pos_channels, out_h, out_w = positions.shape
-        taps = columns.shape[0] // channels
-        groups = pos_channels // (2 * taps)
-        per_group = channels // groups
-        pixels = out_h * out_w
-        total = columns.shape[1] * channels  # (images in chunk) * C * P
-        for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
-            p = idx % pixels
-            c = (idx // pixels) % channels
-            n_local = idx // (pixels * channels)
-            n = first_image + n_local
-            oy = p // out_w
-            ox = p - oy * out_w
-            g = c // per_group
-            for tap in range(taps):
-                gk = g * taps + tap
-                y = positions[n, 2 * gk, oy, ox]
-                x = positions[n, 2 * gk + 1, oy, ox]
-                value = bilinear_sample(input, n, c, y, x)
-                if use_mask:
-                    value *= mask[n, gk, oy, ox]
-                columns[c * taps + tap, n_local * pixels + p] = value
 
-    return kernel
+def flat(a, xp):
+    """A flat C-order view of ``a`` (copied only when ``a`` is not C-contiguous)."""
+    return xp.ascontiguousarray(a).reshape(-1)
+
+
+def hoisted_launcher(kernel, total, threads: int = 256):
+    """``launch(*args)`` of a grid-stride ``kernel`` over ``total`` items.
+
+    The launch configuration is computed once, outside the chunk loops that call it;
+    the launch itself goes through ``backend.launch`` (the current stream).
+    """
+    blocks, threads = backend.launch_config(total, threads)
+    return functools.partial(backend.launch, kernel, blocks, threads)
 
 
 def launch(kernel, total, *args):
     """Launch a grid-stride ``kernel`` over ``total`` items."""
     blocks, threads = backend.launch_config(total)
     backend.launch(kernel, blocks, threads, *args)
+
+
+# Traffic (per image, G offset groups, K taps, P = Ho*Wo, itemsize s): reads the offsets
+#   2*G*K*P*s (and the mask G*K*P*s), writes the sampling points (2 or 3)*G*K*P*s;
+#   ~4 FLOPs per point.
+@functools.cache
+def positions_kernel(dtype, use_mask: bool, wide: bool = False):
+    """Kernel ``(offset, mask, points, group_taps, out_h, out_w, conv)``: the sampling points.
+
+    offset: flat ``[N, 2*G*K, Ho, Wo]`` (``(dy, dx)`` interleaved per tap)
+    mask:   flat ``[N, G*K, Ho, Wo]`` (any 1-element array when ``use_mask`` is False)
+    points: flat ``[N, G*K, Ho, Wo, S]`` gets ``(y, x)`` (S = 2) or ``(y, x, m)`` (S = 3):
+            ``y = oy*sh - ph + i*dh + dy``, ``x = ox*sw - pw + j*dw + dx``, ``m`` the mask.
+            The column kernel reads one point with one address and S loads.
+    group_taps, out_h, out_w: int32 ``G*K``, ``Ho``, ``Wo``; conv: ``sampling.conv_tuple``.
+
+    One item per (image, group, tap, output pixel), pixels fastest.
+    ``wide``: int64 index arithmetic (``points.size`` past ``INT32_LIMIT``).
+    """
+    T = np.dtype(dtype).type
+    Index = np.int64 if wide else np.uint32
+    S = 3 if use_mask else 2
+
+    @cuda.jit
+    def kernel(offset, mask, points, group_taps, out_h, out_w, conv):
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, kernel_h, kernel_w = conv
+        taps = Index(Index(kernel_h) * Index(kernel_w))
+        width = Index(out_w)
+        pixels = Index(Index(out_h) * width)
+        total = Index(Index(offset.size) // Index(2))
+        item = Index(cuda.grid(1))
+        step = Index(cuda.gridsize(1))
+        while item < total:
+            # phase: positions
+            row = Index(item // pixels)  # n*G*K + gk
+            p = Index(item - Index(row * pixels))
+            tap = Index(Index(row % Index(group_taps)) % taps)
+            oy = Index(p // width)
+            ox = Index(p - Index(oy * width))
+            i = Index(tap // Index(kernel_w))
+            j = Index(tap - Index(i * Index(kernel_w)))
+            dy = Index(item + Index(row * pixels))  # offset[n, 2*gk, oy, ox] = (2*row)*P + p
+            # int32: |oy*sh - ph + i*dh| < 2**24 (arguments.check_limits bounds the extent)
+            base_y = np.int32(oy) * stride_h - pad_h + np.int32(i) * dil_h
+            base_x = np.int32(ox) * stride_w - pad_w + np.int32(j) * dil_w
+            point = Index(Index(S) * item)
+            points[point] = T(base_y) + offset[dy]
+            points[Index(point + Index(1))] = T(base_x) + offset[Index(dy + pixels)]
+            if use_mask:
+                points[Index(point + Index(2))] = mask[item]
+            item = Index(item + step)
+
+    return kernel
+
+
+# Traffic (per image): reads the points (2 or 3)*G*K*P*s once per channel of the group,
+# i.e. C*K*P*(2 or 3)*s through cache, and 4 input corners per sample (C*K*P*4*s,
+# mostly cache hits); writes the column block C*K*P*s.
+# FLOPs: ~20 per sample for corner setup, 7 for the interpolation, 1 for the mask.
+@functools.cache
+def columns_kernel(dtype, use_mask: bool, wide: bool = False, taps: int = 9):
+    """Kernel ``(input, points, columns, sizes)`` for one chunk of ``Nc`` images.
+
+    input:   flat ``[Nc, C, H, W]``: the chunk's images
+    points:  flat ``[Nc, G*K, Ho, Wo, S]`` from ``positions_kernel``, the chunk's images
+    columns: flat ``[C*K, Nc*Ho*Wo]``: gets ``columns[c*K + tap, n*P + p]``
+    sizes:   int32 tuple ``(C, H, W, G, P)`` (``column_sizes``)
+    taps:    ``K = kh*kw``, a compile-time constant (the tap loop is unrolled).
+
+    The host passes views that start at the chunk's first image (its 64-bit image base),
+    so inside the kernel every index is an offset into the chunk. Grid: x over output
+    pixels (coalesced point reads and column writes), y over (image, channel) rows, both
+    grid-stride; each thread walks its K taps. ``wide``: int64 index arithmetic, for
+    chunks whose input, points or columns hold more than ``INT32_LIMIT`` elements.
+    """
+    Index = np.int64 if wide else np.uint32
+    S = 3 if use_mask else 2
+    functions = sampling_functions(dtype)
+    in_band = functions.in_band
+    bilinear_corners = functions.bilinear_corners
+    ZERO = functions.ZERO
+
+    @cuda.jit
+    def kernel(input, points, columns, sizes):
+        channels, height, width, offset_groups, pixels = sizes
+        # Every index is wrapped in Index(...): numba widens int32/uint32 arithmetic to
+        # 64 bits, and the wrap lets the compiler narrow it back to one 32-bit instruction.
+        plane = Index(Index(height) * Index(width))
+        per_group = Index(Index(channels) // Index(offset_groups))
+        image_points = Index(Index(offset_groups) * Index(Index(taps) * Index(pixels)))
+        row_stride = Index(Index(columns.size) // Index(Index(channels) * Index(taps)))  # Nc*P
+        rows = Index(Index(row_stride // Index(pixels)) * Index(channels))  # Nc*C
+        # grid: x over output pixels, y over (image, channel) rows; both grid-stride
+        first_p = Index(Index(Index(cuda.blockIdx.x) * Index(cuda.blockDim.x)) + Index(cuda.threadIdx.x))
+        p_step = Index(Index(cuda.gridDim.x) * Index(cuda.blockDim.x))
+        row = Index(cuda.blockIdx.y)
+        while row < rows:
+            # phase: rows
+            n = Index(row // Index(channels))
+            c = Index(row - Index(n * Index(channels)))
+            first_tap = Index(Index(c // per_group) * Index(taps))  # g*K: the group's first tap
+            channel_base = Index(row * plane)  # (n*C + c)*H*W
+            row_point = Index(Index(S) * Index(Index(n * image_points) + Index(first_tap * Index(pixels))))
+            point_step = Index(Index(S) * Index(pixels))  # from one tap's point to the next tap's
+            row_column = Index(Index(Index(c * Index(taps)) * row_stride) + Index(n * Index(pixels)))
+            p = first_p
+            while p < Index(pixels):
+                # 64-bit running index of the tap's point: y, x, m load from one address
+                at = np.uint64(Index(row_point + Index(Index(S) * p)))  # S values per point
+                column = Index(row_column + p)
+                for _ in range(taps):  # a compile-time count: unrolled
+                    # phase: columns
+                    y = points[at]
+                    x = points[at + np.uint64(1)]
+                    value = ZERO
+                    if in_band(y, x, height, width):  # only an in-band sample reads memory
+                        y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
+                        row0 = Index(channel_base + Index(Index(y0) * Index(width)))
+                        row1 = Index(channel_base + Index(Index(y1) * Index(width)))
+                        value = (w00 * input[Index(row0 + Index(x0))] + w01 * input[Index(row0 + Index(x1))]
+                                 + w10 * input[Index(row1 + Index(x0))] + w11 * input[Index(row1 + Index(x1))])
+                    if use_mask:
+                        value *= points[at + np.uint64(2)]
+                    columns[column] = value
+                    at += np.uint64(point_step)
+                    column = Index(column + row_stride)
+                p = Index(p + p_step)
+            row = Index(row + Index(cuda.gridDim.y))
+
+    return kernel
+
+
+def column_sizes(geometry) -> tuple:
+    """The int32 tuple ``(C, H, W, G, P)`` that ``columns_kernel`` takes as ``sizes``."""
+    g = geometry
+    return tuple(np.int32(v) for v in (g.in_channels, g.height, g.width, g.offset_groups, g.out_h * g.out_w))
+
+
+def chunk_needs_wide(geometry, images: int) -> bool:
+    """Whether the column kernel needs its int64 variant for a chunk of ``images`` images:
+    the chunk's input, points or columns past ``INT32_LIMIT`` elements."""
+    g = geometry
+    pixels = g.out_h * g.out_w
+    return needs_wide(images * g.in_channels * g.height * g.width,
+                      images * 3 * g.offset_groups * g.taps * pixels,
+                      images * g.in_channels * g.taps * pixels)
+
+
+def compute_points(geometry, offset, mask, xp):
+    """The sampling points (flat ``[N, G*K, Ho, Wo, S]``, see ``positions_kernel``), one launch."""
+    g = geometry
+    offset = flat(offset, xp)
+    mask = flat(mask, xp) if mask is not None else xp.empty(1, dtype=offset.dtype)
+    per_point = 3 if g.has_mask else 2
+    points = xp.empty(offset.size // 2 * per_point, dtype=offset.dtype)
+    kernel = positions_kernel(g.dtype, g.has_mask, needs_wide(points.size))
+    launch(kernel, offset.size // 2, offset, mask, points, np.int32(g.offset_groups * g.taps),
+           np.int32(g.out_h), np.int32(g.out_w), conv_tuple(g))
+    return points
+
+
+def column_filler(geometry, input, points, xp):
+    """``fill(columns, first_image)``: the bilinear column kernel configured for this layer.
+
+    input: the layer's input (any layout); points: from ``compute_points``. The kernel
+    variant and the launch configuration are chosen once, for the largest chunk; each
+    call passes flat views that start at the chunk's first image.
+    """
+    g = geometry
+    chunk = chunk_images(g)
+    pixels = g.out_h * g.out_w
+    input = flat(input, xp)
+    image, image_points = g.in_channels * g.height * g.width, points.size // g.batch
+    kernel = columns_kernel(g.dtype, g.has_mask, chunk_needs_wide(g, chunk), g.taps)
+    sizes = column_sizes(g)
+    blocks_x = min(-(-pixels // 256), 65535)
+    blocks_y = min(chunk * g.in_channels, 65535)
+    if backend.IS_SIMULATOR:  # every simulated thread is a Python thread
+        blocks_x, blocks_y = min(blocks_x, 2), min(blocks_y, 4)
+    threads = 256 if not backend.IS_SIMULATOR else min(64, 32 * -(-pixels // 32))
+
+    def fill(columns, first_image):
+        last = first_image + columns.shape[1] // pixels
+        backend.launch(kernel, (blocks_x, blocks_y), threads, input[first_image * image:last * image],
+                       points[first_image * image_points:last * image_points], columns.reshape(-1), sizes)
+
+    return fill
 
 
 def gemm_bias(geometry, columns, weight, bias, out, first_image, xp):
@@ -114,6 +276,15 @@ def gemm_bias(geometry, columns, weight, bias, out, first_image, xp):
     out[first_image:first_image + n_chunk] = result
 
 
+def chunk_images(geometry) -> int:
+    """Images per column chunk: at most ``CHUNK_IMAGES``, and (unless one image alone is
+    more) at most 2**31 - 1 column elements: bounds the buffer's memory, keeps the GEMM's
+    n = chunk*P within int32, and the column kernels on their narrow (uint32) variant."""
+    g = geometry
+    per_image = g.in_channels * g.taps * g.out_h * g.out_w
+    return max(1, min(g.batch, CHUNK_IMAGES, INT32_LIMIT // per_image))
+
+
 def column_chunks(geometry, xp, dtype):
     """Yield ``(first_image, columns)`` per chunk of at most ``CHUNK_IMAGES`` images.
 
@@ -123,9 +294,7 @@ def column_chunks(geometry, xp, dtype):
     g = geometry
     pixels = g.out_h * g.out_w
     rows = g.in_channels * g.taps
-    # At most CHUNK_IMAGES images, and (unless one image alone is more) at most 2**31 - 1
-    # elements: bounds the buffer's memory and keeps the GEMM's n = chunk*P within int32.
-    chunk = max(1, min(g.batch, CHUNK_IMAGES, (2**31 - 1) // (rows * pixels)))
+    chunk = chunk_images(g)
     # One flat buffer; each chunk's view is its first rows*n*P elements, so the view is
     # C-contiguous even for a short last chunk (the simulator transfers only contiguous
     # arrays, and the GEMM's reshape then needs no copy).
@@ -139,31 +308,55 @@ def forward(geometry, input, offset, weight, bias, mask, out, stopwatch=backend.
     """Run the three-stage pipeline into ``out`` (``[N, Cout, Ho, Wo]``, preallocated)."""
     g = geometry
     xp = backend.array_module(input)
-    conv = conv_tuple(g)
-    mask_arg = mask if mask is not None else xp.empty((1, 1, 1, 1), dtype=input.dtype)
 
     with stopwatch.section("offset sampling"):
-        positions = xp.empty(offset.shape, dtype=offset.dtype)
-        launch(positions_kernel(g.dtype), offset.size // 2, offset, positions, conv)
+        points = compute_points(g, offset, mask, xp)
 
-    fill = columns_kernel(g.dtype, mask is not None)
+    fill = column_filler(g, input, points, xp)
     for first, cols in column_chunks(g, xp, input.dtype):
         with stopwatch.section("bilinear columns"):
-            launch(fill, cols.shape[1] * g.in_channels, input, positions, mask_arg, cols, np.int64(first))
+            fill(cols, first)
         with stopwatch.section("gemm"):
             gemm_bias(g, cols, weight, bias, out, first, xp)
     return out
 
 
+def launch_threads(total: int) -> int:
+    """Threads a grid-stride launch over ``total`` items runs on a GPU (``launch_config``'s rule)."""
+    threads = 256
+    blocks = max(1, min(65536, -(-int(total) // threads)))
+    return blocks * threads
+
+
+def phase_model(geometry, config=None) -> dict:
+    """Iterations per thread of each ``# phase:`` body, for the first (largest) chunk.
+
+    ``positions``: the positions kernel's item body; ``setup``: the column kernel's item
+    body; ``columns``: its tap-loop body, once per column element. (``config`` is unused:
+    these kernels have no tunables.)
+    """
+    g = geometry
+    pixels = g.out_h * g.out_w
+    points = g.batch * g.offset_groups * g.taps * pixels
+    items = chunk_images(g) * g.in_channels * pixels
+    per_thread_items = -(-items // launch_threads(items))
+    return {"positions": -(-points // launch_threads(points)),
+            "setup": per_thread_items,
+            "columns": per_thread_items * g.taps}
+
+
 def ptx_cases():
-    """Kernels and signatures for the PTX audit (``deftnumba.ptx``)."""
+    """Kernels and signatures for the PTX audit (``deftnumba.ptx``): both index variants, 3x3."""
     from numba import types
 
     for dtype in ("float32", "float64"):
-        t = getattr(types, dtype)
-        a4, a2 = types.Array(t, 4, "A"), types.Array(t, 2, "A")
+        a1 = types.Array(getattr(types, dtype), 1, "C")
         conv = types.UniTuple(types.int32, 8)
-        yield "positions", dtype, positions_kernel(dtype), (a4, a4, conv)
-        for use_mask in (True, False):
-            yield (f"columns[mask={use_mask}]", dtype, columns_kernel(dtype, use_mask),
-                   (a4, a4, a4, a2, types.int64))
+        sizes = types.UniTuple(types.int32, 5)
+        for wide in (False, True):
+            suffix = ",wide" if wide else ""
+            for use_mask in (True, False):
+                yield (f"positions[mask={use_mask}{suffix}]", dtype, positions_kernel(dtype, use_mask, wide),
+                       (a1, a1, a1, types.int32, types.int32, types.int32, conv))
+                yield (f"columns[mask={use_mask}{suffix}]", dtype, columns_kernel(dtype, use_mask, wide, 9),
+                       (a1, a1, a1, sizes))
