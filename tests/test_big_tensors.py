@@ -101,6 +101,10 @@ AUDITED_INT32 = {
     ("sampling.py", "np.int32(lo + 1)"): "lo = floor(v) < size <= 2**31 - 1 inside the band",
     ("sampling.py", "np.int32(0)"): "a constant",
     ("sampling.py", "np.int32(size - 1)"): "size is H or W, 1 <= size < 2**31 (check_limits)",
+    ("im2col.py", "np.int32(g.offset_groups * g.taps)"): "one offset channel count, 2*G*K < 2**31 (an array dim)",
+    ("im2col.py", "np.int32(g.out_h)"): "Ho*Wo < 2**31 (check_limits)",
+    ("im2col.py", "np.int32(g.out_w)"): "Ho*Wo < 2**31 (check_limits)",
+    ("im2col.py", "np.int32(v)"): "C, H, W, G (array dims) and Ho*Wo < 2**31 (check_limits)",
     ("im2col.py", "np.int32(oy)"): "oy < Ho < 2**31; the products with stride and dilation stay within "
                                    "the extent check_limits bounds (< 2**24 in float32, < 2**31 in float64)",
     ("im2col.py", "np.int32(ox)"): "as np.int32(oy)",
