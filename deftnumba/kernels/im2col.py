@@ -3,9 +3,9 @@
 This is torchvision's design, split into separate launches on purpose so that
 the notebooks can time and analyse each operator:
 
-1. ``positions_kernel``: offsets -> absolute sampling positions, one thread per
-   (image, offset group, tap, output pixel).
-2. ``columns_kernel``: positions -> column matrix ``[C*kh*kw, Nc*Ho*Wo]``, one
+1. ``positions_kernel``: offsets (and mask) -> sampling points ``(y, x, m)``, one
+   thread per (image, offset group, tap, output pixel).
+2. ``columns_kernel``: points -> column matrix ``[C*kh*kw, Nc*Ho*Wo]``, one
    thread per (image, channel, output pixel) looping over taps, mask applied.
 3. GEMM with the weights per weight group through the array module's
    ``matmul`` (cuBLAS via CuPy on a GPU, BLAS via NumPy in the simulator), then
@@ -27,8 +27,11 @@ written the way any of ours is (see docs/perf-notes.md for their SASS):
   constant stride, so no index is divided or multiplied inside it;
 * an out-of-band sample (``-1 < y < H`` and ``-1 < x < W`` fails, NaN and +-inf
   included) never reaches a memory read: the gather is inside the band test;
-* launches take ``np.int32`` scalars (one compiled specialisation per dtype and
-  variant), and the launch configuration of a chunk loop is computed once.
+* launches take ``np.int32`` scalars (one compiled specialisation per dtype,
+  variant and tap count), and ``column_filler`` configures the column launch once
+  (variant, sizes, grid) for every chunk.
+* the positions stage writes each sampling point as ``(y, x, m)`` (mask included), so
+  the column kernel reads a point from one address.
 """
 
 from __future__ import annotations
@@ -57,16 +60,6 @@ def needs_wide(*sizes) -> bool:
 def flat(a, xp):
     """A flat C-order view of ``a`` (copied only when ``a`` is not C-contiguous)."""
     return xp.ascontiguousarray(a).reshape(-1)
-
-
-def hoisted_launcher(kernel, total, threads: int = 256):
-    """``launch(*args)`` of a grid-stride ``kernel`` over ``total`` items.
-
-    The launch configuration is computed once, outside the chunk loops that call it;
-    the launch itself goes through ``backend.launch`` (the current stream).
-    """
-    blocks, threads = backend.launch_config(total, threads)
-    return functools.partial(backend.launch, kernel, blocks, threads)
 
 
 def launch(kernel, total, *args):
@@ -180,6 +173,7 @@ def columns_kernel(dtype, use_mask: bool, wide: bool = False, taps: int = 9):
             row_column = Index(Index(Index(c * Index(taps)) * row_stride) + Index(n * Index(pixels)))
             p = first_p
             while p < Index(pixels):
+                # phase: pixels
                 # 64-bit running index of the tap's point: y, x, m load from one address
                 at = np.uint64(Index(row_point + Index(Index(S) * p)))  # S values per point
                 column = Index(row_column + p)
@@ -248,15 +242,11 @@ def column_filler(geometry, input, points, xp):
     image, image_points = g.in_channels * g.height * g.width, points.size // g.batch
     kernel = columns_kernel(g.dtype, g.has_mask, chunk_needs_wide(g, chunk), g.taps)
     sizes = column_sizes(g)
-    blocks_x = min(-(-pixels // 256), 65535)
-    blocks_y = min(chunk * g.in_channels, 65535)
-    if backend.IS_SIMULATOR:  # every simulated thread is a Python thread
-        blocks_x, blocks_y = min(blocks_x, 2), min(blocks_y, 4)
-    threads = 256 if not backend.IS_SIMULATOR else min(64, 32 * -(-pixels // 32))
+    grid, threads = column_grid(g, chunk)
 
     def fill(columns, first_image):
         last = first_image + columns.shape[1] // pixels
-        backend.launch(kernel, (blocks_x, blocks_y), threads, input[first_image * image:last * image],
+        backend.launch(kernel, grid, threads, input[first_image * image:last * image],
                        points[first_image * image_points:last * image_points], columns.reshape(-1), sizes)
 
     return fill
@@ -321,28 +311,38 @@ def forward(geometry, input, offset, weight, bias, mask, out, stopwatch=backend.
     return out
 
 
-def launch_threads(total: int) -> int:
-    """Threads a grid-stride launch over ``total`` items runs on a GPU (``launch_config``'s rule)."""
-    threads = 256
-    blocks = max(1, min(65536, -(-int(total) // threads)))
-    return blocks * threads
+def column_grid(geometry, images: int) -> tuple:
+    """``((blocks_x, blocks_y), threads)`` of a column-kernel launch over ``images`` images:
+    x over output pixels, y over (image, channel) rows, each capped (both loops grid-stride)."""
+    g = geometry
+    pixels = g.out_h * g.out_w
+    blocks_x = min(-(-pixels // 256), 65535)
+    blocks_y = min(images * g.in_channels, 65535)
+    if backend.IS_SIMULATOR:  # every simulated thread is a Python thread
+        return (min(blocks_x, 2), min(blocks_y, 4)), min(64, 32 * -(-pixels // 32))
+    return (blocks_x, blocks_y), 256
 
 
 def phase_model(geometry, config=None) -> dict:
-    """Iterations per thread of each ``# phase:`` body, for the first (largest) chunk.
+    """Iterations per thread of each ``# phase:`` body on a GPU, for the first (largest) chunk.
 
-    ``positions``: the positions kernel's item body; ``setup``: the column kernel's item
-    body; ``columns``: its tap-loop body, once per column element. (``config`` is unused:
-    these kernels have no tunables.)
+    ``positions``: the positions kernel's body (one sampling point); ``rows``: the column
+    kernel's (image, channel) rows per thread; ``pixels``: its output pixels per thread;
+    ``columns``: the tap-loop body. The tap loop has a compile-time trip count K and is
+    unrolled, so its SASS holds K copies of the body, run once per pixel: ``columns``
+    counts pixels, and one column element costs the phase's instructions divided by K.
+    (``config`` is unused: these kernels have no tunables.)
     """
     g = geometry
     pixels = g.out_h * g.out_w
     points = g.batch * g.offset_groups * g.taps * pixels
-    items = chunk_images(g) * g.in_channels * pixels
-    per_thread_items = -(-items // launch_threads(items))
-    return {"positions": -(-points // launch_threads(points)),
-            "setup": per_thread_items,
-            "columns": per_thread_items * g.taps}
+    blocks, threads = max(1, min(65536, -(-points // 256))), 256  # backend.launch_config on a GPU
+    (blocks_x, blocks_y), threads_x = (min(-(-pixels // 256), 65535),
+                                       min(chunk_images(g) * g.in_channels, 65535)), 256
+    rows = -(-chunk_images(g) * g.in_channels // blocks_y)
+    pixels_per_thread = rows * -(-pixels // (blocks_x * threads_x))
+    return {"positions": -(-points // (blocks * threads)), "rows": rows,
+            "pixels": pixels_per_thread, "columns": pixels_per_thread}
 
 
 def ptx_cases():
