@@ -84,6 +84,7 @@ def test_kernel_indices_come_from_64_bit_grid_stride_loops():
         # 2-D grid-stride loops (x over pixels, y over rows, each capped at 65535 blocks); indices
         # are uint32 only in the narrow variant, launched for index spaces below 2**31 (needs_wide)
         "im2col.py",
+        "fused_columns.py",  # as im2col.py
     }
     for path in sorted((Path(dn.__file__).parent / "kernels").glob("*.py")):
         code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
@@ -105,6 +106,11 @@ AUDITED_INT32 = {
     ("im2col.py", "np.int32(g.out_h)"): "Ho*Wo < 2**31 (check_limits)",
     ("im2col.py", "np.int32(g.out_w)"): "Ho*Wo < 2**31 (check_limits)",
     ("im2col.py", "np.int32(v)"): "C, H, W, G (array dims) and Ho*Wo < 2**31 (check_limits)",
+    ("fused_columns.py", "np.int32(oy)"): "as im2col.py's",
+    ("fused_columns.py", "np.int32(ox)"): "as im2col.py's",
+    ("fused_columns.py", "np.int32(i)"): "as im2col.py's",
+    ("fused_columns.py", "np.int32(j)"): "as im2col.py's",
+    ("fused_columns.py", "np.int32(v)"): "C, H, W, G (array dims), Ho, Wo < 2**31 (check_limits)",
     ("im2col.py", "np.int32(oy)"): "oy < Ho < 2**31; the products with stride and dilation stay within "
                                    "the extent check_limits bounds (< 2**24 in float32, < 2**31 in float64)",
     ("im2col.py", "np.int32(ox)"): "as np.int32(oy)",
