@@ -41,12 +41,19 @@ class PtxReport:
 
 
 def cases():
-    """``(name, dtype, python_function, numba_signature)`` from every kernel module."""
+    """``(name, dtype, dispatcher, numba_signature)`` from every kernel module."""
     for info in pkgutil.iter_modules(kernels.__path__):
         module = importlib.import_module(f"{kernels.__name__}.{info.name}")
         if hasattr(module, "ptx_cases"):
             for name, dtype, kernel, signature in module.ptx_cases():
-                yield f"{info.name}.{name}", dtype, kernel.py_func, signature
+                yield f"{info.name}.{name}", dtype, kernel, signature
+
+
+def compile_options(kernel) -> dict:
+    """The options of a ``@cuda.jit`` kernel that change its machine code (``launch_bounds``),
+    for ``compile_ptx``: the audit compiles what the GPU would run."""
+    bounds = getattr(kernel, "targetoptions", {}).get("launch_bounds")
+    return {"launch_bounds": bounds} if bounds else {}
 
 
 def ptxas_resources(ptx: str, cc=(9, 0)) -> dict:
@@ -83,8 +90,8 @@ def audit(cc=(9, 0)) -> list[PtxReport]:
     if backend.IS_SIMULATOR:
         raise RuntimeError("the PTX audit needs DEFTNUMBA_BACKEND=cuda (no GPU is needed)")
     reports = []
-    for name, dtype, func, signature in cases():
-        ptx, _ = backend.cuda.compile_ptx(func, signature, cc=cc)
+    for name, dtype, kernel, signature in cases():
+        ptx, _ = backend.cuda.compile_ptx(kernel.py_func, signature, cc=cc, **compile_options(kernel))
         lines = ptx.splitlines()
         f64 = [ln.strip() for ln in lines if re.search(r"\.f64\b", ln) and not ln.strip().startswith("//")]
         reports.append(PtxReport(name, dtype, len(lines), len(f64),

@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import backend
 from ..backend import cuda
-from .im2col import column_chunks, chunk_images, flat, gemm_bias, needs_wide
+from .im2col import THREADS, bounded_jit, chunk_images, column_chunks, flat, gemm_bias, needs_wide
 from .sampling import conv_tuple, sampling_functions
 
 
@@ -54,10 +54,10 @@ def fused_columns_kernel(dtype, use_mask: bool, wide: bool = False):
     offset:  flat ``[Nc, 2*G*K, Ho, Wo]``, ``(dy, dx)`` interleaved per tap
     mask:    flat ``[Nc, G*K, Ho, Wo]`` (any 1-element array when ``use_mask`` is False)
     columns: flat ``[C*K, Nc*Ho*Wo]``: gets ``columns[c*K + tap, n*P + p]``
-    sizes:   int32 tuple ``(C, H, W, G, Ho, Wo)`` (``fused_sizes``)
+    sizes:   int32 tuple ``(C, H, W, G, C/G, Ho, Wo, Nc)`` (``fused_sizes``)
     conv:    int32 tuple ``(sh, sw, ph, pw, dh, dw, kh, kw)`` (``sampling.conv_tuple``)
 
-    Grid: x over output pixels, y over (image, group, tap) rows, both grid-stride. Each
+    Grid: x over output pixels, y over (group, tap), z over images, all grid-stride. Each
     thread computes one sampling point (position, corners, weights with the mask folded
     in) and walks the C/G channels of its group. ``wide``: int64 index arithmetic, for
     chunks whose input, offsets or columns hold more than ``INT32_LIMIT`` elements.
@@ -69,87 +69,88 @@ def fused_columns_kernel(dtype, use_mask: bool, wide: bool = False):
     bilinear_corners = functions.bilinear_corners
     ZERO, ONE = functions.ZERO, functions.ONE
 
-    @cuda.jit
+    @bounded_jit()
     def kernel(input, offset, mask, columns, sizes, conv):
-        channels, height, width, offset_groups, out_h, out_w = sizes
+        channels, height, width, offset_groups, per_group, out_h, out_w, images = sizes
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, kernel_h, kernel_w = conv
         # Every index is wrapped in Index(...): numba widens int32/uint32 arithmetic to
         # 64 bits, and the wrap lets the compiler narrow it back to one 32-bit instruction.
         taps = Index(Index(kernel_h) * Index(kernel_w))
         pixels = Index(Index(out_h) * Index(out_w))
         plane = Index(Index(height) * Index(width))
-        per_group = Index(Index(channels) // Index(offset_groups))
         group_taps = Index(Index(offset_groups) * taps)
-        row_stride = Index(Index(columns.size) // Index(Index(channels) * taps))  # Nc*P
-        rows = Index(Index(row_stride // pixels) * group_taps)  # Nc*G*K
+        row_stride = Index(Index(images) * pixels)  # Nc*P: one column-matrix row
         channel_step = Index(taps * row_stride)  # columns: from channel c's row to c+1's
-        # grid: x over output pixels, y over (image, group, tap) rows; both grid-stride
+        # grid: x over output pixels, y over (group, tap), z over the chunk's images; grid-stride
         first_p = Index(Index(Index(cuda.blockIdx.x) * Index(cuda.blockDim.x)) + Index(cuda.threadIdx.x))
         p_step = Index(Index(cuda.gridDim.x) * Index(cuda.blockDim.x))
-        row = Index(cuda.blockIdx.y)
-        while row < rows:
-            # phase: rows
-            n = Index(row // group_taps)
-            gk = Index(row - Index(n * group_taps))
-            group = Index(gk // taps)
-            tap = Index(gk - Index(group * taps))
-            i = Index(tap // Index(kernel_w))
-            j = Index(tap - Index(i * Index(kernel_w)))
-            # int32: |oy*sh - ph + i*dh| < 2**24 (arguments.check_limits bounds the extent)
-            tap_y = np.int32(i) * dil_h - pad_h
-            tap_x = np.int32(j) * dil_w - pad_w
-            first_channel = Index(group * per_group)
-            group_base = Index(Index(Index(n * Index(channels)) + first_channel) * plane)
-            dy_row = Index(Index(Index(n * group_taps) + gk) * Index(2) * pixels)  # offset[n, 2*gk, 0]
-            mask_row = Index(row * pixels)  # mask[n, gk, 0]
-            column_row = Index(Index(Index(Index(first_channel * taps) + tap) * row_stride) + Index(n * pixels))
-            p = first_p
-            while p < pixels:
-                # phase: points
-                oy = Index(p // Index(out_w))
-                ox = Index(p - Index(oy * Index(out_w)))
-                y = T(np.int32(oy) * stride_h + tap_y) + offset[Index(dy_row + p)]
-                x = T(np.int32(ox) * stride_w + tap_x) + offset[Index(Index(dy_row + pixels) + p)]
-                m = mask[Index(mask_row + p)] if use_mask else ONE
-                column = Index(column_row + p)
-                last_column = Index(column + Index(per_group * channel_step))
-                if in_band(y, x, height, width):  # only an in-band sample reads memory
-                    y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
-                    w00 *= m
-                    w01 *= m
-                    w10 *= m
-                    w11 *= m
-                    row0 = Index(group_base + Index(Index(y0) * Index(width)))
-                    row1 = Index(group_base + Index(Index(y1) * Index(width)))
-                    at00 = Index(row0 + Index(x0))
-                    at01 = Index(row0 + Index(x1))
-                    at10 = Index(row1 + Index(x0))
-                    at11 = Index(row1 + Index(x1))
-                    while column < last_column:
-                        # phase: columns
-                        columns[column] = (w00 * input[at00] + w01 * input[at01]
-                                           + w10 * input[at10] + w11 * input[at11])
-                        at00 = Index(at00 + plane)
-                        at01 = Index(at01 + plane)
-                        at10 = Index(at10 + plane)
-                        at11 = Index(at11 + plane)
-                        column = Index(column + channel_step)
-                else:
-                    value = ZERO * m  # a NaN mask still poisons its tap, as in torchvision
-                    while column < last_column:
-                        # phase: columns
-                        columns[column] = value
-                        column = Index(column + channel_step)
-                p = Index(p + p_step)
-            row = Index(row + Index(cuda.gridDim.y))
+        n = Index(cuda.blockIdx.z)
+        while n < Index(images):
+            gk = Index(cuda.blockIdx.y)
+            while gk < group_taps:
+                # phase: rows
+                row = Index(Index(n * group_taps) + gk)  # the (image, group, tap) row
+                group = Index(gk // taps)
+                tap = Index(gk - Index(group * taps))
+                i = Index(tap // Index(kernel_w))
+                j = Index(tap - Index(i * Index(kernel_w)))
+                # int32: |oy*sh - ph + i*dh| < 2**24 (arguments.check_limits bounds the extent)
+                tap_y = np.int32(i) * dil_h - pad_h
+                tap_x = np.int32(j) * dil_w - pad_w
+                first_channel = Index(group * Index(per_group))
+                group_base = Index(Index(Index(n * Index(channels)) + first_channel) * plane)
+                dy_row = Index(Index(Index(2) * row) * pixels)  # offset[n, 2*gk, 0]
+                mask_row = Index(row * pixels)  # mask[n, gk, 0]
+                column_row = Index(Index(Index(Index(first_channel * taps) + tap) * row_stride) + Index(n * pixels))
+                p = first_p
+                while p < pixels:
+                    # phase: points
+                    oy = Index(p // Index(out_w))
+                    ox = Index(p - Index(oy * Index(out_w)))
+                    y = T(np.int32(oy) * stride_h + tap_y) + offset[Index(dy_row + p)]
+                    x = T(np.int32(ox) * stride_w + tap_x) + offset[Index(Index(dy_row + pixels) + p)]
+                    m = mask[Index(mask_row + p)] if use_mask else ONE
+                    column = Index(column_row + p)
+                    last_column = Index(column + Index(Index(per_group) * channel_step))
+                    if in_band(y, x, height, width):  # only an in-band sample reads memory
+                        y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
+                        w00 *= m
+                        w01 *= m
+                        w10 *= m
+                        w11 *= m
+                        row0 = Index(group_base + Index(Index(y0) * Index(width)))
+                        row1 = Index(group_base + Index(Index(y1) * Index(width)))
+                        at00 = Index(row0 + Index(x0))
+                        at01 = Index(row0 + Index(x1))
+                        at10 = Index(row1 + Index(x0))
+                        at11 = Index(row1 + Index(x1))
+                        while column < last_column:
+                            # phase: columns
+                            columns[column] = (w00 * input[at00] + w01 * input[at01]
+                                               + w10 * input[at10] + w11 * input[at11])
+                            at00 = Index(at00 + plane)
+                            at01 = Index(at01 + plane)
+                            at10 = Index(at10 + plane)
+                            at11 = Index(at11 + plane)
+                            column = Index(column + channel_step)
+                    else:
+                        value = ZERO * m  # a NaN mask still poisons its tap, as in torchvision
+                        while column < last_column:
+                            # phase: columns
+                            columns[column] = value
+                            column = Index(column + channel_step)
+                    p = Index(p + p_step)
+                gk = Index(gk + Index(cuda.gridDim.y))
+            n = Index(n + Index(cuda.gridDim.z))
 
     return kernel
 
 
-def fused_sizes(geometry) -> tuple:
-    """The int32 tuple ``(C, H, W, G, Ho, Wo)`` that ``fused_columns_kernel`` takes as ``sizes``."""
+def fused_sizes(geometry, images: int) -> tuple:
+    """The int32 tuple ``(C, H, W, G, C/G, Ho, Wo, Nc)`` that ``fused_columns_kernel`` takes."""
     g = geometry
-    return tuple(np.int32(v) for v in (g.in_channels, g.height, g.width, g.offset_groups, g.out_h, g.out_w))
+    return tuple(np.int32(v) for v in (g.in_channels, g.height, g.width, g.offset_groups,
+                                       g.in_channels // g.offset_groups, g.out_h, g.out_w, images))
 
 
 def chunk_needs_wide(geometry, images: int) -> bool:
@@ -162,14 +163,14 @@ def chunk_needs_wide(geometry, images: int) -> bool:
 
 
 def launch_grid(geometry, images: int) -> tuple:
-    """``((blocks_x, blocks_y), threads)`` of a launch over a chunk of ``images`` images."""
+    """``((blocks_x, blocks_y, blocks_z), threads)`` of a launch over a chunk of ``images`` images:
+    x over output pixels, y over (group, tap), z over images (all loops grid-stride)."""
     g = geometry
     pixels = g.out_h * g.out_w
-    blocks_x = min(-(-pixels // 256), 65535)
-    blocks_y = min(images * g.offset_groups * g.taps, 65535)
+    group_taps = g.offset_groups * g.taps
     if backend.IS_SIMULATOR:  # every simulated thread is a Python thread
-        return (min(blocks_x, 2), min(blocks_y, 4)), min(64, 32 * -(-pixels // 32))
-    return (blocks_x, blocks_y), 256
+        return (min(-(-pixels // 64), 2), min(group_taps, 3), min(images, 2)), min(64, 32 * -(-pixels // 32))
+    return (min(-(-pixels // THREADS), 65535), min(group_taps, 65535), min(images, 65535)), THREADS
 
 
 def column_filler(geometry, input, offset, mask, xp):
@@ -187,15 +188,16 @@ def column_filler(geometry, input, offset, mask, xp):
     image, image_offset = g.in_channels * g.height * g.width, offset.size // g.batch
     image_mask = mask.size // g.batch if mask is not None else 0
     kernel = fused_columns_kernel(g.dtype, mask is not None, chunk_needs_wide(g, chunk))
-    sizes, conv = fused_sizes(g), conv_tuple(g)
+    conv = conv_tuple(g)
     grid, threads = launch_grid(g, chunk)
 
     def fill(columns, first_image):
-        last = first_image + columns.shape[1] // pixels
+        images = columns.shape[1] // pixels
+        last = first_image + images
         backend.launch(kernel, grid, threads, input[first_image * image:last * image],
                        offset[first_image * image_offset:last * image_offset],
                        mask[first_image * image_mask:last * image_mask] if mask is not None else no_mask,
-                       columns.reshape(-1), sizes, conv)
+                       columns.reshape(-1), fused_sizes(g, images), conv)
 
     return fill
 
@@ -214,18 +216,18 @@ def forward(geometry, input, offset, weight, bias, mask, out, stopwatch=backend.
 
 
 def phase_model(geometry, config=None) -> dict:
-    """Iterations per thread of each ``# phase:`` body, for the first (largest) chunk on a GPU.
+    """Iterations per thread of each ``# phase:`` body on a GPU, for the first (largest) chunk.
 
-    ``rows``: (image, group, tap) rows a thread's block visits; ``points``: sampling points
-    per thread; ``columns``: column elements per thread (points times C/G channels).
-    ``config`` is unused (no tunables).
+    ``rows``: (image, group, tap) rows per thread; ``points``: sampling points per thread;
+    ``columns``: column elements per thread (points times C/G channels; the out-of-band
+    loop counts as the in-band one, an upper bound). ``config`` is unused (no tunables).
     """
     g = geometry
     pixels = g.out_h * g.out_w
-    (blocks_x, blocks_y), threads = (min(-(-pixels // 256), 65535),
-                                     min(chunk_images(g) * g.offset_groups * g.taps, 65535)), 256
-    rows = -(-chunk_images(g) * g.offset_groups * g.taps // blocks_y)
-    points = rows * -(-pixels // (blocks_x * threads))
+    chunk, group_taps = chunk_images(g), g.offset_groups * g.taps
+    blocks_x = min(-(-pixels // THREADS), 65535)
+    rows = -(-group_taps // min(group_taps, 65535)) * -(-chunk // min(chunk, 65535))
+    points = rows * -(-pixels // (blocks_x * THREADS))
     return {"rows": rows, "points": points, "columns": points * (g.in_channels // g.offset_groups)}
 
 
@@ -236,7 +238,7 @@ def ptx_cases():
     for dtype in ("float32", "float64"):
         a1 = types.Array(getattr(types, dtype), 1, "C")
         conv = types.UniTuple(types.int32, 8)
-        sizes = types.UniTuple(types.int32, 6)
+        sizes = types.UniTuple(types.int32, 8)
         for wide in (False, True):
             for use_mask in (True, False):
                 yield (f"fused_columns[mask={use_mask}{',wide' if wide else ''}]", dtype,

@@ -45,6 +45,7 @@ from ..backend import cuda
 from .sampling import conv_tuple, sampling_functions
 
 CHUNK_IMAGES = 32
+THREADS = 256  # threads per block of the column kernels, declared to ptxas as launch bounds
 INT32_LIMIT = 2**31 - 1  # the largest index the narrow (uint32) kernels are launched for
 
 
@@ -55,6 +56,15 @@ def needs_wide(*sizes) -> bool:
     sum of two in-range indices (e.g. a row plus ``pixels``) cannot wrap either.
     """
     return max(int(s) for s in sizes) > INT32_LIMIT
+
+
+def bounded_jit():
+    """``cuda.jit`` declaring ``launch_bounds=THREADS`` on a GPU (the simulator has no such option).
+
+    Without launch bounds ptxas (via nvJitLink, sm_90) holds these kernels to 32 registers
+    and reloads loop invariants inside the hot loop; knowing the block size it uses ~40 and
+    the column loop loses ~4 instructions (see docs/perf-notes.md)."""
+    return cuda.jit if backend.IS_SIMULATOR else cuda.jit(launch_bounds=THREADS)
 
 
 def flat(a, xp):
@@ -73,14 +83,16 @@ def launch(kernel, total, *args):
 #   ~4 FLOPs per point.
 @functools.cache
 def positions_kernel(dtype, use_mask: bool, wide: bool = False):
-    """Kernel ``(offset, mask, points, group_taps, out_h, out_w, conv)``: the sampling points.
+    """Kernel ``(offset, mask, points, sizes, conv)``: the sampling points.
 
     offset: flat ``[N, 2*G*K, Ho, Wo]`` (``(dy, dx)`` interleaved per tap)
     mask:   flat ``[N, G*K, Ho, Wo]`` (any 1-element array when ``use_mask`` is False)
     points: flat ``[N, G*K, Ho, Wo, S]`` gets ``(y, x)`` (S = 2) or ``(y, x, m)`` (S = 3):
             ``y = oy*sh - ph + i*dh + dy``, ``x = ox*sw - pw + j*dw + dx``, ``m`` the mask.
             The column kernel reads one point with one address and S loads.
-    group_taps, out_h, out_w: int32 ``G*K``, ``Ho``, ``Wo``; conv: ``sampling.conv_tuple``.
+            An out-of-band point (``sampling.in_band`` fails: NaN and +-inf included) is
+            stored as ``y = x = -1``, so the column kernel tests ``y > -1`` alone.
+    sizes:  int32 tuple ``(G*K, H, W, Ho, Wo)``; conv: ``sampling.conv_tuple``.
 
     One item per (image, group, tap, output pixel), pixels fastest.
     ``wide``: int64 index arithmetic (``points.size`` past ``INT32_LIMIT``).
@@ -88,13 +100,15 @@ def positions_kernel(dtype, use_mask: bool, wide: bool = False):
     T = np.dtype(dtype).type
     Index = np.int64 if wide else np.uint32
     S = 3 if use_mask else 2
+    in_band = sampling_functions(dtype).in_band
+    OUT_OF_BAND = T(-1)  # fails -1 < y: samples zero, like every out-of-band point
 
     @cuda.jit
-    def kernel(offset, mask, points, group_taps, out_h, out_w, conv):
+    def kernel(offset, mask, points, sizes, conv):
+        group_taps, height, width, out_h, out_w = sizes
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, kernel_h, kernel_w = conv
         taps = Index(Index(kernel_h) * Index(kernel_w))
-        width = Index(out_w)
-        pixels = Index(Index(out_h) * width)
+        pixels = Index(Index(out_h) * Index(out_w))
         total = Index(Index(offset.size) // Index(2))
         item = Index(cuda.grid(1))
         step = Index(cuda.gridsize(1))
@@ -103,8 +117,8 @@ def positions_kernel(dtype, use_mask: bool, wide: bool = False):
             row = Index(item // pixels)  # n*G*K + gk
             p = Index(item - Index(row * pixels))
             tap = Index(Index(row % Index(group_taps)) % taps)
-            oy = Index(p // width)
-            ox = Index(p - Index(oy * width))
+            oy = Index(p // Index(out_w))
+            ox = Index(p - Index(oy * Index(out_w)))
             i = Index(tap // Index(kernel_w))
             j = Index(tap - Index(i * Index(kernel_w)))
             dy = Index(item + Index(row * pixels))  # offset[n, 2*gk, oy, ox] = (2*row)*P + p
@@ -112,8 +126,13 @@ def positions_kernel(dtype, use_mask: bool, wide: bool = False):
             base_y = np.int32(oy) * stride_h - pad_h + np.int32(i) * dil_h
             base_x = np.int32(ox) * stride_w - pad_w + np.int32(j) * dil_w
             point = Index(Index(S) * item)
-            points[point] = T(base_y) + offset[dy]
-            points[Index(point + Index(1))] = T(base_x) + offset[Index(dy + pixels)]
+            y = T(base_y) + offset[dy]
+            x = T(base_x) + offset[Index(dy + pixels)]
+            if not in_band(y, x, height, width):
+                y = OUT_OF_BAND  # one canonical point: the column kernel tests y alone
+                x = OUT_OF_BAND
+            points[point] = y
+            points[Index(point + Index(1))] = x
             if use_mask:
                 points[Index(point + Index(2))] = mask[item]
             item = Index(item + step)
@@ -126,14 +145,13 @@ def positions_kernel(dtype, use_mask: bool, wide: bool = False):
 # mostly cache hits); writes the column block C*K*P*s.
 # FLOPs: ~20 per sample for corner setup, 7 for the interpolation, 1 for the mask.
 @functools.cache
-def columns_kernel(dtype, use_mask: bool, wide: bool = False, taps: int = 9):
+def columns_kernel(dtype, use_mask: bool, wide: bool = False):
     """Kernel ``(input, points, columns, sizes)`` for one chunk of ``Nc`` images.
 
     input:   flat ``[Nc, C, H, W]``: the chunk's images
     points:  flat ``[Nc, G*K, Ho, Wo, S]`` from ``positions_kernel``, the chunk's images
     columns: flat ``[C*K, Nc*Ho*Wo]``: gets ``columns[c*K + tap, n*P + p]``
-    sizes:   int32 tuple ``(C, H, W, G, P)`` (``column_sizes``)
-    taps:    ``K = kh*kw``, a compile-time constant (the tap loop is unrolled).
+    sizes:   int32 tuple ``(C, H, W, G, K, P)`` (``column_sizes``)
 
     The host passes views that start at the chunk's first image (its 64-bit image base),
     so inside the kernel every index is an offset into the chunk. Grid: x over output
@@ -144,65 +162,70 @@ def columns_kernel(dtype, use_mask: bool, wide: bool = False, taps: int = 9):
     Index = np.int64 if wide else np.uint32
     S = 3 if use_mask else 2
     functions = sampling_functions(dtype)
-    in_band = functions.in_band
-    bilinear_corners = functions.bilinear_corners
+    bilinear_axis = functions.bilinear_axis
     ZERO = functions.ZERO
+    MINUS_ONE = -functions.ONE
 
-    @cuda.jit
+    @bounded_jit()
     def kernel(input, points, columns, sizes):
-        channels, height, width, offset_groups, pixels = sizes
+        channels, height, width, offset_groups, per_group, taps, pixels, images = sizes
         # Every index is wrapped in Index(...): numba widens int32/uint32 arithmetic to
         # 64 bits, and the wrap lets the compiler narrow it back to one 32-bit instruction.
         plane = Index(Index(height) * Index(width))
-        per_group = Index(Index(channels) // Index(offset_groups))
         image_points = Index(Index(offset_groups) * Index(Index(taps) * Index(pixels)))
-        row_stride = Index(Index(columns.size) // Index(Index(channels) * Index(taps)))  # Nc*P
-        rows = Index(Index(row_stride // Index(pixels)) * Index(channels))  # Nc*C
-        # grid: x over output pixels, y over (image, channel) rows; both grid-stride
+        row_stride = Index(Index(images) * Index(pixels))  # Nc*P: one column-matrix row
+        point_step = Index(Index(S) * Index(pixels))  # from one tap's point to the next tap's
+        # grid: x over output pixels, y over channels, z over the chunk's images; all grid-stride
         first_p = Index(Index(Index(cuda.blockIdx.x) * Index(cuda.blockDim.x)) + Index(cuda.threadIdx.x))
         p_step = Index(Index(cuda.gridDim.x) * Index(cuda.blockDim.x))
-        row = Index(cuda.blockIdx.y)
-        while row < rows:
-            # phase: rows
-            n = Index(row // Index(channels))
-            c = Index(row - Index(n * Index(channels)))
-            first_tap = Index(Index(c // per_group) * Index(taps))  # g*K: the group's first tap
-            channel_base = Index(row * plane)  # (n*C + c)*H*W
-            row_point = Index(Index(S) * Index(Index(n * image_points) + Index(first_tap * Index(pixels))))
-            point_step = Index(Index(S) * Index(pixels))  # from one tap's point to the next tap's
-            row_column = Index(Index(Index(c * Index(taps)) * row_stride) + Index(n * Index(pixels)))
-            p = first_p
-            while p < Index(pixels):
-                # phase: pixels
-                # 64-bit running index of the tap's point: y, x, m load from one address
-                at = np.uint64(Index(row_point + Index(Index(S) * p)))  # S values per point
-                column = Index(row_column + p)
-                for _ in range(taps):  # a compile-time count: unrolled
-                    # phase: columns
-                    y = points[at]
-                    x = points[at + np.uint64(1)]
-                    value = ZERO
-                    if in_band(y, x, height, width):  # only an in-band sample reads memory
-                        y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
-                        row0 = Index(channel_base + Index(Index(y0) * Index(width)))
-                        row1 = Index(channel_base + Index(Index(y1) * Index(width)))
-                        value = (w00 * input[Index(row0 + Index(x0))] + w01 * input[Index(row0 + Index(x1))]
-                                 + w10 * input[Index(row1 + Index(x0))] + w11 * input[Index(row1 + Index(x1))])
-                    if use_mask:
-                        value *= points[at + np.uint64(2)]
-                    columns[column] = value
-                    at += np.uint64(point_step)
-                    column = Index(column + row_stride)
-                p = Index(p + p_step)
-            row = Index(row + Index(cuda.gridDim.y))
+        n = Index(cuda.blockIdx.z)
+        while n < Index(images):
+            c = Index(cuda.blockIdx.y)
+            while c < Index(channels):
+                # phase: rows
+                first_tap = Index(Index(c // Index(per_group)) * Index(taps))  # g*K: the group's first tap
+                channel_base = Index(Index(Index(n * Index(channels)) + c) * plane)  # (n*C + c)*H*W
+                row_point = Index(Index(S) * Index(Index(n * image_points) + Index(first_tap * Index(pixels))))
+                row_column = Index(Index(Index(c * Index(taps)) * row_stride) + Index(n * Index(pixels)))
+                p = first_p
+                while p < Index(pixels):
+                    # phase: pixels
+                    point = Index(row_point + Index(Index(S) * p))  # S values per point
+                    column = Index(row_column + p)
+                    last_column = Index(column + Index(Index(taps) * row_stride))
+                    while column < last_column:
+                        # phase: columns
+                        at = np.uint64(point)  # 64-bit: y, x (and m) load from one address
+                        y = points[at]
+                        x = points[at + np.uint64(1)]
+                        value = ZERO
+                        # The positions stage stored every out-of-band point as y = -1, so this is
+                        # sampling.in_band; only an in-band sample reads memory.
+                        if y > MINUS_ONE:
+                            y0, y1, wy0, wy1, _, _ = bilinear_axis(y, height)
+                            x0, x1, wx0, wx1, _, _ = bilinear_axis(x, width)
+                            w00, w01, w10, w11 = wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1
+                            row0 = Index(channel_base + Index(Index(y0) * Index(width)))
+                            row1 = Index(channel_base + Index(Index(y1) * Index(width)))
+                            value = (w00 * input[Index(row0 + Index(x0))] + w01 * input[Index(row0 + Index(x1))]
+                                     + w10 * input[Index(row1 + Index(x0))] + w11 * input[Index(row1 + Index(x1))])
+                        if use_mask:
+                            value *= points[at + np.uint64(2)]
+                        columns[column] = value
+                        point = Index(point + point_step)
+                        column = Index(column + row_stride)
+                    p = Index(p + p_step)
+                c = Index(c + Index(cuda.gridDim.y))
+            n = Index(n + Index(cuda.gridDim.z))
 
     return kernel
 
 
-def column_sizes(geometry) -> tuple:
-    """The int32 tuple ``(C, H, W, G, P)`` that ``columns_kernel`` takes as ``sizes``."""
+def column_sizes(geometry, images: int) -> tuple:
+    """The int32 tuple ``(C, H, W, G, C/G, K, P, Nc)`` that ``columns_kernel`` takes as ``sizes``."""
     g = geometry
-    return tuple(np.int32(v) for v in (g.in_channels, g.height, g.width, g.offset_groups, g.out_h * g.out_w))
+    return tuple(np.int32(v) for v in (g.in_channels, g.height, g.width, g.offset_groups,
+                                       g.in_channels // g.offset_groups, g.taps, g.out_h * g.out_w, images))
 
 
 def chunk_needs_wide(geometry, images: int) -> bool:
@@ -223,8 +246,8 @@ def compute_points(geometry, offset, mask, xp):
     per_point = 3 if g.has_mask else 2
     points = xp.empty(offset.size // 2 * per_point, dtype=offset.dtype)
     kernel = positions_kernel(g.dtype, g.has_mask, needs_wide(points.size))
-    launch(kernel, offset.size // 2, offset, mask, points, np.int32(g.offset_groups * g.taps),
-           np.int32(g.out_h), np.int32(g.out_w), conv_tuple(g))
+    sizes = tuple(np.int32(v) for v in (g.offset_groups * g.taps, g.height, g.width, g.out_h, g.out_w))
+    launch(kernel, offset.size // 2, offset, mask, points, sizes, conv_tuple(g))
     return points
 
 
@@ -240,14 +263,15 @@ def column_filler(geometry, input, points, xp):
     pixels = g.out_h * g.out_w
     input = flat(input, xp)
     image, image_points = g.in_channels * g.height * g.width, points.size // g.batch
-    kernel = columns_kernel(g.dtype, g.has_mask, chunk_needs_wide(g, chunk), g.taps)
-    sizes = column_sizes(g)
+    kernel = columns_kernel(g.dtype, g.has_mask, chunk_needs_wide(g, chunk))
     grid, threads = column_grid(g, chunk)
 
     def fill(columns, first_image):
-        last = first_image + columns.shape[1] // pixels
+        images = columns.shape[1] // pixels
+        last = first_image + images
         backend.launch(kernel, grid, threads, input[first_image * image:last * image],
-                       points[first_image * image_points:last * image_points], columns.reshape(-1), sizes)
+                       points[first_image * image_points:last * image_points], columns.reshape(-1),
+                       column_sizes(g, images))
 
     return fill
 
@@ -312,15 +336,13 @@ def forward(geometry, input, offset, weight, bias, mask, out, stopwatch=backend.
 
 
 def column_grid(geometry, images: int) -> tuple:
-    """``((blocks_x, blocks_y), threads)`` of a column-kernel launch over ``images`` images:
-    x over output pixels, y over (image, channel) rows, each capped (both loops grid-stride)."""
+    """``((blocks_x, blocks_y, blocks_z), threads)`` of a column-kernel launch over ``images``
+    images: x over output pixels, y over channels, z over images (all loops grid-stride)."""
     g = geometry
     pixels = g.out_h * g.out_w
-    blocks_x = min(-(-pixels // 256), 65535)
-    blocks_y = min(images * g.in_channels, 65535)
     if backend.IS_SIMULATOR:  # every simulated thread is a Python thread
-        return (min(blocks_x, 2), min(blocks_y, 4)), min(64, 32 * -(-pixels // 32))
-    return (blocks_x, blocks_y), 256
+        return (min(-(-pixels // 64), 2), min(g.in_channels, 3), min(images, 2)), min(64, 32 * -(-pixels // 32))
+    return (min(-(-pixels // THREADS), 65535), min(g.in_channels, 65535), min(images, 65535)), THREADS
 
 
 def phase_model(geometry, config=None) -> dict:
@@ -328,21 +350,19 @@ def phase_model(geometry, config=None) -> dict:
 
     ``positions``: the positions kernel's body (one sampling point); ``rows``: the column
     kernel's (image, channel) rows per thread; ``pixels``: its output pixels per thread;
-    ``columns``: the tap-loop body. The tap loop has a compile-time trip count K and is
-    unrolled, so its SASS holds K copies of the body, run once per pixel: ``columns``
-    counts pixels, and one column element costs the phase's instructions divided by K.
-    (``config`` is unused: these kernels have no tunables.)
+    ``columns``: its tap-loop body, once per column element. (``config`` is unused: these
+    kernels have no tunables.)
     """
     g = geometry
     pixels = g.out_h * g.out_w
     points = g.batch * g.offset_groups * g.taps * pixels
     blocks, threads = max(1, min(65536, -(-points // 256))), 256  # backend.launch_config on a GPU
-    (blocks_x, blocks_y), threads_x = (min(-(-pixels // 256), 65535),
-                                       min(chunk_images(g) * g.in_channels, 65535)), 256
-    rows = -(-chunk_images(g) * g.in_channels // blocks_y)
-    pixels_per_thread = rows * -(-pixels // (blocks_x * threads_x))
+    chunk = chunk_images(g)
+    blocks_x = min(-(-pixels // THREADS), 65535)
+    rows = -(-g.in_channels // min(g.in_channels, 65535)) * -(-chunk // min(chunk, 65535))
+    pixels_per_thread = rows * -(-pixels // (blocks_x * THREADS))
     return {"positions": -(-points // (blocks * threads)), "rows": rows,
-            "pixels": pixels_per_thread, "columns": pixels_per_thread}
+            "pixels": pixels_per_thread, "columns": pixels_per_thread * g.taps}
 
 
 def ptx_cases():
@@ -357,6 +377,6 @@ def ptx_cases():
             suffix = ",wide" if wide else ""
             for use_mask in (True, False):
                 yield (f"positions[mask={use_mask}{suffix}]", dtype, positions_kernel(dtype, use_mask, wide),
-                       (a1, a1, a1, types.int32, types.int32, types.int32, conv))
-                yield (f"columns[mask={use_mask}{suffix}]", dtype, columns_kernel(dtype, use_mask, wide, 9),
-                       (a1, a1, a1, sizes))
+                       (a1, a1, a1, sizes, conv))
+                yield (f"columns[mask={use_mask}{suffix}]", dtype, columns_kernel(dtype, use_mask, wide),
+                       (a1, a1, a1, types.UniTuple(types.int32, 8)))
