@@ -64,6 +64,7 @@ def fused_columns_kernel(dtype, use_mask: bool, wide: bool = False):
     """
     T = np.dtype(dtype).type
     Index = np.int64 if wide else np.uint32
+    Count = np.uint32  # loop counters and small sizes (image, tap, pixel, ...): each < 2**31
     functions = sampling_functions(dtype)
     in_band = functions.in_band
     bilinear_corners = functions.bilinear_corners
@@ -75,42 +76,43 @@ def fused_columns_kernel(dtype, use_mask: bool, wide: bool = False):
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, kernel_h, kernel_w = conv
         # Every index is wrapped in Index(...): numba widens int32/uint32 arithmetic to
         # 64 bits, and the wrap lets the compiler narrow it back to one 32-bit instruction.
-        taps = Index(Index(kernel_h) * Index(kernel_w))
-        pixels = Index(Index(out_h) * Index(out_w))
+        taps = Count(Count(kernel_h) * Count(kernel_w))
+        pixels = Count(Count(out_h) * Count(out_w))  # < 2**31 (check_limits)
         plane = Index(Index(height) * Index(width))
-        group_taps = Index(Index(offset_groups) * taps)
-        row_stride = Index(Index(images) * pixels)  # Nc*P: one column-matrix row
-        channel_step = Index(taps * row_stride)  # columns: from channel c's row to c+1's
+        group_taps = Count(Count(offset_groups) * taps)
+        row_stride = Index(Index(images) * Index(pixels))  # Nc*P: one column-matrix row
+        channel_step = Index(Index(taps) * row_stride)  # columns: from channel c's row to c+1's
         # grid: x over output pixels, y over (group, tap), z over the chunk's images; grid-stride
-        first_p = Index(Index(Index(cuda.blockIdx.x) * Index(cuda.blockDim.x)) + Index(cuda.threadIdx.x))
-        p_step = Index(Index(cuda.gridDim.x) * Index(cuda.blockDim.x))
-        n = Index(cuda.blockIdx.z)
-        while n < Index(images):
-            gk = Index(cuda.blockIdx.y)
+        first_p = Count(Count(Count(cuda.blockIdx.x) * Count(cuda.blockDim.x)) + Count(cuda.threadIdx.x))
+        p_step = Count(Count(cuda.gridDim.x) * Count(cuda.blockDim.x))
+        n = Count(cuda.blockIdx.z)
+        while n < Count(images):
+            gk = Count(cuda.blockIdx.y)
             while gk < group_taps:
                 # phase: rows
-                row = Index(Index(n * group_taps) + gk)  # the (image, group, tap) row
-                group = Index(gk // taps)
-                tap = Index(gk - Index(group * taps))
-                i = Index(tap // Index(kernel_w))
-                j = Index(tap - Index(i * Index(kernel_w)))
+                row = Index(Index(Index(n) * Index(group_taps)) + Index(gk))  # the (image, group, tap) row
+                group = Count(gk // taps)
+                tap = Count(gk - Count(group * taps))
+                i = Count(tap // Count(kernel_w))
+                j = Count(tap - Count(i * Count(kernel_w)))
                 # int32: |oy*sh - ph + i*dh| < 2**24 (arguments.check_limits bounds the extent)
                 tap_y = np.int32(i) * dil_h - pad_h
                 tap_x = np.int32(j) * dil_w - pad_w
-                first_channel = Index(group * Index(per_group))
-                group_base = Index(Index(Index(n * Index(channels)) + first_channel) * plane)
-                dy_row = Index(Index(Index(2) * row) * pixels)  # offset[n, 2*gk, 0]
-                mask_row = Index(row * pixels)  # mask[n, gk, 0]
-                column_row = Index(Index(Index(Index(first_channel * taps) + tap) * row_stride) + Index(n * pixels))
+                first_channel = Index(Index(group) * Index(per_group))
+                group_base = Index(Index(Index(Index(n) * Index(channels)) + first_channel) * plane)
+                dy_row = Index(Index(Index(2) * row) * Index(pixels))  # offset[n, 2*gk, 0]
+                mask_row = Index(row * Index(pixels))  # mask[n, gk, 0]
+                column_row = Index(Index(Index(Index(first_channel * Index(taps)) + Index(tap)) * row_stride)
+                                   + Index(Index(n) * Index(pixels)))
                 p = first_p
                 while p < pixels:
                     # phase: points
-                    oy = Index(p // Index(out_w))
-                    ox = Index(p - Index(oy * Index(out_w)))
-                    y = T(np.int32(oy) * stride_h + tap_y) + offset[Index(dy_row + p)]
-                    x = T(np.int32(ox) * stride_w + tap_x) + offset[Index(Index(dy_row + pixels) + p)]
-                    m = mask[Index(mask_row + p)] if use_mask else ONE
-                    column = Index(column_row + p)
+                    oy = Count(p // Count(out_w))
+                    ox = Count(p - Count(oy * Count(out_w)))
+                    y = T(np.int32(oy) * stride_h + tap_y) + offset[Index(dy_row + Index(p))]
+                    x = T(np.int32(ox) * stride_w + tap_x) + offset[Index(Index(dy_row + Index(pixels)) + Index(p))]
+                    m = mask[Index(mask_row + Index(p))] if use_mask else ONE
+                    column = Index(column_row + Index(p))
                     last_column = Index(column + Index(Index(per_group) * channel_step))
                     if in_band(y, x, height, width):  # only an in-band sample reads memory
                         y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
@@ -139,9 +141,9 @@ def fused_columns_kernel(dtype, use_mask: bool, wide: bool = False):
                             # phase: columns
                             columns[column] = value
                             column = Index(column + channel_step)
-                    p = Index(p + p_step)
-                gk = Index(gk + Index(cuda.gridDim.y))
-            n = Index(n + Index(cuda.gridDim.z))
+                    p = Count(p + p_step)
+                gk = Count(gk + Count(cuda.gridDim.y))
+            n = Count(n + Count(cuda.gridDim.z))
 
     return kernel
 

@@ -92,50 +92,60 @@ def positions_kernel(dtype, use_mask: bool, wide: bool = False):
             The column kernel reads one point with one address and S loads.
             An out-of-band point (``sampling.in_band`` fails: NaN and +-inf included) is
             stored as ``y = x = -1``, so the column kernel tests ``y > -1`` alone.
-    sizes:  int32 tuple ``(G*K, H, W, Ho, Wo)``; conv: ``sampling.conv_tuple``.
+    sizes:  int32 tuple ``(G*K, H, W, Ho, Wo, N)``; conv: ``sampling.conv_tuple``.
 
-    One item per (image, group, tap, output pixel), pixels fastest.
+    One thread per (image, group, tap, output pixel): a 3-D grid, pixels in x.
     ``wide``: int64 index arithmetic (``points.size`` past ``INT32_LIMIT``).
     """
     T = np.dtype(dtype).type
     Index = np.int64 if wide else np.uint32
+    Count = np.uint32
     S = 3 if use_mask else 2
     in_band = sampling_functions(dtype).in_band
     OUT_OF_BAND = T(-1)  # fails -1 < y: samples zero, like every out-of-band point
 
-    @cuda.jit
+    @bounded_jit()
     def kernel(offset, mask, points, sizes, conv):
-        group_taps, height, width, out_h, out_w = sizes
+        group_taps, height, width, out_h, out_w, images = sizes
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, kernel_h, kernel_w = conv
-        taps = Index(Index(kernel_h) * Index(kernel_w))
-        pixels = Index(Index(out_h) * Index(out_w))
-        total = Index(Index(offset.size) // Index(2))
-        item = Index(cuda.grid(1))
-        step = Index(cuda.gridsize(1))
-        while item < total:
-            # phase: positions
-            row = Index(item // pixels)  # n*G*K + gk
-            p = Index(item - Index(row * pixels))
-            tap = Index(Index(row % Index(group_taps)) % taps)
-            oy = Index(p // Index(out_w))
-            ox = Index(p - Index(oy * Index(out_w)))
-            i = Index(tap // Index(kernel_w))
-            j = Index(tap - Index(i * Index(kernel_w)))
-            dy = Index(item + Index(row * pixels))  # offset[n, 2*gk, oy, ox] = (2*row)*P + p
-            # int32: |oy*sh - ph + i*dh| < 2**24 (arguments.check_limits bounds the extent)
-            base_y = np.int32(oy) * stride_h - pad_h + np.int32(i) * dil_h
-            base_x = np.int32(ox) * stride_w - pad_w + np.int32(j) * dil_w
-            point = Index(Index(S) * item)
-            y = T(base_y) + offset[dy]
-            x = T(base_x) + offset[Index(dy + pixels)]
-            if not in_band(y, x, height, width):
-                y = OUT_OF_BAND  # one canonical point: the column kernel tests y alone
-                x = OUT_OF_BAND
-            points[point] = y
-            points[Index(point + Index(1))] = x
-            if use_mask:
-                points[Index(point + Index(2))] = mask[item]
-            item = Index(item + step)
+        taps = Count(Count(kernel_h) * Count(kernel_w))
+        pixels = Count(Count(out_h) * Count(out_w))
+        # grid: x over output pixels, y over (group, tap), z over images; all grid-stride.
+        # Counters are 32-bit (each < 2**31); flat offsets are Index (int64 when wide).
+        first_p = Count(Count(Count(cuda.blockIdx.x) * Count(cuda.blockDim.x)) + Count(cuda.threadIdx.x))
+        p_step = Count(Count(cuda.gridDim.x) * Count(cuda.blockDim.x))
+        n = Count(cuda.blockIdx.z)
+        while n < Count(images):
+            gk = Count(cuda.blockIdx.y)
+            while gk < Count(group_taps):
+                # phase: rows
+                tap = Count(gk % taps)
+                i = Count(tap // Count(kernel_w))
+                j = Count(tap - Count(i * Count(kernel_w)))
+                # int32: |oy*sh - ph + i*dh| < 2**24 (arguments.check_limits bounds the extent)
+                tap_y = np.int32(i) * dil_h - pad_h
+                tap_x = np.int32(j) * dil_w - pad_w
+                row = Index(Index(Index(n) * Index(group_taps)) + Index(gk))  # the point's (n, gk)
+                p = first_p
+                while p < pixels:
+                    # phase: positions
+                    oy = Count(p // Count(out_w))
+                    ox = Count(p - Count(oy * Count(out_w)))
+                    item = Index(Index(row * Index(pixels)) + Index(p))  # the point's flat index
+                    dy = Index(Index(Index(Index(2) * row) * Index(pixels)) + Index(p))  # offset[n, 2*gk, oy, ox]
+                    y = T(np.int32(oy) * stride_h + tap_y) + offset[dy]
+                    x = T(np.int32(ox) * stride_w + tap_x) + offset[Index(dy + Index(pixels))]
+                    if not in_band(y, x, height, width):
+                        y = OUT_OF_BAND  # one canonical point: the column kernel tests y alone
+                        x = OUT_OF_BAND
+                    point = Index(Index(S) * item)
+                    points[point] = y
+                    points[Index(point + Index(1))] = x
+                    if use_mask:
+                        points[Index(point + Index(2))] = mask[item]
+                    p = Count(p + p_step)
+                gk = Count(gk + Count(cuda.gridDim.y))
+            n = Count(n + Count(cuda.gridDim.z))
 
     return kernel
 
@@ -160,6 +170,7 @@ def columns_kernel(dtype, use_mask: bool, wide: bool = False):
     chunks whose input, points or columns hold more than ``INT32_LIMIT`` elements.
     """
     Index = np.int64 if wide else np.uint32
+    Count = np.uint32  # loop counters (image, channel, pixel): each < 2**31
     S = 3 if use_mask else 2
     functions = sampling_functions(dtype)
     bilinear_axis = functions.bilinear_axis
@@ -176,22 +187,22 @@ def columns_kernel(dtype, use_mask: bool, wide: bool = False):
         row_stride = Index(Index(images) * Index(pixels))  # Nc*P: one column-matrix row
         point_step = Index(Index(S) * Index(pixels))  # from one tap's point to the next tap's
         # grid: x over output pixels, y over channels, z over the chunk's images; all grid-stride
-        first_p = Index(Index(Index(cuda.blockIdx.x) * Index(cuda.blockDim.x)) + Index(cuda.threadIdx.x))
-        p_step = Index(Index(cuda.gridDim.x) * Index(cuda.blockDim.x))
-        n = Index(cuda.blockIdx.z)
-        while n < Index(images):
-            c = Index(cuda.blockIdx.y)
-            while c < Index(channels):
+        first_p = Count(Count(Count(cuda.blockIdx.x) * Count(cuda.blockDim.x)) + Count(cuda.threadIdx.x))
+        p_step = Count(Count(cuda.gridDim.x) * Count(cuda.blockDim.x))
+        n = Count(cuda.blockIdx.z)
+        while n < Count(images):
+            c = Count(cuda.blockIdx.y)
+            while c < Count(channels):
                 # phase: rows
-                first_tap = Index(Index(c // Index(per_group)) * Index(taps))  # g*K: the group's first tap
-                channel_base = Index(Index(Index(n * Index(channels)) + c) * plane)  # (n*C + c)*H*W
-                row_point = Index(Index(S) * Index(Index(n * image_points) + Index(first_tap * Index(pixels))))
-                row_column = Index(Index(Index(c * Index(taps)) * row_stride) + Index(n * Index(pixels)))
+                first_tap = Index(Count(c // Count(per_group)) * Count(taps))  # g*K: the group's first tap
+                channel_base = Index(Index(Index(Index(n) * Index(channels)) + Index(c)) * plane)  # (n*C + c)*H*W
+                row_point = Index(Index(S) * Index(Index(Index(n) * image_points) + Index(first_tap * Index(pixels))))
+                row_column = Index(Index(Index(Index(c) * Index(taps)) * row_stride) + Index(Index(n) * Index(pixels)))
                 p = first_p
-                while p < Index(pixels):
+                while p < Count(pixels):
                     # phase: pixels
-                    point = Index(row_point + Index(Index(S) * p))  # S values per point
-                    column = Index(row_column + p)
+                    point = Index(row_point + Index(Index(S) * Index(p)))  # S values per point
+                    column = Index(row_column + Index(p))
                     last_column = Index(column + Index(Index(taps) * row_stride))
                     while column < last_column:
                         # phase: columns
@@ -214,9 +225,9 @@ def columns_kernel(dtype, use_mask: bool, wide: bool = False):
                         columns[column] = value
                         point = Index(point + point_step)
                         column = Index(column + row_stride)
-                    p = Index(p + p_step)
-                c = Index(c + Index(cuda.gridDim.y))
-            n = Index(n + Index(cuda.gridDim.z))
+                    p = Count(p + p_step)
+                c = Count(c + Count(cuda.gridDim.y))
+            n = Count(n + Count(cuda.gridDim.z))
 
     return kernel
 
@@ -246,8 +257,10 @@ def compute_points(geometry, offset, mask, xp):
     per_point = 3 if g.has_mask else 2
     points = xp.empty(offset.size // 2 * per_point, dtype=offset.dtype)
     kernel = positions_kernel(g.dtype, g.has_mask, needs_wide(points.size))
-    sizes = tuple(np.int32(v) for v in (g.offset_groups * g.taps, g.height, g.width, g.out_h, g.out_w))
-    launch(kernel, offset.size // 2, offset, mask, points, sizes, conv_tuple(g))
+    sizes = tuple(np.int32(v) for v in (g.offset_groups * g.taps, g.height, g.width, g.out_h, g.out_w,
+                                        g.batch))
+    grid, threads = point_grid(g)
+    backend.launch(kernel, grid, threads, offset, mask, points, sizes, conv_tuple(g))
     return points
 
 
@@ -335,6 +348,16 @@ def forward(geometry, input, offset, weight, bias, mask, out, stopwatch=backend.
     return out
 
 
+def point_grid(geometry) -> tuple:
+    """``((blocks_x, blocks_y, blocks_z), threads)`` of the positions launch: x over output
+    pixels, y over (group, tap), z over images (all loops grid-stride)."""
+    g = geometry
+    pixels, group_taps = g.out_h * g.out_w, g.offset_groups * g.taps
+    if backend.IS_SIMULATOR:  # every simulated thread is a Python thread
+        return (min(-(-pixels // 64), 2), min(group_taps, 3), min(g.batch, 2)), min(64, 32 * -(-pixels // 32))
+    return (min(-(-pixels // THREADS), 65535), min(group_taps, 65535), min(g.batch, 65535)), THREADS
+
+
 def column_grid(geometry, images: int) -> tuple:
     """``((blocks_x, blocks_y, blocks_z), threads)`` of a column-kernel launch over ``images``
     images: x over output pixels, y over channels, z over images (all loops grid-stride)."""
@@ -366,17 +389,16 @@ def phase_model(geometry, config=None) -> dict:
 
 
 def ptx_cases():
-    """Kernels and signatures for the PTX audit (``deftnumba.ptx``): both index variants, 3x3."""
+    """Kernels and signatures for the PTX audit (``deftnumba.ptx``): both index variants."""
     from numba import types
 
     for dtype in ("float32", "float64"):
         a1 = types.Array(getattr(types, dtype), 1, "C")
         conv = types.UniTuple(types.int32, 8)
-        sizes = types.UniTuple(types.int32, 5)
         for wide in (False, True):
             suffix = ",wide" if wide else ""
             for use_mask in (True, False):
                 yield (f"positions[mask={use_mask}{suffix}]", dtype, positions_kernel(dtype, use_mask, wide),
-                       (a1, a1, a1, sizes, conv))
+                       (a1, a1, a1, types.UniTuple(types.int32, 6), conv))
                 yield (f"columns[mask={use_mask}{suffix}]", dtype, columns_kernel(dtype, use_mask, wide),
                        (a1, a1, a1, types.UniTuple(types.int32, 8)))
