@@ -51,3 +51,45 @@ def test_column_block_matches_reference(name, method, wide, rng, monkeypatch):
     expected = expected.transpose(1, 0, 2).reshape(g.in_channels * g.taps, n_chunk * pixels)
     tol = 1e-6 if g.dtype == "float32" else 1e-13
     np.testing.assert_allclose(columns, expected, rtol=tol, atol=tol * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("module", [im2col, fused_columns])
+def test_phase_model_covers_every_phase_marker(module):
+    """The audit attributes SASS to ``# phase:`` markers and multiplies by ``phase_model``."""
+    import inspect
+    import re
+
+    markers = set(re.findall(r"# phase: (\w+)", inspect.getsource(module)))
+    for name in ("basic-3x3", "groups-and-offset-groups", "odd-everything"):
+        model = module.phase_model(CASES[name])
+        assert set(model) == markers, name
+        assert all(isinstance(v, int) and v >= 0 for v in model.values()), (name, model)
+
+
+def test_phase_models_of_deft64_by_hand():
+    from deftnumba.bench import SUITES
+
+    g = SUITES["deft64"]  # N=8, 64 -> 64 channels, 64x64, 3x3: one chunk of 8 images
+    # im2col: grid (4096 px / (256 threads * 4 px), 64 channels, 8 images): one row, 4 pixels
+    # and 4*9 column elements per thread
+    assert im2col.phase_model(g) == {"point_rows": 1, "positions": 1, "rows": 1, "pixels": 4, "columns": 36}
+    # fused_columns: grid (16, 9 taps, 8 images): one point per thread, walked over 64 channels
+    assert fused_columns.phase_model(g) == {"rows": 1, "points": 1, "columns": 64, "out_of_band_columns": 0}
+
+
+def test_index_variants_switch_at_2_31_elements():
+    from deftnumba.arguments import Geometry
+
+    assert not im2col.needs_wide(2**31 - 1) and im2col.needs_wide(2**31)
+
+    def layer(n, c, h, w, k):
+        return Geometry(batch=n, in_channels=c, height=h, width=w, out_channels=1, kernel_h=k, kernel_w=k)
+
+    big_image = layer(1, 8, 16400, 16400, 1)  # 2.15e9 input elements in one image
+    for module in (im2col, fused_columns):
+        assert module.chunk_needs_wide(big_image, 1)
+        assert not module.chunk_needs_wide(layer(8, 64, 64, 64, 3), 8)
+    # one chunk's column buffer stays below 2**31 unless one image alone is bigger
+    wide = layer(40, 4096, 32, 32, 3)
+    assert im2col.chunk_images(wide) * 4096 * 9 * 32 * 32 <= 2**31 - 1
+    assert not im2col.chunk_needs_wide(wide, im2col.chunk_images(wide))
