@@ -18,20 +18,23 @@ An honest baseline, not a strawman: the design is torchvision's (per channel,
 every tap re-reads its position and recomputes its corners), but the kernels are
 written the way any of ours is (see docs/perf-notes.md for their SASS):
 
-* every array is a flat, C-contiguous view; an image's first element is a 64-bit
-  *image base*, and everything inside an image is 32-bit unsigned arithmetic
-  (``uint32``: no sign extension, no negative-index wraparound); a compile-time
-  ``wide`` variant does all of it in int64, for images, position blocks or column
-  buffers of 2**31 elements or more (``needs_wide``);
-* the tap loop walks its three streams (positions, mask, columns) by adding a
-  constant stride, so no index is divided or multiplied inside it;
+* every array is a flat, C-contiguous view, and the host passes views that start at
+  the chunk's first image (its 64-bit *image base*), so everything inside the kernel
+  is 32-bit unsigned arithmetic (``uint32``: no sign extension, no negative-index
+  wraparound); a compile-time ``wide`` variant computes the flat offsets in int64,
+  for chunks of 2**31 elements or more (``needs_wide``); loop counters (image,
+  channel, pixel) and the divisions on them stay 32-bit in both;
+* 3-D grids (pixels, channels or taps, images) with the sizes computed on the host:
+  one 32-bit division per (image, channel) row, none per element;
+* the positions stage writes each sampling point as ``(y, x, m)`` (mask included), an
+  out-of-band point as ``y = x = -1``, so the tap loop reads a point from one address
+  and tests ``y > -1`` alone; it walks its two streams (points, columns) by adding a
+  constant stride;
 * an out-of-band sample (``-1 < y < H`` and ``-1 < x < W`` fails, NaN and +-inf
   included) never reaches a memory read: the gather is inside the band test;
-* launches take ``np.int32`` scalars (one compiled specialisation per dtype,
-  variant and tap count), and ``column_filler`` configures the column launch once
-  (variant, sizes, grid) for every chunk.
-* the positions stage writes each sampling point as ``(y, x, m)`` (mask included), so
-  the column kernel reads a point from one address.
+* launch bounds (256 threads) declared to ptxas, ``np.int32`` scalars at launch (one
+  compiled specialisation per dtype, mask and variant), and ``column_filler``
+  configures the column launch once (variant, grid) for every chunk.
 """
 
 from __future__ import annotations
@@ -161,13 +164,14 @@ def columns_kernel(dtype, use_mask: bool, wide: bool = False):
     input:   flat ``[Nc, C, H, W]``: the chunk's images
     points:  flat ``[Nc, G*K, Ho, Wo, S]`` from ``positions_kernel``, the chunk's images
     columns: flat ``[C*K, Nc*Ho*Wo]``: gets ``columns[c*K + tap, n*P + p]``
-    sizes:   int32 tuple ``(C, H, W, G, K, P)`` (``column_sizes``)
+    sizes:   int32 tuple ``(C, H, W, G, C/G, K, P, Nc)`` (``column_sizes``)
 
     The host passes views that start at the chunk's first image (its 64-bit image base),
     so inside the kernel every index is an offset into the chunk. Grid: x over output
-    pixels (coalesced point reads and column writes), y over (image, channel) rows, both
-    grid-stride; each thread walks its K taps. ``wide``: int64 index arithmetic, for
-    chunks whose input, points or columns hold more than ``INT32_LIMIT`` elements.
+    pixels (coalesced point reads and column writes), y over channels, z over images,
+    all grid-stride; each thread walks the K taps of its pixels. ``wide``: int64 index
+    arithmetic, for chunks whose input, points or columns hold more than
+    ``INT32_LIMIT`` elements.
     """
     Index = np.int64 if wide else np.uint32
     Count = np.uint32  # loop counters (image, channel, pixel): each < 2**31
