@@ -22,9 +22,11 @@ input addresses.
 
 Written to the same discipline as ``im2col`` (see there and docs/perf-notes.md):
 flat chunk views (the chunk's first image is the 64-bit image base), ``uint32``
-index arithmetic inside the chunk with an int64 ``wide`` variant, a 2-D grid
-(pixels in x, (image, group, tap) rows in y) so that only the pixel needs a
-division, and a channel loop that only adds a plane to four corner indices. An
+index arithmetic inside the chunk with an int64 ``wide`` variant (32-bit loop
+counters in both), a 3-D grid (pixels in x, (group, tap) in y, images in z) with
+sizes from the host, so that only a row (two 32-bit divisions) and a point (one)
+divide, launch bounds declared to ptxas, and a channel loop that only adds a plane
+to four corner indices: 21 instructions per column element in sm_90 SASS. An
 out-of-band sample reads no memory: its channels get ``0 * m``.
 """
 
@@ -179,8 +181,9 @@ def launch_grid(geometry, images: int, gpu: bool | None = None) -> tuple:
 def column_filler(geometry, input, offset, mask, xp):
     """``fill(columns, first_image)``: the fused column kernel configured for this layer.
 
-    The kernel variant, its sizes and its grid are chosen once, for the largest chunk;
-    each call passes flat views that start at the chunk's first image (64-bit image bases).
+    The kernel variant and its grid are chosen once, for the largest chunk; each call
+    passes flat views that start at the chunk's first image (64-bit image bases) and the
+    chunk's sizes.
     """
     g = geometry
     pixels = g.out_h * g.out_w
