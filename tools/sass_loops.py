@@ -5,6 +5,7 @@ how docs/perf-notes.md's column-kernel tables were measured. No GPU is needed:
 
     DEFTNUMBA_BACKEND=cuda PYTHONPATH=. python tools/sass_loops.py im2col fused_columns
     DEFTNUMBA_BACKEND=cuda PYTHONPATH=. python tools/sass_loops.py im2col --only 'columns[mask=True]' --listing
+    ... --json   (one line of figures; tests/test_column_sass.py reads it)
 
 For each float32 case of each module's ``ptx_cases()``: numba-cuda's ``compile_ptx`` (with
 the kernel's launch bounds, as ``deftnumba.ptx.audit`` does), nvJitLink to an sm_90 cubin
@@ -23,6 +24,7 @@ import argparse
 import collections
 import glob
 import importlib
+import json
 import os
 import re
 import subprocess
@@ -94,7 +96,9 @@ def loops(found) -> list[tuple[int, int]]:
     return spans
 
 
-def report(name: str, kernel, signature, listing: bool = False) -> None:
+def measure(kernel, signature) -> dict:
+    """Registers, F64/LDL-STL/CALL counts, every loop's ``(first, last, count, mix)`` and the
+    SASS of one kernel compiled for sm_90."""
     ptx, _ = backend.cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0), lineinfo=True,
                                       **compile_options(kernel))
     binary, log = cubin(ptx)
@@ -105,18 +109,31 @@ def report(name: str, kernel, signature, listing: bool = False) -> None:
                               check=True).stdout
     found = instructions(text)
     registers = re.search(r"Used (\d+) registers", log)
-    f64 = sum(1 for _, op, _ in found if op.startswith("D") or ".F64" in op)
-    local = sum(1 for _, op, _ in found if op.startswith(("LDL", "STL")))
-    calls = sum(1 for _, op, _ in found if op.startswith("CALL"))
-    print(f"{name}: {len(found)} instructions, {registers.group(1) if registers else '?'} registers, "
-          f"F64 {f64}, LDL/STL {local}, CALL {calls}")
-    for first, last in loops(found):
-        if last > first:
-            mix = collections.Counter(op.split(".")[0] for _, op, _ in found[first:last + 1])
-            print(f"  loop [{first}..{last}]: {last - first + 1} instructions; "
-                  + ", ".join(f"{op} {n}" for op, n in mix.most_common(12)))
+    spans = [(first, last) for first, last in loops(found) if last > first]
+    return {
+        "instructions": len(found),
+        "registers": int(registers.group(1)) if registers else None,
+        "f64": sum(1 for _, op, _ in found if op.startswith("D") or ".F64" in op),
+        "local": sum(1 for _, op, _ in found if op.startswith(("LDL", "STL"))),
+        "calls": sum(1 for _, op, _ in found if op.startswith("CALL")),
+        "loops": [{"first": first, "last": last, "count": last - first + 1,
+                   "innermost": not any(a >= first and b <= last and (a, b) != (first, last) for a, b in spans),
+                   "mix": collections.Counter(op.split(".")[0] for _, op, _ in found[first:last + 1])}
+                  for first, last in spans],
+        "sass": found,
+    }
+
+
+def report(name: str, kernel, signature, listing: bool = False) -> None:
+    m = measure(kernel, signature)
+    print(f"{name}: {m['instructions']} instructions, {m['registers']} registers, "
+          f"F64 {m['f64']}, LDL/STL {m['local']}, CALL {m['calls']}")
+    for loop in m["loops"]:
+        print(f"  loop [{loop['first']}..{loop['last']}]: {loop['count']} instructions"
+              f"{' (innermost)' if loop['innermost'] else ''}; "
+              + ", ".join(f"{op} {n}" for op, n in loop["mix"].most_common(12)))
     if listing:
-        for address, op, rest in found:
+        for address, op, rest in m["sass"]:
             print(f"    {address:05x}  {op}{rest}")
 
 
@@ -125,12 +142,21 @@ def main(argv=None) -> None:
     parser.add_argument("modules", nargs="+", help="kernel modules, e.g. im2col fused_columns")
     parser.add_argument("--only", default="", help="cases whose name contains this")
     parser.add_argument("--listing", action="store_true", help="print the SASS too")
+    parser.add_argument("--json", action="store_true", help="one JSON line: per case, the figures (no SASS)")
     args = parser.parse_args(argv)
+    figures = {}
     for module_name in args.modules:
         module = importlib.import_module(f"deftnumba.kernels.{module_name}")
         for name, dtype, kernel, signature in module.ptx_cases():
             if dtype == "float32" and args.only in name:
-                report(f"{module_name}.{name}", kernel, signature, args.listing)
+                if args.json:
+                    m = measure(kernel, signature)
+                    m.pop("sass")
+                    figures[f"{module_name}.{name}"] = m
+                else:
+                    report(f"{module_name}.{name}", kernel, signature, args.listing)
+    if args.json:
+        print(json.dumps(figures))
 
 
 if __name__ == "__main__":
