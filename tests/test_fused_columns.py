@@ -22,8 +22,9 @@ def column_block(method, g, x, offset, mask, first, n_chunk, wide=None, monkeypa
     pixels = g.out_h * g.out_w
     columns = np.full((g.in_channels * g.taps, n_chunk * pixels), np.nan, dtype=x.dtype)
     module = fused_columns if method == "fused_columns" else im2col
-    if wide is not None:  # force the index variant
+    if wide is not None:  # force the index variant (im2col: of the positions kernel too)
         monkeypatch.setattr(module, "chunk_needs_wide", lambda *args: wide)
+        monkeypatch.setattr(im2col, "needs_wide", lambda *sizes: wide)
     if method == "fused_columns":
         fill = fused_columns.column_filler(g, x, offset, mask, np)
     else:
