@@ -58,8 +58,8 @@ nb.show(MODE.banner())
 #
 # | operator | what it does | in `deftnumba.kernels.im2col` |
 # | --- | --- | --- |
-# | **offset sampling** | offsets -> absolute positions `y = oy*s - pad + i*dil + dy` | `positions_kernel` |
-# | **bilinear interpolation** | 4 corner reads, 4 weights, 7 FLOPs per sample | `columns_kernel` (device function `bilinear_sample`) |
+# | **offset sampling** | offsets -> absolute positions `y = oy*s - pad + i*dil + dy` (and the mask, stored beside them) | `positions_kernel` |
+# | **bilinear interpolation** | 4 corner reads, 4 weights, 7 FLOPs per sample | `columns_kernel` (device function `sampling.bilinear_axis`, per axis) |
 # | **column building** | writes the sample to a matrix `[C*kh*kw, N*Ho*Wo]` | `columns_kernel` |
 # | **GEMM** | `weight [Cout, C*kh*kw] @ columns` | `gemm_bias` (cuBLAS on a GPU) |
 #

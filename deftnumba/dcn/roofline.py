@@ -125,7 +125,8 @@ def _forward(g: Geometry, method: str) -> list[Operator]:
     if method == "im2col":
         per_sample = CORNER_FLOPS + INTERP_FLOPS + _mask_per_sample(g)
         return [
-            Operator("offset sampling", POSITION_FLOPS * z.points, z.offset, z.offset),
+            # the sampling points (y, x and the mask m, kernels.im2col.positions_kernel)
+            Operator("offset sampling", POSITION_FLOPS * z.points, z.offset + z.mask, z.offset + z.mask),
             Operator("bilinear columns", per_sample * z.samples, sampled_in, z.columns),
         ] + _gemm_forward(z, g)
     if method == "torchvision":
@@ -188,14 +189,14 @@ def _backward(g: Geometry, method: str) -> list[Operator]:
         sample = Operator("fused sample grads (gemm inside)", flops + z.gemm, grad_out + z.weight + sampled_in,
                           sample_grads + z.columns, gemm_flops=z.gemm)
         return head + [sample, weight_grad]
-    # im2col keeps a positions buffer; its offset/mask kernel works per point like the fused
+    # im2col keeps a points buffer (y, x, m); its offset/mask kernel works per point like the fused
     # pass. torchvision recomputes the position and corners per sample (and per offset
     # element, i.e. twice, in its coordinate kernel).
     m = _mask_per_sample(g)
     columns = next(op for op in _forward(g, method) if op.name == "bilinear columns")
     if method == "im2col":
         coord_flops = per_point * z.points + COORD_FLOPS * z.samples
-        head = head + [Operator("offset sampling", POSITION_FLOPS * z.points, z.offset, z.offset)]
+        head = head + [Operator("offset sampling", POSITION_FLOPS * z.points, z.offset + z.mask, z.offset + z.mask)]
     else:
         coord_flops = (2 * (POSITION_FLOPS + CORNER_FLOPS + CORNER_GRADIENT_FLOPS) + COORD_FLOPS) * z.samples
     return head + [

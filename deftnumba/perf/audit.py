@@ -84,9 +84,15 @@ class PtxReport:
 
 
 def cases():
-    """``(name, dtype, python_function, numba_signature)`` from every registered kernel module."""
-    for name, dtype, kernel, signature in registered_cases():
-        yield name, dtype, kernel.py_func, signature
+    """``(name, dtype, dispatcher, numba_signature)`` from every registered kernel module."""
+    yield from registered_cases()
+
+
+def compile_options(kernel) -> dict:
+    """The options of a ``@cuda.jit`` kernel that change its machine code (``launch_bounds``),
+    for ``compile_ptx``: the audit compiles what the GPU would run."""
+    bounds = getattr(kernel, "targetoptions", {}).get("launch_bounds")
+    return {"launch_bounds": bounds} if bounds else {}
 
 
 def ptxas_resources(ptx: str, cc=(9, 0)) -> dict:
@@ -123,8 +129,8 @@ def audit(cc=(9, 0)) -> list[PtxReport]:
     if backend.IS_SIMULATOR:
         raise RuntimeError("the PTX audit needs DEFTNUMBA_BACKEND=cuda (no GPU is needed)")
     reports = []
-    for name, dtype, func, signature in cases():
-        ptx, _ = backend.cuda.compile_ptx(func, signature, cc=cc)
+    for name, dtype, kernel, signature in cases():
+        ptx, _ = backend.cuda.compile_ptx(kernel.py_func, signature, cc=cc, **compile_options(kernel))
         lines = ptx.splitlines()
         f64 = [ln.strip() for ln in lines if re.search(r"\.f64\b", ln) and not ln.strip().startswith("//")]
         reports.append(PtxReport(name, dtype, len(lines), len(f64),

@@ -167,8 +167,10 @@ def compile_cubin(func, signature, cc=CC) -> tuple[str, bytes, dict]:
     if backend.IS_SIMULATOR:
         raise RuntimeError("the SASS audit needs DEFTNUMBA_BACKEND=cuda (no GPU is needed); "
                            "python -m deftnumba audit starts such a process itself")
+    bounds = getattr(func, "targetoptions", {}).get("launch_bounds")  # what the GPU would compile
     func = getattr(func, "py_func", func)
-    ptx, _ = backend.cuda.compile_ptx(func, signature, cc=cc, lineinfo=True)
+    ptx, _ = backend.cuda.compile_ptx(func, signature, cc=cc, lineinfo=True,
+                                      **({"launch_bounds": bounds} if bounds else {}))
     cubin, resources = link_cubin(ptx, cc)
     return ptx, cubin, resources
 
@@ -850,8 +852,7 @@ def _audit_cached(func, signature, name, dtype, cc):
 
 def audit_kernel(kernel, signature, name: str = "", dtype: str = "", cc=CC) -> KernelAudit:
     """Compile (once per process: cached by function and signature), disassemble, audit."""
-    func = getattr(kernel, "py_func", kernel)
-    return _audit_cached(func, tuple(signature), name, dtype, cc)
+    return _audit_cached(kernel, tuple(signature), name, dtype, cc)  # the dispatcher keeps launch bounds
 
 
 def source_hash(*modules) -> str:

@@ -81,7 +81,13 @@ def test_kernel_indices_come_from_64_bit_grid_stride_loops():
     ``cuda.grid`` and ``cuda.gridsize`` are int64 in numba-cuda, and ``total`` is a product
     of array shapes (intp). Kernels indexing from ``cuda.blockIdx`` / ``threadIdx`` instead
     (int32 registers) must be listed here after an audit."""
-    audited_block_indexing = {"fused_tiled.py"}  # blockIdx.{x,y,z} < 2**31, used in int64 products
+    audited_block_indexing = {
+        "fused_tiled.py",  # blockIdx.{x,y,z} < 2**31, used in int64 products
+        # 2-D grid-stride loops (x over pixels, y over rows, each capped at 65535 blocks); indices
+        # are uint32 only in the narrow variant, launched for index spaces below 2**31 (needs_wide)
+        "im2col.py",
+        "fused_columns.py",  # as im2col.py
+    }
     for path in sorted((Path(dn.__file__).parent / "dcn" / "kernels").glob("*.py")):
         code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
         if re.search(r"cuda\.(blockIdx|threadIdx|blockDim)", code):
@@ -95,6 +101,23 @@ AUDITED_INT32 = {
     ("sampling.py", "np.int32(f)"): "bilinear_axis runs only inside the band -1 < v < size (in_band), "
                                     "so |floor(v)| <= max(H, W) < 2**31 (check_limits)",
     ("sampling.py", "np.int32(v)"): "stride/padding/dilation/kernel size < 2**31 (check_limits)",
+    ("sampling.py", "np.int32(lo + 1)"): "lo = floor(v) < size <= 2**31 - 1 inside the band",
+    ("sampling.py", "np.int32(0)"): "a constant",
+    ("sampling.py", "np.int32(size - 1)"): "size is H or W, 1 <= size < 2**31 (check_limits)",
+    ("im2col.py", "np.int32(g.offset_groups * g.taps)"): "one offset channel count, 2*G*K < 2**31 (an array dim)",
+    ("im2col.py", "np.int32(g.out_h)"): "Ho*Wo < 2**31 (check_limits)",
+    ("im2col.py", "np.int32(g.out_w)"): "Ho*Wo < 2**31 (check_limits)",
+    ("im2col.py", "np.int32(v)"): "C, H, W, G (array dims) and Ho*Wo < 2**31 (check_limits)",
+    ("fused_columns.py", "np.int32(oy)"): "as im2col.py's",
+    ("fused_columns.py", "np.int32(ox)"): "as im2col.py's",
+    ("fused_columns.py", "np.int32(i)"): "as im2col.py's",
+    ("fused_columns.py", "np.int32(j)"): "as im2col.py's",
+    ("fused_columns.py", "np.int32(v)"): "C, H, W, G (array dims), Ho, Wo < 2**31 (check_limits)",
+    ("im2col.py", "np.int32(oy)"): "oy < Ho < 2**31; the products with stride and dilation stay within "
+                                   "the extent check_limits bounds (< 2**24 in float32, < 2**31 in float64)",
+    ("im2col.py", "np.int32(ox)"): "as np.int32(oy)",
+    ("im2col.py", "np.int32(i)"): "i < kernel_h < 2**31 (check_limits)",
+    ("im2col.py", "np.int32(j)"): "j < kernel_w < 2**31 (check_limits)",
     ("backward.py", "np.int32(g.height)"): "H < 2**31; products with it are int64 in numba",
     ("backward.py", "np.int32(g.width)"): "W < 2**31; products with it are int64 in numba",
 }

@@ -89,13 +89,47 @@ def test_points_exactly_on_the_border_band(method, rng):
     np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), rtol=0, atol=1e-6 * magnitude)
 
 
+class _PoisonedAllocations:
+    """An array module whose ``empty``/``empty_like`` arrays start NaN (integers: -2**30)."""
+
+    def __init__(self, xp):
+        self.xp = xp
+
+    def __getattr__(self, name):
+        return getattr(self.xp, name)
+
+    def _poison(self, shape, dtype):
+        dtype = np.dtype(dtype if dtype is not None else np.float64)
+        return self.xp.full(shape, np.nan if dtype.kind == "f" else -2**30, dtype=dtype)
+
+    def empty(self, shape, dtype=None, **kwargs):
+        return self._poison(shape, dtype)
+
+    def empty_like(self, a, dtype=None, **kwargs):
+        return self._poison(a.shape, dtype if dtype is not None else a.dtype)
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Every array the package allocates (the output, column buffers, points) starts
+    poisoned, so an element no kernel writes shows up as NaN in the result."""
+    real = backend.array_module
+    monkeypatch.setattr(backend, "array_module", lambda like: _PoisonedAllocations(real(like)))
+
+
+def test_poisoned_allocations_poison(poisoned_allocations):
+    xp = backend.array_module(np.zeros(1))
+    assert np.isnan(backend.to_host(xp.empty((2, 3), dtype=np.float32))).all()
+    assert (backend.to_host(xp.empty_like(np.zeros(4, np.int32))) == -2**30).all()
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_output_is_fully_written_and_inputs_untouched(method, rng):
+def test_output_is_fully_written_and_inputs_untouched(method, rng, poisoned_allocations):
     g = CASES["odd-everything"]
     arrays = layer_arrays(g, rng)
     copies = [a.copy() for a in arrays if a is not None]
     out = backend.to_host(run(method, *arrays, g))
-    assert np.all(np.isfinite(out))
+    assert np.all(np.isfinite(out)), "some output elements were never written"
     for before, after in zip(copies, [a for a in arrays if a is not None]):
         np.testing.assert_array_equal(before, after)
 

@@ -38,9 +38,10 @@ def test_small_dense_convolution_by_hand():
 def test_small_im2col_operators_by_hand():
     ops = {o.name: o for o in rl.operators(SMALL, "im2col", "fwd")}
     assert list(ops) == ["offset sampling", "bilinear columns", "gemm", "transpose + bias"]
-    assert (ops["offset sampling"].bytes_read, ops["offset sampling"].bytes_written) == (OFFSET, OFFSET)
+    # the points buffer holds (y, x, m) per point: offset- plus mask-sized
+    assert (ops["offset sampling"].bytes_read, ops["offset sampling"].bytes_written) == (OFFSET + MASK,) * 2
     assert ops["offset sampling"].flops == 2 * 630
-    assert ops["bilinear columns"].bytes_read == OFFSET + MASK + INPUT  # positions are offset-sized
+    assert ops["bilinear columns"].bytes_read == OFFSET + MASK + INPUT  # the points
     assert ops["bilinear columns"].bytes_written == COLUMNS
     assert ops["bilinear columns"].flops == (8 + 7 + 1) * 2520           # corner setup per channel
     assert (ops["gemm"].bytes_read, ops["gemm"].bytes_written, ops["gemm"].flops) == (COLUMNS + WEIGHT, OUTPUT, GEMM)
@@ -50,7 +51,7 @@ def test_small_im2col_operators_by_hand():
 def test_fused_columns_saves_the_positions_buffer_and_per_channel_setup():
     im2col = rl.totals(SMALL, "im2col")
     fused_columns = rl.totals(SMALL, "fused_columns")
-    assert im2col.bytes - fused_columns.bytes == 2 * OFFSET               # positions written and read
+    assert im2col.bytes - fused_columns.bytes == 2 * (OFFSET + MASK)      # points written and read
     assert fused_columns.bytes == rl.totals(SMALL, "torchvision").bytes  # torchvision computes them inline
     assert im2col.flops - fused_columns.flops == (16 * 2520 + 2 * 630) - (14 * 630 + 7 * 2520)
     # every column method moves the minimal bytes plus the column buffer twice plus the transpose
@@ -125,9 +126,9 @@ def test_deft64_matches_papers_back_of_envelope():
     papers_im2col = fused + 2 * rl.column_buffer_bytes(g)
     assert round(papers_im2col / 1e6, 1) == 21.6                         # "about 21.6 MB in total"
     assert rl.conv_flops(g) / papers_im2col == pytest.approx(14.0, abs=0.1)  # "an intensity of about 14"
-    # Our im2col model adds the positions buffer (written, read) and the GEMM-result transpose.
+    # Our im2col model adds the points buffer (y, x, m: written, read) and the GEMM-result transpose.
     extra = rl.min_bytes(g, "im2col") - papers_im2col
-    assert extra == 2 * (2 * 9 * 4096 * 4) + 2 * (64 * 4096 * 4)
+    assert extra == 2 * ((2 + g.has_mask) * 9 * 4096 * 4) + 2 * (64 * 4096 * 4)
 
 
 def test_floors_and_percent_of_roofline():

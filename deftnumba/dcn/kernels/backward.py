@@ -444,9 +444,8 @@ def _run(method, geometry, grad_output, input, offset, weight, mask, grad_input,
     unfused = method == "im2col"
     if unfused:  # torchvision's design: recompute the columns with the forward's own kernels
         with stopwatch.section("offset sampling"):
-            positions = xp.empty(offset.shape, dtype=dtype)
-            launch(im2col.positions_kernel(g.dtype), offset.size // 2, offset, positions, conv)
-        fill = im2col.columns_kernel(g.dtype, mask is not None)
+            points = im2col.compute_points(g, offset, mask, xp)
+        fill = im2col.column_filler(g, input, points, xp)
     # The fused methods' sample pass writes the columns for the weight gradient itself.
     samples_kernel = sample_kernel(g.dtype, mask is not None, not unfused and not deterministic, fused_gemm,
                                    not unfused)
@@ -473,7 +472,7 @@ def _run(method, geometry, grad_output, input, offset, weight, mask, grad_input,
                                           first, n_chunk, fused_gemm, xp, conv)
         if unfused:
             with stopwatch.section("bilinear columns"):
-                launch(fill, cols.shape[1] * g.in_channels, input, positions, mask_arg, cols, np.int64(first))
+                fill(cols, first)
         with stopwatch.section("weight grad gemm"):
             c_per_group = g.in_channels // g.groups
             by_group = cols.reshape(g.groups, c_per_group * g.taps, n_chunk * pixels)

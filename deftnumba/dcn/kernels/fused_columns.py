@@ -19,6 +19,15 @@ Coalescing: consecutive threads take consecutive output pixels ``p`` of one
 (image, group, tap), so each column-buffer store of a warp is one contiguous
 row segment, and the corner gathers of neighbouring pixels hit neighbouring
 input addresses.
+
+Written to the same discipline as ``im2col`` (see there and docs/perf-notes.md):
+flat chunk views (the chunk's first image is the 64-bit image base), ``uint32``
+index arithmetic inside the chunk with an int64 ``wide`` variant (32-bit loop
+counters in both), a 3-D grid (pixels in x, (group, tap) in y, images in z) with
+sizes from the host, so that only a row (two 32-bit divisions) and a point (one)
+divide, launch bounds declared to ptxas, and a channel loop that only adds a plane
+to four corner indices: 21 instructions per column element in sm_90 SASS. An
+out-of-band sample reads no memory: its channels get ``0 * m``.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import numpy as np
 
 from ...runtime import backend
 from ...runtime.backend import cuda
-from .im2col import column_chunks, gemm_bias, launch
+from .im2col import THREADS, bounded_jit, chunk_images, column_chunks, flat, gemm_bias, needs_wide
 from .sampling import conv_tuple, sampling_functions
 
 
@@ -40,83 +49,205 @@ from .sampling import conv_tuple, sampling_functions
 # FLOPs: ~10 per (group, tap, pixel) for the position, fractions, corner weights and
 #   mask fold (done once, reused over C/G channels); 7 per sample (4 mul + 3 add).
 @functools.cache
-def fused_columns_kernel(dtype, use_mask: bool):
-    """Kernel ``(input, offset, mask, columns, first_image, conv)``.
+def fused_columns_kernel(dtype, use_mask: bool, wide: bool = False):
+    """Kernel ``(input, offset, mask, columns, sizes, conv)`` for one chunk of ``Nc`` images.
 
-    input:       ``[N, C, H, W]``
-    offset:      ``[N, 2*G*K, Ho, Wo]``, ``(dy, dx)`` interleaved per tap
-    mask:        ``[N, G*K, Ho, Wo]`` (ignored, any 4-D array, when ``use_mask`` is False)
-    columns:     ``[C*K, Nc*Ho*Wo]``, filled for images ``first_image .. first_image + Nc - 1``
-    first_image: int64, the chunk's first image
-    conv:        int32 tuple ``(sh, sw, ph, pw, dh, dw, kh, kw)`` (``sampling.conv_tuple``)
+    input:   flat ``[Nc, C, H, W]``, the chunk's images
+    offset:  flat ``[Nc, 2*G*K, Ho, Wo]``, ``(dy, dx)`` interleaved per tap
+    mask:    flat ``[Nc, G*K, Ho, Wo]`` (any 1-element array when ``use_mask`` is False)
+    columns: flat ``[C*K, Nc*Ho*Wo]``: gets ``columns[c*K + tap, n*P + p]``
+    sizes:   int32 tuple ``(C, H, W, G, C/G, Ho, Wo, Nc)`` (``fused_sizes``)
+    conv:    int32 tuple ``(sh, sw, ph, pw, dh, dw, kh, kw)`` (``sampling.conv_tuple``)
 
-    One grid-stride item per (image in chunk, offset group, tap, output pixel).
+    Grid: x over output pixels, y over (group, tap), z over images, all grid-stride. Each
+    thread computes one sampling point (position, corners, weights with the mask folded
+    in) and walks the C/G channels of its group. ``wide``: int64 index arithmetic, for
+    chunks whose input, offsets or columns hold more than ``INT32_LIMIT`` elements.
     """
+    T = np.dtype(dtype).type
+    Index = np.int64 if wide else np.uint32
+    Count = np.uint32  # loop counters and small sizes (image, tap, pixel, ...): each < 2**31
     functions = sampling_functions(dtype)
-    tap_position = functions.tap_position
+    in_band = functions.in_band
     bilinear_corners = functions.bilinear_corners
+    ZERO, ONE = functions.ZERO, functions.ONE
 
-    @cuda.jit
-    def kernel(input, offset, mask, columns, first_image, conv):
-        _, channels, height, width = input.shape
-        _, offset_channels, out_h, out_w = offset.shape
-        taps = conv[6] * conv[7]
-        group_taps = offset_channels // 2  # G*K
-        per_group = channels // (group_taps // taps)
-        pixels = out_h * out_w
-        total = (columns.shape[1] // pixels) * group_taps * pixels
-        # phase: point
-        for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
-            p = idx % pixels
-            gk = (idx // pixels) % group_taps
-            n_local = idx // (pixels * group_taps)
-            n = first_image + n_local
-            group = gk // taps
-            tap = gk - group * taps
-            oy = p // out_w
-            ox = p - oy * out_w
-            y, x = tap_position(offset, n, group, tap, oy, ox, conv)
-            y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
-            if use_mask:
-                m = mask[n, gk, oy, ox]
-                w00 *= m
-                w01 *= m
-                w10 *= m
-                w11 *= m
-            col = n_local * pixels + p
-            # phase: channel
-            for c in range(group * per_group, (group + 1) * per_group):
-                columns[c * taps + tap, col] = (w00 * input[n, c, y0, x0] + w01 * input[n, c, y0, x1]
-                                                + w10 * input[n, c, y1, x0] + w11 * input[n, c, y1, x1])
+    @bounded_jit()
+    def kernel(input, offset, mask, columns, sizes, conv):
+        channels, height, width, offset_groups, per_group, out_h, out_w, images = sizes
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, kernel_h, kernel_w = conv
+        # Every index is wrapped in Index(...): numba widens int32/uint32 arithmetic to
+        # 64 bits, and the wrap lets the compiler narrow it back to one 32-bit instruction.
+        taps = Count(Count(kernel_h) * Count(kernel_w))
+        pixels = Count(Count(out_h) * Count(out_w))  # < 2**31 (check_limits)
+        plane = Index(Index(height) * Index(width))
+        group_taps = Count(Count(offset_groups) * taps)
+        row_stride = Index(Index(images) * Index(pixels))  # Nc*P: one column-matrix row
+        channel_step = Index(Index(taps) * row_stride)  # columns: from channel c's row to c+1's
+        # grid: x over output pixels, y over (group, tap), z over the chunk's images; grid-stride
+        first_p = Count(Count(Count(cuda.blockIdx.x) * Count(cuda.blockDim.x)) + Count(cuda.threadIdx.x))
+        p_step = Count(Count(cuda.gridDim.x) * Count(cuda.blockDim.x))
+        n = Count(cuda.blockIdx.z)
+        while n < Count(images):
+            gk = Count(cuda.blockIdx.y)
+            while gk < group_taps:
+                # phase: rows
+                row = Index(Index(Index(n) * Index(group_taps)) + Index(gk))  # the (image, group, tap) row
+                group = Count(gk // taps)
+                tap = Count(gk - Count(group * taps))
+                i = Count(tap // Count(kernel_w))
+                j = Count(tap - Count(i * Count(kernel_w)))
+                # int32: |oy*sh - ph + i*dh| < 2**24 (arguments.check_limits bounds the extent)
+                tap_y = np.int32(i) * dil_h - pad_h
+                tap_x = np.int32(j) * dil_w - pad_w
+                first_channel = Index(Index(group) * Index(per_group))
+                group_base = Index(Index(Index(Index(n) * Index(channels)) + first_channel) * plane)
+                dy_row = Index(Index(Index(2) * row) * Index(pixels))  # offset[n, 2*gk, 0]
+                mask_row = Index(row * Index(pixels))  # mask[n, gk, 0]
+                column_row = Index(Index(Index(Index(first_channel * Index(taps)) + Index(tap)) * row_stride)
+                                   + Index(Index(n) * Index(pixels)))
+                p = first_p
+                while p < pixels:
+                    # phase: points
+                    oy = Count(p // Count(out_w))
+                    ox = Count(p - Count(oy * Count(out_w)))
+                    y = T(np.int32(oy) * stride_h + tap_y) + offset[Index(dy_row + Index(p))]
+                    x = T(np.int32(ox) * stride_w + tap_x) + offset[Index(Index(dy_row + Index(pixels)) + Index(p))]
+                    m = mask[Index(mask_row + Index(p))] if use_mask else ONE
+                    column = Index(column_row + Index(p))
+                    last_column = Index(column + Index(Index(per_group) * channel_step))
+                    if in_band(y, x, height, width):  # only an in-band sample reads memory
+                        y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
+                        w00 *= m
+                        w01 *= m
+                        w10 *= m
+                        w11 *= m
+                        row0 = Index(group_base + Index(Index(y0) * Index(width)))
+                        row1 = Index(group_base + Index(Index(y1) * Index(width)))
+                        at00 = Index(row0 + Index(x0))
+                        at01 = Index(row0 + Index(x1))
+                        at10 = Index(row1 + Index(x0))
+                        at11 = Index(row1 + Index(x1))
+                        while column < last_column:
+                            # phase: columns
+                            columns[column] = (w00 * input[at00] + w01 * input[at01]
+                                               + w10 * input[at10] + w11 * input[at11])
+                            at00 = Index(at00 + plane)
+                            at01 = Index(at01 + plane)
+                            at10 = Index(at10 + plane)
+                            at11 = Index(at11 + plane)
+                            column = Index(column + channel_step)
+                    else:
+                        value = ZERO * m  # a NaN mask still poisons its tap, as in torchvision
+                        while column < last_column:
+                            # phase: out_of_band_columns
+                            columns[column] = value
+                            column = Index(column + channel_step)
+                    p = Count(p + p_step)
+                gk = Count(gk + Count(cuda.gridDim.y))
+            n = Count(n + Count(cuda.gridDim.z))
 
     return kernel
+
+
+def fused_sizes(geometry, images: int) -> tuple:
+    """The int32 tuple ``(C, H, W, G, C/G, Ho, Wo, Nc)`` that ``fused_columns_kernel`` takes."""
+    g = geometry
+    return tuple(np.int32(v) for v in (g.in_channels, g.height, g.width, g.offset_groups,
+                                       g.in_channels // g.offset_groups, g.out_h, g.out_w, images))
+
+
+def chunk_needs_wide(geometry, images: int) -> bool:
+    """Whether the kernel needs its int64 variant for a chunk of ``images`` images."""
+    g = geometry
+    pixels = g.out_h * g.out_w
+    return needs_wide(images * g.in_channels * g.height * g.width,
+                      images * 2 * g.offset_groups * g.taps * pixels,
+                      images * g.in_channels * g.taps * pixels)
+
+
+def launch_grid(geometry, images: int, gpu: bool | None = None) -> tuple:
+    """``((blocks_x, blocks_y, blocks_z), threads)`` of a launch over a chunk of ``images`` images:
+    x over output pixels, y over (group, tap), z over images (all loops grid-stride).
+    ``gpu``: the GPU's grid (default: the current backend's; the simulator's is small)."""
+    g = geometry
+    pixels = g.out_h * g.out_w
+    group_taps = g.offset_groups * g.taps
+    if not (gpu if gpu is not None else not backend.IS_SIMULATOR):  # a simulated thread is a Python thread
+        return (min(-(-pixels // 64), 2), min(group_taps, 3), min(images, 2)), min(64, 32 * -(-pixels // 32))
+    return (min(-(-pixels // THREADS), 65535), min(group_taps, 65535), min(images, 65535)), THREADS
+
+
+def column_filler(geometry, input, offset, mask, xp):
+    """``fill(columns, first_image)``: the fused column kernel configured for this layer.
+
+    The kernel variant and its grid are chosen once, for the largest chunk; each call
+    passes flat views that start at the chunk's first image (64-bit image bases) and the
+    chunk's sizes.
+    """
+    g = geometry
+    pixels = g.out_h * g.out_w
+    chunk = chunk_images(g)
+    input, offset = flat(input, xp), flat(offset, xp)
+    mask = flat(mask, xp) if mask is not None else None
+    no_mask = xp.empty(1, dtype=input.dtype)
+    image, image_offset = g.in_channels * g.height * g.width, offset.size // g.batch
+    image_mask = mask.size // g.batch if mask is not None else 0
+    kernel = fused_columns_kernel(g.dtype, mask is not None, chunk_needs_wide(g, chunk))
+    conv = conv_tuple(g)
+    grid, threads = launch_grid(g, chunk)
+
+    def fill(columns, first_image):
+        images = columns.shape[1] // pixels
+        last = first_image + images
+        backend.launch(kernel, grid, threads, input[first_image * image:last * image],
+                       offset[first_image * image_offset:last * image_offset],
+                       mask[first_image * image_mask:last * image_mask] if mask is not None else no_mask,
+                       columns.reshape(-1), fused_sizes(g, images), conv)
+
+    return fill
 
 
 def forward(geometry, input, offset, weight, bias, mask, out, stopwatch=backend.NO_STOPWATCH):
     """Fused column building, then the baseline's GEMM, per chunk of images, into ``out``."""
     g = geometry
     xp = backend.array_module(input)
-    conv = conv_tuple(g)
-    points_per_image = g.offset_groups * g.taps * g.out_h * g.out_w
-    mask_arg = mask if mask is not None else xp.empty((1, 1, 1, 1), dtype=input.dtype)
-    fill = fused_columns_kernel(g.dtype, mask is not None)
+    fill = column_filler(g, input, offset, mask, xp)
     for first, cols in column_chunks(g, xp, input.dtype):
-        n_chunk = cols.shape[1] // (g.out_h * g.out_w)
         with stopwatch.section("fused columns"):
-            launch(fill, n_chunk * points_per_image, input, offset, mask_arg, cols, np.int64(first), conv)
+            fill(cols, first)
         with stopwatch.section("gemm"):
             gemm_bias(g, cols, weight, bias, out, first, xp)
     return out
 
 
+def phase_model(geometry, config=None) -> dict:
+    """Iterations per thread of each ``# phase:`` body on a GPU, for the first (largest) chunk.
+
+    ``rows``: (image, group, tap) rows per thread; ``points``: sampling points per thread;
+    ``columns``: column elements per thread (points times C/G channels), all counted as
+    in-band samples (an upper bound: ``out_of_band_columns``, the loop that writes ``0 * m``
+    for an out-of-band point, is ~4x cheaper). ``config`` is unused (no tunables).
+    """
+    g = geometry
+    pixels = g.out_h * g.out_w
+    chunk, group_taps = chunk_images(g), g.offset_groups * g.taps
+    (blocks_x, blocks_y, blocks_z), threads = launch_grid(g, chunk, gpu=True)
+    rows = -(-group_taps // blocks_y) * -(-chunk // blocks_z)
+    points = rows * -(-pixels // (blocks_x * threads))
+    return {"rows": rows, "points": points, "columns": points * (g.in_channels // g.offset_groups),
+            "out_of_band_columns": 0}
+
+
 def ptx_cases():
-    """Kernels and signatures for the PTX audit (``deftnumba.ptx``)."""
+    """Kernels and signatures for the PTX audit (``deftnumba.ptx``): both index variants."""
     from numba import types
 
     for dtype in ("float32", "float64"):
-        t = getattr(types, dtype)
-        a4, a2 = types.Array(t, 4, "A"), types.Array(t, 2, "A")
+        a1 = types.Array(getattr(types, dtype), 1, "C")
         conv = types.UniTuple(types.int32, 8)
-        for use_mask in (True, False):
-            yield (f"fused_columns[mask={use_mask}]", dtype, fused_columns_kernel(dtype, use_mask),
-                   (a4, a4, a4, a2, types.int64, conv))
+        sizes = types.UniTuple(types.int32, 8)
+        for wide in (False, True):
+            for use_mask in (True, False):
+                yield (f"fused_columns[mask={use_mask}{',wide' if wide else ''}]", dtype,
+                       fused_columns_kernel(dtype, use_mask, wide), (a1, a1, a1, a1, sizes, conv))

@@ -74,9 +74,10 @@ def sampling_functions(dtype) -> SimpleNamespace:
         f = math.floor(v)
         frac = v - T(f)
         lo = np.int32(f)
+        hi = np.int32(lo + 1)  # int32 throughout (numba widens int32 sums to int64)
         lo_inside = lo >= 0
-        hi_inside = lo + 1 < size
-        return (max(lo, 0), min(lo + 1, size - 1),
+        hi_inside = hi < size
+        return (max(lo, np.int32(0)), min(hi, np.int32(size - 1)),
                 ONE - frac if lo_inside else ZERO, frac if hi_inside else ZERO,
                 MINUS_ONE if lo_inside else ZERO, ONE if hi_inside else ZERO)
 
@@ -128,6 +129,7 @@ def sampling_functions(dtype) -> SimpleNamespace:
         T=T, ZERO=ZERO, ONE=ONE,
         tap_position=tap_position,
         in_band=in_band,
+        bilinear_axis=bilinear_axis,
         bilinear_corners=bilinear_corners,
         bilinear_sample=bilinear_sample,
         bilinear_corner_gradients=bilinear_corner_gradients,
