@@ -105,8 +105,10 @@ def _install_thread_safe_shared_arrays() -> None:
     dynamic = kernelapi.FakeCUDAShared.array
 
     def array(self, shape, dtype, alignment=None):
-        if shape == 0 or alignment is not None:  # dynamic shared memory, or unsupported
+        if shape == 0:  # dynamic shared memory
             return dynamic(self, shape, dtype, alignment)
+        # alignment (a GPU hint for wide shared loads) is ignored: NumPy's buffers are
+        # at least 16-byte aligned, and the simulator's loads are element by element
         if not isinstance(dtype, (np.dtype, type)):
             dtype = numpy_support.as_dtype(dtype)
         frame = sys._getframe(1)  # the kernel line that asked: the simulator's key

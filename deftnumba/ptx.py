@@ -40,12 +40,17 @@ class PtxReport:
     shared_bytes: int | None = None
 
 
+LAUNCH_BOUNDS = {}  # python function -> the launch bounds its kernel was jitted with
+
+
 def cases():
-    """``(name, dtype, python_function, numba_signature)`` from every kernel module."""
+    """``(name, dtype, python_function, numba_signature)`` from every kernel module
+    (the kernel's launch bounds, if any, go to ``LAUNCH_BOUNDS[python_function]``)."""
     for info in pkgutil.iter_modules(kernels.__path__):
         module = importlib.import_module(f"{kernels.__name__}.{info.name}")
         if hasattr(module, "ptx_cases"):
             for name, dtype, kernel, signature in module.ptx_cases():
+                LAUNCH_BOUNDS[kernel.py_func] = getattr(kernel, "targetoptions", {}).get("launch_bounds")
                 yield f"{info.name}.{name}", dtype, kernel.py_func, signature
 
 
@@ -84,7 +89,7 @@ def audit(cc=(9, 0)) -> list[PtxReport]:
         raise RuntimeError("the PTX audit needs DEFTNUMBA_BACKEND=cuda (no GPU is needed)")
     reports = []
     for name, dtype, func, signature in cases():
-        ptx, _ = backend.cuda.compile_ptx(func, signature, cc=cc)
+        ptx, _ = backend.cuda.compile_ptx(func, signature, cc=cc, launch_bounds=LAUNCH_BOUNDS.get(func))
         lines = ptx.splitlines()
         f64 = [ln.strip() for ln in lines if re.search(r"\.f64\b", ln) and not ln.strip().startswith("//")]
         reports.append(PtxReport(name, dtype, len(lines), len(f64),

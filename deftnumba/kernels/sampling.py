@@ -128,6 +128,7 @@ def sampling_functions(dtype) -> SimpleNamespace:
         T=T, ZERO=ZERO, ONE=ONE,
         tap_position=tap_position,
         in_band=in_band,
+        bilinear_axis=bilinear_axis,
         bilinear_corners=bilinear_corners,
         bilinear_sample=bilinear_sample,
         bilinear_corner_gradients=bilinear_corner_gradients,
