@@ -230,8 +230,9 @@ def _slab_copy(config, taps) -> tuple[int, int]:
 
 
 def _multiply_unroll(config, taps) -> int:
-    """Rank-1 updates per iteration of the multiply loop: 2 when ``chunk * K`` is even."""
-    return 2 if (config.chunk * taps) % 2 == 0 else 1
+    """Rank-1 updates per iteration of the multiply loop: 4, 2 or 1 (divides ``chunk * K``)."""
+    rows = config.chunk * taps
+    return 4 if rows % 4 == 0 else 2 if rows % 2 == 0 else 1
 
 
 def needs_wide_index(geometry) -> bool:
@@ -475,6 +476,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
             cuda.syncthreads()  # the table, the staged region and the slab are complete
 
             # phase: columns
+            full_chunk = nc == chunk
             # The [chunk*K, P] column tile, one table entry per (tap, pixel) for all the
             # chunk's channels; rows of channels past nc are zero.
             e = tid
@@ -486,13 +488,20 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                 w11 = table_weights[4 * e + 3]
                 if where >= 0:  # in-tile: four shared loads per channel
                     window = U32(where)
-                    for cc in range(chunk):
-                        at = window + cc * region  # rows past nc are staged as zeros ...
-                        v = (w00 * staged[at] + w01 * staged[at + 1]
-                             + w10 * staged[at + row_pitch] + w11 * staged[at + row_pitch + 1])
-                        if cc >= nc:  # ... but a weight may be NaN (mask): select, no branch
-                            v = ZERO
-                        columns[e + cc * table_size] = v
+                    if full_chunk:
+                        for cc in range(chunk):
+                            at = window + cc * region
+                            columns[e + cc * table_size] = (
+                                w00 * staged[at] + w01 * staged[at + 1]
+                                + w10 * staged[at + row_pitch] + w11 * staged[at + row_pitch + 1])
+                    else:
+                        for cc in range(chunk):
+                            at = window + cc * region  # rows past nc are staged as zeros ...
+                            v = (w00 * staged[at] + w01 * staged[at + 1]
+                                 + w10 * staged[at + row_pitch] + w11 * staged[at + row_pitch + 1])
+                            if cc >= nc:  # ... but a weight may be NaN (mask): select, no branch
+                                v = ZERO
+                            columns[e + cc * table_size] = v
                 else:
                     row = table_row[e]
                     if row >= 0:  # out-of-tile: four global loads (clamped corners) per channel
@@ -524,10 +533,14 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
             w_at = oc_first  # this thread's first weight of slab row ck
             c_at = px_first  # its first column value of column-tile row ck
             c_stop = U32(px_first + column_size)
-            while c_at < c_stop:  # two rows of the slab and the column tile per iteration
+            while c_at < c_stop:  # `unroll` rows of the slab and the column tile per iteration
+                # written out: LLVM does not unroll a loop over these calls
                 rank_one_update(acc, a, b, slab, columns, w_at, c_at)
-                if unroll == 2:
+                if unroll >= 2:
                     rank_one_update(acc, a, b, slab, columns, w_at + oc_block, c_at + pixels)
+                if unroll == 4:
+                    rank_one_update(acc, a, b, slab, columns, w_at + 2 * oc_block, c_at + 2 * pixels)
+                    rank_one_update(acc, a, b, slab, columns, w_at + 3 * oc_block, c_at + 3 * pixels)
                 w_at = U32(w_at + unroll * oc_block)
                 c_at = U32(c_at + unroll * pixels)
             cuda.syncthreads()  # all reads of the region, slab and columns are done
