@@ -339,10 +339,13 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
         c_begin = I32(g * cpg)
         c_end = I32(c_begin + cpg)
         table_group = I32(-1)
+        og = I32(U32(c_begin) // U32(cpo))  # offset group of channel c (one division per block)
+        segment_end = I32(min(c_end, (og + 1) * cpo))  # where its channels end in this group
         c = c_begin
         while c < c_end:
-            og = I32(U32(c) // U32(cpo))  # offset group of channel c
-            segment_end = I32(min(c_end, (og + 1) * cpo))
+            if c == segment_end:  # the next offset group
+                og = I32(og + 1)
+                segment_end = I32(min(c_end, (og + 1) * cpo))
             chunk_end = I32(min(segment_end, c + chunk))
             nc = I32(chunk_end - c)  # channels in this chunk (<= chunk)
             if og != table_group:
