@@ -7,6 +7,7 @@ branch and the instructions between its target and itself), the instruction coun
 FFMA count, the shared-load widths, and the source lines (``# phase:`` tags) it covers.
 
     DEFTNUMBA_BACKEND=cuda PYTHONPATH=$PWD python tools/fused_sass.py [case-substring] [--dump]
+    DEFTNUMBA_BACKEND=cuda PYTHONPATH=$PWD python tools/fused_sass.py --estimate   # per suite plan
 """
 
 from __future__ import annotations
@@ -153,9 +154,91 @@ def phase_of_lines(path):
     return phases
 
 
+# The deft64 plan's column build, one in-tile table entry (4 channels), traced by hand in the
+# SASS of GPU_CONFIG: 8 (entry loads, in-tile test) + 16 (window, first channel, full-chunk
+# test) + 32 (three more channels, stores, loop tail). The loop body holds all three paths.
+COLUMN_PATH = 56.0
+
+
+def estimate(plans):
+    """Issue-bound prediction per suite: SASS loop sizes x ``phase_model`` iterations.
+
+    time = ceil(blocks / 132) * (threads / 32) * I_thread / (4 issue slots * 1.98 GHz), with
+    I_thread = sum over phases of (instructions per source-loop iteration) x iterations
+    + chunks x (non-loop instructions of the chunk loop, counted statically: an upper bound).
+    """
+    import collections
+    from deftnumba import backend, bench, roofline
+    from deftnumba.kernels import fused_tiled as ft
+    lines = phase_of_lines(ft.__file__)
+    for name, cfg in plans.items():
+        g = bench.SUITES[name]
+        k = ft.fused_kernel("float32", 3, 3, 1, 1, 1, 1, cfg, True, True)
+        ptx, _ = backend.cuda.compile_ptx(k.py_func, ft.kernel_signature("float32"), cc=(9, 0), lineinfo=True,
+                                          launch_bounds=ft.launch_bounds(cfg))
+        binary, log = cubin(ptx)
+        rows, labels = parse(disassemble(binary))
+        regs = int(re.search(r"Used (\d+) registers", log).group(1))
+        found = []
+        for s, e in loops(rows, labels):
+            body = rows[s:e + 1]
+            tags = collections.Counter(lines.get(ln, "?") for _, _, ln in body).most_common(1)[0][0]
+            ops = mix(body)
+            found.append((tags, len(body), ops))
+        model = ft.phase_model(g, cfg)
+        taps = 9
+        unroll = ft._multiply_unroll(cfg, taps)
+        reps, group = ft._slab_copy(cfg, taps)
+        cost = {}
+        # multiply: per source iteration (unroll rank-1 updates)
+        m = min((l for l in found if l[0] == "multiply"), key=lambda l: l[1])
+        cost["multiply"] = m[1] / (m[2]["FFMA"] / (unroll * cfg.reg_oc * cfg.reg_px))
+        ffma_fraction = m[2]["FFMA"] / m[1]
+        lds = {k: v for k, v in m[2].items() if k.startswith("LDS")}
+        # weights: the full-chunk copy (fewest instructions per load); a source iteration copies `group`
+        w = min((l for l in found if l[0] == "weights"), key=lambda l: l[1] / l[2]["LDG.E"])
+        cost["weights"] = w[1] / (w[2]["LDG.E"] / group)
+        # staging: a source iteration copies `chunk` channels of one position
+        st = [l for l in found if l[0] == "staging"][0]
+        cost["staging"] = st[1] / (st[2]["LDG.E"] / cfg.chunk)
+        t = [l for l in found if l[0] == "table"][0]
+        cost["table"] = t[1]  # one entry: the whole loop body (all paths)
+        cost["columns"] = COLUMN_PATH * cfg.chunk / 4
+        cost["epilogue"] = 4 * cfg.reg_oc * cfg.reg_px
+        outer = max(found, key=lambda l: l[1])
+        inner = sum(l[1] for l in found if l is not outer and l[1] > 1)
+        chunks = model["multiply"] * unroll // (cfg.chunk * taps)
+        per_thread = sum(cost[p] * model[p] for p in cost) + chunks * (outer[1] - inner)
+        ffma = chunks * cfg.chunk * taps * cfg.reg_oc * cfg.reg_px
+        tiles, by, n = cfg.blocks(g)
+        blocks = tiles * by * n
+        per_sm = -(-blocks // 132)
+        warps = cfg.threads // 32
+        issue_us = per_sm * warps * per_thread / (4 * 1.98e9) * 1e6
+        floor_us = roofline.floor_ms(g) * 1e3
+        smem = cfg.shared_bytes(g) + 1024
+        by_regs = 65536 // (regs * cfg.threads)
+        by_smem = (228 * 1024) // smem
+        resident = min(by_regs, by_smem, 32, 2048 // cfg.threads)
+        print(f"{name}: {cfg}")
+        print(f"   registers {regs}, shared {cfg.shared_bytes(g)} B, blocks/SM {resident} (regs {by_regs}, smem {by_smem})"
+              f" -> {resident * warps} warps/SM; blocks {blocks}, most per SM {per_sm}")
+        print("   per-iteration:", {k: round(v, 1) for k, v in cost.items()}, "overhead/chunk", outer[1] - inner)
+        print("   iterations   :", model)
+        print(f"   multiply loop: {m[1]} instr, FFMA {100*ffma_fraction:.1f}%, {lds}")
+        print(f"   per thread {per_thread:.0f} instr, FFMA {ffma} ({100*ffma/per_thread:.1f}%)")
+        print(f"   issue-bound {issue_us:.1f} us vs floor {floor_us:.1f} us: {issue_us/floor_us:.2f}x")
+
+
 def main(argv):
     from deftnumba import backend
     from deftnumba.kernels import fused_tiled
+    if "--estimate" in argv:
+        tiles = {"deft64": fused_tiled.GPU_CONFIG}
+        from deftnumba import bench, tiling
+        for name, g in bench.SUITES.items():
+            tiles[name] = tiling.plan_for(g, methods=("fused",), device=tiling.H200).tile
+        return estimate(tiles)
     want = [a for a in argv if not a.startswith("--")]
     dump = "--dump" in argv
     lines = phase_of_lines(fused_tiled.__file__)

@@ -11,24 +11,35 @@ memory and consumed there.
 
 One block computes ``out[n, oc0:oc0+OCB, tile]`` for one image ``n``, a
 ``TH x TW`` tile of output pixels and a block of ``OCB`` output channels of one
-weight group. It loops over the group's input channels in chunks of ``CC``:
+weight group. It loops over the group's input channels in chunks of ``CC``
+(a chunk never crosses an offset group). The phases, as marked ``# phase:`` in
+the kernel (the SASS audit attributes instructions to them by source line):
 
-1. **Sampling table** (once per block and offset group, not per channel): for
-   every (tap, pixel) of the tile, the clamped bilinear corners and the four
-   corner weights (mask folded in), from ``sampling.tap_position`` and
-   ``sampling.bilinear_corners``. Corner indices are stored relative to the
-   staged region.
-2. **Stage** ``CC`` channels of the input region that the tile's *undeformed*
-   taps touch, widened by ``halo`` on each side and zero-filled outside the
-   image, plus the ``[CC*K, OCB]`` weight slice.
-3. **Build** the ``[CC*K, P]`` column tile in shared memory: each sample reads
-   its 2x2 footprint from the staged region when it lies inside it (*in-tile*),
-   else from global memory (*out-of-tile*; see ``OUT_OF_TILE``).
-4. **Multiply**: every thread owns ``RO`` output channels x ``RP`` pixels in
-   registers and accumulates ``CC*K`` rank-1 updates from shared memory.
+1. **table** (once per block and offset group, not per channel): for every
+   (tap, pixel) of the tile, one int32 -- where the sample's 2x2 window starts
+   in the staged region (in-tile), or a negative code (out-of-tile: the clamped
+   corner goes to two more int32; outside the band: no corner at all) -- and
+   the four corner weights with the mask folded in, stored contiguously.
+2. **staging**: ``CC`` channels of the input region that the tile's
+   *undeformed* taps touch, widened by ``halo`` on each side (plus a one-element
+   zero guard), zero outside the image.
+3. **weights**: the ``[CC*K, OCB]`` slab of the weights, pre-packed once per
+   call (``pack_weights``) in exactly this order, so the copy is a plain
+   strided loop of loads and stores.
+4. **columns**: the ``[CC*K, P]`` column tile, one table entry per (tap, pixel)
+   for all ``CC`` channels: four shared loads and four FMAs per in-tile sample;
+   four global loads per out-of-tile sample; no memory read outside the band.
+5. **multiply**: every thread owns ``RO`` output channels x ``RP`` pixels in
+   registers, in runs of 4 consecutive ones (``LDS.128`` from 16-byte aligned
+   flat shared arrays), and accumulates ``CC*K`` rank-1 updates.
+6. **epilogue**: bias, NCHW stores.
 
-The epilogue adds the bias and writes NCHW directly. The only extra device
-memory is a 3-element counter array (and 1-element dummies for absent bias/mask).
+Index arithmetic is 32-bit inside an image (64-bit image bases; a compile-time
+``wide_index`` variant for image planes past 2**30 elements), so the sm_90 SASS
+has no 64-bit division and no wraparound tests in any loop (``docs/perf-notes.md``
+has the instruction counts; ``tools/fused_sass.py`` reads them).
+The only extra device memory is the packed weights, a 3-element counter array
+and 1-element dummies for absent bias/mask.
 
 The definition of *out-of-tile* (one place; ``tiling.brute_force_counts`` and
 the model in ``tiling`` use the same one)
@@ -79,7 +90,9 @@ class TileConfig:
     halo:     extra staged input rows/columns on each side of the undeformed footprint.
     chunk:    input channels staged per step (CC).
     oc_block: output channels per block (OCB), within one weight group.
-    reg_oc, reg_px: register blocking: each thread owns reg_oc channels x reg_px pixels.
+    reg_oc, reg_px: register blocking: each thread owns reg_oc channels x reg_px pixels, in
+              runs of 4 consecutive ones (2 or 1 when 4 does not divide them): one LDS.128
+              per run and rank-1 update.
     threads = (oc_block // reg_oc) * (tile_h * tile_w // reg_px).
     """
 
@@ -158,7 +171,8 @@ GRID_YZ_LIMIT = 65535  # CUDA's limit on gridDim.y and gridDim.z
 SIMULATOR_CONFIG = TileConfig(tile_h=4, tile_w=4, halo=1, chunk=2, oc_block=4, reg_oc=2, reg_px=1)
 GPU_CONFIG = TileConfig(tile_h=8, tile_w=8, halo=2, chunk=4, oc_block=64, reg_oc=8, reg_px=8)
 """What ``tiling.choose_plan`` picks for ``deft64`` on the H200 with the prior statistics
-(|d| ~ N(0, 1)): 64 threads of 8x8 accumulators, 39.2 KB shared memory, 4 blocks per SM."""
+(|d| ~ N(0, 1)): 64 threads of 8x8 accumulators, 38.7 KB shared memory (5 blocks per SM),
+127 registers under ``launch_bounds``."""
 STATIC_SHARED_LIMIT = 48 * 1024
 
 
