@@ -33,8 +33,10 @@ def install_thread_safe_shared_arrays() -> None:
     dynamic = kernelapi.FakeCUDAShared.array
 
     def array(self, shape, dtype, alignment=None):
-        if shape == 0 or alignment is not None:  # dynamic shared memory, or unsupported
+        if shape == 0:  # dynamic shared memory
             return dynamic(self, shape, dtype, alignment)
+        # alignment (a GPU hint for wide shared loads, e.g. LDS.128) is accepted and ignored:
+        # NumPy's buffers are at least 16-byte aligned and the simulator loads element by element
         if not isinstance(dtype, (np.dtype, type)):
             dtype = numpy_support.as_dtype(dtype)
         frame = sys._getframe(1)  # the kernel line that asked: the simulator's key
@@ -117,9 +119,7 @@ def bounds_checked():
             _check_index(self._item.shape, index)
         set_item(self, index, value)
 
-    def local_array(self, shape, dtype, alignment=None):
-        if alignment is not None:
-            return saved[3](self, shape, dtype, alignment)
+    def local_array(self, shape, dtype, alignment=None):  # alignment: ignored, as for shared arrays
         if not isinstance(dtype, np.dtype) and not isinstance(dtype, type):
             from numba.np import numpy_support
             dtype = numpy_support.as_dtype(dtype)

@@ -120,6 +120,18 @@ AUDITED_INT32 = {
     ("im2col.py", "np.int32(j)"): "j < kernel_w < 2**31 (check_limits)",
     ("backward.py", "np.int32(g.height)"): "H < 2**31; products with it are int64 in numba",
     ("backward.py", "np.int32(g.width)"): "W < 2**31; products with it are int64 in numba",
+    ("fused_tiled.py", "np.int32(v)"): "kernel_dims: C, H, W, Cout, Ho, Wo and 2*G*K < 2**31 (check_limits)",
+    ("fused_tiled.py", "np.int32(y0)"): "first block index in y < groups * oc_blocks <= Cout < 2**31",
+}
+
+# Module-level aliases of np.int32 / np.uint32 (``I32 = np.int32``): every call through them
+# is a 32-bit cast, audited here as a whole with the bound that holds for all of them.
+AUDITED_INT32_ALIASES = {
+    ("fused_tiled.py", "I32"): "indices inside one image plane or tile (|v| <= H*W, Ho*Wo, output "
+                               "coordinates < 2**24): planes past 2**30 elements get the wide_index "
+                               "variant (PLANE = int64; needs_wide_index); image bases stay int64",
+    ("fused_tiled.py", "U32"): "thread, tile, channel-block and shared-memory indices (< 2**31: "
+                               "grid and shared-memory limits) and in-image indices as for I32",
 }
 
 
@@ -131,6 +143,17 @@ def _int32_casts(path: Path):
             yield node.lineno, ast.unparse(node)
 
 
+def _int32_aliases(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Attribute)
+                and node.value.attr in ("int32", "uint32") and isinstance(node.value.value, ast.Name)
+                and node.value.value.id == "np"):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    yield node.lineno, target.id
+
+
 def test_every_int32_cast_in_the_kernels_is_audited():
     """A cast to int32 of a product of sizes is how a kernel indexes memory from an
     overflowed integer. New casts fail here until audited (add them to AUDITED_INT32)."""
@@ -139,6 +162,9 @@ def test_every_int32_cast_in_the_kernels_is_audited():
         for line, text in _int32_casts(path):
             if (path.name, text) not in AUDITED_INT32:
                 unaudited.append(f"{path.name}:{line}: {text}")
+        for line, alias in _int32_aliases(path):
+            if (path.name, alias) not in AUDITED_INT32_ALIASES:
+                unaudited.append(f"{path.name}:{line}: {alias} = a 32-bit type (list it in AUDITED_INT32_ALIASES)")
     assert not unaudited, ("32-bit casts to audit for overflow (then list them in AUDITED_INT32 with "
                            "the bound that makes them safe): " + "; ".join(unaudited))
 

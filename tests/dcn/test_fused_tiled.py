@@ -113,7 +113,8 @@ def test_halo_catches_small_offsets(rng):
 
 
 def test_no_column_buffer(monkeypatch, rng):
-    """Extra device memory stays far below 5% of input + offset + mask + output."""
+    """Extra device memory stays far below 5% of input + offset + mask + output, beside one
+    packed copy of the weights (``pack_weights``)."""
     _, g = case("mem", n=1, c=8, h=8, w=8, c_out=8)
     arrays = layer_arrays(g, rng)
     allocated = []
@@ -121,7 +122,8 @@ def test_no_column_buffer(monkeypatch, rng):
     class Recorder:
         def __getattr__(self, name):
             attr = getattr(np, name)
-            if name in ("zeros", "empty", "full", "ones", "empty_like", "zeros_like"):
+            if name in ("zeros", "empty", "full", "ones", "empty_like", "zeros_like", "ascontiguousarray",
+                        "concatenate"):
                 def alloc(*args, **kwargs):
                     result = attr(*args, **kwargs)
                     allocated.append(result.nbytes)
@@ -132,7 +134,8 @@ def test_no_column_buffer(monkeypatch, rng):
     monkeypatch.setattr(fused_tiled.backend, "array_module", lambda like: Recorder())
     out = fused(g, arrays, CONFIGS["4x4-h1"])
     data = sum(a.nbytes for a in (arrays[0], arrays[1], arrays[4], out))
-    assert allocated and sum(allocated) < 0.05 * data
+    packed = fused_tiled.pack_weights(g, CONFIGS["4x4-h1"], arrays[2], np).nbytes
+    assert allocated and sum(allocated) < 0.05 * data + packed
 
 
 def test_poisoned_output_through_the_public_function(monkeypatch, rng):
@@ -171,8 +174,9 @@ def test_tile_config_validation_and_shared_budget():
     g = CASES["basic-3x3"]
     cfg = TileConfig(8, 8, 2, 4, 64, 4, 4)
     assert cfg.threads == 256 and cfg.staged_shape(g) == (14, 14)
-    # staged 4*14*14, weights 36*65, columns 36*64 floats; table 576 * (4 int32 + 4 floats)
-    assert cfg.shared_bytes(g) == 4 * (4 * 196 + 36 * 65 + 36 * 64) + 576 * 32
+    # staged 4*16*16 (14x14 and a guard), weight slab 36*64, columns 36*64 floats;
+    # table 576 * (4 floats + 3 int32)
+    assert cfg.shared_bytes(g) == 4 * (4 * 256 + 36 * 64 + 36 * 64) + 576 * 28
     gpu = fused_tiled.GPU_CONFIG
     from dataclasses import replace
 
@@ -205,3 +209,111 @@ def test_default_config_fits_static_shared_memory(monkeypatch, k, dil):
                 dil=(dil, dil))
     cfg = fused_tiled.default_config(g)
     assert cfg.shared_bytes(g) <= fused_tiled.STATIC_SHARED_LIMIT
+
+
+# ------------------------------------------------------------------ the configs the GPU runs
+def _suite_plans():
+    """The fused tile ``tiling.plan_for`` picks (H200 model) for every bench suite shape."""
+    from deftnumba import bench
+
+    return {name: tiling.plan_for(g, methods=("fused",), device=tiling.H200).tile
+            for name, g in bench.SUITES.items()}
+
+
+def _run_checked(g, arrays, config):
+    """The fused kernel under ``bounds_checked`` (every index checked, shared and local
+    memory NaN-filled) on a NaN-poisoned output; returns the output."""
+    with backend.bounds_checked():
+        return fused(g, arrays, config)
+
+
+@pytest.mark.parametrize("suite", ["deft64", "res128", "det-c4", "det-c5"])
+def test_planned_config_of_every_suite_shape(suite, rng):
+    """The tile the planner picks for a suite shape, run on a small image: a partial tile in
+    x, a partial output-channel block, and channels that end in a partial chunk at an
+    offset-group boundary (6 channels, 2 offset groups: chunks of 3)."""
+    config = _suite_plans()[suite]
+    _, g = case(suite, n=1, c=6, h=config.tile_h, w=config.tile_w + 3, c_out=config.oc_block - 5,
+                offset_groups=2)
+    arrays = layer_arrays(g, rng)
+    expected = reference.deform_conv2d(*arrays[:4], **conv_kwargs(g), mask=arrays[4])
+    out = _run_checked(g, arrays, config)
+    assert np.all(np.isfinite(out)), "some output element was never written"
+    assert rel_error(out, expected) < tolerance(g.dtype)
+
+
+def test_gpu_config_full_chunks_and_a_full_channel_block(rng):
+    """``GPU_CONFIG`` (the deft64 plan) with every chunk full and all 64 output channels:
+    the unselected paths of the column build and the weight copy."""
+    config = fused_tiled.GPU_CONFIG
+    _, g = case("gpu", n=1, c=8, h=8, w=8, c_out=64)
+    arrays = layer_arrays(g, rng)
+    expected = reference.deform_conv2d(*arrays[:4], **conv_kwargs(g), mask=arrays[4])
+    out = _run_checked(g, arrays, config)
+    assert rel_error(out, expected) < tolerance(g.dtype)
+
+
+@pytest.mark.parametrize("k", [5, 9])
+def test_gpu_default_config_for_large_kernels(monkeypatch, k, rng):
+    """``default_config`` as the GPU would pick it (shrunk to fit 48 KB), run here."""
+    _, g = case("big-kernel", n=1, c=3, h=5, w=6, c_out=4, kh=k, kw=k, pad=(k // 2, k // 2))
+    monkeypatch.setattr(fused_tiled.backend, "IS_SIMULATOR", False)
+    config = fused_tiled.default_config(g)
+    monkeypatch.undo()
+    if config.threads > 128:
+        pytest.skip(f"{config} has {config.threads} threads: too slow for the simulator")
+    arrays = layer_arrays(g, rng)
+    expected = reference.deform_conv2d(*arrays[:4], **conv_kwargs(g), mask=arrays[4])
+    out = fused(g, arrays, config)
+    assert rel_error(out, expected) < tolerance(g.dtype)
+
+
+@pytest.mark.parametrize("name", ["odd-everything", "groups-and-offset-groups"])
+def test_wide_index_variant(monkeypatch, name, rng):
+    """The 64-bit plane-offset variant (chosen for planes past 2**30 elements) computes the
+    same layer; here it is forced on a tiny one."""
+    monkeypatch.setattr(fused_tiled, "needs_wide_index", lambda geometry: True)
+    g = CASES[name]
+    arrays = layer_arrays(g, rng)
+    expected = reference.deform_conv2d(*arrays[:4], **conv_kwargs(g), mask=arrays[4])
+    out = fused(g, arrays, CONFIGS["1x8-h1"])
+    assert rel_error(out, expected) < tolerance(g.dtype)
+
+
+def test_wide_index_is_chosen_for_huge_planes():
+    _, small = case("small")
+    _, huge = case("huge", n=1, c=1, h=40000, w=60000, c_out=1, kh=1, kw=1, pad=(0, 0))
+    assert not fused_tiled.needs_wide_index(small) and fused_tiled.needs_wide_index(huge)
+
+
+def test_nan_mask_on_an_out_of_band_sample_gives_nan(rng):
+    """torchvision's rule: an out-of-band sample is 0 * mask, so a NaN mask there makes the
+    output pixel NaN; no memory is read for it (bounds-checked run)."""
+    _, g = case("nan-mask", n=1, c=2, h=6, w=6, c_out=3)
+    x, offset, weight, bias, mask = layer_arrays(g, rng, offset_scale=0.3)
+    offset[0, 2 * 4, 2, 3] = 1e6  # tap 4 (the centre) of pixel (2, 3): far outside the band
+    mask[0, 4, 2, 3] = np.nan
+    offset[0, 2 * 1 + 1, 4, 1] = np.nan  # a NaN offset: outside the band, finite mask
+    arrays = (x, offset, weight, bias, mask)
+    expected = reference.deform_conv2d(x, offset, weight, bias, **conv_kwargs(g), mask=mask)
+    out = _run_checked(g, arrays, CONFIGS["4x4-h1"])
+    assert np.isnan(out[0, :, 2, 3]).all() and np.isnan(expected[0, :, 2, 3]).all()
+    finite = np.isfinite(expected)
+    assert finite.sum() == expected.size - g.out_channels
+    assert np.array_equal(np.isfinite(out), finite)
+    assert rel_error(np.where(finite, out, 0), np.where(finite, expected, 0)) < tolerance(g.dtype)
+
+
+def test_phase_model_counts_every_chunk_and_table():
+    from deftnumba import bench
+
+    g = bench.SUITES["deft64"]
+    model = fused_tiled.phase_model(g, fused_tiled.GPU_CONFIG)
+    # 64 channels in chunks of 4: 16 chunks; 576 table entries over 64 threads: 9 each;
+    # a 16x16 stored region (14x14 and its guard): 4 positions each; 36 weights each, 4 a time;
+    # 36 rank-1 updates per chunk, 4 per iteration
+    assert model == {"table": 9, "staging": 64, "weights": 144, "columns": 144, "multiply": 144, "epilogue": 1}
+    _, grouped = case("og", c=12, offset_groups=3, c_out=4)
+    model = fused_tiled.phase_model(grouped, TileConfig(4, 4, 1, 2, 4, 2, 1))
+    # 32 threads, 144 entries: 5 each; 3 offset groups of 4 channels: 3 tables, 6 chunks of 2
+    assert model["table"] == 15 and model["columns"] == 30

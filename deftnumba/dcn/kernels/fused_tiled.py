@@ -11,24 +11,35 @@ memory and consumed there.
 
 One block computes ``out[n, oc0:oc0+OCB, tile]`` for one image ``n``, a
 ``TH x TW`` tile of output pixels and a block of ``OCB`` output channels of one
-weight group. It loops over the group's input channels in chunks of ``CC``:
+weight group. It loops over the group's input channels in chunks of ``CC``
+(a chunk never crosses an offset group). The phases, as marked ``# phase:`` in
+the kernel (the SASS audit attributes instructions to them by source line):
 
-1. **Sampling table** (once per block and offset group, not per channel): for
-   every (tap, pixel) of the tile, the clamped bilinear corners and the four
-   corner weights (mask folded in), from ``sampling.tap_position`` and
-   ``sampling.bilinear_corners``. Corner indices are stored relative to the
-   staged region.
-2. **Stage** ``CC`` channels of the input region that the tile's *undeformed*
-   taps touch, widened by ``halo`` on each side and zero-filled outside the
-   image, plus the ``[CC*K, OCB]`` weight slice.
-3. **Build** the ``[CC*K, P]`` column tile in shared memory: each sample reads
-   its 2x2 footprint from the staged region when it lies inside it (*in-tile*),
-   else from global memory (*out-of-tile*; see ``OUT_OF_TILE``).
-4. **Multiply**: every thread owns ``RO`` output channels x ``RP`` pixels in
-   registers and accumulates ``CC*K`` rank-1 updates from shared memory.
+1. **table** (once per block and offset group, not per channel): for every
+   (tap, pixel) of the tile, one int32 -- where the sample's 2x2 window starts
+   in the staged region (in-tile), or a negative code (out-of-tile: the clamped
+   corner goes to two more int32; outside the band: no corner at all) -- and
+   the four corner weights with the mask folded in, stored contiguously.
+2. **staging**: ``CC`` channels of the input region that the tile's
+   *undeformed* taps touch, widened by ``halo`` on each side (plus a one-element
+   zero guard), zero outside the image.
+3. **weights**: the ``[CC*K, OCB]`` slab of the weights, pre-packed once per
+   call (``pack_weights``) in exactly this order, so the copy is a plain
+   strided loop of loads and stores.
+4. **columns**: the ``[CC*K, P]`` column tile, one table entry per (tap, pixel)
+   for all ``CC`` channels: four shared loads and four FMAs per in-tile sample;
+   four global loads per out-of-tile sample; no memory read outside the band.
+5. **multiply**: every thread owns ``RO`` output channels x ``RP`` pixels in
+   registers, in runs of 4 consecutive ones (``LDS.128`` from 16-byte aligned
+   flat shared arrays), and accumulates ``CC*K`` rank-1 updates.
+6. **epilogue**: bias, NCHW stores.
 
-The epilogue adds the bias and writes NCHW directly. The only extra device
-memory is a 3-element counter array (and 1-element dummies for absent bias/mask).
+Index arithmetic is 32-bit inside an image (64-bit image bases; a compile-time
+``wide_index`` variant for image planes past 2**30 elements), so the sm_90 SASS
+has no 64-bit division and no wraparound tests in any loop (``docs/perf-notes.md``
+has the instruction counts; ``tools/fused_sass.py`` reads them).
+The only extra device memory is the packed weights, a 3-element counter array
+and 1-element dummies for absent bias/mask.
 
 The definition of *out-of-tile* (one place; ``tiling.brute_force_counts`` and
 the model in ``tiling`` use the same one)
@@ -39,6 +50,7 @@ the model in ``tiling`` use the same one)
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +58,7 @@ import numpy as np
 from ...runtime import backend
 from ...runtime.backend import cuda
 from .sampling import conv_tuple, sampling_functions
+from .staging import staged_extent
 
 OUT_OF_TILE = """\
 A *sample* is one (image n, input channel c, tap k, output pixel (oy, ox)) with
@@ -78,7 +91,9 @@ class TileConfig:
     halo:     extra staged input rows/columns on each side of the undeformed footprint.
     chunk:    input channels staged per step (CC).
     oc_block: output channels per block (OCB), within one weight group.
-    reg_oc, reg_px: register blocking: each thread owns reg_oc channels x reg_px pixels.
+    reg_oc, reg_px: register blocking: each thread owns reg_oc channels x reg_px pixels, in
+              runs of 4 consecutive ones (2 or 1 when 4 does not divide them): one LDS.128
+              per run and rank-1 update.
     threads = (oc_block // reg_oc) * (tile_h * tile_w // reg_px).
     """
 
@@ -113,18 +128,21 @@ class TileConfig:
     def staged_shape(self, geometry) -> tuple[int, int]:
         """Rows and columns of the staged input region (footprint of the undeformed taps + halo)."""
         g = geometry
-        rows = (self.tile_h - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h + 1 + 2 * self.halo
-        cols = (self.tile_w - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w + 1 + 2 * self.halo
-        return rows, cols
+        return (staged_extent(self.tile_h, g.stride_h, g.kernel_h, g.dil_h, self.halo),
+                staged_extent(self.tile_w, g.stride_w, g.kernel_w, g.dil_w, self.halo))
 
     def shared_bytes(self, geometry) -> int:
-        """Static shared memory of one block, in bytes."""
+        """Static shared memory of one block, in bytes: the staged region with a one-element
+        guard on each side (``chunk`` channels), the weight slab and the column tile
+        (``chunk * K`` rows of ``oc_block`` and of ``pixels``), and the sampling table
+        (per (tap, pixel): four weights and three int32)."""
         s = geometry.itemsize
         rows, cols = self.staged_shape(geometry)
         k = geometry.taps
         ck = self.chunk * k
-        return (s * (self.chunk * rows * cols + ck * (self.oc_block + 1) + ck * self.pixels)
-                + 4 * 4 * k * self.pixels + s * 4 * k * self.pixels)
+        table = k * self.pixels
+        return s * (self.chunk * (rows + 2) * (cols + 2) + ck * self.oc_block + ck * self.pixels
+                    + 4 * table) + 4 * 3 * table
 
     def blocks(self, geometry) -> tuple[int, int, int]:
         """All blocks of the layer: ``(tiles, groups * oc_blocks, batch)``."""
@@ -153,7 +171,8 @@ GRID_YZ_LIMIT = 65535  # CUDA's limit on gridDim.y and gridDim.z
 SIMULATOR_CONFIG = TileConfig(tile_h=4, tile_w=4, halo=1, chunk=2, oc_block=4, reg_oc=2, reg_px=1)
 GPU_CONFIG = TileConfig(tile_h=8, tile_w=8, halo=2, chunk=4, oc_block=64, reg_oc=8, reg_px=8)
 """What ``tiling.choose_plan`` picks for ``deft64`` on the H200 with the prior statistics
-(|d| ~ N(0, 1)): 64 threads of 8x8 accumulators, 39.2 KB shared memory, 4 blocks per SM."""
+(|d| ~ N(0, 1)): 64 threads of 8x8 accumulators, 38.7 KB shared memory (5 blocks per SM),
+128 registers under ``launch_bounds``, no spills."""
 STATIC_SHARED_LIMIT = 48 * 1024
 
 
@@ -175,255 +194,436 @@ def default_config(geometry) -> TileConfig:
 
 # Traffic of one launch (N images, C -> Cout, K = kh*kw taps, P = Ho*Wo, s = itemsize,
 # B = number of output-channel blocks per weight group, T = number of tiles,
-# SH x SW the staged region per tile, f the out-of-tile fraction of in-band samples):
-#   reads  input   B * N * C * T * SH*SW * s          (the staged tiles; halo rows/cols are
+# SH x SW the staged region per tile (+1 guard row/column on each side), f the
+# out-of-tile fraction of in-band samples):
+#   reads  input   B * N * C * T * (SH+2)*(SW+2) * s  (the staged tiles; halo rows/cols are
 #                                                      re-read by neighbouring tiles: L2 hits)
 #          offsets B * groups_overlap * N * 2*G*K*P * s and mask B * N * G*K*P * s (table)
-#          weights N * T * Cout * C/groups * K * s    (every block stages its slice: L2 hits)
+#          weights N * T * Cout * C/groups * K * s    (the packed slab of every block: L2 hits)
 #          out-of-tile  B * f * N * C * K * P * 4 corners * s  (scattered, mostly L1/L2 hits)
-#   writes output  N * Cout * P * s once, NCHW; no column buffer, nothing else.
+#   writes output  N * Cout * P * s once, NCHW; no column buffer. The packed weights
+#          (``pack_weights``: Cout rounded up to the block x C/groups x K) are written once per call.
 #   FLOPs  2 * N * Cout * C/groups * K * P (the GEMM) + ~7 * B * N * C * K * P (interpolation)
 #          + ~20 * B * N * G*K*P (positions and corner weights).
-#   Shared memory per block (TileConfig.shared_bytes): staged input CC*SH*SW, weights
-#   CC*K*(OCB+1), column tile CC*K*P, sampling table K*P*(4 int32 + 4 weights).
+#   Shared memory per block: TileConfig.shared_bytes.
+#
+# Integer types. Numba types every integer sum and product as int64 (and adds a wraparound
+# test to every signed subscript). The kernel therefore converts each index to uint32
+# (``U32``: non-negative, so subscripts skip the wraparound) or int32 (``I32``: may be
+# negative) as soon as it is computed; LLVM then narrows the arithmetic to 32 bits. Only
+# the base of an image (``n * C + c`` times ``H * W``, etc.) is int64. ``wide_index`` makes
+# the offset inside an image plane int64 too (``PLANE``), for planes past 2**31 elements.
+I32 = np.int32
+U32 = np.uint32
+I64 = np.int64
+U64 = np.uint64  # only at a subscript: an int64 index known to be >= 0 skips the wraparound
+INT32_LIMIT = 2**31 - 1
+
+
+def _vector(width: int) -> int:
+    """Elements a thread reads at once from shared memory: 4 (LDS.128), 2 (LDS.64) or 1."""
+    return 4 if width % 4 == 0 else 2 if width % 2 == 0 else 1
+
+
+REGISTER_BUDGET = 128  # per thread: 65536 / (16 warps * 32 threads), so 16 warps fit on an SM
+
+
+def launch_bounds(config) -> tuple[int, int]:
+    """``(threads per block, minimum blocks per SM)`` for ptxas: it then keeps the kernel
+    within ``REGISTER_BUDGET`` registers. (Unbounded, ptxas gives the deft64 kernel ~158
+    registers to hold the sampling table's and the staging's values beside the 64
+    accumulators; bounded at 128 the SASS of every loop is the same, with no spills.)"""
+    return config.threads, max(1, 65536 // (REGISTER_BUDGET * config.threads))
+
+
+def _slab_copy(config, taps) -> tuple[int, int]:
+    """``(elements, unrolled)``: weight-slab elements each thread copies per chunk, and how
+    many of them one loop iteration copies (a divisor, at most 4: loads in flight)."""
+    reps = -(-config.chunk * taps * config.oc_block // config.threads)
+    return reps, max(d for d in range(1, 5) if reps % d == 0)
+
+
+def _multiply_unroll(config, taps) -> int:
+    """Rank-1 updates per iteration of the multiply loop: 4, 2 or 1 (divides ``chunk * K``)."""
+    rows = config.chunk * taps
+    return 4 if rows % 4 == 0 else 2 if rows % 2 == 0 else 1
+
+
+def needs_wide_index(geometry) -> bool:
+    """True when an offset inside one image plane may not fit in int32 (``H * W`` past 2**31)."""
+    g = geometry
+    return max(g.height * g.width, g.out_h * g.out_w) > INT32_LIMIT // 2
+
+
 @functools.cache
 def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, config: TileConfig,
-                 use_mask: bool, use_bias: bool, counting: bool = False):
-    """Kernel ``(input, offset, mask, weight, bias, out, conv, counters, block_y0)``, launched
-    on ``config.grid(geometry)`` blocks of ``config.threads`` threads (``config.launches``).
+                 use_mask: bool, use_bias: bool, counting: bool = False, wide_index: bool = False):
+    """Kernel ``(input, offset, mask, weight, bias, out, conv, dims, counters, block_y0)``,
+    launched on ``config.grid(geometry)`` blocks of ``config.threads`` threads
+    (``config.launches``). Every array is flat (1-D, C order):
 
-    input ``[N, C, H, W]``; offset ``[N, 2*G*K, Ho, Wo]``; mask ``[N, G*K, Ho, Wo]`` (a dummy
-    when ``use_mask`` is false); weight ``[Cout, C/groups, kh, kw]``; bias ``[Cout]`` (dummy
-    when ``use_bias`` is false); out ``[N, Cout, Ho, Wo]``; conv the int32 tuple of
-    ``sampling.conv_tuple``; counters int64 ``[3]``: ``(in_tile, out_of_tile, outside_band)``
-    samples, accumulated only when ``counting`` (see ``OUT_OF_TILE``); block_y0 (int64) the
-    first (weight group x output-channel block) index of this launch.
+    input ``[N*C*H*W]``; offset ``[N*2GK*Ho*Wo]``; mask ``[N*GK*Ho*Wo]`` (a dummy when
+    ``use_mask`` is false); weight the packed ``[G*oc_blocks, C/groups, K, oc_block]`` of
+    ``pack_weights``; bias ``[Cout]`` (a dummy when ``use_bias`` is false); out
+    ``[N*Cout*Ho*Wo]``; conv the int32 tuple of ``sampling.conv_tuple``; dims the int32
+    tuple of ``kernel_dims``; counters int64 ``[3]``: ``(in_tile, out_of_tile,
+    outside_band)`` samples, accumulated only when ``counting`` (see ``OUT_OF_TILE``);
+    block_y0 (int32) the first (weight group x output-channel block) index of this launch.
     """
     fns = sampling_functions(dtype)
-    tap_position = fns.tap_position
     in_band = fns.in_band
-    bilinear_corners = fns.bilinear_corners
+    bilinear_axis = fns.bilinear_axis
     T = fns.T
     ZERO = fns.ZERO
     DT = T  # shared/local array element type
+    PLANE = I64 if wide_index else I32  # offsets inside one image plane
 
-    TH, TW, HALO = config.tile_h, config.tile_w, config.halo
-    CC, OCB, RO, RP = config.chunk, config.oc_block, config.reg_oc, config.reg_px
-    KW = kernel_w
-    K = kernel_h * kernel_w
-    P = TH * TW
-    CK = CC * K
-    KP = K * P
-    SHR = (TH - 1) * stride_h + (kernel_h - 1) * dil_h + 1 + 2 * HALO
-    SWR = (TW - 1) * stride_w + (kernel_w - 1) * dil_w + 1 + 2 * HALO
-    REGION = SHR * SWR
-    STAGED = CC * REGION
-    WSTAGE = OCB * CK
-    OCP = OCB + 1  # padded row: conflict-free transposed stores of the weight slice
-    OC_T = OCB // RO  # thread rows (output channels)
-    PX_T = P // RP  # thread columns (pixels)
-    THREADS = OC_T * PX_T
-    SH_, SW_ = stride_h, stride_w
+    tile_h, tile_w, halo = config.tile_h, config.tile_w, config.halo
+    chunk, oc_block, reg_oc, reg_px = config.chunk, config.oc_block, config.reg_oc, config.reg_px
+    taps = kernel_h * kernel_w
+    pixels = tile_h * tile_w
+    chunk_rows = chunk * taps  # rows of the column tile and of the weight slab (channel, tap)
+    table_size = taps * pixels  # one sampling-table entry per (tap, pixel)
+    # The staged region (OUT_OF_TILE) is staged_rows x staged_cols; it is stored with one
+    # guard row/column on each side, so a 2x2 window around any in-tile footprint is stored.
+    staged_rows = (tile_h - 1) * stride_h + (kernel_h - 1) * dil_h + 1 + 2 * halo
+    staged_cols = (tile_w - 1) * stride_w + (kernel_w - 1) * dil_w + 1 + 2 * halo
+    row_pitch = staged_cols + 2
+    region = (staged_rows + 2) * row_pitch  # one channel of the stored region
+    staged_size = chunk * region
+    slab_size = chunk_rows * oc_block  # the weight slab of one chunk
+    column_size = chunk_rows * pixels  # the column tile of one chunk
+    table_weight_size = 4 * table_size
+    accumulators = reg_oc * reg_px
+    unroll = _multiply_unroll(config, taps)  # rank-1 updates per multiply-loop iteration
+    oc_threads = oc_block // reg_oc  # threads along output channels ...
+    px_threads = pixels // reg_px  # ... and along pixels
+    threads = oc_threads * px_threads
+    # Ownership: a thread owns reg_oc channels in runs of oc_vec consecutive ones (the runs
+    # oc_threads * oc_vec apart), and reg_px pixels likewise, so each run is one wide load
+    # and the 8 threads of a quarter warp read 8 consecutive runs (no bank conflict).
+    oc_vec, px_vec = _vector(reg_oc), _vector(reg_px)
+    oc_run_step, px_run_step = oc_threads * oc_vec, px_threads * px_vec
+    slab_reps, slab_group = _slab_copy(config, taps)  # weight elements per thread and chunk
+    slab_stop = slab_reps * threads
     USE_MASK, USE_BIAS, COUNTING = use_mask, use_bias, counting
+    options = {} if backend.IS_SIMULATOR else {"launch_bounds": launch_bounds(config)}
 
-    @cuda.jit
-    def kernel(input, offset, mask, weight, bias, out, conv, counters, block_y0):
-        tid = cuda.threadIdx.x
-        n = cuda.blockIdx.z
-        channels = input.shape[1]
-        height = input.shape[2]
-        width = input.shape[3]
-        out_channels = out.shape[1]
-        out_h = out.shape[2]
-        out_w = out.shape[3]
-        cpg = weight.shape[1]  # input channels per weight group
-        groups = channels // cpg
-        opg = out_channels // groups  # output channels per weight group
-        oc_blocks = (opg + OCB - 1) // OCB
-        gy = cuda.blockIdx.y + block_y0  # launches split at 65535 blocks in y
-        g = gy // oc_blocks
-        ob = gy - g * oc_blocks
-        oc0 = g * opg + ob * OCB
-        oc_end = min(oc0 + OCB, (g + 1) * opg)
-        cpo = channels // (offset.shape[1] // (2 * K))  # input channels per offset group
-        tiles_x = (out_w + TW - 1) // TW
-        ty = cuda.blockIdx.x // tiles_x
-        oy0 = ty * TH
-        ox0 = (cuda.blockIdx.x - ty * tiles_x) * TW
-        iy0 = oy0 * SH_ - conv[2] - HALO  # first staged input row
-        ix0 = ox0 * SW_ - conv[3] - HALO  # first staged input column
+    @cuda.jit(**options)
+    def kernel(input, offset, mask, weight, bias, out, conv, dims, counters, block_y0):
+        tid = U32(cuda.threadIdx.x)
+        n = I64(cuda.blockIdx.z)
+        channels, height, width, out_channels, out_h, out_w, cpg, cpo, offset_channels, mask_channels = dims
+        pad_h = conv[2]
+        pad_w = conv[3]
+        groups = U32(channels) // U32(cpg)
+        opg = U32(U32(out_channels) // groups)  # output channels per weight group
+        oc_blocks = U32(U32(opg + (oc_block - 1)) // U32(oc_block))
+        block_y = U32(cuda.blockIdx.y + block_y0)  # launches split at 65535 blocks in y
+        g = U32(block_y // oc_blocks)
+        ob = U32(block_y - g * oc_blocks)
+        tiles_x = U32(U32(out_w + (tile_w - 1)) // U32(tile_w))
+        tile_y = U32(U32(cuda.blockIdx.x) // tiles_x)
+        oy0 = I32(tile_y * tile_h)
+        ox0 = I32((U32(cuda.blockIdx.x) - tile_y * tiles_x) * tile_w)
+        iy0 = I32(oy0 * stride_h - pad_h - halo)  # first staged input row (OUT_OF_TILE)
+        ix0 = I32(ox0 * stride_w - pad_w - halo)  # first staged input column
+        in_plane = I64(height) * I64(width)
+        out_plane = I64(out_h) * I64(out_w)
 
-        s_in = cuda.shared.array((CC, SHR, SWR), dtype=DT)
-        s_w = cuda.shared.array((CK, OCP), dtype=DT)
-        s_col = cuda.shared.array((CK, P), dtype=DT)
-        s_idx = cuda.shared.array((4, KP), dtype=np.int32)
-        s_wt = cuda.shared.array((4, KP), dtype=DT)
+        staged = cuda.shared.array(staged_size, dtype=DT, alignment=16)
+        slab = cuda.shared.array(slab_size, dtype=DT, alignment=16)
+        columns = cuda.shared.array(column_size, dtype=DT, alignment=16)
+        table_where = cuda.shared.array(table_size, dtype=np.int32, alignment=16)
+        table_weights = cuda.shared.array(table_weight_size, dtype=DT, alignment=16)
+        table_row = cuda.shared.array(table_size, dtype=np.int32, alignment=16)
+        table_col = cuda.shared.array(table_size, dtype=np.int32, alignment=16)
 
-        acc = cuda.local.array((RO, RP), dtype=DT)
-        a = cuda.local.array(RO, dtype=DT)
-        b = cuda.local.array(RP, dtype=DT)
-        for i in range(RO):
-            for j in range(RP):
-                acc[i, j] = ZERO
-        oc_t = tid // PX_T  # this thread owns output channels oc_t + i*OC_T ...
-        px_t = tid - oc_t * PX_T  # ... and pixels px_t + j*PX_T
+        acc = cuda.local.array(accumulators, dtype=DT)
+        a = cuda.local.array(reg_oc, dtype=DT)
+        b = cuda.local.array(reg_px, dtype=DT)
+        for i in range(accumulators):
+            acc[i] = ZERO
+        oc_t = U32(tid // U32(px_threads))
+        oc_first = U32(oc_t * oc_vec)  # first channel of this thread's first run
+        px_first = U32((tid - oc_t * px_threads) * px_vec)  # first pixel of its first run
 
-        c_begin = g * cpg
-        c_end = c_begin + cpg
-        table_og = -1
+        c_begin = I32(g * cpg)
+        c_end = I32(c_begin + cpg)
+        table_group = I32(-1)
+        og = I32(U32(c_begin) // U32(cpo))  # offset group of channel c (one division per block)
+        segment_end = I32(min(c_end, (og + 1) * cpo))  # where its channels end in this group
         c = c_begin
-        # phase: chunk
         while c < c_end:
-            og = c // cpo
-            seg_end = min(c_end, (og + 1) * cpo)
-            if og != table_og:
+            if c == segment_end:  # the next offset group
+                og = I32(og + 1)
+                segment_end = I32(min(c_end, (og + 1) * cpo))
+            chunk_end = I32(min(segment_end, c + chunk))
+            nc = I32(chunk_end - c)  # channels in this chunk (<= chunk)
+            if og != table_group:
                 # phase: table
-                # 1. sampling table of offset group og (the previous chunk ended with a barrier)
-                n_in = 0
-                n_out = 0
-                n_band = 0
-                for e in range(tid, KP, THREADS):
-                    k = e // P
-                    p = e - k * P
-                    u = p // TW
-                    oy = oy0 + u
-                    ox = ox0 + (p - u * TW)
-                    r0 = 0
-                    r1 = 0
-                    q0 = 0
-                    q1 = 0
+                # One entry per (tap, pixel) of offset group og, for all its channels: where
+                # the sample's 2x2 window starts in the stored region (>= 0, in-tile), or
+                # -1 - (row step * 2 + column step) with its clamped top-left corner in
+                # table_row/table_col (out-of-tile), or -1 with table_row = -1 (outside the
+                # band or the output: no memory is read); and the four corner weights.
+                # (The previous chunk ended with a barrier: nobody reads the old table.)
+                count_in = 0
+                count_out = 0
+                count_band = 0
+                e = tid
+                while e < table_size:
+                    tap = U32(e // U32(pixels))
+                    p = U32(e - tap * pixels)
+                    u = U32(p // U32(tile_w))
+                    oy = I32(oy0 + u)
+                    ox = I32(ox0 + (p - u * tile_w))
+                    tap_i = U32(tap // U32(kernel_w))
+                    tap_j = U32(tap - tap_i * kernel_w)
+                    where = I32(-1)
+                    row = I32(-1)
+                    col = I32(0)
                     w00 = ZERO
                     w01 = ZERO
                     w10 = ZERO
                     w11 = ZERO
                     if oy < out_h and ox < out_w:
-                        y, x = tap_position(offset, n, og, k, oy, ox, conv)
+                        pixel = PLANE(oy * out_w + ox)
+                        ch = I32(og * taps + tap)
+                        # sampling.tap_position's rule, on flat arrays
+                        at = (n * offset_channels + 2 * ch) * out_plane + pixel
+                        y = T(oy * stride_h - pad_h + tap_i * dil_h) + offset[U64(at)]
+                        x = T(ox * stride_w - pad_w + tap_j * dil_w) + offset[U64(at + out_plane)]
+                        m = ZERO
+                        if USE_MASK:
+                            m = mask[U64((n * mask_channels + ch) * out_plane + pixel)]
                         if in_band(y, x, height, width):
-                            y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
+                            y_lo, y_hi, wy_lo, wy_hi, _, _ = bilinear_axis(y, height)
+                            x_lo, x_hi, wx_lo, wx_hi, _, _ = bilinear_axis(x, width)
+                            w00 = wy_lo * wx_lo
+                            w01 = wy_lo * wx_hi
+                            w10 = wy_hi * wx_lo
+                            w11 = wy_hi * wx_hi
                             if USE_MASK:
-                                m = mask[n, og * K + k, oy, ox]
                                 w00 *= m
                                 w01 *= m
                                 w10 *= m
                                 w11 *= m
-                            r0 = y0 - iy0
-                            r1 = y1 - iy0
-                            q0 = x0 - ix0
-                            q1 = x1 - ix0
-                            if r0 >= 0 and r1 < SHR and q0 >= 0 and q1 < SWR:
-                                n_in += 1
+                            if (y_lo >= iy0 and y_hi < iy0 + staged_rows
+                                    and x_lo >= ix0 and x_hi < ix0 + staged_cols):
+                                # in-tile: the window (floor(y), floor(x)) .. +1 unclamped; a
+                                # row or column of it outside the image has weight zero and
+                                # is stored as zero (in the region or its guard)
+                                top = I32(I32(math.floor(y)) - iy0 + 1)
+                                left = I32(I32(math.floor(x)) - ix0 + 1)
+                                where = I32(top * row_pitch + left)
+                                count_in += 1
                             else:
-                                n_out += 1
+                                where = I32(-1 - ((y_hi - y_lo) * 2 + (x_hi - x_lo)))
+                                row = I32(y_lo)
+                                col = I32(x_lo)
+                                count_out += 1
                         else:
-                            n_band += 1
+                            count_band += 1
                             if USE_MASK:  # value 0 times the mask, as torchvision: NaN stays NaN
-                                m = mask[n, og * K + k, oy, ox]
                                 w00 = ZERO * m
-                                w01 = w00
-                                w10 = w00
-                                w11 = w00
-                    s_idx[0, e] = r0
-                    s_idx[1, e] = r1
-                    s_idx[2, e] = q0
-                    s_idx[3, e] = q1
-                    s_wt[0, e] = w00
-                    s_wt[1, e] = w01
-                    s_wt[2, e] = w10
-                    s_wt[3, e] = w11
+                    table_where[e] = where
+                    table_row[e] = row
+                    table_col[e] = col
+                    table_weights[4 * e] = w00
+                    table_weights[4 * e + 1] = w01
+                    table_weights[4 * e + 2] = w10
+                    table_weights[4 * e + 3] = w11
+                    e = U32(e + threads)
                 if COUNTING and ob == 0:
-                    seg_channels = seg_end - c
-                    cuda.atomic.add(counters, 0, np.int64(n_in * seg_channels))
-                    cuda.atomic.add(counters, 1, np.int64(n_out * seg_channels))
-                    cuda.atomic.add(counters, 2, np.int64(n_band * seg_channels))
-                table_og = og
-            # phase: chunk
-            chunk_end = min(seg_end, c + CC)
-            nc = chunk_end - c
+                    segment_channels = I64(segment_end - c)
+                    cuda.atomic.add(counters, 0, I64(count_in) * segment_channels)
+                    cuda.atomic.add(counters, 1, I64(count_out) * segment_channels)
+                    cuda.atomic.add(counters, 2, I64(count_band) * segment_channels)
+                table_group = og
 
-            # 2. stage the input region (coalesced along rows) and the weight slice
             # phase: staging
-            for idx in range(tid, STAGED, THREADS):
-                cc = idx // REGION
-                rem = idx - cc * REGION
-                row = rem // SWR
-                col = rem - row * SWR
-                gy = iy0 + row
-                gx = ix0 + col
-                v = ZERO
-                if cc < nc and gy >= 0 and gy < height and gx >= 0 and gx < width:
-                    v = input[n, c + cc, gy, gx]
-                s_in[cc, row, col] = v
+            # The chunk's input region with its guard, row by row (coalesced); zero outside
+            # the image and for channels past the chunk's end. A thread decodes the position
+            # of one stored element once and copies it for every channel of the chunk.
+            channel_base = (n * channels + c) * in_plane
+            s = tid
+            while s < region:
+                r = U32(s // U32(row_pitch))
+                gy = I32(iy0 - 1 + r)
+                gx = I32(ix0 - 1 + (s - r * row_pitch))
+                inside = U32(gy) < U32(height) and U32(gx) < U32(width)
+                at = channel_base + PLANE(PLANE(gy) * width + gx)  # read only when inside
+                for cc in range(chunk):
+                    v = ZERO
+                    if inside and cc < nc:
+                        v = input[U64(at + cc * in_plane)]
+                    staged[s + cc * region] = v
+                s = U32(s + threads)
+
             # phase: weights
-            for idx in range(tid, WSTAGE, THREADS):
-                o = idx // CK
-                ck = idx - o * CK
-                cc = ck // K
-                k = ck - cc * K
-                v = ZERO
-                if cc < nc and oc0 + o < oc_end:
-                    i_tap = k // KW
-                    v = weight[oc0 + o, c - c_begin + cc, i_tap, k - i_tap * KW]
-                s_w[ck, o] = v
-            cuda.syncthreads()
+            # The packed weight slab of (block, channels c .. c+nc): contiguous, read in order;
+            # zero past the chunk's channels.
+            slab_base = (I64(block_y) * cpg + I64(c - c_begin)) * (taps * oc_block)
+            slab_valid = U32(nc * (taps * oc_block))
+            from_at = slab_base + tid  # this thread's next element: weight[from_at + rep * threads]
+            to_at = tid  # ... goes to slab[to_at + rep * threads]
+            if nc == chunk:  # a full chunk (the common case): a plain copy
+                while to_at < slab_stop:  # slab_group elements per thread and iteration, unrolled
+                    slab_left = I32(slab_size - I32(to_at))  # rep * threads < slab_left: in the slab
+                    for rep in range(slab_group):
+                        if slab_size % threads == 0 or rep * threads < slab_left:
+                            slab[to_at + rep * threads] = weight[U64(from_at + rep * threads)]
+                    from_at += slab_group * threads
+                    to_at = U32(to_at + slab_group * threads)
+            else:  # the last chunk of an offset group or weight group: zeros past nc channels
+                while to_at < slab_stop:
+                    valid_left = I32(I32(slab_valid) - I32(to_at))  # rep * threads < valid_left: a weight
+                    slab_left = I32(slab_size - I32(to_at))
+                    for rep in range(slab_group):
+                        if slab_size % threads == 0 or rep * threads < slab_left:
+                            v = ZERO
+                            if rep * threads < valid_left:
+                                v = weight[U64(from_at + rep * threads)]
+                            slab[to_at + rep * threads] = v
+                    from_at += slab_group * threads
+                    to_at = U32(to_at + slab_group * threads)
+            cuda.syncthreads()  # the table, the staged region and the slab are complete
 
-            # 3. the column tile: in-tile samples from shared memory, the others from global
             # phase: columns
-            for idx in range(tid, CK * P, THREADS):
-                ck = idx // P
-                p = idx - ck * P
-                cc = ck // K
-                e = (ck - cc * K) * P + p
-                v = ZERO
-                if cc < nc:
-                    r0 = s_idx[0, e]
-                    r1 = s_idx[1, e]
-                    q0 = s_idx[2, e]
-                    q1 = s_idx[3, e]
-                    if r0 >= 0 and r1 < SHR and q0 >= 0 and q1 < SWR:
-                        v = (s_wt[0, e] * s_in[cc, r0, q0] + s_wt[1, e] * s_in[cc, r0, q1]
-                             + s_wt[2, e] * s_in[cc, r1, q0] + s_wt[3, e] * s_in[cc, r1, q1])
+            full_chunk = nc == chunk
+            # The [chunk*K, P] column tile, one table entry per (tap, pixel) for all the
+            # chunk's channels; rows of channels past nc are zero.
+            e = tid
+            while e < table_size:
+                where = table_where[e]
+                w00 = table_weights[4 * e]
+                w01 = table_weights[4 * e + 1]
+                w10 = table_weights[4 * e + 2]
+                w11 = table_weights[4 * e + 3]
+                if where >= 0:  # in-tile: four shared loads per channel
+                    window = U32(where)
+                    if full_chunk:
+                        for cc in range(chunk):
+                            at = window + cc * region
+                            columns[e + cc * table_size] = (
+                                w00 * staged[at] + w01 * staged[at + 1]
+                                + w10 * staged[at + row_pitch] + w11 * staged[at + row_pitch + 1])
                     else:
-                        # phase: out_of_tile
-                        ci = c + cc
-                        v = (s_wt[0, e] * input[n, ci, iy0 + r0, ix0 + q0]
-                             + s_wt[1, e] * input[n, ci, iy0 + r0, ix0 + q1]
-                             + s_wt[2, e] * input[n, ci, iy0 + r1, ix0 + q0]
-                             + s_wt[3, e] * input[n, ci, iy0 + r1, ix0 + q1])
-                # phase: columns
-                s_col[ck, p] = v
-            cuda.syncthreads()
+                        for cc in range(chunk):
+                            at = window + cc * region  # rows past nc are staged as zeros ...
+                            v = (w00 * staged[at] + w01 * staged[at + 1]
+                                 + w10 * staged[at + row_pitch] + w11 * staged[at + row_pitch + 1])
+                            if cc >= nc:  # ... but a weight may be NaN (mask): select, no branch
+                                v = ZERO
+                            columns[e + cc * table_size] = v
+                else:
+                    row = table_row[e]
+                    if row >= 0:  # out-of-tile: four global loads (clamped corners) per channel
+                        steps = I32(-1 - where)
+                        down = PLANE((steps >> 1) * width)
+                        right = I32(steps & 1)
+                        corner = PLANE(PLANE(row) * width + table_col[e])
+                        base = (n * channels + c) * in_plane + corner
+                        for cc in range(chunk):
+                            v = ZERO
+                            if cc < nc:
+                                at = base + cc * in_plane
+                                v = (w00 * input[U64(at)] + w01 * input[U64(at + right)]
+                                     + w10 * input[U64(at + down)] + w11 * input[U64(at + down + right)])
+                            columns[U32(cc * table_size + e)] = v
+                    else:  # outside the band or the output: no memory read; 0 * mask
+                        for cc in range(chunk):
+                            v = ZERO
+                            if cc < nc:
+                                v = w00
+                            columns[U32(cc * table_size + e)] = v
+                e = U32(e + threads)
+            cuda.syncthreads()  # the column tile is complete
 
-            # 4. register-blocked rank-1 updates (compile-time bounds; unused rows are zero)
             # phase: multiply
-            for ck in range(CK):
-                for i in range(RO):
-                    a[i] = s_w[ck, oc_t + i * OC_T]
-                for j in range(RP):
-                    b[j] = s_col[ck, px_t + j * PX_T]
-                for i in range(RO):
-                    for j in range(RP):
-                        acc[i, j] += a[i] * b[j]
-            cuda.syncthreads()
-            # phase: chunk
+            # chunk*K rank-1 updates: reg_oc weights and reg_px columns from shared memory
+            # (runs of oc_vec / px_vec consecutive floats: LDS.128 when 4), then
+            # reg_oc * reg_px FFMAs into the accumulators.
+            w_at = oc_first  # this thread's first weight of slab row ck
+            c_at = px_first  # its first column value of column-tile row ck
+            c_stop = U32(px_first + column_size)
+            while c_at < c_stop:  # `unroll` rows of the slab and the column tile per iteration
+                # written out: LLVM does not unroll a loop over these calls
+                rank_one_update(acc, a, b, slab, columns, w_at, c_at)
+                if unroll >= 2:
+                    rank_one_update(acc, a, b, slab, columns, w_at + oc_block, c_at + pixels)
+                if unroll == 4:
+                    rank_one_update(acc, a, b, slab, columns, w_at + 2 * oc_block, c_at + 2 * pixels)
+                    rank_one_update(acc, a, b, slab, columns, w_at + 3 * oc_block, c_at + 3 * pixels)
+                w_at = U32(w_at + unroll * oc_block)
+                c_at = U32(c_at + unroll * pixels)
+            cuda.syncthreads()  # all reads of the region, slab and columns are done
             c = chunk_end
 
-        # epilogue: bias, NCHW store (consecutive threads -> consecutive pixels of a tile row)
         # phase: epilogue
-        for i in range(RO):
-            oc = oc0 + oc_t + i * OC_T
-            if oc < oc_end:
+        # bias, NCHW store: a thread writes runs of px_vec consecutive pixels of a tile row.
+        # The block's channels are derived here, not kept through the chunk loop (a register
+        # fewer there: at 128 registers that is the difference between a spill and none).
+        block_y = U32(cuda.blockIdx.y + block_y0)
+        g = U32(block_y // oc_blocks)
+        ob = U32(block_y - g * oc_blocks)
+        oc0 = I32(g * opg + ob * oc_block)  # first output channel of the block
+        oc_count = I32(min(oc_block, opg - ob * oc_block))  # valid channels of the block
+        for i in range(reg_oc):
+            o = I32(oc_first + (i // oc_vec) * oc_run_step + i % oc_vec)
+            if o < oc_count:
                 bias_v = ZERO
                 if USE_BIAS:
-                    bias_v = bias[oc]
-                for j in range(RP):
-                    p = px_t + j * PX_T
-                    u = p // TW
-                    oy = oy0 + u
-                    ox = ox0 + (p - u * TW)
+                    bias_v = bias[U32(oc0 + o)]
+                out_base = (n * out_channels + (oc0 + o)) * out_plane
+                for j in range(reg_px):
+                    p = U32(px_first + (j // px_vec) * px_run_step + j % px_vec)
+                    u = U32(p // U32(tile_w))
+                    oy = I32(oy0 + u)
+                    ox = I32(ox0 + (p - u * tile_w))
                     if oy < out_h and ox < out_w:
-                        out[n, oc, oy, ox] = acc[i, j] + bias_v
+                        out[U64(out_base + PLANE(oy * out_w + ox))] = acc[i * reg_px + j] + bias_v
+
+    @cuda.jit(device=True, inline="always")
+    def rank_one_update(acc, a, b, slab, columns, w_at, c_at):
+        """acc += a b^T for one row of the slab (from w_at) and of the column tile (from c_at).
+        Defined after the kernel (numba resolves it at compile time) so that its lines
+        belong to the multiply phase."""
+        # phase: multiply
+        for i in range(reg_oc):
+            a[i] = slab[w_at + ((i // oc_vec) * oc_run_step + i % oc_vec)]
+        for j in range(reg_px):
+            b[j] = columns[c_at + ((j // px_vec) * px_run_step + j % px_vec)]
+        for i in range(reg_oc):
+            for j in range(reg_px):
+                acc[i * reg_px + j] += a[i] * b[j]
 
     return kernel
+
+
+def kernel_dims(geometry) -> tuple:
+    """The int32 tuple ``dims`` of the kernel: ``(C, H, W, Cout, Ho, Wo, C/groups,
+    C/offset_groups, 2*G*K, G*K)`` (G the offset groups, K the taps)."""
+    g = geometry
+    return tuple(np.int32(v) for v in (g.in_channels, g.height, g.width, g.out_channels, g.out_h, g.out_w,
+                                       g.in_channels // g.groups, g.in_channels // g.offset_groups,
+                                       2 * g.offset_groups * g.taps, g.offset_groups * g.taps))
+
+
+def pack_weights(geometry, config, weight, xp):
+    """``weight`` ``[Cout, C/groups, kh, kw]`` in the order the kernel reads it:
+    ``[groups * oc_blocks, C/groups, K, oc_block]`` flat, each block's output channels
+    padded with zeros to ``oc_block``. One pass per call, by the array module."""
+    g = geometry
+    opg, cpg = g.out_channels // g.groups, g.in_channels // g.groups
+    oc_blocks = -(-opg // config.oc_block)
+    w = weight.reshape(g.groups, opg, cpg, g.taps)
+    padded = oc_blocks * config.oc_block
+    if padded != opg:
+        w = xp.concatenate([w, xp.zeros((g.groups, padded - opg, cpg, g.taps), dtype=weight.dtype)], axis=1)
+    w = w.reshape(g.groups * oc_blocks, config.oc_block, cpg, g.taps).transpose(0, 2, 3, 1)
+    return xp.ascontiguousarray(w).reshape(-1)
 
 
 def _config_of(plan, geometry) -> TileConfig:
@@ -435,24 +635,35 @@ def _config_of(plan, geometry) -> TileConfig:
     return tile if tile is not None else default_config(geometry)
 
 
+def _flat(a):
+    """A 1-D view of a C-contiguous array (a copy only if it is not contiguous)."""
+    return a.reshape(-1)
+
+
 def _launch(geometry, config, input, offset, weight, bias, mask, out, counters, counting):
     """Launch ``config.launches(geometry)`` on the current stream: images past 65535 go to
     further launches on batch slices, (group x channel-block) indices past 65535 through
     ``block_y0``."""
     g = geometry
     xp = backend.array_module(input)
-    dummy = xp.zeros((1, 1, 1, 1), dtype=input.dtype)
+    dummy = xp.zeros(1, dtype=input.dtype)
     kernel = fused_kernel(g.dtype, g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.dil_h, g.dil_w,
-                          config, mask is not None, bias is not None, counting)
+                          config, mask is not None, bias is not None, counting, needs_wide_index(g))
     tiles = config.blocks(g)[0]
     conv = conv_tuple(g)
-    bias_arg = bias if bias is not None else dummy.reshape(1)
+    dims = kernel_dims(g)
+    packed = pack_weights(g, config, weight, xp)
+    bias_arg = bias if bias is not None else dummy
+    contiguous = out.flags.c_contiguous
+    target = out if contiguous else xp.empty(out.shape, dtype=out.dtype)
     for first, images, y0, blocks_y in config.launches(g):
         last = first + images
-        mask_arg = mask[first:last] if mask is not None else dummy
+        mask_arg = _flat(mask[first:last]) if mask is not None else dummy
         backend.launch(kernel, (tiles, blocks_y, images), config.threads,
-                       input[first:last], offset[first:last], mask_arg, weight, bias_arg,
-                       out[first:last], conv, counters, np.int64(y0))
+                       _flat(input[first:last]), _flat(offset[first:last]), mask_arg, packed, bias_arg,
+                       target[first:last].reshape(-1), conv, dims, counters, np.int32(y0))
+    if not contiguous:
+        out[...] = target
 
 
 def forward(geometry, input, offset, weight, bias, mask, out, stopwatch=backend.NO_STOPWATCH, plan=None):
@@ -493,21 +704,86 @@ def count_out_of_tile(geometry, offset, plan=None) -> dict:
             "out_of_tile_fraction": out_tile / inside if inside else 0.0}
 
 
-def ptx_cases():
-    """Kernels and signatures for the PTX audit (``deftnumba.ptx``)."""
+def _tag(cfg) -> str:
+    return f"{cfg.tile_h}x{cfg.tile_w}h{cfg.halo}c{cfg.chunk}o{cfg.oc_block}r{cfg.reg_oc}x{cfg.reg_px}"
+
+
+def kernel_signature(dtype):
+    """The numba signature of ``fused_kernel``'s kernels for arrays of ``dtype``."""
     from numba import types
 
-    configs = {"float32": (GPU_CONFIG, TileConfig(4, 8, 2, 4, 64, 4, 8), TileConfig(8, 8, 1, 4, 128, 8, 8),
+    flat = types.Array(getattr(types, np.dtype(dtype).name), 1, "C")
+    return (flat, flat, flat, flat, flat, flat, types.UniTuple(types.int32, 8), types.UniTuple(types.int32, 10),
+            types.Array(types.int64, 1, "C"), types.int32)
+
+
+def ptx_cases():
+    """Kernels and signatures for the PTX/SASS audit (``deftnumba.ptx``): the deft64 plan's
+    config (``GPU_CONFIG``) with 32-bit and 64-bit (``wide_index``) plane offsets, two
+    neighbouring configs, the simulator's, and the counting build. A kernel's launch bounds
+    are in ``kernel.targetoptions["launch_bounds"]`` (``launch_bounds(config)``)."""
+    configs = {"float32": (GPU_CONFIG, TileConfig(8, 8, 2, 2, 64, 8, 8), TileConfig(8, 8, 2, 4, 64, 8, 4),
                            SIMULATOR_CONFIG),
-               "float64": (TileConfig(8, 8, 1, 2, 64, 4, 8), TileConfig(4, 8, 2, 2, 64, 4, 8), SIMULATOR_CONFIG)}
+               "float64": (TileConfig(8, 8, 1, 2, 64, 4, 8), SIMULATOR_CONFIG)}
     for dtype in ("float32", "float64"):
-        t = getattr(types, dtype)
-        a4, a1 = types.Array(t, 4, "A"), types.Array(t, 1, "A")
-        conv = types.UniTuple(types.int32, 8)
-        sig = (a4, a4, a4, a4, a1, a4, conv, types.Array(types.int64, 1, "A"), types.int64)
+        sig = kernel_signature(dtype)
         for cfg in configs[dtype]:
-            tag = f"{cfg.tile_h}x{cfg.tile_w}h{cfg.halo}c{cfg.chunk}o{cfg.oc_block}r{cfg.reg_oc}x{cfg.reg_px}"
-            yield f"fused[3x3,{tag}]", dtype, fused_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, True), sig
+            yield f"fused[3x3,{_tag(cfg)}]", dtype, fused_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, True), sig
+        wide = configs[dtype][0]
+        yield (f"fused[3x3,{_tag(wide)},wide]", dtype,
+               fused_kernel(dtype, 3, 3, 1, 1, 1, 1, wide, True, True, False, True), sig)
         yield ("fused[3x3,count]", dtype,
-               fused_kernel(dtype, 3, 3, 1, 1, 1, 1, GPU_CONFIG if dtype == "float32" else SIMULATOR_CONFIG,
-                            False, False, True), sig)
+               fused_kernel(dtype, 3, 3, 1, 1, 1, 1, configs[dtype][0], False, False, True), sig)
+
+
+PHASES = ("table", "staging", "weights", "columns", "multiply", "epilogue")
+
+
+def _segments(geometry):
+    """``[(channels, ...)]``: the channel counts of the (weight group x offset group)
+    segments one block walks (every weight group walks the same pattern up to a shift)."""
+    g = geometry
+    cpg, cpo = g.in_channels // g.groups, g.in_channels // g.offset_groups
+    c, end = 0, cpg  # weight group 0; groups are alike when cpg and cpo divide each other
+    segments = []
+    while c < end:
+        seg_end = min(end, (c // cpo + 1) * cpo)
+        segments.append(seg_end - c)
+        c = seg_end
+    return segments
+
+
+def phase_model(geometry, config: TileConfig) -> dict:
+    """Iterations, per thread of one block, of each phase's innermost source loop body
+    (``# phase:`` lines of ``fused_kernel``), for the audit's issue-slot model:
+
+    * ``table``: one (tap, pixel) entry, ``ceil(K*P / threads)`` per offset-group segment;
+    * ``staging``: one stored position of the region (guard included), copied for all
+      ``chunk`` channels: ``ceil(region / threads)`` per chunk;
+    * ``weights``: ``slab_group`` slab elements (unrolled), ``slab_reps / slab_group``
+      per chunk;
+    * ``columns``: one (tap, pixel) entry for all ``chunk`` channels, ``ceil(K*P / threads)``
+      per chunk;
+    * ``multiply``: ``_multiply_unroll`` (1 or 2) rank-1 updates of ``reg_oc * reg_px`` FFMA
+      each, ``chunk * K / unroll`` per chunk;
+    * ``epilogue``: 1 (straight-line stores).
+
+    The SASS may unroll a source loop further (ptxas/LLVM): divide by the unroll factor
+    seen in the loop's body (e.g. its FFMA or LDG count over the source body's).
+    """
+    g = geometry
+    threads = config.threads
+    taps = g.taps
+    rows, cols = config.staged_shape(g)
+    region = (rows + 2) * (cols + 2)
+    table_size = taps * config.pixels
+    segments = _segments(g)
+    chunks = sum(-(-s // config.chunk) for s in segments)
+    slab_reps, slab_group = _slab_copy(config, taps)
+    per_table = -(-table_size // threads)
+    return {"table": len(segments) * per_table,
+            "staging": chunks * -(-region // threads),
+            "weights": chunks * (slab_reps // slab_group),
+            "columns": chunks * per_table,
+            "multiply": chunks * config.chunk * taps // _multiply_unroll(config, taps),
+            "epilogue": 1}
