@@ -41,14 +41,15 @@ def loss_fn(out, target):
     return (out - target).square().mean()
 
 
-def run(rank: int, world: int, port: int, result_path: str) -> None:
+def run(rank: int, world: int, store_path: str, result_path: str) -> None:
     """One rank: its share of the batch through DDP, one backward, one SGD step;
-    rank 0 saves the gradients and the updated parameters."""
+    rank 0 saves the gradients and the updated parameters. The ranks meet through
+    a file store (no TCP port to pick, so no race with other processes for one)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         model, x, target = model_and_batch()
         share = x.shape[0] // world

@@ -332,7 +332,7 @@ def test_distributed_data_parallel_two_processes(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     result = tmp_path / "rank0.pt"
-    mp.spawn(ddp_worker.run, args=(2, free_port(), str(result)), nprocs=2, join=True)
+    mp.spawn(ddp_worker.run, args=(2, str(tmp_path / "store"), str(result)), nprocs=2, join=True)
     got = torch.load(result)
 
     model, x, target = ddp_worker.model_and_batch()
