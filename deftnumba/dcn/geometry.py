@@ -49,6 +49,13 @@ class Geometry:
         return (self.width + 2 * self.pad_w - self.dil_w * (self.kernel_w - 1) - 1) // self.stride_w + 1
 
     @property
+    def is_empty(self) -> bool:
+        """True when there is nothing to sample or no output channel: a batch of 0,
+        no input channels, or no output channels. The output is then empty (or the
+        bias alone, when there are no input channels) and nothing is launched."""
+        return self.batch == 0 or self.in_channels == 0 or self.out_channels == 0
+
+    @property
     def taps(self) -> int:
         """Kernel taps ``kh * kw``."""
         return self.kernel_h * self.kernel_w
@@ -131,22 +138,32 @@ def check_forward(input, offset, weight, bias, stride, padding, dilation, mask) 
 
     n, c, h, w = input.shape
     c_out, c_per_group, kh, kw = weight.shape
-    for name, value in (("input", input), ("weight", weight), ("offset", offset)):
-        if 0 in value.shape:
-            raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
-    if c % c_per_group != 0:
+    # Empty is fine along the batch, the channels and the output channels (the
+    # result is empty or zero, see ``Geometry.is_empty``); never along a spatial
+    # or kernel axis, nor with no offset groups (torchvision refuses those too).
+    if h == 0 or w == 0:
+        raise ValueError(f"input must have height and width >= 1, got shape {tuple(input.shape)}")
+    if kh == 0 or kw == 0:
+        raise ValueError(f"weight must have a kernel size >= 1 (weight.shape[2:]), got shape {tuple(weight.shape)}")
+    if c_per_group == 0 and c != 0:
+        raise ValueError(f"weight.shape[1] (C/groups) must be >= 1 for {c} input channels, "
+                         f"got shape {tuple(weight.shape)}")
+    if c == 0 and c_per_group != 0:
+        raise ValueError(f"weight.shape[1] (C/groups) must be 0 for an input with no channels, "
+                         f"got shape {tuple(weight.shape)}")
+    if c_per_group != 0 and c % c_per_group != 0:
         raise ValueError(
             f"input channels ({c}) must be divisible by weight.shape[1] ({c_per_group}), "
             f"which is C/groups"
         )
-    groups = c // c_per_group
+    groups = c // c_per_group if c_per_group else 1  # no input channels: one (empty) group
     if c_out % groups != 0:
         raise ValueError(f"weight.shape[0] (Cout={c_out}) must be divisible by groups ({groups})")
     taps = kh * kw
-    if offset.shape[1] % (2 * taps) != 0:
+    if offset.shape[1] == 0 or offset.shape[1] % (2 * taps) != 0:
         raise ValueError(
-            f"offset.shape[1] ({offset.shape[1]}) must be 2*offset_groups*kh*kw, a multiple of "
-            f"2*{kh}*{kw}={2 * taps}"
+            f"offset.shape[1] ({offset.shape[1]}) must be 2*offset_groups*kh*kw with offset_groups >= 1, "
+            f"a positive multiple of 2*{kh}*{kw}={2 * taps}"
         )
     offset_groups = offset.shape[1] // (2 * taps)
     if c % offset_groups != 0:

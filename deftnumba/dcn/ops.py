@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from ..runtime import backend, timing
 from .planning import plan as tiling
 from .geometry import check_backward, check_forward
@@ -59,9 +61,13 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     plan:      optional ``deftnumba.tiling.Plan`` (e.g. ``tiling.plan_for(geometry, offset)``):
                ``"auto"`` runs its method, and ``"fused"`` its tile.
 
-    Returns ``[N, Cout, Ho, Wo]``.
+    Returns ``[N, Cout, Ho, Wo]``. A batch of 0 or ``Cout = 0`` gives that empty
+    shape, and ``C = 0`` (weight ``[Cout, 0, kh, kw]``) gives the bias alone (or
+    zeros), all without launching a kernel.
     """
     geometry = check_forward(input, offset, weight, bias, stride, padding, dilation, mask)
+    if geometry.is_empty:
+        return _empty_forward(geometry, input, bias)
     name, plan = _pick_method(method, geometry, plan)
     host_result = not backend.is_cupy_array(input)
     arrays = [backend.to_device(a) if a is not None else None for a in (input, offset, weight, bias, mask)]
@@ -70,6 +76,16 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     extra = {"plan": plan} if name == "fused" else {}
     _FORWARD[name](geometry, *arrays, out, stopwatch or timing.NO_STOPWATCH, **extra)
     return backend.to_host(out) if host_result and not backend.IS_SIMULATOR else out
+
+
+def _empty_forward(geometry, input, bias):
+    """The result of a layer with nothing to sample (``geometry.is_empty``): zeros
+    of the output's shape plus the bias, in the input's array kind. No kernel runs."""
+    xp = backend.array_module(input)
+    out = xp.zeros(geometry.shapes["output"], dtype=input.dtype)
+    if bias is not None and out.size:
+        out += xp.asarray(bias).reshape(1, -1, 1, 1)
+    return out
 
 
 # --------------------------------------------------------------------------- backward
@@ -108,6 +124,23 @@ def _empty(xp, shape, dtype):
     return xp.empty(shape, dtype=dtype)
 
 
+def _empty_backward(geometry, grad_output, input, bias):
+    """Gradients of a layer with nothing to sample (``geometry.is_empty``): every
+    sample's contribution is an empty sum, so all are zero except the bias's,
+    ``sum(grad_output)`` (itself zero for a batch of 0). No kernel runs."""
+    xp = backend.array_module(input)
+    shapes, dtype = geometry.shapes, input.dtype
+
+    def zeros(name):
+        return xp.zeros(shapes[name], dtype=dtype)
+
+    grad_bias = None
+    if bias is not None:
+        grad_bias = xp.asarray(grad_output).sum(axis=(0, 2, 3), dtype=np.float64).astype(dtype)
+    return DeformConv2dGrads(input=zeros("input"), offset=zeros("offset"), weight=zeros("weight"),
+                             bias=grad_bias, mask=zeros("mask") if geometry.has_mask else None)
+
+
 def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride=1, padding=0, dilation=1,
                            mask=None, *, method: str = "auto", deterministic: bool = False, stopwatch=None):
     """Gradients of ``deform_conv2d`` with respect to all its array arguments.
@@ -122,10 +155,14 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
     stopwatch:     optional ``deftnumba.runtime.timing.Stopwatch`` that times each operator.
 
     Returns ``DeformConv2dGrads(input, offset, weight, bias, mask)``; ``bias`` and
-    ``mask`` are None when those arguments are None.
+    ``mask`` are None when those arguments are None. With a batch of 0, no input
+    channels or ``Cout = 0`` the gradients are zeros of the right (possibly empty)
+    shapes, the bias gradient the sum of ``grad_output``, without launching a kernel.
     """
     geometry = check_backward(grad_output, input, offset, weight, bias, stride, padding, dilation, mask)
     name = _pick_backward_method(method, geometry)
+    if geometry.is_empty:
+        return _empty_backward(geometry, grad_output, input, bias)
     host_result = not backend.is_cupy_array(input)
     arrays = [backend.to_device(a) if a is not None else None
               for a in (grad_output, input, offset, weight, mask)]

@@ -15,7 +15,12 @@ Semantics follow ``torchvision.ops.deform_conv2d``:
 * ``mask[n, g*kh*kw + i*kw + j]`` multiplies that sample (DCN v2);
 * bilinear interpolation is zero when ``y <= -1``, ``y >= H``, ``x <= -1`` or
   ``x >= W``; inside that band, corners outside the image count as zero;
-* non-finite positions (NaN, +-inf) sample zero.
+* non-finite positions (NaN, +-inf) sample zero;
+* the offset gradient is the derivative of the bilinear weights, one-sided from
+  the right at integer coordinates; its band is closed at -1
+  (``-1 <= y < H``, ``-1 <= x < W``): exactly on ``y = -1`` (or ``x = -1``) the
+  value is zero but ``d value / dy`` is the interpolation of image row 0 at
+  ``x`` (the derivative from inside), as torchvision's backward computes it.
 """
 
 from __future__ import annotations
@@ -114,12 +119,15 @@ def _bilinear_corner_terms(height, width, y, x):
     """The four corners of bilinear sampling at ``(y, x)`` with their weights and derivatives.
 
     Yields ``(cy, cx, weight, d_weight/dy, d_weight/dx)`` per corner, each an array
-    of the shape of ``y``; corners outside the image and samples outside the band
-    ``-1 < y < H, -1 < x < W`` (or non-finite) have weight and derivatives zero,
-    and their indices are clipped into the image so they can be used to index.
+    of the shape of ``y``; corners outside the image and samples outside the
+    gradient band ``-1 <= y < H, -1 <= x < W`` (or non-finite) have weight and
+    derivatives zero, and their indices are clipped into the image so they can
+    be used to index. The band is closed at -1: there every weight is zero
+    anyway (row -1 is outside, row 0 has weight ``frac(y) = 0``), but row 0's
+    derivative ``+1`` survives, giving the one-sided derivative from inside.
     """
     with np.errstate(invalid="ignore"):
-        inside = (y > -1) & (y < height) & (x > -1) & (x < width)
+        inside = (y >= -1) & (y < height) & (x >= -1) & (x < width)
     y = np.where(inside, y, 0.0)
     x = np.where(inside, x, 0.0)
     y0 = np.floor(y).astype(np.int64)
@@ -155,7 +163,8 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
 
     The bilinear weights are piecewise linear in ``y`` and ``x``; at integer
     coordinates the derivative used is the one-sided one from the right (the
-    floor cell), as torchvision does.
+    floor cell), as torchvision does, including at ``y = -1`` and ``x = -1``
+    where the value itself is zero (see the module docstring).
     """
     go = np.asarray(grad_output, dtype=np.float64)
     image = np.asarray(input, dtype=np.float64)

@@ -37,27 +37,38 @@ Where the tensors live decides what runs, and it must agree with the backend
 
 Non-contiguous tensors are made contiguous first (one copy), as torchvision does.
 Under CUDA autocast (AMP) the layer runs in float32, as torchvision's does: its
-inputs are cast to float32 and the output is float32.
-The backward is first-order only (``once_differentiable``); it skips the bias
-gradient when the bias needs none, and the whole kernel call when only the bias
-needs a gradient. With ``deterministic=None`` (the default) it follows
+inputs are cast to float32 and the output is float32 (half precision: not yet).
+
+The layer is the registered ``torch.library`` op ``torch.ops.deftnumba.deform_conv2d``
+with a fake (meta) kernel and registered autograd, so ``torch.fx`` tracing,
+``torch.compile(fullgraph=True)``, ``torch.export``, TorchScript and
+``torch.library.opcheck`` see it as one op (like ``torchvision::deform_conv2d``).
+The backward is the op ``deftnumba::deform_conv2d_backward``; it is first-order
+only (a double backward raises ``RuntimeError``), skips the bias gradient when
+the bias needs none, and the whole kernel call when only the bias needs a
+gradient. With ``deterministic=None`` (the default) it follows
 ``torch.are_deterministic_algorithms_enabled()``.
+
+Empty batches, ``Cout = 0`` and ``C = 0`` give correctly shaped (empty or bias-only)
+results and gradients without a kernel launch. Argument errors are
+``DeformConvValueError``/``DeformConvTypeError``: ``ValueError``/``TypeError`` as
+in ``deftnumba``, and ``RuntimeError`` as in torchvision (see ``DeformConvError``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ..runtime import backend
 from . import ops
 from .geometry import pair
 
-__all__ = ["DeformConv2d", "deform_conv2d", "DeformConv2dFunction"]
+__all__ = ["DeformConv2d", "deform_conv2d", "DeformConvError", "DeformConvValueError", "DeformConvTypeError"]
 
 
 # --------------------------------------------------------------------------- tensors <-> arrays
@@ -121,71 +132,159 @@ def _on_device(device: torch.device):
         yield
 
 
-# --------------------------------------------------------------------------- autograd
-if hasattr(torch.amp, "custom_fwd"):  # torch >= 2.4
-    _autocast_to_float32 = torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    _autocast_backward = torch.amp.custom_bwd(device_type="cuda")
-else:  # pragma: no cover - older torch
-    _autocast_to_float32 = torch.cuda.amp.custom_fwd(cast_inputs=torch.float32)
-    _autocast_backward = torch.cuda.amp.custom_bwd
+# --------------------------------------------------------------------------- errors
+class DeformConvError(RuntimeError):
+    """Base of every argument error the torch layer raises.
 
-
-class DeformConv2dFunction(torch.autograd.Function):
-    """Autograd glue around ``deftnumba.deform_conv2d`` and ``deftnumba.deform_conv2d_backward``.
-
-    ``apply(input, offset, weight, bias, mask, stride, padding, dilation, method, deterministic)``;
-    use ``deform_conv2d`` rather than calling this directly.
+    torchvision's ``deform_conv2d`` raises ``RuntimeError`` for a bad shape;
+    ``deftnumba`` raises ``ValueError`` (bad value or shape) and ``TypeError``
+    (bad type or dtype) with messages that name the argument. The torch layer
+    raises ``DeformConvValueError`` and ``DeformConvTypeError``, which are both
+    at once: code that catches ``RuntimeError`` (written for torchvision),
+    ``ValueError``/``TypeError`` (written for ``deftnumba``) or
+    ``DeformConvError`` keeps working. Device mismatches stay plain
+    ``RuntimeError``, as in torch.
     """
 
-    @staticmethod
-    @_autocast_to_float32
-    def forward(ctx, input, offset, weight, bias, mask, stride, padding, dilation, method, deterministic):
-        device = _check_tensors(dict(input=input, offset=offset, weight=weight, bias=bias, mask=mask))
-        with _on_device(device):
-            arrays = [_to_array(t) for t in (input, offset, weight, bias, mask)]
-            out = ops.deform_conv2d(*arrays[:4], stride=stride, padding=padding, dilation=dilation,
-                                    mask=arrays[4], method=method)
-            result = _to_tensor(out)
-        ctx.save_for_backward(input, offset, weight, mask)
-        ctx.has_bias = bias is not None
-        ctx.conv = (stride, padding, dilation)
-        ctx.method = method
-        ctx.deterministic = deterministic
-        return result
 
-    @staticmethod
-    @once_differentiable
-    @_autocast_backward
-    def backward(ctx, grad_output):
-        input, offset, weight, mask = ctx.saved_tensors
-        need_input, need_offset, need_weight, need_bias, need_mask = ctx.needs_input_grad[:5]
-        grads = [None] * 5
-        if need_bias:  # cheap in torch; never ask the kernels for it
-            grads[3] = grad_output.sum(dim=(0, 2, 3))
-        if need_input or need_offset or need_weight or need_mask:
-            backward = getattr(ops, "deform_conv2d_backward", None)
-            if backward is None:  # pragma: no cover - only before the backward lands
-                raise NotImplementedError("this deftnumba has no deform_conv2d_backward")
-            deterministic = ctx.deterministic
-            if deterministic is None:
-                deterministic = torch.are_deterministic_algorithms_enabled()
-            stride, padding, dilation = ctx.conv
-            method = ctx.method if ctx.method in getattr(ops, "BACKWARD_METHODS", ()) else "auto"
-            with _on_device(grad_output.device):
-                g, x, o, w, m = (_to_array(t) for t in (grad_output, input, offset, weight, mask))
-                result = backward(g, x, o, w, None, stride=stride, padding=padding, dilation=dilation,
-                                  mask=m, method=method, deterministic=bool(deterministic))
-                for i, (name, needed) in enumerate((("input", need_input), ("offset", need_offset),
-                                                    ("weight", need_weight))):
-                    if needed:
-                        grads[i] = _to_tensor(getattr(result, name))
-                if need_mask and mask is not None:
-                    grads[4] = _to_tensor(result.mask)
-        return (*grads, None, None, None, None, None)
+class DeformConvValueError(DeformConvError, ValueError):
+    """A bad argument value or shape (a ``ValueError`` and a ``RuntimeError``)."""
 
 
-def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-                  mask=None, *, method: str = "auto", deterministic: bool | None = None):
+class DeformConvTypeError(DeformConvError, TypeError):
+    """A bad argument type or dtype (a ``TypeError`` and a ``RuntimeError``)."""
+
+
+@contextlib.contextmanager
+def _torch_errors():
+    """Re-raise ``ValueError``/``TypeError`` from ``deftnumba`` as the layer's errors
+    (same message), so they are ``RuntimeError``s too."""
+    try:
+        yield
+    except DeformConvError:
+        raise
+    except ValueError as error:
+        raise DeformConvValueError(str(error)).with_traceback(error.__traceback__) from None
+    except TypeError as error:
+        raise DeformConvTypeError(str(error)).with_traceback(error.__traceback__) from None
+
+
+# --------------------------------------------------------------------------- the torch.library ops
+# ``deftnumba::deform_conv2d`` and its backward ``deftnumba::deform_conv2d_backward``
+# are registered custom ops: the dispatcher, autograd, fake tensors (shapes without
+# data), torch.fx, torch.compile, torch.export and TorchScript all see one opaque op
+# with a schema, as they see ``torchvision::deform_conv2d``.
+def _output_size(size, pad, dilation, kernel, stride):
+    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@torch.library.custom_op("deftnumba::deform_conv2d", mutates_args=())
+def _deform_conv2d_op(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], stride: List[int],
+                      padding: List[int], dilation: List[int], method: str,
+                      deterministic: Optional[bool]) -> torch.Tensor:
+    """The forward on real tensors: check, view as arrays, run ``ops.deform_conv2d``.
+    ``deterministic`` is only recorded for the backward."""
+    device = _check_tensors(dict(input=input, offset=offset, weight=weight, bias=bias, mask=mask))
+    with _torch_errors(), _on_device(device):
+        arrays = [_to_array(t) for t in (input, offset, weight, bias, mask)]
+        out = ops.deform_conv2d(*arrays[:4], stride=tuple(stride), padding=tuple(padding),
+                                dilation=tuple(dilation), mask=arrays[4], method=method)
+        return _to_tensor(out)
+
+
+@_deform_conv2d_op.register_fake
+def _deform_conv2d_fake(input, offset, weight, bias, mask, stride, padding, dilation, method, deterministic):
+    """Shape and dtype only (fake and meta tensors, symbolic sizes): ``[N, Cout, Ho, Wo]``."""
+    if input.dim() != 4 or weight.dim() != 4 or offset.dim() != 4:
+        raise DeformConvValueError(
+            f"input, offset and weight must be 4-D, got shapes {tuple(input.shape)}, "
+            f"{tuple(offset.shape)}, {tuple(weight.shape)}")
+    out_h = _output_size(input.shape[2], padding[0], dilation[0], weight.shape[2], stride[0])
+    out_w = _output_size(input.shape[3], padding[1], dilation[1], weight.shape[3], stride[1])
+    torch._check(out_h >= 1 and out_w >= 1,
+                 lambda: f"deform_conv2d: the output would be empty ({out_h}x{out_w})")
+    return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
+
+
+@torch.library.custom_op("deftnumba::deform_conv2d_backward", mutates_args=())
+def _deform_conv2d_backward_op(grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor,
+                               weight: torch.Tensor, mask: Optional[torch.Tensor], stride: List[int],
+                               padding: List[int], dilation: List[int], method: str,
+                               deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                             torch.Tensor]:
+    """Gradients ``(input, offset, weight, mask)`` from ``ops.deform_conv2d_backward``;
+    the mask gradient is an empty ``[0]`` tensor when ``mask`` is None. ``method``
+    is used when it names a backward method, otherwise ``"auto"``."""
+    device = _check_tensors(dict(grad_output=grad_output, input=input, offset=offset, weight=weight,
+                                 mask=mask))
+    method = method if method in ops.BACKWARD_METHODS else "auto"
+    with _torch_errors(), _on_device(device):
+        g, x, o, w, m = (_to_array(t) for t in (grad_output, input, offset, weight, mask))
+        result = ops.deform_conv2d_backward(g, x, o, w, None, stride=tuple(stride), padding=tuple(padding),
+                                            dilation=tuple(dilation), mask=m, method=method,
+                                            deterministic=bool(deterministic))
+        grad_mask = _to_tensor(result.mask) if mask is not None else input.new_empty(0)
+        return _to_tensor(result.input), _to_tensor(result.offset), _to_tensor(result.weight), grad_mask
+
+
+@_deform_conv2d_backward_op.register_fake
+def _deform_conv2d_backward_fake(grad_output, input, offset, weight, mask, stride, padding, dilation,
+                                 method, deterministic):
+    grad_mask = mask.new_empty(mask.shape) if mask is not None else input.new_empty(0)
+    return input.new_empty(input.shape), offset.new_empty(offset.shape), weight.new_empty(weight.shape), grad_mask
+
+
+def _setup_context(ctx, inputs, output):
+    input, offset, weight, bias, mask, stride, padding, dilation, method, deterministic = inputs
+    ctx.save_for_backward(input, offset, weight, mask)
+    ctx.conv = (stride, padding, dilation)
+    ctx.method = method
+    ctx.deterministic = deterministic
+
+
+def _backward(ctx, grad_output):
+    """First-order gradients. The bias gradient is a sum in torch; the kernels run
+    only when one of input, offset, weight or mask needs a gradient."""
+    input, offset, weight, mask = ctx.saved_tensors
+    need_input, need_offset, need_weight, need_bias, need_mask = ctx.needs_input_grad[:5]
+    grads = [None] * 5
+    if need_bias:
+        grads[3] = grad_output.sum(dim=(0, 2, 3))
+    if need_input or need_offset or need_weight or (need_mask and mask is not None):
+        deterministic = ctx.deterministic
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        stride, padding, dilation = ctx.conv
+        grad_input, grad_offset, grad_weight, grad_mask = torch.ops.deftnumba.deform_conv2d_backward(
+            grad_output, input, offset, weight, mask, stride, padding, dilation, ctx.method,
+            bool(deterministic))
+        grads[0] = grad_input if need_input else None
+        grads[1] = grad_offset if need_offset else None
+        grads[2] = grad_weight if need_weight else None
+        grads[4] = grad_mask if need_mask and mask is not None else None
+    return (*grads, None, None, None, None, None)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "deftnumba's deform_conv2d has first-order gradients only: double backward (a gradient of "
+        "its gradient, e.g. create_graph=True followed by another backward) is not supported, "
+        "as in torchvision")
+
+
+torch.library.register_autograd("deftnumba::deform_conv2d", _backward, setup_context=_setup_context)
+torch.library.register_autograd("deftnumba::deform_conv2d_backward", _no_double_backward)
+# Under CUDA autocast (AMP) the op runs in float32, as torchvision's does: floating
+# inputs are cast to float32 and the output is float32 (half precision: not yet).
+torch.library.register_autocast("deftnumba::deform_conv2d", "cuda", torch.float32)
+
+
+def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None, stride: Tuple[int, int] = (1, 1),
+                  padding: Tuple[int, int] = (0, 0), dilation: Tuple[int, int] = (1, 1),
+                  mask: Optional[torch.Tensor] = None, method: str = "auto",
+                  deterministic: Optional[bool] = None) -> torch.Tensor:
     """Deformable convolution (DCN v1, or v2 with ``mask``), differentiable.
 
     The arguments, shapes and semantics are ``torchvision.ops.deform_conv2d``'s:
@@ -199,17 +298,31 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
 
     float32 or float64, all on one device: CUDA tensors with the ``cuda`` backend
     (zero-copy, torch's current stream), CPU tensors with the ``simulator``
-    backend. Returns ``[N, Cout, Ho, Wo]``.
+    backend. Returns ``[N, Cout, Ho, Wo]``. Empty batches and ``Cout = 0`` give
+    empty results, as in torchvision.
 
-    Keyword-only extras: ``method`` (``"auto"`` or one of ``deftnumba.METHODS``;
-    the backward uses the same name when it is one of ``deftnumba.BACKWARD_METHODS``,
-    otherwise its own ``"auto"``) and ``deterministic`` (``None`` follows
-    ``torch.are_deterministic_algorithms_enabled()``; ``True`` asks for a backward
-    without floating-point atomics).
+    Extras after torchvision's eight arguments: ``method`` (``"auto"`` or one of
+    ``deftnumba.METHODS``; the backward uses the same name when it is one of
+    ``deftnumba.BACKWARD_METHODS``, otherwise its own ``"auto"``) and
+    ``deterministic`` (``None`` follows ``torch.are_deterministic_algorithms_enabled()``;
+    ``True`` asks for a backward without floating-point atomics).
+
+    It calls the registered op ``torch.ops.deftnumba.deform_conv2d``, so it works
+    under ``torch.fx`` tracing, ``torch.compile(fullgraph=True)``, ``torch.export``
+    and TorchScript (pass pairs there). First-order gradients only: a double
+    backward raises ``RuntimeError``. Argument errors are ``DeformConvValueError``
+    / ``DeformConvTypeError``: ``ValueError``/``TypeError`` and ``RuntimeError`` at once.
     """
-    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
-    return DeformConv2dFunction.apply(input, offset, weight, bias, mask, stride, padding, dilation,
-                                      method, deterministic)
+    if not torch.jit.is_scripting():
+        with _torch_errors():
+            named = dict(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
+            for name, value in named.items():
+                if value is not None and not isinstance(value, (torch.Tensor, torch.fx.Proxy)):
+                    raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+            stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    return torch.ops.deftnumba.deform_conv2d(input, offset, weight, bias, mask, [stride[0], stride[1]],
+                                             [padding[0], padding[1]], [dilation[0], dilation[1]],
+                                             method, deterministic)
 
 
 # --------------------------------------------------------------------------- module
@@ -247,9 +360,9 @@ class DeformConv2d(nn.Module):
                  deterministic: bool | None = None):
         super().__init__()
         if in_channels % groups != 0:
-            raise ValueError("in_channels must be divisible by groups")
+            raise DeformConvValueError("in_channels must be divisible by groups")
         if out_channels % groups != 0:
-            raise ValueError("out_channels must be divisible by groups")
+            raise DeformConvValueError("out_channels must be divisible by groups")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = pair(kernel_size, "kernel_size")
@@ -280,11 +393,11 @@ class DeformConv2d(nn.Module):
             bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None = None):
+    def forward(self, input: torch.Tensor, offset: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``input [N, C, H, W]``, ``offset [N, 2*G*kh*kw, Ho, Wo]``, ``mask [N, G*kh*kw, Ho, Wo]``."""
-        return deform_conv2d(input, offset, self.weight, self.bias, stride=self.stride,
-                             padding=self.padding, dilation=self.dilation, mask=mask,
-                             method=self.method, deterministic=self.deterministic)
+        return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding,
+                             self.dilation, mask, self.method, self.deterministic)
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

@@ -37,7 +37,10 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     y = base_y + off[:, :, :, 0]  # [N, G, K, Ho, Wo]
     x = base_x + off[:, :, :, 1]
 
-    inside = (y > -1) & (y < h) & (x > -1) & (x < w)  # False for NaN / inf
+    # Closed at -1 (torchvision's backward band): there every weight below is zero,
+    # so the value is too, but autograd sees row/column 0's weight frac = y - floor(y)
+    # and gives the one-sided derivative from inside. False for NaN / inf.
+    inside = (y >= -1) & (y < h) & (x >= -1) & (x < w)
     y = torch.where(inside, y, torch.zeros_like(y))
     x = torch.where(inside, x, torch.zeros_like(x))
     y0 = torch.floor(y).detach()

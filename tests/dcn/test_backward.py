@@ -231,19 +231,39 @@ def test_all_samples_far_outside(mode, rng):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_samples_on_the_band_edge_get_zero_gradients(mode, rng):
-    """y = -1, y = H, x = -1, x = W are outside (torchvision: ``y <= -1 || y >= H``)."""
+def test_samples_on_the_band_edge(mode, rng):
+    """y = H and x = W are outside: no value, no gradient. y = -1 and x = -1 are
+    outside for the value and the input/weight/mask gradients, but the offset
+    gradient there is the one-sided derivative from inside, as torchvision's
+    backward computes it: d out / dy at y = -1 interpolates image row 0 at x."""
     g = CASES["kernel-1x1"]
     x, offset, weight, bias, mask = layer_arrays(g, rng)
     oy = np.arange(g.out_h)[:, None].astype(x.dtype)
     ox = np.arange(g.out_w)[None, :].astype(x.dtype)
     go = grad_out_for(g, rng)
-    for target_y, target_x in ((-1.0, 2.5), (float(g.height), 2.5), (2.5, -1.0), (1.5, float(g.width))):
+    # grad_cols[n, c, p] = sum_o W[o, c] grad_out[n, o, p] (1x1 kernel, one group)
+    gcol = np.einsum("oc,nohw->nchw", weight[:, :, 0, 0].astype(np.float64), go.astype(np.float64))
+    m = mask[:, 0].astype(np.float64)
+    xd = x.astype(np.float64)
+    for target_y, target_x in ((float(g.height), 2.5), (1.5, float(g.width)), (-1.0, 2.5), (2.5, -1.0),
+                               (-1.0, -1.0)):
         offset[:, 0] = target_y - oy
         offset[:, 1] = target_x - ox
         grads = run("auto", go, x, offset, weight, bias, mask, g, deterministic=MODES[mode])
-        for field in ("input", "offset", "weight", "mask"):
+        for field in ("input", "weight", "mask"):
             np.testing.assert_array_equal(getattr(grads, field), 0.0, err_msg=field)
+        expected = np.zeros(offset.shape)
+        if target_y == -1.0 and target_x == 2.5:  # row 0 between columns 2 and 3
+            row0 = 0.5 * (xd[:, :, 0, 2] + xd[:, :, 0, 3])  # [N, C]
+            expected[:, 0] = m * np.einsum("nchw,nc->nhw", gcol, row0)
+        if target_y == 2.5 and target_x == -1.0:  # column 0 between rows 2 and 3
+            col0 = 0.5 * (xd[:, :, 2, 0] + xd[:, :, 3, 0])
+            expected[:, 1] = m * np.einsum("nchw,nc->nhw", gcol, col0)
+        scale = np.abs(gcol).sum(axis=1).max() * np.abs(xd).max()
+        np.testing.assert_allclose(grads.offset, expected, rtol=0, atol=1e-5 * scale,
+                                   err_msg=f"offset at {(target_y, target_x)}")
+        ref = reference.deform_conv2d_backward(go, x, offset, weight, bias, **conv_kwargs(g), mask=mask)
+        np.testing.assert_allclose(ref.offset, expected, rtol=0, atol=1e-12 * scale)
 
 
 @pytest.mark.parametrize("mode", list(MODES))

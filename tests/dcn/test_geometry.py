@@ -48,7 +48,13 @@ BAD = [
     (lambda a: dict(stride=1.5), TypeError, r"stride must be an int or a pair"),
     (lambda a: dict(padding=(1, 1, 1)), TypeError, r"padding must be an int or a pair"),
     (lambda a: dict(padding=0, input=a["input"][:, :, :2, :2]), ValueError, r"output would be empty"),
-    (lambda a: dict(input=a["input"][:0]), ValueError, r"input must not be empty"),
+    (lambda a: dict(input=a["input"][:0]), ValueError, r"offset.shape\[0\] \(2\) must equal the batch size 0"),
+    (lambda a: dict(input=a["input"][:, :, :0]), ValueError, r"input must have height and width >= 1"),
+    (lambda a: dict(input=a["input"][:, :, :, :0]), ValueError, r"input must have height and width >= 1"),
+    (lambda a: dict(weight=a["weight"][:, :, :0]), ValueError, r"kernel size >= 1"),
+    (lambda a: dict(offset=a["offset"][:, :0]), ValueError, r"offset_groups >= 1"),
+    (lambda a: dict(input=a["input"][:, :0]), ValueError, r"weight.shape\[1\] \(C/groups\) must be 0"),
+    (lambda a: dict(weight=a["weight"][:, :0]), ValueError, r"weight.shape\[1\] \(C/groups\) must be >= 1"),
 ]
 
 

@@ -107,8 +107,15 @@ def test_bilinear_corners_never_convert_an_extreme_position(dtype):
                 out = fns.bilinear_corner_gradients(T(y), T(x), height, width)
                 assert 0 <= out[0] <= out[1] < height and 0 <= out[2] <= out[3] < width
                 assert all(np.isfinite(v) for v in out[4:]), (y, x)
-                if not (-1 < y < height and -1 < x < width):
+                if not (-1 <= y < height and -1 <= x < width):  # outside the gradient band
                     assert all(v == 0 for v in out[4:])
+                elif not (-1 < y and -1 < x):  # on y = -1 or x = -1: no weight, a one-sided derivative
+                    assert all(v == 0 for v in out[4:8]), (y, x, out)
+                    # d value/dy of an all-ones image at y = -1 is row 0 sampled at x (0 at the corner)
+                    ones = np.ones((height, width))
+                    d_dy = reference.bilinear_sample(ones, np.array(0.0), np.array(x)) if x != -1 else 0.0
+                    d_dx = reference.bilinear_sample(ones, np.array(y), np.array(0.0)) if y != -1 else 0.0
+                    assert abs(sum(out[8:12]) - d_dy) < 1e-6 and abs(sum(out[12:16]) - d_dx) < 1e-6, (y, x)
 
 
 def special_offsets(g: Geometry, rng, specials, fraction=1.0):

@@ -282,7 +282,7 @@ def test_double_backward_is_refused():
     out = layer(x, offset, mask)
     v = torch.ones_like(out, requires_grad=True)
     (grad,) = torch.autograd.grad(out, x, grad_outputs=v, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
+    with pytest.raises(RuntimeError, match="double backward"):
         grad.sum().backward()
 
 
@@ -319,6 +319,30 @@ def test_distributed_data_parallel_world_size_1(monkeypatch):
         assert list(ddp.module.state_dict()) == ["weight", "bias"]
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not backend.IS_SIMULATOR, reason="gloo on CPU tensors: the simulator backend")
+def test_distributed_data_parallel_two_processes(tmp_path):
+    """Two processes (gloo, CPU), each with half the batch: after one step the
+    gradients and parameters equal one process's on the whole batch."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from . import ddp_worker
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    result = tmp_path / "rank0.pt"
+    mp.spawn(ddp_worker.run, args=(2, str(tmp_path / "store"), str(result)), nprocs=2, join=True)
+    got = torch.load(result)
+
+    model, x, target = ddp_worker.model_and_batch()
+    ddp_worker.loss_fn(model(x), target).backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    for key, p in model.named_parameters():
+        torch.testing.assert_close(got["grads"][key], p.grad, rtol=1e-10, atol=1e-12, msg=key)
+        torch.testing.assert_close(got["params"][key], p.detach(), rtol=1e-10, atol=1e-12, msg=key)
+    assert any(key.startswith("dcn.") for key in got["grads"])
 
 
 def test_tiny_model_trains():

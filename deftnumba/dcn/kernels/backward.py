@@ -25,7 +25,9 @@ and ``cols[c, k, p] = m * bilinear(I[c], y, x)`` gives
 The bilinear rule, its corners and their derivatives come from
 ``sampling.py`` (``bilinear_corners``, ``bilinear_corner_gradients``): samples
 outside the band ``-1 < y < H, -1 < x < W`` (or non-finite) give zero value,
-zero input gradient and zero offset gradient; corners outside the image count zero.
+zero input and mask gradient, and zero offset gradient except exactly on
+``y = -1`` or ``x = -1``, where the offset gradient is the one-sided derivative
+from inside, as in torchvision (see ``sampling.py``); corners outside the image count zero.
 
 Methods (``ops`` keeps the registry)
 ------------------------------------

@@ -9,6 +9,20 @@ The torchvision rule lives here once. A tap ``(i, j)`` of output pixel
 * otherwise the weighted sum of the four corners, a corner outside the image
   counting as zero.
 
+The offset gradient (``bilinear_corner_gradients``) follows torchvision's
+backward, whose band is closed at -1: ``-1 <= y < H`` and ``-1 <= x < W``
+(``in_gradient_band``). At a sample exactly on ``y = -1`` every corner weight
+is zero (row -1 is outside the image, row 0 has weight ``frac(y) = 0``), so
+value, input gradient and mask gradient are zero as everywhere outside the
+open band; but ``d value / dy`` is the one-sided derivative from inside, the
+bilinear interpolation of image row 0 at ``x`` (and at ``x = -1`` the
+interpolation of column 0 at ``y`` for ``d value / dx``). Everywhere else the
+two bands agree (at ``y = H`` both give zero). This is the standard first
+step of every DCN layer: zero offsets with padding 1 put every top-row tap of
+output row 0 on ``y = -1``. **This is the one place the rule lives**; the
+float64 references (``deftnumba.reference``, ``deftnumba.torch_reference``)
+state it again independently.
+
 ``bilinear_corners`` returns corner indices already clamped into the image and
 the four weights with out-of-image corners zeroed, so the gather that follows is
 branch-free and can never address memory outside the image. (A side effect: a
@@ -63,8 +77,15 @@ def sampling_functions(dtype) -> SimpleNamespace:
         return y > MINUS_ONE and y < T(height) and x > MINUS_ONE and x < T(width)
 
     @cuda.jit(device=True, inline=True)
+    def in_gradient_band(y, x, height, width):
+        """True where torchvision's backward has offset gradients: ``-1 <= y < H`` and
+        ``-1 <= x < W`` (``in_band`` closed at -1; see the module docstring).
+        False for NaN and +-inf."""
+        return y >= MINUS_ONE and y < T(height) and x >= MINUS_ONE and x < T(width)
+
+    @cuda.jit(device=True, inline=True)
     def bilinear_axis(v, size):
-        """One axis of the bilinear rule at ``v`` (inside the band ``-1 < v < size``).
+        """One axis of the bilinear rule at ``v`` (inside the band ``-1 <= v < size``).
 
         Returns ``(lo, hi, w_lo, w_hi, dw_lo, dw_hi)``: the two neighbouring indices
         clamped into ``[0, size-1]``, their weights ``1 - frac(v)`` and ``frac(v)``,
@@ -110,12 +131,14 @@ def sampling_functions(dtype) -> SimpleNamespace:
         gx00, gx01, gx10, gx11)``: the corners and weights of ``bilinear_corners``
         (same clamping, same zeros), plus ``gyab = d wab / dy`` and
         ``gxab = d wab / dx``. With ``wy0 = 1 - ly``, ``wy1 = ly`` (``ly`` the
-        fractional part of ``y``), ``d wy0/dy = -1`` and ``d wy1/dy = +1``; a row
-        or column outside the image has weight and derivative zero, and so has a
-        sample outside the band ``-1 < y < H, -1 < x < W`` (torchvision's rule:
-        no value, no offset gradient). So ``d value / dy = sum gyab * I[ya, xb]``.
+        fractional part of ``y``), ``d wy0/dy = -1`` and ``d wy1/dy = +1``
+        (one-sided from the right at integers); a row or column outside the
+        image has weight and derivative zero, and so has a sample outside the
+        gradient band ``-1 <= y < H, -1 <= x < W`` (torchvision's rule). On
+        ``y = -1`` or ``x = -1`` all weights are zero but a derivative is not:
+        the one-sided derivative from inside. So ``d value / dy = sum gyab * I[ya, xb]``.
         """
-        if not in_band(y, x, height, width):
+        if not in_gradient_band(y, x, height, width):
             return (0, 0, 0, 0, ZERO, ZERO, ZERO, ZERO,
                     ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO)
         y0, y1, wy0, wy1, sy0, sy1 = bilinear_axis(y, height)
@@ -130,6 +153,7 @@ def sampling_functions(dtype) -> SimpleNamespace:
         tap_position=tap_position,
         in_band=in_band,
         bilinear_axis=bilinear_axis,
+        in_gradient_band=in_gradient_band,
         bilinear_corners=bilinear_corners,
         bilinear_sample=bilinear_sample,
         bilinear_corner_gradients=bilinear_corner_gradients,
