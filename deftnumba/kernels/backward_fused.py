@@ -1,0 +1,889 @@
+"""The column-free DCN backward (``method="fused"``): no ``[C*K, N*P]`` matrix in device memory.
+
+Motivation
+----------
+Every column method of ``backward.py`` writes a column matrix to device memory:
+the column gradient ``W^T @ grad_out`` for the scatter, or the recomputed forward
+columns for the weight gradient (9.4 MB per image at ``deft64``, written and read
+back). This module builds both tile by tile in shared memory, as the forward's
+``fused_tiled`` kernel builds its columns, and never stores them.
+
+Two kernels (notation of ``backward.py``: ``C`` inputs, ``Co`` outputs, ``Gw``
+weight groups of ``Cg`` inputs and ``Og`` outputs, ``G`` offset groups of ``cpo``
+channels, ``K`` taps, a tile of ``P`` output pixels):
+
+``input_grad_kernel``: one block per (image, tile, channel span). A *span* is
+``lcm(Cg, cpo)`` channels, so it holds whole weight groups and whole offset
+groups: the offset and mask gradients of a point are summed by one block, in a
+fixed order. Per chunk of ``CC`` channels:
+
+1. *sampling table* (once per offset group): corners of each (tap, pixel),
+   relative to the staged region, and their weights with the mask folded in;
+2. *stage* the input region of the chunk, as the forward does;
+3. *column gradient*: ``grad_cols[ck, p] = sum_o W[o, ck] * grad_out[o, p]``, a
+   register-blocked GEMM over the weight group's ``Og`` outputs, in steps of
+   ``OGB`` staged outputs; each thread owns ``RR`` contiguous rows x ``RP``
+   contiguous pixels; the tile lands in shared memory;
+4. *scatter*: each thread owns (tap, pixel) points and loops over the chunk's
+   channels: four corner products accumulate ``S_q = sum_c grad_cols * I[c, corner_q]``
+   in registers (for the offset and mask gradients), and, in atomic mode, four
+   ``RED.ADD`` (``atomics.red_add``) send ``grad_cols * m * w_q`` to ``grad_input``.
+
+When the offset group ends, the same threads turn ``S_q`` into
+``grad_offset = m * sum_q (dw_q/dy, dw_q/dx) S_q`` and ``grad_mask = sum_q w_q S_q``,
+with the weights and derivatives recomputed by ``sampling.bilinear_corner_gradients``
+(the shared rule: no private copy of the border derivatives).
+
+``weight_grad_kernel``: one block per (split, output block, channel chunk, weight
+group) owns ``grad_weight[OGW outputs, CC*K]`` in registers (``RO`` outputs x ``RK``
+columns per thread) and walks its share of the (image, tile) pairs in a fixed
+order: build the column tile ``[P, CC*K]`` in shared memory (table, staged region,
+out-of-tile reads as the forward), stage ``grad_out[P, OGW]``, and add the
+rank-``P`` update. With ``S`` splits there are ``S`` partial weight gradients;
+the host adds them in a fixed order (``S = 1`` writes ``grad_weight`` directly).
+So the weight gradient is deterministic in both modes, and its extra memory is
+``(S - 1) * |grad_weight|`` (``choose_splits`` keeps it under 4% of the
+arguments and gradients).
+
+Determinism
+-----------
+Atomic mode: the scatter is the only order-varying step. ``deterministic=True``
+launches ``input_grad_kernel`` without the scatter and builds ``grad_input`` with
+``backward.py``'s sort-then-segment gather in its ``fused_gemm`` form (column
+gradients recomputed per entry, no column matrix). Its sort buffers are the
+extra memory of this mode (see docs/perf-notes.md).
+
+Phase markers (``# phase: NAME``) label the source lines of each phase for the
+SASS audit; ``phase_model(geometry, config)`` gives the iterations per thread of
+each phase's innermost loop body.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import backend
+from ..backend import cuda
+from .atomics import red_add
+from .sampling import conv_tuple, sampling_functions
+
+GRID_YZ_LIMIT = 65535
+OUTSIDE = -(1 << 20)  # table marker: the point samples outside the band (no value, no gradient)
+
+
+@dataclass(frozen=True)
+class BackwardTileConfig:
+    """Compile-time shape of the two kernels.
+
+    tile_h, tile_w: output pixels per tile (P = tile_h * tile_w); halo: staged margin.
+    chunk (CC): input channels per step.
+    out_block (OGB): outputs staged per step of the column-gradient GEMM (input kernel).
+    reg_rows, reg_px: input kernel ownership: RR contiguous ``c*K + tap`` rows x RP pixels.
+    w_out_block (OGW): outputs per block of the weight kernel.
+    w_reg_out, w_reg_cols: weight kernel ownership: RO contiguous outputs x RK columns.
+    """
+
+    tile_h: int = 4
+    tile_w: int = 4
+    halo: int = 1
+    chunk: int = 2
+    out_block: int = 4
+    reg_rows: int = 2
+    reg_px: int = 2
+    w_out_block: int = 4
+    w_reg_out: int = 2
+    w_reg_cols: int = 2
+
+    @property
+    def pixels(self) -> int:
+        return self.tile_h * self.tile_w
+
+    def rows(self, taps: int) -> int:
+        """Rows of the column tile, ``CC*K``."""
+        return self.chunk * taps
+
+    def check(self, taps: int) -> None:
+        """Raise ``ValueError`` unless the ownership divides the tile shapes for ``taps``."""
+        ck = self.rows(taps)
+        for name, total, part in (("reg_rows", ck, self.reg_rows), ("reg_px", self.pixels, self.reg_px),
+                                  ("w_reg_out", self.w_out_block, self.w_reg_out),
+                                  ("w_reg_cols", ck, self.w_reg_cols)):
+            if part < 1 or total % part:
+                raise ValueError(f"BackwardTileConfig.{name}={part} must divide {total}")
+
+    def input_threads(self, taps: int) -> int:
+        return (self.rows(taps) // self.reg_rows) * (self.pixels // self.reg_px)
+
+    def weight_threads(self, taps: int) -> int:
+        return (self.w_out_block // self.w_reg_out) * (self.rows(taps) // self.w_reg_cols)
+
+    def staged_shape(self, geometry) -> tuple[int, int]:
+        g = geometry
+        return ((self.tile_h - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h + 1 + 2 * self.halo,
+                (self.tile_w - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w + 1 + 2 * self.halo)
+
+    def tiles(self, geometry) -> int:
+        return -(-geometry.out_h // self.tile_h) * -(-geometry.out_w // self.tile_w)
+
+    def input_shared_bytes(self, geometry) -> int:
+        s, k, p = geometry.itemsize, geometry.taps, self.pixels
+        rows, cols = self.staged_shape(geometry)
+        ck = self.rows(k)
+        return s * (self.chunk * rows * cols + self.out_block * ck + self.out_block * p + ck * p) + (4 + s) * 4 * k * p
+
+    def weight_shared_bytes(self, geometry) -> int:
+        s, k, p = geometry.itemsize, geometry.taps, self.pixels
+        rows, cols = self.staged_shape(geometry)
+        ck = self.rows(k)
+        return s * (self.chunk * rows * cols + p * self.w_out_block + p * ck) + (4 + s) * 4 * k * p
+
+
+SIMULATOR_CONFIG = BackwardTileConfig()  # 16 threads per block in the input kernel for K = 9
+GPU_CONFIG = BackwardTileConfig(tile_h=8, tile_w=8, halo=1, chunk=4, out_block=32, reg_rows=4, reg_px=4,
+                                w_out_block=64, w_reg_out=8, w_reg_cols=4)
+"""``deft64`` (3x3): input kernel 144 threads of 4x4 accumulators, 42.8 KB shared memory;
+weight kernel 72 threads of 8x4 accumulators, 45.6 KB."""
+STATIC_SHARED_LIMIT = 48 * 1024
+
+
+def default_config(geometry) -> BackwardTileConfig:
+    """``SIMULATOR_CONFIG`` in the simulator; on a GPU ``GPU_CONFIG`` shrunk (tile, then
+    chunk) until both kernels fit 48 KB of static shared memory and the ownership divides."""
+    k = geometry.taps
+    candidates = [SIMULATOR_CONFIG] if backend.IS_SIMULATOR else []
+    for th, tw in ((8, 8), (4, 8), (4, 4), (2, 4), (2, 2), (1, 1)):
+        for chunk in (4, 2, 1):
+            for rr in (4, 2, 1):
+                rp = min(4, th * tw)
+                candidates.append(BackwardTileConfig(th, tw, 1, chunk, 32, rr, rp, 64, 8, rr))
+    for cfg in candidates:
+        try:
+            cfg.check(k)
+        except ValueError:
+            continue
+        if max(cfg.input_shared_bytes(geometry), cfg.weight_shared_bytes(geometry)) <= STATIC_SHARED_LIMIT:
+            return cfg
+    raise ValueError(f"no fused backward tile fits 48 KB of shared memory for {k} taps")
+
+
+def channel_span(geometry) -> int:
+    """Channels per block of the input kernel: ``lcm(C/groups, C/offset_groups)``."""
+    g = geometry
+    return math.lcm(g.in_channels // g.groups, g.in_channels // g.offset_groups)
+
+
+def supported(geometry) -> bool:
+    """Whether the 32-bit in-image indexing holds: ``C*H*W``, ``Co*Ho*Wo`` and the offset
+    image below 2**31 elements."""
+    g = geometry
+    return max(g.in_channels * g.height * g.width, g.out_channels * g.out_h * g.out_w,
+               2 * g.offset_groups * g.taps * g.out_h * g.out_w) < 2**31
+
+
+# --------------------------------------------------------------------------- input-side kernel
+# Traffic (whole batch; T tiles of P pixels, SH x SW staged region, f the out-of-tile
+# fraction of in-band samples):
+#   reads  input    N * C * T * SH*SW * s            (staged per chunk; halos re-read: L2)
+#                   + f * N*C*K*P * 4 * s            (out-of-tile corners, scattered)
+#          offsets, mask  N * 3*G*K*P * s once (the table), again at the offset group's end
+#          grad_out N * T * (C/CC) * Og * P * s      (re-staged per channel chunk: L2 hits;
+#                   N * Co * P * s from DRAM)
+#          weights  N * T * (C/CC) * Og*CC*K * s     (L2 hits; Co*Cg*K*s from DRAM)
+#   writes grad_offset, grad_mask once (N * 3*G*K*P * s); grad_input by RED (atomic mode):
+#          4 per in-band sample, N*C*K*P*4 adds landing in L2 (N*C*H*W*s to DRAM).
+#   FLOPs  2*N*Co*Cg*K*P (column gradient) + 8 per sample (S_q) + 8 per sample (scatter)
+#          + per point: position 2, corners 8, mask 4, derivatives 8, the end sums 12.
+#   No column matrix: the column-gradient tile lives in shared memory.
+@functools.cache
+def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, config: BackwardTileConfig,
+                      use_mask: bool, scatter: bool):
+    """Kernel ``(input, offset, mask, weight, grad_out, grad_input, grad_offset, grad_mask,
+    conv, dims)`` on ``(tiles, C // channel_span, images)`` blocks of ``config.input_threads(K)``.
+
+    input and grad_input are flat (``N*C*H*W``), weight flat (``Co*Cg*K``); offset, mask,
+    grad_out, grad_offset, grad_mask 4-D (mask and grad_mask dummies without ``use_mask``);
+    dims the int32 tuple ``(C, H, W, Co, Cg, span)``. ``scatter`` adds the input gradient
+    with ``red_add`` (grad_input zeroed by the caller); without it grad_input is untouched.
+    """
+    fns = sampling_functions(dtype)
+    tap_position = fns.tap_position
+    in_band = fns.in_band
+    bilinear_corners = fns.bilinear_corners
+    bilinear_corner_gradients = fns.bilinear_corner_gradients
+    T = fns.T
+    ZERO = fns.ZERO
+    ONE = fns.ONE
+    DT = T
+
+    TH, TW, HALO = config.tile_h, config.tile_w, config.halo
+    CC, OGB, RR, RP = config.chunk, config.out_block, config.reg_rows, config.reg_px
+    KW = kernel_w
+    K = kernel_h * kernel_w
+    P = TH * TW
+    CK = CC * K
+    KP = K * P
+    SHR = (TH - 1) * stride_h + (kernel_h - 1) * dil_h + 1 + 2 * HALO
+    SWR = (TW - 1) * stride_w + (kernel_w - 1) * dil_w + 1 + 2 * HALO
+    REGION = SHR * SWR
+    STAGED = CC * REGION
+    ROW_T = CK // RR  # thread rows of the GEMM (column-gradient rows)
+    PX_T = P // RP  # thread columns of the GEMM (pixels)
+    THREADS = ROW_T * PX_T
+    EPT = -(-KP // THREADS)  # table points owned per thread in the scatter phase
+    SH_, SW_ = stride_h, stride_w
+    USE_MASK, SCATTER = use_mask, scatter
+    u32 = np.uint32
+    u64 = np.uint64
+
+    @cuda.jit
+    def kernel(input, offset, mask, weight, grad_out, grad_input, grad_offset, grad_mask, conv, dims):
+        tid = cuda.threadIdx.x
+        n = cuda.blockIdx.z
+        channels, height, width, out_channels, cpg, span = dims
+        out_h = grad_out.shape[2]
+        out_w = grad_out.shape[3]
+        plane = height * width
+        groups = channels // cpg
+        opg = out_channels // groups
+        cpo = channels // (offset.shape[1] // (2 * K))
+        image_base = u64(n) * u64(channels * plane)  # 64-bit only here
+        tiles_x = (out_w + TW - 1) // TW
+        ty = cuda.blockIdx.x // tiles_x
+        oy0 = ty * TH
+        ox0 = (cuda.blockIdx.x - ty * tiles_x) * TW
+        iy0 = oy0 * SH_ - conv[2] - HALO  # first staged input row
+        ix0 = ox0 * SW_ - conv[3] - HALO  # first staged input column
+
+        staged = cuda.shared.array(STAGED, dtype=DT, alignment=16)
+        staged_weight = cuda.shared.array(OGB * CK, dtype=DT, alignment=16)
+        staged_grad_out = cuda.shared.array(OGB * P, dtype=DT, alignment=16)
+        grad_cols = cuda.shared.array(CK * P, dtype=DT, alignment=16)
+        corner_index = cuda.shared.array(4 * KP, dtype=np.int32, alignment=16)
+        corner_weight = cuda.shared.array(4 * KP, dtype=DT, alignment=16)
+
+        acc = cuda.local.array((RR, RP), dtype=DT)
+        a = cuda.local.array(RR, dtype=DT)
+        b = cuda.local.array(RP, dtype=DT)
+        sums = cuda.local.array((EPT, 4), dtype=DT)  # S_q of the points this thread owns
+        row_t = tid // PX_T  # this thread owns rows row_t*RR .. +RR ...
+        px_t = tid - row_t * PX_T  # ... and pixels px_t*RP .. +RP
+        for r in range(EPT):
+            for q in range(4):
+                sums[r, q] = ZERO
+
+        c_begin = cuda.blockIdx.y * span
+        c_end = c_begin + span
+        table_og = -1
+        c = c_begin
+        while c < c_end:
+            og = c // cpo
+            g = c // cpg
+            chunk_end = min(c + CC, (og + 1) * cpo, (g + 1) * cpg)
+            nc = chunk_end - c
+            if og != table_og:
+                if table_og >= 0:
+                    # phase: offset_grad (end of an offset group: S_q -> offset and mask gradients)
+                    for r in range(EPT):
+                        e = tid + r * THREADS
+                        if e < KP:
+                            k = e // P
+                            p = e - k * P
+                            u = p // TW
+                            oy = oy0 + u
+                            ox = ox0 + (p - u * TW)
+                            if oy < out_h and ox < out_w:
+                                y, x = tap_position(offset, n, table_og, k, oy, ox, conv)
+                                (_, _, _, _, w00, w01, w10, w11, gy00, gy01, gy10, gy11,
+                                 gx00, gx01, gx10, gx11) = bilinear_corner_gradients(y, x, height, width)
+                                m = ONE
+                                if USE_MASK:
+                                    m = mask[n, table_og * K + k, oy, ox]
+                                s0 = sums[r, 0]
+                                s1 = sums[r, 1]
+                                s2 = sums[r, 2]
+                                s3 = sums[r, 3]
+                                channel = 2 * (table_og * K + k)
+                                grad_offset[n, channel, oy, ox] = m * (gy00 * s0 + gy01 * s1 + gy10 * s2 + gy11 * s3)
+                                grad_offset[n, channel + 1, oy, ox] = m * (gx00 * s0 + gx01 * s1 + gx10 * s2
+                                                                           + gx11 * s3)
+                                if USE_MASK:
+                                    grad_mask[n, table_og * K + k, oy, ox] = w00 * s0 + w01 * s1 + w10 * s2 + w11 * s3
+                        for q in range(4):
+                            sums[r, q] = ZERO
+                # phase: table (corners relative to the staged region, mask folded into the weights;
+                # the previous chunk ended with a barrier, so nobody still reads the old table)
+                for e in range(tid, KP, THREADS):
+                    k = e // P
+                    p = e - k * P
+                    u = p // TW
+                    oy = oy0 + u
+                    ox = ox0 + (p - u * TW)
+                    r0 = OUTSIDE
+                    r1 = 0
+                    q0 = 0
+                    q1 = 0
+                    w00 = ZERO
+                    w01 = ZERO
+                    w10 = ZERO
+                    w11 = ZERO
+                    if oy < out_h and ox < out_w:
+                        y, x = tap_position(offset, n, og, k, oy, ox, conv)
+                        if in_band(y, x, height, width):
+                            y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
+                            if USE_MASK:
+                                m = mask[n, og * K + k, oy, ox]
+                                w00 *= m
+                                w01 *= m
+                                w10 *= m
+                                w11 *= m
+                            r0 = y0 - iy0
+                            r1 = y1 - iy0
+                            q0 = x0 - ix0
+                            q1 = x1 - ix0
+                    corner_index[e] = r0
+                    corner_index[KP + e] = r1
+                    corner_index[2 * KP + e] = q0
+                    corner_index[3 * KP + e] = q1
+                    corner_weight[e] = w00
+                    corner_weight[KP + e] = w01
+                    corner_weight[2 * KP + e] = w10
+                    corner_weight[3 * KP + e] = w11
+                table_og = og
+
+            # phase: stage (the chunk's input region, zero outside the image and past nc)
+            for idx in range(tid, STAGED, THREADS):
+                cc = idx // REGION
+                rem = idx - cc * REGION
+                row = rem // SWR
+                col = rem - row * SWR
+                gy = iy0 + row
+                gx = ix0 + col
+                v = ZERO
+                if cc < nc and gy >= 0 and gy < height and gx >= 0 and gx < width:
+                    v = input[image_base + u32((c + cc) * plane + gy * width + gx)]
+                staged[idx] = v
+
+            for i in range(RR):
+                for j in range(RP):
+                    acc[i, j] = ZERO
+            w_row = c - g * cpg  # first weight column (c_local) of the chunk
+            for o0 in range(0, opg, OGB):
+                # phase: stage_gemm (weights [OGB, CC*K] and grad_out [OGB, P] of this output step)
+                for idx in range(tid, OGB * CK, THREADS):
+                    o = idx // CK
+                    ck = idx - o * CK
+                    v = ZERO
+                    if o0 + o < opg and ck < nc * K:
+                        v = weight[u32((g * opg + o0 + o) * (cpg * K) + w_row * K + ck)]
+                    staged_weight[idx] = v
+                for idx in range(tid, OGB * P, THREADS):
+                    o = idx // P
+                    p = idx - o * P
+                    u = p // TW
+                    oy = oy0 + u
+                    ox = ox0 + (p - u * TW)
+                    v = ZERO
+                    if o0 + o < opg and oy < out_h and ox < out_w:
+                        v = grad_out[n, g * opg + o0 + o, oy, ox]
+                    staged_grad_out[idx] = v
+                cuda.syncthreads()  # the staged input, weights, grad_out and the table are complete
+
+                # phase: grad_cols_gemm (rank-1 updates over the staged outputs)
+                for o in range(OGB):
+                    for i in range(RR):
+                        a[i] = staged_weight[o * CK + row_t * RR + i]
+                    for j in range(RP):
+                        b[j] = staged_grad_out[o * P + px_t * RP + j]
+                    for i in range(RR):
+                        for j in range(RP):
+                            acc[i, j] += a[i] * b[j]
+                cuda.syncthreads()  # everyone is done reading this step's weights and grad_out
+            for i in range(RR):
+                for j in range(RP):
+                    grad_cols[(row_t * RR + i) * P + px_t * RP + j] = acc[i, j]
+            cuda.syncthreads()  # the column-gradient tile is complete
+
+            # phase: scatter (per owned point: S_q over the chunk's channels; RED to grad_input)
+            for r in range(EPT):
+                e = tid + r * THREADS
+                if e < KP:
+                    r0 = corner_index[e]
+                    if r0 != OUTSIDE:
+                        r1 = corner_index[KP + e]
+                        q0 = corner_index[2 * KP + e]
+                        q1 = corner_index[3 * KP + e]
+                        w00 = corner_weight[e]
+                        w01 = corner_weight[KP + e]
+                        w10 = corner_weight[2 * KP + e]
+                        w11 = corner_weight[3 * KP + e]
+                        k = e // P
+                        p = e - k * P
+                        inside = r0 >= 0 and r1 < SHR and q0 >= 0 and q1 < SWR
+                        # in-image offsets of the four corners (32-bit)
+                        o00 = (iy0 + r0) * width + ix0 + q0
+                        o01 = (iy0 + r0) * width + ix0 + q1
+                        o10 = (iy0 + r1) * width + ix0 + q0
+                        o11 = (iy0 + r1) * width + ix0 + q1
+                        for cc in range(CC):
+                            if cc < nc:
+                                gc = grad_cols[(cc * K + k) * P + p]
+                                if inside:
+                                    base = cc * REGION
+                                    v00 = staged[base + r0 * SWR + q0]
+                                    v01 = staged[base + r0 * SWR + q1]
+                                    v10 = staged[base + r1 * SWR + q0]
+                                    v11 = staged[base + r1 * SWR + q1]
+                                else:
+                                    channel_base = (c + cc) * plane
+                                    v00 = input[image_base + u32(channel_base + o00)]
+                                    v01 = input[image_base + u32(channel_base + o01)]
+                                    v10 = input[image_base + u32(channel_base + o10)]
+                                    v11 = input[image_base + u32(channel_base + o11)]
+                                sums[r, 0] += gc * v00
+                                sums[r, 1] += gc * v01
+                                sums[r, 2] += gc * v10
+                                sums[r, 3] += gc * v11
+                                if SCATTER:
+                                    channel_base = image_base + u64((c + cc) * plane)
+                                    if w00 != ZERO:
+                                        red_add(grad_input, channel_base + u32(o00), gc * w00)
+                                    if w01 != ZERO:
+                                        red_add(grad_input, channel_base + u32(o01), gc * w01)
+                                    if w10 != ZERO:
+                                        red_add(grad_input, channel_base + u32(o10), gc * w10)
+                                    if w11 != ZERO:
+                                        red_add(grad_input, channel_base + u32(o11), gc * w11)
+            cuda.syncthreads()  # the next chunk may overwrite the staged input, grad_cols and the table
+            c = chunk_end
+
+        # phase: offset_grad (the last offset group of the span)
+        for r in range(EPT):
+            e = tid + r * THREADS
+            if e < KP:
+                k = e // P
+                p = e - k * P
+                u = p // TW
+                oy = oy0 + u
+                ox = ox0 + (p - u * TW)
+                if oy < out_h and ox < out_w:
+                    y, x = tap_position(offset, n, table_og, k, oy, ox, conv)
+                    (_, _, _, _, w00, w01, w10, w11, gy00, gy01, gy10, gy11,
+                     gx00, gx01, gx10, gx11) = bilinear_corner_gradients(y, x, height, width)
+                    m = ONE
+                    if USE_MASK:
+                        m = mask[n, table_og * K + k, oy, ox]
+                    s0 = sums[r, 0]
+                    s1 = sums[r, 1]
+                    s2 = sums[r, 2]
+                    s3 = sums[r, 3]
+                    channel = 2 * (table_og * K + k)
+                    grad_offset[n, channel, oy, ox] = m * (gy00 * s0 + gy01 * s1 + gy10 * s2 + gy11 * s3)
+                    grad_offset[n, channel + 1, oy, ox] = m * (gx00 * s0 + gx01 * s1 + gx10 * s2 + gx11 * s3)
+                    if USE_MASK:
+                        grad_mask[n, table_og * K + k, oy, ox] = w00 * s0 + w01 * s1 + w10 * s2 + w11 * s3
+
+    return kernel
+
+
+# --------------------------------------------------------------------------- weight kernel
+# Traffic (whole batch; B = Co/OGW output blocks, T tiles, f the out-of-tile fraction):
+#   reads  input    B * N * C * T * SH*SW * s      (staged per (tile, chunk); halos: L2 hits)
+#                   + B * f * N*C*K*P * 4 * s      (out-of-tile corners)
+#          offsets, mask  B * (C/CC) * N * 3*G*K*P * s (one table per block and tile: L2 hits)
+#          grad_out (C/CC) * N * Co * P * s        (every channel chunk re-reads it: L2 hits)
+#   writes S partial weight gradients of Co*Cg*K*s each (S = 1: grad_weight itself); the host
+#          adds them in a fixed order: (S-1) * Co*Cg*K*s read and written again.
+#   FLOPs  2*N*Co*Cg*K*P (the GEMM) + 7 per sample (interpolation) + per point 2 + 8 + 4.
+#   No column matrix: the column tile lives in shared memory.
+@functools.cache
+def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, config: BackwardTileConfig,
+                       use_mask: bool):
+    """Kernel ``(input, offset, mask, grad_out, partials, conv, dims)`` on
+    ``(S, out_blocks * chunks, groups)`` blocks of ``config.weight_threads(K)`` threads.
+
+    input flat (``N*C*H*W``); partials flat ``[S, Co, Cg*K]``: block ``(s, ob*chunks + j, g)``
+    writes outputs ``g*Og + ob*OGW ..`` x columns ``(j*CC)*K ..`` of partial ``s``, the sum over
+    the (image, tile) pairs ``s, s + S, s + 2S, ...``; dims ``(C, H, W, Co, Cg, N)`` int32.
+    """
+    fns = sampling_functions(dtype)
+    tap_position = fns.tap_position
+    in_band = fns.in_band
+    bilinear_corners = fns.bilinear_corners
+    T = fns.T
+    ZERO = fns.ZERO
+    DT = T
+
+    TH, TW, HALO = config.tile_h, config.tile_w, config.halo
+    CC, OGW, RO, RK = config.chunk, config.w_out_block, config.w_reg_out, config.w_reg_cols
+    K = kernel_h * kernel_w
+    P = TH * TW
+    CK = CC * K
+    KP = K * P
+    SHR = (TH - 1) * stride_h + (kernel_h - 1) * dil_h + 1 + 2 * HALO
+    SWR = (TW - 1) * stride_w + (kernel_w - 1) * dil_w + 1 + 2 * HALO
+    REGION = SHR * SWR
+    STAGED = CC * REGION
+    OUT_T = OGW // RO
+    COL_T = CK // RK
+    THREADS = OUT_T * COL_T
+    SH_, SW_ = stride_h, stride_w
+    USE_MASK = use_mask
+    u32 = np.uint32
+    u64 = np.uint64
+
+    @cuda.jit
+    def kernel(input, offset, mask, grad_out, partials, conv, dims):
+        tid = cuda.threadIdx.x
+        split = cuda.blockIdx.x
+        splits = cuda.gridDim.x
+        channels, height, width, out_channels, cpg, images = dims
+        out_h = grad_out.shape[2]
+        out_w = grad_out.shape[3]
+        plane = height * width
+        groups = channels // cpg
+        opg = out_channels // groups
+        cpo = channels // (offset.shape[1] // (2 * K))
+        chunks = (cpg + CC - 1) // CC
+        g = cuda.blockIdx.z
+        ob = cuda.blockIdx.y // chunks
+        j_chunk = cuda.blockIdx.y - ob * chunks
+        o_first = ob * OGW  # first output of this block within the group
+        c_first = g * cpg + j_chunk * CC  # first input channel of this block
+        nc = min(CC, cpg - j_chunk * CC)
+        tiles_x = (out_w + TW - 1) // TW
+        tiles = tiles_x * ((out_h + TH - 1) // TH)
+
+        staged = cuda.shared.array(STAGED, dtype=DT, alignment=16)
+        staged_grad_out = cuda.shared.array(P * OGW, dtype=DT, alignment=16)
+        columns = cuda.shared.array(P * CK, dtype=DT, alignment=16)
+        corner_index = cuda.shared.array(4 * KP, dtype=np.int32, alignment=16)
+        corner_weight = cuda.shared.array(4 * KP, dtype=DT, alignment=16)
+
+        acc = cuda.local.array((RO, RK), dtype=DT)
+        a = cuda.local.array(RO, dtype=DT)
+        b = cuda.local.array(RK, dtype=DT)
+        out_t = tid // COL_T  # this thread owns outputs out_t*RO .. +RO ...
+        col_t = tid - out_t * COL_T  # ... and columns col_t*RK .. +RK
+        for i in range(RO):
+            for j in range(RK):
+                acc[i, j] = ZERO
+
+        for item in range(split, images * tiles, splits):
+            n = item // tiles
+            tile = item - n * tiles
+            ty = tile // tiles_x
+            oy0 = ty * TH
+            ox0 = (tile - ty * tiles_x) * TW
+            iy0 = oy0 * SH_ - conv[2] - HALO
+            ix0 = ox0 * SW_ - conv[3] - HALO
+            image_base = u64(n) * u64(channels * plane)
+
+            # phase: w_stage (input region of the chunk; grad_out [P, OGW], pixel-major)
+            for idx in range(tid, STAGED, THREADS):
+                cc = idx // REGION
+                rem = idx - cc * REGION
+                row = rem // SWR
+                col = rem - row * SWR
+                gy = iy0 + row
+                gx = ix0 + col
+                v = ZERO
+                if cc < nc and gy >= 0 and gy < height and gx >= 0 and gx < width:
+                    v = input[image_base + u32((c_first + cc) * plane + gy * width + gx)]
+                staged[idx] = v
+            for idx in range(tid, P * OGW, THREADS):
+                o = idx // P
+                p = idx - o * P
+                u = p // TW
+                oy = oy0 + u
+                ox = ox0 + (p - u * TW)
+                v = ZERO
+                if o_first + o < opg and oy < out_h and ox < out_w:
+                    v = grad_out[n, g * opg + o_first + o, oy, ox]
+                staged_grad_out[p * OGW + o] = v
+
+            # The chunk's channels may span offset groups: one table and one build per group.
+            c = c_first
+            while c < c_first + nc:
+                og = c // cpo
+                seg_end = min(c_first + nc, (og + 1) * cpo)
+                # phase: w_table
+                for e in range(tid, KP, THREADS):
+                    k = e // P
+                    p = e - k * P
+                    u = p // TW
+                    oy = oy0 + u
+                    ox = ox0 + (p - u * TW)
+                    r0 = 0
+                    r1 = 0
+                    q0 = 0
+                    q1 = 0
+                    w00 = ZERO
+                    w01 = ZERO
+                    w10 = ZERO
+                    w11 = ZERO
+                    if oy < out_h and ox < out_w:
+                        y, x = tap_position(offset, n, og, k, oy, ox, conv)
+                        if in_band(y, x, height, width):
+                            y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
+                            if USE_MASK:
+                                m = mask[n, og * K + k, oy, ox]
+                                w00 *= m
+                                w01 *= m
+                                w10 *= m
+                                w11 *= m
+                            r0 = y0 - iy0
+                            r1 = y1 - iy0
+                            q0 = x0 - ix0
+                            q1 = x1 - ix0
+                        elif USE_MASK:  # value 0 times the mask, as torchvision: NaN stays NaN
+                            # (the corners stay at staged cell 0, read with weight 0 * m)
+                            w00 = ZERO * mask[n, og * K + k, oy, ox]
+                            w01 = w00
+                            w10 = w00
+                            w11 = w00
+                    corner_index[e] = r0
+                    corner_index[KP + e] = r1
+                    corner_index[2 * KP + e] = q0
+                    corner_index[3 * KP + e] = q1
+                    corner_weight[e] = w00
+                    corner_weight[KP + e] = w01
+                    corner_weight[2 * KP + e] = w10
+                    corner_weight[3 * KP + e] = w11
+                cuda.syncthreads()  # the table, staged input and grad_out are complete
+
+                # phase: w_build (column tile [P, CC*K]: rows of this offset group's channels)
+                for idx in range(tid, CK * P, THREADS):
+                    ck = idx // P
+                    p = idx - ck * P
+                    cc = ck // K
+                    k = ck - cc * K
+                    ci = c_first + cc
+                    if ci >= c and ci < seg_end:
+                        e = k * P + p
+                        r0 = corner_index[e]
+                        r1 = corner_index[KP + e]
+                        q0 = corner_index[2 * KP + e]
+                        q1 = corner_index[3 * KP + e]
+                        w00 = corner_weight[e]
+                        w01 = corner_weight[KP + e]
+                        w10 = corner_weight[2 * KP + e]
+                        w11 = corner_weight[3 * KP + e]
+                        if r0 >= 0 and r1 < SHR and q0 >= 0 and q1 < SWR:
+                            base = cc * REGION
+                            v = (w00 * staged[base + r0 * SWR + q0] + w01 * staged[base + r0 * SWR + q1]
+                                 + w10 * staged[base + r1 * SWR + q0] + w11 * staged[base + r1 * SWR + q1])
+                        else:
+                            channel_base = image_base + u64(ci * plane)
+                            v = (w00 * input[channel_base + u32((iy0 + r0) * width + ix0 + q0)]
+                                 + w01 * input[channel_base + u32((iy0 + r0) * width + ix0 + q1)]
+                                 + w10 * input[channel_base + u32((iy0 + r1) * width + ix0 + q0)]
+                                 + w11 * input[channel_base + u32((iy0 + r1) * width + ix0 + q1)])
+                        columns[p * CK + ck] = v
+                    elif c == c_first and cc >= nc:
+                        columns[p * CK + ck] = ZERO
+                cuda.syncthreads()  # the column rows of this offset group are complete
+                c = seg_end
+
+            # phase: weight_gemm (rank-1 updates over the tile's pixels)
+            for p in range(P):
+                for i in range(RO):
+                    a[i] = staged_grad_out[p * OGW + out_t * RO + i]
+                for j in range(RK):
+                    b[j] = columns[p * CK + col_t * RK + j]
+                for i in range(RO):
+                    for j in range(RK):
+                        acc[i, j] += a[i] * b[j]
+            cuda.syncthreads()  # everyone is done with this tile's columns and grad_out
+
+        # epilogue: this block's slice of partial ``split``
+        row_length = cpg * K
+        partial_base = u64(split) * u64(out_channels * row_length)
+        for i in range(RO):
+            o = o_first + out_t * RO + i
+            if o < opg:
+                for j in range(RK):
+                    ck = col_t * RK + j
+                    if ck < nc * K:
+                        partials[partial_base + u32((g * opg + o) * row_length + j_chunk * CK + ck)] = acc[i, j]
+
+    return kernel
+
+
+# --------------------------------------------------------------------------- host side
+def argument_and_gradient_bytes(geometry) -> int:
+    """Bytes of the backward's arguments (grad_output, input, offset, mask, weight) and of its
+    gradients (input, offset, mask, weight, bias): the yardstick of the extra-memory target."""
+    g = geometry
+    shapes = g.shapes
+    names = ["input", "offset", "weight"] + (["mask"] if g.has_mask else [])
+    elements = sum(math.prod(shapes[k]) for k in names)
+    bias = g.out_channels if g.has_bias else 0
+    return g.itemsize * (math.prod(shapes["output"]) + 2 * elements + bias)
+
+
+def choose_splits(geometry, config: BackwardTileConfig, target_blocks: int | None = None) -> int:
+    """Partial weight gradients ``S`` of ``weight_grad_kernel``: enough blocks to fill the
+    device (``target_blocks``, default 2 per SM of an H200; 2 in the simulator), capped so
+    the ``S - 1`` extra partials stay under 4% of ``argument_and_gradient_bytes``."""
+    g = geometry
+    cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
+    blocks = g.groups * -(-opg // config.w_out_block) * -(-cpg // config.chunk)
+    items = g.batch * config.tiles(g)
+    if target_blocks is None:
+        target_blocks = 2 if backend.IS_SIMULATOR else 2 * 132
+    splits = max(1, min(items, -(-target_blocks // blocks)))
+    weight_bytes = g.itemsize * g.out_channels * cpg * g.taps
+    cap = 1 + int(0.04 * argument_and_gradient_bytes(g) // weight_bytes)
+    return max(1, min(splits, cap))
+
+
+def extra_bytes(geometry, config: BackwardTileConfig | None = None, deterministic: bool = False) -> int:
+    """Device memory the ``fused`` backward allocates beyond its arguments and gradients
+    (the weight partials; in deterministic mode also the gather's sort buffers, per chunk
+    of images: key, coefficient and source per corner entry, plus segment starts)."""
+    g = geometry
+    config = config or default_config(g)
+    splits = choose_splits(g, config)
+    total = (splits - 1) * g.itemsize * g.out_channels * (g.in_channels // g.groups) * g.taps if splits > 1 else 0
+    if deterministic:
+        from .im2col import CHUNK_IMAGES
+        n = min(g.batch, CHUNK_IMAGES)
+        entries = 4 * n * g.offset_groups * g.taps * g.out_h * g.out_w
+        total += entries * (4 + g.itemsize + 4 + 8) + 8 * (n * g.offset_groups * g.height * g.width + 1)
+    return total
+
+
+def _dims(g, last: int) -> tuple:
+    cpg = g.in_channels // g.groups
+    return tuple(np.int32(v) for v in (g.in_channels, g.height, g.width, g.out_channels, cpg, last))
+
+
+def backward(geometry, grad_output, input, offset, weight, mask, grad_input, grad_offset, grad_weight,
+             grad_bias, grad_mask, deterministic=False, stopwatch=backend.NO_STOPWATCH, plan=None,
+             splits: int | None = None):
+    """Fill the preallocated gradients with the column-free kernels (see the module docstring).
+
+    ``plan``: a ``BackwardTileConfig`` or ``None`` (``default_config``); ``splits``: the number
+    of partial weight gradients (``None``: ``choose_splits``).
+    """
+    g = geometry
+    if not supported(g):
+        raise ValueError("method='fused' needs C*H*W, Co*Ho*Wo and the offset image below 2**31 "
+                         "elements (32-bit in-image indices); use method='fused_columns'")
+    config = plan if isinstance(plan, BackwardTileConfig) else default_config(g)
+    config.check(g.taps)
+    xp = backend.array_module(input)
+    dtype = input.dtype
+    conv = conv_tuple(g)
+    input_c = xp.ascontiguousarray(input)
+    weight_c = xp.ascontiguousarray(weight)
+    dummy4 = xp.zeros((1, 1, 1, 1), dtype=dtype)
+    mask_arg = mask if mask is not None else dummy4
+    grad_mask_arg = grad_mask if grad_mask is not None else dummy4
+    use_mask = mask is not None
+    shape = (g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.dil_h, g.dil_w)
+
+    with stopwatch.section("bias grad"):
+        if grad_bias is not None:
+            grad_bias[...] = grad_output.sum(axis=(0, 2, 3))
+
+    # input, offset and mask gradients
+    span = channel_span(g)
+    tiles = config.tiles(g)
+    kernel = input_grad_kernel(g.dtype, *shape, config, use_mask, not deterministic)
+    with stopwatch.section("fused input grads"):
+        if not deterministic:
+            grad_input[...] = 0
+        grad_input_flat = grad_input.reshape(-1)
+        image = g.in_channels * g.height * g.width
+        for first in range(0, g.batch, GRID_YZ_LIMIT):
+            last = min(g.batch, first + GRID_YZ_LIMIT)
+            backend.launch(kernel, (tiles, g.in_channels // span, last - first), config.input_threads(g.taps),
+                           input_c[first:last].reshape(-1), offset[first:last],
+                           mask_arg[first:last] if use_mask else dummy4, weight_c.reshape(-1),
+                           grad_output[first:last], grad_input_flat[first * image:last * image],
+                           grad_offset[first:last], grad_mask_arg[first:last] if use_mask else dummy4,
+                           conv, _dims(g, span))
+    if deterministic:
+        from . import backward as column_backward
+        from .im2col import CHUNK_IMAGES
+        dummy2 = xp.zeros((1, 1), dtype=dtype)
+        with stopwatch.section("deterministic gather"):
+            for first in range(0, g.batch, CHUNK_IMAGES):
+                n_chunk = min(CHUNK_IMAGES, g.batch - first)
+                column_backward._deterministic_input_grad(g, dummy2, grad_output, weight_c, offset, mask_arg,
+                                                          grad_input, first, n_chunk, True, xp, conv)
+
+    # weight gradient: S partials, added in a fixed order
+    splits = splits or choose_splits(g, config)
+    cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
+    grid = (splits, -(-opg // config.w_out_block) * -(-cpg // config.chunk), g.groups)
+    kernel = weight_grad_kernel(g.dtype, *shape, config, use_mask)
+    with stopwatch.section("fused weight grad"):
+        grad_weight_flat = grad_weight.reshape(-1)
+        partials = grad_weight_flat if splits == 1 else xp.empty(splits * grad_weight.size, dtype=dtype)
+        backend.launch(kernel, grid, config.weight_threads(g.taps), input_c.reshape(-1), offset, mask_arg,
+                       grad_output, partials, conv, _dims(g, g.batch))
+        if splits > 1:
+            parts = partials.reshape(splits, -1)
+            grad_weight_flat[...] = parts[0]
+            for s in range(1, splits):  # a fixed order: bit-identical run to run
+                grad_weight_flat += parts[s]
+
+
+def phase_model(geometry, config: BackwardTileConfig | None = None) -> dict:
+    """Iterations per thread of each phase's innermost loop body, whole launch averaged per
+    block (``# phase: NAME`` markers of both kernels): what the audit multiplies by the
+    instructions it attributes to each phase."""
+    g = geometry
+    config = config or default_config(g)
+    k, p = g.taps, config.pixels
+    ck, kp = config.rows(k), k * p
+    cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
+    span = channel_span(g)
+    chunks = -(-span // config.chunk)  # channel chunks per input block (upper bound: chunks
+    groups_per_span = span // (g.in_channels // g.offset_groups)  # may also end at group edges)
+    t_in = config.input_threads(k)
+    t_w = config.weight_threads(k)
+    rows, cols = config.staged_shape(g)
+    out_steps = -(-opg // config.out_block)
+    splits = choose_splits(g, config)
+    items = -(-(g.batch * config.tiles(g)) // splits)
+    segments = 1 if (g.in_channels // g.offset_groups) % config.chunk == 0 else 2
+    return {
+        "table": groups_per_span * -(-kp // t_in),
+        "stage": chunks * -(-config.chunk * rows * cols // t_in),
+        "stage_gemm": chunks * out_steps * (-(-config.out_block * ck // t_in) + -(-config.out_block * p // t_in)),
+        "grad_cols_gemm": chunks * out_steps * config.out_block,
+        "scatter": chunks * -(-kp // t_in) * config.chunk,
+        "offset_grad": groups_per_span * -(-kp // t_in),
+        "w_stage": items * (-(-config.chunk * rows * cols // t_w) + -(-p * config.w_out_block // t_w)),
+        "w_table": items * segments * -(-kp // t_w),
+        "w_build": items * segments * -(-ck * p // t_w),
+        "weight_gemm": items * p,
+    }
+
+
+def ptx_cases():
+    """Kernels and signatures for the PTX audit (``deftnumba.ptx``)."""
+    from numba import types
+
+    configs = {"float32": (GPU_CONFIG, SIMULATOR_CONFIG), "float64": (SIMULATOR_CONFIG,)}
+    conv = types.UniTuple(types.int32, 8)
+    dims = types.UniTuple(types.int32, 6)
+    for dtype in ("float32", "float64"):
+        t = getattr(types, dtype)
+        a4, flat = types.Array(t, 4, "A"), types.Array(t, 1, "C")
+        for cfg in configs[dtype]:
+            tag = (f"{cfg.tile_h}x{cfg.tile_w}h{cfg.halo}c{cfg.chunk}o{cfg.out_block}r{cfg.reg_rows}x{cfg.reg_px}"
+                   f"w{cfg.w_out_block}r{cfg.w_reg_out}x{cfg.w_reg_cols}")
+            for scatter in (True, False):
+                yield (f"input_grad[3x3,{tag},scatter={scatter}]", dtype,
+                       input_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, scatter),
+                       (flat, a4, a4, flat, a4, flat, a4, a4, conv, dims))
+            yield (f"weight_grad[3x3,{tag}]", dtype, weight_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True),
+                   (flat, a4, a4, a4, flat, conv, dims))
