@@ -115,6 +115,7 @@ class BackwardTileConfig:
             if part < 1 or total % part:
                 raise ValueError(f"BackwardTileConfig.{name}={part} must divide {total}")
 
+
     def input_threads(self, taps: int) -> int:
         return (self.rows(taps) // self.reg_rows) * (self.pixels // self.reg_px)
 
@@ -184,6 +185,13 @@ def supported(geometry) -> bool:
                2 * g.offset_groups * g.taps * g.out_h * g.out_w) < 2**31
 
 
+def _steps(trips: int, products: int) -> int:
+    """Rank-1 updates per trip of a GEMM loop: enough for ~64 FFMA per trip (the loop's
+    counter, branch and address updates then cost < 15% of its issue slots), dividing ``trips``."""
+    want = max(1, 64 // products)
+    return max(s for s in range(1, want + 1) if trips % s == 0)
+
+
 # --------------------------------------------------------------------------- input-side kernel
 # Traffic (whole batch; T tiles of P pixels, SH x SW staged region, f the out-of-tile
 # fraction of in-band samples):
@@ -204,9 +212,9 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     """Kernel ``(input, offset, mask, weight, grad_out, grad_input, grad_offset, grad_mask,
     conv, dims)`` on ``(tiles, C // channel_span, images)`` blocks of ``config.input_threads(K)``.
 
-    input and grad_input are flat (``N*C*H*W``), weight flat (``Co*Cg*K``); offset, mask,
-    grad_out, grad_offset, grad_mask 4-D (mask and grad_mask dummies without ``use_mask``);
-    dims the int32 tuple ``(C, H, W, Co, Cg, span)``. ``scatter`` adds the input gradient
+    input and grad_input are flat (``N*C*H*W``), weight flat (``Co*Cg*K``), grad_out flat
+    (``N*Co*Ho*Wo``); offset, mask, grad_offset, grad_mask 4-D (mask and grad_mask dummies
+    without ``use_mask``); dims the int32 tuple ``(C, H, W, Co, Cg, span, cpo, Ho, Wo)``. ``scatter`` adds the input gradient
     with ``red_add`` (grad_input zeroed by the caller); without it grad_input is untouched.
     """
     fns = sampling_functions(dtype)
@@ -234,98 +242,118 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     PX_T = P // RP  # thread columns of the GEMM (pixels)
     THREADS = ROW_T * PX_T
     EPT = -(-KP // THREADS)  # table points owned per thread in the scatter phase
+    WEIGHT_STEP = OGB * CK  # shared-array sizes must be compile-time literals
+    GRAD_OUT_STEP = OGB * P
+    COLUMN_TILE = CK * P
+    TABLE = 4 * KP
     SH_, SW_ = stride_h, stride_w
     USE_MASK, SCATTER = use_mask, scatter
+    STEPS_A = _steps(OGB, RR * RP)
     u32 = np.uint32
     u64 = np.uint64
+    i32 = np.int32
 
     @cuda.jit
     def kernel(input, offset, mask, weight, grad_out, grad_input, grad_offset, grad_mask, conv, dims):
-        tid = cuda.threadIdx.x
-        n = cuda.blockIdx.z
-        channels, height, width, out_channels, cpg, span = dims
-        out_h = grad_out.shape[2]
-        out_w = grad_out.shape[3]
-        plane = height * width
-        groups = channels // cpg
-        opg = out_channels // groups
-        cpo = channels // (offset.shape[1] // (2 * K))
-        image_base = u64(n) * u64(channels * plane)  # 64-bit only here
-        tiles_x = (out_w + TW - 1) // TW
-        ty = cuda.blockIdx.x // tiles_x
-        oy0 = ty * TH
-        ox0 = (cuda.blockIdx.x - ty * tiles_x) * TW
-        iy0 = oy0 * SH_ - conv[2] - HALO  # first staged input row
-        ix0 = ox0 * SW_ - conv[3] - HALO  # first staged input column
+        # Index discipline: every index inside an image is uint32 (wrapped in u32() so that
+        # Numba's int64 promotion narrows back: no 64-bit math, no negative-index fixups, no
+        # 64-bit division calls); image bases are uint64; iy0/ix0 and corner rows are int32.
+        tid = u32(cuda.threadIdx.x)
+        n = u32(cuda.blockIdx.z)
+        channels = u32(dims[0])
+        height = u32(dims[1])
+        width = u32(dims[2])
+        out_channels = u32(dims[3])
+        cpg = u32(dims[4])  # input channels per weight group
+        span = u32(dims[5])  # channels of this block (whole weight and offset groups)
+        cpo = u32(dims[6])  # input channels per offset group
+        out_h = u32(dims[7])
+        out_w = u32(dims[8])
+        plane = u32(height * width)
+        out_plane = u32(out_h * out_w)
+        opg = u32(out_channels // u32(channels // cpg))  # outputs per weight group
+        image_base = u64(n) * u64(u32(channels * plane))  # 64-bit only here ...
+        out_base = u64(n) * u64(u32(out_channels * out_plane))  # ... and here
+        tiles_x = u32(u32(out_w + u32(TW - 1)) // u32(TW))
+        ty = u32(u32(cuda.blockIdx.x) // tiles_x)
+        oy0 = u32(ty * u32(TH))
+        ox0 = u32(u32(u32(cuda.blockIdx.x) - u32(ty * tiles_x)) * u32(TW))
+        iy0 = i32(i32(oy0 * u32(SH_)) - i32(conv[2] + HALO))  # first staged input row (may be < 0)
+        ix0 = i32(i32(ox0 * u32(SW_)) - i32(conv[3] + HALO))  # first staged input column
 
         staged = cuda.shared.array(STAGED, dtype=DT, alignment=16)
-        staged_weight = cuda.shared.array(OGB * CK, dtype=DT, alignment=16)
-        staged_grad_out = cuda.shared.array(OGB * P, dtype=DT, alignment=16)
-        grad_cols = cuda.shared.array(CK * P, dtype=DT, alignment=16)
-        corner_index = cuda.shared.array(4 * KP, dtype=np.int32, alignment=16)
-        corner_weight = cuda.shared.array(4 * KP, dtype=DT, alignment=16)
+        staged_weight = cuda.shared.array(WEIGHT_STEP, dtype=DT, alignment=16)
+        staged_grad_out = cuda.shared.array(GRAD_OUT_STEP, dtype=DT, alignment=16)
+        grad_cols = cuda.shared.array(COLUMN_TILE, dtype=DT, alignment=16)
+        corner_index = cuda.shared.array(TABLE, dtype=np.int32, alignment=16)
+        corner_weight = cuda.shared.array(TABLE, dtype=DT, alignment=16)
 
         acc = cuda.local.array((RR, RP), dtype=DT)
         a = cuda.local.array(RR, dtype=DT)
         b = cuda.local.array(RP, dtype=DT)
         sums = cuda.local.array((EPT, 4), dtype=DT)  # S_q of the points this thread owns
-        row_t = tid // PX_T  # this thread owns rows row_t*RR .. +RR ...
-        px_t = tid - row_t * PX_T  # ... and pixels px_t*RP .. +RP
+        row_t = u32(tid // u32(PX_T))  # this thread owns rows row_t*RR .. +RR ...
+        px_t = u32(tid - u32(row_t * u32(PX_T)))  # ... and pixels px_t*RP .. +RP
+        a_first = u32(row_t * u32(RR))
+        b_first = u32(px_t * u32(RP))
         for r in range(EPT):
             for q in range(4):
                 sums[r, q] = ZERO
 
-        c_begin = cuda.blockIdx.y * span
-        c_end = c_begin + span
-        table_og = -1
+        c_begin = u32(u32(cuda.blockIdx.y) * span)
+        c_end = u32(c_begin + span)
+        table_og = u32(0)
+        have_table = False
         c = c_begin
         while c < c_end:
-            og = c // cpo
-            g = c // cpg
-            chunk_end = min(c + CC, (og + 1) * cpo, (g + 1) * cpg)
-            nc = chunk_end - c
-            if og != table_og:
-                if table_og >= 0:
+            og = u32(c // cpo)
+            g = u32(c // cpg)
+            chunk_end = min(u32(c + u32(CC)), u32(u32(og + u32(1)) * cpo), u32(u32(g + u32(1)) * cpg))
+            nc = u32(chunk_end - c)
+            if not have_table or og != table_og:
+                if have_table:
                     # phase: offset_grad (end of an offset group: S_q -> offset and mask gradients)
                     for r in range(EPT):
-                        e = tid + r * THREADS
-                        if e < KP:
-                            k = e // P
-                            p = e - k * P
-                            u = p // TW
-                            oy = oy0 + u
-                            ox = ox0 + (p - u * TW)
+                        e = u32(tid + u32(r * THREADS))
+                        if e < u32(KP):
+                            k = u32(e // u32(P))
+                            p = u32(e - u32(k * u32(P)))
+                            u = u32(p // u32(TW))
+                            oy = u32(oy0 + u)
+                            ox = u32(ox0 + u32(p - u32(u * u32(TW))))
                             if oy < out_h and ox < out_w:
                                 y, x = tap_position(offset, n, table_og, k, oy, ox, conv)
                                 (_, _, _, _, w00, w01, w10, w11, gy00, gy01, gy10, gy11,
                                  gx00, gx01, gx10, gx11) = bilinear_corner_gradients(y, x, height, width)
+                                point = u32(u32(table_og * u32(K)) + k)
                                 m = ONE
                                 if USE_MASK:
-                                    m = mask[n, table_og * K + k, oy, ox]
+                                    m = mask[n, point, oy, ox]
                                 s0 = sums[r, 0]
                                 s1 = sums[r, 1]
                                 s2 = sums[r, 2]
                                 s3 = sums[r, 3]
-                                channel = 2 * (table_og * K + k)
-                                grad_offset[n, channel, oy, ox] = m * (gy00 * s0 + gy01 * s1 + gy10 * s2 + gy11 * s3)
-                                grad_offset[n, channel + 1, oy, ox] = m * (gx00 * s0 + gx01 * s1 + gx10 * s2
-                                                                           + gx11 * s3)
+                                grad_offset[n, u32(u32(2) * point), oy, ox] = m * (gy00 * s0 + gy01 * s1 + gy10 * s2
+                                                                                   + gy11 * s3)
+                                grad_offset[n, u32(u32(2) * point + u32(1)), oy, ox] = m * (gx00 * s0 + gx01 * s1
+                                                                                            + gx10 * s2 + gx11 * s3)
                                 if USE_MASK:
-                                    grad_mask[n, table_og * K + k, oy, ox] = w00 * s0 + w01 * s1 + w10 * s2 + w11 * s3
+                                    grad_mask[n, point, oy, ox] = w00 * s0 + w01 * s1 + w10 * s2 + w11 * s3
                         for q in range(4):
                             sums[r, q] = ZERO
                 # phase: table (corners relative to the staged region, mask folded into the weights;
                 # the previous chunk ended with a barrier, so nobody still reads the old table)
-                for e in range(tid, KP, THREADS):
-                    k = e // P
-                    p = e - k * P
-                    u = p // TW
-                    oy = oy0 + u
-                    ox = ox0 + (p - u * TW)
-                    r0 = OUTSIDE
-                    r1 = 0
-                    q0 = 0
-                    q1 = 0
+                e = tid
+                while e < u32(KP):
+                    k = u32(e // u32(P))
+                    p = u32(e - u32(k * u32(P)))
+                    u = u32(p // u32(TW))
+                    oy = u32(oy0 + u)
+                    ox = u32(ox0 + u32(p - u32(u * u32(TW))))
+                    r0 = i32(OUTSIDE)
+                    r1 = i32(0)
+                    q0 = i32(0)
+                    q1 = i32(0)
                     w00 = ZERO
                     w01 = ZERO
                     w10 = ZERO
@@ -335,156 +363,178 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                         if in_band(y, x, height, width):
                             y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
                             if USE_MASK:
-                                m = mask[n, og * K + k, oy, ox]
+                                m = mask[n, u32(u32(og * u32(K)) + k), oy, ox]
                                 w00 *= m
                                 w01 *= m
                                 w10 *= m
                                 w11 *= m
-                            r0 = y0 - iy0
-                            r1 = y1 - iy0
-                            q0 = x0 - ix0
-                            q1 = x1 - ix0
+                            r0 = i32(i32(y0) - iy0)
+                            r1 = i32(i32(y1) - iy0)
+                            q0 = i32(i32(x0) - ix0)
+                            q1 = i32(i32(x1) - ix0)
                     corner_index[e] = r0
-                    corner_index[KP + e] = r1
-                    corner_index[2 * KP + e] = q0
-                    corner_index[3 * KP + e] = q1
+                    corner_index[u32(e + u32(KP))] = r1
+                    corner_index[u32(e + u32(2 * KP))] = q0
+                    corner_index[u32(e + u32(3 * KP))] = q1
                     corner_weight[e] = w00
-                    corner_weight[KP + e] = w01
-                    corner_weight[2 * KP + e] = w10
-                    corner_weight[3 * KP + e] = w11
+                    corner_weight[u32(e + u32(KP))] = w01
+                    corner_weight[u32(e + u32(2 * KP))] = w10
+                    corner_weight[u32(e + u32(3 * KP))] = w11
+                    e = u32(e + u32(THREADS))
                 table_og = og
+                have_table = True
 
             # phase: stage (the chunk's input region, zero outside the image and past nc)
-            for idx in range(tid, STAGED, THREADS):
-                cc = idx // REGION
-                rem = idx - cc * REGION
-                row = rem // SWR
-                col = rem - row * SWR
-                gy = iy0 + row
-                gx = ix0 + col
+            idx = tid
+            while idx < u32(STAGED):
+                cc = u32(idx // u32(REGION))
+                rem = u32(idx - u32(cc * u32(REGION)))
+                row = u32(rem // u32(SWR))
+                gy = i32(iy0 + i32(row))
+                gx = i32(ix0 + i32(u32(rem - u32(row * u32(SWR)))))
                 v = ZERO
-                if cc < nc and gy >= 0 and gy < height and gx >= 0 and gx < width:
-                    v = input[image_base + u32((c + cc) * plane + gy * width + gx)]
+                if cc < nc and gy >= i32(0) and u32(gy) < height and gx >= i32(0) and u32(gx) < width:
+                    v = input[image_base + u64(u32(u32(u32(c + cc) * plane) + u32(u32(gy) * width + u32(gx))))]
                 staged[idx] = v
+                idx = u32(idx + u32(THREADS))
 
             for i in range(RR):
                 for j in range(RP):
                     acc[i, j] = ZERO
-            w_row = c - g * cpg  # first weight column (c_local) of the chunk
-            for o0 in range(0, opg, OGB):
+            weight_row = u32(u32(g * opg) * u32(cpg * u32(K)) + u32(u32(c - u32(g * cpg)) * u32(K)))
+            o0 = u32(0)
+            while o0 < opg:
                 # phase: stage_gemm (weights [OGB, CC*K] and grad_out [OGB, P] of this output step)
-                for idx in range(tid, OGB * CK, THREADS):
-                    o = idx // CK
-                    ck = idx - o * CK
+                idx = tid
+                while idx < u32(WEIGHT_STEP):
+                    o = u32(idx // u32(CK))
+                    ck = u32(idx - u32(o * u32(CK)))
                     v = ZERO
-                    if o0 + o < opg and ck < nc * K:
-                        v = weight[u32((g * opg + o0 + o) * (cpg * K) + w_row * K + ck)]
+                    if u32(o0 + o) < opg and ck < u32(nc * u32(K)):
+                        v = weight[u32(weight_row + u32(u32(o0 + o) * u32(cpg * u32(K))) + ck)]
                     staged_weight[idx] = v
-                for idx in range(tid, OGB * P, THREADS):
-                    o = idx // P
-                    p = idx - o * P
-                    u = p // TW
-                    oy = oy0 + u
-                    ox = ox0 + (p - u * TW)
+                    idx = u32(idx + u32(THREADS))
+                idx = tid
+                while idx < u32(GRAD_OUT_STEP):
+                    o = u32(idx // u32(P))
+                    p = u32(idx - u32(o * u32(P)))
+                    u = u32(p // u32(TW))
+                    oy = u32(oy0 + u)
+                    ox = u32(ox0 + u32(p - u32(u * u32(TW))))
                     v = ZERO
-                    if o0 + o < opg and oy < out_h and ox < out_w:
-                        v = grad_out[n, g * opg + o0 + o, oy, ox]
+                    if u32(o0 + o) < opg and oy < out_h and ox < out_w:
+                        channel = u32(u32(g * opg) + u32(o0 + o))
+                        v = grad_out[out_base + u64(u32(u32(channel * out_plane) + u32(oy * out_w + ox)))]
                     staged_grad_out[idx] = v
+                    idx = u32(idx + u32(THREADS))
                 cuda.syncthreads()  # the staged input, weights, grad_out and the table are complete
 
-                # phase: grad_cols_gemm (rank-1 updates over the staged outputs)
-                for o in range(OGB):
-                    for i in range(RR):
-                        a[i] = staged_weight[o * CK + row_t * RR + i]
-                    for j in range(RP):
-                        b[j] = staged_grad_out[o * P + px_t * RP + j]
-                    for i in range(RR):
+                # phase: grad_cols_gemm (rank-1 updates; RR + RP contiguous values per step: LDS.128)
+                # (a uint32 while loop: LLVM unrolls it; a Python range keeps a 64-bit counter)
+                wo = a_first
+                go = b_first
+                step = u32(0)
+                while step < u32(OGB):  # STEPS_A rank-1 updates per trip (unrolled)
+                    for sub in range(STEPS_A):
+                        for i in range(RR):
+                            a[i] = staged_weight[u32(wo + u32(sub * CK + i))]
                         for j in range(RP):
-                            acc[i, j] += a[i] * b[j]
+                            b[j] = staged_grad_out[u32(go + u32(sub * P + j))]
+                        for i in range(RR):
+                            for j in range(RP):
+                                acc[i, j] += a[i] * b[j]
+                    wo = u32(wo + u32(STEPS_A * CK))
+                    go = u32(go + u32(STEPS_A * P))
+                    step = u32(step + u32(STEPS_A))
                 cuda.syncthreads()  # everyone is done reading this step's weights and grad_out
+                o0 = u32(o0 + u32(OGB))
             for i in range(RR):
                 for j in range(RP):
-                    grad_cols[(row_t * RR + i) * P + px_t * RP + j] = acc[i, j]
+                    grad_cols[u32(u32(u32(a_first + u32(i)) * u32(P)) + u32(b_first + u32(j)))] = acc[i, j]
             cuda.syncthreads()  # the column-gradient tile is complete
 
             # phase: scatter (per owned point: S_q over the chunk's channels; RED to grad_input)
             for r in range(EPT):
-                e = tid + r * THREADS
-                if e < KP:
+                e = u32(tid + u32(r * THREADS))
+                if e < u32(KP):
                     r0 = corner_index[e]
-                    if r0 != OUTSIDE:
-                        r1 = corner_index[KP + e]
-                        q0 = corner_index[2 * KP + e]
-                        q1 = corner_index[3 * KP + e]
+                    if r0 != i32(OUTSIDE):
+                        r1 = corner_index[u32(e + u32(KP))]
+                        q0 = corner_index[u32(e + u32(2 * KP))]
+                        q1 = corner_index[u32(e + u32(3 * KP))]
                         w00 = corner_weight[e]
-                        w01 = corner_weight[KP + e]
-                        w10 = corner_weight[2 * KP + e]
-                        w11 = corner_weight[3 * KP + e]
-                        k = e // P
-                        p = e - k * P
-                        inside = r0 >= 0 and r1 < SHR and q0 >= 0 and q1 < SWR
-                        # in-image offsets of the four corners (32-bit)
-                        o00 = (iy0 + r0) * width + ix0 + q0
-                        o01 = (iy0 + r0) * width + ix0 + q1
-                        o10 = (iy0 + r1) * width + ix0 + q0
-                        o11 = (iy0 + r1) * width + ix0 + q1
+                        w01 = corner_weight[u32(e + u32(KP))]
+                        w10 = corner_weight[u32(e + u32(2 * KP))]
+                        w11 = corner_weight[u32(e + u32(3 * KP))]
+                        inside = r0 >= i32(0) and r1 < i32(SHR) and q0 >= i32(0) and q1 < i32(SWR)
+                        # staged offsets (meaningful when inside) and in-image offsets of the corners
+                        s00 = u32(i32(r0 * i32(SWR)) + q0)
+                        s01 = u32(i32(r0 * i32(SWR)) + q1)
+                        s10 = u32(i32(r1 * i32(SWR)) + q0)
+                        s11 = u32(i32(r1 * i32(SWR)) + q1)
+                        row0 = u32(u32(iy0 + r0) * width)
+                        row1 = u32(u32(iy0 + r1) * width)
+                        o00 = u32(row0 + u32(ix0 + q0))
+                        o01 = u32(row0 + u32(ix0 + q1))
+                        o10 = u32(row1 + u32(ix0 + q0))
+                        o11 = u32(row1 + u32(ix0 + q1))
+                        channel_base = image_base + u64(u32(c * plane))
                         for cc in range(CC):
-                            if cc < nc:
-                                gc = grad_cols[(cc * K + k) * P + p]
+                            if u32(cc) < nc:
+                                gc = grad_cols[u32(e + u32(cc * KP))]  # row (cc*K + k), pixel p
                                 if inside:
-                                    base = cc * REGION
-                                    v00 = staged[base + r0 * SWR + q0]
-                                    v01 = staged[base + r0 * SWR + q1]
-                                    v10 = staged[base + r1 * SWR + q0]
-                                    v11 = staged[base + r1 * SWR + q1]
+                                    v00 = staged[u32(s00 + u32(cc * REGION))]
+                                    v01 = staged[u32(s01 + u32(cc * REGION))]
+                                    v10 = staged[u32(s10 + u32(cc * REGION))]
+                                    v11 = staged[u32(s11 + u32(cc * REGION))]
                                 else:
-                                    channel_base = (c + cc) * plane
-                                    v00 = input[image_base + u32(channel_base + o00)]
-                                    v01 = input[image_base + u32(channel_base + o01)]
-                                    v10 = input[image_base + u32(channel_base + o10)]
-                                    v11 = input[image_base + u32(channel_base + o11)]
+                                    v00 = input[channel_base + u64(o00)]
+                                    v01 = input[channel_base + u64(o01)]
+                                    v10 = input[channel_base + u64(o10)]
+                                    v11 = input[channel_base + u64(o11)]
                                 sums[r, 0] += gc * v00
                                 sums[r, 1] += gc * v01
                                 sums[r, 2] += gc * v10
                                 sums[r, 3] += gc * v11
                                 if SCATTER:
-                                    channel_base = image_base + u64((c + cc) * plane)
                                     if w00 != ZERO:
-                                        red_add(grad_input, channel_base + u32(o00), gc * w00)
+                                        red_add(grad_input, channel_base + u64(o00), gc * w00)
                                     if w01 != ZERO:
-                                        red_add(grad_input, channel_base + u32(o01), gc * w01)
+                                        red_add(grad_input, channel_base + u64(o01), gc * w01)
                                     if w10 != ZERO:
-                                        red_add(grad_input, channel_base + u32(o10), gc * w10)
+                                        red_add(grad_input, channel_base + u64(o10), gc * w10)
                                     if w11 != ZERO:
-                                        red_add(grad_input, channel_base + u32(o11), gc * w11)
+                                        red_add(grad_input, channel_base + u64(o11), gc * w11)
+                                channel_base = channel_base + u64(plane)
             cuda.syncthreads()  # the next chunk may overwrite the staged input, grad_cols and the table
             c = chunk_end
 
         # phase: offset_grad (the last offset group of the span)
         for r in range(EPT):
-            e = tid + r * THREADS
-            if e < KP:
-                k = e // P
-                p = e - k * P
-                u = p // TW
-                oy = oy0 + u
-                ox = ox0 + (p - u * TW)
+            e = u32(tid + u32(r * THREADS))
+            if e < u32(KP):
+                k = u32(e // u32(P))
+                p = u32(e - u32(k * u32(P)))
+                u = u32(p // u32(TW))
+                oy = u32(oy0 + u)
+                ox = u32(ox0 + u32(p - u32(u * u32(TW))))
                 if oy < out_h and ox < out_w:
                     y, x = tap_position(offset, n, table_og, k, oy, ox, conv)
                     (_, _, _, _, w00, w01, w10, w11, gy00, gy01, gy10, gy11,
                      gx00, gx01, gx10, gx11) = bilinear_corner_gradients(y, x, height, width)
+                    point = u32(u32(table_og * u32(K)) + k)
                     m = ONE
                     if USE_MASK:
-                        m = mask[n, table_og * K + k, oy, ox]
+                        m = mask[n, point, oy, ox]
                     s0 = sums[r, 0]
                     s1 = sums[r, 1]
                     s2 = sums[r, 2]
                     s3 = sums[r, 3]
-                    channel = 2 * (table_og * K + k)
-                    grad_offset[n, channel, oy, ox] = m * (gy00 * s0 + gy01 * s1 + gy10 * s2 + gy11 * s3)
-                    grad_offset[n, channel + 1, oy, ox] = m * (gx00 * s0 + gx01 * s1 + gx10 * s2 + gx11 * s3)
+                    grad_offset[n, u32(u32(2) * point), oy, ox] = m * (gy00 * s0 + gy01 * s1 + gy10 * s2 + gy11 * s3)
+                    grad_offset[n, u32(u32(2) * point + u32(1)), oy, ox] = m * (gx00 * s0 + gx01 * s1 + gx10 * s2
+                                                                                + gx11 * s3)
                     if USE_MASK:
-                        grad_mask[n, table_og * K + k, oy, ox] = w00 * s0 + w01 * s1 + w10 * s2 + w11 * s3
+                        grad_mask[n, point, oy, ox] = w00 * s0 + w01 * s1 + w10 * s2 + w11 * s3
 
     return kernel
 
@@ -505,9 +555,10 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
     """Kernel ``(input, offset, mask, grad_out, partials, conv, dims)`` on
     ``(S, out_blocks * chunks, groups)`` blocks of ``config.weight_threads(K)`` threads.
 
-    input flat (``N*C*H*W``); partials flat ``[S, Co, Cg*K]``: block ``(s, ob*chunks + j, g)``
+    input and grad_out flat (``N*C*H*W``, ``N*Co*Ho*Wo``); partials flat ``[S, Co, Cg*K]``: block ``(s, ob*chunks + j, g)``
     writes outputs ``g*Og + ob*OGW ..`` x columns ``(j*CC)*K ..`` of partial ``s``, the sum over
-    the (image, tile) pairs ``s, s + S, s + 2S, ...``; dims ``(C, H, W, Co, Cg, N)`` int32.
+    the (image, tile) pairs ``s, s + S, s + 2S, ...``; dims ``(C, H, W, Co, Cg, N, cpo, Ho, Wo)``
+    int32.
     """
     fns = sampling_functions(dtype)
     tap_position = fns.tap_position
@@ -530,97 +581,117 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
     OUT_T = OGW // RO
     COL_T = CK // RK
     THREADS = OUT_T * COL_T
+    STEPS_B = _steps(P, RO * RK)
+    GRAD_OUT_TILE = P * OGW  # shared-array sizes must be compile-time literals
+    COLUMN_TILE = CK * P
+    TABLE = 4 * KP
     SH_, SW_ = stride_h, stride_w
     USE_MASK = use_mask
     u32 = np.uint32
     u64 = np.uint64
+    i32 = np.int32
 
     @cuda.jit
     def kernel(input, offset, mask, grad_out, partials, conv, dims):
-        tid = cuda.threadIdx.x
-        split = cuda.blockIdx.x
-        splits = cuda.gridDim.x
-        channels, height, width, out_channels, cpg, images = dims
-        out_h = grad_out.shape[2]
-        out_w = grad_out.shape[3]
-        plane = height * width
-        groups = channels // cpg
-        opg = out_channels // groups
-        cpo = channels // (offset.shape[1] // (2 * K))
-        chunks = (cpg + CC - 1) // CC
-        g = cuda.blockIdx.z
-        ob = cuda.blockIdx.y // chunks
-        j_chunk = cuda.blockIdx.y - ob * chunks
-        o_first = ob * OGW  # first output of this block within the group
-        c_first = g * cpg + j_chunk * CC  # first input channel of this block
-        nc = min(CC, cpg - j_chunk * CC)
-        tiles_x = (out_w + TW - 1) // TW
-        tiles = tiles_x * ((out_h + TH - 1) // TH)
+        # Index discipline as in input_grad_kernel: uint32 inside an image, uint64 bases.
+        tid = u32(cuda.threadIdx.x)
+        split = u32(cuda.blockIdx.x)
+        splits = u32(cuda.gridDim.x)
+        channels = u32(dims[0])
+        height = u32(dims[1])
+        width = u32(dims[2])
+        out_channels = u32(dims[3])
+        cpg = u32(dims[4])
+        images = u32(dims[5])
+        cpo = u32(dims[6])
+        out_h = u32(dims[7])
+        out_w = u32(dims[8])
+        plane = u32(height * width)
+        out_plane = u32(out_h * out_w)
+        opg = u32(out_channels // u32(channels // cpg))
+        chunks = u32(u32(cpg + u32(CC - 1)) // u32(CC))
+        g = u32(cuda.blockIdx.z)
+        ob = u32(u32(cuda.blockIdx.y) // chunks)
+        j_chunk = u32(u32(cuda.blockIdx.y) - u32(ob * chunks))
+        o_first = u32(ob * u32(OGW))  # first output of this block within the group
+        c_first = u32(u32(g * cpg) + u32(j_chunk * u32(CC)))  # first input channel of this block
+        nc = min(u32(CC), u32(cpg - u32(j_chunk * u32(CC))))
+        tiles_x = u32(u32(out_w + u32(TW - 1)) // u32(TW))
+        tiles = u32(tiles_x * u32(u32(out_h + u32(TH - 1)) // u32(TH)))
 
         staged = cuda.shared.array(STAGED, dtype=DT, alignment=16)
-        staged_grad_out = cuda.shared.array(P * OGW, dtype=DT, alignment=16)
-        columns = cuda.shared.array(P * CK, dtype=DT, alignment=16)
-        corner_index = cuda.shared.array(4 * KP, dtype=np.int32, alignment=16)
-        corner_weight = cuda.shared.array(4 * KP, dtype=DT, alignment=16)
+        staged_grad_out = cuda.shared.array(GRAD_OUT_TILE, dtype=DT, alignment=16)
+        columns = cuda.shared.array(COLUMN_TILE, dtype=DT, alignment=16)
+        corner_index = cuda.shared.array(TABLE, dtype=np.int32, alignment=16)
+        corner_weight = cuda.shared.array(TABLE, dtype=DT, alignment=16)
 
         acc = cuda.local.array((RO, RK), dtype=DT)
         a = cuda.local.array(RO, dtype=DT)
         b = cuda.local.array(RK, dtype=DT)
-        out_t = tid // COL_T  # this thread owns outputs out_t*RO .. +RO ...
-        col_t = tid - out_t * COL_T  # ... and columns col_t*RK .. +RK
+        out_t = u32(tid // u32(COL_T))  # this thread owns outputs out_t*RO .. +RO ...
+        col_t = u32(tid - u32(out_t * u32(COL_T)))  # ... and columns col_t*RK .. +RK
+        a_first = u32(out_t * u32(RO))
+        b_first = u32(col_t * u32(RK))
         for i in range(RO):
             for j in range(RK):
                 acc[i, j] = ZERO
 
-        for item in range(split, images * tiles, splits):
-            n = item // tiles
-            tile = item - n * tiles
-            ty = tile // tiles_x
-            oy0 = ty * TH
-            ox0 = (tile - ty * tiles_x) * TW
-            iy0 = oy0 * SH_ - conv[2] - HALO
-            ix0 = ox0 * SW_ - conv[3] - HALO
-            image_base = u64(n) * u64(channels * plane)
+        item = split
+        while item < u32(images * tiles):
+            n = u32(item // tiles)
+            tile = u32(item - u32(n * tiles))
+            ty = u32(tile // tiles_x)
+            oy0 = u32(ty * u32(TH))
+            ox0 = u32(u32(tile - u32(ty * tiles_x)) * u32(TW))
+            iy0 = i32(i32(oy0 * u32(SH_)) - i32(conv[2] + HALO))
+            ix0 = i32(i32(ox0 * u32(SW_)) - i32(conv[3] + HALO))
+            image_base = u64(n) * u64(u32(channels * plane))
+            out_base = u64(n) * u64(u32(out_channels * out_plane))
 
             # phase: w_stage (input region of the chunk; grad_out [P, OGW], pixel-major)
-            for idx in range(tid, STAGED, THREADS):
-                cc = idx // REGION
-                rem = idx - cc * REGION
-                row = rem // SWR
-                col = rem - row * SWR
-                gy = iy0 + row
-                gx = ix0 + col
+            idx = tid
+            while idx < u32(STAGED):
+                cc = u32(idx // u32(REGION))
+                rem = u32(idx - u32(cc * u32(REGION)))
+                row = u32(rem // u32(SWR))
+                gy = i32(iy0 + i32(row))
+                gx = i32(ix0 + i32(u32(rem - u32(row * u32(SWR)))))
                 v = ZERO
-                if cc < nc and gy >= 0 and gy < height and gx >= 0 and gx < width:
-                    v = input[image_base + u32((c_first + cc) * plane + gy * width + gx)]
+                if cc < nc and gy >= i32(0) and u32(gy) < height and gx >= i32(0) and u32(gx) < width:
+                    v = input[image_base + u64(u32(u32(u32(c_first + cc) * plane) + u32(u32(gy) * width + u32(gx))))]
                 staged[idx] = v
-            for idx in range(tid, P * OGW, THREADS):
-                o = idx // P
-                p = idx - o * P
-                u = p // TW
-                oy = oy0 + u
-                ox = ox0 + (p - u * TW)
+                idx = u32(idx + u32(THREADS))
+            idx = tid
+            while idx < u32(GRAD_OUT_TILE):
+                o = u32(idx // u32(P))
+                p = u32(idx - u32(o * u32(P)))
+                u = u32(p // u32(TW))
+                oy = u32(oy0 + u)
+                ox = u32(ox0 + u32(p - u32(u * u32(TW))))
                 v = ZERO
-                if o_first + o < opg and oy < out_h and ox < out_w:
-                    v = grad_out[n, g * opg + o_first + o, oy, ox]
-                staged_grad_out[p * OGW + o] = v
+                if u32(o_first + o) < opg and oy < out_h and ox < out_w:
+                    channel = u32(u32(g * opg) + u32(o_first + o))
+                    v = grad_out[out_base + u64(u32(u32(channel * out_plane) + u32(oy * out_w + ox)))]
+                staged_grad_out[u32(u32(p * u32(OGW)) + o)] = v
+                idx = u32(idx + u32(THREADS))
 
             # The chunk's channels may span offset groups: one table and one build per group.
             c = c_first
-            while c < c_first + nc:
-                og = c // cpo
-                seg_end = min(c_first + nc, (og + 1) * cpo)
+            while c < u32(c_first + nc):
+                og = u32(c // cpo)
+                seg_end = min(u32(c_first + nc), u32(u32(og + u32(1)) * cpo))
                 # phase: w_table
-                for e in range(tid, KP, THREADS):
-                    k = e // P
-                    p = e - k * P
-                    u = p // TW
-                    oy = oy0 + u
-                    ox = ox0 + (p - u * TW)
-                    r0 = 0
-                    r1 = 0
-                    q0 = 0
-                    q1 = 0
+                e = tid
+                while e < u32(KP):
+                    k = u32(e // u32(P))
+                    p = u32(e - u32(k * u32(P)))
+                    u = u32(p // u32(TW))
+                    oy = u32(oy0 + u)
+                    ox = u32(ox0 + u32(p - u32(u * u32(TW))))
+                    r0 = i32(0)
+                    r1 = i32(0)
+                    q0 = i32(0)
+                    q1 = i32(0)
                     w00 = ZERO
                     w01 = ZERO
                     w10 = ZERO
@@ -630,85 +701,100 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
                         if in_band(y, x, height, width):
                             y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
                             if USE_MASK:
-                                m = mask[n, og * K + k, oy, ox]
+                                m = mask[n, u32(u32(og * u32(K)) + k), oy, ox]
                                 w00 *= m
                                 w01 *= m
                                 w10 *= m
                                 w11 *= m
-                            r0 = y0 - iy0
-                            r1 = y1 - iy0
-                            q0 = x0 - ix0
-                            q1 = x1 - ix0
+                            r0 = i32(i32(y0) - iy0)
+                            r1 = i32(i32(y1) - iy0)
+                            q0 = i32(i32(x0) - ix0)
+                            q1 = i32(i32(x1) - ix0)
                         elif USE_MASK:  # value 0 times the mask, as torchvision: NaN stays NaN
                             # (the corners stay at staged cell 0, read with weight 0 * m)
-                            w00 = ZERO * mask[n, og * K + k, oy, ox]
+                            w00 = ZERO * mask[n, u32(u32(og * u32(K)) + k), oy, ox]
                             w01 = w00
                             w10 = w00
                             w11 = w00
                     corner_index[e] = r0
-                    corner_index[KP + e] = r1
-                    corner_index[2 * KP + e] = q0
-                    corner_index[3 * KP + e] = q1
+                    corner_index[u32(e + u32(KP))] = r1
+                    corner_index[u32(e + u32(2 * KP))] = q0
+                    corner_index[u32(e + u32(3 * KP))] = q1
                     corner_weight[e] = w00
-                    corner_weight[KP + e] = w01
-                    corner_weight[2 * KP + e] = w10
-                    corner_weight[3 * KP + e] = w11
+                    corner_weight[u32(e + u32(KP))] = w01
+                    corner_weight[u32(e + u32(2 * KP))] = w10
+                    corner_weight[u32(e + u32(3 * KP))] = w11
+                    e = u32(e + u32(THREADS))
                 cuda.syncthreads()  # the table, staged input and grad_out are complete
 
                 # phase: w_build (column tile [P, CC*K]: rows of this offset group's channels)
-                for idx in range(tid, CK * P, THREADS):
-                    ck = idx // P
-                    p = idx - ck * P
-                    cc = ck // K
-                    k = ck - cc * K
-                    ci = c_first + cc
+                idx = tid
+                while idx < u32(COLUMN_TILE):
+                    ck = u32(idx // u32(P))
+                    p = u32(idx - u32(ck * u32(P)))
+                    cc = u32(ck // u32(K))
+                    ci = u32(c_first + cc)
                     if ci >= c and ci < seg_end:
-                        e = k * P + p
+                        e = u32(u32(u32(ck - u32(cc * u32(K))) * u32(P)) + p)
                         r0 = corner_index[e]
-                        r1 = corner_index[KP + e]
-                        q0 = corner_index[2 * KP + e]
-                        q1 = corner_index[3 * KP + e]
+                        r1 = corner_index[u32(e + u32(KP))]
+                        q0 = corner_index[u32(e + u32(2 * KP))]
+                        q1 = corner_index[u32(e + u32(3 * KP))]
                         w00 = corner_weight[e]
-                        w01 = corner_weight[KP + e]
-                        w10 = corner_weight[2 * KP + e]
-                        w11 = corner_weight[3 * KP + e]
-                        if r0 >= 0 and r1 < SHR and q0 >= 0 and q1 < SWR:
-                            base = cc * REGION
-                            v = (w00 * staged[base + r0 * SWR + q0] + w01 * staged[base + r0 * SWR + q1]
-                                 + w10 * staged[base + r1 * SWR + q0] + w11 * staged[base + r1 * SWR + q1])
+                        w01 = corner_weight[u32(e + u32(KP))]
+                        w10 = corner_weight[u32(e + u32(2 * KP))]
+                        w11 = corner_weight[u32(e + u32(3 * KP))]
+                        if r0 >= i32(0) and r1 < i32(SHR) and q0 >= i32(0) and q1 < i32(SWR):
+                            base = u32(cc * u32(REGION))
+                            v = (w00 * staged[u32(base + u32(i32(r0 * i32(SWR)) + q0))]
+                                 + w01 * staged[u32(base + u32(i32(r0 * i32(SWR)) + q1))]
+                                 + w10 * staged[u32(base + u32(i32(r1 * i32(SWR)) + q0))]
+                                 + w11 * staged[u32(base + u32(i32(r1 * i32(SWR)) + q1))])
                         else:
-                            channel_base = image_base + u64(ci * plane)
-                            v = (w00 * input[channel_base + u32((iy0 + r0) * width + ix0 + q0)]
-                                 + w01 * input[channel_base + u32((iy0 + r0) * width + ix0 + q1)]
-                                 + w10 * input[channel_base + u32((iy0 + r1) * width + ix0 + q0)]
-                                 + w11 * input[channel_base + u32((iy0 + r1) * width + ix0 + q1)])
-                        columns[p * CK + ck] = v
+                            channel_base = image_base + u64(u32(ci * plane))
+                            row0 = u32(u32(iy0 + r0) * width)
+                            row1 = u32(u32(iy0 + r1) * width)
+                            v = (w00 * input[channel_base + u64(u32(row0 + u32(ix0 + q0)))]
+                                 + w01 * input[channel_base + u64(u32(row0 + u32(ix0 + q1)))]
+                                 + w10 * input[channel_base + u64(u32(row1 + u32(ix0 + q0)))]
+                                 + w11 * input[channel_base + u64(u32(row1 + u32(ix0 + q1)))])
+                        columns[u32(u32(p * u32(CK)) + ck)] = v
                     elif c == c_first and cc >= nc:
-                        columns[p * CK + ck] = ZERO
+                        columns[u32(u32(p * u32(CK)) + ck)] = ZERO
+                    idx = u32(idx + u32(THREADS))
                 cuda.syncthreads()  # the column rows of this offset group are complete
                 c = seg_end
 
-            # phase: weight_gemm (rank-1 updates over the tile's pixels)
-            for p in range(P):
-                for i in range(RO):
-                    a[i] = staged_grad_out[p * OGW + out_t * RO + i]
-                for j in range(RK):
-                    b[j] = columns[p * CK + col_t * RK + j]
-                for i in range(RO):
+            # phase: weight_gemm (rank-1 updates over the tile's pixels; LDS.128 of RO and RK values)
+            ao = a_first
+            bo = b_first
+            step = u32(0)
+            while step < u32(P):  # STEPS_B rank-1 updates per trip (unrolled)
+                for sub in range(STEPS_B):
+                    for i in range(RO):
+                        a[i] = staged_grad_out[u32(ao + u32(sub * OGW + i))]
                     for j in range(RK):
-                        acc[i, j] += a[i] * b[j]
+                        b[j] = columns[u32(bo + u32(sub * CK + j))]
+                    for i in range(RO):
+                        for j in range(RK):
+                            acc[i, j] += a[i] * b[j]
+                ao = u32(ao + u32(STEPS_B * OGW))
+                bo = u32(bo + u32(STEPS_B * CK))
+                step = u32(step + u32(STEPS_B))
             cuda.syncthreads()  # everyone is done with this tile's columns and grad_out
+            item = u32(item + splits)
 
         # epilogue: this block's slice of partial ``split``
-        row_length = cpg * K
-        partial_base = u64(split) * u64(out_channels * row_length)
+        row_length = u32(cpg * u32(K))
+        partial_base = u64(split) * u64(u32(out_channels * row_length))
         for i in range(RO):
-            o = o_first + out_t * RO + i
+            o = u32(o_first + u32(a_first + u32(i)))
             if o < opg:
                 for j in range(RK):
-                    ck = col_t * RK + j
-                    if ck < nc * K:
-                        partials[partial_base + u32((g * opg + o) * row_length + j_chunk * CK + ck)] = acc[i, j]
+                    ck = u32(b_first + u32(j))
+                    if ck < u32(nc * u32(K)):
+                        flat = u32(u32(u32(u32(g * opg) + o) * row_length) + u32(u32(j_chunk * u32(CK)) + ck))
+                        partials[partial_base + u64(flat)] = acc[i, j]
 
     return kernel
 
@@ -757,9 +843,12 @@ def extra_bytes(geometry, config: BackwardTileConfig | None = None, deterministi
     return total
 
 
-def _dims(g, last: int) -> tuple:
+def _dims(g, fifth: int) -> tuple:
+    """The int32 tuple ``(C, H, W, Co, Cg, fifth, cpo, Ho, Wo)`` (``fifth``: the input kernel's
+    channel span, the weight kernel's image count)."""
     cpg = g.in_channels // g.groups
-    return tuple(np.int32(v) for v in (g.in_channels, g.height, g.width, g.out_channels, cpg, last))
+    return tuple(np.int32(v) for v in (g.in_channels, g.height, g.width, g.out_channels, cpg, fifth,
+                                       g.in_channels // g.offset_groups, g.out_h, g.out_w))
 
 
 def backward(geometry, grad_output, input, offset, weight, mask, grad_input, grad_offset, grad_weight,
@@ -781,6 +870,7 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
     conv = conv_tuple(g)
     input_c = xp.ascontiguousarray(input)
     weight_c = xp.ascontiguousarray(weight)
+    grad_output_c = xp.ascontiguousarray(grad_output)
     dummy4 = xp.zeros((1, 1, 1, 1), dtype=dtype)
     mask_arg = mask if mask is not None else dummy4
     grad_mask_arg = grad_mask if grad_mask is not None else dummy4
@@ -805,7 +895,7 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
             backend.launch(kernel, (tiles, g.in_channels // span, last - first), config.input_threads(g.taps),
                            input_c[first:last].reshape(-1), offset[first:last],
                            mask_arg[first:last] if use_mask else dummy4, weight_c.reshape(-1),
-                           grad_output[first:last], grad_input_flat[first * image:last * image],
+                           grad_output_c[first:last].reshape(-1), grad_input_flat[first * image:last * image],
                            grad_offset[first:last], grad_mask_arg[first:last] if use_mask else dummy4,
                            conv, _dims(g, span))
     if deterministic:
@@ -827,7 +917,7 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
         grad_weight_flat = grad_weight.reshape(-1)
         partials = grad_weight_flat if splits == 1 else xp.empty(splits * grad_weight.size, dtype=dtype)
         backend.launch(kernel, grid, config.weight_threads(g.taps), input_c.reshape(-1), offset, mask_arg,
-                       grad_output, partials, conv, _dims(g, g.batch))
+                       grad_output_c.reshape(-1), partials, conv, _dims(g, g.batch))
         if splits > 1:
             parts = partials.reshape(splits, -1)
             grad_weight_flat[...] = parts[0]
@@ -874,7 +964,7 @@ def ptx_cases():
 
     configs = {"float32": (GPU_CONFIG, SIMULATOR_CONFIG), "float64": (SIMULATOR_CONFIG,)}
     conv = types.UniTuple(types.int32, 8)
-    dims = types.UniTuple(types.int32, 6)
+    dims = types.UniTuple(types.int32, 9)
     for dtype in ("float32", "float64"):
         t = getattr(types, dtype)
         a4, flat = types.Array(t, 4, "A"), types.Array(t, 1, "C")
@@ -884,6 +974,6 @@ def ptx_cases():
             for scatter in (True, False):
                 yield (f"input_grad[3x3,{tag},scatter={scatter}]", dtype,
                        input_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, scatter),
-                       (flat, a4, a4, flat, a4, flat, a4, a4, conv, dims))
+                       (flat, a4, a4, flat, flat, flat, a4, a4, conv, dims))
             yield (f"weight_grad[3x3,{tag}]", dtype, weight_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True),
-                   (flat, a4, a4, a4, flat, conv, dims))
+                   (flat, a4, a4, flat, flat, conv, dims))
