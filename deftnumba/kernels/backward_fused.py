@@ -827,13 +827,14 @@ def choose_splits(geometry, config: BackwardTileConfig, target_blocks: int | Non
     return max(1, min(splits, cap))
 
 
-def extra_bytes(geometry, config: BackwardTileConfig | None = None, deterministic: bool = False) -> int:
+def extra_bytes(geometry, config: BackwardTileConfig | None = None, deterministic: bool = False,
+                target_blocks: int | None = None) -> int:
     """Device memory the ``fused`` backward allocates beyond its arguments and gradients
     (the weight partials; in deterministic mode also the gather's sort buffers, per chunk
     of images: key, coefficient and source per corner entry, plus segment starts)."""
     g = geometry
     config = config or default_config(g)
-    splits = choose_splits(g, config)
+    splits = choose_splits(g, config, target_blocks)
     total = (splits - 1) * g.itemsize * g.out_channels * (g.in_channels // g.groups) * g.taps if splits > 1 else 0
     if deterministic:
         from .im2col import CHUNK_IMAGES
