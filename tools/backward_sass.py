@@ -99,7 +99,7 @@ def phase_of(line):
     return name
 
 # one shared store per element (table: 8 per point): the unroll factor of a staging loop
-STORES_PER_ITER = {"stage": 1, "stage_gemm": 1, "w_stage": 1, "w_build": 1, "table": 8, "w_table": 8}
+STORES_PER_ITER = {"stage": 1, "stage_gemm": 1, "w_stage": 1, "table": 8, "w_table": 8}
 
 def per_iteration(insts, labels, multiplicity):
     lp = loops(insts, labels)

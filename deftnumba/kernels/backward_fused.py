@@ -727,41 +727,49 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
                     e = u32(e + u32(THREADS))
                 cuda.syncthreads()  # the table, staged input and grad_out are complete
 
-                # phase: w_build (column tile [P, CC*K]: rows of this offset group's channels)
-                idx = tid
-                while idx < u32(COLUMN_TILE):
-                    ck = u32(idx // u32(P))
-                    p = u32(idx - u32(ck * u32(P)))
-                    cc = u32(ck // u32(K))
-                    ci = u32(c_first + cc)
-                    if ci >= c and ci < seg_end:
-                        e = u32(u32(u32(ck - u32(cc * u32(K))) * u32(P)) + p)
-                        r0 = corner_index[e]
-                        r1 = corner_index[u32(e + u32(KP))]
-                        q0 = corner_index[u32(e + u32(2 * KP))]
-                        q1 = corner_index[u32(e + u32(3 * KP))]
-                        w00 = corner_weight[e]
-                        w01 = corner_weight[u32(e + u32(KP))]
-                        w10 = corner_weight[u32(e + u32(2 * KP))]
-                        w11 = corner_weight[u32(e + u32(3 * KP))]
-                        if r0 >= i32(0) and r1 < i32(SHR) and q0 >= i32(0) and q1 < i32(SWR):
-                            base = u32(cc * u32(REGION))
-                            v = (w00 * staged[u32(base + u32(i32(r0 * i32(SWR)) + q0))]
-                                 + w01 * staged[u32(base + u32(i32(r0 * i32(SWR)) + q1))]
-                                 + w10 * staged[u32(base + u32(i32(r1 * i32(SWR)) + q0))]
-                                 + w11 * staged[u32(base + u32(i32(r1 * i32(SWR)) + q1))])
-                        else:
-                            channel_base = image_base + u64(u32(ci * plane))
-                            row0 = u32(u32(iy0 + r0) * width)
-                            row1 = u32(u32(iy0 + r1) * width)
-                            v = (w00 * input[channel_base + u64(u32(row0 + u32(ix0 + q0)))]
-                                 + w01 * input[channel_base + u64(u32(row0 + u32(ix0 + q1)))]
-                                 + w10 * input[channel_base + u64(u32(row1 + u32(ix0 + q0)))]
-                                 + w11 * input[channel_base + u64(u32(row1 + u32(ix0 + q1)))])
-                        columns[u32(u32(p * u32(CK)) + ck)] = v
-                    elif c == c_first and cc >= nc:
-                        columns[u32(u32(p * u32(CK)) + ck)] = ZERO
-                    idx = u32(idx + u32(THREADS))
+                # phase: w_build (column tile [P, CC*K]: one thread per (tap, pixel) point reads its
+                # table entry once and fills the point's CC channel rows of this offset group)
+                e = tid
+                while e < u32(KP):
+                    k = u32(e // u32(P))
+                    p = u32(e - u32(k * u32(P)))
+                    r0 = corner_index[e]
+                    r1 = corner_index[u32(e + u32(KP))]
+                    q0 = corner_index[u32(e + u32(2 * KP))]
+                    q1 = corner_index[u32(e + u32(3 * KP))]
+                    w00 = corner_weight[e]
+                    w01 = corner_weight[u32(e + u32(KP))]
+                    w10 = corner_weight[u32(e + u32(2 * KP))]
+                    w11 = corner_weight[u32(e + u32(3 * KP))]
+                    inside = r0 >= i32(0) and r1 < i32(SHR) and q0 >= i32(0) and q1 < i32(SWR)
+                    s00 = u32(i32(r0 * i32(SWR)) + q0)  # staged offsets (meaningful when inside)
+                    s01 = u32(i32(r0 * i32(SWR)) + q1)
+                    s10 = u32(i32(r1 * i32(SWR)) + q0)
+                    s11 = u32(i32(r1 * i32(SWR)) + q1)
+                    row0 = u32(u32(iy0 + r0) * width)  # in-image offsets (when not inside)
+                    row1 = u32(u32(iy0 + r1) * width)
+                    o00 = u32(row0 + u32(ix0 + q0))
+                    o01 = u32(row0 + u32(ix0 + q1))
+                    o10 = u32(row1 + u32(ix0 + q0))
+                    o11 = u32(row1 + u32(ix0 + q1))
+                    out_at = u32(u32(p * u32(CK)) + k)  # columns[p, cc*K + k] = out_at + cc*K
+                    channel_base = image_base + u64(u32(c_first * plane))
+                    for cc in range(CC):
+                        ci = u32(c_first + u32(cc))
+                        if ci >= c and ci < seg_end:
+                            if inside:
+                                v = (w00 * staged[u32(s00 + u32(cc * REGION))]
+                                     + w01 * staged[u32(s01 + u32(cc * REGION))]
+                                     + w10 * staged[u32(s10 + u32(cc * REGION))]
+                                     + w11 * staged[u32(s11 + u32(cc * REGION))])
+                            else:
+                                v = (w00 * input[channel_base + u64(o00)] + w01 * input[channel_base + u64(o01)]
+                                     + w10 * input[channel_base + u64(o10)] + w11 * input[channel_base + u64(o11)])
+                            columns[u32(out_at + u32(cc * K))] = v
+                        elif c == c_first and u32(cc) >= nc:
+                            columns[u32(out_at + u32(cc * K))] = ZERO
+                        channel_base = channel_base + u64(plane)
+                    e = u32(e + u32(THREADS))
                 cuda.syncthreads()  # the column rows of this offset group are complete
                 c = seg_end
 
@@ -954,7 +962,7 @@ def phase_model(geometry, config: BackwardTileConfig | None = None) -> dict:
         "offset_grad": groups_per_span * -(-kp // t_in),
         "w_stage": items * (-(-config.chunk * rows * cols // t_w) + -(-p * config.w_out_block // t_w)),
         "w_table": items * segments * -(-kp // t_w),
-        "w_build": items * segments * -(-ck * p // t_w),
+        "w_build": items * segments * -(-kp // t_w),  # points; the body fills CC channel rows
         "weight_gemm": items * p,
     }
 
