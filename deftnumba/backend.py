@@ -226,7 +226,7 @@ _LAUNCH_LOGS: list = []  # open ``launch_log`` lists
 def launch_log():
     """Record the kernels launched inside the block: ``with launch_log() as names: ...``.
 
-    ``names`` gets each launch's kernel ``__qualname__`` (e.g. ``fused_input_kernel.<locals>.kernel``),
+    ``names`` gets each launch's kernel ``__qualname__`` (e.g. ``input_grad_kernel.<locals>.kernel``),
     so a test can prove which path ran (e.g. that ``deterministic=True`` launched no atomic kernel).
     """
     log: list[str] = []

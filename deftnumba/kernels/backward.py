@@ -42,7 +42,8 @@ Methods (``ops`` keeps the registry)
                    feeds the input scatter, the offset and the mask gradients,
                    and the same four corners give the forward's column, stored
                    for the weight-gradient GEMM (no separate recompute pass).
-``fused_gemm``     no ``grad_cols`` buffer at all: ``sample_kernel`` computes each
+``fused_gemm``     (retired from ``ops.BACKWARD_METHODS`` in favour of ``backward_fused.py``'s
+                   column-free ``fused``; kept here for comparison) no ``grad_cols`` buffer at all: ``sample_kernel`` computes each
                    ``grad_cols`` element as the dot product over ``Og`` outputs
                    from ``W`` and ``grad_out`` (read through L1/L2), so the
                    ``C*K*P`` column matrix is never written nor read back. The
