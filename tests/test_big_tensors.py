@@ -79,7 +79,10 @@ def test_kernel_indices_come_from_64_bit_grid_stride_loops():
     ``cuda.grid`` and ``cuda.gridsize`` are int64 in numba-cuda, and ``total`` is a product
     of array shapes (intp). Kernels indexing from ``cuda.blockIdx`` / ``threadIdx`` instead
     (int32 registers) must be listed here after an audit."""
-    audited_block_indexing = {"fused_tiled.py"}  # blockIdx.{x,y,z} < 2**31, used in int64 products
+    audited_block_indexing = {"fused_tiled.py",  # blockIdx.{x,y,z} < 2**31, used in int64 products
+                              # uint32 in-image offsets (backward_fused.supported: < 2**32 elements
+                              # per image, else fused_columns runs), uint64 image bases
+                              "backward_fused.py"}
     for path in sorted((Path(dn.__file__).parent / "kernels").glob("*.py")):
         code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
         if re.search(r"cuda\.(blockIdx|threadIdx|blockDim)", code):
@@ -93,6 +96,11 @@ AUDITED_INT32 = {
     ("sampling.py", "np.int32(f)"): "bilinear_axis runs only inside the band -1 < v < size (in_band), "
                                     "so |floor(v)| <= max(H, W) < 2**31 (check_limits)",
     ("sampling.py", "np.int32(v)"): "stride/padding/dilation/kernel size < 2**31 (check_limits)",
+    ("sampling.py", "np.int32(np.uint32(tap) // np.uint32(kw))"): "tap < kh*kw < 2**31 (check_limits)",
+    ("sampling.py", "np.int32(tap)"): "tap < kh*kw < 2**31 (check_limits)",
+    ("backward_fused.py", "np.int32(v)"): "_dims: C, H, W, Co, Cg, the span, N, C/G, Ho, Wo, each < 2**31 "
+                                          "(check_limits); in-kernel products are wrapped in uint32 and "
+                                          "bounded by backward_fused.supported (< 2**32 per image)",
     ("backward.py", "np.int32(g.height)"): "H < 2**31; products with it are int64 in numba",
     ("backward.py", "np.int32(g.width)"): "W < 2**31; products with it are int64 in numba",
 }

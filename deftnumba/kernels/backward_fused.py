@@ -178,11 +178,11 @@ def channel_span(geometry) -> int:
 
 
 def supported(geometry) -> bool:
-    """Whether the 32-bit in-image indexing holds: ``C*H*W``, ``Co*Ho*Wo`` and the offset
-    image below 2**31 elements."""
+    """Whether the unsigned 32-bit in-image offsets hold: ``C*H*W``, ``Co*Ho*Wo`` and
+    ``Co*Cg*K`` below 2**32 elements (offsets and mask are indexed in 64 bits)."""
     g = geometry
     return max(g.in_channels * g.height * g.width, g.out_channels * g.out_h * g.out_w,
-               2 * g.offset_groups * g.taps * g.out_h * g.out_w) < 2**31
+               g.out_channels * (g.in_channels // g.groups) * g.taps) < 2**32
 
 
 def _steps(trips: int, products: int) -> int:
@@ -865,13 +865,19 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
              splits: int | None = None):
     """Fill the preallocated gradients with the column-free kernels (see the module docstring).
 
+    Images of 2**32 elements or more (``supported`` is false) run ``fused_columns`` instead,
+    whose kernels index in 64 bits.
+
     ``plan``: a ``BackwardTileConfig`` or ``None`` (``default_config``); ``splits``: the number
     of partial weight gradients (``None``: ``choose_splits``).
     """
     g = geometry
-    if not supported(g):
-        raise ValueError("method='fused' needs C*H*W, Co*Ho*Wo and the offset image below 2**31 "
-                         "elements (32-bit in-image indices); use method='fused_columns'")
+    if not supported(g):  # an image of 2**32 elements or more: the 64-bit column method instead
+        from . import backward as column_backward
+        column_backward.backward_fused_columns(g, grad_output, input, offset, weight, mask, grad_input,
+                                               grad_offset, grad_weight, grad_bias, grad_mask,
+                                               deterministic, stopwatch)
+        return
     config = plan if isinstance(plan, BackwardTileConfig) else default_config(g)
     config.check(g.taps)
     xp = backend.array_module(input)
