@@ -940,36 +940,51 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
                 grad_weight_flat += parts[s]
 
 
-def phase_model(geometry, config: BackwardTileConfig | None = None) -> dict:
-    """Iterations per thread of each phase's innermost loop body, whole launch averaged per
-    block (``# phase: NAME`` markers of both kernels): what the audit multiplies by the
-    instructions it attributes to each phase."""
+def phase_model(geometry, config: BackwardTileConfig | None = None, target_blocks: int | None = None) -> dict:
+    """Per thread, how many times each phase's innermost *source* loop body runs in one launch
+    (``# phase: NAME`` markers of both kernels; the audit multiplies these by the instructions
+    it attributes to each phase's loop body, after dividing a loop that LLVM unrolled by its
+    unroll factor).
+
+    * ``table``, ``stage``, ``stage_gemm``, ``w_stage``, ``w_table``, ``w_build``: trips of their
+      ``while`` loops (one element, or one (tap, pixel) point, per trip);
+    * ``grad_cols_gemm``, ``weight_gemm``: trips of the GEMM ``while`` loops, each of
+      ``_steps(...)`` rank-1 updates (unrolled in the source);
+    * ``scatter`` (no loop of its own: the point and channel loops are unrolled): runs of the
+      whole phase, once per channel chunk; ``offset_grad``: once per offset group of the span
+      (the kernel has two copies of this code; one runs per offset group).
+
+    Input-kernel counts are exact for spans whose chunks do not stop at a group edge (an upper
+    bound otherwise); the weight kernel's are for its busiest split (``choose_splits``).
+    """
     g = geometry
     config = config or default_config(g)
     k, p = g.taps, config.pixels
     ck, kp = config.rows(k), k * p
-    cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
+    opg = g.out_channels // g.groups
     span = channel_span(g)
-    chunks = -(-span // config.chunk)  # channel chunks per input block (upper bound: chunks
-    groups_per_span = span // (g.in_channels // g.offset_groups)  # may also end at group edges)
+    chunks = -(-span // config.chunk)
+    groups_per_span = span // (g.in_channels // g.offset_groups)
     t_in = config.input_threads(k)
     t_w = config.weight_threads(k)
     rows, cols = config.staged_shape(g)
     out_steps = -(-opg // config.out_block)
-    splits = choose_splits(g, config)
+    splits = choose_splits(g, config, target_blocks)
     items = -(-(g.batch * config.tiles(g)) // splits)
     segments = 1 if (g.in_channels // g.offset_groups) % config.chunk == 0 else 2
+    steps_a = _steps(config.out_block, config.reg_rows * config.reg_px)
+    steps_b = _steps(p, config.w_reg_out * config.w_reg_cols)
     return {
         "table": groups_per_span * -(-kp // t_in),
         "stage": chunks * -(-config.chunk * rows * cols // t_in),
         "stage_gemm": chunks * out_steps * (-(-config.out_block * ck // t_in) + -(-config.out_block * p // t_in)),
-        "grad_cols_gemm": chunks * out_steps * config.out_block,
-        "scatter": chunks * -(-kp // t_in) * config.chunk,
-        "offset_grad": groups_per_span * -(-kp // t_in),
+        "grad_cols_gemm": chunks * out_steps * (config.out_block // steps_a),
+        "scatter": chunks,
+        "offset_grad": groups_per_span,
         "w_stage": items * (-(-config.chunk * rows * cols // t_w) + -(-p * config.w_out_block // t_w)),
         "w_table": items * segments * -(-kp // t_w),
-        "w_build": items * segments * -(-kp // t_w),  # points; the body fills CC channel rows
-        "weight_gemm": items * p,
+        "w_build": items * segments * -(-kp // t_w),
+        "weight_gemm": items * (p // steps_b),
     }
 
 
