@@ -468,11 +468,17 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                         w10 = corner_weight[u32(e + u32(2 * KP))]
                         w11 = corner_weight[u32(e + u32(3 * KP))]
                         inside = r0 >= i32(0) and r1 < i32(SHR) and q0 >= i32(0) and q1 < i32(SWR)
-                        # staged offsets (meaningful when inside) and in-image offsets of the corners
-                        s00 = u32(i32(r0 * i32(SWR)) + q0)
-                        s01 = u32(i32(r0 * i32(SWR)) + q1)
-                        s10 = u32(i32(r1 * i32(SWR)) + q0)
-                        s11 = u32(i32(r1 * i32(SWR)) + q1)
+                        # staged offsets (when inside) and in-image offsets of the corners (always:
+                        # the scatter needs them; the corners are clamped into the image)
+                        s00 = u32(0)
+                        s01 = u32(0)
+                        s10 = u32(0)
+                        s11 = u32(0)
+                        if inside:
+                            s00 = u32(i32(r0 * i32(SWR)) + q0)
+                            s01 = u32(i32(r0 * i32(SWR)) + q1)
+                            s10 = u32(i32(r1 * i32(SWR)) + q0)
+                            s11 = u32(i32(r1 * i32(SWR)) + q1)
                         row0 = u32(u32(iy0 + r0) * width)
                         row1 = u32(u32(iy0 + r1) * width)
                         o00 = u32(row0 + u32(ix0 + q0))
@@ -743,16 +749,26 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
                     w10 = corner_weight[u32(e + u32(2 * KP))]
                     w11 = corner_weight[u32(e + u32(3 * KP))]
                     inside = r0 >= i32(0) and r1 < i32(SHR) and q0 >= i32(0) and q1 < i32(SWR)
-                    s00 = u32(i32(r0 * i32(SWR)) + q0)  # staged offsets (meaningful when inside)
-                    s01 = u32(i32(r0 * i32(SWR)) + q1)
-                    s10 = u32(i32(r1 * i32(SWR)) + q0)
-                    s11 = u32(i32(r1 * i32(SWR)) + q1)
-                    row0 = u32(u32(iy0 + r0) * width)  # in-image offsets (when not inside)
-                    row1 = u32(u32(iy0 + r1) * width)
-                    o00 = u32(row0 + u32(ix0 + q0))
-                    o01 = u32(row0 + u32(ix0 + q1))
-                    o10 = u32(row1 + u32(ix0 + q0))
-                    o11 = u32(row1 + u32(ix0 + q1))
+                    s00 = u32(0)  # staged offsets of the corners (inside) ...
+                    s01 = u32(0)
+                    s10 = u32(0)
+                    s11 = u32(0)
+                    o00 = u32(0)  # ... or their in-image offsets (not inside: the corners are clamped
+                    o01 = u32(0)  # into the image, so these are never negative)
+                    o10 = u32(0)
+                    o11 = u32(0)
+                    if inside:
+                        s00 = u32(i32(r0 * i32(SWR)) + q0)
+                        s01 = u32(i32(r0 * i32(SWR)) + q1)
+                        s10 = u32(i32(r1 * i32(SWR)) + q0)
+                        s11 = u32(i32(r1 * i32(SWR)) + q1)
+                    else:
+                        row0 = u32(u32(iy0 + r0) * width)
+                        row1 = u32(u32(iy0 + r1) * width)
+                        o00 = u32(row0 + u32(ix0 + q0))
+                        o01 = u32(row0 + u32(ix0 + q1))
+                        o10 = u32(row1 + u32(ix0 + q0))
+                        o11 = u32(row1 + u32(ix0 + q1))
                     out_at = u32(u32(p * u32(CK)) + k)  # columns[p, cc*K + k] = out_at + cc*K
                     channel_base = image_base + u64(u32(c_first * plane))
                     for cc in range(CC):
