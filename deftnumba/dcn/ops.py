@@ -14,6 +14,7 @@ from ..runtime import backend, timing
 from .planning import plan as tiling
 from .geometry import check_backward, check_forward
 from .kernels import backward as _backward
+from .kernels import backward_fused as _backward_fused
 from .kernels import fused_columns, fused_tiled, im2col
 
 # Forward methods by name. Each takes
@@ -105,15 +106,20 @@ class DeformConv2dGrads(NamedTuple):
 _BACKWARD = {
     "im2col": _backward.backward_im2col,
     "fused_columns": _backward.backward_fused_columns,
-    "fused_gemm": _backward.backward_fused_gemm,
+    "fused": _backward_fused.backward,  # column-free; see kernels/backward_fused.py
 }
+# ``fused_gemm`` (grad_cols recomputed per element on CUDA cores, no shared-memory tiling:
+# 1.8% FFMA in its main loop) is retired in favour of ``fused`` (issue 11); its kernels stay
+# in kernels/backward.py (``backward_fused_gemm``), and ``fused``'s deterministic gather
+# uses their recompute form.
 BACKWARD_METHODS: tuple[str, ...] = tuple(_BACKWARD)
 
 
 def _pick_backward_method(method: str, geometry) -> str:
     if method == "auto":
-        # One pass over the samples, and the GEMM stays in cuBLAS (unmeasured: no GPU yet).
-        return "fused_columns"
+        # Column-free (no [C*K, N*P] buffer) wherever its 32-bit in-image indexing holds;
+        # otherwise one pass over the samples with the GEMMs in cuBLAS. Unmeasured: no GPU yet.
+        return "fused" if _backward_fused.supported(geometry) else "fused_columns"
     if method not in _BACKWARD:
         raise ValueError(f"method must be 'auto' or one of {BACKWARD_METHODS}, got {method!r}")
     return method

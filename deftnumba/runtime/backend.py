@@ -181,11 +181,68 @@ def launch(kernel, grid, block, *args, shared_bytes: int = 0) -> None:
 
     Every kernel launch in the package goes through here.
     """
+    if _LAUNCH_LOGS:
+        name = getattr(getattr(kernel, "py_func", kernel), "__qualname__", repr(kernel))
+        for log in _LAUNCH_LOGS:
+            log.append(name)
     stream = _STREAM.get()
     if stream is None:
         kernel[grid, block, 0, shared_bytes](*args)
     else:
         kernel[grid, block, stream, shared_bytes](*args)
+
+
+_LAUNCH_LOGS: list = []  # open ``launch_log`` lists
+
+
+@contextlib.contextmanager
+def launch_log():
+    """Record the kernels launched inside the block: ``with launch_log() as names: ...``.
+
+    ``names`` gets each launch's kernel ``__qualname__`` (e.g. ``input_grad_kernel.<locals>.kernel``),
+    so a test can prove which path ran (e.g. that ``deterministic=True`` launched no atomic kernel).
+    """
+    log: list[str] = []
+    _LAUNCH_LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _LAUNCH_LOGS.remove(log)
+
+
+@contextlib.contextmanager
+def order_varying(seed: int):
+    """Simulator only: run the blocks of every launch, and the threads of every block, in a
+    shuffled order drawn from ``seed``.
+
+    On a GPU, atomics from different blocks land in whatever order the hardware runs
+    them; the simulator runs blocks in grid order, so its atomic sums are bit-identical
+    from run to run and a determinism test could not fail. Inside this context two
+    seeds give two accumulation orders, as two GPU runs would.
+    """
+    if not IS_SIMULATOR:
+        yield
+        return
+    from numba.cuda.simulator import kernel as sim_kernel
+
+    rng = np.random.default_rng(seed)
+
+    class _ShuffledNumpy:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def ndindex(*shape):
+            points = list(np.ndindex(*shape))
+            rng.shuffle(points)
+            return iter(points)
+
+    saved = sim_kernel.np
+    sim_kernel.np = _ShuffledNumpy()
+    try:
+        yield
+    finally:
+        sim_kernel.np = saved
 
 
 # --------------------------------------------------------------------------- device facts

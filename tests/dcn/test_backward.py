@@ -177,8 +177,14 @@ def test_deterministic_runs_are_bit_identical(method, name, rng):
     g = CASES[name]
     arrays = collision_arrays(g, rng)
     go = grad_out_for(g, rng)
-    first = run(method, go, *arrays, g, deterministic=True)
-    second = run(method, go, *arrays, g, deterministic=True)
+    # Two different block/thread orders (the simulator's stand-in for two GPU runs): an
+    # atomic path would change bits here (test_backward_fused checks that it does).
+    with backend.order_varying(1), backend.launch_log() as launched:
+        first = run(method, go, *arrays, g, deterministic=True)
+    with backend.order_varying(2):
+        second = run(method, go, *arrays, g, deterministic=True)
+    # the order-fixed gather ran, and no atomic scatter kernel (col2im) did
+    assert any("gather_kernel" in k for k in launched) and not any("col2im" in k for k in launched)
     for field in FIELDS:
         np.testing.assert_array_equal(getattr(first, field), getattr(second, field), err_msg=field)
     # the collisions are real: at most 12 input pixels per channel receive anything

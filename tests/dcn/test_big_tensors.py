@@ -87,6 +87,9 @@ def test_kernel_indices_come_from_64_bit_grid_stride_loops():
         # are uint32 only in the narrow variant, launched for index spaces below 2**31 (needs_wide)
         "im2col.py",
         "fused_columns.py",  # as im2col.py
+        # uint32 in-image offsets (backward_fused.supported: < 2**32 elements per image, else
+        # fused_columns runs), uint64 image bases
+        "backward_fused.py",
     }
     for path in sorted((Path(dn.__file__).parent / "dcn" / "kernels").glob("*.py")):
         code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
@@ -118,6 +121,11 @@ AUDITED_INT32 = {
     ("im2col.py", "np.int32(ox)"): "as np.int32(oy)",
     ("im2col.py", "np.int32(i)"): "i < kernel_h < 2**31 (check_limits)",
     ("im2col.py", "np.int32(j)"): "j < kernel_w < 2**31 (check_limits)",
+    ("sampling.py", "np.int32(np.uint32(tap) // np.uint32(kw))"): "tap < kh*kw < 2**31 (check_limits)",
+    ("sampling.py", "np.int32(tap)"): "tap < kh*kw < 2**31 (check_limits)",
+    ("backward_fused.py", "np.int32(v)"): "_dims: C, H, W, Co, Cg, the span, N, C/G, Ho, Wo, each < 2**31 "
+                                          "(check_limits); in-kernel products are wrapped in uint32 and "
+                                          "bounded by backward_fused.supported (< 2**32 per image)",
     ("backward.py", "np.int32(g.height)"): "H < 2**31; products with it are int64 in numba",
     ("backward.py", "np.int32(g.width)"): "W < 2**31; products with it are int64 in numba",
     ("fused_tiled.py", "np.int32(v)"): "kernel_dims: C, H, W, Cout, Ho, Wo and 2*G*K < 2**31 (check_limits)",

@@ -44,7 +44,8 @@ Methods (``ops`` keeps the registry)
                    feeds the input scatter, the offset and the mask gradients,
                    and the same four corners give the forward's column, stored
                    for the weight-gradient GEMM (no separate recompute pass).
-``fused_gemm``     no ``grad_cols`` buffer at all: ``sample_kernel`` computes each
+``fused_gemm``     (retired from ``ops.BACKWARD_METHODS`` in favour of ``backward_fused.py``'s
+                   column-free ``fused``; kept here for comparison) no ``grad_cols`` buffer at all: ``sample_kernel`` computes each
                    ``grad_cols`` element as the dot product over ``Og`` outputs
                    from ``W`` and ``grad_out`` (read through L1/L2), so the
                    ``C*K*P`` column matrix is never written nor read back. The
@@ -98,8 +99,42 @@ import numpy as np
 from ...runtime import backend
 from ...runtime.backend import cuda
 from . import im2col
+from .atomics import red_add
 from .im2col import launch
 from .sampling import conv_tuple, sampling_functions
+
+u32 = np.uint32
+u64 = np.uint64
+
+
+@functools.cache
+def _split_index_function(narrow: bool):
+    """Device function ``split_index(idx, a, b, c) -> (idx % a, idx // a % b, idx // (a*b) % c,
+    idx // (a*b*c))`` as int32 values, dividing in 32 bits when ``narrow`` (the launch's index
+    space below 2**32: no 64-bit division calls) and in 64 bits otherwise."""
+    IDX = np.uint32 if narrow else np.uint64
+    i32 = np.int32
+
+    @cuda.jit(device=True, inline=True)
+    def split_index(idx, a, b, c):
+        a_ = IDX(a)
+        b_ = IDX(b)
+        c_ = IDX(c)
+        rest = IDX(idx // a_)
+        first = IDX(idx - rest * a_)
+        rest2 = IDX(rest // b_)
+        second = IDX(rest - rest2 * b_)
+        rest3 = IDX(rest2 // c_)
+        third = IDX(rest2 - rest3 * c_)
+        return i32(first), i32(second), i32(third), i32(rest3)
+
+    return split_index
+
+
+def index_is_narrow(total: int) -> bool:
+    """Whether a grid-stride launch over ``total`` items can count in uint32 (the index plus one
+    grid's worth of threads stays below 2**32)."""
+    return int(total) + 65536 * 1024 < 2**32
 
 
 @functools.cache
@@ -128,8 +163,9 @@ def _grad_column_function(dtype):
 #   grad_input (C*K*P*4 read-modify-writes of s bytes, landing in L2; C*H*W*s to DRAM).
 # FLOPs: ~20 per element for position and corners, 5 for the four products.
 @functools.cache
-def col2im_kernel(dtype, use_mask: bool):
-    """Kernel ``(grad_cols, offset, mask, grad_input, conv, first_image)``: atomic col2im.
+def col2im_kernel(dtype, use_mask: bool, narrow: bool = True):
+    """Kernel ``(grad_cols, offset, mask, grad_input, grad_input_flat, conv, first_image)``: atomic
+    col2im (``red_add`` into ``grad_input_flat = grad_input.reshape(-1)``).
 
     ``grad_cols[c*K + tap, n_local*P + p]`` for images ``first_image ..`` is
     scattered into ``grad_input`` (``[N, C, H, W]``, zeroed by the caller).
@@ -139,37 +175,46 @@ def col2im_kernel(dtype, use_mask: bool):
     bilinear_corners = fns.bilinear_corners
     ZERO = fns.ZERO
 
+    IDX = np.uint32 if narrow else np.uint64  # the grid-stride index (see index_is_narrow)
+    WIDE = np.int64
+    i32 = np.int32
+    split_index = _split_index_function(narrow)
+
     @cuda.jit
-    def kernel(grad_cols, offset, mask, grad_input, conv, first_image):
+    def kernel(grad_cols, offset, mask, grad_input, grad_input_flat, conv, first_image):
         _, channels, height, width = grad_input.shape
+        image_size = u32(channels * height * width)
         _, off_channels, out_h, out_w = offset.shape
         taps = conv[6] * conv[7]
         groups = off_channels // (2 * taps)
         per_group = channels // groups
         pixels = out_h * out_w
         total = grad_cols.shape[1] * channels * taps  # (images in chunk) * P * C * K
-        for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
-            p = idx % pixels
-            tap = (idx // pixels) % taps
-            c = (idx // (pixels * taps)) % channels
-            n_local = idx // (pixels * taps * channels)
+        idx = IDX(cuda.grid(1))
+        while idx < IDX(total):
+            p, tap, c, n_local = split_index(idx, pixels, taps, channels)
             n = first_image + n_local
-            oy = p // out_w
+            oy = i32(u32(p) // u32(out_w))
             ox = p - oy * out_w
-            g = c // per_group
+            g = i32(u32(c) // u32(per_group))
             y, x = tap_position(offset, n, g, tap, oy, ox, conv)
             y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
             value = grad_cols[c * taps + tap, n_local * pixels + p]
             if use_mask:
                 value *= mask[n, g * taps + tap, oy, ox]
+            # RED (no returned value) into the flat view: 64-bit image base, 32-bit offsets
+            base = u64(n) * u64(image_size) + u64(u32(c * height * width))
+            row0 = u32(y0 * width)
+            row1 = u32(y1 * width)
             if w00 != ZERO:
-                cuda.atomic.add(grad_input, (n, c, y0, x0), value * w00)
+                red_add(grad_input_flat, base + u64(u32(row0 + x0)), value * w00)
             if w01 != ZERO:
-                cuda.atomic.add(grad_input, (n, c, y0, x1), value * w01)
+                red_add(grad_input_flat, base + u64(u32(row0 + x1)), value * w01)
             if w10 != ZERO:
-                cuda.atomic.add(grad_input, (n, c, y1, x0), value * w10)
+                red_add(grad_input_flat, base + u64(u32(row1 + x0)), value * w10)
             if w11 != ZERO:
-                cuda.atomic.add(grad_input, (n, c, y1, x1), value * w11)
+                red_add(grad_input_flat, base + u64(u32(row1 + x1)), value * w11)
+            idx = IDX(idx + IDX(cuda.gridsize(1)))
 
     return kernel
 
@@ -187,8 +232,9 @@ def col2im_kernel(dtype, use_mask: bool):
 #   24 for the three reductions (+8 scatter products, +1 column), + 2*Og with fused_gemm.
 # Nothing in shared memory.
 @functools.cache
-def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, write_columns: bool):
-    """Kernel ``(grad_cols, grad_output, weight, input, offset, mask, grad_input,
+def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, write_columns: bool,
+                  narrow: bool = True):
+    """Kernel ``(grad_cols, grad_output, weight, input, offset, mask, grad_input, grad_input_flat,
     grad_offset, grad_mask, columns, conv, first_image, n_images)``: one thread per sample.
 
     Always writes ``grad_offset`` (and ``grad_mask`` if ``use_mask``) for images
@@ -200,6 +246,7 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, 
     into ``columns`` (``[C*K, n_images*P]``) for the weight-gradient GEMM: the pass
     already holds the four corners and the sample, so the recompute costs one store.
     Unused array arguments may be 1-element dummies of the right rank and dtype.
+    ``grad_input_flat`` is ``grad_input.reshape(-1)`` (C-contiguous), the target of the RED adds.
     """
     fns = sampling_functions(dtype)
     tap_position = fns.tap_position
@@ -208,10 +255,16 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, 
     ZERO = fns.ZERO
     ONE = fns.ONE
 
+    IDX = np.uint32 if narrow else np.uint64  # the grid-stride index (see index_is_narrow)
+    WIDE = np.int64
+    i32 = np.int32
+    split_index = _split_index_function(narrow)
+
     @cuda.jit
-    def kernel(grad_cols, grad_output, weight, input, offset, mask, grad_input, grad_offset, grad_mask,
-               columns, conv, first_image, n_images):
+    def kernel(grad_cols, grad_output, weight, input, offset, mask, grad_input, grad_input_flat, grad_offset,
+               grad_mask, columns, conv, first_image, n_images):
         _, channels, height, width = input.shape
+        image_size = u32(channels * height * width)
         _, off_channels, out_h, out_w = offset.shape
         kw = conv[7]
         taps = conv[6] * kw
@@ -219,15 +272,13 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, 
         per_group = channels // groups
         pixels = out_h * out_w
         total = n_images * groups * taps * pixels
-        for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
-            p = idx % pixels
-            tap = (idx // pixels) % taps
-            g = (idx // (pixels * taps)) % groups
-            n_local = idx // (pixels * taps * groups)
+        idx = IDX(cuda.grid(1))
+        while idx < IDX(total):
+            p, tap, g, n_local = split_index(idx, pixels, taps, groups)
             n = first_image + n_local
-            oy = p // out_w
+            oy = i32(u32(p) // u32(out_w))
             ox = p - oy * out_w
-            i = tap // kw
+            i = i32(u32(tap) // u32(kw))
             j = tap - i * kw
             y, x = tap_position(offset, n, g, tap, oy, ox, conv)
             (y0, y1, x0, x1, w00, w01, w10, w11,
@@ -252,21 +303,25 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, 
                 acc_m += gc * sample
                 if write_columns:
                     columns[c * taps + tap, col] = sample * m
-                if scatter_input:
+                if scatter_input:  # RED into the flat view, 32-bit offsets inside the image
                     value = gc * m
+                    base = u64(n) * u64(image_size) + u64(u32(c * height * width))
+                    row0 = u32(y0 * width)
+                    row1 = u32(y1 * width)
                     if w00 != ZERO:
-                        cuda.atomic.add(grad_input, (n, c, y0, x0), value * w00)
+                        red_add(grad_input_flat, base + u64(u32(row0 + x0)), value * w00)
                     if w01 != ZERO:
-                        cuda.atomic.add(grad_input, (n, c, y0, x1), value * w01)
+                        red_add(grad_input_flat, base + u64(u32(row0 + x1)), value * w01)
                     if w10 != ZERO:
-                        cuda.atomic.add(grad_input, (n, c, y1, x0), value * w10)
+                        red_add(grad_input_flat, base + u64(u32(row1 + x0)), value * w10)
                     if w11 != ZERO:
-                        cuda.atomic.add(grad_input, (n, c, y1, x1), value * w11)
+                        red_add(grad_input_flat, base + u64(u32(row1 + x1)), value * w11)
             channel = 2 * (g * taps + tap)
             grad_offset[n, channel, oy, ox] = acc_y * m
             grad_offset[n, channel + 1, oy, ox] = acc_x * m
             if use_mask:
                 grad_mask[n, g * taps + tap, oy, ox] = acc_m
+            idx = IDX(idx + IDX(cuda.gridsize(1)))
 
     return kernel
 
@@ -278,7 +333,7 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, 
 #   (Keys and sources become int64 only when the chunk's sizes need it.)
 # FLOPs: ~25 per sample (position, corners, 4 mask products).
 @functools.cache
-def entries_kernel(dtype, use_mask: bool):
+def entries_kernel(dtype, use_mask: bool, narrow: bool = True):
     """Kernel ``(offset, mask, key, coef, source, conv, first_image, n_images, height, width)``.
 
     For sample ``s = ((n_local*G + g)*K + tap)*P + p`` and corner ``q`` writes entry
@@ -292,6 +347,11 @@ def entries_kernel(dtype, use_mask: bool):
     ONE = fns.ONE
     ZERO = fns.ZERO
 
+    IDX = np.uint32 if narrow else np.uint64  # the grid-stride index (see index_is_narrow)
+    WIDE = np.int64
+    i32 = np.int32
+    split_index = _split_index_function(narrow)
+
     @cuda.jit
     def kernel(offset, mask, key, coef, source, conv, first_image, n_images, height, width):
         _, off_channels, out_h, out_w = offset.shape
@@ -301,20 +361,18 @@ def entries_kernel(dtype, use_mask: bool):
         plane = height * width
         sentinel = n_images * groups * plane
         total = n_images * groups * taps * pixels
-        for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
-            p = idx % pixels
-            tap = (idx // pixels) % taps
-            g = (idx // (pixels * taps)) % groups
-            n_local = idx // (pixels * taps * groups)
+        idx = IDX(cuda.grid(1))
+        while idx < IDX(total):
+            p, tap, g, n_local = split_index(idx, pixels, taps, groups)
             n = first_image + n_local
-            oy = p // out_w
+            oy = i32(u32(p) // u32(out_w))
             ox = p - oy * out_w
             y, x = tap_position(offset, n, g, tap, oy, ox, conv)
             y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
             m = mask[n, g * taps + tap, oy, ox] if use_mask else ONE
             base = (n_local * groups + g) * plane
             src = tap * pixels + p  # stored as the source array's type (int32 unless K*P needs int64)
-            e = 4 * idx
+            e = WIDE(4) * WIDE(idx)
             key[e] = base + y0 * width + x0 if w00 != ZERO else sentinel
             key[e + 1] = base + y0 * width + x1 if w01 != ZERO else sentinel
             key[e + 2] = base + y1 * width + x0 if w10 != ZERO else sentinel
@@ -327,6 +385,7 @@ def entries_kernel(dtype, use_mask: bool):
             source[e + 1] = src
             source[e + 2] = src
             source[e + 3] = src
+            idx = IDX(idx + IDX(cuda.gridsize(1)))
 
     return kernel
 
@@ -339,7 +398,7 @@ def entries_kernel(dtype, use_mask: bool):
 #   C*H*W*s exactly once.
 # FLOPs: 2 per entry and channel (+2*Og with fused_gemm).
 @functools.cache
-def gather_kernel(dtype, fused_gemm: bool):
+def gather_kernel(dtype, fused_gemm: bool, narrow: bool = True):
     """Kernel ``(grad_cols, grad_output, weight, starts, source, coef, grad_input, conv,
     first_image, n_images, offset_groups)``: deterministic col2im.
 
@@ -349,6 +408,11 @@ def gather_kernel(dtype, fused_gemm: bool):
     """
     grad_column = _grad_column_function(dtype)
     ZERO = np.dtype(dtype).type(0)
+
+    IDX = np.uint32 if narrow else np.uint64  # the grid-stride index (see index_is_narrow)
+    WIDE = np.int64
+    i32 = np.int32
+    split_index = _split_index_function(narrow)
 
     @cuda.jit
     def kernel(grad_cols, grad_output, weight, starts, source, coef, grad_input, conv,
@@ -361,26 +425,26 @@ def gather_kernel(dtype, fused_gemm: bool):
         plane = height * width
         per_group = channels // offset_groups
         total = n_images * channels * plane
-        for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
-            q = idx % plane
-            c = (idx // plane) % channels
-            n_local = idx // (plane * channels)
+        idx = IDX(cuda.grid(1))
+        while idx < IDX(total):
+            q, c, _zero, n_local = split_index(idx, plane, channels, 1)
             n = first_image + n_local
-            segment = (n_local * offset_groups + c // per_group) * plane + q
+            segment = (n_local * offset_groups + i32(u32(c) // u32(per_group))) * plane + q
             acc = ZERO
             for e in range(starts[segment], starts[segment + 1]):
                 src = source[e]
-                tap = src // pixels
+                tap = i32(u32(src) // u32(pixels))
                 p = src - tap * pixels
                 if fused_gemm:
-                    oy = p // out_w
-                    i = tap // kw
+                    oy = i32(u32(p) // u32(out_w))
+                    i = i32(u32(tap) // u32(kw))
                     gc = grad_column(weight, grad_output, n, c, i, tap - i * kw, oy, p - oy * out_w, channels)
                 else:
                     gc = grad_cols[c * taps + tap, n_local * pixels + p]
                 acc += coef[e] * gc
-            y = q // width
+            y = i32(u32(q) // u32(width))
             grad_input[n, c, y, q - y * width] = acc
+            idx = IDX(idx + IDX(cuda.gridsize(1)))
 
     return kernel
 
@@ -411,14 +475,15 @@ def _deterministic_input_grad(g, grad_cols, grad_output, weight, offset, mask_ar
     key = xp.empty(4 * samples, dtype=np.int32 if segments < 2**31 - 1 else np.int64)
     coef = xp.empty(4 * samples, dtype=grad_input.dtype)
     source = xp.empty(4 * samples, dtype=np.int32 if g.taps * g.out_h * g.out_w <= 2**31 - 1 else np.int64)
-    launch(entries_kernel(g.dtype, g.has_mask), samples, offset, mask_arg, key, coef, source, conv,
+    launch(entries_kernel(g.dtype, g.has_mask, index_is_narrow(samples)), samples, offset, mask_arg, key, coef, source, conv,
            np.int64(first), np.int64(n_chunk), np.int32(g.height), np.int32(g.width))
     order = xp.argsort(key, kind="stable")
     key = key[order]
     source = xp.ascontiguousarray(source[order])
     coef = xp.ascontiguousarray(coef[order])
     starts = xp.searchsorted(key, xp.arange(segments + 1, dtype=key.dtype), side="left").astype(np.int64)
-    launch(gather_kernel(g.dtype, fused_gemm), n_chunk * g.in_channels * g.height * g.width,
+    launch(gather_kernel(g.dtype, fused_gemm, index_is_narrow(n_chunk * g.in_channels * g.height * g.width)),
+           n_chunk * g.in_channels * g.height * g.width,
            grad_cols, grad_output, weight, starts, source, coef, grad_input, conv,
            np.int64(first), np.int64(n_chunk), np.int64(g.offset_groups))
 
@@ -449,8 +514,9 @@ def _run(method, geometry, grad_output, input, offset, weight, mask, grad_input,
             points = im2col.compute_points(g, offset, mask, xp)
         fill = im2col.column_filler(g, input, points, xp)
     # The fused methods' sample pass writes the columns for the weight gradient itself.
+    narrow = index_is_narrow(g.batch * g.in_channels * g.taps * pixels)  # every chunk's index space
     samples_kernel = sample_kernel(g.dtype, mask is not None, not unfused and not deterministic, fused_gemm,
-                                   not unfused)
+                                   not unfused, narrow)
 
     for first, cols in im2col.column_chunks(g, xp, dtype):
         n_chunk = cols.shape[1] // pixels
@@ -462,11 +528,11 @@ def _run(method, geometry, grad_output, input, offset, weight, mask, grad_input,
                 gcols = grad_columns(g, weight, go, xp)
         if unfused and not deterministic:
             with stopwatch.section("col2im"):
-                launch(col2im_kernel(g.dtype, mask is not None), g.in_channels * g.taps * n_chunk * pixels,
-                       gcols, offset, mask_arg, grad_input, conv, np.int64(first))
+                launch(col2im_kernel(g.dtype, mask is not None, narrow), g.in_channels * g.taps * n_chunk * pixels,
+                       gcols, offset, mask_arg, grad_input, grad_input.reshape(-1), conv, np.int64(first))
         with stopwatch.section("offset and mask grad" if unfused else "fused sample grads"):
             launch(samples_kernel, n_chunk * g.offset_groups * g.taps * pixels,
-                   gcols, grad_output, weight, input, offset, mask_arg, grad_input, grad_offset,
+                   gcols, grad_output, weight, input, offset, mask_arg, grad_input, grad_input.reshape(-1), grad_offset,
                    grad_mask_arg, cols if not unfused else dummy2, conv, np.int64(first), np.int64(n_chunk))
         if deterministic:
             with stopwatch.section("deterministic col2im"):
@@ -513,16 +579,21 @@ def ptx_cases():
     for dtype in ("float32", "float64"):
         t = getattr(types, dtype)
         a4, a2, a1 = types.Array(t, 4, "A"), types.Array(t, 2, "A"), types.Array(t, 1, "C")
+        flat = a1  # grad_input's flat view (RED targets)
         k1, s1 = types.Array(types.int64, 1, "C"), types.Array(types.int32, 1, "C")
         for use_mask in (True, False):
-            yield f"col2im[mask={use_mask}]", dtype, col2im_kernel(dtype, use_mask), (a2, a4, a4, a4, conv, i64)
+            yield (f"col2im[mask={use_mask}]", dtype, col2im_kernel(dtype, use_mask),
+                   (a2, a4, a4, a4, flat, conv, i64))
+            if use_mask:  # the 64-bit index variant, for index spaces of 2**32 items or more
+                yield (f"col2im[mask={use_mask},wide]", dtype, col2im_kernel(dtype, use_mask, False),
+                       (a2, a4, a4, a4, flat, conv, i64))
             # (scatter_input, fused_gemm, write_columns) of: im2col; fused_columns atomic and
             # deterministic; fused_gemm atomic and deterministic
             for scatter, fused, write in ((False, False, False), (True, False, True), (False, False, True),
                                           (True, True, True), (False, True, True)):
                 yield (f"sample[mask={use_mask},scatter={scatter},fused_gemm={fused},columns={write}]", dtype,
                        sample_kernel(dtype, use_mask, scatter, fused, write),
-                       (a2, a4, a4, a4, a4, a4, a4, a4, a4, a2, conv, i64, i64))
+                       (a2, a4, a4, a4, a4, a4, a4, flat, a4, a4, a2, conv, i64, i64))
             for keys in (s1, k1):
                 yield (f"entries[mask={use_mask},key={keys.dtype}]", dtype, entries_kernel(dtype, use_mask),
                        (a4, a4, keys, a1, s1, conv, i64, i64, types.int32, types.int32))

@@ -63,8 +63,8 @@ def sampling_functions(dtype) -> SimpleNamespace:
         ``conv`` is the int32 tuple ``(sh, sw, ph, pw, dh, dw, kh, kw)``.
         """
         sh, sw, ph, pw, dh, dw, kh, kw = conv
-        i = tap // kw
-        j = tap - i * kw
+        i = np.int32(np.uint32(tap) // np.uint32(kw))  # 32-bit: no 64-bit division call
+        j = np.int32(tap) - i * kw
         channel = 2 * (group * kh * kw + tap)
         y = T(oy * sh - ph + i * dh) + offset[n, channel, oy, ox]
         x = T(ox * sw - pw + j * dw) + offset[n, channel + 1, oy, ox]

@@ -1,0 +1,1026 @@
+"""The column-free DCN backward (``method="fused"``): no ``[C*K, N*P]`` matrix in device memory.
+
+Motivation
+----------
+Every column method of ``backward.py`` writes a column matrix to device memory:
+the column gradient ``W^T @ grad_out`` for the scatter, or the recomputed forward
+columns for the weight gradient (9.4 MB per image at ``deft64``, written and read
+back). This module builds both tile by tile in shared memory, as the forward's
+``fused_tiled`` kernel builds its columns, and never stores them.
+
+Two kernels (notation of ``backward.py``: ``C`` inputs, ``Co`` outputs, ``Gw``
+weight groups of ``Cg`` inputs and ``Og`` outputs, ``G`` offset groups of ``cpo``
+channels, ``K`` taps, a tile of ``P`` output pixels):
+
+``input_grad_kernel``: one block per (image, tile, channel span). A *span* is
+``lcm(Cg, cpo)`` channels, so it holds whole weight groups and whole offset
+groups: the offset and mask gradients of a point are summed by one block, in a
+fixed order. Per chunk of ``CC`` channels:
+
+1. *sampling table* (once per offset group): corners of each (tap, pixel),
+   relative to the staged region, and their weights with the mask folded in;
+2. *stage* the input region of the chunk, as the forward does;
+3. *column gradient*: ``grad_cols[ck, p] = sum_o W[o, ck] * grad_out[o, p]``, a
+   register-blocked GEMM over the weight group's ``Og`` outputs, in steps of
+   ``OGB`` staged outputs; each thread owns ``RR`` contiguous rows x ``RP``
+   contiguous pixels; the tile lands in shared memory;
+4. *scatter*: each thread owns (tap, pixel) points and loops over the chunk's
+   channels: four corner products accumulate ``S_q = sum_c grad_cols * I[c, corner_q]``
+   in registers (for the offset and mask gradients), and, in atomic mode, four
+   ``RED.ADD`` (``atomics.red_add``) send ``grad_cols * m * w_q`` to ``grad_input``.
+
+When the offset group ends, the same threads turn ``S_q`` into
+``grad_offset = m * sum_q (dw_q/dy, dw_q/dx) S_q`` and ``grad_mask = sum_q w_q S_q``,
+with the weights and derivatives recomputed by ``sampling.bilinear_corner_gradients``
+(the shared rule: no private copy of the border derivatives).
+
+``weight_grad_kernel``: one block per (split, output block, channel chunk, weight
+group) owns ``grad_weight[OGW outputs, CC*K]`` in registers (``RO`` outputs x ``RK``
+columns per thread) and walks its share of the (image, tile) pairs in a fixed
+order: build the column tile ``[P, CC*K]`` in shared memory (table, staged region,
+out-of-tile reads as the forward), stage ``grad_out[P, OGW]``, and add the
+rank-``P`` update. With ``S`` splits there are ``S`` partial weight gradients;
+the host adds them in a fixed order (``S = 1`` writes ``grad_weight`` directly).
+So the weight gradient is deterministic in both modes, and its extra memory is
+``(S - 1) * |grad_weight|`` (``choose_splits`` keeps it under 4% of the
+arguments and gradients).
+
+Determinism
+-----------
+Atomic mode: the scatter is the only order-varying step. ``deterministic=True``
+launches ``input_grad_kernel`` without the scatter and builds ``grad_input`` with
+``backward.py``'s sort-then-segment gather in its ``fused_gemm`` form (column
+gradients recomputed per entry, no column matrix). Its sort buffers are the
+extra memory of this mode (see docs/perf-notes.md).
+
+Phase markers (``# phase: NAME``) label the source lines of each phase for the
+SASS audit; ``phase_model(geometry, config)`` gives the iterations per thread of
+each phase's innermost loop body.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...runtime import backend
+from ...runtime.backend import cuda
+from .atomics import red_add
+from .sampling import conv_tuple, sampling_functions
+
+GRID_YZ_LIMIT = 65535
+OUTSIDE = -(1 << 20)  # table marker: the point samples outside the band (no value, no gradient)
+
+
+@dataclass(frozen=True)
+class BackwardTileConfig:
+    """Compile-time shape of the two kernels.
+
+    tile_h, tile_w: output pixels per tile (P = tile_h * tile_w); halo: staged margin.
+    chunk (CC): input channels per step.
+    out_block (OGB): outputs staged per step of the column-gradient GEMM (input kernel).
+    reg_rows, reg_px: input kernel ownership: RR contiguous ``c*K + tap`` rows x RP pixels.
+    w_out_block (OGW): outputs per block of the weight kernel.
+    w_reg_out, w_reg_cols: weight kernel ownership: RO contiguous outputs x RK columns.
+    """
+
+    tile_h: int = 4
+    tile_w: int = 4
+    halo: int = 1
+    chunk: int = 2
+    out_block: int = 4
+    reg_rows: int = 2
+    reg_px: int = 2
+    w_out_block: int = 4
+    w_reg_out: int = 2
+    w_reg_cols: int = 2
+
+    @property
+    def pixels(self) -> int:
+        return self.tile_h * self.tile_w
+
+    def rows(self, taps: int) -> int:
+        """Rows of the column tile, ``CC*K``."""
+        return self.chunk * taps
+
+    def check(self, taps: int) -> None:
+        """Raise ``ValueError`` unless the ownership divides the tile shapes for ``taps``."""
+        ck = self.rows(taps)
+        for name, total, part in (("reg_rows", ck, self.reg_rows), ("reg_px", self.pixels, self.reg_px),
+                                  ("w_reg_out", self.w_out_block, self.w_reg_out),
+                                  ("w_reg_cols", ck, self.w_reg_cols)):
+            if part < 1 or total % part:
+                raise ValueError(f"BackwardTileConfig.{name}={part} must divide {total}")
+
+
+    def input_threads(self, taps: int) -> int:
+        return (self.rows(taps) // self.reg_rows) * (self.pixels // self.reg_px)
+
+    def weight_threads(self, taps: int) -> int:
+        return (self.w_out_block // self.w_reg_out) * (self.rows(taps) // self.w_reg_cols)
+
+    def staged_shape(self, geometry) -> tuple[int, int]:
+        g = geometry
+        return ((self.tile_h - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h + 1 + 2 * self.halo,
+                (self.tile_w - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w + 1 + 2 * self.halo)
+
+    def tiles(self, geometry) -> int:
+        return -(-geometry.out_h // self.tile_h) * -(-geometry.out_w // self.tile_w)
+
+    def input_shared_bytes(self, geometry) -> int:
+        s, k, p = geometry.itemsize, geometry.taps, self.pixels
+        rows, cols = self.staged_shape(geometry)
+        ck = self.rows(k)
+        return s * (self.chunk * rows * cols + self.out_block * ck + self.out_block * p + ck * p) + (4 + s) * 4 * k * p
+
+    def weight_shared_bytes(self, geometry) -> int:
+        s, k, p = geometry.itemsize, geometry.taps, self.pixels
+        rows, cols = self.staged_shape(geometry)
+        ck = self.rows(k)
+        return s * (self.chunk * rows * cols + p * self.w_out_block + p * ck) + (4 + s) * 4 * k * p
+
+
+SIMULATOR_CONFIG = BackwardTileConfig()  # 16 threads per block in the input kernel for K = 9
+GPU_CONFIG = BackwardTileConfig(tile_h=8, tile_w=8, halo=1, chunk=4, out_block=32, reg_rows=4, reg_px=4,
+                                w_out_block=64, w_reg_out=8, w_reg_cols=4)
+"""``deft64`` (3x3): input kernel 144 threads of 4x4 accumulators, 42.8 KB shared memory;
+weight kernel 72 threads of 8x4 accumulators, 45.3 KB. (Weight-kernel ownerships of 4x4 and
+8x2 for 144 threads were tried: their GEMM loops fall to 75% and 72% FFMA in SASS.)"""
+STATIC_SHARED_LIMIT = 48 * 1024
+
+
+def default_config(geometry) -> BackwardTileConfig:
+    """``SIMULATOR_CONFIG`` in the simulator; on a GPU ``GPU_CONFIG`` shrunk (tile, then
+    chunk) until both kernels fit 48 KB of static shared memory and the ownership divides."""
+    k = geometry.taps
+    candidates = [SIMULATOR_CONFIG] if backend.IS_SIMULATOR else []
+    for th, tw in ((8, 8), (4, 8), (4, 4), (2, 4), (2, 2), (1, 1)):
+        for chunk in (4, 2, 1):
+            for rr in (4, 2, 1):
+                rp = min(4, th * tw)
+                candidates.append(BackwardTileConfig(th, tw, 1, chunk, 32, rr, rp, 64, 8, rr))
+    for cfg in candidates:
+        try:
+            cfg.check(k)
+        except ValueError:
+            continue
+        if max(cfg.input_shared_bytes(geometry), cfg.weight_shared_bytes(geometry)) <= STATIC_SHARED_LIMIT:
+            return cfg
+    raise ValueError(f"no fused backward tile fits 48 KB of shared memory for {k} taps")
+
+
+def channel_span(geometry) -> int:
+    """Channels per block of the input kernel: ``lcm(C/groups, C/offset_groups)``."""
+    g = geometry
+    return math.lcm(g.in_channels // g.groups, g.in_channels // g.offset_groups)
+
+
+def supported(geometry) -> bool:
+    """Whether the unsigned 32-bit in-image offsets hold: ``C*H*W``, ``Co*Ho*Wo`` and
+    ``Co*Cg*K`` below 2**32 elements (offsets and mask are indexed in 64 bits)."""
+    g = geometry
+    return max(g.in_channels * g.height * g.width, g.out_channels * g.out_h * g.out_w,
+               g.out_channels * (g.in_channels // g.groups) * g.taps) < 2**32
+
+
+def _steps(trips: int, products: int) -> int:
+    """Rank-1 updates per trip of a GEMM loop: enough for ~64 FFMA per trip (the loop's
+    counter, branch and address updates then cost < 15% of its issue slots), dividing ``trips``."""
+    want = max(1, 64 // products)
+    return max(s for s in range(1, want + 1) if trips % s == 0)
+
+
+# --------------------------------------------------------------------------- input-side kernel
+# Traffic (whole batch; T tiles of P pixels, SH x SW staged region, f the out-of-tile
+# fraction of in-band samples):
+#   reads  input    N * C * T * SH*SW * s            (staged per chunk; halos re-read: L2)
+#                   + f * N*C*K*P * 4 * s            (out-of-tile corners, scattered)
+#          offsets, mask  N * 3*G*K*P * s once (the table), again at the offset group's end
+#          grad_out N * T * (C/CC) * Og * P * s      (re-staged per channel chunk: L2 hits;
+#                   N * Co * P * s from DRAM)
+#          weights  N * T * (C/CC) * Og*CC*K * s     (L2 hits; Co*Cg*K*s from DRAM)
+#   writes grad_offset, grad_mask once (N * 3*G*K*P * s); grad_input by RED (atomic mode):
+#          4 per in-band sample, N*C*K*P*4 adds landing in L2 (N*C*H*W*s to DRAM).
+#   FLOPs  2*N*Co*Cg*K*P (column gradient) + 8 per sample (S_q) + 8 per sample (scatter)
+#          + per point: position 2, corners 8, mask 4, derivatives 8, the end sums 12.
+#   No column matrix: the column-gradient tile lives in shared memory.
+@functools.cache
+def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, config: BackwardTileConfig,
+                      use_mask: bool, scatter: bool):
+    """Kernel ``(input, offset, mask, weight, grad_out, grad_input, grad_offset, grad_mask,
+    conv, dims)`` on ``(tiles, C // channel_span, images)`` blocks of ``config.input_threads(K)``.
+
+    input and grad_input are flat (``N*C*H*W``), weight flat (``Co*Cg*K``), grad_out flat
+    (``N*Co*Ho*Wo``); offset, mask, grad_offset, grad_mask 4-D (mask and grad_mask dummies
+    without ``use_mask``); dims the int32 tuple ``(C, H, W, Co, Cg, span, cpo, Ho, Wo)``. ``scatter`` adds the input gradient
+    with ``red_add`` (grad_input zeroed by the caller); without it grad_input is untouched.
+    """
+    fns = sampling_functions(dtype)
+    tap_position = fns.tap_position
+    in_band = fns.in_band
+    bilinear_corners = fns.bilinear_corners
+    bilinear_corner_gradients = fns.bilinear_corner_gradients
+    T = fns.T
+    ZERO = fns.ZERO
+    ONE = fns.ONE
+    DT = T
+
+    TH, TW, HALO = config.tile_h, config.tile_w, config.halo
+    CC, OGB, RR, RP = config.chunk, config.out_block, config.reg_rows, config.reg_px
+    KW = kernel_w
+    K = kernel_h * kernel_w
+    P = TH * TW
+    CK = CC * K
+    KP = K * P
+    SHR = (TH - 1) * stride_h + (kernel_h - 1) * dil_h + 1 + 2 * HALO
+    SWR = (TW - 1) * stride_w + (kernel_w - 1) * dil_w + 1 + 2 * HALO
+    REGION = SHR * SWR
+    STAGED = CC * REGION
+    ROW_T = CK // RR  # thread rows of the GEMM (column-gradient rows)
+    PX_T = P // RP  # thread columns of the GEMM (pixels)
+    THREADS = ROW_T * PX_T
+    EPT = -(-KP // THREADS)  # table points owned per thread in the scatter phase
+    WEIGHT_STEP = OGB * CK  # shared-array sizes must be compile-time literals
+    GRAD_OUT_STEP = OGB * P
+    COLUMN_TILE = CK * P
+    TABLE = 4 * KP
+    SH_, SW_ = stride_h, stride_w
+    USE_MASK, SCATTER = use_mask, scatter
+    STEPS_A = _steps(OGB, RR * RP)
+    u32 = np.uint32
+    u64 = np.uint64
+    i32 = np.int32
+
+    @cuda.jit
+    def kernel(input, offset, mask, weight, grad_out, grad_input, grad_offset, grad_mask, conv, dims):
+        # Index discipline: every index inside an image is uint32 (wrapped in u32() so that
+        # Numba's int64 promotion narrows back: no 64-bit math, no negative-index fixups, no
+        # 64-bit division calls); image bases are uint64; iy0/ix0 and corner rows are int32.
+        tid = u32(cuda.threadIdx.x)
+        n = u32(cuda.blockIdx.z)
+        channels = u32(dims[0])
+        height = u32(dims[1])
+        width = u32(dims[2])
+        out_channels = u32(dims[3])
+        cpg = u32(dims[4])  # input channels per weight group
+        span = u32(dims[5])  # channels of this block (whole weight and offset groups)
+        cpo = u32(dims[6])  # input channels per offset group
+        out_h = u32(dims[7])
+        out_w = u32(dims[8])
+        plane = u32(height * width)
+        out_plane = u32(out_h * out_w)
+        opg = u32(out_channels // u32(channels // cpg))  # outputs per weight group
+        image_base = u64(n) * u64(u32(channels * plane))  # 64-bit only here ...
+        out_base = u64(n) * u64(u32(out_channels * out_plane))  # ... and here
+        tiles_x = u32(u32(out_w + u32(TW - 1)) // u32(TW))
+        ty = u32(u32(cuda.blockIdx.x) // tiles_x)
+        oy0 = u32(ty * u32(TH))
+        ox0 = u32(u32(u32(cuda.blockIdx.x) - u32(ty * tiles_x)) * u32(TW))
+        iy0 = i32(i32(oy0 * u32(SH_)) - i32(conv[2] + HALO))  # first staged input row (may be < 0)
+        ix0 = i32(i32(ox0 * u32(SW_)) - i32(conv[3] + HALO))  # first staged input column
+
+        staged = cuda.shared.array(STAGED, dtype=DT, alignment=16)
+        staged_weight = cuda.shared.array(WEIGHT_STEP, dtype=DT, alignment=16)
+        staged_grad_out = cuda.shared.array(GRAD_OUT_STEP, dtype=DT, alignment=16)
+        grad_cols = cuda.shared.array(COLUMN_TILE, dtype=DT, alignment=16)
+        corner_index = cuda.shared.array(TABLE, dtype=np.int32, alignment=16)
+        corner_weight = cuda.shared.array(TABLE, dtype=DT, alignment=16)
+
+        acc = cuda.local.array((RR, RP), dtype=DT)
+        a = cuda.local.array(RR, dtype=DT)
+        b = cuda.local.array(RP, dtype=DT)
+        sums = cuda.local.array((EPT, 4), dtype=DT)  # S_q of the points this thread owns
+        row_t = u32(tid // u32(PX_T))  # this thread owns rows row_t*RR .. +RR ...
+        px_t = u32(tid - u32(row_t * u32(PX_T)))  # ... and pixels px_t*RP .. +RP
+        a_first = u32(row_t * u32(RR))
+        b_first = u32(px_t * u32(RP))
+        for r in range(EPT):
+            for q in range(4):
+                sums[r, q] = ZERO
+
+        c_begin = u32(u32(cuda.blockIdx.y) * span)
+        c_end = u32(c_begin + span)
+        table_og = u32(0)
+        have_table = False
+        c = c_begin
+        while c < c_end:
+            og = u32(c // cpo)
+            g = u32(c // cpg)
+            chunk_end = min(u32(c + u32(CC)), u32(u32(og + u32(1)) * cpo), u32(u32(g + u32(1)) * cpg))
+            nc = u32(chunk_end - c)
+            if not have_table or og != table_og:
+                if have_table:
+                    # phase: offset_grad (end of an offset group: S_q -> offset and mask gradients)
+                    for r in range(EPT):
+                        e = u32(tid + u32(r * THREADS))
+                        if e < u32(KP):
+                            k = u32(e // u32(P))
+                            p = u32(e - u32(k * u32(P)))
+                            u = u32(p // u32(TW))
+                            oy = u32(oy0 + u)
+                            ox = u32(ox0 + u32(p - u32(u * u32(TW))))
+                            if oy < out_h and ox < out_w:
+                                y, x = tap_position(offset, n, table_og, k, oy, ox, conv)
+                                (_, _, _, _, w00, w01, w10, w11, gy00, gy01, gy10, gy11,
+                                 gx00, gx01, gx10, gx11) = bilinear_corner_gradients(y, x, height, width)
+                                point = u32(u32(table_og * u32(K)) + k)
+                                m = ONE
+                                if USE_MASK:
+                                    m = mask[n, point, oy, ox]
+                                s0 = sums[r, 0]
+                                s1 = sums[r, 1]
+                                s2 = sums[r, 2]
+                                s3 = sums[r, 3]
+                                grad_offset[n, u32(u32(2) * point), oy, ox] = m * (gy00 * s0 + gy01 * s1 + gy10 * s2
+                                                                                   + gy11 * s3)
+                                grad_offset[n, u32(u32(2) * point + u32(1)), oy, ox] = m * (gx00 * s0 + gx01 * s1
+                                                                                            + gx10 * s2 + gx11 * s3)
+                                if USE_MASK:
+                                    grad_mask[n, point, oy, ox] = w00 * s0 + w01 * s1 + w10 * s2 + w11 * s3
+                        for q in range(4):
+                            sums[r, q] = ZERO
+                # phase: table (corners relative to the staged region, mask folded into the weights;
+                # the previous chunk ended with a barrier, so nobody still reads the old table)
+                e = tid
+                while e < u32(KP):
+                    k = u32(e // u32(P))
+                    p = u32(e - u32(k * u32(P)))
+                    u = u32(p // u32(TW))
+                    oy = u32(oy0 + u)
+                    ox = u32(ox0 + u32(p - u32(u * u32(TW))))
+                    r0 = i32(OUTSIDE)
+                    r1 = i32(0)
+                    q0 = i32(0)
+                    q1 = i32(0)
+                    w00 = ZERO
+                    w01 = ZERO
+                    w10 = ZERO
+                    w11 = ZERO
+                    if oy < out_h and ox < out_w:
+                        y, x = tap_position(offset, n, og, k, oy, ox, conv)
+                        if in_band(y, x, height, width):
+                            y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
+                            if USE_MASK:
+                                m = mask[n, u32(u32(og * u32(K)) + k), oy, ox]
+                                w00 *= m
+                                w01 *= m
+                                w10 *= m
+                                w11 *= m
+                            r0 = i32(i32(y0) - iy0)
+                            r1 = i32(i32(y1) - iy0)
+                            q0 = i32(i32(x0) - ix0)
+                            q1 = i32(i32(x1) - ix0)
+                    corner_index[e] = r0
+                    corner_index[u32(e + u32(KP))] = r1
+                    corner_index[u32(e + u32(2 * KP))] = q0
+                    corner_index[u32(e + u32(3 * KP))] = q1
+                    corner_weight[e] = w00
+                    corner_weight[u32(e + u32(KP))] = w01
+                    corner_weight[u32(e + u32(2 * KP))] = w10
+                    corner_weight[u32(e + u32(3 * KP))] = w11
+                    e = u32(e + u32(THREADS))
+                table_og = og
+                have_table = True
+
+            # phase: stage (the chunk's input region, zero outside the image and past nc)
+            idx = tid
+            while idx < u32(STAGED):
+                cc = u32(idx // u32(REGION))
+                rem = u32(idx - u32(cc * u32(REGION)))
+                row = u32(rem // u32(SWR))
+                gy = i32(iy0 + i32(row))
+                gx = i32(ix0 + i32(u32(rem - u32(row * u32(SWR)))))
+                v = ZERO
+                if cc < nc and gy >= i32(0) and u32(gy) < height and gx >= i32(0) and u32(gx) < width:
+                    v = input[image_base + u64(u32(u32(u32(c + cc) * plane) + u32(u32(gy) * width + u32(gx))))]
+                staged[idx] = v
+                idx = u32(idx + u32(THREADS))
+
+            for i in range(RR):
+                for j in range(RP):
+                    acc[i, j] = ZERO
+            weight_row = u32(u32(g * opg) * u32(cpg * u32(K)) + u32(u32(c - u32(g * cpg)) * u32(K)))
+            o0 = u32(0)
+            while o0 < opg:
+                # phase: stage_gemm (weights [OGB, CC*K] and grad_out [OGB, P] of this output step)
+                idx = tid
+                while idx < u32(WEIGHT_STEP):
+                    o = u32(idx // u32(CK))
+                    ck = u32(idx - u32(o * u32(CK)))
+                    v = ZERO
+                    if u32(o0 + o) < opg and ck < u32(nc * u32(K)):
+                        v = weight[u32(weight_row + u32(u32(o0 + o) * u32(cpg * u32(K))) + ck)]
+                    staged_weight[idx] = v
+                    idx = u32(idx + u32(THREADS))
+                idx = tid
+                while idx < u32(GRAD_OUT_STEP):
+                    o = u32(idx // u32(P))
+                    p = u32(idx - u32(o * u32(P)))
+                    u = u32(p // u32(TW))
+                    oy = u32(oy0 + u)
+                    ox = u32(ox0 + u32(p - u32(u * u32(TW))))
+                    v = ZERO
+                    if u32(o0 + o) < opg and oy < out_h and ox < out_w:
+                        channel = u32(u32(g * opg) + u32(o0 + o))
+                        v = grad_out[out_base + u64(u32(u32(channel * out_plane) + u32(oy * out_w + ox)))]
+                    staged_grad_out[idx] = v
+                    idx = u32(idx + u32(THREADS))
+                cuda.syncthreads()  # the staged input, weights, grad_out and the table are complete
+
+                # phase: grad_cols_gemm (rank-1 updates; RR + RP contiguous values per step: LDS.128)
+                # (a uint32 while loop: LLVM unrolls it; a Python range keeps a 64-bit counter)
+                wo = a_first
+                go = b_first
+                step = u32(0)
+                while step < u32(OGB):  # STEPS_A rank-1 updates per trip (unrolled)
+                    for sub in range(STEPS_A):
+                        for i in range(RR):
+                            a[i] = staged_weight[u32(wo + u32(sub * CK + i))]
+                        for j in range(RP):
+                            b[j] = staged_grad_out[u32(go + u32(sub * P + j))]
+                        for i in range(RR):
+                            for j in range(RP):
+                                acc[i, j] += a[i] * b[j]
+                    wo = u32(wo + u32(STEPS_A * CK))
+                    go = u32(go + u32(STEPS_A * P))
+                    step = u32(step + u32(STEPS_A))
+                cuda.syncthreads()  # everyone is done reading this step's weights and grad_out
+                o0 = u32(o0 + u32(OGB))
+            for i in range(RR):
+                for j in range(RP):
+                    grad_cols[u32(u32(u32(a_first + u32(i)) * u32(P)) + u32(b_first + u32(j)))] = acc[i, j]
+            cuda.syncthreads()  # the column-gradient tile is complete
+
+            # phase: scatter (per owned point: S_q over the chunk's channels; RED to grad_input)
+            for r in range(EPT):
+                e = u32(tid + u32(r * THREADS))
+                if e < u32(KP):
+                    r0 = corner_index[e]
+                    if r0 != i32(OUTSIDE):
+                        r1 = corner_index[u32(e + u32(KP))]
+                        q0 = corner_index[u32(e + u32(2 * KP))]
+                        q1 = corner_index[u32(e + u32(3 * KP))]
+                        w00 = corner_weight[e]
+                        w01 = corner_weight[u32(e + u32(KP))]
+                        w10 = corner_weight[u32(e + u32(2 * KP))]
+                        w11 = corner_weight[u32(e + u32(3 * KP))]
+                        inside = r0 >= i32(0) and r1 < i32(SHR) and q0 >= i32(0) and q1 < i32(SWR)
+                        # staged offsets (when inside) and in-image offsets of the corners (always:
+                        # the scatter needs them; the corners are clamped into the image)
+                        s00 = u32(0)
+                        s01 = u32(0)
+                        s10 = u32(0)
+                        s11 = u32(0)
+                        if inside:
+                            s00 = u32(i32(r0 * i32(SWR)) + q0)
+                            s01 = u32(i32(r0 * i32(SWR)) + q1)
+                            s10 = u32(i32(r1 * i32(SWR)) + q0)
+                            s11 = u32(i32(r1 * i32(SWR)) + q1)
+                        row0 = u32(u32(iy0 + r0) * width)
+                        row1 = u32(u32(iy0 + r1) * width)
+                        o00 = u32(row0 + u32(ix0 + q0))
+                        o01 = u32(row0 + u32(ix0 + q1))
+                        o10 = u32(row1 + u32(ix0 + q0))
+                        o11 = u32(row1 + u32(ix0 + q1))
+                        channel_base = image_base + u64(u32(c * plane))
+                        for cc in range(CC):
+                            if u32(cc) < nc:
+                                gc = grad_cols[u32(e + u32(cc * KP))]  # row (cc*K + k), pixel p
+                                if inside:
+                                    v00 = staged[u32(s00 + u32(cc * REGION))]
+                                    v01 = staged[u32(s01 + u32(cc * REGION))]
+                                    v10 = staged[u32(s10 + u32(cc * REGION))]
+                                    v11 = staged[u32(s11 + u32(cc * REGION))]
+                                else:
+                                    v00 = input[channel_base + u64(o00)]
+                                    v01 = input[channel_base + u64(o01)]
+                                    v10 = input[channel_base + u64(o10)]
+                                    v11 = input[channel_base + u64(o11)]
+                                sums[r, 0] += gc * v00
+                                sums[r, 1] += gc * v01
+                                sums[r, 2] += gc * v10
+                                sums[r, 3] += gc * v11
+                                if SCATTER:
+                                    if w00 != ZERO:
+                                        red_add(grad_input, channel_base + u64(o00), gc * w00)
+                                    if w01 != ZERO:
+                                        red_add(grad_input, channel_base + u64(o01), gc * w01)
+                                    if w10 != ZERO:
+                                        red_add(grad_input, channel_base + u64(o10), gc * w10)
+                                    if w11 != ZERO:
+                                        red_add(grad_input, channel_base + u64(o11), gc * w11)
+                                channel_base = channel_base + u64(plane)
+            cuda.syncthreads()  # the next chunk may overwrite the staged input, grad_cols and the table
+            c = chunk_end
+
+        # phase: offset_grad (the last offset group of the span)
+        for r in range(EPT):
+            e = u32(tid + u32(r * THREADS))
+            if e < u32(KP):
+                k = u32(e // u32(P))
+                p = u32(e - u32(k * u32(P)))
+                u = u32(p // u32(TW))
+                oy = u32(oy0 + u)
+                ox = u32(ox0 + u32(p - u32(u * u32(TW))))
+                if oy < out_h and ox < out_w:
+                    y, x = tap_position(offset, n, table_og, k, oy, ox, conv)
+                    (_, _, _, _, w00, w01, w10, w11, gy00, gy01, gy10, gy11,
+                     gx00, gx01, gx10, gx11) = bilinear_corner_gradients(y, x, height, width)
+                    point = u32(u32(table_og * u32(K)) + k)
+                    m = ONE
+                    if USE_MASK:
+                        m = mask[n, point, oy, ox]
+                    s0 = sums[r, 0]
+                    s1 = sums[r, 1]
+                    s2 = sums[r, 2]
+                    s3 = sums[r, 3]
+                    grad_offset[n, u32(u32(2) * point), oy, ox] = m * (gy00 * s0 + gy01 * s1 + gy10 * s2 + gy11 * s3)
+                    grad_offset[n, u32(u32(2) * point + u32(1)), oy, ox] = m * (gx00 * s0 + gx01 * s1 + gx10 * s2
+                                                                                + gx11 * s3)
+                    if USE_MASK:
+                        grad_mask[n, point, oy, ox] = w00 * s0 + w01 * s1 + w10 * s2 + w11 * s3
+
+    return kernel
+
+
+# --------------------------------------------------------------------------- weight kernel
+# Traffic (whole batch; B = Co/OGW output blocks, T tiles, f the out-of-tile fraction):
+#   reads  input    B * N * C * T * SH*SW * s      (staged per (tile, chunk); halos: L2 hits)
+#                   + B * f * N*C*K*P * 4 * s      (out-of-tile corners)
+#          offsets, mask  B * (C/CC) * N * 3*G*K*P * s (one table per block and tile: L2 hits)
+#          grad_out (C/CC) * N * Co * P * s        (every channel chunk re-reads it: L2 hits)
+#   writes S partial weight gradients of Co*Cg*K*s each (S = 1: grad_weight itself); the host
+#          adds them in a fixed order: (S-1) * Co*Cg*K*s read and written again.
+#   FLOPs  2*N*Co*Cg*K*P (the GEMM) + 7 per sample (interpolation) + per point 2 + 8 + 4.
+#   No column matrix: the column tile lives in shared memory.
+@functools.cache
+def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, config: BackwardTileConfig,
+                       use_mask: bool):
+    """Kernel ``(input, offset, mask, grad_out, partials, conv, dims)`` on
+    ``(S, out_blocks * chunks, groups)`` blocks of ``config.weight_threads(K)`` threads.
+
+    input and grad_out flat (``N*C*H*W``, ``N*Co*Ho*Wo``); partials flat ``[S, Co, Cg*K]``: block ``(s, ob*chunks + j, g)``
+    writes outputs ``g*Og + ob*OGW ..`` x columns ``(j*CC)*K ..`` of partial ``s``, the sum over
+    the (image, tile) pairs ``s, s + S, s + 2S, ...``; dims ``(C, H, W, Co, Cg, N, cpo, Ho, Wo)``
+    int32.
+    """
+    fns = sampling_functions(dtype)
+    tap_position = fns.tap_position
+    in_band = fns.in_band
+    bilinear_corners = fns.bilinear_corners
+    T = fns.T
+    ZERO = fns.ZERO
+    DT = T
+
+    TH, TW, HALO = config.tile_h, config.tile_w, config.halo
+    CC, OGW, RO, RK = config.chunk, config.w_out_block, config.w_reg_out, config.w_reg_cols
+    K = kernel_h * kernel_w
+    P = TH * TW
+    CK = CC * K
+    KP = K * P
+    SHR = (TH - 1) * stride_h + (kernel_h - 1) * dil_h + 1 + 2 * HALO
+    SWR = (TW - 1) * stride_w + (kernel_w - 1) * dil_w + 1 + 2 * HALO
+    REGION = SHR * SWR
+    STAGED = CC * REGION
+    OUT_T = OGW // RO
+    COL_T = CK // RK
+    THREADS = OUT_T * COL_T
+    STEPS_B = _steps(P, RO * RK)
+    GRAD_OUT_TILE = P * OGW  # shared-array sizes must be compile-time literals
+    COLUMN_TILE = CK * P
+    TABLE = 4 * KP
+    SH_, SW_ = stride_h, stride_w
+    USE_MASK = use_mask
+    u32 = np.uint32
+    u64 = np.uint64
+    i32 = np.int32
+
+    @cuda.jit
+    def kernel(input, offset, mask, grad_out, partials, conv, dims):
+        # Index discipline as in input_grad_kernel: uint32 inside an image, uint64 bases.
+        tid = u32(cuda.threadIdx.x)
+        split = u32(cuda.blockIdx.x)
+        splits = u32(cuda.gridDim.x)
+        channels = u32(dims[0])
+        height = u32(dims[1])
+        width = u32(dims[2])
+        out_channels = u32(dims[3])
+        cpg = u32(dims[4])
+        images = u32(dims[5])
+        cpo = u32(dims[6])
+        out_h = u32(dims[7])
+        out_w = u32(dims[8])
+        plane = u32(height * width)
+        out_plane = u32(out_h * out_w)
+        opg = u32(out_channels // u32(channels // cpg))
+        chunks = u32(u32(cpg + u32(CC - 1)) // u32(CC))
+        g = u32(cuda.blockIdx.z)
+        ob = u32(u32(cuda.blockIdx.y) // chunks)
+        j_chunk = u32(u32(cuda.blockIdx.y) - u32(ob * chunks))
+        o_first = u32(ob * u32(OGW))  # first output of this block within the group
+        c_first = u32(u32(g * cpg) + u32(j_chunk * u32(CC)))  # first input channel of this block
+        nc = min(u32(CC), u32(cpg - u32(j_chunk * u32(CC))))
+        tiles_x = u32(u32(out_w + u32(TW - 1)) // u32(TW))
+        tiles = u32(tiles_x * u32(u32(out_h + u32(TH - 1)) // u32(TH)))
+
+        staged = cuda.shared.array(STAGED, dtype=DT, alignment=16)
+        staged_grad_out = cuda.shared.array(GRAD_OUT_TILE, dtype=DT, alignment=16)
+        columns = cuda.shared.array(COLUMN_TILE, dtype=DT, alignment=16)
+        corner_index = cuda.shared.array(TABLE, dtype=np.int32, alignment=16)
+        corner_weight = cuda.shared.array(TABLE, dtype=DT, alignment=16)
+
+        acc = cuda.local.array((RO, RK), dtype=DT)
+        a = cuda.local.array(RO, dtype=DT)
+        b = cuda.local.array(RK, dtype=DT)
+        out_t = u32(tid // u32(COL_T))  # this thread owns outputs out_t*RO .. +RO ...
+        col_t = u32(tid - u32(out_t * u32(COL_T)))  # ... and columns col_t*RK .. +RK
+        a_first = u32(out_t * u32(RO))
+        b_first = u32(col_t * u32(RK))
+        for i in range(RO):
+            for j in range(RK):
+                acc[i, j] = ZERO
+
+        item = split
+        while item < u32(images * tiles):
+            n = u32(item // tiles)
+            tile = u32(item - u32(n * tiles))
+            ty = u32(tile // tiles_x)
+            oy0 = u32(ty * u32(TH))
+            ox0 = u32(u32(tile - u32(ty * tiles_x)) * u32(TW))
+            iy0 = i32(i32(oy0 * u32(SH_)) - i32(conv[2] + HALO))
+            ix0 = i32(i32(ox0 * u32(SW_)) - i32(conv[3] + HALO))
+            image_base = u64(n) * u64(u32(channels * plane))
+            out_base = u64(n) * u64(u32(out_channels * out_plane))
+
+            # phase: w_stage (input region of the chunk; grad_out [P, OGW], pixel-major)
+            idx = tid
+            while idx < u32(STAGED):
+                cc = u32(idx // u32(REGION))
+                rem = u32(idx - u32(cc * u32(REGION)))
+                row = u32(rem // u32(SWR))
+                gy = i32(iy0 + i32(row))
+                gx = i32(ix0 + i32(u32(rem - u32(row * u32(SWR)))))
+                v = ZERO
+                if cc < nc and gy >= i32(0) and u32(gy) < height and gx >= i32(0) and u32(gx) < width:
+                    v = input[image_base + u64(u32(u32(u32(c_first + cc) * plane) + u32(u32(gy) * width + u32(gx))))]
+                staged[idx] = v
+                idx = u32(idx + u32(THREADS))
+            idx = tid
+            while idx < u32(GRAD_OUT_TILE):
+                o = u32(idx // u32(P))
+                p = u32(idx - u32(o * u32(P)))
+                u = u32(p // u32(TW))
+                oy = u32(oy0 + u)
+                ox = u32(ox0 + u32(p - u32(u * u32(TW))))
+                v = ZERO
+                if u32(o_first + o) < opg and oy < out_h and ox < out_w:
+                    channel = u32(u32(g * opg) + u32(o_first + o))
+                    v = grad_out[out_base + u64(u32(u32(channel * out_plane) + u32(oy * out_w + ox)))]
+                staged_grad_out[u32(u32(p * u32(OGW)) + o)] = v
+                idx = u32(idx + u32(THREADS))
+
+            # The chunk's channels may span offset groups: one table and one build per group.
+            c = c_first
+            while c < u32(c_first + nc):
+                og = u32(c // cpo)
+                seg_end = min(u32(c_first + nc), u32(u32(og + u32(1)) * cpo))
+                # phase: w_table
+                e = tid
+                while e < u32(KP):
+                    k = u32(e // u32(P))
+                    p = u32(e - u32(k * u32(P)))
+                    u = u32(p // u32(TW))
+                    oy = u32(oy0 + u)
+                    ox = u32(ox0 + u32(p - u32(u * u32(TW))))
+                    r0 = i32(0)
+                    r1 = i32(0)
+                    q0 = i32(0)
+                    q1 = i32(0)
+                    w00 = ZERO
+                    w01 = ZERO
+                    w10 = ZERO
+                    w11 = ZERO
+                    if oy < out_h and ox < out_w:
+                        y, x = tap_position(offset, n, og, k, oy, ox, conv)
+                        if in_band(y, x, height, width):
+                            y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
+                            if USE_MASK:
+                                m = mask[n, u32(u32(og * u32(K)) + k), oy, ox]
+                                w00 *= m
+                                w01 *= m
+                                w10 *= m
+                                w11 *= m
+                            r0 = i32(i32(y0) - iy0)
+                            r1 = i32(i32(y1) - iy0)
+                            q0 = i32(i32(x0) - ix0)
+                            q1 = i32(i32(x1) - ix0)
+                        elif USE_MASK:  # value 0 times the mask, as torchvision: NaN stays NaN
+                            # (the corners stay at staged cell 0, read with weight 0 * m)
+                            w00 = ZERO * mask[n, u32(u32(og * u32(K)) + k), oy, ox]
+                            w01 = w00
+                            w10 = w00
+                            w11 = w00
+                    corner_index[e] = r0
+                    corner_index[u32(e + u32(KP))] = r1
+                    corner_index[u32(e + u32(2 * KP))] = q0
+                    corner_index[u32(e + u32(3 * KP))] = q1
+                    corner_weight[e] = w00
+                    corner_weight[u32(e + u32(KP))] = w01
+                    corner_weight[u32(e + u32(2 * KP))] = w10
+                    corner_weight[u32(e + u32(3 * KP))] = w11
+                    e = u32(e + u32(THREADS))
+                cuda.syncthreads()  # the table, staged input and grad_out are complete
+
+                # phase: w_build (column tile [P, CC*K]: one thread per (tap, pixel) point reads its
+                # table entry once and fills the point's CC channel rows of this offset group)
+                e = tid
+                while e < u32(KP):
+                    k = u32(e // u32(P))
+                    p = u32(e - u32(k * u32(P)))
+                    r0 = corner_index[e]
+                    r1 = corner_index[u32(e + u32(KP))]
+                    q0 = corner_index[u32(e + u32(2 * KP))]
+                    q1 = corner_index[u32(e + u32(3 * KP))]
+                    w00 = corner_weight[e]
+                    w01 = corner_weight[u32(e + u32(KP))]
+                    w10 = corner_weight[u32(e + u32(2 * KP))]
+                    w11 = corner_weight[u32(e + u32(3 * KP))]
+                    inside = r0 >= i32(0) and r1 < i32(SHR) and q0 >= i32(0) and q1 < i32(SWR)
+                    s00 = u32(0)  # staged offsets of the corners (inside) ...
+                    s01 = u32(0)
+                    s10 = u32(0)
+                    s11 = u32(0)
+                    o00 = u32(0)  # ... or their in-image offsets (not inside: the corners are clamped
+                    o01 = u32(0)  # into the image, so these are never negative)
+                    o10 = u32(0)
+                    o11 = u32(0)
+                    if inside:
+                        s00 = u32(i32(r0 * i32(SWR)) + q0)
+                        s01 = u32(i32(r0 * i32(SWR)) + q1)
+                        s10 = u32(i32(r1 * i32(SWR)) + q0)
+                        s11 = u32(i32(r1 * i32(SWR)) + q1)
+                    else:
+                        row0 = u32(u32(iy0 + r0) * width)
+                        row1 = u32(u32(iy0 + r1) * width)
+                        o00 = u32(row0 + u32(ix0 + q0))
+                        o01 = u32(row0 + u32(ix0 + q1))
+                        o10 = u32(row1 + u32(ix0 + q0))
+                        o11 = u32(row1 + u32(ix0 + q1))
+                    out_at = u32(u32(p * u32(CK)) + k)  # columns[p, cc*K + k] = out_at + cc*K
+                    channel_base = image_base + u64(u32(c_first * plane))
+                    for cc in range(CC):
+                        ci = u32(c_first + u32(cc))
+                        if ci >= c and ci < seg_end:
+                            if inside:
+                                v = (w00 * staged[u32(s00 + u32(cc * REGION))]
+                                     + w01 * staged[u32(s01 + u32(cc * REGION))]
+                                     + w10 * staged[u32(s10 + u32(cc * REGION))]
+                                     + w11 * staged[u32(s11 + u32(cc * REGION))])
+                            else:
+                                v = (w00 * input[channel_base + u64(o00)] + w01 * input[channel_base + u64(o01)]
+                                     + w10 * input[channel_base + u64(o10)] + w11 * input[channel_base + u64(o11)])
+                            columns[u32(out_at + u32(cc * K))] = v
+                        elif c == c_first and u32(cc) >= nc:
+                            columns[u32(out_at + u32(cc * K))] = ZERO
+                        channel_base = channel_base + u64(plane)
+                    e = u32(e + u32(THREADS))
+                cuda.syncthreads()  # the column rows of this offset group are complete
+                c = seg_end
+
+            # phase: weight_gemm (rank-1 updates over the tile's pixels; LDS.128 of RO and RK values)
+            ao = a_first
+            bo = b_first
+            step = u32(0)
+            while step < u32(P):  # STEPS_B rank-1 updates per trip (unrolled)
+                for sub in range(STEPS_B):
+                    for i in range(RO):
+                        a[i] = staged_grad_out[u32(ao + u32(sub * OGW + i))]
+                    for j in range(RK):
+                        b[j] = columns[u32(bo + u32(sub * CK + j))]
+                    for i in range(RO):
+                        for j in range(RK):
+                            acc[i, j] += a[i] * b[j]
+                ao = u32(ao + u32(STEPS_B * OGW))
+                bo = u32(bo + u32(STEPS_B * CK))
+                step = u32(step + u32(STEPS_B))
+            cuda.syncthreads()  # everyone is done with this tile's columns and grad_out
+            item = u32(item + splits)
+
+        # epilogue: this block's slice of partial ``split``
+        row_length = u32(cpg * u32(K))
+        partial_base = u64(split) * u64(u32(out_channels * row_length))
+        for i in range(RO):
+            o = u32(o_first + u32(a_first + u32(i)))
+            if o < opg:
+                for j in range(RK):
+                    ck = u32(b_first + u32(j))
+                    if ck < u32(nc * u32(K)):
+                        flat = u32(u32(u32(u32(g * opg) + o) * row_length) + u32(u32(j_chunk * u32(CK)) + ck))
+                        partials[partial_base + u64(flat)] = acc[i, j]
+
+    return kernel
+
+
+# --------------------------------------------------------------------------- host side
+def argument_and_gradient_bytes(geometry) -> int:
+    """Bytes of the backward's arguments (grad_output, input, offset, mask, weight) and of its
+    gradients (input, offset, mask, weight, bias): the yardstick of the extra-memory target."""
+    g = geometry
+    shapes = g.shapes
+    names = ["input", "offset", "weight"] + (["mask"] if g.has_mask else [])
+    elements = sum(math.prod(shapes[k]) for k in names)
+    bias = g.out_channels if g.has_bias else 0
+    return g.itemsize * (math.prod(shapes["output"]) + 2 * elements + bias)
+
+
+def choose_splits(geometry, config: BackwardTileConfig, target_blocks: int | None = None) -> int:
+    """Partial weight gradients ``S`` of ``weight_grad_kernel``: enough blocks to fill the
+    device (``target_blocks``, default 2 per SM of an H200; 2 in the simulator), capped so
+    the ``S - 1`` extra partials stay under 4% of ``argument_and_gradient_bytes``."""
+    g = geometry
+    cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
+    blocks = g.groups * -(-opg // config.w_out_block) * -(-cpg // config.chunk)
+    items = g.batch * config.tiles(g)
+    if target_blocks is None:
+        target_blocks = 2 if backend.IS_SIMULATOR else 2 * 132
+    splits = max(1, min(items, -(-target_blocks // blocks)))
+    weight_bytes = g.itemsize * g.out_channels * cpg * g.taps
+    cap = 1 + int(0.04 * argument_and_gradient_bytes(g) // weight_bytes)
+    return max(1, min(splits, cap))
+
+
+def extra_bytes(geometry, config: BackwardTileConfig | None = None, deterministic: bool = False,
+                target_blocks: int | None = None) -> int:
+    """Device memory the ``fused`` backward allocates beyond its arguments and gradients
+    (the weight partials; in deterministic mode also the gather's sort buffers, per chunk
+    of images: key, coefficient and source per corner entry, plus segment starts)."""
+    g = geometry
+    config = config or default_config(g)
+    splits = choose_splits(g, config, target_blocks)
+    total = (splits - 1) * g.itemsize * g.out_channels * (g.in_channels // g.groups) * g.taps if splits > 1 else 0
+    if deterministic:
+        from .im2col import CHUNK_IMAGES
+        n = min(g.batch, CHUNK_IMAGES)
+        entries = 4 * n * g.offset_groups * g.taps * g.out_h * g.out_w
+        total += entries * (4 + g.itemsize + 4 + 8) + 8 * (n * g.offset_groups * g.height * g.width + 1)
+    return total
+
+
+def _dims(g, fifth: int) -> tuple:
+    """The int32 tuple ``(C, H, W, Co, Cg, fifth, cpo, Ho, Wo)`` (``fifth``: the input kernel's
+    channel span, the weight kernel's image count)."""
+    cpg = g.in_channels // g.groups
+    return tuple(np.int32(v) for v in (g.in_channels, g.height, g.width, g.out_channels, cpg, fifth,
+                                       g.in_channels // g.offset_groups, g.out_h, g.out_w))
+
+
+def backward(geometry, grad_output, input, offset, weight, mask, grad_input, grad_offset, grad_weight,
+             grad_bias, grad_mask, deterministic=False, stopwatch=backend.NO_STOPWATCH, plan=None,
+             splits: int | None = None):
+    """Fill the preallocated gradients with the column-free kernels (see the module docstring).
+
+    Images of 2**32 elements or more (``supported`` is false) run ``fused_columns`` instead,
+    whose kernels index in 64 bits.
+
+    ``plan``: a ``BackwardTileConfig`` or ``None`` (``default_config``); ``splits``: the number
+    of partial weight gradients (``None``: ``choose_splits``).
+    """
+    g = geometry
+    if not supported(g):  # an image of 2**32 elements or more: the 64-bit column method instead
+        from . import backward as column_backward
+        column_backward.backward_fused_columns(g, grad_output, input, offset, weight, mask, grad_input,
+                                               grad_offset, grad_weight, grad_bias, grad_mask,
+                                               deterministic, stopwatch)
+        return
+    config = plan if isinstance(plan, BackwardTileConfig) else default_config(g)
+    config.check(g.taps)
+    xp = backend.array_module(input)
+    dtype = input.dtype
+    conv = conv_tuple(g)
+    input_c = xp.ascontiguousarray(input)
+    weight_c = xp.ascontiguousarray(weight)
+    grad_output_c = xp.ascontiguousarray(grad_output)
+    dummy4 = xp.zeros((1, 1, 1, 1), dtype=dtype)
+    mask_arg = mask if mask is not None else dummy4
+    grad_mask_arg = grad_mask if grad_mask is not None else dummy4
+    use_mask = mask is not None
+    shape = (g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.dil_h, g.dil_w)
+
+    with stopwatch.section("bias grad"):
+        if grad_bias is not None:
+            grad_bias[...] = grad_output.sum(axis=(0, 2, 3))
+
+    # input, offset and mask gradients
+    span = channel_span(g)
+    tiles = config.tiles(g)
+    kernel = input_grad_kernel(g.dtype, *shape, config, use_mask, not deterministic)
+    with stopwatch.section("fused input grads"):
+        if not deterministic:
+            grad_input[...] = 0
+        grad_input_flat = grad_input.reshape(-1)
+        image = g.in_channels * g.height * g.width
+        for first in range(0, g.batch, GRID_YZ_LIMIT):
+            last = min(g.batch, first + GRID_YZ_LIMIT)
+            backend.launch(kernel, (tiles, g.in_channels // span, last - first), config.input_threads(g.taps),
+                           input_c[first:last].reshape(-1), offset[first:last],
+                           mask_arg[first:last] if use_mask else dummy4, weight_c.reshape(-1),
+                           grad_output_c[first:last].reshape(-1), grad_input_flat[first * image:last * image],
+                           grad_offset[first:last], grad_mask_arg[first:last] if use_mask else dummy4,
+                           conv, _dims(g, span))
+    if deterministic:
+        from . import backward as column_backward
+        from .im2col import CHUNK_IMAGES
+        dummy2 = xp.zeros((1, 1), dtype=dtype)
+        with stopwatch.section("deterministic gather"):
+            for first in range(0, g.batch, CHUNK_IMAGES):
+                n_chunk = min(CHUNK_IMAGES, g.batch - first)
+                column_backward._deterministic_input_grad(g, dummy2, grad_output, weight_c, offset, mask_arg,
+                                                          grad_input, first, n_chunk, True, xp, conv)
+
+    # weight gradient: S partials, added in a fixed order
+    splits = splits or choose_splits(g, config)
+    cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
+    grid = (splits, -(-opg // config.w_out_block) * -(-cpg // config.chunk), g.groups)
+    kernel = weight_grad_kernel(g.dtype, *shape, config, use_mask)
+    with stopwatch.section("fused weight grad"):
+        grad_weight_flat = grad_weight.reshape(-1)
+        partials = grad_weight_flat if splits == 1 else xp.empty(splits * grad_weight.size, dtype=dtype)
+        backend.launch(kernel, grid, config.weight_threads(g.taps), input_c.reshape(-1), offset, mask_arg,
+                       grad_output_c.reshape(-1), partials, conv, _dims(g, g.batch))
+        if splits > 1:
+            parts = partials.reshape(splits, -1)
+            grad_weight_flat[...] = parts[0]
+            for s in range(1, splits):  # a fixed order: bit-identical run to run
+                grad_weight_flat += parts[s]
+
+
+def phase_model(geometry, config: BackwardTileConfig | None = None, target_blocks: int | None = None) -> dict:
+    """Per thread, how many times each phase's innermost *source* loop body runs in one launch
+    (``# phase: NAME`` markers of both kernels; the audit multiplies these by the instructions
+    it attributes to each phase's loop body, after dividing a loop that LLVM unrolled by its
+    unroll factor).
+
+    * ``table``, ``stage``, ``stage_gemm``, ``w_stage``, ``w_table``, ``w_build``: trips of their
+      ``while`` loops (one element, or one (tap, pixel) point, per trip);
+    * ``grad_cols_gemm``, ``weight_gemm``: trips of the GEMM ``while`` loops, each of
+      ``_steps(...)`` rank-1 updates (unrolled in the source);
+    * ``scatter`` (no loop of its own: the point and channel loops are unrolled): runs of the
+      whole phase, once per channel chunk; ``offset_grad``: once per offset group of the span
+      (the kernel has two copies of this code; one runs per offset group).
+
+    Input-kernel counts are exact for spans whose chunks do not stop at a group edge (an upper
+    bound otherwise); the weight kernel's are for its busiest split (``choose_splits``).
+    """
+    g = geometry
+    config = config or default_config(g)
+    k, p = g.taps, config.pixels
+    ck, kp = config.rows(k), k * p
+    opg = g.out_channels // g.groups
+    span = channel_span(g)
+    chunks = -(-span // config.chunk)
+    groups_per_span = span // (g.in_channels // g.offset_groups)
+    t_in = config.input_threads(k)
+    t_w = config.weight_threads(k)
+    rows, cols = config.staged_shape(g)
+    out_steps = -(-opg // config.out_block)
+    splits = choose_splits(g, config, target_blocks)
+    items = -(-(g.batch * config.tiles(g)) // splits)
+    segments = 1 if (g.in_channels // g.offset_groups) % config.chunk == 0 else 2
+    steps_a = _steps(config.out_block, config.reg_rows * config.reg_px)
+    steps_b = _steps(p, config.w_reg_out * config.w_reg_cols)
+    return {
+        "table": groups_per_span * -(-kp // t_in),
+        "stage": chunks * -(-config.chunk * rows * cols // t_in),
+        "stage_gemm": chunks * out_steps * (-(-config.out_block * ck // t_in) + -(-config.out_block * p // t_in)),
+        "grad_cols_gemm": chunks * out_steps * (config.out_block // steps_a),
+        "scatter": chunks,
+        "offset_grad": groups_per_span,
+        "w_stage": items * (-(-config.chunk * rows * cols // t_w) + -(-p * config.w_out_block // t_w)),
+        "w_table": items * segments * -(-kp // t_w),
+        "w_build": items * segments * -(-kp // t_w),
+        "weight_gemm": items * (p // steps_b),
+    }
+
+
+def ptx_cases():
+    """Kernels and signatures for the PTX audit (``deftnumba.ptx``)."""
+    from numba import types
+
+    configs = {"float32": (GPU_CONFIG, SIMULATOR_CONFIG), "float64": (SIMULATOR_CONFIG,)}
+    conv = types.UniTuple(types.int32, 8)
+    dims = types.UniTuple(types.int32, 9)
+    for dtype in ("float32", "float64"):
+        t = getattr(types, dtype)
+        a4, flat = types.Array(t, 4, "A"), types.Array(t, 1, "C")
+        for cfg in configs[dtype]:
+            tag = (f"{cfg.tile_h}x{cfg.tile_w}h{cfg.halo}c{cfg.chunk}o{cfg.out_block}r{cfg.reg_rows}x{cfg.reg_px}"
+                   f"w{cfg.w_out_block}r{cfg.w_reg_out}x{cfg.w_reg_cols}")
+            for scatter in (True, False):
+                yield (f"input_grad[3x3,{tag},scatter={scatter}]", dtype,
+                       input_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, scatter),
+                       (flat, a4, a4, flat, flat, flat, a4, a4, conv, dims))
+            yield (f"weight_grad[3x3,{tag}]", dtype, weight_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True),
+                   (flat, a4, a4, flat, flat, conv, dims))

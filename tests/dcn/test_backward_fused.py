@@ -1,0 +1,181 @@
+"""The column-free ``fused`` backward beyond the shared method tests of test_backward.py:
+split weight partials, tile configs whose channel chunks cross weight and offset groups,
+bounds-checked runs, which kernels launch, run-to-run determinism under a shuffled block
+order (and that the atomic path does vary under it), ``red_add`` in the simulator, and the
+extra-memory figure."""
+
+import numpy as np
+import pytest
+
+import deftnumba as dn
+from deftnumba.dcn import reference
+from deftnumba.runtime import backend
+from deftnumba.dcn.geometry import Geometry
+from deftnumba.runtime.backend import cuda  # a module global: the simulator swaps it inside kernels
+from deftnumba.dcn.kernels import atomics, backward_fused
+from deftnumba.dcn.kernels.backward_fused import BackwardTileConfig
+
+from .cases import CASES, conv_kwargs, layer_arrays, rel_error, tolerance
+from .test_backward import FIELDS, collision_arrays, grad_out_for, run
+
+SIMULATED = pytest.mark.skipif(not backend.IS_SIMULATOR, reason="simulator-only check")
+
+
+def direct(g, go, arrays, deterministic=False, plan=None, splits=None):
+    """Call ``backward_fused.backward`` directly (NaN-poisoned gradients), return host grads."""
+    x, offset, weight, bias, mask = (backend.to_device(a) if a is not None else None for a in arrays)
+    go = backend.to_device(go)
+    xp = backend.array_module(x)
+    shapes, dtype = g.shapes, x.dtype
+    grads = dn.DeformConv2dGrads(
+        input=xp.full(shapes["input"], np.nan, dtype=dtype), offset=xp.full(shapes["offset"], np.nan, dtype=dtype),
+        weight=xp.full(shapes["weight"], np.nan, dtype=dtype),
+        bias=xp.full(shapes["bias"], np.nan, dtype=dtype) if bias is not None else None,
+        mask=xp.full(shapes["mask"], np.nan, dtype=dtype) if mask is not None else None)
+    backward_fused.backward(g, go, x, offset, weight, mask, *grads, deterministic=deterministic, plan=plan,
+                            splits=splits)
+    return dn.DeformConv2dGrads(*(backend.to_host(a) if a is not None else None for a in grads))
+
+
+def check_against_reference(g, go, arrays, grads):
+    expected = reference.deform_conv2d_backward(go, *arrays[:4], **conv_kwargs(g), mask=arrays[4])
+    for field in FIELDS:
+        want = getattr(expected, field)
+        if want is None:
+            continue
+        assert rel_error(getattr(grads, field), want) < 10 * tolerance(g.dtype), field
+
+
+# Tile configs that stress the chunk loop: chunks of 3 channels cross the weight-group (3) and
+# offset-group (2) edges of "groups-and-offset-groups"; a 3x2 tile leaves ragged edge tiles.
+CONFIGS = {
+    "chunk3-tile3x2": BackwardTileConfig(tile_h=3, tile_w=2, halo=0, chunk=3, out_block=2, reg_rows=3, reg_px=2,
+                                         w_out_block=2, w_reg_out=1, w_reg_cols=3),
+    "chunk1-tile2x4": BackwardTileConfig(tile_h=2, tile_w=4, halo=2, chunk=1, out_block=4, reg_rows=1, reg_px=4,
+                                         w_out_block=4, w_reg_out=2, w_reg_cols=1),
+}
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("name", ["groups-and-offset-groups", "odd-everything", "stride-pad-dil-pairs"])
+def test_configs_and_splits_match_reference(name, config, deterministic, rng):
+    g = CASES[name]
+    cfg = CONFIGS[config]
+    try:
+        cfg.check(g.taps)
+    except ValueError:
+        pytest.skip("ownership does not divide this case's tile")
+    arrays = layer_arrays(g, rng)
+    go = grad_out_for(g, rng)
+    grads = direct(g, go, arrays, deterministic=deterministic, plan=cfg, splits=3)
+    check_against_reference(g, go, arrays, grads)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_bounds_checked_run(deterministic, rng):
+    """Every global and shared index in range, shared and local memory NaN-poisoned."""
+    g = CASES["groups-and-offset-groups"]
+    arrays = layer_arrays(g, rng)
+    go = grad_out_for(g, rng)
+    with backend.bounds_checked():
+        grads = direct(g, go, arrays, deterministic=deterministic, splits=2)
+    check_against_reference(g, go, arrays, grads)
+
+
+def test_splits_reduce_in_a_fixed_order(rng):
+    """More partials change the float sum order of grad_weight but not its value; the same
+    split count gives the same bits."""
+    g = CASES["basic-3x3"]
+    arrays = layer_arrays(g, rng)
+    go = grad_out_for(g, rng)
+    one = direct(g, go, arrays, splits=1)
+    four = direct(g, go, arrays, splits=4)
+    again = direct(g, go, arrays, splits=4)
+    np.testing.assert_array_equal(four.weight, again.weight)
+    np.testing.assert_allclose(one.weight, four.weight, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_runs_fused_and_deterministic_runs_the_gather(rng):
+    g = CASES["basic-3x3"]
+    arrays = layer_arrays(g, rng)
+    go = grad_out_for(g, rng)
+    with backend.launch_log() as atomic:
+        run("auto", go, *arrays, g, deterministic=False)
+    with backend.launch_log() as fixed:
+        run("auto", go, *arrays, g, deterministic=True)
+    assert any("input_grad_kernel" in k for k in atomic) and any("weight_grad_kernel" in k for k in atomic)
+    assert not any("gather_kernel" in k for k in atomic)
+    assert any("gather_kernel" in k for k in fixed) and any("input_grad_kernel" in k for k in fixed)
+
+
+@SIMULATED
+@pytest.mark.parametrize("method", list(dn.BACKWARD_METHODS))
+def test_atomic_path_varies_under_a_shuffled_block_order(method, rng):
+    """The determinism tests can fail: with the simulator's block and thread order shuffled,
+    the atomic scatter's float sums change bits (as on a GPU), so a bit-identity test of
+    ``deterministic=False`` would fail; ``deterministic=True`` stays bit-identical."""
+    g = Geometry(**{**CASES["basic-3x3"].__dict__, "in_channels": 2, "out_channels": 3, "height": 6, "width": 6})
+    arrays = collision_arrays(g, rng)
+    go = grad_out_for(g, rng)
+    runs = []
+    for seed in range(4):
+        with backend.order_varying(seed):
+            runs.append(run(method, go, *arrays, g, deterministic=False).input)
+    assert any(not np.array_equal(runs[0], r) for r in runs[1:]), "atomic sums never changed order"
+    fixed = []
+    for seed in range(2):
+        with backend.order_varying(seed):
+            fixed.append(run(method, go, *arrays, g, deterministic=True))
+    for field in FIELDS:
+        np.testing.assert_array_equal(getattr(fixed[0], field), getattr(fixed[1], field), err_msg=field)
+
+
+@SIMULATED
+def test_order_varying_shuffles_blocks():
+    """The test flag itself: blocks run in a different order under two seeds."""
+    @cuda.jit
+    def record(order, counter):
+        if cuda.threadIdx.x == 0:
+            slot = cuda.atomic.add(counter, 0, 1)
+            order[slot] = cuda.blockIdx.x
+
+    orders = []
+    for seed in (1, 2):
+        order = np.zeros(16, dtype=np.int64)
+        with backend.order_varying(seed):
+            backend.launch(record, 16, 1, order, np.zeros(1, dtype=np.int64))
+        orders.append(order)
+    assert sorted(orders[0]) == list(range(16))
+    assert not np.array_equal(orders[0], orders[1])
+
+
+def test_red_add_adds(rng):
+    """``atomics.red_add`` (the simulator's fallback; its PTX/SASS is checked in
+    test_backward_sass.py) sums every contribution."""
+    @cuda.jit
+    def scatter(values, target):
+        i = cuda.grid(1)
+        if i < values.shape[0]:
+            atomics.red_add(target, np.uint32(i % 3), values[i])
+
+    values = rng.standard_normal(40)
+    target = np.zeros(3)
+    backend.launch(scatter, 2, 32, values, target)
+    np.testing.assert_allclose(target, [values[k::3].sum() for k in range(3)], rtol=1e-12)
+
+
+def test_extra_memory_under_five_percent_at_deft64():
+    """The atomic mode's extra device memory (the weight partials) at ``deft64``, N=8."""
+    g = Geometry(batch=8, in_channels=64, height=64, width=64, out_channels=64, kernel_h=3, kernel_w=3,
+                 pad_h=1, pad_w=1, has_mask=True, has_bias=True)
+    cfg = backward_fused.GPU_CONFIG
+    total = backward_fused.argument_and_gradient_bytes(g)
+    h200 = 2 * 132  # the GPU's target: two blocks per SM
+    assert backward_fused.extra_bytes(g, cfg, deterministic=False, target_blocks=h200) < 0.05 * total
+    assert backward_fused.choose_splits(g, cfg, target_blocks=h200) > 1  # the partials are really used
+
+
+def test_config_rejects_ownership_that_does_not_divide():
+    with pytest.raises(ValueError, match="reg_rows"):
+        BackwardTileConfig(chunk=1, reg_rows=2).check(taps=9)
