@@ -105,8 +105,10 @@ def _install_thread_safe_shared_arrays() -> None:
     dynamic = kernelapi.FakeCUDAShared.array
 
     def array(self, shape, dtype, alignment=None):
-        if shape == 0 or alignment is not None:  # dynamic shared memory, or unsupported
+        if shape == 0:  # dynamic shared memory
             return dynamic(self, shape, dtype, alignment)
+        # ``alignment`` is a GPU layout hint (LDS.128 needs 16-byte alignment); a NumPy
+        # array has no use for it, so it is accepted and ignored here.
         if not isinstance(dtype, (np.dtype, type)):
             dtype = numpy_support.as_dtype(dtype)
         frame = sys._getframe(1)  # the kernel line that asked: the simulator's key
