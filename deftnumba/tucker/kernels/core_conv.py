@@ -50,9 +50,10 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
-from numba import float32, float64, uint32
 
 from ...backend import cuda
+
+uint32 = np.uint32  # the 32-bit index type inside kernels (see the module docstring)
 
 GRID_Z_LIMIT = 65535
 
@@ -136,7 +137,7 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
     ``config.blocks(geometry)`` (images in z, at most 65535 per launch), ``config.threads``
     threads. hidden ``[n*R*H*W]``, packed_core from ``pack_core``, out ``[n*Q*Ho*Wo]``
     (flat, C-contiguous); the sizes are int32 scalars."""
-    DT = float32 if np.dtype(dtype) == np.float32 else float64
+    DT = np.float32 if np.dtype(dtype) == np.float32 else np.float64
     ZERO = DT(0)
     U = np.uint32
     TH, TW, CC, OCB, RO, RP = (config.tile_h, config.tile_w, config.chunk, config.oc_block,
@@ -160,15 +161,20 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
     u_THREADS, u_REGION, u_COLS, u_STAGED, u_CORE_SLICE = U(THREADS), U(REGION), U(COLS), U(STAGED), U(CORE_SLICE)
     u_PX_T, u_ROW_T, u_TW, u_TH, u_RP, u_RO, u_OCB = U(PX_T), U(ROW_T), U(TW), U(TH), U(RP), U(RO), U(OCB)
     u_SH, u_SW, u_CC, u_R_IN, u_CHUNKS = U(SH), U(SW), U(CC), U(R_IN), U(CHUNKS)
+    u_KH, u_ROW_STEP, u_KW_OCB = U(KH), U(DH * COLS), U(KW * OCB)
     PAD_H, PAD_W = np.int32(pad_h), np.int32(pad_w)
+
+    CORE_ACC = RO * RP  # local-array sizes must be plain constants
+    POS_T = -(-REGION // THREADS)  # staged positions per thread
 
     @cuda.jit
     def kernel(hidden, packed_core, out, height, width, out_h, out_w):
         staged = cuda.shared.array(STAGED_ALLOC, dtype=DT, alignment=16)
         staged_core = cuda.shared.array(CORE_SLICE, dtype=DT, alignment=16)
-        acc = cuda.local.array(RO * RP, dtype=DT)
+        acc = cuda.local.array(CORE_ACC, dtype=DT)
         weights = cuda.local.array(RO, dtype=DT)
         row = cuda.local.array(SEG, dtype=DT)
+        offsets = cuda.local.array(POS_T, dtype=np.int32)
 
         tid = uint32(cuda.threadIdx.x)
         n = cuda.blockIdx.z
@@ -194,23 +200,32 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
         core_base = oc_t * u_RO
         for i in range(RO * RP):
             acc[i] = ZERO
+        # offsets[k]: in-image offset of staged position tid + k*THREADS, or -1 (zero padding)
+        for k in range(POS_T):
+            pos = tid + uint32(k * THREADS)
+            rr = pos // u_COLS
+            gy = iy0 + np.int32(rr)
+            gx = ix0 + np.int32(pos - rr * u_COLS)
+            offsets[k] = -1
+            if gy >= 0 and gy < np.int32(height_u) and gx >= 0 and gx < np.int32(width_u):
+                offsets[k] = np.int32(uint32(gy) * width_u + uint32(gx))
 
         chunk = U(0)
         while chunk < u_CHUNKS:
             c0 = chunk * u_CC
             # phase: stage_input
-            idx = tid
-            while idx < u_STAGED:
-                ch = idx // u_REGION
-                pos = idx - ch * u_REGION
-                rr = pos // u_COLS
-                gy = iy0 + np.int32(rr)
-                gx = ix0 + np.int32(pos - rr * u_COLS)
-                value = ZERO
-                if gy >= 0 and gy < np.int32(height_u) and gx >= 0 and gx < np.int32(width_u) and c0 + ch < u_R_IN:
-                    value = hidden[image_in + np.int64((c0 + ch) * plane_in + uint32(gy) * width_u + uint32(gx))]
-                staged[idx] = value
-                idx += u_THREADS
+            # Each thread copies its own POS_T region positions (offsets computed once,
+            # above) for each of the CC channels: no division, one add per element.
+            for ch in range(CC):
+                channel_ok = c0 + uint32(ch) < u_R_IN
+                channel = image_in + np.int64((c0 + uint32(ch)) * plane_in)
+                for k in range(POS_T):
+                    pos = tid + uint32(k * THREADS)
+                    if k * THREADS < REGION and pos < u_REGION:
+                        value = ZERO
+                        if channel_ok and offsets[k] >= 0:
+                            value = hidden[channel + np.int64(offsets[k])]
+                        staged[uint32(ch * REGION) + pos] = value
             # phase: stage_core
             slice0 = np.int64(rank_block * u_CHUNKS + chunk) * np.int64(CORE_SLICE)
             idx = tid
@@ -220,19 +235,27 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
             cuda.syncthreads()  # staged and staged_core are complete before anyone reads them
 
             # phase: multiply
-            for cc in range(CC):
-                for ky in range(KH):
-                    start = uint32(cc * REGION + ky * DH * COLS) + window
+            x_channel = window  # staged index of (cc, ky=0) for this thread's window
+            w_ptr = core_base   # staged_core index of (cc, ky, kx=0, first owned rank)
+            cc = U(0)
+            while cc < u_CC:
+                x_ptr = x_channel
+                ky = U(0)
+                while ky < u_KH:
                     for q in range(SEG):
-                        row[q] = staged[start + uint32(q)]
+                        row[q] = staged[x_ptr + uint32(q)]
                     for kx in range(KW):
-                        w0 = uint32(((cc * KH + ky) * KW + kx) * OCB) + core_base
                         for i in range(RO):
-                            weights[i] = staged_core[w0 + uint32(i)]
+                            weights[i] = staged_core[w_ptr + uint32(kx * OCB + i)]
                         for j in range(RP):
                             x = row[j * SW + kx * DW]
                             for i in range(RO):
                                 acc[i * RP + j] += weights[i] * x
+                    x_ptr += u_ROW_STEP
+                    w_ptr += u_KW_OCB
+                    ky += U(1)
+                x_channel += u_REGION
+                cc += U(1)
             cuda.syncthreads()  # everyone is done reading staged/staged_core before the next chunk
             chunk += U(1)
 

@@ -63,9 +63,10 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
-from numba import float32, float64, uint32
 
 from ...backend import cuda
+
+uint32 = np.uint32  # the 32-bit index type inside kernels (see the module docstring)
 
 GRID_Z_LIMIT = 65535
 STATIC_SHARED_LIMIT = 48 * 1024
@@ -242,7 +243,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
     g = SimpleNamespace(rank_out=rank_out, stride_h=stride_h, stride_w=stride_w, kernel_h=kernel_h,
                         kernel_w=kernel_w, dil_h=dil_h, dil_w=dil_w, taps=kernel_h * kernel_w)
     lay = FusedLayout.of(t, g)
-    DT = float32 if np.dtype(dtype) == np.float32 else float64
+    DT = np.float32 if np.dtype(dtype) == np.float32 else np.float64
     ZERO = DT(0)
     U = np.uint32
     TH, TW, CR, CX = t.tile_h, t.tile_w, t.rank_chunk, t.in_chunk
@@ -269,18 +270,26 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
     u_Q_T = U(lay.first_pos_threads)
     u_C, u_COUT, u_OB, u_P = U(in_channels), U(out_channels), U(OB), U(P)
     u_RANK_CHUNKS, u_IN_CHUNKS, u_OUT_BLOCKS = U(RANK_CHUNKS), U(IN_CHUNKS), U(OUT_BLOCKS)
+    u_KH, u_ROW_STEP, u_KW_ROP, u_ROP = U(KH), U(DH * COLS), U(KW * ROP), U(ROP)
     PAD_H, PAD_W = np.int32(pad_h), np.int32(pad_w)
     C_IN, C_OUT = in_channels, out_channels
+
+    CORE_ACC = RO * RP  # local-array sizes must be plain constants
+    THREADS = lay.threads
+    POS_T = -(-REGION_P // THREADS)  # staged positions per thread
+    FIRST_ACC = UR * UQ
+    OUT_ACC = EO * RP
 
     @cuda.jit
     def kernel(input, packed_first, packed_core, packed_last, bias, out, height, width, out_h, out_w):
         smem = cuda.shared.array(SMEM, dtype=DT, alignment=16)
-        core_acc = cuda.local.array(RO * RP, dtype=DT)
-        first_acc = cuda.local.array(UR * UQ, dtype=DT)
-        out_acc = cuda.local.array(EO * RP, dtype=DT)
+        core_acc = cuda.local.array(CORE_ACC, dtype=DT)
+        first_acc = cuda.local.array(FIRST_ACC, dtype=DT)
+        out_acc = cuda.local.array(OUT_ACC, dtype=DT)
         a = cuda.local.array(RO, dtype=DT)
         b = cuda.local.array(UQ, dtype=DT)
         row = cuda.local.array(SEG, dtype=DT)
+        offsets = cuda.local.array(POS_T, dtype=np.int32)
 
         tid = uint32(cuda.threadIdx.x)
         n = cuda.blockIdx.z
@@ -309,6 +318,16 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
         q0 = (tid - r_t * u_Q_T) * u_UQ
         for i in range(RO * RP):
             core_acc[i] = ZERO
+        # offsets[k]: in-image offset of staged position tid + k*THREADS, or -1 (zero
+        # padding, or one of the padded positions past the region)
+        for k in range(POS_T):
+            pos = tid + uint32(k * THREADS)
+            rr = pos // u_COLS
+            gy = iy0 + np.int32(rr)
+            gx = ix0 + np.int32(pos - rr * u_COLS)
+            offsets[k] = -1
+            if pos < u_REGION and gy >= 0 and gy < np.int32(height_u) and gx >= 0 and gx < np.int32(width_u):
+                offsets[k] = np.int32(uint32(gy) * width_u + uint32(gx))
 
         rank_chunk = U(0)
         while rank_chunk < u_RANK_CHUNKS:
@@ -318,19 +337,18 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
             while in_chunk < u_IN_CHUNKS:
                 c0 = in_chunk * u_CX
                 # phase: stage_input
-                idx = tid
-                while idx < u_X_STAGED:
-                    ch = idx // u_REGION_P
-                    pos = idx - ch * u_REGION_P
-                    rr = pos // u_COLS
-                    gy = iy0 + np.int32(rr)
-                    gx = ix0 + np.int32(pos - rr * u_COLS)
-                    value = ZERO
-                    if (pos < u_REGION and c0 + ch < u_C and gy >= 0 and gy < np.int32(height_u)
-                            and gx >= 0 and gx < np.int32(width_u)):
-                        value = input[image_in + np.int64((c0 + ch) * plane_in + uint32(gy) * width_u + uint32(gx))]
-                    smem[X_OFF + idx] = value
-                    idx += u_THREADS
+                # Each thread copies its own POS_T region positions (offsets computed once,
+                # above) for each of the CX channels: no division, one add per element.
+                for ch in range(CX):
+                    channel_ok = c0 + uint32(ch) < u_C
+                    channel = image_in + np.int64((c0 + uint32(ch)) * plane_in)
+                    for k in range(POS_T):
+                        pos = tid + uint32(k * THREADS)
+                        if k * THREADS < REGION_P and pos < u_REGION_P:
+                            value = ZERO
+                            if channel_ok and offsets[k] >= 0:
+                                value = input[channel + np.int64(offsets[k])]
+                            smem[uint32(X_OFF + ch * REGION_P) + pos] = value
                 # phase: stage_first
                 slice0 = np.int64(rank_chunk * u_IN_CHUNKS + in_chunk) * np.int64(CX * CR)
                 idx = tid
@@ -340,15 +358,19 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                 cuda.syncthreads()  # staged input and first-factor slice complete before the GEMM
 
                 # phase: first_gemm
-                for cx in range(CX):
-                    f0 = uint32(F_OFF + cx * CR) + r_t * u_UR
-                    x0 = uint32(X_OFF + cx * REGION_P) + q0
+                f_ptr = uint32(F_OFF) + r_t * u_UR   # staged_first index of (cx, first owned rank)
+                x_ptr = uint32(X_OFF) + q0           # staged_x index of (cx, first owned position)
+                cx = U(0)
+                while cx < u_CX:
                     for j in range(UQ):
-                        b[j] = smem[x0 + uint32(j)]
+                        b[j] = smem[x_ptr + uint32(j)]
                     for i in range(UR):
-                        fi = smem[f0 + uint32(i)]
+                        fi = smem[f_ptr + uint32(i)]
                         for j in range(UQ):
                             first_acc[i * UQ + j] += fi * b[j]
+                    f_ptr += u_CR
+                    x_ptr += u_REGION_P
+                    cx += U(1)
                 cuda.syncthreads()  # every thread is done reading the staged input before it is restaged
                 in_chunk += U(1)
 
@@ -367,19 +389,27 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
             cuda.syncthreads()  # hidden tile and core slice complete before the multiply
 
             # phase: multiply
-            for cr in range(CR):
-                for ky in range(KH):
-                    start = uint32(H_OFF + cr * REGION + ky * DH * COLS) + window
+            x_channel = uint32(H_OFF) + window  # staged_hidden index of (cr, ky=0) for this thread
+            w_ptr = uint32(K_OFF) + core_base   # staged_core index of (cr, ky, kx=0, first owned rank)
+            cr = U(0)
+            while cr < u_CR:
+                x_ptr = x_channel
+                ky = U(0)
+                while ky < u_KH:
                     for q in range(SEG):
-                        row[q] = smem[start + uint32(q)]
+                        row[q] = smem[x_ptr + uint32(q)]
                     for kx in range(KW):
-                        w0 = uint32(K_OFF + ((cr * KH + ky) * KW + kx) * ROP) + core_base
                         for i in range(RO):
-                            a[i] = smem[w0 + uint32(i)]
+                            a[i] = smem[w_ptr + uint32(kx * ROP + i)]
                         for j in range(RP):
                             x = row[j * SW + kx * DW]
                             for i in range(RO):
                                 core_acc[i * RP + j] += a[i] * x
+                    x_ptr += u_ROW_STEP
+                    w_ptr += u_KW_ROP
+                    ky += U(1)
+                x_channel += u_REGION
+                cr += U(1)
             # No barrier needed here for the next rank chunk: it first restages only
             # staged_x/staged_first, which the multiply does not read, and its own two
             # barriers come before staged_hidden/staged_core are overwritten.
@@ -406,15 +436,19 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
             # phase: last_gemm
             for i in range(EO * RP):
                 out_acc[i] = ZERO
-            for q in range(ROP):
-                l0 = uint32(L_OFF + q * OB) + oc_t * u_EO
-                v0_ = uint32(V_OFF + q * P) + px_t * u_RP
+            l_ptr = uint32(L_OFF) + oc_t * u_EO   # staged_last index of (rank a, first owned output)
+            v_ptr = uint32(V_OFF) + px_t * u_RP   # staged_core_out index of (rank a, first owned pixel)
+            rank = U(0)
+            while rank < u_ROP:
                 for j in range(RP):
-                    row[j] = smem[v0_ + uint32(j)]
+                    row[j] = smem[v_ptr + uint32(j)]
                 for i in range(EO):
-                    li = smem[l0 + uint32(i)]
+                    li = smem[l_ptr + uint32(i)]
                     for j in range(RP):
                         out_acc[i * RP + j] += li * row[j]
+                l_ptr += u_OB
+                v_ptr += u_P
+                rank += U(1)
             if oy < uint32(out_h):
                 for i in range(EO):
                     o = out_block * u_OB + oc_t * u_EO + uint32(i)
@@ -489,10 +523,14 @@ def ptx_cases():
     # (C, r_in, r_out, Cout, kh, kw, stride, pad, dil): TDC's ResNet-18 layer1 and layer4 Tucker layers
     shapes = {"l1_64-64-32-64": (64, 64, 32, 64, 3, 3, 1, 1, 1),
               "l4_512-192-160-512": (512, 192, 160, 512, 3, 3, 1, 1, 1)}
-    for dtype, tiles in (("float32", GPU_CANDIDATES[:2]), ("float64", (SIMULATOR_TILE,))):
+    from types import SimpleNamespace
+
+    for dtype, tiles in (("float32", GPU_CANDIDATES), ("float64", (SIMULATOR_TILE,))):
         a = types.Array(getattr(types, dtype), 1, "C")
         for name, (c, r, q, co, kh, kw, s, p, d) in shapes.items():
-            for t in tiles:
+            g = SimpleNamespace(rank_out=q, stride_h=s, stride_w=s, kernel_h=kh, kernel_w=kw, dil_h=d, dil_w=d,
+                                taps=kh * kw, itemsize=np.dtype(dtype).itemsize)
+            for t in [t for t in tiles if fits(t, g)][:2]:  # the first two tiles that fit the layer
                 tag = (f"{t.tile_h}x{t.tile_w}cr{t.rank_chunk}cx{t.in_chunk}r{t.reg_oc}x{t.reg_px}"
                        f"e{t.out_reg}u{t.first_reg}")
                 yield (f"fused[{name},{tag}]", dtype,
