@@ -80,7 +80,7 @@ def decompose(weight, ranks, method: str = "hosvd", *, n_iter_max: int = 100, to
     first = np.ascontiguousarray(u_in.T)[:, :, None, None]   # [r_in, C, 1, 1]
     last = np.ascontiguousarray(u_out)[:, :, None, None]     # [Cout, r_out, 1, 1]
     core = np.ascontiguousarray(core)
-    approx = np.einsum("oa,abhw,bc->ochw", u_out, core, u_in.T)
+    approx = np.einsum("oa,abhw,bc->ochw", u_out, core, u_in.T, optimize=True)
     norm = np.linalg.norm(w64)
     rel_error = float(np.linalg.norm(w64 - approx) / norm) if norm > 0 else 0.0
     return TuckerFactors(first.astype(dtype), core.astype(dtype), last.astype(dtype), rel_error)

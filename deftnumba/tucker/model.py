@@ -239,32 +239,35 @@ def predict(g: TuckerGeometry, method: str, config=None, device: Device = H200) 
     raise ValueError(f"method must be fused, three_pass, cudnn_conv or cudnn_tucker, got {method!r}")
 
 
-def candidates(g: TuckerGeometry, method: str) -> list:
-    """Candidate tiles that fit the layer (48 KB static shared memory, <= 1024 threads)."""
+def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
+    """Candidate tiles that fit the layer (48 KB static shared memory, <= 1024 threads);
+    ``coarse``: a ~10x smaller grid (for sweeps over many rank pairs)."""
     out = []
     if method == "three_pass":
-        for th, tw in ((2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (2, 8), (1, 8)):
-            for rp in (1, 2, 4, 8):
+        tiles = ((2, 4), (4, 8), (8, 8)) if coarse else ((2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (2, 8), (1, 8))
+        for th, tw in tiles:
+            for rp in ((2, 4) if coarse else (1, 2, 4, 8)):
                 if tw % rp:
                     continue
-                for ro in (2, 4, 8):
-                    for ocb in (8, 16, 32, 64):
+                for ro in ((4, 8) if coarse else (2, 4, 8)):
+                    for ocb in ((16, 32) if coarse else (8, 16, 32, 64)):
                         if ocb % ro or ocb > 4 * g.rank_out:
                             continue
-                        for cc in (2, 4, 8):
+                        for cc in ((4, 8) if coarse else (2, 4, 8)):
                             t = core_conv.CoreTile(th, tw, cc, ocb, ro, rp)
                             if 32 <= t.threads <= 1024 and t.shared_bytes(g) <= fused.STATIC_SHARED_LIMIT:
                                 out.append(t)
         return out
     if method == "fused":
-        for th, tw in ((1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (2, 8)):
-            for rp in (1, 2, 4):
+        tiles = ((1, 4), (2, 4), (4, 8), (8, 8)) if coarse else ((1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (2, 8))
+        for th, tw in tiles:
+            for rp in ((2, 4) if coarse else (1, 2, 4)):
                 if tw % rp:
                     continue
-                for ro in (2, 4, 8):
-                    for cr in (2, 4, 8, 16):
-                        for cx in (4, 8, 16):
-                            for eo in (2, 4, 8):
+                for ro in ((4, 8) if coarse else (2, 4, 8)):
+                    for cr in ((4, 8) if coarse else (2, 4, 8, 16)):
+                        for cx in ((8, 16) if coarse else (4, 8, 16)):
+                            for eo in ((4, 8) if coarse else (2, 4, 8)):
                                 t = fused.FusedTile(th, tw, cr, cx, ro, rp, eo, 4)
                                 if t.layout(g).threads >= 32 and fused.fits(t, g):
                                     out.append(t)
@@ -272,9 +275,10 @@ def candidates(g: TuckerGeometry, method: str) -> list:
     raise ValueError(f"method must be fused or three_pass, got {method!r}")
 
 
-def rank_configs(g: TuckerGeometry, method: str, device: Device = H200, top: int | None = None) -> list[Prediction]:
+def rank_configs(g: TuckerGeometry, method: str, device: Device = H200, top: int | None = None,
+                 coarse: bool = False) -> list[Prediction]:
     """Candidates of ``method`` sorted by predicted time (predictions)."""
-    preds = [predict(g, method, t, device) for t in candidates(g, method)]
+    preds = [predict(g, method, t, device) for t in candidates(g, method, coarse)]
     preds = [p for p in preds if math.isfinite(p.ms)]
     preds.sort(key=lambda p: p.ms)
     return preds[:top] if top else preds

@@ -68,7 +68,7 @@ def reconstruct(first, core, last, groups: int = 1) -> np.ndarray:
     f = np.asarray(first, dtype=np.float64)[:, :, 0, 0]
     l = np.asarray(last, dtype=np.float64)[:, :, 0, 0]
     k = dense_core(np.asarray(core, dtype=np.float64), groups)
-    return np.einsum("oa,abhw,bc->ochw", l, k, f)
+    return np.einsum("oa,abhw,bc->ochw", l, k, f, optimize=True)
 
 
 def tucker_conv2d_reference(input, first, core, last, bias=None, stride=1, padding=0, dilation=1,
