@@ -184,7 +184,7 @@ for net, spec in (("ResNet-18", RESNET18), ("ResNet-50", RESNET50)):
     table = {l.name: ranks.candidates(l, fractions=FR) for l in layers}
     by_lat = ranks.choose_ranks(layers, speedup=1.5, by="latency", _candidates=table)
     by_flops = ranks.choose_ranks(layers, speedup=1.5, by="flops", _candidates=table)
-    rows = [{"layer": a.name, "ranks (latency)": a.ranks or "dense", "ranks (FLOPs)": b.ranks or "dense",
+    rows = [{"layer": a.layer, "ranks (latency)": a.ranks or "dense", "ranks (FLOPs)": b.ranks or "dense",
              "pred. ms (latency)": a.predicted_ms, "pred. ms (FLOPs)": b.predicted_ms,
              "error (latency)": a.error, "error (FLOPs)": b.error}
             for a, b in zip(by_lat, by_flops)]

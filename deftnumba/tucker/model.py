@@ -97,7 +97,8 @@ def _barriers(kernel: str, g: TuckerGeometry, t) -> int:
     rank_chunks = -(-g.rank_in // t.rank_chunk)
     in_chunks = -(-g.in_channels // t.in_chunk)
     out_blocks = -(-g.out_channels // t.layout(g).out_block)
-    return rank_chunks * (2 * in_chunks + 1) + 1 + 2 * out_blocks
+    subs = t.rank_chunk // t.core_ranks
+    return rank_chunks * (2 * in_chunks + 2 * subs - 1) + 1 + 2 * out_blocks
 
 
 def _registers(kernel: str, g: TuckerGeometry, t) -> int:
@@ -265,10 +266,11 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
                 if tw % rp:
                     continue
                 for ro in ((4, 8) if coarse else (2, 4, 8)):
-                    for cr in ((4, 8) if coarse else (2, 4, 8, 16)):
+                    for cr, ck in (((8, 0), (16, 4), (32, 4)) if coarse else
+                                   ((2, 0), (4, 0), (8, 0), (16, 0), (16, 4), (32, 4), (32, 8), (64, 4))):
                         for cx in ((8, 16) if coarse else (4, 8, 16)):
                             for eo in ((4, 8) if coarse else (2, 4, 8)):
-                                t = fused.FusedTile(th, tw, cr, cx, ro, rp, eo, 4)
+                                t = fused.FusedTile(th, tw, cr, cx, ro, rp, eo, 8 if cr >= 16 else 4, ck)
                                 if t.layout(g).threads >= 32 and fused.fits(t, g):
                                     out.append(t)
         return out

@@ -132,3 +132,14 @@ def test_argument_errors(rng, change, match):
     change(a)
     with pytest.raises((ValueError, TypeError), match=match):
         tucker_conv2d(**a)
+
+
+def test_core_sub_chunks(rng, poisoned):
+    """A rank chunk wider than the staged core slice (core_chunk < rank_chunk), with a
+    partial last rank chunk."""
+    args, kw = make(rng, (1, 5, 4, 5, 7, 3, 4, 3, 2, 1, (1, 0), 1, 1))
+    tile = fused.FusedTile(tile_h=2, tile_w=2, rank_chunk=4, in_chunk=2, reg_oc=2, reg_px=2, out_reg=2,
+                           first_reg=2, core_chunk=2)
+    check_close(tucker_conv2d(*args, **kw, method="fused", config=tile), args, kw, np.float32)
+    with pytest.raises(ValueError, match="core_chunk"):
+        fused.FusedTile(rank_chunk=4, core_chunk=3)

@@ -26,9 +26,11 @@ across blocks and the result is deterministic)::
             # phase: first_gemm   first_acc += staged_first^T staged_x
             barrier
         # phase: store_hidden     staged_hidden [CR, SH*SW] <- first_acc
-        # phase: stage_core       staged_core [CR*K, r_out]
-        barrier
-        # phase: multiply         core_acc += core * staged_hidden (as kernels/core_conv.py)
+        for each sub-chunk of CK of those ranks:
+            # phase: stage_core   staged_core [CK*K, r_out]
+            barrier
+            # phase: multiply     core_acc += core * staged_hidden (as kernels/core_conv.py)
+            barrier (between sub-chunks)
     barrier
     # phase: store_core           staged_core_out [r_out, P] <- core_acc
     for each block of OB outputs:
@@ -85,7 +87,10 @@ class FusedTile:
     step (CR); in_chunk: input channels staged per step of the first 1x1 (CX);
     reg_oc: core ranks per thread (RO); reg_px: pixels per thread (RP, contiguous in
     a tile row); out_reg: outputs per thread in the epilogue (EO); first_reg: ranks
-    per thread in the first 1x1 (UR; falls back to rank_chunk when it does not fit).
+    per thread in the first 1x1 (UR; falls back to rank_chunk when it does not fit);
+    core_chunk: input ranks of core weights staged at a time (divides rank_chunk; 0 =
+    all of it): a large rank_chunk feeds the first 1x1 a big GEMM while the staged
+    core slice stays small.
     threads = ceil(r_out / RO) * (TH*TW / RP): the layer's r_out sets the block size.
     """
 
@@ -97,6 +102,12 @@ class FusedTile:
     reg_px: int = 2
     out_reg: int = 2
     first_reg: int = 2
+    core_chunk: int = 0  # 0: the whole rank chunk
+
+    @property
+    def core_ranks(self) -> int:
+        """Input ranks of core weights staged at a time (``core_chunk`` or ``rank_chunk``)."""
+        return self.core_chunk or self.rank_chunk
 
     def __post_init__(self):
         for name in ("tile_h", "tile_w", "rank_chunk", "in_chunk", "reg_oc", "reg_px", "out_reg", "first_reg"):
@@ -104,6 +115,8 @@ class FusedTile:
                 raise ValueError(f"FusedTile.{name} must be >= 1, got {getattr(self, name)}")
         if self.tile_w % self.reg_px:
             raise ValueError(f"tile_w ({self.tile_w}) must be a multiple of reg_px ({self.reg_px})")
+        if self.core_chunk < 0 or self.rank_chunk % self.core_ranks:
+            raise ValueError(f"core_chunk ({self.core_chunk}) must divide rank_chunk ({self.rank_chunk})")
 
     def layout(self, g) -> "FusedLayout":
         return FusedLayout.of(self, g)
@@ -150,7 +163,7 @@ class FusedLayout:
         staging = {}
         at = 0
         for name, size in (("x", t.in_chunk * region_padded), ("first", t.in_chunk * t.rank_chunk),
-                           ("hidden", t.rank_chunk * region), ("core", t.rank_chunk * g.taps * ranks_padded)):
+                           ("hidden", t.rank_chunk * region), ("core", t.core_ranks * g.taps * ranks_padded)):
             staging[name] = at
             at += _round4(size)
         epilogue_at = 0
@@ -172,6 +185,8 @@ def fits(t: FusedTile, g) -> bool:
 
 SIMULATOR_TILE = FusedTile(2, 4, 4, 4, 2, 2, 2, 2)
 GPU_CANDIDATES = (
+    FusedTile(8, 8, 32, 16, 4, 4, 8, 8, 4),
+    FusedTile(4, 8, 16, 16, 4, 4, 8, 8, 4),
     FusedTile(8, 8, 8, 16, 4, 4, 8, 4),
     FusedTile(4, 8, 8, 16, 4, 4, 8, 4),
     FusedTile(4, 8, 4, 16, 8, 4, 8, 4),
@@ -206,14 +221,14 @@ def pack_first(first, t: FusedTile, xp=np):
 
 
 def pack_core(core, t: FusedTile, lay: FusedLayout, xp=np):
-    """Dense ``core [Q, R, kh, kw]`` -> flat ``[rank chunk][cr][ky][kx][o]`` (o padded to
-    ``ranks_padded``)."""
+    """Dense ``core [Q, R, kh, kw]`` -> flat ``[core chunk][ck][ky][kx][o]`` (R padded to whole
+    rank chunks, o to ``ranks_padded``); core chunk ``i`` holds ranks ``i*CK ...``."""
     q, r, kh, kw = core.shape
-    cr = t.rank_chunk
-    nr = -(-r // cr)
-    padded = xp.zeros((lay.ranks_padded, nr * cr, kh, kw), dtype=core.dtype)
+    ck = t.core_ranks
+    nr = -(-r // t.rank_chunk) * (t.rank_chunk // ck)
+    padded = xp.zeros((lay.ranks_padded, nr * ck, kh, kw), dtype=core.dtype)
     padded[:q, :r] = core
-    return xp.ascontiguousarray(padded.reshape(lay.ranks_padded, nr, cr, kh * kw).transpose(1, 2, 3, 0)).reshape(-1)
+    return xp.ascontiguousarray(padded.reshape(lay.ranks_padded, nr, ck, kh * kw).transpose(1, 2, 3, 0)).reshape(-1)
 
 
 def pack_last(last, bias, lay: FusedLayout, xp=np):
@@ -247,6 +262,9 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
     ZERO = DT(0)
     U = np.uint32
     TH, TW, CR, CX = t.tile_h, t.tile_w, t.rank_chunk, t.in_chunk
+    CK = t.core_ranks            # ranks of core weights staged at a time (divides CR)
+    SUBS = CR // CK
+    u_CK, u_SUBS = U(CK), U(SUBS)
     RO, RP, EO = t.reg_oc, t.reg_px, t.out_reg
     UR, UQ = lay.first_reg, lay.first_pos
     KH, KW, K = kernel_h, kernel_w, kernel_h * kernel_w
@@ -262,7 +280,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
     IN_CHUNKS = -(-in_channels // CX)
     OUT_BLOCKS = -(-out_channels // OB)
     u_THREADS = U(lay.threads)
-    u_X_STAGED, u_F_SLICE, u_K_SLICE, u_L_SLICE = U(CX * REGION_P), U(CX * CR), U(CR * K * ROP), U(ROP * OB)
+    u_X_STAGED, u_F_SLICE, u_K_SLICE, u_L_SLICE = U(CX * REGION_P), U(CX * CR), U(CK * K * ROP), U(ROP * OB)
     u_REGION, u_REGION_P, u_COLS = U(REGION), U(REGION_P), U(COLS)
     u_PX_T, u_ROW_T, u_TW, u_TH, u_RP, u_RO, u_EO = (U(lay.px_threads), U(TW // RP), U(TW), U(TH), U(RP),
                                                     U(RO), U(EO))
@@ -380,36 +398,41 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                 for j in range(UQ):
                     if q0 + uint32(j) < u_REGION:
                         smem[h0 + uint32(j)] = first_acc[i * UQ + j]
-            # phase: stage_core
-            slice0 = np.int64(rank_chunk) * np.int64(CR * K * ROP)
-            idx = tid
-            while idx < u_K_SLICE:
-                smem[K_OFF + idx] = packed_core[slice0 + np.int64(idx)]
-                idx += u_THREADS
-            cuda.syncthreads()  # hidden tile and core slice complete before the multiply
-
-            # phase: multiply
             x_channel = uint32(H_OFF) + window  # staged_hidden index of (cr, ky=0) for this thread
-            w_ptr = uint32(K_OFF) + core_base   # staged_core index of (cr, ky, kx=0, first owned rank)
-            cr = U(0)
-            while cr < u_CR:
-                x_ptr = x_channel
-                ky = U(0)
-                while ky < u_KH:
-                    for q in range(SEG):
-                        row[q] = smem[x_ptr + uint32(q)]
-                    for kx in range(KW):
-                        for i in range(RO):
-                            a[i] = smem[w_ptr + uint32(kx * ROP + i)]
-                        for j in range(RP):
-                            x = row[j * SW + kx * DW]
+            sub = U(0)
+            while sub < u_SUBS:  # the rank chunk's core weights, CK ranks at a time
+                # phase: stage_core
+                slice0 = np.int64(rank_chunk * u_SUBS + sub) * np.int64(CK * K * ROP)
+                idx = tid
+                while idx < u_K_SLICE:
+                    smem[K_OFF + idx] = packed_core[slice0 + np.int64(idx)]
+                    idx += u_THREADS
+                cuda.syncthreads()  # hidden tile (first sub-chunk) and core slice complete
+
+                # phase: multiply
+                w_ptr = uint32(K_OFF) + core_base   # staged_core index of (cr, ky, kx=0, first owned rank)
+                cr = U(0)
+                while cr < u_CK:
+                    x_ptr = x_channel
+                    ky = U(0)
+                    while ky < u_KH:
+                        for q in range(SEG):
+                            row[q] = smem[x_ptr + uint32(q)]
+                        for kx in range(KW):
                             for i in range(RO):
-                                core_acc[i * RP + j] += a[i] * x
-                    x_ptr += u_ROW_STEP
-                    w_ptr += u_KW_ROP
-                    ky += U(1)
-                x_channel += u_REGION
-                cr += U(1)
+                                a[i] = smem[w_ptr + uint32(kx * ROP + i)]
+                            for j in range(RP):
+                                x = row[j * SW + kx * DW]
+                                for i in range(RO):
+                                    core_acc[i * RP + j] += a[i] * x
+                        x_ptr += u_ROW_STEP
+                        w_ptr += u_KW_ROP
+                        ky += U(1)
+                    x_channel += u_REGION
+                    cr += U(1)
+                sub += U(1)
+                if sub < u_SUBS:
+                    cuda.syncthreads()  # all reads of staged_core done before the next sub-chunk restages it
             # No barrier needed here for the next rank chunk: it first restages only
             # staged_x/staged_first, which the multiply does not read, and its own two
             # barriers come before staged_hidden/staged_core are overwritten.
@@ -507,7 +530,7 @@ def phase_model(shape, config: FusedTile) -> dict[str, int]:
         "stage_first": rank_chunks * in_chunks * -(-t.in_chunk * t.rank_chunk // th),
         "first_gemm": rank_chunks * in_chunks * t.in_chunk,
         "store_hidden": rank_chunks * lay.first_reg * lay.first_pos,
-        "stage_core": rank_chunks * -(-t.rank_chunk * g.taps * lay.ranks_padded // th),
+        "stage_core": rank_chunks * (t.rank_chunk // t.core_ranks) * -(-t.core_ranks * g.taps * lay.ranks_padded // th),
         "multiply": rank_chunks * t.rank_chunk * g.kernel_h,
         "store_core": t.reg_oc * t.reg_px,
         "stage_last": out_blocks * -(-lay.ranks_padded * lay.out_block // th),
@@ -531,7 +554,7 @@ def ptx_cases():
             g = SimpleNamespace(rank_out=q, stride_h=s, stride_w=s, kernel_h=kh, kernel_w=kw, dil_h=d, dil_w=d,
                                 taps=kh * kw, itemsize=np.dtype(dtype).itemsize)
             for t in [t for t in tiles if fits(t, g)][:2]:  # the first two tiles that fit the layer
-                tag = (f"{t.tile_h}x{t.tile_w}cr{t.rank_chunk}cx{t.in_chunk}r{t.reg_oc}x{t.reg_px}"
+                tag = (f"{t.tile_h}x{t.tile_w}cr{t.rank_chunk}ck{t.core_ranks}cx{t.in_chunk}r{t.reg_oc}x{t.reg_px}"
                        f"e{t.out_reg}u{t.first_reg}")
                 yield (f"fused[{name},{tag}]", dtype,
                        fused_kernel(dtype, c, r, q, co, kh, kw, s, s, p, p, d, d, t),
