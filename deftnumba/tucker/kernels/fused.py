@@ -194,6 +194,8 @@ GPU_CANDIDATES = (
     FusedTile(2, 4, 4, 8, 8, 4, 8, 2),
     FusedTile(2, 4, 2, 4, 8, 2, 8, 2),
     FusedTile(1, 4, 1, 4, 8, 2, 8, 1),
+    FusedTile(4, 4, 16, 16, 8, 4, 2, 8, 4),   # wide r_out (e.g. 160): small output blocks
+    FusedTile(2, 4, 16, 16, 8, 2, 2, 8, 4),
 )
 
 
