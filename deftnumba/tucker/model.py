@@ -29,6 +29,7 @@ how far the model's pick trails the measured best.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -284,6 +285,21 @@ def rank_configs(g: TuckerGeometry, method: str, device: Device = H200, top: int
     preds = [p for p in preds if math.isfinite(p.ms)]
     preds.sort(key=lambda p: p.ms)
     return preds[:top] if top else preds
+
+
+@functools.lru_cache(maxsize=256)
+def best(g: TuckerGeometry, device: Device = H200) -> tuple[str, object]:
+    """``(method, tile)`` with the lowest predicted time among ``fused`` and ``three_pass``
+    (coarse tile grid; cached per layer). What ``tucker_conv2d(method="auto")`` runs on a GPU."""
+    picks = []
+    for method in ("fused", "three_pass"):
+        ranked = rank_configs(g, method, device=device, top=1, coarse=True)
+        if ranked:
+            picks.append(ranked[0])
+    if not picks:
+        return "three_pass", None
+    p = min(picks, key=lambda p: p.ms)
+    return p.method, p.config
 
 
 def autotune(g: TuckerGeometry, method: str = "fused", top: int = 8, reps: int = 20, seed: int = 0) -> list[dict]:

@@ -35,10 +35,15 @@ def _empty(xp, shape, dtype):
     return xp.empty(shape, dtype=dtype)
 
 
-def pick_method(geometry) -> str:
-    """``"auto"``: ``fused`` when a fused tile fits the layer (its shared memory and
-    thread count), else ``three_pass``. Unmeasured on a GPU: a choice by design."""
-    return "fused" if fused.default_config(geometry) is not None else "three_pass"
+def pick_method(geometry) -> tuple[str, object]:
+    """``"auto"``: ``(method, tile)``. On a GPU, the method and tile with the lowest time
+    *predicted* by ``tucker.model`` (unmeasured; ``model.autotune`` measures); in the
+    simulator, ``fused`` with its small tile when it fits, else ``three_pass``."""
+    if not backend.IS_SIMULATOR:
+        from . import model
+
+        return model.best(geometry)
+    return ("fused", None) if fused.default_config(geometry) is not None else ("three_pass", None)
 
 
 def tucker_conv2d(input, first, core, last, bias=None, stride=1, padding=0, dilation=1, groups=1,
@@ -59,8 +64,10 @@ def tucker_conv2d(input, first, core, last, bias=None, stride=1, padding=0, dila
     """
     g = check_tucker(input, first, core, last, bias, stride, padding, dilation, groups)
     if method == "auto":
-        method = pick_method(g) if config is None else (
-            "fused" if isinstance(config, fused.FusedTile) else "three_pass")
+        if config is None:
+            method, config = pick_method(g)
+        else:
+            method = "fused" if isinstance(config, fused.FusedTile) else "three_pass"
     if method not in METHODS:
         raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
     stopwatch = stopwatch or backend.NO_STOPWATCH
@@ -79,6 +86,8 @@ def tucker_conv2d(input, first, core, last, bias=None, stride=1, padding=0, dila
         _three_pass(g, x, f, k, l, b, out, config, xp, stopwatch)
     else:
         cfg = config if config is not None else fused.default_config(g)
+        if cfg is not None and not isinstance(cfg, fused.FusedTile):
+            raise TypeError(f"config for fused must be a FusedTile, got {type(cfg).__name__}")
         if cfg is None:
             raise ValueError(f"no fused tile fits this layer ({g.rank_in}x{g.rank_out} ranks, "
                              f"{g.kernel_h}x{g.kernel_w} kernel): use method='three_pass'")
@@ -91,6 +100,8 @@ def _three_pass(g, x, f, k, l, b, out, config, xp, stopwatch) -> None:
     dtype = np.dtype(g.dtype)
     n = g.batch
     cfg = config if config is not None else default_core_tile(g)
+    if not isinstance(cfg, core_conv.CoreTile):
+        raise TypeError(f"config for three_pass must be a CoreTile, got {type(cfg).__name__}")
     hidden_in = _empty(xp, g.shapes["hidden_in"], dtype)
     hidden_out = _empty(xp, g.shapes["hidden_out"], dtype)
     with stopwatch.section("first 1x1 (GEMM)"):

@@ -143,3 +143,23 @@ def test_core_sub_chunks(rng, poisoned):
     check_close(tucker_conv2d(*args, **kw, method="fused", config=tile), args, kw, np.float32)
     with pytest.raises(ValueError, match="core_chunk"):
         fused.FusedTile(rank_chunk=4, core_chunk=3)
+
+
+def test_config_type_is_checked(rng):
+    args, kw = make(rng, CASES["rank1-1x1"])
+    with pytest.raises(TypeError, match="CoreTile"):
+        tucker_conv2d(*args, **kw, method="three_pass", config=fused.SIMULATOR_TILE)
+    with pytest.raises(TypeError, match="FusedTile"):
+        tucker_conv2d(*args, **kw, method="fused", config=core_conv.SIMULATOR_TILE)
+    # "auto" with a config runs that config's method
+    out = tucker_conv2d(*args, **kw, config=core_conv.SIMULATOR_TILE)
+    check_close(out, args, kw, np.float32)
+
+
+def test_model_best_names_a_method_and_tile():
+    from deftnumba.tucker import model
+    from deftnumba.tucker.geometry import TuckerGeometry
+
+    method, tile = model.best(TuckerGeometry(32, 128, 28, 28, 128, 64, 64, 3, 3, 1, 1, 1, 1))
+    assert method in METHODS
+    assert isinstance(tile, fused.FusedTile if method == "fused" else core_conv.CoreTile)
