@@ -158,7 +158,7 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
     R_IN = rank_in
     u_R_OUT = U(rank_out)
     # Compile-time constants as uint32, so index arithmetic stays 32-bit.
-    u_THREADS, u_REGION, u_COLS, u_STAGED, u_CORE_SLICE = U(THREADS), U(REGION), U(COLS), U(STAGED), U(CORE_SLICE)
+    u_THREADS, u_REGION, u_COLS, u_CORE_SLICE = U(THREADS), U(REGION), U(COLS), U(CORE_SLICE)
     u_PX_T, u_ROW_T, u_TW, u_TH, u_RP, u_RO, u_OCB = U(PX_T), U(ROW_T), U(TW), U(TH), U(RP), U(RO), U(OCB)
     u_SH, u_SW, u_CC, u_R_IN, u_CHUNKS = U(SH), U(SW), U(CC), U(R_IN), U(CHUNKS)
     u_KH, u_ROW_STEP, u_KW_OCB = U(KH), U(DH * COLS), U(KW * OCB)

@@ -282,7 +282,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
     IN_CHUNKS = -(-in_channels // CX)
     OUT_BLOCKS = -(-out_channels // OB)
     u_THREADS = U(lay.threads)
-    u_X_STAGED, u_F_SLICE, u_K_SLICE, u_L_SLICE = U(CX * REGION_P), U(CX * CR), U(CK * K * ROP), U(ROP * OB)
+    u_F_SLICE, u_K_SLICE, u_L_SLICE = U(CX * CR), U(CK * K * ROP), U(ROP * OB)
     u_REGION, u_REGION_P, u_COLS = U(REGION), U(REGION_P), U(COLS)
     u_PX_T, u_ROW_T, u_TW, u_TH, u_RP, u_RO, u_EO = (U(lay.px_threads), U(TW // RP), U(TW), U(TH), U(RP),
                                                     U(RO), U(EO))
