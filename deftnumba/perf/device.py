@@ -31,7 +31,10 @@ class DeviceModel:
     blocks_per_sm: int = 32
     max_threads: int = 512      # largest block the planner considers
     min_threads: int = 64
-    gemm_efficiency: float = 0.75  # vendor GEMM fraction of peak (assumed)
+    gemm_efficiency: float = 0.75  # vendor GEMM/conv (cuBLAS, cuDNN) fraction of the roofline (assumed)
+    clock_hz: float = 1.98e9    # the clock the fp32 peak implies: 67e12 / (2 x 128 lanes x 132 SMs)
+    schedulers: int = 4         # warp schedulers per SM, one instruction issued per clock each
+    launch_us: float = 3.0      # per kernel launch (assumed; Numba's host dispatch adds more)
     simulated: bool = False     # cost = the simulator's Python work, not GPU time
 
 

@@ -1,0 +1,330 @@
+"""The Tucker *core* convolution ``r_in -> r_out`` (the middle pass of ``three_pass``).
+
+Motivation
+----------
+After the first 1x1 convolution the layer's input has only ``r_in`` channels,
+and the core convolution has only ``r_out`` outputs: a small-channel direct
+convolution, exactly the case where cuDNN's GEMM-shaped algorithms waste work
+(TDC's observation). TDC's kernel fixes 3x3, stride 1, pad 1 and batch 1, gives
+each block one chunk of input channels and adds the chunks with ``atomicAdd``
+(non-deterministic). This one takes any kernel size, stride, padding, dilation,
+groups (through a block-diagonal dense core) and batch, and each block loops
+over *all* input channels, so every output is summed in one fixed order:
+bit-identical results run to run.
+
+Blocked algorithm (one block = one image ``n``, a ``TH x TW`` tile of output
+pixels, ``OCB`` output ranks)::
+
+    acc[RO x RP] = 0                                   # registers of each thread
+    for each chunk of CC input ranks:
+        # phase: stage_input  -> staged [CC, SH, SW]  (zeros outside the image)
+        # phase: stage_core   -> staged_core [CC*K, OCB] (pre-packed on the host)
+        barrier
+        # phase: multiply
+        for cc, ky:  load the SEG staged values of the thread's row segment once
+            for kx:  acc[i, j] += core[cc, ky, kx, oc_i] * row[j*sw + kx*dw]
+        barrier
+    # phase: epilogue -> out[n, oc, oy, ox]
+
+Each thread owns ``RO`` *contiguous* output ranks (one ``LDS.128`` per 4 core
+values) and ``RP`` *contiguous* pixels of one tile row. A row of
+``SEG = (RP-1)*sw + (KW-1)*dw + 1`` staged values is loaded once per (cc, ky)
+and reused by all ``KW`` taps of that row (a register sliding window).
+
+Indices: 32-bit unsigned inside an image, 64-bit only for the image bases of
+the flat input and output. Arrays are flat and C-contiguous.
+
+Traffic of one launch (N images, R = r_in, Q = r_out, K = kh*kw taps, T tiles,
+SH x SW the staged region, B = ceil(Q/OCB) rank blocks, s = itemsize):
+  reads   hidden_in  B * N * T * ceil(R/CC)*CC * SH*SW * s   (halo re-reads hit L2)
+          core       N * T * B * ceil(R/CC)*CC*K*OCB * s     (every block: L2 hits)
+  writes  hidden_out N * Q * Ho*Wo * s once
+  FLOPs   2 * N * Q * R * K * Ho*Wo (padded chunks and ranks compute zeros: counted
+          in ``useful_fraction``)
+The roofline module counts the minimal bytes (each tensor once): ``tucker.roofline``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...runtime.backend import cuda
+
+uint32 = np.uint32  # the 32-bit index type inside kernels (see the module docstring)
+
+GRID_Z_LIMIT = 65535
+
+
+@dataclass(frozen=True)
+class CoreTile:
+    """Compile-time tile of the core-conv kernel.
+
+    tile_h, tile_w: output pixels per block; chunk: input ranks staged per step (CC);
+    oc_block: output ranks per block (OCB); reg_oc: ranks per thread (RO, contiguous);
+    reg_px: pixels per thread (RP, contiguous in one tile row; divides tile_w).
+    threads = (oc_block // reg_oc) * (tile_h * tile_w // reg_px).
+    """
+
+    tile_h: int = 4
+    tile_w: int = 4
+    chunk: int = 2
+    oc_block: int = 4
+    reg_oc: int = 2
+    reg_px: int = 2
+
+    def __post_init__(self):
+        for name in ("tile_h", "tile_w", "chunk", "oc_block", "reg_oc", "reg_px"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"CoreTile.{name} must be >= 1, got {getattr(self, name)}")
+        if self.oc_block % self.reg_oc:
+            raise ValueError(f"oc_block ({self.oc_block}) must be a multiple of reg_oc ({self.reg_oc})")
+        if self.tile_w % self.reg_px:
+            raise ValueError(f"tile_w ({self.tile_w}) must be a multiple of reg_px ({self.reg_px})")
+
+    @property
+    def pixels(self) -> int:
+        return self.tile_h * self.tile_w
+
+    @property
+    def threads(self) -> int:
+        return (self.oc_block // self.reg_oc) * (self.pixels // self.reg_px)
+
+    def staged_shape(self, g) -> tuple[int, int]:
+        rows = (self.tile_h - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h + 1
+        cols = (self.tile_w - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w + 1
+        return rows, cols
+
+    def shared_bytes(self, g) -> int:
+        rows, cols = self.staged_shape(g)
+        staged = _round4(self.chunk * rows * cols)
+        return g.itemsize * (staged + self.chunk * g.taps * self.oc_block)
+
+    def blocks(self, g) -> tuple[int, int, int]:
+        """``(tiles, rank blocks, images)``."""
+        tiles = -(-g.out_h // self.tile_h) * -(-g.out_w // self.tile_w)
+        return tiles, -(-g.rank_out // self.oc_block), g.batch
+
+
+def _round4(n: int) -> int:
+    return -(-n // 4) * 4
+
+
+SIMULATOR_TILE = CoreTile(tile_h=2, tile_w=4, chunk=2, oc_block=4, reg_oc=2, reg_px=2)
+GPU_TILE = CoreTile(tile_h=8, tile_w=8, chunk=4, oc_block=32, reg_oc=8, reg_px=4)
+
+
+def pack_core(dense_core: np.ndarray, config: CoreTile, xp=np) -> np.ndarray:
+    """The core ``[Q, R, kh, kw]`` in the order the kernel stages it, flat:
+    ``[rank block][chunk][cc][ky][kx][o]`` with ``o`` fastest (zero-padded to whole
+    blocks and chunks), so a block copies one contiguous ``CC*K*OCB`` slice per chunk."""
+    q, r, kh, kw = dense_core.shape
+    cc, ocb = config.chunk, config.oc_block
+    nb, nc = -(-q // ocb), -(-r // cc)
+    padded = xp.zeros((nb * ocb, nc * cc, kh, kw), dtype=dense_core.dtype)
+    padded[:q, :r] = dense_core
+    # [nb, ocb, nc, cc, kh, kw] -> [nb, nc, cc, kh, kw, ocb]
+    packed = padded.reshape(nb, ocb, nc, cc, kh, kw).transpose(0, 2, 3, 4, 5, 1)
+    return xp.ascontiguousarray(packed).reshape(-1)
+
+
+@functools.cache
+def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                     dil_h, dil_w, config: CoreTile):
+    """Kernel ``(hidden, packed_core, out, height, width, out_h, out_w)``: grid
+    ``config.blocks(geometry)`` (images in z, at most 65535 per launch), ``config.threads``
+    threads. hidden ``[n*R*H*W]``, packed_core from ``pack_core``, out ``[n*Q*Ho*Wo]``
+    (flat, C-contiguous); the sizes are int32 scalars."""
+    DT = np.float32 if np.dtype(dtype) == np.float32 else np.float64
+    ZERO = DT(0)
+    U = np.uint32
+    TH, TW, CC, OCB, RO, RP = (config.tile_h, config.tile_w, config.chunk, config.oc_block,
+                               config.reg_oc, config.reg_px)
+    KH, KW, K = kernel_h, kernel_w, kernel_h * kernel_w
+    SH, SW, DH, DW = stride_h, stride_w, dil_h, dil_w
+    ROWS = (TH - 1) * SH + (KH - 1) * DH + 1
+    COLS = (TW - 1) * SW + (KW - 1) * DW + 1
+    REGION = ROWS * COLS
+    STAGED = CC * REGION
+    STAGED_ALLOC = _round4(STAGED)
+    CORE_SLICE = CC * K * OCB
+    SEG = (RP - 1) * SW + (KW - 1) * DW + 1  # staged values one thread reads per (cc, ky)
+    PX_T = TH * TW // RP                      # threads along pixels
+    ROW_T = TW // RP                          # threads along one tile row
+    THREADS = (OCB // RO) * PX_T
+    CHUNKS = -(-rank_in // CC)
+    R_IN = rank_in
+    u_R_OUT = U(rank_out)
+    # Compile-time constants as uint32, so index arithmetic stays 32-bit.
+    u_THREADS, u_REGION, u_COLS, u_CORE_SLICE = U(THREADS), U(REGION), U(COLS), U(CORE_SLICE)
+    u_PX_T, u_ROW_T, u_TW, u_TH, u_RP, u_RO, u_OCB = U(PX_T), U(ROW_T), U(TW), U(TH), U(RP), U(RO), U(OCB)
+    u_SH, u_SW, u_CC, u_R_IN, u_CHUNKS = U(SH), U(SW), U(CC), U(R_IN), U(CHUNKS)
+    u_KH, u_ROW_STEP, u_KW_OCB = U(KH), U(DH * COLS), U(KW * OCB)
+    PAD_H, PAD_W = np.int32(pad_h), np.int32(pad_w)
+
+    CORE_ACC = RO * RP  # local-array sizes must be plain constants
+    POS_T = -(-REGION // THREADS)  # staged positions per thread
+
+    @cuda.jit
+    def kernel(hidden, packed_core, out, height, width, out_h, out_w):
+        staged = cuda.shared.array(STAGED_ALLOC, dtype=DT, alignment=16)
+        staged_core = cuda.shared.array(CORE_SLICE, dtype=DT, alignment=16)
+        acc = cuda.local.array(CORE_ACC, dtype=DT)
+        weights = cuda.local.array(RO, dtype=DT)
+        row = cuda.local.array(SEG, dtype=DT)
+        offsets = cuda.local.array(POS_T, dtype=np.int32)
+
+        tid = uint32(cuda.threadIdx.x)
+        n = cuda.blockIdx.z
+        rank_block = uint32(cuda.blockIdx.y)
+        height_u = uint32(height)
+        width_u = uint32(width)
+        plane_in = height_u * width_u
+        plane_out = uint32(out_h) * uint32(out_w)
+        image_in = np.int64(n) * np.int64(R_IN * np.int64(plane_in))      # 64-bit image bases
+        image_out = np.int64(n) * np.int64(rank_out * np.int64(plane_out))
+        tiles_x = (uint32(out_w) + u_TW - U(1)) // u_TW
+        tile_y = uint32(cuda.blockIdx.x) // tiles_x
+        oy0 = tile_y * u_TH
+        ox0 = (uint32(cuda.blockIdx.x) - tile_y * tiles_x) * u_TW
+        iy0 = np.int32(oy0 * u_SH) - PAD_H  # first staged input row (may be negative)
+        ix0 = np.int32(ox0 * u_SW) - PAD_W
+
+        oc_t = tid // u_PX_T        # this thread owns ranks oc_t*RO ... oc_t*RO + RO-1
+        px_t = tid - oc_t * u_PX_T  # ... and pixels px_t*RP ... of the tile (one tile row)
+        u_row = px_t // u_ROW_T
+        v0 = (px_t - u_row * u_ROW_T) * u_RP
+        window = u_row * u_SH * u_COLS + v0 * u_SW  # first staged value of the thread's window
+        core_base = oc_t * u_RO
+        for i in range(RO * RP):
+            acc[i] = ZERO
+        # offsets[k]: in-image offset of staged position tid + k*THREADS, or -1 (zero padding)
+        for k in range(POS_T):
+            pos = tid + uint32(k * THREADS)
+            rr = pos // u_COLS
+            gy = iy0 + np.int32(rr)
+            gx = ix0 + np.int32(pos - rr * u_COLS)
+            offsets[k] = -1
+            if gy >= 0 and gy < np.int32(height_u) and gx >= 0 and gx < np.int32(width_u):
+                offsets[k] = np.int32(uint32(gy) * width_u + uint32(gx))
+
+        chunk = U(0)
+        while chunk < u_CHUNKS:
+            c0 = chunk * u_CC
+            # phase: stage_input
+            # Each thread copies its own POS_T region positions (offsets computed once,
+            # above) for each of the CC channels: no division, one add per element.
+            for ch in range(CC):
+                channel_ok = c0 + uint32(ch) < u_R_IN
+                channel = image_in + np.int64((c0 + uint32(ch)) * plane_in)
+                for k in range(POS_T):
+                    pos = tid + uint32(k * THREADS)
+                    if k * THREADS < REGION and pos < u_REGION:
+                        value = ZERO
+                        if channel_ok and offsets[k] >= 0:
+                            value = hidden[channel + np.int64(offsets[k])]
+                        staged[uint32(ch * REGION) + pos] = value
+            # phase: stage_core
+            slice0 = np.int64(rank_block * u_CHUNKS + chunk) * np.int64(CORE_SLICE)
+            idx = tid
+            while idx < u_CORE_SLICE:
+                staged_core[idx] = packed_core[slice0 + np.int64(idx)]
+                idx += u_THREADS
+            cuda.syncthreads()  # staged and staged_core are complete before anyone reads them
+
+            # phase: multiply
+            x_channel = window  # staged index of (cc, ky=0) for this thread's window
+            w_ptr = core_base   # staged_core index of (cc, ky, kx=0, first owned rank)
+            cc = U(0)
+            while cc < u_CC:
+                x_ptr = x_channel
+                ky = U(0)
+                while ky < u_KH:
+                    for q in range(SEG):
+                        row[q] = staged[x_ptr + uint32(q)]
+                    for kx in range(KW):
+                        for i in range(RO):
+                            weights[i] = staged_core[w_ptr + uint32(kx * OCB + i)]
+                        for j in range(RP):
+                            x = row[j * SW + kx * DW]
+                            for i in range(RO):
+                                acc[i * RP + j] += weights[i] * x
+                    x_ptr += u_ROW_STEP
+                    w_ptr += u_KW_OCB
+                    ky += U(1)
+                x_channel += u_REGION
+                cc += U(1)
+            cuda.syncthreads()  # everyone is done reading staged/staged_core before the next chunk
+            chunk += U(1)
+
+        # phase: epilogue
+        oy = oy0 + u_row
+        ox = ox0 + v0
+        if oy < uint32(out_h):
+            for i in range(RO):
+                oc = rank_block * u_OCB + core_base + uint32(i)
+                if oc < u_R_OUT:
+                    base = image_out + np.int64(oc * plane_out + oy * uint32(out_w) + ox)
+                    for j in range(RP):
+                        if ox + uint32(j) < uint32(out_w):
+                            out[base + np.int64(j)] = acc[i * RP + j]
+
+    return kernel
+
+
+def phase_model(shape, config: CoreTile) -> dict[str, int]:
+    """Iterations per thread of each phase's innermost loop body, for one launch.
+
+    ``shape``: a ``TuckerGeometry``. stage_input and stage_core count staged elements
+    per thread; multiply counts (cc, ky) steps (each: SEG loads, KW*(RO loads +
+    RO*RP FFMA)); epilogue counts stored outputs per thread.
+    """
+    g = shape
+    rows, cols = config.staged_shape(g)
+    chunks = -(-g.rank_in // config.chunk)
+    t = config.threads
+    return {
+        "stage_input": chunks * -(-config.chunk * rows * cols // t),
+        "stage_core": chunks * -(-config.chunk * g.taps * config.oc_block // t),
+        "multiply": chunks * config.chunk * g.kernel_h,
+        "epilogue": config.reg_oc * config.reg_px,
+    }
+
+
+def launch(geometry, config: CoreTile, hidden_in, packed_core, hidden_out) -> None:
+    """Run the core convolution: flat contiguous ``hidden_in [N*R*H*W]`` -> ``hidden_out``."""
+    from ... import backend
+
+    g = geometry
+    kernel = core_conv_kernel(g.dtype, g.rank_in, g.rank_out, g.kernel_h, g.kernel_w, g.stride_h, g.stride_w,
+                              g.pad_h, g.pad_w, g.dil_h, g.dil_w, config)
+    tiles, rank_blocks, batch = config.blocks(g)
+    per_in = g.rank_in * g.height * g.width
+    per_out = g.rank_out * g.out_h * g.out_w
+    for first in range(0, batch, GRID_Z_LIMIT):
+        images = min(GRID_Z_LIMIT, batch - first)
+        backend.launch(kernel, (tiles, rank_blocks, images), config.threads,
+                       hidden_in[first * per_in:(first + images) * per_in], packed_core,
+                       hidden_out[first * per_out:(first + images) * per_out],
+                       np.int32(g.height), np.int32(g.width), np.int32(g.out_h), np.int32(g.out_w))
+
+
+def ptx_cases():
+    """Kernels and signatures for the PTX/SASS audit (``deftnumba.perf.audit``)."""
+    from numba import types
+
+    a1 = {d: types.Array(getattr(types, d), 1, "C") for d in ("float32", "float64")}
+    i32 = types.int32
+    shapes = {  # (rank_in, rank_out, kh, kw, stride, pad, dil): TDC's ResNet-18 layer1 core, a strided one
+        "r64-32_3x3": (64, 32, 3, 3, 1, 1, 1),
+        "r96-64_3x3s2": (96, 64, 3, 3, 2, 1, 1),
+    }
+    for dtype, tiles in (("float32", (GPU_TILE, CoreTile(4, 8, 4, 32, 4, 4))), ("float64", (SIMULATOR_TILE,))):
+        a = a1[dtype]
+        for name, (r, q, kh, kw, s, p, d) in shapes.items():
+            for cfg in tiles:
+                tag = f"{cfg.tile_h}x{cfg.tile_w}c{cfg.chunk}o{cfg.oc_block}r{cfg.reg_oc}x{cfg.reg_px}"
+                yield (f"core_conv[{name},{tag}]", dtype,
+                       core_conv_kernel(dtype, r, q, kh, kw, s, s, p, p, d, d, cfg), (a, a, a, i32, i32, i32, i32))

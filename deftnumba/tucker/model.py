@@ -1,0 +1,318 @@
+"""Performance model and tile tuner for the Tucker kernels (predictions, never measurements).
+
+TDC's model scores a tile by a compute term ``(th+2)(tw+2)*tc*9 x waves`` and a
+data term weighted 0.9 input / 0.1 output, with an occupancy table measured on
+the GPU; its artifact reports the modelled pick ~25% slower than exhaustive
+search. Ours predicts a *time* per candidate from what the compiled kernel issues:
+
+1. **Issued instructions per thread**, phase by phase: the kernel module's
+   ``phase_model(shape, config)`` gives iterations per thread of each phase's
+   innermost loop body; ``INSTRUCTIONS`` below gives instructions per iteration.
+   The formulas were calibrated on sm_90 SASS (numba-cuda -> NVVM -> nvJitLink ->
+   ``nvdisasm``, no GPU) of the ``ptx_cases`` configs; e.g. the core-conv step
+   (one input rank, one kernel row) of an 8x8 tile with 8 ranks x 4 pixels per
+   thread issues 96 FFMA + 3 LDS.64 + 6 LDS.128 + ~3 other = 108 instructions.
+   The SASS audit (``perf/audit.py``) will supply measured per-config counts.
+2. **Occupancy and waves** (H200: 132 SMs, 2048 threads, 64K registers, 228 KB
+   shared memory and 32 blocks per SM): blocks per SM, waves of blocks.
+3. **Issue rate**: 4 warp-instructions per clock per SM (4 schedulers), reached
+   only with enough warps: each warp is assumed to issue at most one instruction
+   every ``CYCLES_PER_WARP_ISSUE`` clocks (latency hiding; an assumption).
+4. **Bytes**: the minimal DRAM bytes (``tucker.roofline``) over the copy
+   bandwidth, and the staged re-reads (halos, rank chunks) over an assumed L2 rate.
+
+``predict`` returns ``max(issue time, memory time) + launch overhead`` and all the
+terms, labelled ``"prediction"``. ``rank_configs`` sorts candidate tiles by it;
+``autotune`` (GPU only) times the top candidates with CUDA events and reports
+how far the model's pick trails the measured best.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from ..perf.device import H200, DeviceModel
+from . import roofline
+from .geometry import TuckerGeometry
+from .kernels import core_conv, fused
+
+LABEL = "prediction (static model, no GPU run)"
+
+
+Device = DeviceModel  # the one device model (perf/device.py); the cuDNN/cuBLAS rows use its gemm_efficiency
+CYCLES_PER_WARP_ISSUE = 2.0   # assumed: a warp issues at most every 2 clocks (dependent FFMA chains)
+BARRIER_SLOTS = 24            # assumed issue slots a barrier costs each thread (drain + BAR)
+
+
+def _loads(n: int, contiguous: bool) -> int:
+    """Shared loads for ``n`` consecutive floats: 128-bit where contiguous (64/32-bit tail)."""
+    if not contiguous:
+        return n
+    return n // 4 + (n % 4) // 2 + (n % 2)
+
+
+def instructions(kernel: str, g: TuckerGeometry, config) -> dict[str, float]:
+    """Issued instructions per iteration of each phase's innermost loop body (sm_90 SASS,
+    calibrated formulas; see the module docstring)."""
+    t = config
+    seg = (t.reg_px - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w + 1
+    row_loads = _loads(seg, g.stride_w == 1 and g.dil_w == 1)
+    step = g.kernel_w * t.reg_oc * t.reg_px + row_loads + g.kernel_w * _loads(t.reg_oc, True) + 3.5
+    common = {"stage_input": 12.0, "stage_core": 10.0, "multiply": step}
+    if kernel == "core_conv":
+        return {**common, "epilogue": 6.0}
+    lay = t.layout(g)
+    return {**common,
+            "stage_first": 10.0,
+            "first_gemm": lay.first_reg * lay.first_pos + _loads(lay.first_pos, True)
+            + _loads(lay.first_reg, True) + 3.0,
+            "store_hidden": 3.0,
+            "store_core": 2.0,
+            "stage_last": 10.0,
+            "last_gemm": t.out_reg * t.reg_px + _loads(t.reg_px, True) + _loads(t.out_reg, True) + 3.0}
+
+
+def _barriers(kernel: str, g: TuckerGeometry, t) -> int:
+    if kernel == "core_conv":
+        return 2 * -(-g.rank_in // t.chunk)
+    rank_chunks = -(-g.rank_in // t.rank_chunk)
+    in_chunks = -(-g.in_channels // t.in_chunk)
+    out_blocks = -(-g.out_channels // t.layout(g).out_block)
+    subs = t.rank_chunk // t.core_ranks
+    return rank_chunks * (2 * in_chunks + 2 * subs - 1) + 1 + 2 * out_blocks
+
+
+def _registers(kernel: str, g: TuckerGeometry, t) -> int:
+    """Registers per thread, estimated: accumulators + operands + ~30 for addresses and
+    loop state (sm_90 ptxas gave 71-80 for the 8x4 core tile, 48-64 for 4x4)."""
+    seg = (t.reg_px - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w + 1
+    live = t.reg_oc * t.reg_px + seg + t.reg_oc
+    if kernel == "fused":
+        lay = t.layout(g)
+        live += max(lay.first_reg * lay.first_pos, t.out_reg * t.reg_px)
+    return int(min(255, 8 * math.ceil((live + 30) / 8)))
+
+
+@dataclass
+class Prediction:
+    """One candidate's predicted time and its terms (all predictions)."""
+
+    method: str
+    config: object
+    ms: float
+    issue_ms: float
+    memory_ms: float
+    launches: int
+    threads: int
+    blocks: int
+    blocks_per_sm: int
+    waves: int
+    registers: int
+    shared_bytes: int
+    instructions_per_thread: float
+    ffma_fraction: float
+    label: str = LABEL
+
+    def row(self) -> dict:
+        return {"method": self.method, "config": _tag(self.config), "predicted_ms": self.ms,
+                "issue_ms": self.issue_ms, "memory_ms": self.memory_ms, "threads": self.threads,
+                "blocks": self.blocks, "blocks_per_sm": self.blocks_per_sm, "waves": self.waves,
+                "registers": self.registers, "shared_bytes": self.shared_bytes,
+                "ffma_fraction": self.ffma_fraction, "label": self.label}
+
+
+def _tag(t) -> str:
+    if t is None:
+        return "-"
+    return "/".join(f"{k}={v}" for k, v in vars(t).items())
+
+
+def _kernel_time(kernel: str, g: TuckerGeometry, t, device: Device):
+    """(issue ms, memory ms, facts) of one launch of our kernel."""
+    mod = core_conv if kernel == "core_conv" else fused
+    iters = mod.phase_model(g, t)
+    per_iter = instructions(kernel, g, t)
+    instr = sum(iters[p] * per_iter[p] for p in iters) + BARRIER_SLOTS * _barriers(kernel, g, t)
+    if kernel == "core_conv":
+        threads = t.threads
+        tiles, rank_blocks, batch = t.blocks(g)
+        blocks = tiles * rank_blocks * batch
+        shared = t.shared_bytes(g)
+        ffma = iters["multiply"] * g.kernel_w * t.reg_oc * t.reg_px
+    else:
+        lay = t.layout(g)
+        threads = lay.threads
+        blocks = -(-g.out_h // t.tile_h) * -(-g.out_w // t.tile_w) * g.batch
+        shared = lay.shared_bytes(g)
+        ffma = (iters["multiply"] * g.kernel_w * t.reg_oc * t.reg_px
+                + iters["first_gemm"] * lay.first_reg * lay.first_pos + iters["last_gemm"] * t.out_reg * t.reg_px)
+    warps = -(-threads // 32)
+    regs = _registers(kernel, g, t)
+    per_sm = min(device.blocks_per_sm, device.threads_per_sm // (warps * 32),
+                 device.shared_per_sm // (shared + 1024),
+                 device.registers_per_sm // (regs * warps * 32))
+    per_sm = max(per_sm, 0)
+    if per_sm == 0:
+        return math.inf, math.inf, dict(threads=threads, blocks=blocks, per_sm=0, waves=0, regs=regs,
+                                         shared=shared, instr=instr, ffma=ffma / max(instr, 1))
+    slots = per_sm * device.sms
+    waves = -(-blocks // slots)
+    cycles = 0.0
+    remaining = blocks
+    for _ in range(waves):
+        in_wave = min(remaining, slots)
+        blocks_on_sm = -(-in_wave // device.sms)
+        active_warps = blocks_on_sm * warps
+        rate = min(device.schedulers, active_warps / CYCLES_PER_WARP_ISSUE)
+        cycles += blocks_on_sm * warps * instr / rate
+        remaining -= in_wave
+    issue_ms = 1e3 * cycles / device.clock_hz
+    # bytes: minimal DRAM traffic + staged re-reads from L2
+    s = g.itemsize
+    if kernel == "core_conv":
+        dram = sum(o.bytes for o in roofline.operators(g, "three_pass")[1:2])
+        rows, cols = t.staged_shape(g)
+        l2 = blocks * (-(-g.rank_in // t.chunk) * t.chunk) * (rows * cols + g.taps * t.oc_block) * s
+    else:
+        dram = roofline.totals(g, "fused").bytes
+        l2 = blocks * (-(-g.rank_in // t.rank_chunk) * (-(-g.in_channels // t.in_chunk) * t.in_chunk)
+                       * lay.region + g.in_channels * g.rank_in + g.rank_in * g.taps * lay.ranks_padded
+                       + lay.ranks_padded * g.out_channels) * s
+    memory_ms = 1e3 * max(dram / device.dram_bandwidth, l2 / device.l2_bandwidth)
+    return issue_ms, memory_ms, dict(threads=threads, blocks=blocks, per_sm=per_sm, waves=waves, regs=regs,
+                                     shared=shared, instr=instr, ffma=ffma / instr)
+
+
+def _vendor_ms(ops, device: Device) -> float:
+    """A vendor library (cuDNN/cuBLAS) operator at an assumed fraction of its roofline."""
+    return sum(1e3 * max(o.flops / (device.fp32_flops * device.gemm_efficiency), o.bytes / device.dram_bandwidth)
+               + device.launch_us / 1e3 for o in ops)
+
+
+def predict(g: TuckerGeometry, method: str, config=None, device: Device = H200) -> Prediction:
+    """Predicted forward time of ``method`` on ``device`` (fp32), a labelled prediction.
+
+    ``method``: ``fused`` or ``three_pass`` (our kernels; ``config`` a ``FusedTile`` /
+    ``CoreTile``, default: the best ranked) or ``cudnn_conv`` / ``cudnn_tucker``
+    (vendor libraries, modelled as their roofline at ``device.gemm_efficiency``).
+    """
+    if method in ("cudnn_conv", "cudnn_tucker"):
+        ops = roofline.operators(g, method)
+        ms = _vendor_ms(ops, device)
+        mem = sum(1e3 * o.bytes / device.dram_bandwidth for o in ops)
+        return Prediction(method, None, ms, ms - mem, mem, len(ops), 0, 0, 0, 0, 0, 0, 0.0, 0.0,
+                          LABEL + f"; vendor library at an assumed {device.gemm_efficiency:.0%} of roofline")
+    if config is None:
+        ranked = rank_configs(g, method, device=device)
+        if not ranked:
+            raise ValueError(f"no {method} tile fits this layer")
+        return ranked[0]
+    if method == "fused":
+        issue, memory, f = _kernel_time("fused", g, config, device)
+        ms = max(issue, memory) + device.launch_us / 1e3
+        return Prediction("fused", config, ms, issue, memory, 1, f["threads"], f["blocks"], f["per_sm"],
+                          f["waves"], f["regs"], f["shared"], f["instr"], f["ffma"])
+    if method == "three_pass":
+        issue, memory, f = _kernel_time("core_conv", g, config, device)
+        first, _, last = roofline.operators(g, "three_pass")
+        ms = max(issue, memory) + device.launch_us / 1e3 + _vendor_ms([first, last], device)
+        return Prediction("three_pass", config, ms, issue, memory, 3, f["threads"], f["blocks"], f["per_sm"],
+                          f["waves"], f["regs"], f["shared"], f["instr"], f["ffma"])
+    raise ValueError(f"method must be fused, three_pass, cudnn_conv or cudnn_tucker, got {method!r}")
+
+
+def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
+    """Candidate tiles that fit the layer (48 KB static shared memory, <= 1024 threads);
+    ``coarse``: a ~10x smaller grid (for sweeps over many rank pairs)."""
+    out = []
+    if method == "three_pass":
+        tiles = ((2, 4), (4, 8), (8, 8)) if coarse else ((2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (2, 8), (1, 8))
+        for th, tw in tiles:
+            for rp in ((2, 4) if coarse else (1, 2, 4, 8)):
+                if tw % rp:
+                    continue
+                for ro in ((4, 8) if coarse else (2, 4, 8)):
+                    for ocb in ((16, 32) if coarse else (8, 16, 32, 64)):
+                        if ocb % ro or ocb > 4 * g.rank_out:
+                            continue
+                        for cc in ((4, 8) if coarse else (2, 4, 8)):
+                            t = core_conv.CoreTile(th, tw, cc, ocb, ro, rp)
+                            if 32 <= t.threads <= 1024 and t.shared_bytes(g) <= fused.STATIC_SHARED_LIMIT:
+                                out.append(t)
+        return out
+    if method == "fused":
+        tiles = ((1, 4), (2, 4), (4, 8), (8, 8)) if coarse else ((1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (2, 8))
+        for th, tw in tiles:
+            for rp in ((2, 4) if coarse else (1, 2, 4)):
+                if tw % rp:
+                    continue
+                for ro in ((4, 8) if coarse else (2, 4, 8)):
+                    for cr, ck in (((8, 0), (16, 4), (32, 4)) if coarse else
+                                   ((2, 0), (4, 0), (8, 0), (16, 0), (16, 4), (32, 4), (32, 8), (64, 4))):
+                        for cx in ((8, 16) if coarse else (4, 8, 16)):
+                            for eo in ((4, 8) if coarse else (2, 4, 8)):
+                                t = fused.FusedTile(th, tw, cr, cx, ro, rp, eo, 8 if cr >= 16 else 4, ck)
+                                if t.layout(g).threads >= 32 and fused.fits(t, g):
+                                    out.append(t)
+        return out
+    raise ValueError(f"method must be fused or three_pass, got {method!r}")
+
+
+def rank_configs(g: TuckerGeometry, method: str, device: Device = H200, top: int | None = None,
+                 coarse: bool = False) -> list[Prediction]:
+    """Candidates of ``method`` sorted by predicted time (predictions)."""
+    preds = [predict(g, method, t, device) for t in candidates(g, method, coarse)]
+    preds = [p for p in preds if math.isfinite(p.ms)]
+    preds.sort(key=lambda p: p.ms)
+    return preds[:top] if top else preds
+
+
+@functools.lru_cache(maxsize=256)
+def best(g: TuckerGeometry, device: Device = H200) -> tuple[str, object]:
+    """``(method, tile)`` with the lowest predicted time among ``fused`` and ``three_pass``
+    (coarse tile grid; cached per layer). What ``tucker_conv2d(method="auto")`` runs on a GPU."""
+    picks = []
+    for method in ("fused", "three_pass"):
+        ranked = rank_configs(g, method, device=device, top=1, coarse=True)
+        if ranked:
+            picks.append(ranked[0])
+    if not picks:
+        return "three_pass", None
+    p = min(picks, key=lambda p: p.ms)
+    return p.method, p.config
+
+
+def autotune(g: TuckerGeometry, method: str = "fused", top: int = 8, reps: int = 20, seed: int = 0) -> list[dict]:
+    """GPU only: time the ``top`` predicted candidates (CUDA events, median of ``reps``)
+    and return rows with ``predicted_ms`` and ``measured_ms``; the model's pick is the
+    first row, ``trail`` = its measured time over the best measured, minus 1."""
+    import numpy as np
+
+    from ..runtime import backend
+    from .ops import tucker_conv2d
+
+    if backend.IS_SIMULATOR:
+        raise RuntimeError("autotune measures on a GPU (DEFTNUMBA_BACKEND=cuda); use rank_configs for predictions")
+    cp = backend.cupy()
+    rng = np.random.default_rng(seed)
+    shapes = g.shapes
+    arrays = [cp.asarray(rng.standard_normal(shapes[k]).astype(g.dtype)) for k in ("input", "first", "core", "last")]
+    kw = dict(stride=(g.stride_h, g.stride_w), padding=(g.pad_h, g.pad_w), dilation=(g.dil_h, g.dil_w))
+    rows = []
+    for p in rank_configs(g, method)[:top]:
+        def call(config=p.config):
+            return tucker_conv2d(*arrays, None, **kw, method=method, config=config)
+        call()
+        times = []
+        for _ in range(reps):
+            sw = backend.Stopwatch()
+            with sw.section("run"):
+                call()
+            times.append(sw.milliseconds()["run"][0])
+        rows.append({**p.row(), "measured_ms": float(np.median(times))})
+    best = min(r["measured_ms"] for r in rows)
+    for r in rows:
+        r["trail"] = r["measured_ms"] / best - 1
+    return rows

@@ -1,0 +1,128 @@
+"""``tucker_conv2d``: validate once, pick a method, allocate, launch.
+
+Methods (``METHODS``):
+
+* ``three_pass``: the first 1x1 convolution as one batched GEMM (cuBLAS through
+  CuPy's ``matmul`` on the GPU; NumPy in the simulator), our core-conv kernel
+  (``kernels/core_conv.py``), the last 1x1 as a second batched GEMM, then the
+  bias. The two intermediates ``[N, r_in, H, W]`` and ``[N, r_out, Ho, Wo]``
+  round-trip through device memory.
+* ``fused``: one launch (``kernels/fused.py``): the first 1x1 is computed while
+  staging the core convolution's input tile in shared memory, the last 1x1 (and
+  the bias) in its epilogue; only the input and the output touch device memory.
+
+Both reduce every output in a fixed order (no atomics): results are
+bit-identical run to run. ``groups > 1`` applies to the core convolution; both
+methods run it as a dense block-diagonal core (zeros between groups), which
+costs ``groups`` times the core's FLOPs (the reference and the roofline count
+the grouped work).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..runtime import backend
+from .geometry import check_tucker
+from .kernels import core_conv, fused
+from .reference import dense_core
+
+METHODS: tuple[str, ...] = ("three_pass", "fused")
+
+
+def _empty(xp, shape, dtype):
+    """Allocation of outputs and intermediates (a seam for tests that poison them)."""
+    return xp.empty(shape, dtype=dtype)
+
+
+def pick_method(geometry) -> tuple[str, object]:
+    """``"auto"``: ``(method, tile)``. On a GPU, the method and tile with the lowest time
+    *predicted* by ``tucker.model`` (unmeasured; ``model.autotune`` measures); in the
+    simulator, ``fused`` with its small tile when it fits, else ``three_pass``."""
+    if not backend.IS_SIMULATOR:
+        from . import model
+
+        return model.best(geometry)
+    return ("fused", None) if fused.default_config(geometry) is not None else ("three_pass", None)
+
+
+def tucker_conv2d(input, first, core, last, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                  *, method: str = "auto", config=None, stopwatch=None):
+    """A Tucker-format convolution: ``conv2d(input, W, bias, stride, padding, dilation)``
+    with ``W[o, c] = sum_ab last[o, a] core[a, b] first[b, c]``.
+
+    input: ``[N, C, H, W]``;  first: ``[r_in, C, 1, 1]``;  core: ``[r_out, r_in/groups, kh, kw]``;
+    last: ``[Cout, r_out, 1, 1]``;  bias: ``[Cout]`` or None; stride, padding, dilation: int
+    or pair; groups: groups of the core convolution.
+
+    All arrays share one dtype (float32 or float64) and one kind (NumPy or CuPy), as
+    ``deftnumba.deform_conv2d``: CuPy in gives CuPy out on the ``cuda`` backend.
+
+    method: ``"auto"`` or one of ``METHODS``; config: an optional tile for the method
+    (``core_conv.CoreTile`` or ``fused.FusedTile``); stopwatch: optional
+    ``backend.Stopwatch``. Returns ``[N, Cout, Ho, Wo]``.
+    """
+    g = check_tucker(input, first, core, last, bias, stride, padding, dilation, groups)
+    if method == "auto":
+        if config is None:
+            method, config = pick_method(g)
+        else:
+            method = "fused" if isinstance(config, fused.FusedTile) else "three_pass"
+    if method not in METHODS:
+        raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
+    stopwatch = stopwatch or backend.NO_STOPWATCH
+    host_result = not backend.is_cupy_array(input)
+    xp = backend.array_module(input)
+    dtype = np.dtype(g.dtype)
+    x = xp.ascontiguousarray(backend.to_device(input))
+    f = xp.ascontiguousarray(backend.to_device(first)).reshape(g.rank_in, g.in_channels)
+    l = xp.ascontiguousarray(backend.to_device(last)).reshape(g.out_channels, g.rank_out)
+    k = backend.to_device(core)
+    if g.groups > 1:
+        k = xp.asarray(dense_core(backend.to_host(k), g.groups))
+    b = backend.to_device(bias) if bias is not None else None
+    out = _empty(xp, g.shapes["output"], dtype)
+    if method == "three_pass":
+        _three_pass(g, x, f, k, l, b, out, config, xp, stopwatch)
+    else:
+        cfg = config if config is not None else fused.default_config(g)
+        if cfg is not None and not isinstance(cfg, fused.FusedTile):
+            raise TypeError(f"config for fused must be a FusedTile, got {type(cfg).__name__}")
+        if cfg is None:
+            raise ValueError(f"no fused tile fits this layer ({g.rank_in}x{g.rank_out} ranks, "
+                             f"{g.kernel_h}x{g.kernel_w} kernel): use method='three_pass'")
+        with stopwatch.section("fused"):
+            fused.forward(g, cfg, x, f, k, l, b, out, xp)
+    return backend.to_host(out) if host_result and not backend.IS_SIMULATOR else out
+
+
+def _three_pass(g, x, f, k, l, b, out, config, xp, stopwatch) -> None:
+    dtype = np.dtype(g.dtype)
+    n = g.batch
+    cfg = config if config is not None else default_core_tile(g)
+    if not isinstance(cfg, core_conv.CoreTile):
+        raise TypeError(f"config for three_pass must be a CoreTile, got {type(cfg).__name__}")
+    hidden_in = _empty(xp, g.shapes["hidden_in"], dtype)
+    hidden_out = _empty(xp, g.shapes["hidden_out"], dtype)
+    with stopwatch.section("first 1x1 (GEMM)"):
+        # [r_in, C] @ [N, C, H*W] -> [N, r_in, H*W]: one strided-batched GEMM
+        xp.matmul(f, x.reshape(n, g.in_channels, g.height * g.width),
+                  out=hidden_in.reshape(n, g.rank_in, g.height * g.width))
+    with stopwatch.section("core conv"):
+        packed = core_conv.pack_core(k, cfg, xp)
+        core_conv.launch(g, cfg, hidden_in.reshape(-1), packed, hidden_out.reshape(-1))
+    with stopwatch.section("last 1x1 (GEMM)"):
+        p = g.out_h * g.out_w
+        xp.matmul(l, hidden_out.reshape(n, g.rank_out, p), out=out.reshape(n, g.out_channels, p))
+        if b is not None:
+            out += b.reshape(1, -1, 1, 1)
+
+
+def default_core_tile(g) -> core_conv.CoreTile:
+    """``GPU_TILE`` shrunk to the layer (ranks per block, tile) on the GPU; the small
+    ``SIMULATOR_TILE`` in the simulator."""
+    if backend.IS_SIMULATOR:
+        return core_conv.SIMULATOR_TILE
+    t = core_conv.GPU_TILE
+    ocb = min(t.oc_block, -(-g.rank_out // t.reg_oc) * t.reg_oc)
+    return core_conv.CoreTile(t.tile_h, t.tile_w, t.chunk, ocb, t.reg_oc, t.reg_px)

@@ -1,0 +1,225 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Tucker-format convolution, after TDC
+#
+# **Motivation.** A Tucker-2 decomposition replaces a convolution `W [Cout, C, kh, kw]` by a
+# 1x1 convolution down to `r_in` channels, a small *core* convolution `r_in -> r_out`, and a
+# 1x1 convolution up to `Cout`. At TDC's ResNet-18 ranks that cuts a layer's FLOPs 2-8x. TDC
+# (PPoPP'23) observed that cuDNN barely turns this into time, and answered with a custom core
+# kernel, a performance model that picks its tiles, ranks chosen by latency, and ADMM training;
+# it reports up to 2.21x over cuDNN on an A100.
+#
+# `deftnumba.tucker` is the general, teachable version: any kernel size, stride, padding,
+# dilation and batch; deterministic reductions; and a `fused` kernel that TDC did not write
+# (all three convolutions in one launch). This notebook asks:
+#
+# 1. are the kernels right? (a check on every machine);
+# 2. why FLOPs do not predict time;
+# 3. what the model predicts for each tile, and what the compiled code issues;
+# 4. what fusion saves in device-memory traffic;
+# 5. ranks chosen by latency against ranks chosen by FLOPs;
+# 6. ADMM against truncate-then-fine-tune.
+#
+# Without a GPU every time below is a **prediction** of the static model
+# (`deftnumba.tucker.model`), labelled so; measured times appear only where a GPU run was
+# recorded under `data/bench/tucker/`.
+
+# %%
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from deftnumba import notebook as nb
+from deftnumba.tucker import METHODS, bench_op, decompose, model, ranks, roofline, tucker_conv2d
+from deftnumba.tucker.geometry import TuckerGeometry
+from deftnumba.tucker.reference import tucker_conv2d_reference
+
+MODE = nb.mode()
+nb.show(MODE.banner())
+REPO = Path(nb.__file__).resolve().parent.parent
+RECORDED = sorted((REPO / "data" / "bench" / "tucker").glob("*.csv"))
+nb.show(f"Recorded GPU results for the `tucker` op: {len(RECORDED)} file(s)."
+        + ("" if RECORDED else " None yet: every time below is a model prediction."))
+
+# %% [markdown]
+# ## 1. A check of every method
+#
+# A tiny irregular layer (stride 2, dilation (2, 1), a 2x3 kernel, ranks below the channel
+# counts) through each method, against the float64 reference (three `conv2d`s in NumPy).
+# The decomposition is exact at full rank.
+
+# %%
+rng = np.random.default_rng(0)
+x = rng.standard_normal((2, 5, 7, 6)).astype(np.float32)
+first = rng.standard_normal((3, 5, 1, 1)).astype(np.float32)
+core = rng.standard_normal((4, 3, 2, 3)).astype(np.float32)
+last = rng.standard_normal((6, 4, 1, 1)).astype(np.float32)
+bias = rng.standard_normal(6).astype(np.float32)
+conv = dict(stride=2, padding=1, dilation=(2, 1))
+ref = tucker_conv2d_reference(x, first, core, last, bias, **conv)
+rows = [{"method": m, "max |error|": float(np.abs(tucker_conv2d(x, first, core, last, bias, **conv, method=m)
+                                                 - ref).max())} for m in METHODS]
+w = rng.standard_normal((6, 5, 3, 3))
+rows.append({"method": "decompose at full rank (rel. error)", "max |error|": decompose(w, (6, 5)).rel_error})
+nb.show(nb.markdown_table(rows))
+
+# %% [markdown]
+# ## 2. Why FLOPs do not predict time
+#
+# TDC's ResNet-18 layer2 conv (128 -> 128, 28x28, batch 32) at ranks `r = r_in = r_out` from
+# 1/8 to all channels. The FLOPs fall with `r^2` at the core and with `r` at the 1x1s, but
+# the predicted time of each implementation falls far less: fixed launch costs, passes
+# through device memory, and too few threads at small ranks. All times are predictions.
+
+# %%
+fractions = [1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1]
+base = TuckerGeometry(32, 128, 28, 28, 128, 128, 128, 3, 3, 1, 1, 1, 1, 1, 1, has_bias=True)
+dense_ms = model.predict(base, "cudnn_conv").ms
+dense_flops = roofline.totals(base, "cudnn_conv").flops
+curves = {m: [] for m in ("FLOPs", "fused", "three_pass", "cudnn_tucker")}
+for f in fractions:
+    r = max(1, round(f * 128))
+    g = TuckerGeometry(32, 128, 28, 28, 128, r, r, 3, 3, 1, 1, 1, 1, 1, 1, has_bias=True)
+    curves["FLOPs"].append(roofline.totals(g, "three_pass").flops / dense_flops)
+    for m in ("fused", "three_pass"):
+        curves[m].append(model.rank_configs(g, m, top=1, coarse=True)[0].ms / dense_ms)
+    curves["cudnn_tucker"].append(model.predict(g, "cudnn_tucker").ms / dense_ms)
+fig, ax = plt.subplots(figsize=(6.5, 4))
+for name, ys in curves.items():
+    ax.plot(fractions, ys, marker="o", ls="-" if name == "FLOPs" else "--", label=name)
+ax.axhline(1, color="k", lw=0.8)
+ax.set_xlabel("rank / channels")
+ax.set_ylabel("relative to the dense layer (cudnn_conv)")
+ax.set_title("FLOPs vs predicted time (prediction, no GPU run)")
+ax.legend()
+nb.stamp(ax, model.LABEL)
+plt.show()
+
+# %% [markdown]
+# ## 3. The model, tile by tile, and what the compiled code issues
+#
+# The model (`tucker.model`) predicts a time per tile from the instructions each phase of the
+# kernel issues per thread (`phase_model` x instructions per iteration, calibrated on sm_90
+# SASS), occupancy and waves on the H200, and the bytes moved. The five best `fused` tiles for
+# TDC's layer1 conv at batch 32:
+
+# %%
+l1 = bench_op.geometry(bench_op.suites()["r18-l1a-n32"])
+top = model.rank_configs(l1, "fused", top=5, coarse=True)
+nb.show(nb.markdown_table([{k: v for k, v in p.row().items() if k != "label"} for p in top]))
+nb.show(f"Floor of the layer (roofline, fp32): "
+        f"{1e3 * max(roofline.totals(l1, 'fused').flops / model.H200.fp32_flops, roofline.totals(l1, 'fused').bytes / model.H200.dram_bandwidth):.1f} us; "
+        f"labels: {model.LABEL}.")
+
+# %% [markdown]
+# **What the SASS says** (static, sm_90, compiled without a GPU: numba-cuda -> NVVM ->
+# nvJitLink -> `nvdisasm`; recorded when the kernels were written). The core-conv multiply loop
+# of an 8x8 tile where each thread owns 8 ranks x 4 pixels issues, per input rank (three kernel
+# rows unrolled), **325 instructions of which 288 are FFMA (89%)**, with 128-bit shared loads for
+# the core weights (`LDS.128`) and 64-bit loads for the input row; 71 registers, no local memory,
+# no float64. With stride 2 the row loads become scalar and the fraction drops to 84%. The fused
+# kernel's core loop reaches 84-89% the same way; its first-1x1 phase is where it loses: each
+# block computes only a `rank_chunk x region` slice of the projection (shared memory limits
+# the chunk), so those loops run at 20-30% FFMA. On a GPU, `model.autotune` times the top
+# candidates and reports how far the model's pick trails the best measured (TDC's artifact: ~25%).
+
+# %% [markdown]
+# ## 4. What fusion saves: device-memory traffic
+#
+# Minimal bytes per method (each operator's inputs read once, outputs written once): the
+# fused layer moves the input and output only; three passes add the two intermediates,
+# written and read back; the dense layer reads a larger weight.
+
+# %%
+shapes = {k: v for k, v in bench_op.suites().items() if k.endswith("-n32")}
+names = list(shapes)
+fig, ax = plt.subplots(figsize=(8, 3.8))
+width = 0.2
+for i, m in enumerate(("cudnn_conv", "three_pass", "fused")):
+    mb = [roofline.totals(bench_op.geometry(shapes[n]), m).bytes / 1e6 for n in names]
+    ax.bar(np.arange(len(names)) + (i - 1) * width, mb, width, label=m)
+ax.set_xticks(np.arange(len(names)), [n.replace("-n32", "") for n in names], rotation=30)
+ax.set_ylabel("minimal device-memory MB (batch 32)")
+ax.set_title("traffic: fused vs three passes vs dense (counts)")
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# ## 5. Ranks by latency or by FLOPs
+#
+# `choose_ranks` picks, per layer, the ranks (or "keep dense") that minimise the summed HOSVD
+# error under a budget: a predicted-latency budget (`by="latency"`) or a FLOPs budget
+# (`by="flops"`), here both asking for 1.5x over the dense layers. Layer shapes are the 3x3
+# convolutions of ResNet-18 and ResNet-50 at batch 32 (one per distinct shape, random
+# weights: the errors are those of random weights, the latencies are model predictions).
+
+# %%
+def layer_set(spec, batch=32, seed=0):
+    g = np.random.default_rng(seed)
+    return [ranks.Layer(name, c, co, h, h, 3, s, 1, batch, g.standard_normal((co, c, 3, 3)))
+            for name, (c, co, h, s) in spec.items()]
+
+
+RESNET18 = {"layer1": (64, 64, 56, 1), "layer2.0": (64, 128, 56, 2), "layer2": (128, 128, 28, 1),
+            "layer3": (256, 256, 14, 1), "layer4": (512, 512, 7, 1)}
+RESNET50 = {"layer1": (64, 64, 56, 1), "layer2.0": (128, 128, 56, 2), "layer2": (128, 128, 28, 1),
+            "layer3": (256, 256, 14, 1), "layer4": (512, 512, 7, 1)}
+FR = (1 / 4, 1 / 2, 3 / 4, 1)
+for net, spec in (("ResNet-18", RESNET18), ("ResNet-50", RESNET50)):
+    layers = layer_set(spec)
+    table = {l.name: ranks.candidates(l, fractions=FR) for l in layers}
+    by_lat = ranks.choose_ranks(layers, speedup=1.5, by="latency", _candidates=table)
+    by_flops = ranks.choose_ranks(layers, speedup=1.5, by="flops", _candidates=table)
+    rows = [{"layer": a.layer, "ranks (latency)": a.ranks or "dense", "ranks (FLOPs)": b.ranks or "dense",
+             "pred. ms (latency)": a.predicted_ms, "pred. ms (FLOPs)": b.predicted_ms,
+             "error (latency)": a.error, "error (FLOPs)": b.error}
+            for a, b in zip(by_lat, by_flops)]
+    rows.append({"layer": "total", "pred. ms (latency)": sum(a.predicted_ms for a in by_lat),
+                 "pred. ms (FLOPs)": sum(b.predicted_ms for b in by_flops),
+                 "error (latency)": sum(a.error for a in by_lat), "error (FLOPs)": sum(b.error for b in by_flops)})
+    dense_total = sum(a.dense_ms for a in by_lat)
+    nb.show(f"**{net}** (dense: {dense_total:.3f} ms predicted; {model.LABEL})\n\n" + nb.markdown_table(rows))
+
+# %% [markdown]
+# Where they differ: the FLOPs-driven choice compresses where FLOPs are cheap to remove, which is
+# not where time goes; at the same FLOPs budget its predicted time is higher than the
+# latency-driven choice's, and a latency budget met by FLOPs can miss it.
+
+# %% [markdown]
+# ## 6. ADMM against truncate-then-fine-tune
+#
+# A small CNN on scikit-learn's digits (`tucker.admm`): conv2 and conv3 compressed at rank
+# fractions 1/8, 1/4 and 1/2 of their channels. *Truncate then fine-tune* decomposes the trained
+# weights and fine-tunes; *ADMM* pulls the weights towards their Tucker projection with a growing
+# penalty (dual updates), then decomposes and fine-tunes, for the same total number of epochs.
+# Accuracies are measured on the CPU (`python -m deftnumba.tucker.admm` records them).
+
+# %%
+from deftnumba.tucker import admm  # noqa: E402
+
+csv_path = admm.DATA_DIR / "admm_digits.csv"
+if csv_path.exists():
+    admm_rows = admm.load_csv(csv_path)
+    source = f"recorded in `{csv_path.relative_to(REPO)}`"
+else:  # a quick, smaller run (fewer epochs) so the notebook always has a chart
+    admm_rows = admm.sweep((0.25,), admm.Settings(pretrain_epochs=8, admm_epochs=4, finetune_epochs=2), quiet=True)
+    source = "a quick run in this notebook (few epochs)"
+ax = admm.plot(admm_rows)
+nb.stamp(ax, source)
+plt.show()
+nb.show(nb.markdown_table([{k: r[k] for k in ("method", "rank_fraction", "compression", "test_accuracy")}
+                           for r in admm_rows]))

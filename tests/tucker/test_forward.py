@@ -1,0 +1,167 @@
+"""tucker_conv2d against the float64 reference, on irregular tiny shapes (simulator)."""
+
+import numpy as np
+import pytest
+
+from deftnumba.runtime import backend
+from deftnumba.tucker import METHODS, ops, reconstruct, tucker_conv2d
+from deftnumba.tucker.kernels import core_conv, fused
+from deftnumba.tucker.reference import conv2d, tucker_conv2d_reference
+
+# (N, C, H, W, r_in, r_out, Cout, kh, kw, stride, padding, dilation, groups)
+CASES = {
+    "3x3-pad1": (2, 5, 6, 7, 3, 4, 6, 3, 3, 1, 1, 1, 1),
+    "stride2-dil-nonsquare": (1, 3, 7, 5, 2, 3, 4, 2, 3, 2, 1, (2, 1), 1),
+    "rank1-1x1": (1, 4, 3, 5, 1, 1, 3, 1, 1, 1, 0, 1, 1),
+    "full-rank-pad2": (1, 3, 4, 4, 3, 5, 5, 3, 2, (1, 2), 2, 1, 1),
+    "groups2": (1, 3, 5, 4, 4, 2, 3, 3, 3, 1, 1, 1, 2),
+    "stride3-pad0": (2, 2, 8, 7, 2, 2, 2, 3, 1, (3, 2), (0, 1), 1, 1),
+}
+
+
+def make(rng, case, dtype=np.float32, bias=True):
+    n, c, h, w, ri, ro, co, kh, kw, s, p, d, g = case
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    first = rng.standard_normal((ri, c, 1, 1)).astype(dtype)
+    core = rng.standard_normal((ro, ri // g, kh, kw)).astype(dtype)
+    last = rng.standard_normal((co, ro, 1, 1)).astype(dtype)
+    b = rng.standard_normal(co).astype(dtype) if bias else None
+    return (x, first, core, last, b), dict(stride=s, padding=p, dilation=d, groups=g)
+
+
+def check_close(out, args, kw, dtype):
+    """Error bounded by the magnitudes summed along each output's reduction (float32
+    rounding is relative to them, not to the possibly cancelling result)."""
+    x, first, core, last, b = args
+    ref = tucker_conv2d_reference(*args, **kw)
+    mags = tucker_conv2d_reference(np.abs(x), np.abs(first), np.abs(core), np.abs(last),
+                                   None if b is None else np.abs(b), **kw)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert np.all(np.isfinite(out))
+    eps = np.finfo(dtype).eps
+    reduction = x.shape[1] + first.shape[0] * core.shape[2] * core.shape[3] + last.shape[1]
+    assert np.all(np.abs(out - ref) <= 4 * eps * reduction * mags + 1e-300), np.abs(out - ref).max()
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Outputs and intermediates start as NaN: a value no kernel wrote shows up."""
+    def empty(xp, shape, dtype):
+        a = xp.empty(shape, dtype=dtype)
+        a.fill(np.nan)
+        return a
+    monkeypatch.setattr(ops, "_empty", empty)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(rng, poisoned, method, name):
+    args, kw = make(rng, CASES[name])
+    out = tucker_conv2d(*args, **kw, method=method)
+    check_close(out, args, kw, np.float32)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float64_no_bias(rng, poisoned, method):
+    args, kw = make(rng, CASES["stride2-dil-nonsquare"], np.float64, bias=False)
+    out = tucker_conv2d(*args, **kw, method=method)
+    check_close(out, args, kw, np.float64)
+
+
+def test_reference_is_conv_with_reconstructed_weight(rng):
+    args, kw = make(rng, CASES["groups2"], np.float64)
+    x, first, core, last, b = args
+    dense = conv2d(x, reconstruct(first, core, last, kw["groups"]), b, kw["stride"], kw["padding"], kw["dilation"])
+    np.testing.assert_allclose(tucker_conv2d_reference(*args, **kw), dense, rtol=1e-10, atol=1e-10)
+
+
+def test_several_chunks_and_blocks(rng, poisoned):
+    """Explicit tiles with several rank chunks, channel chunks, rank blocks and output
+    blocks (and a partial last one of each) still match."""
+    args, kw = make(rng, (1, 7, 5, 6, 5, 3, 7, 3, 3, 1, 1, 1, 1))
+    tile = fused.FusedTile(tile_h=2, tile_w=2, rank_chunk=2, in_chunk=3, reg_oc=2, reg_px=2, out_reg=1, first_reg=2)
+    check_close(tucker_conv2d(*args, **kw, method="fused", config=tile), args, kw, np.float32)
+    tile = core_conv.CoreTile(tile_h=3, tile_w=2, chunk=2, oc_block=2, reg_oc=1, reg_px=2)
+    check_close(tucker_conv2d(*args, **kw, method="three_pass", config=tile), args, kw, np.float32)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deterministic(rng, method):
+    args, kw = make(rng, CASES["3x3-pad1"])
+    a = tucker_conv2d(*args, **kw, method=method)
+    b = tucker_conv2d(*args, **kw, method=method)
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bounds_checked(rng, method):
+    """Every index inside the kernels stays in bounds; no shared/local value is read unwritten."""
+    args, kw = make(rng, CASES["stride2-dil-nonsquare"])
+    with backend.bounds_checked():
+        out = tucker_conv2d(*args, **kw, method=method)
+    check_close(out, args, kw, np.float32)
+
+
+def test_auto_and_inputs_untouched(rng):
+    args, kw = make(rng, CASES["rank1-1x1"])
+    copies = [a.copy() for a in args]
+    out = tucker_conv2d(*args, **kw)
+    check_close(out, args, kw, np.float32)
+    for a, c in zip(args, copies):
+        assert np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: a.update(first=a["first"][:, :-1]), r"first must have shape \[r_in, C, 1, 1\]"),
+    (lambda a: a.update(core=a["core"][:, :-1]), r"core must have shape \[r_out, r_in/groups, kh, kw\]"),
+    (lambda a: a.update(last=a["last"][:, :-1]), r"last must have shape \[Cout, r_out, 1, 1\]"),
+    (lambda a: a.update(bias=a["bias"][:-1]), r"bias must have shape \[Cout\]"),
+    (lambda a: a.update(input=a["input"][0]), r"input must be 4-D"),
+    (lambda a: a.update(core=a["core"].astype(np.float64)), r"one dtype"),
+    (lambda a: a.update(input=a["input"].astype(np.int32)), r"float32 or float64"),
+    (lambda a: a.update(stride=0), r"stride must be >= 1"),
+    (lambda a: a.update(padding=-1), r"padding must be >= 0"),
+    (lambda a: a.update(dilation=(1, 0)), r"dilation must be >= 1"),
+    (lambda a: a.update(groups=2), r"groups \(2\) must divide"),
+    (lambda a: a.update(padding=0, input=a["input"][:, :, :1, :1]), r"output would be empty"),
+    (lambda a: a.update(method="cudnn"), r"method must be"),
+])
+def test_argument_errors(rng, change, match):
+    (x, first, core, last, b), kw = make(rng, (1, 3, 4, 4, 3, 2, 2, 3, 3, 1, 1, 1, 1))
+    a = dict(input=x, first=first, core=core, last=last, bias=b, **kw, method="auto")
+    change(a)
+    with pytest.raises((ValueError, TypeError), match=match):
+        tucker_conv2d(**a)
+
+
+def test_core_sub_chunks(rng, poisoned):
+    """A rank chunk wider than the staged core slice (core_chunk < rank_chunk), with a
+    partial last rank chunk."""
+    args, kw = make(rng, (1, 5, 4, 5, 7, 3, 4, 3, 2, 1, (1, 0), 1, 1))
+    tile = fused.FusedTile(tile_h=2, tile_w=2, rank_chunk=4, in_chunk=2, reg_oc=2, reg_px=2, out_reg=2,
+                           first_reg=2, core_chunk=2)
+    with backend.bounds_checked():
+        out = tucker_conv2d(*args, **kw, method="fused", config=tile)
+    check_close(out, args, kw, np.float32)
+    with pytest.raises(ValueError, match="core_chunk"):
+        fused.FusedTile(rank_chunk=4, core_chunk=3)
+
+
+def test_config_type_is_checked(rng):
+    args, kw = make(rng, CASES["rank1-1x1"])
+    with pytest.raises(TypeError, match="CoreTile"):
+        tucker_conv2d(*args, **kw, method="three_pass", config=fused.SIMULATOR_TILE)
+    with pytest.raises(TypeError, match="FusedTile"):
+        tucker_conv2d(*args, **kw, method="fused", config=core_conv.SIMULATOR_TILE)
+    # "auto" with a config runs that config's method
+    out = tucker_conv2d(*args, **kw, config=core_conv.SIMULATOR_TILE)
+    check_close(out, args, kw, np.float32)
+
+
+def test_model_best_names_a_method_and_tile():
+    from deftnumba.tucker import model
+    from deftnumba.tucker.geometry import TuckerGeometry
+
+    method, tile = model.best(TuckerGeometry(32, 128, 28, 28, 128, 64, 64, 3, 3, 1, 1, 1, 1))
+    assert method in METHODS
+    assert isinstance(tile, fused.FusedTile if method == "fused" else core_conv.CoreTile)

@@ -1,0 +1,118 @@
+"""Roofline counts, performance model and tuner, bench op, rank choice (no kernels run)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from deftnumba.tucker import bench_op, model, ranks, roofline
+from deftnumba.tucker.geometry import TuckerGeometry
+from deftnumba.tucker.kernels import core_conv, fused
+
+L1 = TuckerGeometry(32, 64, 56, 56, 64, 64, 32, 3, 3, 1, 1, 1, 1, has_bias=True)
+
+
+def test_roofline_counts():
+    g = L1
+    dense = roofline.totals(g, "cudnn_conv")
+    assert dense.gemm_flops == 2 * 32 * 64 * 64 * 9 * 56 * 56
+    three = roofline.operators(g, "three_pass")
+    assert [o.name for o in three] == ["first 1x1", "core conv", "last 1x1"]
+    assert three[1].gemm_flops == 2 * 32 * 32 * 64 * 9 * 56 * 56
+    f = roofline.totals(g, "fused")
+    assert f.flops == pytest.approx(sum(o.flops for o in three))
+    # fused moves only input + factors + output; three passes add the two intermediates twice
+    hidden = 4 * 32 * (64 * 56 * 56 + 32 * 56 * 56)
+    assert roofline.totals(g, "three_pass").bytes == pytest.approx(f.bytes + 2 * hidden)
+    assert f.bytes == pytest.approx(4 * (32 * 64 * 56 * 56 * 2 + 64 * 64 + 32 * 64 * 9 + 64 * 32 + 64))
+    for m in roofline.MODELS:
+        fb = roofline.totals(g, m, "fwdbwd")
+        assert fb.flops == pytest.approx(roofline.totals(g, m, "fwd").flops + roofline.totals(g, m, "bwd").flops)
+    with pytest.raises(ValueError, match="method"):
+        roofline.operators(g, "nope")
+
+
+def test_phase_models_cover_the_marked_phases():
+    """Every ``# phase: NAME`` in a kernel body has an entry in its phase_model, and back."""
+    import inspect
+    import re
+
+    for mod, cfg in ((core_conv, core_conv.GPU_TILE), (fused, fused.GPU_CANDIDATES[0])):
+        marked = set(re.findall(r"# phase: (\w+)", inspect.getsource(mod).split("def phase_model")[0]))
+        marked -= {"NAME"}
+        body_marked = set(re.findall(r"^\s+# phase: (\w+)$", inspect.getsource(mod), re.M))
+        assert set(mod.phase_model(L1, cfg)) == body_marked, mod.__name__
+        assert all(v >= 0 for v in mod.phase_model(L1, cfg).values())
+
+
+def test_predictions_are_labelled_and_ranked():
+    ranked = model.rank_configs(L1, "fused", top=5, coarse=True)
+    assert ranked and all(a.ms <= b.ms for a, b in zip(ranked, ranked[1:]))
+    p = ranked[0]
+    assert "prediction" in p.label and math.isfinite(p.ms) and p.ms > 0
+    assert 0 < p.ffma_fraction < 1 and p.blocks_per_sm >= 1 and p.waves >= 1
+    assert fused.fits(p.config, L1)
+    assert "prediction" in model.predict(L1, "cudnn_conv").label
+    # the issue-bound time can never beat the FFMA-only time at full issue rate
+    ffma_ms = 1e3 * roofline.totals(L1, "fused").gemm_flops / model.H200.fp32_flops
+    assert p.ms >= ffma_ms * 0.99
+
+
+def test_instruction_model_matches_recorded_sass():
+    """The multiply step formula against sm_90 SASS recorded for two core-conv tiles
+    (loop bodies of 3 unrolled kernel rows: 325 and 172 instructions)."""
+    g = TuckerGeometry(1, 64, 56, 56, 64, 64, 32, 3, 3, 1, 1, 1, 1)
+    for tile, sass_three_rows in ((core_conv.GPU_TILE, 325), (core_conv.CoreTile(4, 8, 4, 32, 4, 4), 172)):
+        step = model.instructions("core_conv", g, tile)["multiply"]
+        assert abs(3 * step - sass_three_rows) <= 0.05 * sass_three_rows
+
+
+def test_bench_op_protocol():
+    assert bench_op.name == "tucker"
+    assert {"fused", "three_pass", "cudnn_conv", "cudnn_tucker"} <= set(bench_op.methods())
+    suites = bench_op.suites()
+    assert "r18-l1a-n1" in suites and "r18-l4b-n32" in suites
+    assert suites["core-64-32-56-n1"]["core_only"] and suites["core-192-160-7-n1"]["rank_in"] == 192
+    for shape in (suites["r18-l1a-n32"], suites["core-64-32-56-n1"]):
+        ops = bench_op.operators(shape, "cudnn_conv", "fwd")
+        assert ops and ops[0].flops > 0
+    preds = bench_op.predictions(suites["r18-l2a-n32"])
+    assert set(preds) == {"fused", "three_pass", "cudnn_conv", "cudnn_tucker"}
+
+
+def test_bench_op_runs_tiny_shape_in_simulator():
+    shape = dict(batch=1, in_channels=3, out_channels=4, height=4, width=5, kernel=3, stride=1, padding=1,
+                 rank_out=2, rank_in=2, core_only=False)
+    inputs = bench_op.make_inputs(shape, "float32", seed=1)
+    run = bench_op.runner("fused", "fwd", inputs)
+    out = run()
+    from deftnumba.tucker.reference import tucker_conv2d_reference
+    h = inputs["host"]
+    ref = tucker_conv2d_reference(h["input"], h["first"], h["core"], h["last"], h["bias"], padding=1)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    assert bench_op.runner("fused", "bwd", inputs) is None
+    assert bench_op.runner("core_conv", "fwd", inputs) is None
+
+
+def test_hosvd_errors_match_decompose(rng):
+    from deftnumba.tucker import decompose
+
+    w = rng.standard_normal((7, 5, 3, 2))
+    table = ranks.hosvd_errors(w)
+    for r in ((1, 1), (3, 2), (7, 5), (4, 5)):
+        assert table[r[0] - 1, r[1] - 1] == pytest.approx(decompose(w, r).rel_error, abs=1e-7)
+
+
+def test_choose_ranks_meets_budget_and_differs_by_objective(rng):
+    layers = [ranks.Layer("a", 64, 64, 28, 28, batch=32, weight=rng.standard_normal((64, 64, 3, 3))),
+              ranks.Layer("b", 128, 128, 7, 7, batch=32, weight=rng.standard_normal((128, 128, 3, 3)))]
+    fr = (0.25, 0.5, 1.0)
+    table = {l.name: ranks.candidates(l, fractions=fr) for l in layers}
+    lat = ranks.choose_ranks(layers, speedup=1.5, by="latency", _candidates=table)
+    dense_ms = sum(c.dense_ms for c in lat)
+    assert sum(c.predicted_ms for c in lat) <= dense_ms / 1.5 * (1 + 1e-9)
+    flops = ranks.choose_ranks(layers, speedup=1.5, by="flops", _candidates=table)
+    assert sum(c.flops for c in flops) <= sum(c.dense_flops for c in flops) / 1.5 * (1 + 1e-9)
+    assert all("prediction" in c.label for c in lat)
+    with pytest.raises(ValueError, match="exactly one"):
+        ranks.choose_ranks(layers, by="latency", _candidates=table)
