@@ -1,0 +1,318 @@
+"""The fused lean forward (``method="fused"``): one launch, input read once, output written once.
+
+Motivation
+----------
+The lean operator ``y = P x + depthwise(x, stencil) + b`` run as separate passes
+(a pointwise GEMM, a depthwise kernel, an add) reads the input twice and writes
+and re-reads two intermediate outputs: ~5 tensor-sized transfers instead of 2.
+At LeanResNet widths (C = 64..512) the pointwise GEMM has an arithmetic
+intensity of about C/4 FLOP per byte in float32, right around the ridge point
+of a GPU, so the extra bytes cost real time.
+
+Algorithm (one block = one image ``n``, one ``TH x TW`` tile of output pixels,
+``OCB`` output channels)::
+
+    acc[OCB, P] = 0                                   # registers: RO x RP per thread
+    for c0 in range(0, C, CC):                        # chunks of input channels
+        # phase: stage      x[n, c0:c0+CC, tile rows + 1-pixel halo] -> s_in (zero outside)
+        #                   the tile's centre pixels also -> s_centre [CC, P] (dense, aligned)
+        #                   packed pointwise slice P^T[c0:c0+CC, oc0:oc0+OCB] -> s_w [CC, OCB]
+        # phase: pointwise  acc += s_w[cc, my channels] (outer) s_centre[cc, my pixels]
+        # phase: stencil    for my output channels o in [c0, c0+CC): acc[o] += sum_t S[o, t] * s_in[o, p + tap_t]
+    # phase: epilogue       out[n, oc, tile] = acc + bias         (written once, NCHW)
+
+Each thread owns ``RO`` *contiguous* output channels and ``RP`` *contiguous*
+pixels, and the shared arrays are flat and 16-byte aligned, so its operand
+loads are vector loads (``LDS.128`` for float32 quadruples). The stencil term
+needs no extra read of device memory: the channel it needs is staged already,
+with its halo, for the pointwise product. Deterministic: every output element
+is summed by one thread in a fixed order.
+
+Traffic of one launch (N images, C channels, P = Ho*Wo, s = itemsize,
+B = ceil(C/OCB) output-channel blocks, T tiles of SHR x SWR staged pixels):
+
+* reads  input   B * N * C * T * SHR*SWR * s   (halo and B > 1 re-reads are L2 hits;
+                                                the minimum is N*C*H*W*s)
+         weights N * T * B * C*OCB * s + stencil (L2 hits; the minimum is (C*C + C*S + C)*s)
+* writes output  N * C * P * s, once.
+* FLOPs  2*N*C*C*P (pointwise) + 2*N*C*S*P (stencil) + N*C*P (bias).
+
+Shared memory per block: ``s * CC * (SHR*SWR + P + OCB)`` (``LeanTileConfig.shared_bytes``).
+
+The same kernel computes the input gradient at stride 1: the adjoint of the
+lean operator is the lean operator with ``P^T`` and the mirrored taps
+(``geometry.flipped``), no bias.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ... import backend
+from ...backend import cuda
+from . import SHARED_ALIGN
+
+GRID_YZ_LIMIT = 65535  # CUDA's limit on gridDim.y and gridDim.z
+
+
+@dataclass(frozen=True)
+class LeanTileConfig:
+    """Compile-time tiling of the fused kernel.
+
+    tile_h, tile_w: output pixels per block (``TH x TW``); edge tiles are masked.
+    chunk:    input channels staged per step (``CC``).
+    oc_block: output channels per block (``OCB``).
+    reg_oc, reg_px: register blocking: each thread owns ``reg_oc`` contiguous channels
+              times ``reg_px`` contiguous pixels. threads = (OCB/RO) * (TH*TW/RP).
+    """
+
+    tile_h: int = 8
+    tile_w: int = 8
+    chunk: int = 16
+    oc_block: int = 64
+    reg_oc: int = 8
+    reg_px: int = 4
+
+    def __post_init__(self):
+        for name in ("tile_h", "tile_w", "chunk", "oc_block", "reg_oc", "reg_px"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"LeanTileConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.oc_block % self.reg_oc:
+            raise ValueError(f"oc_block ({self.oc_block}) must be a multiple of reg_oc ({self.reg_oc})")
+        if self.pixels % self.reg_px:
+            raise ValueError(f"tile_h*tile_w ({self.pixels}) must be a multiple of reg_px ({self.reg_px})")
+
+    @property
+    def pixels(self) -> int:
+        return self.tile_h * self.tile_w
+
+    @property
+    def threads(self) -> int:
+        return (self.oc_block // self.reg_oc) * (self.pixels // self.reg_px)
+
+    def staged_shape(self, stride_h: int, stride_w: int) -> tuple[int, int]:
+        """Rows and columns of the staged input region: the tile's centres plus a 1-pixel halo."""
+        return (self.tile_h - 1) * stride_h + 3, (self.tile_w - 1) * stride_w + 3
+
+    def shared_bytes(self, geometry) -> int:
+        rows, cols = self.staged_shape(geometry.stride_h, geometry.stride_w)
+        return geometry.itemsize * self.chunk * (rows * cols + self.pixels + self.oc_block)
+
+    def blocks(self, geometry) -> tuple[int, int, int]:
+        """``(tiles, output-channel blocks, images)`` of the whole layer."""
+        tiles = math.ceil(geometry.out_h / self.tile_h) * math.ceil(geometry.out_w / self.tile_w)
+        return tiles, math.ceil(geometry.channels / self.oc_block), geometry.batch
+
+
+# 16 threads in the simulator (one Python thread each); 128 on the GPU:
+# 8 channels x 4 pixels of accumulators per thread, 64 x 64 per block.
+SIMULATOR_CONFIG = LeanTileConfig(tile_h=4, tile_w=4, chunk=4, oc_block=4, reg_oc=2, reg_px=2)
+GPU_CONFIG = LeanTileConfig(tile_h=8, tile_w=8, chunk=16, oc_block=64, reg_oc=8, reg_px=4)
+
+
+def default_config(geometry) -> LeanTileConfig:
+    """``SIMULATOR_CONFIG`` in the simulator; on the GPU ``GPU_CONFIG`` with a smaller channel
+    chunk for float64 so the block stays well under 48 KB of shared memory."""
+    if backend.IS_SIMULATOR:
+        return SIMULATOR_CONFIG
+    if geometry.itemsize == 8:
+        return LeanTileConfig(8, 8, 8, 64, 8, 4)
+    return GPU_CONFIG
+
+
+@functools.cache
+def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanTileConfig, use_bias: bool):
+    """Kernel ``(x, packed_pointwise, stencil, bias, out, channels, height, width, out_h, out_w,
+    image0)`` on a grid ``(tiles, ceil(C/OCB), images)`` of ``config.threads`` threads.
+
+    All arrays are flat and C-contiguous: ``x`` ``[N*C*H*W]``; ``packed_pointwise`` ``[C*C]``
+    with ``packed[c*C + o]`` the weight from input channel ``c`` to output channel ``o``
+    (``pointwise.T``, pre-packed once per call so every block stages rows of it coalesced);
+    ``stencil`` ``[C*S]``; ``bias`` ``[C]`` (a dummy unless ``use_bias``); ``out``
+    ``[N*C*Ho*Wo]``. Sizes are int32; ``image0`` (int64) is the launch's first image.
+    """
+    DT = np.dtype(dtype).type
+    ZERO = DT(0)
+    TH, TW, CC = config.tile_h, config.tile_w, config.chunk
+    OCB, RO, RP = config.oc_block, config.reg_oc, config.reg_px
+    P = TH * TW
+    SH, SW = stride_h, stride_w
+    SHR, SWR = config.staged_shape(SH, SW)
+    REGION = SHR * SWR
+    STAGED = CC * REGION
+    WEIGHTS = CC * OCB
+    PX_T = P // RP  # threads along pixels
+    THREADS = config.threads
+    S = len(taps)
+    # a tap's offset in the flat staged region, relative to the centre pixel
+    TAP_OFFSET = tuple(dy * SWR + dx for dy, dx in taps)
+    USE_BIAS = use_bias
+
+    @cuda.jit
+    def kernel(x, packed_pointwise, stencil, bias, out, channels, height, width, out_h, out_w, image0):
+        tid = np.int32(cuda.threadIdx.x)
+        n = np.int64(cuda.blockIdx.z) + image0
+        plane_in = np.int32(height * width)
+        plane_out = np.int32(out_h * out_w)
+        image_in = n * np.int64(channels * plane_in)     # 64-bit image bases ...
+        image_out = n * np.int64(channels * plane_out)   # ... 32-bit indices inside the image
+        tiles_x = np.int32((out_w + TW - 1) // TW)
+        tile_y = np.int32(cuda.blockIdx.x // tiles_x)
+        oy0 = np.int32(tile_y * TH)
+        ox0 = np.int32((cuda.blockIdx.x - tile_y * tiles_x) * TW)
+        iy0 = np.int32(oy0 * SH - 1)  # first staged input row (the halo row above the tile)
+        ix0 = np.int32(ox0 * SW - 1)
+        oc0 = np.int32(cuda.blockIdx.y * OCB)
+
+        s_in = cuda.shared.array(STAGED, dtype=DT, alignment=SHARED_ALIGN)
+        s_centre = cuda.shared.array(CC * P, dtype=DT, alignment=SHARED_ALIGN)
+        s_w = cuda.shared.array(WEIGHTS, dtype=DT, alignment=SHARED_ALIGN)
+        acc = cuda.local.array(RO * RP, dtype=DT)
+        a = cuda.local.array(RO, dtype=DT)
+        b = cuda.local.array(RP, dtype=DT)
+        for k in range(RO * RP):
+            acc[k] = ZERO
+        oc_t = np.int32(tid // PX_T)
+        my_px = np.int32((tid - oc_t * PX_T) * RP)  # first of my RP contiguous pixels
+        my_w = np.int32(oc_t * RO)                   # first of my RO channels within the block
+        my_oc = np.int32(oc0 + my_w)
+
+        for c in range(0, channels, CC):
+            nc = min(CC, channels - c)
+            # phase: stage
+            for idx in range(tid, STAGED, THREADS):
+                cc = np.int32(idx // REGION)
+                rem = np.int32(idx - cc * REGION)
+                row = np.int32(rem // SWR)
+                col = np.int32(rem - row * SWR)
+                gy = np.int32(iy0 + row)
+                gx = np.int32(ix0 + col)
+                v = ZERO
+                if cc < nc and gy >= 0 and gy < height and gx >= 0 and gx < width:
+                    v = x[image_in + np.int32((c + cc) * plane_in + gy * width + gx)]
+                s_in[idx] = v
+                r = np.int32(row - 1)
+                q = np.int32(col - 1)
+                if r >= 0 and q >= 0 and r % SH == 0 and q % SW == 0:
+                    u = np.int32(r // SH)
+                    w = np.int32(q // SW)
+                    if u < TH and w < TW:  # a centre pixel: also to the dense pointwise operand
+                        s_centre[cc * P + u * TW + w] = v
+            # phase: stage
+            for idx in range(tid, WEIGHTS, THREADS):
+                cc = np.int32(idx // OCB)
+                o = np.int32(idx - cc * OCB)
+                v = ZERO
+                if cc < nc and oc0 + o < channels:
+                    v = packed_pointwise[np.int32((c + cc) * channels + oc0 + o)]
+                s_w[idx] = v
+            cuda.syncthreads()  # s_in, s_centre and s_w of this chunk are complete before anyone reads them
+
+            # phase: pointwise
+            for cc in range(CC):  # zero-filled past the last channel: compile-time trip count
+                for i in range(RO):
+                    a[i] = s_w[cc * OCB + my_w + i]
+                for j in range(RP):
+                    b[j] = s_centre[cc * P + my_px + j]
+                for i in range(RO):
+                    for j in range(RP):
+                        acc[i * RP + j] += a[i] * b[j]
+
+            # phase: stencil (only for my output channels that are input channels of this chunk)
+            for i in range(RO):
+                cc = np.int32(my_oc + i - c)
+                if cc >= 0 and cc < nc:
+                    for t in range(S):
+                        weight = stencil[np.int32((my_oc + i) * S + t)]
+                        for j in range(RP):
+                            p = np.int32(my_px + j)
+                            u = np.int32(p // TW)
+                            w = np.int32(p - u * TW)
+                            centre = np.int32(cc * REGION + (1 + u * SH) * SWR + 1 + w * SW)
+                            acc[i * RP + j] += weight * s_in[centre + TAP_OFFSET[t]]
+            cuda.syncthreads()  # every read of this chunk's tiles is done before the next chunk overwrites them
+
+        # phase: epilogue
+        for i in range(RO):
+            oc = np.int32(my_oc + i)
+            if oc < channels:
+                bias_value = ZERO
+                if USE_BIAS:
+                    bias_value = bias[oc]
+                for j in range(RP):
+                    p = np.int32(my_px + j)
+                    u = np.int32(p // TW)
+                    oy = np.int32(oy0 + u)
+                    ox = np.int32(ox0 + p - u * TW)
+                    if oy < out_h and ox < out_w:
+                        out[image_out + np.int32(oc * plane_out + oy * out_w + ox)] = acc[i * RP + j] + bias_value
+
+    return kernel
+
+
+def launch(geometry, taps, config, x_flat, packed_pointwise, stencil_flat, bias, out_flat,
+           out_h: int, out_w: int, stride=(1, 1)):
+    """Launch the fused kernel over the whole batch (slices of at most 65535 images).
+
+    ``geometry`` gives N, C, H, W and dtype; ``taps``, ``stride`` and ``(out_h, out_w)`` are
+    passed explicitly so the backward can run the adjoint (mirrored taps, stride 1).
+    """
+    g = geometry
+    xp = backend.array_module(x_flat)
+    kernel = fused_kernel(g.dtype, tuple(taps), stride[0], stride[1], config, bias is not None)
+    bias_arg = bias if bias is not None else xp.zeros(1, dtype=x_flat.dtype)
+    tiles = math.ceil(out_h / config.tile_h) * math.ceil(out_w / config.tile_w)
+    oc_blocks = math.ceil(g.channels / config.oc_block)
+    if oc_blocks > GRID_YZ_LIMIT:
+        raise ValueError(f"{g.channels} channels need {oc_blocks} channel blocks; at most {GRID_YZ_LIMIT}")
+    sizes = tuple(np.int32(v) for v in (g.channels, g.height, g.width, out_h, out_w))
+    for image0 in range(0, g.batch, GRID_YZ_LIMIT):
+        images = min(GRID_YZ_LIMIT, g.batch - image0)
+        backend.launch(kernel, (tiles, oc_blocks, images), config.threads, x_flat, packed_pointwise,
+                       stencil_flat, bias_arg, out_flat, *sizes, np.int64(image0))
+
+
+def phase_model(shape: dict, config: LeanTileConfig | None = None) -> dict[str, float]:
+    """Iterations per thread of each phase's innermost loop body, for the audit's issue-slot model.
+
+    ``shape``: ``{"channels", "out_h", "out_w", "stride", "taps"}`` (``taps`` = S, stride an int).
+    The innermost bodies: *stage* one staged element (input region, then weights: ceil of
+    elements/threads per chunk); *pointwise* one input channel of a chunk (RO*RP FMAs, fully
+    unrolled); *stencil* one (owned channel, tap) pair (RP FMAs); *epilogue* one owned
+    (channel, pixel) store. Counted per block; every block does the same work.
+    """
+    cfg = config or GPU_CONFIG
+    channels = int(shape["channels"])
+    stride = int(shape.get("stride", 1))
+    s = int(shape.get("taps", 5))
+    rows, cols = cfg.staged_shape(stride, stride)
+    chunks = math.ceil(channels / cfg.chunk)
+    per_chunk_stage = math.ceil(cfg.chunk * rows * cols / cfg.threads) + math.ceil(
+        cfg.chunk * cfg.oc_block / cfg.threads)
+    return {
+        "stage": chunks * per_chunk_stage,
+        "pointwise": chunks * cfg.chunk,
+        "stencil": cfg.reg_oc * s,
+        "epilogue": cfg.reg_oc * cfg.reg_px,
+    }
+
+
+def ptx_cases():
+    """Kernels and signatures for the PTX/SASS audit (``deftnumba.ptx``)."""
+    from numba import types
+
+    from ..geometry import PATTERNS
+
+    for dtype in ("float32", "float64"):
+        t = getattr(types, dtype)
+        a1 = types.Array(t, 1, "C")
+        i32 = types.int32
+        sig = (a1, a1, a1, a1, a1, i32, i32, i32, i32, i32, types.int64)
+        config = GPU_CONFIG if dtype == "float32" else LeanTileConfig(8, 8, 8, 64, 8, 4)
+        for name in ("star5", "full9"):
+            yield (f"fused[{name},s1]", dtype, fused_kernel(dtype, PATTERNS[name], 1, 1, config, True), sig)
+        yield (f"fused[star5,s2]", dtype, fused_kernel(dtype, PATTERNS["star5"], 2, 2, config, True), sig)
