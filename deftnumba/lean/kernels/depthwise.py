@@ -122,6 +122,7 @@ def reduce_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, threads: int
     TAP_DX = tuple(dx for _, dx in taps)
     SH, SW = stride_h, stride_w
     R = threads
+    PARTIALS = SUMS * R
     USE_BIAS = use_bias
 
     @cuda.jit
@@ -130,7 +131,7 @@ def reduce_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, threads: int
         c = np.int32(cuda.blockIdx.x)
         plane_in = np.int32(height * width)
         plane_out = np.int32(out_h * out_w)
-        partial = cuda.shared.array(SUMS * R, dtype=DT, alignment=SHARED_ALIGN)
+        partial = cuda.shared.array(PARTIALS, dtype=DT, alignment=SHARED_ALIGN)
         sums = cuda.local.array(SUMS, dtype=DT)
         for t in range(SUMS):
             sums[t] = ZERO

@@ -68,6 +68,8 @@ class LeanTileConfig:
     oc_block: output channels per block (``OCB``).
     reg_oc, reg_px: register blocking: each thread owns ``reg_oc`` contiguous channels
               times ``reg_px`` contiguous pixels. threads = (OCB/RO) * (TH*TW/RP).
+    The pointwise loop is unrolled by hand, four channels per step (Numba has no unroll
+    pragma, and LLVM leaves its loops rolled): ``chunk`` is a multiple of 4.
     """
 
     tile_h: int = 8
@@ -85,6 +87,11 @@ class LeanTileConfig:
             raise ValueError(f"oc_block ({self.oc_block}) must be a multiple of reg_oc ({self.reg_oc})")
         if self.pixels % self.reg_px:
             raise ValueError(f"tile_h*tile_w ({self.pixels}) must be a multiple of reg_px ({self.reg_px})")
+        if self.chunk % 4:
+            raise ValueError(f"chunk ({self.chunk}) must be a multiple of 4 (the pointwise loop's unrolling)")
+        if self.chunk % self.reg_oc:
+            raise ValueError(f"chunk ({self.chunk}) must be a multiple of reg_oc ({self.reg_oc}): a thread's "
+                             f"channels must be staged in one chunk for the stencil term")
 
     @property
     def pixels(self) -> int:
@@ -137,6 +144,7 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
     """
     DT = np.dtype(dtype).type
     ZERO = DT(0)
+    U = np.uint32  # unsigned 32-bit indices: no sign extension, no negative-index wraparound
     TH, TW, CC = config.tile_h, config.tile_w, config.chunk
     OCB, RO, RP = config.oc_block, config.reg_oc, config.reg_px
     P = TH * TW
@@ -145,111 +153,143 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
     REGION = SHR * SWR
     STAGED = CC * REGION
     WEIGHTS = CC * OCB
+    CENTRES = CC * P
+    ACCUMULATORS = RO * RP
     PX_T = P // RP  # threads along pixels
     THREADS = config.threads
     S = len(taps)
-    # a tap's offset in the flat staged region, relative to the centre pixel
-    TAP_OFFSET = tuple(dy * SWR + dx for dy, dx in taps)
+    # a tap's position in the flat staged region, relative to the top-left of the pixel's 3x3 footprint
+    TAP_POS = tuple(U((1 + dy) * SWR + (1 + dx)) for dy, dx in taps)
+    u_TW, u_SH, u_SW, u_SWR, u_REGION, u_P, u_OCB = U(TW), U(SH), U(SW), U(SWR), U(REGION), U(P), U(OCB)
+    u_TH, u_CC, u_THREADS, u_PX_T, u_RP, u_RO, u_S = U(TH), U(CC), U(THREADS), U(PX_T), U(RP), U(RO), U(S)
+    u_STAGED, u_WEIGHTS = U(STAGED), U(WEIGHTS)
     USE_BIAS = use_bias
+
+    @cuda.jit(device=True, inline=True)
+    def rank1_update(acc, a, b, s_w, s_centre, w0, p0):
+        """acc[RO, RP] += s_w[w0 : w0+RO] (outer) s_centre[p0 : p0+RP]: one input channel."""
+        # phase: pointwise
+        for i in range(RO):
+            a[i] = s_w[w0 + U(i)]
+        for j in range(RP):
+            b[j] = s_centre[p0 + U(j)]
+        for i in range(RO):
+            for j in range(RP):
+                acc[i * RP + j] += a[i] * b[j]
 
     @cuda.jit
     def kernel(x, packed_pointwise, stencil, bias, out, channels, height, width, out_h, out_w, image0):
-        tid = np.int32(cuda.threadIdx.x)
-        n = np.int64(cuda.blockIdx.z) + image0
-        plane_in = np.int32(height * width)
-        plane_out = np.int32(out_h * out_w)
-        image_in = n * np.int64(channels * plane_in)     # 64-bit image bases ...
-        image_out = n * np.int64(channels * plane_out)   # ... 32-bit indices inside the image
-        tiles_x = np.int32((out_w + TW - 1) // TW)
-        tile_y = np.int32(cuda.blockIdx.x // tiles_x)
-        oy0 = np.int32(tile_y * TH)
-        ox0 = np.int32((cuda.blockIdx.x - tile_y * tiles_x) * TW)
-        iy0 = np.int32(oy0 * SH - 1)  # first staged input row (the halo row above the tile)
-        ix0 = np.int32(ox0 * SW - 1)
-        oc0 = np.int32(cuda.blockIdx.y * OCB)
-
+        # phase: prologue
         s_in = cuda.shared.array(STAGED, dtype=DT, alignment=SHARED_ALIGN)
-        s_centre = cuda.shared.array(CC * P, dtype=DT, alignment=SHARED_ALIGN)
+        s_centre = cuda.shared.array(CENTRES, dtype=DT, alignment=SHARED_ALIGN)
         s_w = cuda.shared.array(WEIGHTS, dtype=DT, alignment=SHARED_ALIGN)
-        acc = cuda.local.array(RO * RP, dtype=DT)
+        acc = cuda.local.array(ACCUMULATORS, dtype=DT)
         a = cuda.local.array(RO, dtype=DT)
         b = cuda.local.array(RP, dtype=DT)
-        for k in range(RO * RP):
-            acc[k] = ZERO
-        oc_t = np.int32(tid // PX_T)
-        my_px = np.int32((tid - oc_t * PX_T) * RP)  # first of my RP contiguous pixels
-        my_w = np.int32(oc_t * RO)                   # first of my RO channels within the block
-        my_oc = np.int32(oc0 + my_w)
 
-        for c in range(0, channels, CC):
-            nc = min(CC, channels - c)
+        tid = U(cuda.threadIdx.x)
+        n = np.int64(cuda.blockIdx.z) + image0
+        u_channels = U(channels)
+        u_width = U(width)
+        u_out_w = U(out_w)
+        plane_in = U(height) * u_width
+        plane_out = U(out_h) * u_out_w
+        image_in = n * np.int64(u_channels * plane_in)     # 64-bit image bases ...
+        image_out = n * np.int64(u_channels * plane_out)   # ... 32-bit indices inside the image
+        tiles_x = (u_out_w + u_TW - U(1)) // u_TW
+        tile_y = U(cuda.blockIdx.x) // tiles_x
+        oy0 = tile_y * u_TH
+        ox0 = (U(cuda.blockIdx.x) - tile_y * tiles_x) * u_TW
+        iy0 = np.int32(oy0 * u_SH) - np.int32(1)  # first staged input row: the halo row above the tile
+        ix0 = np.int32(ox0 * u_SW) - np.int32(1)
+        oc0 = U(cuda.blockIdx.y) * u_OCB
+
+        for k in range(ACCUMULATORS):
+            acc[k] = ZERO
+        oc_t = tid // u_PX_T
+        my_px = (tid - oc_t * u_PX_T) * u_RP  # first of my RP contiguous pixels
+        my_w = oc_t * u_RO                    # first of my RO contiguous channels, within the block
+        my_oc = oc0 + my_w
+
+        c = U(0)
+        while c < u_channels:
+            nc = min(u_CC, u_channels - c)
             # phase: stage
-            for idx in range(tid, STAGED, THREADS):
-                cc = np.int32(idx // REGION)
-                rem = np.int32(idx - cc * REGION)
-                row = np.int32(rem // SWR)
-                col = np.int32(rem - row * SWR)
-                gy = np.int32(iy0 + row)
-                gx = np.int32(ix0 + col)
+            idx = tid
+            while idx < u_STAGED:
+                cc = idx // u_REGION
+                rem = idx - cc * u_REGION
+                row = rem // u_SWR
+                col = rem - row * u_SWR
+                gy = iy0 + np.int32(row)
+                gx = ix0 + np.int32(col)
                 v = ZERO
                 if cc < nc and gy >= 0 and gy < height and gx >= 0 and gx < width:
-                    v = x[image_in + np.int32((c + cc) * plane_in + gy * width + gx)]
+                    v = x[image_in + np.int64((c + cc) * plane_in + U(gy) * u_width + U(gx))]
                 s_in[idx] = v
-                r = np.int32(row - 1)
-                q = np.int32(col - 1)
-                if r >= 0 and q >= 0 and r % SH == 0 and q % SW == 0:
-                    u = np.int32(r // SH)
-                    w = np.int32(q // SW)
-                    if u < TH and w < TW:  # a centre pixel: also to the dense pointwise operand
-                        s_centre[cc * P + u * TW + w] = v
+                if row >= U(1) and col >= U(1):
+                    r = row - U(1)
+                    q = col - U(1)
+                    if r % u_SH == U(0) and q % u_SW == U(0):
+                        u = r // u_SH
+                        w = q // u_SW
+                        if u < u_TH and w < u_TW:  # a centre pixel: also to the dense pointwise operand
+                            s_centre[cc * u_P + u * u_TW + w] = v
+                idx += u_THREADS
             # phase: stage
-            for idx in range(tid, WEIGHTS, THREADS):
-                cc = np.int32(idx // OCB)
-                o = np.int32(idx - cc * OCB)
+            idx = tid
+            while idx < u_WEIGHTS:
+                cc = idx // u_OCB
+                o = idx - cc * u_OCB
                 v = ZERO
-                if cc < nc and oc0 + o < channels:
-                    v = packed_pointwise[np.int32((c + cc) * channels + oc0 + o)]
+                if cc < nc and oc0 + o < u_channels:
+                    v = packed_pointwise[(c + cc) * u_channels + oc0 + o]
                 s_w[idx] = v
+                idx += u_THREADS
             cuda.syncthreads()  # s_in, s_centre and s_w of this chunk are complete before anyone reads them
 
             # phase: pointwise
-            for cc in range(CC):  # zero-filled past the last channel: compile-time trip count
-                for i in range(RO):
-                    a[i] = s_w[cc * OCB + my_w + i]
-                for j in range(RP):
-                    b[j] = s_centre[cc * P + my_px + j]
-                for i in range(RO):
-                    for j in range(RP):
-                        acc[i * RP + j] += a[i] * b[j]
+            # four input channels per step (zero-filled past the last channel)
+            cc = U(0)
+            while cc < u_CC:
+                rank1_update(acc, a, b, s_w, s_centre, cc * u_OCB + my_w, cc * u_P + my_px)
+                rank1_update(acc, a, b, s_w, s_centre, (cc + U(1)) * u_OCB + my_w, (cc + U(1)) * u_P + my_px)
+                rank1_update(acc, a, b, s_w, s_centre, (cc + U(2)) * u_OCB + my_w, (cc + U(2)) * u_P + my_px)
+                rank1_update(acc, a, b, s_w, s_centre, (cc + U(3)) * u_OCB + my_w, (cc + U(3)) * u_P + my_px)
+                cc = U(cc + U(4))
 
-            # phase: stencil (only for my output channels that are input channels of this chunk)
-            for i in range(RO):
-                cc = np.int32(my_oc + i - c)
-                if cc >= 0 and cc < nc:
-                    for t in range(S):
-                        weight = stencil[np.int32((my_oc + i) * S + t)]
+            # phase: stencil. My RO channels lie in one chunk (RO divides CC);
+            # in that chunk, add each one's own stencil term from the staged tile.
+            if my_oc >= c and my_oc < c + nc:
+                for t in range(S):
+                    tap = TAP_POS[t]
+                    for i in range(RO):
+                        weight = ZERO
+                        if my_oc + U(i) < u_channels:
+                            weight = stencil[(my_oc + U(i)) * u_S + U(t)]
+                        base = (my_oc + U(i) - c) * u_REGION + tap
                         for j in range(RP):
-                            p = np.int32(my_px + j)
-                            u = np.int32(p // TW)
-                            w = np.int32(p - u * TW)
-                            centre = np.int32(cc * REGION + (1 + u * SH) * SWR + 1 + w * SW)
-                            acc[i * RP + j] += weight * s_in[centre + TAP_OFFSET[t]]
+                            p = my_px + U(j)
+                            u = p // u_TW
+                            w = p - u * u_TW
+                            acc[i * RP + j] += weight * s_in[base + u * u_SH * u_SWR + w * u_SW]
             cuda.syncthreads()  # every read of this chunk's tiles is done before the next chunk overwrites them
+            c = U(c + u_CC)
 
         # phase: epilogue
         for i in range(RO):
-            oc = np.int32(my_oc + i)
-            if oc < channels:
+            oc = my_oc + U(i)
+            if oc < u_channels:
                 bias_value = ZERO
                 if USE_BIAS:
                     bias_value = bias[oc]
                 for j in range(RP):
-                    p = np.int32(my_px + j)
-                    u = np.int32(p // TW)
-                    oy = np.int32(oy0 + u)
-                    ox = np.int32(ox0 + p - u * TW)
-                    if oy < out_h and ox < out_w:
-                        out[image_out + np.int32(oc * plane_out + oy * out_w + ox)] = acc[i * RP + j] + bias_value
+                    p = my_px + U(j)
+                    u = p // u_TW
+                    oy = oy0 + u
+                    ox = ox0 + p - u * u_TW
+                    if oy < U(out_h) and ox < u_out_w:
+                        out[image_out + np.int64(oc * plane_out + oy * u_out_w + ox)] = acc[i * RP + j] + bias_value
 
     return kernel
 
