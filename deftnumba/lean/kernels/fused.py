@@ -87,6 +87,9 @@ class LeanTileConfig:
             raise ValueError(f"oc_block ({self.oc_block}) must be a multiple of reg_oc ({self.reg_oc})")
         if self.pixels % self.reg_px:
             raise ValueError(f"tile_h*tile_w ({self.pixels}) must be a multiple of reg_px ({self.reg_px})")
+        if self.tile_w % self.reg_px:
+            raise ValueError(f"tile_w ({self.tile_w}) must be a multiple of reg_px ({self.reg_px}): a thread's "
+                             f"pixels lie in one row")
         if self.chunk % 4:
             raise ValueError(f"chunk ({self.chunk}) must be a multiple of 4 (the pointwise loop's unrolling)")
         if self.chunk % self.reg_oc:
@@ -188,14 +191,14 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
         b = cuda.local.array(RP, dtype=DT)
 
         tid = U(cuda.threadIdx.x)
-        n = np.int64(cuda.blockIdx.z) + image0
+        n = np.uint64(cuda.blockIdx.z) + np.uint64(image0)
         u_channels = U(channels)
         u_width = U(width)
         u_out_w = U(out_w)
         plane_in = U(height) * u_width
         plane_out = U(out_h) * u_out_w
-        image_in = n * np.int64(u_channels * plane_in)     # 64-bit image bases ...
-        image_out = n * np.int64(u_channels * plane_out)   # ... 32-bit indices inside the image
+        image_in = n * np.uint64(u_channels * plane_in)     # 64-bit image bases ...
+        image_out = n * np.uint64(u_channels * plane_out)   # ... 32-bit indices inside the image
         tiles_x = (u_out_w + u_TW - U(1)) // u_TW
         tile_y = U(cuda.blockIdx.x) // tiles_x
         oy0 = tile_y * u_TH
@@ -225,7 +228,7 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
                 gx = ix0 + np.int32(col)
                 v = ZERO
                 if cc < nc and gy >= 0 and gy < height and gx >= 0 and gx < width:
-                    v = x[image_in + np.int64((c + cc) * plane_in + U(gy) * u_width + U(gx))]
+                    v = x[image_in + np.uint64(U((c + cc) * plane_in + U(gy) * u_width + U(gx)))]
                 s_in[idx] = v
                 if row >= U(1) and col >= U(1):
                     r = row - U(1)
@@ -276,20 +279,20 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
             cuda.syncthreads()  # every read of this chunk's tiles is done before the next chunk overwrites them
             c = U(c + u_CC)
 
-        # phase: epilogue
-        for i in range(RO):
-            oc = my_oc + U(i)
-            if oc < u_channels:
-                bias_value = ZERO
-                if USE_BIAS:
-                    bias_value = bias[oc]
-                for j in range(RP):
-                    p = my_px + U(j)
-                    u = p // u_TW
-                    oy = oy0 + u
-                    ox = ox0 + p - u * u_TW
-                    if oy < U(out_h) and ox < u_out_w:
-                        out[image_out + np.int64(oc * plane_out + oy * u_out_w + ox)] = acc[i * RP + j] + bias_value
+        # phase: epilogue (my RP pixels lie in one tile row: tile_w is a multiple of RP)
+        oy = oy0 + my_px // u_TW
+        ox = ox0 + my_px % u_TW
+        if oy < U(out_h):
+            for i in range(RO):
+                oc = my_oc + U(i)
+                if oc < u_channels:
+                    bias_value = ZERO
+                    if USE_BIAS:
+                        bias_value = bias[oc]
+                    row_start = image_out + np.uint64(U(oc * plane_out + oy * u_out_w + ox))
+                    for j in range(RP):
+                        if ox + U(j) < u_out_w:
+                            out[row_start + np.uint64(j)] = acc[i * RP + j] + bias_value
 
     return kernel
 
