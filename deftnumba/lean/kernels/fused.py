@@ -165,7 +165,10 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
     TAP_POS = tuple(U((1 + dy) * SWR + (1 + dx)) for dy, dx in taps)
     u_TW, u_SH, u_SW, u_SWR, u_REGION, u_P, u_OCB = U(TW), U(SH), U(SW), U(SWR), U(REGION), U(P), U(OCB)
     u_TH, u_CC, u_THREADS, u_PX_T, u_RP, u_RO, u_S = U(TH), U(CC), U(THREADS), U(PX_T), U(RP), U(RO), U(S)
-    u_STAGED, u_WEIGHTS = U(STAGED), U(WEIGHTS)
+    u_STAGED, u_WEIGHTS, u_SHR = U(STAGED), U(WEIGHTS), U(SHR)
+    # the step THREADS of a thread's staged index, as (channels, rows, columns)
+    STEP_CC, STEP_REM = U(THREADS // REGION), THREADS % REGION
+    STEP_ROW, STEP_COL = U(STEP_REM // SWR), U(STEP_REM % SWR)
     USE_BIAS = use_bias
 
     @cuda.jit(device=True, inline=True)
@@ -194,8 +197,9 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
         n = np.uint64(cuda.blockIdx.z) + np.uint64(image0)
         u_channels = U(channels)
         u_width = U(width)
+        u_height = U(height)
         u_out_w = U(out_w)
-        plane_in = U(height) * u_width
+        plane_in = u_height * u_width
         plane_out = U(out_h) * u_out_w
         image_in = n * np.uint64(u_channels * plane_in)     # 64-bit image bases ...
         image_out = n * np.uint64(u_channels * plane_out)   # ... 32-bit indices inside the image
@@ -218,27 +222,39 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
         while c < u_channels:
             nc = min(u_CC, u_channels - c)
             # phase: stage
+            # my staged elements are tid, tid + THREADS, ...; (channel, row, col) advance by carries
             idx = tid
+            cc = tid // u_REGION
+            rem = tid - cc * u_REGION
+            row = rem // u_SWR
+            col = rem - row * u_SWR
             while idx < u_STAGED:
-                cc = idx // u_REGION
-                rem = idx - cc * u_REGION
-                row = rem // u_SWR
-                col = rem - row * u_SWR
-                gy = iy0 + np.int32(row)
-                gx = ix0 + np.int32(col)
+                # as unsigned, a row or column above or left of the image wraps past its size:
+                # one compare per axis tests both ends
+                gy = U(iy0 + np.int32(row))
+                gx = U(ix0 + np.int32(col))
                 v = ZERO
-                if cc < nc and gy >= 0 and gy < height and gx >= 0 and gx < width:
-                    v = x[image_in + np.uint64(U((c + cc) * plane_in + U(gy) * u_width + U(gx)))]
+                if cc < nc and gy < u_height and gx < u_width:
+                    v = x[image_in + np.uint64(U(U(c + cc) * plane_in + gy * u_width + gx))]
                 s_in[idx] = v
                 if row >= U(1) and col >= U(1):
-                    r = row - U(1)
-                    q = col - U(1)
+                    r = U(row - U(1))
+                    q = U(col - U(1))
                     if r % u_SH == U(0) and q % u_SW == U(0):
-                        u = r // u_SH
-                        w = q // u_SW
+                        u = U(r // u_SH)
+                        w = U(q // u_SW)
                         if u < u_TH and w < u_TW:  # a centre pixel: also to the dense pointwise operand
-                            s_centre[cc * u_P + u * u_TW + w] = v
-                idx += u_THREADS
+                            s_centre[U(cc * u_P + u * u_TW + w)] = v
+                idx = U(idx + u_THREADS)
+                col = U(col + STEP_COL)
+                if col >= u_SWR:
+                    col = U(col - u_SWR)
+                    row = U(row + U(1))
+                row = U(row + STEP_ROW)
+                if row >= u_SHR:
+                    row = U(row - u_SHR)
+                    cc = U(cc + U(1))
+                cc = U(cc + STEP_CC)
             # phase: stage
             idx = tid
             while idx < u_WEIGHTS:
@@ -246,9 +262,9 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
                 o = idx - cc * u_OCB
                 v = ZERO
                 if cc < nc and oc0 + o < u_channels:
-                    v = packed_pointwise[(c + cc) * u_channels + oc0 + o]
+                    v = packed_pointwise[U(U(c + cc) * u_channels + oc0 + o)]
                 s_w[idx] = v
-                idx += u_THREADS
+                idx = U(idx + u_THREADS)
             cuda.syncthreads()  # s_in, s_centre and s_w of this chunk are complete before anyone reads them
 
             # phase: pointwise
