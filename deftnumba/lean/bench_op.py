@@ -3,7 +3,10 @@
 The op protocol (the house's ``bench/harness.py``): ``name``, ``methods()``,
 ``suites()``, ``make_inputs(shape, dtype, seed)``, ``runner(method, pass_, inputs)``
 (a zero-argument callable, or None where the method cannot run here) and
-``operators(shape, method, pass_)`` (roofline ``Operator`` records).
+``operators(shape, method, pass_)`` (roofline ``Operator`` records); and the optional
+extras ``baselines()``, ``passes(method)``, ``smoke_suites()``, ``ideal_method``,
+``useful_flops(shape, pass_)`` and ``check(method, inputs)``. TF32 is the harness's
+business (it turns it off for fp32 rows and on for ``+tf32`` rows).
 
 Baselines (GPU only, through torch/cuDNN with TF32 off): ``cudnn_pointwise+depthwise``
 (the same operator as a 1x1 conv, a depthwise 3x3 conv and an add) and ``cudnn_conv``
@@ -21,6 +24,10 @@ from .ops import lean_conv2d, lean_conv2d_backward
 
 name = "lean"
 
+BASELINES = ("cudnn_pointwise+depthwise", "cudnn_conv")
+ideal_method = "fused"
+"""The layer's minimal traffic: input and weights read once, output written once."""
+
 
 def methods() -> dict[str, str]:
     return {
@@ -29,6 +36,21 @@ def methods() -> dict[str, str]:
         "cudnn_pointwise+depthwise": "torch/cuDNN: 1x1 conv + depthwise 3x3 conv + add (TF32 off)",
         "cudnn_conv": "torch/cuDNN: the dense 3x3 conv of the same width (TF32 off)",
     }
+
+
+def baselines() -> tuple[str, ...]:
+    """The baselines available here: both need torch with CUDA and the cuda backend."""
+    return BASELINES if _torch_cuda() is not None else ()
+
+
+def passes(method: str) -> tuple[str, ...]:
+    """Ours have a host pass too (one forward call, Python to launch)."""
+    return ("fwd", "bwd", "fwdbwd") if method in BASELINES else ("fwd", "bwd", "fwdbwd", "host")
+
+
+def smoke_suites() -> dict[str, dict]:
+    """A tiny irregular shape for the simulator smoke run."""
+    return {"smoke": dict(batch=2, channels=5, height=7, width=6, stride=1, pattern="star5", bias=True)}
 
 
 def suites() -> dict[str, dict]:
@@ -62,19 +84,23 @@ def make_inputs(shape: dict, dtype: str = "float32", seed: int = 0) -> dict:
     return arrays
 
 
-def _torch_inputs(inputs: dict):
-    """The inputs as CUDA tensors (cached in ``inputs``), or None without a GPU and torch."""
+def _torch_cuda():
+    """torch, if it is installed with CUDA and deftnumba runs on the GPU; else None."""
     if backend.IS_SIMULATOR:
         return None
     try:
         import torch
     except ImportError:
         return None
-    if not torch.cuda.is_available():
+    return torch if torch.cuda.is_available() else None
+
+
+def _torch_inputs(inputs: dict):
+    """The inputs as CUDA tensors (cached in ``inputs``), or None without a GPU and torch."""
+    torch = _torch_cuda()
+    if torch is None:
         return None
     if "_torch" not in inputs:
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
         g = inputs["geometry"]
         t = {k: torch.from_dlpack(inputs[k]) for k in ("input", "pointwise", "stencil", "grad_output")}
         t["bias"] = torch.from_dlpack(inputs["bias"]) if inputs["bias"] is not None else None
@@ -136,6 +162,34 @@ def runner(method: str, pass_: str, inputs: dict):
     return lambda: torch.autograd.grad(forward(), leaves, t["grad_output"])
 
 
-def operators(shape: dict, method: str, pass_: str, dtype: str = "float32"):
-    """Roofline ``Operator`` records of ``method``'s ``pass_`` on ``shape`` (``lean.roofline``)."""
-    return roofline.operators(geometry(shape, dtype), method, pass_)
+def operators(shape: dict, method: str, pass_: str):
+    """Roofline ``Operator`` records of ``method``'s ``pass_`` on ``shape`` (``lean.roofline``;
+    the harness puts the row's ``dtype`` in ``shape``)."""
+    method = method.removesuffix("+tf32")
+    return roofline.operators(geometry(shape, shape.get("dtype", "float32")), method, pass_)
+
+
+def useful_flops(shape: dict, pass_: str) -> float:
+    """What TFLOP/s are quoted in, for every method: the lean operator's own FLOPs (the fused
+    method's count), so the dense ``cudnn_conv`` gets no credit for its extra work."""
+    return roofline.totals(geometry(shape, shape.get("dtype", "float32")), "fused", pass_).flops
+
+
+def check(method: str, inputs: dict):
+    """``("float64 reference", relative error)`` of ``method``'s forward; None for ``cudnn_conv``
+    (a different operator) and where a baseline cannot run."""
+    from .reference import lean_conv2d_reference
+
+    if method == "cudnn_conv":
+        return None
+    work = runner(method, "fwd", inputs)
+    if work is None:
+        return None
+    out = work()
+    out = out.detach().double().cpu().numpy() if hasattr(out, "detach") else np.asarray(backend.to_host(out),
+                                                                                         dtype=np.float64)
+    g = inputs["geometry"]
+    host = [backend.to_host(inputs[k]) if inputs[k] is not None else None
+            for k in ("input", "pointwise", "stencil", "bias")]
+    ref = lean_conv2d_reference(*host, (g.stride_h, g.stride_w), g.taps)
+    return "float64 reference", float(np.linalg.norm(out - ref) / max(float(np.linalg.norm(ref)), 1e-300))

@@ -24,6 +24,18 @@ def test_runners_in_the_simulator(pass_):
                                     inputs["geometry"].taps)
         np.testing.assert_allclose(result, ref, rtol=1e-12, atol=1e-12)
     assert bench_op.runner("cudnn_conv", pass_, inputs) is None  # GPU-only baselines
+    assert bench_op.baselines() == ()
+
+
+def test_check_and_useful_flops():
+    shape = bench_op.smoke_suites()["smoke"]
+    inputs = bench_op.make_inputs(shape, "float32", seed=1)
+    for method in ("fused", "separate"):
+        against, error = bench_op.check(method, inputs)
+        assert against == "float64 reference" and error < 1e-5
+    assert bench_op.check("cudnn_conv", inputs) is None
+    assert bench_op.useful_flops(dict(shape, dtype="float32"), "fwd") == roofline.totals(
+        bench_op.geometry(shape), "fused", "fwd").flops
 
 
 def test_counts_by_hand():
