@@ -86,14 +86,14 @@ def analyse(kernel, signature) -> dict:
     instrs = sass_instructions(kernel, signature)
     marks = phase_marks(kernel)
 
-    def phase(line):
-        name = "other"
-        for ln, ph in marks:
-            if line is not None and line >= ln:
-                name = ph
-        return name
-
-    phases = [phase(line) for _, line, _, _ in instrs]
+    phases, current = [], "prologue"
+    for _, line, _, _ in instrs:  # a line in another file (None) keeps the phase before it
+        if line is not None:
+            current = "prologue"
+            for ln, ph in marks:
+                if line >= ln:
+                    current = ph
+        phases.append(current)
     where = {lab: i for i, (_, _, lab, _) in enumerate(instrs) if lab}
     loops = []
     for i, (_, _, _, target) in enumerate(instrs):
@@ -129,19 +129,19 @@ def predicted_fused_us(shape: dict, report: dict, config) -> dict:
                 "weights": config.chunk * config.oc_block / config.threads}
     in_loops = set()
     total = 0.0
-    stage_loops = [lp for lp in report["innermost"] if lp["phase"] == "stage" and lp["ldg"]]
+    stage_loops = [lp for lp in report["innermost"] if lp["phase"].startswith("stage") and lp["ldg"]]
     for lp in report["innermost"]:
         in_loops.update(range(lp["start"], lp["end"] + 1))
         if lp["phase"] == "pointwise":
             total += lp["instructions"] * chunks * config.chunk / 4
         elif lp in stage_loops:
-            kind = "input" if lp is stage_loops[0] else "weights"  # source order: input, then weights
+            kind = "input" if lp["phase"] == "stage_input" else "weights"
             total += lp["instructions"] * chunks * math.ceil(elements[kind] / lp["ldg"])
         elif lp["phase"] == "stencil":
             total += lp["instructions"]  # one chunk holds my channels
     for k, ph in enumerate(report["phases"]):
         if k not in in_loops:
-            total += chunks if ph in ("stage", "pointwise") else 1
+            total += chunks if ph in ("stage_input", "stage_weights", "pointwise", "stencil") else 1
     tiles = math.ceil(shape["height"] / config.tile_h) * math.ceil(shape["width"] / config.tile_w)
     blocks = tiles * math.ceil(c / config.oc_block) * shape["batch"]
     warps = blocks * config.threads // 32
@@ -171,15 +171,16 @@ def main(argv=None):
                 print(f"    innermost loop [{lp['phase']}]: {lp['instructions']} instructions, {lp['ffma']} FFMA "
                       f"({100 * lp['ffma'] / lp['instructions']:.1f}%), {lp['lds128']} LDS.128, {lp['ldg']} LDG, "
                       f"{lp['sts']} STS")
-    report = result["kernels"]["fused.fused[star5,s1]"]
     for shape_name, shape in bench_op.suites().items():
         g = bench_op.geometry(shape)
+        config = fused.default_config(g)
+        key = "fused.fused[star5,s1,wide]" if config == fused.WIDE_CONFIG else "fused.fused[star5,s1]"
         floor = roofline.floor_ms(g, "fused", "fwd") * 1e3
-        pred = predicted_fused_us(shape, report, fused.GPU_CONFIG)
-        pred["roofline_floor_us"] = floor
-        pred["ratio"] = pred["predicted_issue_us"] / floor
+        pred = predicted_fused_us(shape, result["kernels"][key], config)
+        pred.update(roofline_floor_us=floor, ratio=pred["predicted_issue_us"] / floor, kernel=key,
+                    config=str(config))
         result["suites"][shape_name] = pred
-        print(f"{shape_name}: predicted issue-bound {pred['predicted_issue_us']:.1f} us vs roofline floor "
+        print(f"{shape_name} ({key}): predicted issue-bound {pred['predicted_issue_us']:.1f} us vs roofline floor "
               f"{floor:.1f} us ({pred['ratio']:.2f}x)  [static predictions, H200 leads]")
     if args.json:
         os.makedirs(os.path.dirname(args.json), exist_ok=True)

@@ -14,12 +14,12 @@ Algorithm (one block = one image ``n``, one ``TH x TW`` tile of output pixels,
 
     acc[OCB, P] = 0                                   # registers: RO x RP per thread
     for c0 in range(0, C, CC):                        # chunks of input channels
-        # phase: stage      x[n, c0:c0+CC, tile rows + 1-pixel halo] -> s_in (zero outside)
-        #                   the tile's centre pixels also -> s_centre [CC, P] (dense, aligned)
-        #                   packed pointwise slice P^T[c0:c0+CC, oc0:oc0+OCB] -> s_w [CC, OCB]
-        # phase: pointwise  acc += s_w[cc, my channels] (outer) s_centre[cc, my pixels]
-        # phase: stencil    for my output channels o in [c0, c0+CC): acc[o] += sum_t S[o, t] * s_in[o, p + tap_t]
-    # phase: epilogue       out[n, oc, tile] = acc + bias         (written once, NCHW)
+        # stage_input    x[n, c0:c0+CC, tile rows + 1-pixel halo] -> s_in (zero outside);
+        #                the tile's centre pixels also -> s_centre [CC, P] (dense, aligned)
+        # stage_weights  packed pointwise slice P^T[c0:c0+CC, oc0:oc0+OCB] -> s_w [CC, OCB]
+        # pointwise      acc += s_w[cc, my channels] (outer) s_centre[cc, my pixels]
+        # stencil        for my output channels o in [c0, c0+CC): acc[o] += sum_t S[o, t] * s_in[o, p + tap_t]
+    # epilogue           out[n, oc, tile] = acc + bias         (written once, NCHW)
 
 Each thread owns ``RO`` *contiguous* output channels and ``RP`` *contiguous*
 pixels, and the shared arrays are flat and 16-byte aligned, so its operand
@@ -124,14 +124,20 @@ SIMULATOR_CONFIG = LeanTileConfig(tile_h=4, tile_w=4, chunk=4, oc_block=4, reg_o
 GPU_CONFIG = LeanTileConfig(tile_h=8, tile_w=8, chunk=16, oc_block=64, reg_oc=8, reg_px=4)
 
 
+WIDE_CONFIG = LeanTileConfig(tile_h=8, tile_w=8, chunk=16, oc_block=128, reg_oc=8, reg_px=4)
+"""256 threads, 128 output channels per block: each staged input element serves twice the
+FFMAs of ``GPU_CONFIG`` (the static audit: staging costs about as much as the pointwise loop)."""
+
+
 def default_config(geometry) -> LeanTileConfig:
-    """``SIMULATOR_CONFIG`` in the simulator; on the GPU ``GPU_CONFIG`` with a smaller channel
-    chunk for float64 so the block stays well under 48 KB of shared memory."""
+    """``SIMULATOR_CONFIG`` in the simulator. On the GPU: ``WIDE_CONFIG`` from 128 channels up,
+    else ``GPU_CONFIG``; float64 with a chunk of 8 (half the shared memory and registers)."""
     if backend.IS_SIMULATOR:
         return SIMULATOR_CONFIG
+    config = WIDE_CONFIG if geometry.channels >= 128 else GPU_CONFIG
     if geometry.itemsize == 8:
-        return LeanTileConfig(8, 8, 8, 64, 8, 4)
-    return GPU_CONFIG
+        config = LeanTileConfig(config.tile_h, config.tile_w, 8, config.oc_block, config.reg_oc, config.reg_px)
+    return config
 
 
 @functools.cache
@@ -171,18 +177,6 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
     STEP_ROW, STEP_COL = U(STEP_REM // SWR), U(STEP_REM % SWR)
     USE_BIAS = use_bias
 
-    @cuda.jit(device=True, inline=True)
-    def rank1_update(acc, a, b, s_w, s_centre, w0, p0):
-        """acc[RO, RP] += s_w[w0 : w0+RO] (outer) s_centre[p0 : p0+RP]: one input channel."""
-        # phase: pointwise
-        for i in range(RO):
-            a[i] = s_w[w0 + U(i)]
-        for j in range(RP):
-            b[j] = s_centre[p0 + U(j)]
-        for i in range(RO):
-            for j in range(RP):
-                acc[i * RP + j] += a[i] * b[j]
-
     @cuda.jit
     def kernel(x, packed_pointwise, stencil, bias, out, channels, height, width, out_h, out_w, image0):
         # phase: prologue
@@ -221,7 +215,7 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
         c = U(0)
         while c < u_channels:
             nc = min(u_CC, u_channels - c)
-            # phase: stage
+            # phase: stage_input
             # my staged elements are tid, tid + THREADS, ...; (channel, row, col) advance by carries
             idx = tid
             cc = tid // u_REGION
@@ -255,7 +249,7 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
                     row = U(row - u_SHR)
                     cc = U(cc + U(1))
                 cc = U(cc + STEP_CC)
-            # phase: stage
+            # phase: stage_weights
             idx = tid
             while idx < u_WEIGHTS:
                 cc = idx // u_OCB
@@ -268,17 +262,52 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
             cuda.syncthreads()  # s_in, s_centre and s_w of this chunk are complete before anyone reads them
 
             # phase: pointwise
-            # four input channels per step (zero-filled past the last channel)
+            # Four input channels per step (zero-filled past the last channel), written out four
+            # times: Numba has no unroll pragma and LLVM leaves this loop rolled, and the SASS
+            # audit attributes instructions to phases by source line (an inlined helper would not).
             cc = U(0)
             while cc < u_CC:
-                rank1_update(acc, a, b, s_w, s_centre, cc * u_OCB + my_w, cc * u_P + my_px)
-                rank1_update(acc, a, b, s_w, s_centre, (cc + U(1)) * u_OCB + my_w, (cc + U(1)) * u_P + my_px)
-                rank1_update(acc, a, b, s_w, s_centre, (cc + U(2)) * u_OCB + my_w, (cc + U(2)) * u_P + my_px)
-                rank1_update(acc, a, b, s_w, s_centre, (cc + U(3)) * u_OCB + my_w, (cc + U(3)) * u_P + my_px)
+                w0 = cc * u_OCB + my_w  # channel cc + 0
+                p0 = cc * u_P + my_px
+                for i in range(RO):
+                    a[i] = s_w[w0 + U(i)]
+                for j in range(RP):
+                    b[j] = s_centre[p0 + U(j)]
+                for i in range(RO):
+                    for j in range(RP):
+                        acc[i * RP + j] += a[i] * b[j]
+                w0 = U(cc + U(1)) * u_OCB + my_w  # channel cc + 1
+                p0 = U(cc + U(1)) * u_P + my_px
+                for i in range(RO):
+                    a[i] = s_w[w0 + U(i)]
+                for j in range(RP):
+                    b[j] = s_centre[p0 + U(j)]
+                for i in range(RO):
+                    for j in range(RP):
+                        acc[i * RP + j] += a[i] * b[j]
+                w0 = U(cc + U(2)) * u_OCB + my_w  # channel cc + 2
+                p0 = U(cc + U(2)) * u_P + my_px
+                for i in range(RO):
+                    a[i] = s_w[w0 + U(i)]
+                for j in range(RP):
+                    b[j] = s_centre[p0 + U(j)]
+                for i in range(RO):
+                    for j in range(RP):
+                        acc[i * RP + j] += a[i] * b[j]
+                w0 = U(cc + U(3)) * u_OCB + my_w  # channel cc + 3
+                p0 = U(cc + U(3)) * u_P + my_px
+                for i in range(RO):
+                    a[i] = s_w[w0 + U(i)]
+                for j in range(RP):
+                    b[j] = s_centre[p0 + U(j)]
+                for i in range(RO):
+                    for j in range(RP):
+                        acc[i * RP + j] += a[i] * b[j]
                 cc = U(cc + U(4))
 
-            # phase: stencil. My RO channels lie in one chunk (RO divides CC);
-            # in that chunk, add each one's own stencil term from the staged tile.
+            # phase: stencil
+            # My RO channels lie in one chunk (RO divides CC); in that chunk, add each one's own
+            # stencil term from the staged tile.
             if my_oc >= c and my_oc < c + nc:
                 for t in range(S):
                     tap = TAP_POS[t]
@@ -295,7 +324,8 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
             cuda.syncthreads()  # every read of this chunk's tiles is done before the next chunk overwrites them
             c = U(c + u_CC)
 
-        # phase: epilogue (my RP pixels lie in one tile row: tile_w is a multiple of RP)
+        # phase: epilogue
+        # my RP pixels lie in one tile row (tile_w is a multiple of RP)
         oy = oy0 + my_px // u_TW
         ox = ox0 + my_px % u_TW
         if oy < U(out_h):
@@ -335,28 +365,31 @@ def launch(geometry, taps, config, x_flat, packed_pointwise, stencil_flat, bias,
                        stencil_flat, bias_arg, out_flat, *sizes, np.int64(image0))
 
 
-def phase_model(shape: dict, config: LeanTileConfig | None = None) -> dict[str, float]:
-    """Iterations per thread of each phase's innermost loop body, for the audit's issue-slot model.
+def phase_model(shape, config: LeanTileConfig | None = None) -> dict:
+    """Per phase, iterations per thread over the whole launch of the phase's innermost loop
+    body, or ``(body iterations, straight-line executions)`` (the audit's convention).
 
-    ``shape``: ``{"channels", "out_h", "out_w", "stride", "taps"}`` (``taps`` = S, stride an int).
-    The innermost bodies: *stage* one staged element (input region, then weights: ceil of
-    elements/threads per chunk); *pointwise* one input channel of a chunk (RO*RP FMAs, fully
-    unrolled); *stencil* one (owned channel, tap) pair (RP FMAs); *epilogue* one owned
-    (channel, pixel) store. Counted per block; every block does the same work.
+    ``shape``: a ``LeanGeometry`` or a dict with ``channels`` (and optionally ``stride``,
+    ``taps`` = S). Innermost bodies: *stage_input* and *stage_weights* one staged element
+    (the compiler may unroll these loops; the audit accounts for it); *pointwise* one step of
+    four input channels (RO*RP FMAs each, hand-unrolled); *stencil* one tap (RO*RP FMAs,
+    in the one chunk that holds my channels; its check runs every chunk); *epilogue* none.
     """
     cfg = config or GPU_CONFIG
-    channels = int(shape["channels"])
-    stride = int(shape.get("stride", 1))
-    s = int(shape.get("taps", 5))
-    rows, cols = cfg.staged_shape(stride, stride)
+    get = shape.get if isinstance(shape, dict) else (lambda k, d=None: getattr(shape, k, d))
+    channels = int(get("channels"))
+    stride = get("stride_h", None) or get("stride", 1)
+    taps = get("taps", 5)
+    s = len(taps) if isinstance(taps, tuple) else int(taps)
+    rows, cols = cfg.staged_shape(int(stride), int(get("stride_w", None) or stride))
     chunks = math.ceil(channels / cfg.chunk)
-    per_chunk_stage = math.ceil(cfg.chunk * rows * cols / cfg.threads) + math.ceil(
-        cfg.chunk * cfg.oc_block / cfg.threads)
     return {
-        "stage": chunks * per_chunk_stage,
-        "pointwise": chunks * cfg.chunk,
-        "stencil": cfg.reg_oc * s,
-        "epilogue": cfg.reg_oc * cfg.reg_px,
+        "prologue": 0,
+        "stage_input": (chunks * math.ceil(cfg.chunk * rows * cols / cfg.threads), chunks),
+        "stage_weights": (chunks * math.ceil(cfg.chunk * cfg.oc_block / cfg.threads), chunks),
+        "pointwise": (chunks * cfg.chunk // 4, chunks),
+        "stencil": (s, chunks),
+        "epilogue": 0,
     }
 
 
@@ -374,4 +407,6 @@ def ptx_cases():
         config = GPU_CONFIG if dtype == "float32" else LeanTileConfig(8, 8, 8, 64, 8, 4)
         for name in ("star5", "full9"):
             yield (f"fused[{name},s1]", dtype, fused_kernel(dtype, PATTERNS[name], 1, 1, config, True), sig)
+        wide = WIDE_CONFIG if dtype == "float32" else LeanTileConfig(8, 8, 8, 128, 8, 4)
+        yield (f"fused[star5,s1,wide]", dtype, fused_kernel(dtype, PATTERNS["star5"], 1, 1, wide, True), sig)
         yield (f"fused[star5,s2]", dtype, fused_kernel(dtype, PATTERNS["star5"], 2, 2, config, True), sig)
