@@ -88,9 +88,9 @@ def lean_conv2d(input, pointwise, stencil, bias=None, stride=1, *, pattern="star
                 out += b[None, :, None, None]
     else:
         cfg = config or _fused.default_config(g)
-        packed = _flat(xp, pw.T)  # packed[c*C + o] = pointwise[o, c]: what every block stages
         with sw.section("fused"):
-            _fused.launch(g, g.taps, cfg, _flat(xp, x), packed, _flat(xp, st), b, out.reshape(-1),
+            # pointwise.T[c, o]: the weight from input channel c to output channel o
+            _fused.launch(g, g.taps, cfg, _flat(xp, x), pw.T, _flat(xp, st), b, out.reshape(-1),
                           g.out_h, g.out_w, (g.stride_h, g.stride_w))
     return backend.to_host(out) if host_result and not backend.IS_SIMULATOR else out
 
@@ -137,8 +137,8 @@ def lean_conv2d_backward(grad_output, input, pointwise, stencil, bias=None, stri
     if name == "fused" and g.stride_h == 1 and g.stride_w == 1:
         cfg = config or _fused.default_config(g)
         with sw.section("fused adjoint"):
-            # the adjoint: packed[o*C + c] = pointwise[o, c] is P^T's packing; mirrored taps
-            _fused.launch(g, flipped(g.taps), cfg, gy_flat, _flat(xp, pw2), st_flat, None,
+            # the adjoint maps output channel o to input channel c by pointwise[o, c]; mirrored taps
+            _fused.launch(g, flipped(g.taps), cfg, gy_flat, pw2, st_flat, None,
                           grad_x.reshape(-1), g.height, g.width)
     else:
         with sw.section("input gradient gemm"):

@@ -15,7 +15,7 @@ Algorithm (one block = one image ``n``, one ``TH x TW`` tile of output pixels,
     acc[OCB, P] = 0                                   # registers: RO x RP per thread
     for c0 in range(0, C, CC):                        # chunks of input channels
         # stage_input    x[n, c0:c0+CC, tile rows + 1-pixel halo] -> s_in (zero outside);
-        #                the tile's centre pixels also -> s_centre [CC, P] (dense, aligned)
+        #                at stride > 1 the tile's centre pixels also -> s_centre [CC, P]
         # stage_weights  packed pointwise slice P^T[c0:c0+CC, oc0:oc0+OCB] -> s_w [CC, OCB]
         # pointwise      acc += s_w[cc, my channels] (outer) s_centre[cc, my pixels]
         # stencil        for my output channels o in [c0, c0+CC): acc[o] += sum_t S[o, t] * s_in[o, p + tap_t]
@@ -37,7 +37,8 @@ B = ceil(C/OCB) output-channel blocks, T tiles of SHR x SWR staged pixels):
 * writes output  N * C * P * s, once.
 * FLOPs  2*N*C*C*P (pointwise) + 2*N*C*S*P (stencil) + N*C*P (bias).
 
-Shared memory per block: ``s * CC * (SHR*SWR + P + OCB)`` (``LeanTileConfig.shared_bytes``).
+Shared memory per block: ``LeanTileConfig.shared_bytes`` (the staged tile, its rows padded
+to a multiple of 4 at stride 1; the dense centres at other strides; the weight slice).
 
 The same kernel computes the input gradient at stride 1: the adjoint of the
 lean operator is the lean operator with ``P^T`` and the mirrored taps
@@ -48,7 +49,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -57,6 +58,14 @@ from ...backend import cuda
 from . import SHARED_ALIGN
 
 GRID_YZ_LIMIT = 65535  # CUDA's limit on gridDim.y and gridDim.z
+
+
+def padded_row(cols: int, direct: bool) -> tuple[int, int]:
+    """``(left, pitch)`` of a staged row: at stride 1 (``direct``) staged column ``q`` sits at
+    ``q + 3`` in a row of a multiple of 4 elements, so centre column 1 starts aligned."""
+    if not direct:
+        return 0, cols
+    return 3, -(-(cols + 3) // 4) * 4
 
 
 @dataclass(frozen=True)
@@ -109,8 +118,13 @@ class LeanTileConfig:
         return (self.tile_h - 1) * stride_h + 3, (self.tile_w - 1) * stride_w + 3
 
     def shared_bytes(self, geometry) -> int:
+        """Static shared memory of one block: the staged tile (rows padded at stride 1), the
+        dense centres (other strides) and the weight slice."""
         rows, cols = self.staged_shape(geometry.stride_h, geometry.stride_w)
-        return geometry.itemsize * self.chunk * (rows * cols + self.pixels + self.oc_block)
+        direct = geometry.stride_h == 1 and geometry.stride_w == 1
+        left, pitch = padded_row(cols, direct)
+        centres = 4 if direct else self.chunk * self.pixels
+        return geometry.itemsize * (self.chunk * (rows * pitch + self.oc_block) + centres)
 
     def blocks(self, geometry) -> tuple[int, int, int]:
         """``(tiles, output-channel blocks, images)`` of the whole layer."""
@@ -121,33 +135,38 @@ class LeanTileConfig:
 # 16 threads in the simulator (one Python thread each); 128 on the GPU:
 # 8 channels x 4 pixels of accumulators per thread, 64 x 64 per block.
 SIMULATOR_CONFIG = LeanTileConfig(tile_h=4, tile_w=4, chunk=4, oc_block=4, reg_oc=2, reg_px=2)
-GPU_CONFIG = LeanTileConfig(tile_h=8, tile_w=8, chunk=16, oc_block=64, reg_oc=8, reg_px=4)
+GPU_CONFIG = LeanTileConfig(tile_h=8, tile_w=8, chunk=32, oc_block=64, reg_oc=8, reg_px=4)
 
 
-WIDE_CONFIG = LeanTileConfig(tile_h=8, tile_w=8, chunk=16, oc_block=128, reg_oc=8, reg_px=4)
+WIDE_CONFIG = LeanTileConfig(tile_h=8, tile_w=8, chunk=32, oc_block=128, reg_oc=8, reg_px=4)
 """256 threads, 128 output channels per block: each staged input element serves twice the
 FFMAs of ``GPU_CONFIG`` (the static audit: staging costs about as much as the pointwise loop)."""
 
 
+STATIC_SHARED_LIMIT = 48 * 1024
+
+
 def default_config(geometry) -> LeanTileConfig:
     """``SIMULATOR_CONFIG`` in the simulator. On the GPU: ``WIDE_CONFIG`` from 128 channels up,
-    else ``GPU_CONFIG``; float64 with a chunk of 8 (half the shared memory and registers)."""
+    else ``GPU_CONFIG``, with the channel chunk halved until the block's static shared memory
+    fits 48 KB (float64, stride 2)."""
     if backend.IS_SIMULATOR:
         return SIMULATOR_CONFIG
     config = WIDE_CONFIG if geometry.channels >= 128 else GPU_CONFIG
-    if geometry.itemsize == 8:
-        config = LeanTileConfig(config.tile_h, config.tile_w, 8, config.oc_block, config.reg_oc, config.reg_px)
+    while config.chunk > 4 and config.shared_bytes(geometry) > STATIC_SHARED_LIMIT:
+        config = replace(config, chunk=config.chunk // 2)
     return config
 
 
 @functools.cache
 def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanTileConfig, use_bias: bool):
-    """Kernel ``(x, packed_pointwise, stencil, bias, out, channels, height, width, out_h, out_w,
-    image0)`` on a grid ``(tiles, ceil(C/OCB), images)`` of ``config.threads`` threads.
+    """Kernel ``(x, packed_pointwise, pitch, stencil, bias, out, channels, height, width, out_h,
+    out_w, image0)`` on a grid ``(tiles, ceil(C/OCB), images)`` of ``config.threads`` threads.
 
-    All arrays are flat and C-contiguous: ``x`` ``[N*C*H*W]``; ``packed_pointwise`` ``[C*C]``
-    with ``packed[c*C + o]`` the weight from input channel ``c`` to output channel ``o``
-    (``pointwise.T``, pre-packed once per call so every block stages rows of it coalesced);
+    All arrays are flat and C-contiguous: ``x`` ``[N*C*H*W]``; ``packed_pointwise`` from
+    ``pack_pointwise`` (row pitch ``pitch``): ``packed[c*pitch + o]`` the weight from input
+    channel ``c`` to output channel ``o``, zero-padded to whole chunks and channel blocks
+    (pre-packed once per call, so every block stages rows of it coalesced and unchecked);
     ``stencil`` ``[C*S]``; ``bias`` ``[C]`` (a dummy unless ``use_bias``); ``out``
     ``[N*C*Ho*Wo]``. Sizes are int32; ``image0`` (int64) is the launch's first image.
     """
@@ -162,25 +181,36 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
     REGION = SHR * SWR
     STAGED = CC * REGION
     WEIGHTS = CC * OCB
-    CENTRES = CC * P
+    # At stride 1 the tile's centre pixels are a dense block of the staged region: with rows
+    # padded to a multiple of 4 and the region shifted right by LEFT = 3, a thread's RP
+    # contiguous pixels start 16-byte aligned, and the pointwise product reads them straight
+    # from s_in (DIRECT). At other strides the centres are copied to a dense s_centre.
+    DIRECT = SH == 1 and SW == 1
+    LEFT, SWP = padded_row(SWR, DIRECT)
+    REGION_P = SHR * SWP
+    STAGED_P = CC * REGION_P
+    CENTRES = 4 if DIRECT else CC * P
+    PITCH = REGION_P if DIRECT else P  # pointwise operand: distance between staged channels
     ACCUMULATORS = RO * RP
     PX_T = P // RP  # threads along pixels
     THREADS = config.threads
     S = len(taps)
     # a tap's position in the flat staged region, relative to the top-left of the pixel's 3x3 footprint
-    TAP_POS = tuple(U((1 + dy) * SWR + (1 + dx)) for dy, dx in taps)
+    TAP_POS = tuple(U((1 + dy) * SWP + (1 + dx) + LEFT) for dy, dx in taps)
     u_TW, u_SH, u_SW, u_SWR, u_REGION, u_P, u_OCB = U(TW), U(SH), U(SW), U(SWR), U(REGION), U(P), U(OCB)
     u_TH, u_CC, u_THREADS, u_PX_T, u_RP, u_RO, u_S = U(TH), U(CC), U(THREADS), U(PX_T), U(RP), U(RO), U(S)
     u_STAGED, u_WEIGHTS, u_SHR = U(STAGED), U(WEIGHTS), U(SHR)
+    u_SWP, u_REGION_P, u_LEFT, u_PITCH = U(SWP), U(REGION_P), U(LEFT), U(PITCH)
     # the step THREADS of a thread's staged index, as (channels, rows, columns)
     STEP_CC, STEP_REM = U(THREADS // REGION), THREADS % REGION
     STEP_ROW, STEP_COL = U(STEP_REM // SWR), U(STEP_REM % SWR)
+    STEP_W_CC, STEP_W_O = U(THREADS // OCB), U(THREADS % OCB)  # the same for the weight slice
     USE_BIAS = use_bias
 
     @cuda.jit
-    def kernel(x, packed_pointwise, stencil, bias, out, channels, height, width, out_h, out_w, image0):
+    def kernel(x, packed_pointwise, pitch, stencil, bias, out, channels, height, width, out_h, out_w, image0):
         # phase: prologue
-        s_in = cuda.shared.array(STAGED, dtype=DT, alignment=SHARED_ALIGN)
+        s_in = cuda.shared.array(STAGED_P, dtype=DT, alignment=SHARED_ALIGN)
         s_centre = cuda.shared.array(CENTRES, dtype=DT, alignment=SHARED_ALIGN)
         s_w = cuda.shared.array(WEIGHTS, dtype=DT, alignment=SHARED_ALIGN)
         acc = cuda.local.array(ACCUMULATORS, dtype=DT)
@@ -190,6 +220,7 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
         tid = U(cuda.threadIdx.x)
         n = np.uint64(cuda.blockIdx.z) + np.uint64(image0)
         u_channels = U(channels)
+        u_pitch = U(pitch)
         u_width = U(width)
         u_height = U(height)
         u_out_w = U(out_w)
@@ -207,21 +238,24 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
 
         for k in range(ACCUMULATORS):
             acc[k] = ZERO
-        oc_t = tid // u_PX_T
-        my_px = (tid - oc_t * u_PX_T) * u_RP  # first of my RP contiguous pixels
-        my_w = oc_t * u_RO                    # first of my RO contiguous channels, within the block
-        my_oc = oc0 + my_w
+        oc_t = U(tid // u_PX_T)
+        my_px = U((tid - oc_t * u_PX_T) * u_RP)  # first of my RP contiguous pixels
+        my_w = U(oc_t * u_RO)                    # first of my RO contiguous channels, within the block
+        my_oc = U(oc0 + my_w)
+        # where my first pixel's pointwise operand sits in a staged channel
+        my_first = U((my_px // u_TW + U(1)) * u_SWP + u_LEFT + U(1) + my_px % u_TW) if DIRECT else my_px
+        operand = s_in if DIRECT else s_centre
 
         c = U(0)
         while c < u_channels:
-            nc = min(u_CC, u_channels - c)
+            nc = U(min(u_CC, U(u_channels - c)))
             # phase: stage_input
             # my staged elements are tid, tid + THREADS, ...; (channel, row, col) advance by carries
             idx = tid
-            cc = tid // u_REGION
-            rem = tid - cc * u_REGION
-            row = rem // u_SWR
-            col = rem - row * u_SWR
+            cc = U(tid // u_REGION)  # every index variable stays uint32 (numba widens otherwise)
+            rem = U(tid - cc * u_REGION)
+            row = U(rem // u_SWR)
+            col = U(rem - row * u_SWR)
             while idx < u_STAGED:
                 # as unsigned, a row or column above or left of the image wraps past its size:
                 # one compare per axis tests both ends
@@ -230,8 +264,8 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
                 v = ZERO
                 if cc < nc and gy < u_height and gx < u_width:
                     v = x[image_in + np.uint64(U(U(c + cc) * plane_in + gy * u_width + gx))]
-                s_in[idx] = v
-                if row >= U(1) and col >= U(1):
+                s_in[U(cc * u_REGION_P + row * u_SWP + col + u_LEFT)] = v
+                if not DIRECT and row >= U(1) and col >= U(1):
                     r = U(row - U(1))
                     q = U(col - U(1))
                     if r % u_SH == U(0) and q % u_SW == U(0):
@@ -250,15 +284,18 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
                     cc = U(cc + U(1))
                 cc = U(cc + STEP_CC)
             # phase: stage_weights
+            # the packed matrix is zero-padded to whole chunks and blocks: no bounds tests
             idx = tid
+            cc = U(tid // u_OCB)
+            o = U(tid - cc * u_OCB)
             while idx < u_WEIGHTS:
-                cc = idx // u_OCB
-                o = idx - cc * u_OCB
-                v = ZERO
-                if cc < nc and oc0 + o < u_channels:
-                    v = packed_pointwise[U(U(c + cc) * u_channels + oc0 + o)]
-                s_w[idx] = v
+                s_w[idx] = packed_pointwise[U(U(c + cc) * u_pitch + oc0 + o)]
                 idx = U(idx + u_THREADS)
+                o = U(o + STEP_W_O)
+                if o >= u_OCB:
+                    o = U(o - u_OCB)
+                    cc = U(cc + U(1))
+                cc = U(cc + STEP_W_CC)
             cuda.syncthreads()  # s_in, s_centre and s_w of this chunk are complete before anyone reads them
 
             # phase: pointwise
@@ -268,38 +305,38 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
             cc = U(0)
             while cc < u_CC:
                 w0 = cc * u_OCB + my_w  # channel cc + 0
-                p0 = cc * u_P + my_px
+                p0 = cc * u_PITCH + my_first
                 for i in range(RO):
                     a[i] = s_w[w0 + U(i)]
                 for j in range(RP):
-                    b[j] = s_centre[p0 + U(j)]
+                    b[j] = operand[p0 + U(j)]
                 for i in range(RO):
                     for j in range(RP):
                         acc[i * RP + j] += a[i] * b[j]
                 w0 = U(cc + U(1)) * u_OCB + my_w  # channel cc + 1
-                p0 = U(cc + U(1)) * u_P + my_px
+                p0 = U(cc + U(1)) * u_PITCH + my_first
                 for i in range(RO):
                     a[i] = s_w[w0 + U(i)]
                 for j in range(RP):
-                    b[j] = s_centre[p0 + U(j)]
+                    b[j] = operand[p0 + U(j)]
                 for i in range(RO):
                     for j in range(RP):
                         acc[i * RP + j] += a[i] * b[j]
                 w0 = U(cc + U(2)) * u_OCB + my_w  # channel cc + 2
-                p0 = U(cc + U(2)) * u_P + my_px
+                p0 = U(cc + U(2)) * u_PITCH + my_first
                 for i in range(RO):
                     a[i] = s_w[w0 + U(i)]
                 for j in range(RP):
-                    b[j] = s_centre[p0 + U(j)]
+                    b[j] = operand[p0 + U(j)]
                 for i in range(RO):
                     for j in range(RP):
                         acc[i * RP + j] += a[i] * b[j]
                 w0 = U(cc + U(3)) * u_OCB + my_w  # channel cc + 3
-                p0 = U(cc + U(3)) * u_P + my_px
+                p0 = U(cc + U(3)) * u_PITCH + my_first
                 for i in range(RO):
                     a[i] = s_w[w0 + U(i)]
                 for j in range(RP):
-                    b[j] = s_centre[p0 + U(j)]
+                    b[j] = operand[p0 + U(j)]
                 for i in range(RO):
                     for j in range(RP):
                         acc[i * RP + j] += a[i] * b[j]
@@ -315,12 +352,12 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
                         weight = ZERO
                         if my_oc + U(i) < u_channels:
                             weight = stencil[(my_oc + U(i)) * u_S + U(t)]
-                        base = (my_oc + U(i) - c) * u_REGION + tap
+                        base = (my_oc + U(i) - c) * u_REGION_P + tap
                         for j in range(RP):
                             p = my_px + U(j)
                             u = p // u_TW
                             w = p - u * u_TW
-                            acc[i * RP + j] += weight * s_in[base + u * u_SH * u_SWR + w * u_SW]
+                            acc[i * RP + j] += weight * s_in[base + u * u_SH * u_SWP + w * u_SW]
             cuda.syncthreads()  # every read of this chunk's tiles is done before the next chunk overwrites them
             c = U(c + u_CC)
 
@@ -343,15 +380,30 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
     return kernel
 
 
-def launch(geometry, taps, config, x_flat, packed_pointwise, stencil_flat, bias, out_flat,
+def pack_pointwise(xp, matrix, config: LeanTileConfig):
+    """``(packed, pitch)``: ``matrix[c_in, c_out]`` zero-padded to ``ceil(C/CC)*CC`` rows and
+    ``ceil(C/OCB)*OCB`` columns, flattened. The forward packs ``pointwise.T``; the adjoint
+    (input gradient) packs ``pointwise`` itself."""
+    c = matrix.shape[0]
+    rows = -(-c // config.chunk) * config.chunk
+    pitch = -(-c // config.oc_block) * config.oc_block
+    packed = xp.zeros((rows, pitch), dtype=matrix.dtype)
+    packed[:c, :c] = matrix
+    return packed.reshape(-1), pitch
+
+
+def launch(geometry, taps, config, x_flat, matrix, stencil_flat, bias, out_flat,
            out_h: int, out_w: int, stride=(1, 1)):
     """Launch the fused kernel over the whole batch (slices of at most 65535 images).
 
-    ``geometry`` gives N, C, H, W and dtype; ``taps``, ``stride`` and ``(out_h, out_w)`` are
-    passed explicitly so the backward can run the adjoint (mirrored taps, stride 1).
+    ``geometry`` gives N, C, H, W and dtype; ``matrix[c_in, c_out]`` is the pointwise map
+    (``pointwise.T`` forward, ``pointwise`` for the adjoint); ``taps``, ``stride`` and
+    ``(out_h, out_w)`` are passed explicitly so the backward can run the adjoint (mirrored
+    taps, stride 1).
     """
     g = geometry
     xp = backend.array_module(x_flat)
+    packed, pitch = pack_pointwise(xp, matrix, config)
     kernel = fused_kernel(g.dtype, tuple(taps), stride[0], stride[1], config, bias is not None)
     bias_arg = bias if bias is not None else xp.zeros(1, dtype=x_flat.dtype)
     tiles = math.ceil(out_h / config.tile_h) * math.ceil(out_w / config.tile_w)
@@ -361,7 +413,7 @@ def launch(geometry, taps, config, x_flat, packed_pointwise, stencil_flat, bias,
     sizes = tuple(np.int32(v) for v in (g.channels, g.height, g.width, out_h, out_w))
     for image0 in range(0, g.batch, GRID_YZ_LIMIT):
         images = min(GRID_YZ_LIMIT, g.batch - image0)
-        backend.launch(kernel, (tiles, oc_blocks, images), config.threads, x_flat, packed_pointwise,
+        backend.launch(kernel, (tiles, oc_blocks, images), config.threads, x_flat, packed, np.int32(pitch),
                        stencil_flat, bias_arg, out_flat, *sizes, np.int64(image0))
 
 
@@ -399,14 +451,18 @@ def ptx_cases():
 
     from ..geometry import PATTERNS
 
+    from ..geometry import LeanGeometry
+
     for dtype in ("float32", "float64"):
         t = getattr(types, dtype)
         a1 = types.Array(t, 1, "C")
         i32 = types.int32
-        sig = (a1, a1, a1, a1, a1, i32, i32, i32, i32, i32, types.int64)
-        config = GPU_CONFIG if dtype == "float32" else LeanTileConfig(8, 8, 8, 64, 8, 4)
-        for name in ("star5", "full9"):
-            yield (f"fused[{name},s1]", dtype, fused_kernel(dtype, PATTERNS[name], 1, 1, config, True), sig)
-        wide = WIDE_CONFIG if dtype == "float32" else LeanTileConfig(8, 8, 8, 128, 8, 4)
-        yield (f"fused[star5,s1,wide]", dtype, fused_kernel(dtype, PATTERNS["star5"], 1, 1, wide, True), sig)
-        yield (f"fused[star5,s2]", dtype, fused_kernel(dtype, PATTERNS["star5"], 2, 2, config, True), sig)
+        sig = (a1, a1, i32, a1, a1, a1, i32, i32, i32, i32, i32, types.int64)
+        for channels, stride, name, tag in ((64, 1, "star5", ""), (64, 1, "full9", ""), (128, 1, "star5", ",wide"),
+                                             (64, 2, "star5", "")):
+            g = LeanGeometry(32, channels, 56, 56, PATTERNS[name], stride, stride, True, dtype)
+            config = GPU_CONFIG if channels < 128 else WIDE_CONFIG
+            while config.chunk > 4 and config.shared_bytes(g) > STATIC_SHARED_LIMIT:
+                config = replace(config, chunk=config.chunk // 2)
+            yield (f"fused[{name},s{stride}{tag}]", dtype,
+                   fused_kernel(dtype, PATTERNS[name], stride, stride, config, True), sig)
