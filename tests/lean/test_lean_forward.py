@@ -150,3 +150,23 @@ def test_errors_name_the_argument(rng, case, error, match):
         st = st[:, :1]
     with pytest.raises(error, match=match):
         lean_conv2d(x, pw, st, b, stride, **kwargs)
+
+
+def test_phase_models_name_the_kernels_phases():
+    """Every phase a kernel marks with ``# phase: NAME`` has an entry in its module's
+    ``phase_model`` (the SASS audit multiplies the two), and nothing else."""
+    import inspect
+    import re
+
+    from deftnumba.lean import bench_op
+    from deftnumba.lean.kernels import depthwise, fused
+
+    g = bench_op.geometry(bench_op.suites()["28x28x128"])
+    cases = ((fused, fused.fused_kernel("float32", g.taps, 1, 1, fused.GPU_CONFIG, True), g, fused.GPU_CONFIG),
+             (depthwise, depthwise.reduce_kernel("float32", g.taps, 1, 1, 16, True),
+              {"batch": 2, "out_h": 5, "out_w": 5}, None))
+    for module, kernel, shape, config in cases:
+        source = inspect.getsource(kernel.py_func)
+        marked = set(re.findall(r"^\s*# phase: (\w+)\s*$", source, re.M))
+        model = module.phase_model(shape, config)
+        assert marked and marked == set(model), (module.__name__, marked, set(model))
