@@ -95,6 +95,14 @@ def lean_conv2d(input, pointwise, stencil, bias=None, stride=1, *, pattern="star
     return backend.to_host(out) if host_result and not backend.IS_SIMULATOR else out
 
 
+def per_image_weight_gradient(geometry) -> bool:
+    """The pointwise gradient's GEMM, per image and then summed (``N`` partial ``C x C``
+    products written and read back) when ``C <= Ho*Wo``; else one GEMM over all images after
+    transposing ``gy`` and the centres (two tensor-sized copies). The cheaper of the two in
+    bytes (``roofline`` models both)."""
+    return geometry.channels <= geometry.out_h * geometry.out_w
+
+
 def lean_conv2d_backward(grad_output, input, pointwise, stencil, bias=None, stride=1, *, pattern="star5",
                          method: str = "auto", config=None, stopwatch=None) -> LeanGrads:
     """Gradients of ``lean_conv2d`` for all its array arguments: ``LeanGrads(input, pointwise,
@@ -103,7 +111,8 @@ def lean_conv2d_backward(grad_output, input, pointwise, stencil, bias=None, stri
     ``grad_output`` is ``dL/d out`` ``[N, C, Ho, Wo]``; the other arguments are the forward's.
     Every method is deterministic (no atomics: bit-identical results on every run):
 
-    * the pointwise gradient is a batched GEMM ``gy x centres^T`` summed over images;
+    * the pointwise gradient is ``gy x centres^T`` summed over images and pixels: per-image
+      GEMMs summed in image order, or one GEMM (``per_image_weight_gradient``);
     * the stencil and bias gradients come from one reduction kernel (a block per channel,
       fixed-order partial sums and a fixed tree);
     * the input gradient: ``fused`` at stride 1 runs the fused forward kernel on ``gy`` with
@@ -127,8 +136,15 @@ def lean_conv2d_backward(grad_output, input, pointwise, stencil, bias=None, stri
 
     grad_pw = _empty(xp, (c, c), dtype)
     with sw.section("pointwise gradient gemm"):
-        # sum over images of gy[n] @ centres[n]^T, in image order
-        xp.sum(xp.matmul(gy3, _centres(x, g).transpose(0, 2, 1)), axis=0, out=grad_pw)
+        centres = _centres(x, g)
+        if per_image_weight_gradient(g):
+            # sum over images of gy[n] @ centres[n]^T, in image order (N partial C x C products)
+            xp.sum(xp.matmul(gy3, centres.transpose(0, 2, 1)), axis=0, out=grad_pw)
+        else:
+            # one GEMM over all images and pixels: [C, N*P] @ [N*P, C] (two transposed copies)
+            rows = xp.ascontiguousarray(gy3.transpose(1, 0, 2)).reshape(c, -1)
+            cols = xp.ascontiguousarray(centres.transpose(0, 2, 1)).reshape(-1, c)
+            xp.matmul(rows, cols, out=grad_pw)
     grad_st = _empty(xp, g.shapes["stencil"], dtype)
     grad_b = _empty(xp, g.shapes["bias"], dtype) if bias is not None else None
     with sw.section("stencil + bias reduction"):

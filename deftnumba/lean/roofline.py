@@ -10,8 +10,8 @@ channels, ``S`` stencil taps, ``HW = H*W`` input and ``P = Ho*Wo`` output pixels
 Methods (``MODELS``):
 
 * ``fused``: ``kernels/fused.py``: input and weights in, output out. The minimal
-  bytes of the layer. Backward: the pointwise-gradient GEMM (batched per image, then
-  summed over images), the stencil/bias reduction, and the input gradient, fused
+  bytes of the layer. Backward: the pointwise-gradient GEMM (per image then summed, or
+  one GEMM after transposing ``gy`` and the centres when ``C > Ho*Wo``), the stencil/bias reduction, and the input gradient, fused
   at stride 1 (the forward kernel on ``gy``) and GEMM + adjoint at stride > 1.
 * ``separate``: ``ops.lean_conv2d(method="separate")``: the GEMM (on a strided copy
   of the centres at stride > 1), the depthwise kernel, the add (+ a bias pass).
@@ -80,10 +80,14 @@ def _backward(g: LeanGeometry, method: str) -> list[Operator]:
         ops = []
         if z["strided"]:
             ops.append(Operator("centre gather (strided copy)", 0, z["y"], z["y"]))
-        ops += [Operator("pointwise gradient gemm (per image)", pointwise, z["y"] + centres, n * z["pw"],
-                         gemm_flops=pointwise),
-                Operator("sum over images", n * c * c, n * z["pw"], z["pw"]),
-                Operator("stencil + bias reduction", stencil + n * c * p, z["y"] + z["x"], z["st"] + c * s)]
+        if c <= p:  # ops.per_image_weight_gradient
+            ops += [Operator("pointwise gradient gemm (per image)", pointwise, z["y"] + centres, n * z["pw"],
+                             gemm_flops=pointwise),
+                    Operator("sum over images", n * c * c, n * z["pw"], z["pw"])]
+        else:
+            ops += [Operator("transpose gy and centres", 0, 2 * z["y"], 2 * z["y"]),
+                    Operator("pointwise gradient gemm", pointwise, 2 * z["y"], z["pw"], gemm_flops=pointwise)]
+        ops.append(Operator("stencil + bias reduction", stencil + n * c * p, z["y"] + z["x"], z["st"] + c * s))
         if method == "fused" and not z["strided"]:
             ops.append(Operator("fused adjoint (input gradient)", pointwise + stencil, z["y"] + z["pw"] + z["st"],
                                 z["x"], gemm_flops=pointwise))

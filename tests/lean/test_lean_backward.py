@@ -50,7 +50,8 @@ def test_every_pattern_and_stride(rng, poisoned, method, pattern, stride):
 
 @pytest.mark.parametrize("method", BACKWARD_METHODS)
 @pytest.mark.parametrize("shape, stride", [((1, 1, 1, 1), 1), ((2, 1, 3, 5), 2), ((1, 3, 1, 7), (1, 2)),
-                                           ((3, 9, 5, 3), 1), ((1, 2, 9, 1), (2, 1))])
+                                           ((3, 9, 5, 3), 1), ((1, 2, 9, 1), (2, 1)),
+                                           ((2, 3, 1, 1), 1), ((2, 6, 3, 2), 2)])  # C > Ho*Wo: one GEMM
 def test_irregular_shapes(rng, poisoned, method, shape, stride):
     taps = PATTERNS["star5"]
     gy, x, pw, st, b = _inputs(rng, *shape, taps, stride)
