@@ -10,8 +10,6 @@ pattern, stride) + bias`` (see ``deftnumba.lean.geometry``), in two ways:
 
 from __future__ import annotations
 
-import numpy as np
-
 from .. import backend
 from .geometry import check_backward, check_forward, flipped
 from .kernels import depthwise as _depthwise

@@ -1,6 +1,5 @@
 """The torch layer: gradcheck through the kernels, and agreement with the torch-ops implementation."""
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
