@@ -17,7 +17,8 @@ Algorithm (one block = one image ``n``, one ``TH x TW`` tile of output pixels,
         # stage_input    x[n, c0:c0+CC, tile rows + 1-pixel halo] -> s_in (zero outside);
         #                at stride > 1 the tile's centre pixels also -> s_centre [CC, P]
         # stage_weights  packed pointwise slice P^T[c0:c0+CC, oc0:oc0+OCB] -> s_w [CC, OCB]
-        # pointwise      acc += s_w[cc, my channels] (outer) s_centre[cc, my pixels]
+        # pointwise      acc += s_w[cc, my channels] (outer) centres[cc, my pixels]
+        #                (centres: s_in itself at stride 1, its rows padded so they align; else s_centre)
         # stencil        for my output channels o in [c0, c0+CC): acc[o] += sum_t S[o, t] * s_in[o, p + tap_t]
     # epilogue           out[n, oc, tile] = acc + bias         (written once, NCHW)
 
@@ -33,7 +34,8 @@ B = ceil(C/OCB) output-channel blocks, T tiles of SHR x SWR staged pixels):
 
 * reads  input   B * N * C * T * SHR*SWR * s   (halo and B > 1 re-reads are L2 hits;
                                                 the minimum is N*C*H*W*s)
-         weights N * T * B * C*OCB * s + stencil (L2 hits; the minimum is (C*C + C*S + C)*s)
+         weights N * T * B * CC*ceil(C/CC)*OCB * s (the zero-padded packing; L2 hits)
+                 + stencil N * T * B * OCB*S * s     (the minimum is (C*C + C*S + C)*s)
 * writes output  N * C * P * s, once.
 * FLOPs  2*N*C*C*P (pointwise) + 2*N*C*S*P (stencil) + N*C*P (bias).
 
