@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from deftnumba import notebook as nb
-from deftnumba import roofline as generic_roofline
+from deftnumba.perf import device
 from deftnumba.lean import PATTERNS, lean_conv2d, lean_conv2d_backward
 from deftnumba.lean import bench_op, models, roofline, training
 from deftnumba.lean.reference import lean_conv2d_backward_reference, lean_conv2d_reference
@@ -129,7 +129,7 @@ nb.show(nb.markdown_table(blocks, ["block", "params", "params vs ResNet", "MFLOP
 # (67 TFLOP/s fp32, 4.3 TB/s), **predictions, not measurements**.
 
 # %%
-ceilings = generic_roofline.H200_LEADS
+ceilings = device.H200_LEADS
 table = []
 for shape_name, shape in bench_op.suites().items():
     g = bench_op.geometry(shape)

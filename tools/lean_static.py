@@ -27,7 +27,8 @@ os.environ.setdefault("DEFTNUMBA_BACKEND", "cuda")
 os.environ.setdefault("DEFTNUMBA_QUIET", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from deftnumba import backend, ptx  # noqa: E402
+from deftnumba.perf import audit as ptx  # noqa: E402
+from deftnumba.runtime import backend
 
 SM_COUNT, ISSUE_PER_SM_PER_CLK, CLOCK_HZ = 132, 4, 1.98e9  # H200 SXM leads (datasheet boost clock)
 

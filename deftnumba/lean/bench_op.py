@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
+from ..runtime import backend
 from . import roofline
 from .geometry import LeanGeometry, pattern_taps
 from .ops import lean_conv2d, lean_conv2d_backward

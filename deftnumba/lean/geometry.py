@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import backend
+from ..runtime import backend
 
 PATTERNS: dict[str, tuple[tuple[int, int], ...]] = {
     # centre, up, down, left, right: the LeanResNet 5-point star

@@ -10,7 +10,7 @@ pattern, stride) + bias`` (see ``deftnumba.lean.geometry``), in two ways:
 
 from __future__ import annotations
 
-from .. import backend
+from ..runtime import backend
 from .geometry import check_backward, check_forward, flipped
 from .kernels import depthwise as _depthwise
 from .kernels import fused as _fused
@@ -59,7 +59,7 @@ def lean_conv2d(input, pointwise, stencil, bias=None, stride=1, *, pattern="star
                ``cross3v``, ``full9``) or a tuple of ``(dy, dx)`` taps in {-1, 0, 1}
     method:    ``"auto"`` (= ``"fused"``), ``"separate"`` or ``"fused"``
     config:    optional ``kernels.fused.LeanTileConfig`` for ``fused``
-    stopwatch: optional ``deftnumba.backend.Stopwatch`` that times each operator
+    stopwatch: optional ``deftnumba.runtime.timing.Stopwatch`` that times each operator
 
     All arrays share one dtype (float32 or float64) and one kind: CuPy in, CuPy out
     (``cuda`` backend); NumPy in, NumPy out on either backend. Deterministic.

@@ -23,7 +23,8 @@ Methods (``MODELS``):
 
 from __future__ import annotations
 
-from ..roofline import H200_LEADS, Ceilings, Operator, floor_ms_of
+from ..perf.device import H200_LEADS, Ceilings
+from ..perf.roofline import Operator, floor_ms_of
 from .geometry import LeanGeometry
 
 PASSES = ("fwd", "bwd", "fwdbwd")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .. import backend
+from ..runtime import backend
 from . import ops
 from .geometry import pattern_taps
 

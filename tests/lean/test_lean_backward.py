@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from deftnumba import backend
+from deftnumba.runtime import backend
 from deftnumba.lean import BACKWARD_METHODS, PATTERNS, lean_conv2d_backward, ops
 from deftnumba.lean.reference import lean_conv2d_backward_reference
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from deftnumba import backend
+from deftnumba.runtime import backend
 from deftnumba.lean import METHODS, PATTERNS, lean_conv2d, ops
 from deftnumba.lean.kernels.fused import LeanTileConfig
 from deftnumba.lean.reference import lean_conv2d_reference

@@ -11,7 +11,8 @@ import pytest
 
 SCRIPT = r"""
 import json, re
-from deftnumba import backend, ptx
+from deftnumba.perf import audit as ptx
+from deftnumba.runtime import backend
 from deftnumba.lean.kernels import depthwise, fused
 out = []
 for module in (fused, depthwise):

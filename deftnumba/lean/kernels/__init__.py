@@ -8,9 +8,6 @@ the deterministic stencil/bias gradient reduction.
 Nothing here imports ``deftnumba.lean.ops``; ``cuda`` comes from the backend.
 """
 
-from ... import backend
-
-# Shared arrays are declared 16-byte aligned on the GPU, so that a thread's contiguous
-# float32 quadruple is one LDS.128. Numba's simulator rejects the alignment argument
-# (and NumPy's buffers are aligned anyway), so it gets None there.
-SHARED_ALIGN = None if backend.IS_SIMULATOR else 16
+# Shared arrays are declared 16-byte aligned, so that a thread's contiguous float32
+# quadruple is one LDS.128 (the simulator accepts and ignores the alignment: runtime/simulator.py).
+SHARED_ALIGN = 16

@@ -23,8 +23,8 @@ import functools
 
 import numpy as np
 
-from ... import backend
-from ...backend import cuda
+from ...runtime import backend
+from ...runtime.backend import cuda
 from . import SHARED_ALIGN
 
 GRID_YZ_LIMIT = 65535
@@ -223,7 +223,7 @@ def phase_model(shape: dict, config=None) -> dict[str, float]:
 
 
 def ptx_cases():
-    """Kernels and signatures for the PTX/SASS audit (``deftnumba.ptx``)."""
+    """Kernels and signatures for the PTX/SASS audit (``deftnumba.perf.audit``)."""
     from numba import types
 
     from ..geometry import PATTERNS

@@ -55,8 +55,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ... import backend
-from ...backend import cuda
+from ...runtime import backend
+from ...runtime.backend import cuda
 from . import SHARED_ALIGN
 
 GRID_YZ_LIMIT = 65535  # CUDA's limit on gridDim.y and gridDim.z
@@ -448,7 +448,7 @@ def phase_model(shape, config: LeanTileConfig | None = None) -> dict:
 
 
 def ptx_cases():
-    """Kernels and signatures for the PTX/SASS audit (``deftnumba.ptx``)."""
+    """Kernels and signatures for the PTX/SASS audit (``deftnumba.perf.audit``)."""
     from numba import types
 
     from ..geometry import PATTERNS
