@@ -23,17 +23,7 @@ import numpy as np
 
 from ..runtime import backend
 
-PATTERNS: dict[str, tuple[tuple[int, int], ...]] = {
-    # centre, up, down, left, right: the LeanResNet 5-point star
-    "star5": ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)),
-    # the 4 neighbours: the centre weight is left to the pointwise diagonal
-    "plus4": ((-1, 0), (1, 0), (0, -1), (0, 1)),
-    # 3-point lines: left-centre-right, and up-centre-down
-    "cross3h": ((0, -1), (0, 0), (0, 1)),
-    "cross3v": ((-1, 0), (0, 0), (1, 0)),
-    # a dense depthwise 3x3, row by row
-    "full9": tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)),
-}
+from .kernels.stencils import PATTERNS  # noqa: E402  (the kernels' audit cases draw them too)
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 INT32_MAX = 2**31 - 1

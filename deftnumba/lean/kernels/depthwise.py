@@ -226,7 +226,7 @@ def ptx_cases():
     """Kernels and signatures for the PTX/SASS audit (``deftnumba.perf.audit``)."""
     from numba import types
 
-    from ..geometry import PATTERNS
+    from .stencils import PATTERNS
 
     i32, i64 = types.int32, types.int64
     for dtype in ("float32", "float64"):

@@ -451,9 +451,9 @@ def ptx_cases():
     """Kernels and signatures for the PTX/SASS audit (``deftnumba.perf.audit``)."""
     from numba import types
 
-    from ..geometry import PATTERNS
+    from types import SimpleNamespace
 
-    from ..geometry import LeanGeometry
+    from .stencils import PATTERNS
 
     for dtype in ("float32", "float64"):
         t = getattr(types, dtype)
@@ -462,7 +462,7 @@ def ptx_cases():
         sig = (a1, a1, i32, a1, a1, a1, i32, i32, i32, i32, i32, types.int64)
         for channels, stride, name, tag in ((64, 1, "star5", ""), (64, 1, "full9", ""), (128, 1, "star5", ",wide"),
                                              (64, 2, "star5", "")):
-            g = LeanGeometry(32, channels, 56, 56, PATTERNS[name], stride, stride, True, dtype)
+            g = SimpleNamespace(stride_h=stride, stride_w=stride, itemsize=np.dtype(dtype).itemsize)  # shared_bytes
             config = GPU_CONFIG if channels < 128 else WIDE_CONFIG
             while config.chunk > 4 and config.shared_bytes(g) > STATIC_SHARED_LIMIT:
                 config = replace(config, chunk=config.chunk // 2)
