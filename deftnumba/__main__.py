@@ -107,7 +107,12 @@ def main(argv=None) -> int:
     ptx.add_argument("--json", action="store_true")
     ptx.set_defaults(run=_ptx)
     bench = sub.add_parser("bench", help="time every method on the suite shapes; CSV + chart "
-                                         "(a simulator smoke run without a GPU)")
+                                         "(a simulator smoke run without a GPU)",
+                           description="Time every method x suite shape x pass of an op (CUDA events, L2 "
+                                       "flushed between runs, TF32 off) and write a CSV with provenance and a "
+                                       "speedup chart to data/bench/<op>/. Without a GPU it is a labelled "
+                                       "simulator smoke run on tiny shapes, written to build/bench-smoke/: "
+                                       "a check that everything runs, not a speed measurement.")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its options live in deftnumba.bench (importing it picks the backend)
         from .bench.harness import add_arguments
