@@ -34,6 +34,10 @@
 # 4. leaves you one cell to try your own tile and halo.
 
 # %%
+import os
+
+os.environ.setdefault("DEFTNUMBA_QUIET", "1")  # the banner below prints the backend line
+
 import dataclasses
 
 import matplotlib.pyplot as plt

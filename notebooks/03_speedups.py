@@ -29,6 +29,10 @@
 # 4. percent of roofline: how much of the hardware each method uses.
 
 # %%
+import os
+
+os.environ.setdefault("DEFTNUMBA_QUIET", "1")  # the banner below prints the backend line
+
 import matplotlib.pyplot as plt
 import numpy as np
 
