@@ -103,7 +103,8 @@ nb.show(f"`im2col` against the float64 reference: relative error **{error:.1e}**
 # take. The layer is `deft64`, the DefT paper's (8 images, 64 -> 64 channels, 64x64, 3x3, DCN v2).
 #
 # The device numbers are **leads, not measurements**: fp32 67 TFLOP/s from NVIDIA's H200
-# datasheet, and 4.3 TB/s copy bandwidth (the datasheet says 4.8 TB/s for HBM3e).
+# datasheet, and 4.3 TB/s copy bandwidth, a lead from outside the project, not measured here
+# (the datasheet says 4.8 TB/s for HBM3e).
 # `roofline.measure_ceilings()` replaces them on a GPU.
 
 # %%
