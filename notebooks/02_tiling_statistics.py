@@ -108,16 +108,22 @@ left.set_title("Distribution of offset components")
 nb.plot_offset_field(right, dcn1, image=0, tap=0, title="learned dcn1, top-left tap, test image 0\n(arrows: offsets; shade: length)")
 fig.tight_layout()
 
-# %% [markdown]
-# **Reading.** The learned offsets are small and smooth: most taps move by about a pixel, and
-# neighbouring pixels move together (correlation near 0.8-0.9, like a synthetic field with a
-# correlation length of a few pixels). The first layer's histogram is more peaked at zero than a
-# Gaussian of the same RMS: many taps barely move, others move a pixel or two. The second layer,
-# at half the resolution, moves its taps about twice as far (in its own pixels). The arrow map
-# shows where the network spends its offsets: they are longest (darkest) on the strokes of the
-# digit and short on the empty background. One thing the pooled histogram hides: each
-# *tap* has its own mean. The table below shows that the network pushes the top row of taps up
-# and the bottom row down (the receptive field *grows*), which matters for the next section.
+# %%
+learned_rows = {name: offsets.summarize(field) for name, field in learned["layers"].items()}
+corr = [r["neighbour_correlation"] for r in learned_rows.values()]
+rms = {name: r["rms_px"] for name, r in learned_rows.items()}
+nb.show(
+    "**Reading.** The learned offsets are small and smooth: the median tap moves "
+    + ", ".join(f"{r['p50_length_px']:.1f} px in {name}" for name, r in learned_rows.items())
+    + ", and neighbouring pixels move together "
+    f"(neighbour correlation {min(corr):.2f} to {max(corr):.2f}, like a synthetic field with a correlation length "
+    "of a few pixels). The first layer's histogram is more peaked at zero than a Gaussian of the same RMS: many "
+    "taps barely move, others move a pixel or two. The second layer, at half the resolution, moves its taps "
+    + (f"{rms['dcn2'] / rms['dcn1']:.1f}x as far (RMS, in its own pixels). " if {"dcn1", "dcn2"} <= set(rms) else "")
+    + "The arrow map shows where the network spends its offsets: they are longest (darkest) on the strokes of "
+    "the digit and short on the empty background. One thing the pooled histogram hides: each *tap* has its own "
+    "mean. The table below shows that the network pushes the top row of taps up and the bottom row down (the "
+    "receptive field *grows*), which matters for the next section.")
 
 # %%
 dy, dx = offsets.components(dcn1)
