@@ -40,21 +40,37 @@ def _ptx(args) -> int:
         return subprocess.call([sys.executable, "-m", "deftnumba", "ptx"] + (["--json"] if args.json else []), env=env)
     from .perf import audit as ptx
 
-    reports = ptx.audit()
+    def progress(i, n, name):
+        print(f"[{i}/{n}] compiling {name}", file=sys.stderr, flush=True)
+
+    reports = ptx.audit(report=None if args.json else progress)
     if args.json:
         print(json.dumps([r.__dict__ for r in reports]))
         return 0
-    print(f"{'kernel':<44} {'dtype':<8} {'PTX lines':>9} {'f64 ops':>8} {'local mem':>9} "
-          f"{'regs':>5} {'spill B':>8} {'smem B':>7}")
+    print(PTX_HEADER)
+    width = max([len("kernel")] + [len(r.kernel) for r in reports])
+    head = (f"{'kernel':<{width}} {'dtype':<8} {'PTX lines':>9} {'f64 ops':>8} {'local mem':>9} "
+            f"{'regs':>5} {'spill B':>8} {'smem B':>7}")
+    print(head)
+    print("-" * len(head))
     bad = 0
     for r in reports:
-        print(f"{r.kernel:<44} {r.dtype:<8} {r.lines:>9} {r.f64_instructions:>8} {str(r.uses_local_memory):>9} "
+        print(f"{r.kernel:<{width}} {r.dtype:<8} {r.lines:>9} {r.f64_instructions:>8} {str(r.uses_local_memory):>9} "
               f"{r.registers if r.registers is not None else '?':>5} "
               f"{r.spill_bytes if r.spill_bytes is not None else '?':>8} "
               f"{r.shared_bytes if r.shared_bytes is not None else '?':>7}")
         bad += r.dtype == "float32" and r.f64_instructions > 0
     print(f"{len(reports)} kernels compiled for sm_90; float32 kernels with float64 instructions: {bad}")
     return 1 if bad else 0
+
+
+PTX_HEADER = """\
+PTX audit, sm_90 (static; compiled with numba-cuda's NVVM and ptxas through nvJitLink; no GPU).
+f64 ops: float64 instructions in the PTX (must be 0 for float32 kernels). local mem: the PTX
+uses .local (spills or runtime-indexed arrays). regs, spill B: ptxas's figures per thread.
+smem B is ptxas's figure: the kernel's static shared memory plus the 1 KB (1024 B) per block
+that sm_80+ reserves for the system, so a kernel at the 48 KB static limit (49,152 B) reads
+50,176 B here. `python -m deftnumba audit` reads the SASS (occupancy, load widths)."""
 
 
 def _audit(args) -> int:
@@ -107,7 +123,12 @@ def main(argv=None) -> int:
     ptx.add_argument("--json", action="store_true")
     ptx.set_defaults(run=_ptx)
     bench = sub.add_parser("bench", help="time every method on the suite shapes; CSV + chart "
-                                         "(a simulator smoke run without a GPU)")
+                                         "(a simulator smoke run without a GPU)",
+                           description="Time every method x suite shape x pass of an op (CUDA events, L2 "
+                                       "flushed between runs, TF32 off) and write a CSV with provenance and a "
+                                       "speedup chart to data/bench/<op>/. Without a GPU it is a labelled "
+                                       "simulator smoke run on tiny shapes, written to build/bench-smoke/: "
+                                       "a check that everything runs, not a speed measurement.")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its options live in deftnumba.bench (importing it picks the backend)
         from .bench.harness import add_arguments

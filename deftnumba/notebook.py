@@ -54,14 +54,25 @@ class Mode:
     def name(self) -> str:
         return "live" if self.live else "recorded"
 
-    def banner(self) -> str:
+    def banner(self, directory: str | Path | None = None) -> str:
+        """The mode, the backend line (as normal output: notebooks set ``DEFTNUMBA_QUIET`` so
+        it is not a red stderr box), and what the timing charts will come from: "recorded data"
+        only when a GPU result is recorded under ``data/bench/`` (or ``directory``)."""
+        backend_line = f"Backend: `{self.backend}` ({backend.REASON})."
         if self.live:
             return (f"**Mode: live on {self.device}.** Kernels run on the GPU at full size and this "
-                    "notebook times them itself (CUDA events).")
-        return ("**Mode: simulator + recorded data.** No GPU here: kernels run in Numba's CUDA "
-                "simulator on tiny shapes, to check them, never to time them. Timing charts come "
-                "from the GPU results recorded under `data/bench/`, each labelled with the device "
-                "and commit it was recorded on.")
+                    f"notebook times them itself (CUDA events). {backend_line}")
+        found = recorded_results(BENCH_DIR if directory is None else directory)
+        files = [f.name for f in (found["layer_file"], found["train_file"]) if f is not None]
+        if files:
+            return ("**Mode: simulator + recorded data.** No GPU here: kernels run in Numba's CUDA "
+                    "simulator on tiny shapes, to check them, never to time them. Timing charts come "
+                    f"from the GPU results recorded under `data/bench/` ({', '.join(files)}), each "
+                    f"labelled with the device and commit it was recorded on. {backend_line}")
+        return ("**Mode: simulator, nothing recorded.** No GPU here: kernels run in Numba's CUDA "
+                "simulator on tiny shapes, to check them, never to time them, and no GPU result is "
+                "recorded under `data/bench/` yet, so timing charts are replaced by a note saying so. "
+                f"Charts from counts are drawn. {backend_line}")
 
 
 def mode() -> Mode:

@@ -31,6 +31,10 @@
 # 6. explain why the gather dominates, and what that means for the slowdown against cuDNN.
 
 # %%
+import os
+
+os.environ.setdefault("DEFTNUMBA_QUIET", "1")  # the banner below prints the backend line
+
 import inspect
 
 import matplotlib.pyplot as plt
@@ -99,7 +103,8 @@ nb.show(f"`im2col` against the float64 reference: relative error **{error:.1e}**
 # take. The layer is `deft64`, the DefT paper's (8 images, 64 -> 64 channels, 64x64, 3x3, DCN v2).
 #
 # The device numbers are **leads, not measurements**: fp32 67 TFLOP/s from NVIDIA's H200
-# datasheet, and 4.3 TB/s copy bandwidth (the datasheet says 4.8 TB/s for HBM3e).
+# datasheet, and 4.3 TB/s copy bandwidth, a lead from outside the project, not measured here
+# (the datasheet says 4.8 TB/s for HBM3e).
 # `roofline.measure_ceilings()` replaces them on a GPU.
 
 # %%
@@ -232,25 +237,28 @@ ax.set_title("deft64, im2col gather: memory sectors requested per bilinear sampl
 nb.caption(fig, "Counted from the offsets with offsets.gather_sectors (no GPU, no timing): requests to L1/L2.")
 fig.tight_layout()
 
+# %%
+per_sample = [r["bytes per sample"] for r in sector_rows]
+requests_mb = [r["gather requests MB"] for r in sector_rows]
+im2col_vs_conv = layer_floor["im2col"] / layer_floor["cudnn_conv"]
+nb.show(
+    f"**Reading.** The gather does little arithmetic (about {columns_op.flops / samples:.0f} FLOPs per sample, "
+    f"against `2*Cout` = {2 * deft64.out_channels} for the GEMM), yet it is the operator that grows with "
+    "everything that makes DCN different:\n\n"
+    f"* it **materialises** its result, blowing the input up {deft64.taps}x (one copy per tap) into a "
+    f"{column_bytes / 1e6:.0f} MB column matrix that goes out to device memory and comes straight back for the GEMM;\n"
+    f"* its reads are **scattered**: even with zero offsets a warp requests about {per_sample[0]:.0f} bytes per "
+    f"{deft64.itemsize}-byte sample (two rows of corners, partly used sectors); learned-like offsets (1 px, smooth) "
+    f"raise that to about {per_sample[1]:.0f} bytes, white noise to about {per_sample[2]:.0f}, and 4-pixel offsets "
+    f"to about {per_sample[3]:.0f}. That is {min(requests_mb):.0f}-{max(requests_mb):.0f} MB of sector requests to "
+    f"gather a {input_bytes / 1e6:.1f} MB input, and it depends on the *data*, which no static schedule can fix.\n\n"
+    f"The floors put the im2col layer at about {im2col_vs_conv:.1f}x a dense convolution on the H200 leads; the "
+    "scattered requests, the extra launches and the column round trip's latency are what turn that into the "
+    "~4x DefT measured (on its GPU). Fusing the sampling into the GEMM removes the column matrix, and staging a "
+    "tile of input in shared memory turns most of the scattered requests into shared-memory reads: DefT's two "
+    "ideas, `method=\"fused\"` in this package. Notebook 02 sizes its tiles; notebook 03 measures it.")
+
 # %% [markdown]
-# **Reading.** The gather does little arithmetic (about 16 FLOPs per sample, against `2*Cout` =
-# 128 for the GEMM), yet it is the operator that grows with everything that makes DCN different:
-#
-# * it **materialises** its result, blowing the input up 9x (one copy per tap) into a 75 MB
-#   column matrix that goes out to device memory and comes straight back for the GEMM;
-# * its reads are **scattered**: even with zero offsets a warp requests about 9 bytes per 4-byte
-#   sample (two rows of corners, partly used sectors); learned-like offsets (1 px, smooth) raise
-#   that to about 15 bytes, white noise to about 21, and 4-pixel offsets to about 33. That is
-#   170-570 MB of sector requests to gather an 8.4 MB input, and it depends on the *data*, which
-#   no static schedule can fix.
-#
-# The floors put the im2col layer at about 1.7x a dense convolution on the H200; the scattered
-# requests, the extra launches and the column round trip's latency are what turn that into the
-# ~4x DefT measured. Fusing the sampling into the GEMM removes the column matrix, and staging a
-# tile of input in shared memory turns most of the scattered requests into shared-memory reads:
-# DefT's two ideas, `method="fused"` in this package. Notebook 02 sizes its tiles; notebook 03
-# measures it.
-#
 # ## 7. The DCN slowdown against a dense cuDNN convolution, across the suite
 #
 # The headline number: how much slower is a DCN layer than the dense convolution of the same
@@ -307,10 +315,13 @@ nb.show(f"Model, deft64: torchvision's design cannot run faster than **{model_sl
         "(on its GPU); the gap between that and the floor ratio is what scattered reads and launch "
         "overheads add on top of the traffic.")
 
-# %% [markdown]
-# **Reading.** Even a perfect im2col pipeline stays a few times slower than cuDNN, because the
-# column round trip is part of its design: no tuning of the gather kernel can remove those bytes.
-# A fused layer's floor sits close to the convolution's (it does the same GEMM, plus ~5% of
-# sampling FLOPs, and reads a little more: offsets and the mask). The rest of the slowdown is
-# what the fused kernel must win back in practice, where the scattered reads and shared-memory
-# staging decide how close it gets; that is the subject of notebooks 02 and 03.
+# %%
+nb.show(f"**Reading.** On these roofs even a perfect im2col pipeline's floor is "
+        f"{min(model_slowdown['im2col']):.1f}x to {max(model_slowdown['im2col']):.1f}x the dense "
+        "convolution's across the suite, because the column round trip is part of its design: no tuning "
+        "of the gather kernel can remove those bytes. A fused layer's floor sits at "
+        f"{min(model_slowdown['fused']):.2f}x to {max(model_slowdown['fused']):.2f}x the convolution's (the "
+        "same GEMM plus the sampling FLOPs, and a little more reading: offsets and the mask). The rest of "
+        "the measured slowdown (about 4x in DefT) is what a kernel must win back in practice, where the "
+        "scattered reads and shared-memory staging decide how close it gets; that is the subject of "
+        "notebooks 02 and 03.")

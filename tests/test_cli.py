@@ -36,3 +36,13 @@ def test_demo_runs_every_method_by_default():
     assert proc.stdout.count("PASS") == len(dn.METHODS)
     for method in dn.METHODS:
         assert f"method={method}" in proc.stdout
+
+
+def test_demo_parts_never_exceed_the_whole_call_and_the_run_count_is_shown():
+    from deftnumba.dcn import demo
+
+    result = demo.run(method="im2col", repeats=3)
+    assert result["repeats"] == 3
+    assert sum(result["operator_ms"].values()) <= result["call_ms"]
+    text = demo.format_result(result)
+    assert "median of 3 calls" in text and "whole call" in text

@@ -154,3 +154,16 @@ def test_commit_can_be_given_by_environment(monkeypatch):
         assert notebook.live_caption().endswith("commit 0123456")
     finally:
         notebook.git_commit.cache_clear()
+
+
+def test_banner_says_recorded_data_only_when_something_is_recorded(tmp_path):
+    m = notebook.Mode(live=False, backend="simulator", device="Numba CUDA simulator (CPU)")
+    empty = m.banner(tmp_path)
+    assert "recorded data" not in empty and "nothing recorded" in empty
+    assert f"Backend: `simulator` ({backend.REASON})" in empty  # printed as output, not on stderr
+    rows = [{"device": "NVIDIA H200", "commit": "0123456789abcdef", "timestamp": "2026-11-22T01:02:03Z"}]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(notebook, "recorded_results",
+                      lambda directory: {"layer": rows, "layer_file": tmp_path / "x.csv", "train": [],
+                                         "train_file": None})
+        assert "simulator + recorded data" in m.banner(tmp_path) and "x.csv" in m.banner(tmp_path)

@@ -384,11 +384,36 @@ def recorded_note(directory=None) -> str:
 
 
 # --------------------------------------------------------------------------- report
-def format_table(rows: list[dict]) -> str:
-    """The run's table: one line per row, a speedup column per baseline (``x <baseline>``)."""
-    speedups = [c for c in (rows[0] if rows else {}) if c.startswith("speedup_vs_")]
-    head = (f"{'shape':<10} {'pass':<7} {'method':<18} {'median ms':>10} {'p10':>9} {'p90':>9} "
-            f"{'TFLOP/s':>8} {'GB/s':>8} {'%roof':>6} {'%ideal':>6}"
+_THROUGHPUT = (("TFLOP/s", "tflops", 8, 2), ("GB/s", "gbps", 8, 1), ("%roof", "pct_roofline", 6, 1),
+               ("%ideal", "pct_ideal", 6, 1))
+
+
+def missing_baselines(op=None) -> dict[str, str]:
+    """The op's declared baselines that this run cannot time, each with the reason (what is
+    missing), so a table's empty ``x <baseline>`` column says why it is empty."""
+    op = op if op is not None else dcn_op
+    declared = tuple(getattr(op, "BASELINES", ()))
+    available = set(baselines_of(op))
+    why = getattr(op, "baseline_missing_reason", None)
+    return {b: (why(b) if why is not None else "not available here") for b in declared if b not in available}
+
+
+def format_table(rows: list[dict], smoke: bool | None = None) -> str:
+    """The run's table: one line per row, a speedup column per baseline (``x <baseline>``).
+
+    In a simulator smoke run (``smoke``; default: rows whose ``mode`` says so) the throughput columns
+    (TFLOP/s, GB/s, %roof, %ideal) and the speedup columns are left out: a simulator time
+    says nothing about a GPU, so those ratios would be noise. A footer says so.
+    """
+    if smoke is None:
+        smoke = any(r.get("mode") == SMOKE_LABEL for r in rows)
+    speedups = [] if smoke else [c for c in (rows[0] if rows else {}) if c.startswith("speedup_vs_")]
+    empty = [c for c in speedups if not any(isinstance(r.get(c), (int, float)) for r in rows)]
+    speedups = [c for c in speedups if c not in empty]
+    throughput = () if smoke else _THROUGHPUT
+    time_head = "sim ms" if smoke else "median ms"
+    head = (f"{'shape':<10} {'pass':<7} {'method':<18} {time_head:>10} {'p10':>9} {'p90':>9}"
+            + "".join(f" {name:>{w}}" for name, _, w, _ in throughput)
             + "".join(f" {'x ' + c.removeprefix('speedup_vs_')[:10]:>12}" for c in speedups))
     lines = [head, "-" * len(head)]
 
@@ -400,9 +425,19 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"{r['shape']:<10} {r['pass']:<7} {r['method']:<18} {r['status'][:70]}")
             continue
         lines.append(f"{r['shape']:<10} {r['pass']:<7} {r['method']:<18} {f(r['median_ms'], 10, 4)} "
-                     f"{f(r['p10_ms'], 9, 4)} {f(r['p90_ms'], 9, 4)} {f(r['tflops'], 8, 2)} "
-                     f"{f(r['gbps'], 8, 1)} {f(r['pct_roofline'], 6, 1)} {f(r['pct_ideal'], 6, 1)}"
+                     f"{f(r['p10_ms'], 9, 4)} {f(r['p90_ms'], 9, 4)}"
+                     + "".join(f" {f(r.get(key), w, d)}" for _, key, w, d in throughput)
                      + "".join(f" {f(r[c], 12, 3)}" for c in speedups))
+    if smoke:
+        lines.append("simulator smoke: times are the CPU simulator's (checks only, not GPU speed); "
+                     "TFLOP/s, GB/s, %roof and speedups are left out.")
+        if any(r["method"] == "cudnn_conv" for r in rows):
+            lines.append("cudnn_conv here is PyTorch's dense conv on the CPU, not cuDNN.")
+    for c in empty:
+        base = c.removeprefix("speedup_vs_")
+        reason = missing_baselines().get(base, "no timed rows") if rows and rows[0].get("op", "dcn") == "dcn" \
+            else "no timed rows"
+        lines.append(f"x {base}: not measured ({reason}).")
     return "\n".join(lines)
 
 
@@ -416,20 +451,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shape", action="append", default=[], metavar="N,C,Cout,H,W[,k]",
                         help="an extra shape in the op's notation (dcn: stride 1, same padding, mask); repeatable")
     parser.add_argument("--only-shapes", action="store_true", help="run only the --shape shapes")
-    parser.add_argument("--method", action="append", help="limit to these methods; repeatable")
+    parser.add_argument("--method", action="append", metavar="METHOD",
+                        help="limit to these methods and baselines; repeatable. dcn: "
+                             + ", ".join(dcn_op.methods()) + " (baselines run where available: "
+                             + ", ".join(dcn_op.BASELINES) + "). With --training: conv, torchvision, deftnumba")
     parser.add_argument("--pass", dest="passes", action="append", choices=PASSES,
                         help="limit to these passes; repeatable (default: all)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="default float32")
     parser.add_argument("--reps", type=int, default=50, help="timed runs per case (>= 50 on a GPU)")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs before timing (default 5)")
     parser.add_argument("--out", type=Path, help="output directory (default data/bench/<op>, or "
                                                   "build/bench-smoke in the simulator)")
-    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-plot", action="store_true", help="write no chart (charts need matplotlib)")
     parser.add_argument("--tf32", action="store_true", help="add baseline rows with TF32 on, named <method>+tf32")
     parser.add_argument("--no-measure", action="store_true",
                         help="use the H200 lead ceilings instead of measuring them")
     parser.add_argument("--commit", help="commit to record (default $DEFTNUMBA_COMMIT or git rev-parse HEAD)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--max-minutes", type=float, default=8.0,
                         help="cases not started within this budget are recorded as skipped (default 8)")
@@ -468,6 +506,27 @@ class _PartialCsv:
             self.path.unlink(missing_ok=True)
 
 
+def _save_chart(rows: list[dict], path: Path, config: Config) -> None:
+    """The speedup chart beside the CSV; skipped with a message when matplotlib is missing
+    (plots are optional: the table and the CSV are the results)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("chart: skipped, matplotlib is not installed (pip install matplotlib, or the "
+              "\".[dev]\" extra; --no-plot silences this)")
+        return
+    op = get_op(config.op)
+    baselines = baselines_of(op) or tuple(getattr(op, "BASELINES", ()))
+    ours = [m for m in op.methods() if m not in baselines]
+    if config.smoke:  # a CPU torch conv against simulated kernels is no speedup: chart ours only
+        rows = [r for r in rows if r["method"] not in baselines]
+    fig = plot_speedups(rows, **({} if op.name == "dcn" else
+                                 {"baseline": (baselines or ours)[0], "fallback": ours[0] if ours else ""}))
+    png = path.with_name(path.stem + "_speedup.png")
+    fig.savefig(png, dpi=120)
+    print(f"chart: {png}")
+
+
 def main(args) -> int:
     """``python -m deftnumba bench``: run, print the table, write the CSV and chart."""
     config = config_from_args(args)
@@ -483,19 +542,12 @@ def main(args) -> int:
     partial = _PartialCsv(directory, columns(get_op(config.op)))
     rows = run(config, on_row=partial.append)
     print(describe(rows))
-    print(format_table(rows))
+    print(format_table(rows, smoke=config.smoke))
     path = write_csv(rows, directory)
     partial.remove()
     print(f"csv: {path}")
     if config.plot:
-        op = get_op(config.op)
-        baselines = baselines_of(op) or tuple(getattr(op, "BASELINES", ()))
-        ours = [m for m in op.methods() if m not in baselines]
-        fig = plot_speedups(rows, **({} if op.name == "dcn" else
-                                     {"baseline": (baselines or ours)[0], "fallback": ours[0] if ours else ""}))
-        png = path.with_name(path.stem + "_speedup.png")
-        fig.savefig(png, dpi=120)
-        print(f"chart: {png}")
+        _save_chart(rows, path, config)
     print(f"{len(rows)} rows in {time.perf_counter() - start:.1f} s"
           + (f" ({SMOKE_LABEL})" if config.smoke else ""))
     return 0 if all(r["status"] == "ok" for r in rows) else 1

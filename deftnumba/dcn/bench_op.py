@@ -119,6 +119,21 @@ def baselines() -> tuple[str, ...]:
     return tuple(found)
 
 
+def baseline_missing_reason(name: str) -> str:
+    """Why a baseline is not timed here: what is missing (for the bench table's footer)."""
+    torch = _torch()
+    if torch is None:
+        return "PyTorch is not installed"
+    if name == "torchvision":
+        try:
+            import torchvision  # noqa: F401
+        except Exception:  # noqa: BLE001 - missing or broken install
+            return "torchvision is not installed"
+        if backend.IS_SIMULATOR or not torch.cuda.is_available():
+            return "torchvision's deform_conv2d is timed on a CUDA GPU only"
+    return "not available here"
+
+
 def methods() -> dict[str, str]:
     described = {m: f"deftnumba method={m!r}" for m in ops.METHODS}
     for m in ops.BACKWARD_METHODS:

@@ -124,12 +124,16 @@ def ptxas_resources(ptx: str, cc=(9, 0)) -> dict:
     return found
 
 
-def audit(cc=(9, 0)) -> list[PtxReport]:
-    """Compile every case for compute capability ``cc`` and report on its PTX."""
+def audit(cc=(9, 0), report=None) -> list[PtxReport]:
+    """Compile every case for compute capability ``cc`` and report on its PTX.
+    ``report(i, n, name)`` is called before each compilation (progress)."""
     if backend.IS_SIMULATOR:
         raise RuntimeError("the PTX audit needs DEFTNUMBA_BACKEND=cuda (no GPU is needed)")
     reports = []
-    for name, dtype, kernel, signature in cases():
+    todo = list(cases())
+    for i, (name, dtype, kernel, signature) in enumerate(todo):
+        if report is not None:
+            report(i + 1, len(todo), f"{name} ({dtype})")
         ptx, _ = backend.cuda.compile_ptx(kernel.py_func, signature, cc=cc, **compile_options(kernel))
         lines = ptx.splitlines()
         f64 = [ln.strip() for ln in lines if re.search(r"\.f64\b", ln) and not ln.strip().startswith("//")]

@@ -5,8 +5,9 @@ limits, arithmetic rates, bandwidths) the planner's cost model uses;
 ``Ceilings`` are the two roofs of a roofline (fp32 rate, memory bandwidth),
 derived from a ``DeviceModel`` (``Ceilings.of``) or measured on the device
 (``perf.roofline.measure_ceilings``). H200 figures are leads until measured:
-the datasheet's fp32 rate and the copy bandwidth measured on this workplace's
-H200; ``source`` says which.
+the datasheet's fp32 rate and a 4.3 TB/s copy bandwidth, a lead from outside the
+project (nothing here measured it; ``measure_ceilings`` measures it on a GPU);
+``source`` says which.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class DeviceModel:
     sms: int
     fp32_flops: float           # FLOP/s, FMA = 2
     fp64_flops: float
-    dram_bandwidth: float       # B/s (copy bandwidth measured on the H200: ~4.3 TB/s)
+    dram_bandwidth: float       # B/s (H200: ~4.3 TB/s copy, a lead from outside the project)
     l2_bandwidth: float         # B/s (assumed ~2.5x DRAM; not measured)
     shared_per_sm: int = 228 * 1024
     shared_per_block: int = 48 * 1024   # static shared memory limit per block
@@ -80,5 +81,6 @@ H200_DATASHEET = Ceilings(
     "H200 datasheet lead (fp32 67 TFLOP/s, HBM3e 4.8 TB/s)", 67e12, 4.8e12,
     source="datasheet lead", fp64_flops_per_s=34e12)
 H200_LEADS = Ceilings.of(
-    H200, "H200 leads (fp32 67 TFLOP/s datasheet, 4.3 TB/s copy measured on this workplace's H200)")
+    H200, "H200 leads (fp32 67 TFLOP/s datasheet, 4.3 TB/s copy: a lead from outside the project, "
+          "not measured here)")
 """The planner's H200 model as roofs: the one set of H200 leads."""

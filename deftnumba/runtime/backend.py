@@ -28,20 +28,29 @@ ENV_VAR = "DEFTNUMBA_BACKEND"
 _CHOICES = ("auto", "cuda", "simulator")
 
 
-def _cuda_device_count() -> int:
-    """Number of CUDA devices the driver reports, without importing Numba."""
+def _cuda_devices() -> tuple[int, str]:
+    """Number of CUDA devices the driver reports, without importing Numba, and what was
+    found on the way: ``""`` when no CUDA driver library loads at all (a CPU-only machine),
+    else what the driver said."""
     for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
         try:
             lib = ctypes.CDLL(name)
         except OSError:
             continue
-        if lib.cuInit(0) != 0:
-            return 0
+        status = lib.cuInit(0)
+        if status != 0:
+            return 0, f"the CUDA driver ({name}) is installed but cuInit failed with error {status}"
         count = ctypes.c_int(0)
-        if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-        return count.value
-    return 0
+        status = lib.cuDeviceGetCount(ctypes.byref(count))
+        if status != 0:
+            return 0, f"the CUDA driver ({name}) is installed but cuDeviceGetCount failed with error {status}"
+        return count.value, f"the CUDA driver ({name}) reports {count.value} device(s)"
+    return 0, ""
+
+
+def _cuda_device_count() -> int:
+    """Number of CUDA devices the driver reports, without importing Numba."""
+    return _cuda_devices()[0]
 
 
 def _choose() -> tuple[str, str]:
@@ -52,10 +61,14 @@ def _choose() -> tuple[str, str]:
         return wanted, f"forced by {ENV_VAR}={wanted}"
     if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
         return "simulator", "NUMBA_ENABLE_CUDASIM is set"
-    count = _cuda_device_count()
+    count, found = _cuda_devices()
     if count > 0:
-        return "cuda", f"the CUDA driver reports {count} device(s)"
-    return "simulator", f"no CUDA GPU found; set {ENV_VAR}=cuda to force the GPU"
+        return "cuda", found
+    if not found:  # a CPU-only machine: nothing to force, so no hint
+        return "simulator", "no CUDA driver on this machine; kernels run on the CPU"
+    # A driver is there but no device answered: the one case where a GPU may be near.
+    return "simulator", (f"{found}, so no GPU can be used; check the driver and "
+                         f"CUDA_VISIBLE_DEVICES, then set {ENV_VAR}=cuda to insist on the GPU")
 
 
 NAME, REASON = _choose()
@@ -88,6 +101,16 @@ if IS_SIMULATOR:
     from . import simulator as _simulator
 
     _simulator.install_thread_safe_shared_arrays()
+
+if NAME == "cuda":
+    try:
+        import importlib.util as _importlib_util
+
+        if _importlib_util.find_spec("cupy") is None:
+            REASON += ("; CuPy is not installed, so NumPy arrays are copied to the GPU and back "
+                       "at each call (pip install -e \".[cu13]\", or \".[cu12]\" for a CUDA 12 driver)")
+    except (ImportError, ValueError):
+        pass
 
 if os.environ.get("DEFTNUMBA_QUIET", "0") in ("", "0"):
     print(f"deftnumba: backend={NAME} ({REASON})", file=sys.stderr)

@@ -120,7 +120,7 @@ class Timer:
             try:
                 l2 = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["l2CacheSize"])
             except (KeyError, TypeError, AttributeError):
-                l2 = 60 << 20  # the H200's, as PyTorch reported it on this workplace's machine
+                l2 = 60 << 20  # an H200's, a lead from outside the project (not measured here)
             self.flush_bytes = max(128 << 20, 2 * l2)
             self._flush = cp.empty(self.flush_bytes // 4, dtype=cp.float32)
             self._count = 0

@@ -192,3 +192,17 @@ def test_cases_past_the_time_budget_are_recorded_as_skipped(tmp_path):
     assert result and len(rows) == len(result)
     assert all(r["status"].startswith("skipped: past the --max-minutes") for r in result)
     assert all(r["median_ms"] == "" for r in result)
+
+
+def test_simulator_table_leaves_out_throughput_and_says_why_a_baseline_is_missing():
+    row = {"op": "dcn", "mode": bench.SMOKE_LABEL, "shape": "smoke", "pass": "fwd", "method": "fused",
+           "status": "ok", "median_ms": 2.0, "p10_ms": 1.9, "p90_ms": 2.2, "tflops": 0.0, "gbps": 0.0,
+           "pct_roofline": 0.0, "pct_ideal": "", "speedup_vs_torchvision": "", "speedup_vs_cudnn_conv": 3.0}
+    smoke = bench.format_table([row])
+    for column in ("TFLOP/s", "GB/s", "%roof", "x cudnn_conv"):
+        assert column not in smoke.splitlines()[0]
+    assert "left out" in smoke
+    gpu = bench.format_table([dict(row, mode="gpu")])
+    assert "TFLOP/s" in gpu and "x cudnn_conv" in gpu
+    assert "x torchvision" not in gpu.splitlines()[0]  # no timed row: a note instead of a column of '-'
+    assert "x torchvision: not measured (" in gpu and bench.missing_baselines()["torchvision"] in gpu

@@ -1,7 +1,7 @@
-"""Robustness of every method, forward and backward (README: "Guarantees and limits").
+"""Robustness of every method, forward and backward (docs/guarantees.md).
 
 * non-finite and huge offsets sample zero, never index memory, and have zero gradients;
-* NaN and inf in the input and the mask propagate exactly as the README says;
+* NaN and inf in the input and the mask propagate exactly as docs/guarantees.md says;
 * strided, transposed, Fortran-order, negative-stride, broadcast and read-only arrays
   give the right answer, and no argument is ever written;
 * the forward and the ``deterministic=True`` backward are bit-identical across runs;

@@ -101,3 +101,19 @@ def test_simulated_shared_array_is_one_array_per_block_under_contention():
     finally:
         sys.setswitchinterval(old)
     assert split == 0, f"{split}/{rounds} rounds gave one block several 'shared' arrays"
+
+
+def test_backend_hint_only_where_a_gpu_could_be_used(monkeypatch):
+    """A CPU-only machine gets no dead-end hint; a machine whose driver answers without a
+    device is told what is missing and how to insist on the GPU."""
+    monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)
+    monkeypatch.setenv(backend.ENV_VAR, "auto")
+    monkeypatch.setattr(backend, "_cuda_devices", lambda: (0, ""))
+    name, reason = backend._choose()
+    assert name == "simulator" and "no CUDA driver" in reason and backend.ENV_VAR not in reason
+    monkeypatch.setattr(backend, "_cuda_devices",
+                        lambda: (0, "the CUDA driver (libcuda.so.1) is installed but cuInit failed with error 100"))
+    name, reason = backend._choose()
+    assert name == "simulator" and "cuInit failed" in reason and f"{backend.ENV_VAR}=cuda" in reason
+    monkeypatch.setattr(backend, "_cuda_devices", lambda: (2, "the CUDA driver (libcuda.so.1) reports 2 device(s)"))
+    assert backend._choose() == ("cuda", "the CUDA driver (libcuda.so.1) reports 2 device(s)")
