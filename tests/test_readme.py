@@ -31,6 +31,21 @@ def test_readme_numpy_example_runs_and_matches_the_reference(capsys):
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_readme_tucker_and_lean_example_runs_and_matches_the_references():
+    from deftnumba.lean.reference import lean_conv2d_reference
+    from deftnumba.tucker.reference import tucker_conv2d_reference
+
+    code = _block_after("<!-- readme-example: tucker-lean -->", "python")
+    namespace: dict = {}
+    exec(compile(code, "README.md (Tucker and lean example)", "exec"), namespace)  # noqa: S102
+    x, f, y, z = (namespace[k] for k in ("x", "f", "y", "z"))
+    np.testing.assert_allclose(y, tucker_conv2d_reference(x, f.first, f.core, f.last, padding=1),
+                               rtol=1e-4, atol=1e-4)
+    expected = lean_conv2d_reference(x, namespace["pointwise"], namespace["stencil"],
+                                     taps=namespace["PATTERNS"]["star5"])
+    np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_readme_commands_keep_their_form():
     demo = _block_after("<!-- demo-command -->", "bash").strip()
     test = _block_after("<!-- test-command -->", "bash").strip()
