@@ -15,7 +15,7 @@ from deftnumba.dcn import reference
 from deftnumba.dcn.kernels import fused_columns, im2col
 from deftnumba.dcn.kernels.sampling import conv_tuple
 
-from .cases import CASES, conv_kwargs, layer_arrays
+from .cases import CASES, case, conv_kwargs, layer_arrays
 
 
 def column_block(method, g, x, offset, mask, first, n_chunk, wide=None, monkeypatch=None):
@@ -53,6 +53,29 @@ def test_column_block_matches_reference(name, method, wide, rng, monkeypatch):
     expected = expected.transpose(1, 0, 2).reshape(g.in_channels * g.taps, n_chunk * pixels)
     tol = 1e-6 if g.dtype == "float32" else 1e-13
     np.testing.assert_allclose(columns, expected, rtol=tol, atol=tol * np.abs(expected).max())
+
+
+ODD_GROUPS = dict([case("odd-channels-per-offset-group", n=3, c=9, h=4, w=5, c_out=3, offset_groups=3),
+                   case("one-channel-per-offset-group", n=2, c=3, h=3, w=6, c_out=3, offset_groups=3, mask=False)])
+
+
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("name", list(ODD_GROUPS))
+def test_im2col_channel_pairs_cover_odd_groups(name, wide, rng, monkeypatch):
+    """im2col's column kernel fills two channels of one offset group per thread: a group with
+    an odd number of channels ends in a pair whose second channel repeats the first. Every
+    element is written once with its own group's points (several groups, so a pair never
+    straddles two groups)."""
+    g = ODD_GROUPS[name]
+    x, offset, _, _, mask = layer_arrays(g, rng)
+    first, n_chunk = 1, g.batch - 1
+    pixels = g.out_h * g.out_w
+    columns = column_block("im2col", g, x, offset, mask, first, n_chunk, wide, monkeypatch)
+    assert not np.isnan(columns).any(), "some column elements were never written"
+    expected = reference.columns(x, offset, (g.kernel_h, g.kernel_w), **conv_kwargs(g), mask=mask)
+    expected = expected[first:].reshape(n_chunk, g.in_channels * g.taps, pixels)
+    expected = expected.transpose(1, 0, 2).reshape(g.in_channels * g.taps, n_chunk * pixels)
+    np.testing.assert_allclose(columns, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("module", [im2col, fused_columns])

@@ -6,7 +6,7 @@ the notebooks can time and analyse each operator:
 1. ``positions_kernel``: offsets (and mask) -> sampling points ``(y, x, m)``, one
    thread per (image, offset group, tap, output pixel).
 2. ``columns_kernel``: points -> column matrix ``[C*kh*kw, Nc*Ho*Wo]``, one
-   thread per (image, channel, output pixel) looping over taps, mask applied.
+   thread per (image, channel pair, output pixel) looping over taps, mask applied.
 3. GEMM with the weights per weight group through the array module's
    ``matmul`` (cuBLAS via CuPy on a GPU, BLAS via NumPy in the simulator), then
    the transpose to NCHW and the bias.
@@ -15,8 +15,10 @@ Images are processed in chunks of at most ``CHUNK_IMAGES`` (torchvision uses 32)
 so the column buffer stays bounded.
 
 An honest baseline, not a strawman: the design is torchvision's (per channel,
-every tap re-reads its position and recomputes its corners), but the kernels are
-written the way any of ours is (see docs/perf-notes.md for their SASS):
+every tap re-reads its position and recomputes its corners; here per channel *pair*:
+a thread fills two channels of one offset group from one point and one set of
+corners), but the kernels are written the way any of ours is (see
+docs/perf-notes.md for their SASS):
 
 * every array is a flat, C-contiguous view, and the host passes views that start at
   the chunk's first image (its 64-bit *image base*), so everything inside the kernel
@@ -24,8 +26,8 @@ written the way any of ours is (see docs/perf-notes.md for their SASS):
   wraparound); a compile-time ``wide`` variant computes the flat offsets in int64,
   for chunks of 2**31 elements or more (``needs_wide``); loop counters (image,
   channel, pixel) and the divisions on them stay 32-bit in both;
-* 3-D grids (pixels, channels or taps, images) with the sizes computed on the host:
-  one 32-bit division per (image, channel) row, none per element;
+* 3-D grids (pixels, channel pairs or taps, images) with the sizes computed on the
+  host: one 32-bit division per (image, channel pair) row, none per element;
 * the positions stage writes each sampling point as ``(y, x, m)`` (mask included), an
   out-of-band point as ``y = x = -1``, so the tap loop reads a point from one address
   and tests ``y > -1`` alone; it walks its two streams (points, columns) by adding a
@@ -153,10 +155,13 @@ def positions_kernel(dtype, use_mask: bool, wide: bool = False):
     return kernel
 
 
-# Traffic (per image): reads the points (2 or 3)*G*K*P*s once per channel of the group,
-# i.e. C*K*P*(2 or 3)*s through cache, and 4 input corners per sample (C*K*P*4*s,
-# mostly cache hits); writes the column block C*K*P*s.
+# Traffic (per image): reads the points (2 or 3)*G*K*P*s once per channel pair of the
+# group, i.e. C/2*K*P*(2 or 3)*s through cache, and 4 input corners per sample
+# (C*K*P*4*s, mostly cache hits); writes the column block C*K*P*s.
 # FLOPs: 8 per sample for the corner setup, 7 for the interpolation, 1 for the mask.
+CHANNELS_PER_THREAD = 2  # column kernel: channels of one offset group a thread fills per sampling point
+
+
 @functools.cache
 def columns_kernel(dtype, use_mask: bool, wide: bool = False):
     """Kernel ``(input, points, columns, sizes)`` for one chunk of ``Nc`` images.
@@ -168,13 +173,18 @@ def columns_kernel(dtype, use_mask: bool, wide: bool = False):
 
     The host passes views that start at the chunk's first image (its 64-bit image base),
     so inside the kernel every index is an offset into the chunk. Grid: x over output
-    pixels (coalesced point reads and column writes), y over channels, z over images,
-    all grid-stride; each thread walks the K taps of its pixels. ``wide``: int64 index
-    arithmetic, for chunks whose input, points or columns hold more than
-    ``INT32_LIMIT`` elements.
+    pixels (coalesced point reads and column writes), y over channel pairs
+    (``CHANNELS_PER_THREAD`` = 2 channels of one offset group: ``G*ceil(C/G / 2)`` pairs),
+    z over images, all grid-stride; each thread walks the K taps of its pixels, and per
+    tap reads the sampling point and computes its corners and weights once for both
+    channels of its pair (the per-channel work is the 4 corner reads, the interpolation,
+    the mask and the store). A group with an odd number of channels ends in a pair whose
+    second channel is its first: the thread writes the same value twice to the same
+    element, so no branch on the pair is needed. ``wide``: int64 index arithmetic, for
+    chunks whose input, points or columns hold more than ``INT32_LIMIT`` elements.
     """
     Index = np.int64 if wide else np.uint32
-    Count = np.uint32  # loop counters (image, channel, pixel): each < 2**31
+    Count = np.uint32  # loop counters (image, channel pair, pixel): each < 2**31
     S = 3 if use_mask else 2
     functions = sampling_functions(dtype)
     bilinear_axis = functions.bilinear_axis
@@ -190,16 +200,27 @@ def columns_kernel(dtype, use_mask: bool, wide: bool = False):
         image_points = Index(Index(offset_groups) * Index(Index(taps) * Index(pixels)))
         row_stride = Index(Index(images) * Index(pixels))  # Nc*P: one column-matrix row
         point_step = Index(Index(S) * Index(pixels))  # from one tap's point to the next tap's
-        # grid: x over output pixels, y over channels, z over the chunk's images; all grid-stride
+        # channel pairs per group, at least 1 (so the compiler knows the division below
+        # cannot be by zero and keeps one copy of the loops)
+        pairs = max(Count(Count(Count(per_group) + Count(1)) >> Count(1)), Count(1))
+        all_pairs = Count(Count(offset_groups) * pairs)
+        # grid: x over output pixels, y over channel pairs, z over the chunk's images; all grid-stride
         first_p = Count(Count(Count(cuda.blockIdx.x) * Count(cuda.blockDim.x)) + Count(cuda.threadIdx.x))
         p_step = Count(Count(cuda.gridDim.x) * Count(cuda.blockDim.x))
         n = Count(cuda.blockIdx.z)
         while n < Count(images):
-            c = Count(cuda.blockIdx.y)
-            while c < Count(channels):
+            pair = Count(cuda.blockIdx.y)
+            while pair < all_pairs:
                 # phase: rows
-                first_tap = Index(Count(c // Count(per_group)) * Count(taps))  # g*K: the group's first tap
+                group = Count(pair // pairs)
+                within = Count(Count(pair - Count(group * pairs)) * Count(2))  # first channel in the group
+                c = Count(Count(group * Count(per_group)) + within)
+                # the pair's second channel: c + 1, or c itself at the end of an odd group
+                second = Count(1) if Count(within + Count(1)) < Count(per_group) else Count(0)
+                first_tap = Index(group * Count(taps))  # g*K: the group's first tap
                 channel_base = Index(Index(Index(Index(n) * Index(channels)) + Index(c)) * plane)  # (n*C + c)*H*W
+                second_plane = Index(Index(second) * plane)  # from channel c's image to the second's
+                second_rows = Index(Index(Index(second) * Index(taps)) * row_stride)  # ... and column row
                 row_point = Index(Index(S) * Index(Index(Index(n) * image_points) + Index(first_tap * Index(pixels))))
                 row_column = Index(Index(Index(Index(c) * Index(taps)) * row_stride) + Index(Index(n) * Index(pixels)))
                 p = first_p
@@ -212,25 +233,34 @@ def columns_kernel(dtype, use_mask: bool, wide: bool = False):
                         # phase: columns
                         at = np.uint64(point)  # 64-bit: y, x (and m) load from one address
                         y = points[at]
-                        x = points[at + np.uint64(1)]
-                        value = ZERO
+                        value = ZERO  # channel c's sample
+                        pair_value = ZERO  # the second channel's
                         # The positions stage stored every out-of-band point as y = -1, so this is
                         # sampling.in_band; only an in-band sample reads memory.
                         if y > MINUS_ONE:
+                            x = points[at + np.uint64(1)]
                             y0, y1, wy0, wy1, _, _ = bilinear_axis(y, height)
                             x0, x1, wx0, wx1, _, _ = bilinear_axis(x, width)
                             w00, w01, w10, w11 = wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1
                             row0 = Index(channel_base + Index(Index(y0) * Index(width)))
                             row1 = Index(channel_base + Index(Index(y1) * Index(width)))
-                            value = (w00 * input[Index(row0 + Index(x0))] + w01 * input[Index(row0 + Index(x1))]
-                                     + w10 * input[Index(row1 + Index(x0))] + w11 * input[Index(row1 + Index(x1))])
+                            at00, at01 = Index(row0 + Index(x0)), Index(row0 + Index(x1))
+                            at10, at11 = Index(row1 + Index(x0)), Index(row1 + Index(x1))
+                            value = w00 * input[at00] + w01 * input[at01] + w10 * input[at10] + w11 * input[at11]
+                            pair_value = (w00 * input[Index(at00 + second_plane)]
+                                          + w01 * input[Index(at01 + second_plane)]
+                                          + w10 * input[Index(at10 + second_plane)]
+                                          + w11 * input[Index(at11 + second_plane)])
                         if use_mask:
-                            value *= points[at + np.uint64(2)]
+                            m = points[at + np.uint64(2)]
+                            value *= m
+                            pair_value *= m
                         columns[column] = value
+                        columns[Index(column + second_rows)] = pair_value
                         point = Index(point + point_step)
                         column = Index(column + row_stride)
                     p = Count(p + p_step)
-                c = Count(c + Count(cuda.gridDim.y))
+                pair = Count(pair + Count(cuda.gridDim.y))
             n = Count(n + Count(cuda.gridDim.z))
 
     return kernel
@@ -363,36 +393,45 @@ def point_grid(geometry, gpu: bool | None = None) -> tuple:
     return (min(-(-pixels // THREADS), 65535), min(group_taps, 65535), min(g.batch, 65535)), THREADS
 
 
-PIXELS_PER_THREAD = 4  # column kernel: pixels a thread walks per (image, channel) row
+PIXELS_PER_THREAD = 4  # column kernel: pixels a thread walks per (image, channel pair) row
 MIN_BLOCKS = 1024  # ... unless that leaves fewer blocks than this (an H200 has 132 SMs)
+
+
+def channel_pairs(geometry) -> int:
+    """The column kernel's grid rows per image: ``G * ceil((C/G) / CHANNELS_PER_THREAD)``."""
+    g = geometry
+    per_group = g.in_channels // g.offset_groups
+    return g.offset_groups * -(-per_group // CHANNELS_PER_THREAD)
 
 
 def column_grid(geometry, images: int, gpu: bool | None = None) -> tuple:
     """``((blocks_x, blocks_y, blocks_z), threads)`` of a column-kernel launch over ``images``
-    images: x over output pixels, y over channels, z over images (all loops grid-stride).
+    images: x over output pixels, y over channel pairs (``channel_pairs``), z over images
+    (all loops grid-stride).
 
     Each thread walks ``PIXELS_PER_THREAD`` pixels of its row when the grid keeps at least
-    ``MIN_BLOCKS`` blocks, so the row setup (a division, the row's bases: ~40 instructions)
-    is paid once per 4*K column elements instead of once per K. ``gpu``: the GPU's grid
+    ``MIN_BLOCKS`` blocks, so the row setup (a division, the row's bases: ~50 instructions)
+    is paid once per 4*K*2 column elements instead of once per K*2. ``gpu``: the GPU's grid
     (default: the current backend's; the simulator's grid is small)."""
     g = geometry
     pixels = g.out_h * g.out_w
+    pairs = channel_pairs(g)
     if not (gpu if gpu is not None else not backend.IS_SIMULATOR):  # a simulated thread is a Python thread
-        return (min(-(-pixels // 64), 2), min(g.in_channels, 3), min(images, 2)), min(64, 32 * -(-pixels // 32))
-    rows = min(g.in_channels, 65535) * min(images, 65535)
+        return (min(-(-pixels // 64), 2), min(pairs, 3), min(images, 2)), min(64, 32 * -(-pixels // 32))
+    rows = min(pairs, 65535) * min(images, 65535)
     blocks_x = -(-pixels // (THREADS * PIXELS_PER_THREAD))
     if blocks_x * rows < MIN_BLOCKS:
         blocks_x = -(-pixels // THREADS)
-    return (min(blocks_x, 65535), min(g.in_channels, 65535), min(images, 65535)), THREADS
+    return (min(blocks_x, 65535), min(pairs, 65535), min(images, 65535)), THREADS
 
 
 def phase_model(geometry, config=None) -> dict:
     """Iterations per thread of each ``# phase:`` body on a GPU, for the first (largest) chunk.
 
     Positions kernel: ``point_rows``: (image, group, tap) rows per thread; ``positions``:
-    sampling points per thread. Column kernel: ``rows``: (image, channel) rows per thread;
-    ``pixels``: output pixels per thread; ``columns``: the tap-loop body, once per column
-    element. (``config`` is unused: these kernels have no tunables.)
+    sampling points per thread. Column kernel: ``rows``: (image, channel pair) rows per
+    thread; ``pixels``: output pixels per thread; ``columns``: the tap-loop body, once per
+    (pixel, tap): ``CHANNELS_PER_THREAD`` column elements. (``config`` is unused: these kernels have no tunables.)
     """
     g = geometry
     pixels = g.out_h * g.out_w
@@ -400,7 +439,7 @@ def phase_model(geometry, config=None) -> dict:
     point_rows = -(-g.offset_groups * g.taps // by) * -(-g.batch // bz)
     chunk = chunk_images(g)
     (blocks_x, blocks_y, blocks_z), threads_x = column_grid(g, chunk, gpu=True)
-    rows = -(-g.in_channels // blocks_y) * -(-chunk // blocks_z)
+    rows = -(-channel_pairs(g) // blocks_y) * -(-chunk // blocks_z)
     pixels_per_thread = rows * -(-pixels // (blocks_x * threads_x))
     return {"point_rows": point_rows, "positions": point_rows * -(-pixels // (bx * threads)), "rows": rows,
             "pixels": pixels_per_thread, "columns": pixels_per_thread * g.taps}
