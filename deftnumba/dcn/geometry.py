@@ -245,4 +245,8 @@ def check_backward(grad_output, input, offset, weight, bias, stride, padding, di
     expected = geometry.shapes["output"]
     if tuple(grad_output.shape) != expected:
         raise ValueError(f"grad_output must have the output's shape {expected}, got {tuple(grad_output.shape)}")
+    if geometry.height * geometry.width >= 2**32:
+        # the column methods' scatter indexes inside one input plane in 32 bits
+        raise ValueError(f"input planes of {geometry.height}x{geometry.width} = {geometry.height * geometry.width} "
+                         f"pixels: the backward supports planes below 2**32 pixels")
     return geometry

@@ -135,6 +135,9 @@ AUDITED_INT32 = {
 # Module-level aliases of np.int32 / np.uint32 (``I32 = np.int32``): every call through them
 # is a 32-bit cast, audited here as a whole with the bound that holds for all of them.
 AUDITED_INT32_ALIASES = {
+    ("backward.py", "u32"): "grid-stride counters and their 32-bit divisions (only in the narrow variant: "
+                            "index_is_narrow) and offsets inside one input plane (H*W < 2**32: "
+                            "check_backward); image bases are u64",
     ("fused_tiled.py", "I32"): "indices inside one image plane or tile (|v| <= H*W, Ho*Wo, output "
                                "coordinates < 2**24): planes past 2**30 elements get the wide_index "
                                "variant (PLANE = int64; needs_wide_index); image bases stay int64",
@@ -486,3 +489,16 @@ def test_batch_past_the_65535_grid_limit(method):
     out = dn.deform_conv2d(x, offset, weight, None, mask=mask, method=method).get()
     expected = reference.deform_conv2d(x.get(), offset.get(), weight.get(), None, mask=mask.get())
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_refuses_input_planes_of_2_to_the_32_pixels():
+    """The column methods scatter inside one input plane with 32-bit offsets: a plane of 2**32
+    pixels or more is a clear error before anything is allocated (zero-stride views here)."""
+    h, w = 65536, 65537  # h*w > 2**32
+    x = np.broadcast_to(np.float64(1.0), (1, 1, h, w))
+    out_h, out_w = (h + 1) // 2, (w + 1) // 2  # stride 2: fewer than 2**31 output pixels
+    offset = np.broadcast_to(np.float64(0.0), (1, 2, out_h, out_w))
+    weight = np.ones((1, 1, 1, 1))
+    grad_output = np.broadcast_to(np.float64(1.0), (1, 1, out_h, out_w))
+    with pytest.raises(ValueError, match="planes below 2\\*\\*32"):
+        dn.deform_conv2d_backward(grad_output, x, offset, weight, stride=2)

@@ -183,7 +183,7 @@ def col2im_kernel(dtype, use_mask: bool, narrow: bool = True):
     @cuda.jit
     def kernel(grad_cols, offset, mask, grad_input, grad_input_flat, conv, first_image):
         _, channels, height, width = grad_input.shape
-        image_size = u32(channels * height * width)
+        image_size = u64(channels * height * width)  # 64-bit: an image may pass 2**32 elements
         _, off_channels, out_h, out_w = offset.shape
         taps = conv[6] * conv[7]
         groups = off_channels // (2 * taps)
@@ -203,7 +203,7 @@ def col2im_kernel(dtype, use_mask: bool, narrow: bool = True):
             if use_mask:
                 value *= mask[n, g * taps + tap, oy, ox]
             # RED (no returned value) into the flat view: 64-bit image base, 32-bit offsets
-            base = u64(n) * u64(image_size) + u64(u32(c * height * width))
+            base = u64(n) * image_size + u64(c * height * width)  # in-plane offsets below: u32 (H*W < 2**32)
             row0 = u32(y0 * width)
             row1 = u32(y1 * width)
             if w00 != ZERO:
@@ -264,7 +264,7 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, 
     def kernel(grad_cols, grad_output, weight, input, offset, mask, grad_input, grad_input_flat, grad_offset,
                grad_mask, columns, conv, first_image, n_images):
         _, channels, height, width = input.shape
-        image_size = u32(channels * height * width)
+        image_size = u64(channels * height * width)  # 64-bit: an image may pass 2**32 elements
         _, off_channels, out_h, out_w = offset.shape
         kw = conv[7]
         taps = conv[6] * kw
@@ -305,7 +305,7 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, 
                     columns[c * taps + tap, col] = sample * m
                 if scatter_input:  # RED into the flat view, 32-bit offsets inside the image
                     value = gc * m
-                    base = u64(n) * u64(image_size) + u64(u32(c * height * width))
+                    base = u64(n) * image_size + u64(c * height * width)  # in-plane offsets below: u32 (H*W < 2**32)
                     row0 = u32(y0 * width)
                     row1 = u32(y1 * width)
                     if w00 != ZERO:
