@@ -222,6 +222,7 @@ def predict(geometry, stats: OffsetStats, method: str = "fused", tile: TileConfi
 
 _POWERS = (1, 2, 4, 8, 16, 32)
 _FIT_MIN = 3  # smallest non-power-of-two side considered
+_FIT_STRIPS = 8  # fitted sides cut the output into at most this many strips
 
 
 def candidate_tiles(geometry, device: DeviceModel = H200):
@@ -231,10 +232,11 @@ def candidate_tiles(geometry, device: DeviceModel = H200):
     max_h = min(32, 1 << max(0, (g.out_h - 1).bit_length()))
     max_w = min(32, 1 << max(0, (g.out_w - 1).bit_length()))
     # powers of two, and the sides that cut the output into k equal strips (25 rows: 25, 13,
-    # 9, 7, 5; 68 columns: 23, 17, 14, ...): edge tiles are masked, so a side that fits the
-    # output wastes fewer threads than the next power of two
-    fit_h = sorted({-(-g.out_h // k) for k in range(1, g.out_h + 1)} - set(_POWERS))
-    fit_w = sorted({-(-g.out_w // k) for k in range(1, g.out_w + 1)} - set(_POWERS))
+    # 9, 7, 5; 68 columns: 23, 17, 14, 12, ...): edge tiles are masked, so a side that fits
+    # the output wastes fewer threads than the next power of two
+    # (at most _FIT_STRIPS strips: a big image has every small side, and little to gain)
+    fit_h = sorted({-(-g.out_h // k) for k in range(1, min(g.out_h, _FIT_STRIPS) + 1)} - set(_POWERS))
+    fit_w = sorted({-(-g.out_w // k) for k in range(1, min(g.out_w, _FIT_STRIPS) + 1)} - set(_POWERS))
     sides_h = sorted(set(_POWERS) | {s for s in fit_h if _FIT_MIN <= s <= 32})
     sides_w = sorted(set(_POWERS) | {s for s in fit_w if _FIT_MIN <= s <= 32})
     oc_blocks = sorted({min(b, 1 << max(0, (opg - 1).bit_length())) for b in (4, 8, 16, 32, 64, 128, 256)})
