@@ -242,6 +242,21 @@ def test_planned_config_of_every_suite_shape(suite, rng):
     assert rel_error(out, expected) < tolerance(g.dtype)
 
 
+@pytest.mark.parametrize("config", [TileConfig(5, 12, 1, 4, 128, 8, 4), TileConfig(4, 6, 2, 4, 256, 8, 8),
+                                    TileConfig(10, 8, 1, 2, 128, 8, 8)], ids=str)
+def test_fitted_tiles_and_wide_channel_blocks(config, rng):
+    """Tiles the planner fits to the output (non-power-of-two sides, 240 threads: a partial
+    warp) and 256-channel blocks, on an image that leaves partial tiles in both directions,
+    a partial channel block and a partial chunk."""
+    _, g = case("fitted", n=1, c=6, h=config.tile_h + 2, w=config.tile_w + 3, c_out=config.oc_block - 3,
+                offset_groups=2)
+    arrays = layer_arrays(g, rng)
+    expected = reference.deform_conv2d(*arrays[:4], **conv_kwargs(g), mask=arrays[4])
+    out = _run_checked(g, arrays, config)
+    assert np.all(np.isfinite(out)), "some output element was never written"
+    assert rel_error(out, expected) < tolerance(g.dtype)
+
+
 def test_gpu_config_full_chunks_and_a_full_channel_block(rng):
     """``GPU_CONFIG`` (the deft64 plan) with every chunk full and all 64 output channels:
     the unselected paths of the column build and the weight copy."""
@@ -311,9 +326,11 @@ def test_phase_model_counts_every_chunk_and_table():
     model = fused_tiled.phase_model(g, fused_tiled.GPU_CONFIG)
     # 64 channels in chunks of 4: 16 chunks; 576 table entries over 64 threads: 9 each;
     # a 16x16 stored region (14x14 and its guard): 4 positions each; 36 weights each, 4 a time;
-    # 36 rank-1 updates per chunk, 4 per iteration
-    assert model == {"table": 9, "staging": 64, "weights": 144, "columns": 144, "multiply": 144, "epilogue": 1}
+    # 36 rank-1 updates per chunk (counted one by one: the audit's multiply count is per update)
+    # (body iterations, straight runs): the code around each loop runs once per chunk
+    assert model == {"table": (9, 1), "staging": (64, 16), "weights": (144, 16), "columns": (144, 16),
+                     "multiply": (576, 16), "epilogue": 1}
     _, grouped = case("og", c=12, offset_groups=3, c_out=4)
     model = fused_tiled.phase_model(grouped, TileConfig(4, 4, 1, 2, 4, 2, 1))
     # 32 threads, 144 entries: 5 each; 3 offset groups of 4 channels: 3 tables, 6 chunks of 2
-    assert model["table"] == 15 and model["columns"] == 30
+    assert model["table"] == (15, 3) and model["columns"] == (30, 6)

@@ -764,9 +764,14 @@ def phase_model(geometry, config: TileConfig) -> dict:
       per chunk;
     * ``columns``: one (tap, pixel) entry for all ``chunk`` channels, ``ceil(K*P / threads)``
       per chunk;
-    * ``multiply``: ``_multiply_unroll`` (1 or 2) rank-1 updates of ``reg_oc * reg_px`` FFMA
-      each, ``chunk * K / unroll`` per chunk;
+    * ``multiply``: one rank-1 update of ``reg_oc * reg_px`` FFMA, ``chunk * K`` per chunk
+      (the audit's ``normalise_multiply`` turns the SASS loop body, which holds
+      ``_multiply_unroll`` updates or more, into the count of one update);
     * ``epilogue``: 1 (straight-line stores).
+
+    Each per-chunk phase is ``(body iterations, straight runs)``: its code outside the
+    innermost loop (set-up, remainders, partial-chunk paths) is charged once per chunk
+    (table: once per offset-group segment), an upper bound since not every path runs.
 
     The SASS may unroll a source loop further (ptxas/LLVM): divide by the unroll factor
     seen in the loop's body (e.g. its FFMA or LDG count over the source body's).
@@ -781,9 +786,9 @@ def phase_model(geometry, config: TileConfig) -> dict:
     chunks = sum(-(-s // config.chunk) for s in segments)
     slab_reps, slab_group = _slab_copy(config, taps)
     per_table = -(-table_size // threads)
-    return {"table": len(segments) * per_table,
-            "staging": chunks * -(-region // threads),
-            "weights": chunks * (slab_reps // slab_group),
-            "columns": chunks * per_table,
-            "multiply": chunks * config.chunk * taps // _multiply_unroll(config, taps),
+    return {"table": (len(segments) * per_table, len(segments)),
+            "staging": (chunks * -(-region // threads), chunks),
+            "weights": (chunks * (slab_reps // slab_group), chunks),
+            "columns": (chunks * per_table, chunks),
+            "multiply": (chunks * config.chunk * taps, chunks),
             "epilogue": 1}

@@ -81,6 +81,25 @@ def _measured_counts(dtype, reg_oc: int, reg_px: int) -> dict | None:
     return _MEASURED["table"]["configs"].get(dcn_audit.planner_key(str(dtype), reg_oc, reg_px))
 
 
+# Phases whose loop body handles every channel of a chunk (written out per channel): their
+# per-iteration count grows with the chunk. The table measures one chunk (its "tile"); other
+# chunks scale those bodies in proportion (an upper bound: the entry's loads and tests are
+# shared by the channels).
+_PER_CHUNK_BODIES = ("staging", "columns", "out_of_tile")
+TIE_BREAK_MEMORY = 0.01
+OUT_OF_TILE_PENALTY = 4.0  # assumed: an out-of-tile column entry costs 1 + 4 in-tile ones
+
+
+def _for_chunk(measured: dict, chunk: int) -> dict:
+    """``measured["phases"]`` with the per-chunk bodies scaled from the measured chunk to ``chunk``."""
+    tile = measured.get("tile")
+    if not tile or tile[3] == chunk:
+        return measured["phases"]
+    scale = chunk / tile[3]
+    return {name: ({**count, "body": count["body"] * scale} if name in _PER_CHUNK_BODIES else count)
+            for name, count in measured["phases"].items()}
+
+
 def _phase_iterations(geometry, tile: TileConfig, fraction: float) -> dict:
     """Iterations per thread of each phase: the kernel module's ``phase_model`` if it has one,
     else the model of today's kernel (``dcn.audit.before_phase_model``)."""
@@ -114,7 +133,17 @@ def _fused_terms(geometry, tile: TileConfig, fraction: float, device: DeviceMode
     regs = measured["registers"]
     if measured.get("spill_bytes"):  # spills to local memory: not a candidate
         return {"feasible": False, "shared_bytes": shared, "registers": regs}
-    per_thread = sass.per_thread_instructions(measured["phases"], _phase_iterations(g, tile, fraction))
+    phases = _for_chunk(measured, tile.chunk)
+    iterations = _phase_iterations(g, tile, fraction)
+    per_thread = sass.per_thread_instructions(phases, iterations)
+    if "columns" in phases and "out_of_tile" not in iterations:
+        # an out-of-tile entry takes the column build's global-read path: four L1/L2 loads per
+        # channel in place of four shared loads, and their latency stalls the block's barrier.
+        # Charged as OUT_OF_TILE_PENALTY extra in-tile entries (an assumption, not a SASS
+        # count), so that the halo that keeps samples in shared memory pays off in the model.
+        it = iterations.get("columns", 0)
+        per_thread["out_of_tile"] = (OUT_OF_TILE_PENALTY * fraction * phases["columns"]["body"]
+                                     * (it[0] if isinstance(it, tuple) else it))
     issue = sass.issue_model(per_thread, blocks, tile.threads, regs, shared + sass.SYSTEM_SHARED_RESERVE, device)
     per_sm = issue["blocks_per_sm"]
     if per_sm < 1 or shared > device.shared_per_block:
@@ -191,20 +220,32 @@ def predict(geometry, stats: OffsetStats, method: str = "fused", tile: TileConfi
     return _fused_terms(geometry, tile, fraction, device)
 
 
+_POWERS = (1, 2, 4, 8, 16, 32)
+_FIT_MIN = 3  # smallest non-power-of-two side considered
+_FIT_STRIPS = 8  # fitted sides cut the output into at most this many strips
+
+
 def candidate_tiles(geometry, device: DeviceModel = H200):
     """The tile configs the planner considers, in a fixed order (deterministic plans)."""
     g = geometry
     opg = g.out_channels // g.groups
-    sides = (1, 2, 4, 8, 16, 32)
     max_h = min(32, 1 << max(0, (g.out_h - 1).bit_length()))
     max_w = min(32, 1 << max(0, (g.out_w - 1).bit_length()))
-    oc_blocks = sorted({min(b, 1 << max(0, (opg - 1).bit_length())) for b in (4, 8, 16, 32, 64, 128)})
+    # powers of two, and the sides that cut the output into k equal strips (25 rows: 25, 13,
+    # 9, 7, 5; 68 columns: 23, 17, 14, 12, ...): edge tiles are masked, so a side that fits
+    # the output wastes fewer threads than the next power of two
+    # (at most _FIT_STRIPS strips: a big image has every small side, and little to gain)
+    fit_h = sorted({-(-g.out_h // k) for k in range(1, min(g.out_h, _FIT_STRIPS) + 1)} - set(_POWERS))
+    fit_w = sorted({-(-g.out_w // k) for k in range(1, min(g.out_w, _FIT_STRIPS) + 1)} - set(_POWERS))
+    sides_h = sorted(set(_POWERS) | {s for s in fit_h if _FIT_MIN <= s <= 32})
+    sides_w = sorted(set(_POWERS) | {s for s in fit_w if _FIT_MIN <= s <= 32})
+    oc_blocks = sorted({min(b, 1 << max(0, (opg - 1).bit_length())) for b in (4, 8, 16, 32, 64, 128, 256)})
     # tiny layers cannot fill min_threads: then the largest block they allow is accepted
     most = min(device.max_threads, oc_blocks[-1] * max_h * max_w)
-    for th in sides:
+    for th in sides_h:
         if th > max_h:
             continue
-        for tw in sides:
+        for tw in sides_w:
             if tw > max_w or (th * tw < 4 and max_h * max_w >= 4):
                 continue
             for ocb in oc_blocks:
@@ -239,7 +280,9 @@ def rank_tiles(geometry, stats: OffsetStats | None = None, top: int = 10,
             fractions[key] = out_of_tile_fraction(geometry, stats, *key)
         terms = _fused_terms(geometry, tile, fractions[key], device)
         if terms["feasible"]:
-            scored.append((terms["seconds"], len(scored), tile, terms))
+            # ties in the issue-bound time (staging rounds up to whole rounds of the block)
+            # go to the tile that moves fewer bytes: a 1% share of the memory time decides
+            scored.append((terms["seconds"] + TIE_BREAK_MEMORY * terms["memory_s"], len(scored), tile, terms))
     scored.sort(key=lambda item: item[:2])
     return [(tile, terms) for _, _, tile, terms in scored[:top]]
 
