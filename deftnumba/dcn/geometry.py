@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from ..runtime.arguments import (FLOAT_DTYPES, INT32_MAX, check_array, check_gradient,  # noqa: F401
+from ..runtime.arguments import (FLOAT_DTYPES, ConvWindow, INT32_MAX, check_array, check_gradient,  # noqa: F401
                                   check_output_not_empty, check_same_kind_and_dtype, conv_out_size,
                                   conv_pairs, pair)
 
 
 @dataclass(frozen=True)
-class Geometry:
-    """Shapes and hyper-parameters of one DCN layer (all plain ints)."""
+class Geometry(ConvWindow):
+    """Shapes and hyper-parameters of one DCN layer (all plain ints); ``out_h``, ``out_w``,
+    ``taps`` and ``itemsize`` come from ``runtime.arguments.ConvWindow``."""
 
     batch: int
     in_channels: int
@@ -41,28 +40,11 @@ class Geometry:
     dtype: str = "float32"
 
     @property
-    def out_h(self) -> int:
-        return conv_out_size(self.height, self.kernel_h, self.stride_h, self.pad_h, self.dil_h)
-
-    @property
-    def out_w(self) -> int:
-        return conv_out_size(self.width, self.kernel_w, self.stride_w, self.pad_w, self.dil_w)
-
-    @property
     def is_empty(self) -> bool:
         """True when there is nothing to sample or no output channel: a batch of 0,
         no input channels, or no output channels. The output is then empty (or the
         bias alone, when there are no input channels) and nothing is launched."""
         return self.batch == 0 or self.in_channels == 0 or self.out_channels == 0
-
-    @property
-    def taps(self) -> int:
-        """Kernel taps ``kh * kw``."""
-        return self.kernel_h * self.kernel_w
-
-    @property
-    def itemsize(self) -> int:
-        return np.dtype(self.dtype).itemsize
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:

@@ -56,6 +56,29 @@ def conv_out_size(size: int, kernel: int, stride: int = 1, pad: int = 0, dil: in
     return (size + 2 * pad - dil * (kernel - 1) - 1) // stride + 1
 
 
+class ConvWindow:
+    """What a convolution layer's frozen geometry derives from its window: mixed into a
+    dataclass with ``height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+    dil_h, dil_w`` and ``dtype`` (a NumPy dtype name)."""
+
+    @property
+    def out_h(self) -> int:
+        return conv_out_size(self.height, self.kernel_h, self.stride_h, self.pad_h, self.dil_h)
+
+    @property
+    def out_w(self) -> int:
+        return conv_out_size(self.width, self.kernel_w, self.stride_w, self.pad_w, self.dil_w)
+
+    @property
+    def taps(self) -> int:
+        """Kernel taps ``kh * kw``."""
+        return self.kernel_h * self.kernel_w
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+
 def check_output_not_empty(height, width, kernel, stride, padding, dilation) -> None:
     """``ValueError`` when the padded input is smaller than the dilated kernel (all arguments
     but ``height, width`` are ``(h, w)`` pairs)."""

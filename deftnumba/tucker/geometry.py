@@ -19,14 +19,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..runtime.arguments import (FLOAT_DTYPES, INT32_MAX, check_array,  # noqa: F401
+from ..runtime.arguments import (FLOAT_DTYPES, ConvWindow, INT32_MAX, check_array,  # noqa: F401
                                   check_output_not_empty, check_same_kind_and_dtype, conv_out_size,
                                   conv_pairs, pair)
 
 
 @dataclass(frozen=True)
-class TuckerGeometry:
-    """Shapes and hyper-parameters of one Tucker-format layer (all plain ints)."""
+class TuckerGeometry(ConvWindow):
+    """Shapes and hyper-parameters of one Tucker-format layer (all plain ints); ``out_h``,
+    ``out_w``, ``taps`` and ``itemsize`` come from ``runtime.arguments.ConvWindow``."""
 
     batch: int
     in_channels: int
@@ -46,22 +47,6 @@ class TuckerGeometry:
     groups: int = 1
     has_bias: bool = False
     dtype: str = "float32"
-
-    @property
-    def out_h(self) -> int:
-        return conv_out_size(self.height, self.kernel_h, self.stride_h, self.pad_h, self.dil_h)
-
-    @property
-    def out_w(self) -> int:
-        return conv_out_size(self.width, self.kernel_w, self.stride_w, self.pad_w, self.dil_w)
-
-    @property
-    def taps(self) -> int:
-        return self.kernel_h * self.kernel_w
-
-    @property
-    def itemsize(self) -> int:
-        return np.dtype(self.dtype).itemsize
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
