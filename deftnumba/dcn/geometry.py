@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from ..runtime import backend
-
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+from ..runtime.arguments import (FLOAT_DTYPES, ConvWindow, INT32_MAX, check_array, check_gradient,  # noqa: F401
+                                  check_output_not_empty, check_same_kind_and_dtype, conv_out_size,
+                                  conv_pairs, pair)
 
 
 @dataclass(frozen=True)
-class Geometry:
-    """Shapes and hyper-parameters of one DCN layer (all plain ints)."""
+class Geometry(ConvWindow):
+    """Shapes and hyper-parameters of one DCN layer (all plain ints); ``out_h``, ``out_w``,
+    ``taps`` and ``itemsize`` come from ``runtime.arguments.ConvWindow``."""
 
     batch: int
     in_channels: int
@@ -41,28 +40,11 @@ class Geometry:
     dtype: str = "float32"
 
     @property
-    def out_h(self) -> int:
-        return (self.height + 2 * self.pad_h - self.dil_h * (self.kernel_h - 1) - 1) // self.stride_h + 1
-
-    @property
-    def out_w(self) -> int:
-        return (self.width + 2 * self.pad_w - self.dil_w * (self.kernel_w - 1) - 1) // self.stride_w + 1
-
-    @property
     def is_empty(self) -> bool:
         """True when there is nothing to sample or no output channel: a batch of 0,
         no input channels, or no output channels. The output is then empty (or the
         bias alone, when there are no input channels) and nothing is launched."""
         return self.batch == 0 or self.in_channels == 0 or self.out_channels == 0
-
-    @property
-    def taps(self) -> int:
-        """Kernel taps ``kh * kw``."""
-        return self.kernel_h * self.kernel_w
-
-    @property
-    def itemsize(self) -> int:
-        return np.dtype(self.dtype).itemsize
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -78,63 +60,19 @@ class Geometry:
         }
 
 
-def pair(value, name: str) -> tuple[int, int]:
-    """``int`` or a pair of ints -> ``(int, int)``; ``TypeError`` otherwise."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return int(value), int(value)
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value
-    ):
-        return int(value[0]), int(value[1])
-    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-
-
-def _check_array(a, name: str, ndim: int, layout: str):
-    if not (isinstance(a, np.ndarray) or backend.is_cupy_array(a)):
-        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
-    if isinstance(a, np.ma.MaskedArray):
-        raise TypeError(f"{name} is a masked array, whose mask the kernels would ignore: "
-                        f"pass {name}.filled(value) or np.asarray({name})")
-    if a.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(a.shape)}")
-    dtype = np.dtype(a.dtype)
-    if dtype.kind == "f" and not dtype.isnative and dtype.newbyteorder() in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64 in native byte order, got {dtype.str}: "
-                        f"pass {name}.astype({dtype.newbyteorder().name})")
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
-
-
 def check_forward(input, offset, weight, bias, stride, padding, dilation, mask) -> Geometry:
     """Validate ``deform_conv2d`` arguments; return the layer's ``Geometry``."""
-    _check_array(input, "input", 4, "[N, C, H, W]")
-    _check_array(offset, "offset", 4, "[N, 2*offset_groups*kh*kw, Ho, Wo]")
-    _check_array(weight, "weight", 4, "[Cout, C/groups, kh, kw]")
+    check_array(input, "input", 4, "4-D [N, C, H, W]")
+    check_array(offset, "offset", 4, "4-D [N, 2*offset_groups*kh*kw, Ho, Wo]")
+    check_array(weight, "weight", 4, "4-D [Cout, C/groups, kh, kw]")
     if bias is not None:
-        _check_array(bias, "bias", 1, "[Cout]")
+        check_array(bias, "bias", 1, "1-D [Cout]")
     if mask is not None:
-        _check_array(mask, "mask", 4, "[N, offset_groups*kh*kw, Ho, Wo]")
+        check_array(mask, "mask", 4, "4-D [N, offset_groups*kh*kw, Ho, Wo]")
 
     arrays = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
-    given = {k: v for k, v in arrays.items() if v is not None}
-    kinds = {k: ("CuPy" if backend.is_cupy_array(v) else "NumPy") for k, v in given.items()}
-    if len(set(kinds.values())) > 1:
-        raise TypeError(f"arrays must all be NumPy or all be CuPy, got {kinds}")
-    if backend.IS_SIMULATOR and "CuPy" in kinds.values():
-        raise TypeError("CuPy arrays need the cuda backend; the simulator backend takes NumPy arrays")
-    dtypes = {k: str(v.dtype) for k, v in given.items()}
-    if len(set(dtypes.values())) > 1:
-        raise TypeError(f"all arrays must have one dtype, got {dtypes}")
-
-    stride_h, stride_w = pair(stride, "stride")
-    pad_h, pad_w = pair(padding, "padding")
-    dil_h, dil_w = pair(dilation, "dilation")
-    if stride_h < 1 or stride_w < 1:
-        raise ValueError(f"stride must be >= 1, got {(stride_h, stride_w)}")
-    if dil_h < 1 or dil_w < 1:
-        raise ValueError(f"dilation must be >= 1, got {(dil_h, dil_w)}")
-    if pad_h < 0 or pad_w < 0:
-        raise ValueError(f"padding must be >= 0, got {(pad_h, pad_w)}")
+    check_same_kind_and_dtype(arrays)
+    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = conv_pairs(stride, padding, dilation)
 
     n, c, h, w = input.shape
     c_out, c_per_group, kh, kw = weight.shape
@@ -175,12 +113,7 @@ def check_forward(input, offset, weight, bias, stride, padding, dilation, mask) 
         groups=groups, offset_groups=offset_groups, has_mask=mask is not None,
         has_bias=bias is not None, dtype=str(input.dtype),
     )
-    if geometry.out_h < 1 or geometry.out_w < 1:
-        raise ValueError(
-            f"the output would be empty ({geometry.out_h}x{geometry.out_w}): input {h}x{w} with "
-            f"padding {(pad_h, pad_w)} is smaller than the dilated kernel "
-            f"{(dil_h * (kh - 1) + 1, dil_w * (kw - 1) + 1)}"
-        )
+    check_output_not_empty(h, w, (kh, kw), (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w))
     expected = geometry.shapes
     for name in ("offset", "mask", "bias"):
         value = arrays[name]
@@ -192,9 +125,6 @@ def check_forward(input, offset, weight, bias, stride, padding, dilation, mask) 
             raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(value.shape)}")
     check_limits(geometry)
     return geometry
-
-
-INT32_MAX = 2**31 - 1
 
 
 def check_limits(geometry: Geometry) -> None:
@@ -236,15 +166,7 @@ def check_backward(grad_output, input, offset, weight, bias, stride, padding, di
     be an array of the same kind and dtype with the output's shape ``[N, Cout, Ho, Wo]``.
     """
     geometry = check_forward(input, offset, weight, bias, stride, padding, dilation, mask)
-    _check_array(grad_output, "grad_output", 4, "[N, Cout, Ho, Wo]")
-    if backend.is_cupy_array(grad_output) != backend.is_cupy_array(input):
-        kind = "CuPy" if backend.is_cupy_array(grad_output) else "NumPy"
-        raise TypeError(f"grad_output is a {kind} array but input is not: arrays must all be NumPy or all be CuPy")
-    if np.dtype(grad_output.dtype) != np.dtype(input.dtype):
-        raise TypeError(f"grad_output must have the dtype of input ({input.dtype}), got {grad_output.dtype}")
-    expected = geometry.shapes["output"]
-    if tuple(grad_output.shape) != expected:
-        raise ValueError(f"grad_output must have the output's shape {expected}, got {tuple(grad_output.shape)}")
+    check_gradient(grad_output, "grad_output", input, "[N, Cout, Ho, Wo]", geometry.shapes["output"])
     if geometry.height * geometry.width >= 2**32:
         # the column methods' scatter indexes inside one input plane in 32 bits
         raise ValueError(f"input planes of {geometry.height}x{geometry.width} = {geometry.height * geometry.width} "

@@ -64,7 +64,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..runtime import backend
+from ..runtime.arguments import conv_out_size
+from ..runtime.torch_bridge import check_device, on_device as _on_device, to_array as _to_array
+from ..runtime.torch_bridge import to_tensor as _to_tensor
 from . import ops
 from .geometry import pair
 
@@ -72,64 +74,10 @@ __all__ = ["DeformConv2d", "deform_conv2d", "DeformConvError", "DeformConvValueE
 
 
 # --------------------------------------------------------------------------- tensors <-> arrays
+# (shared by every system's torch layer: ``deftnumba.runtime.torch_bridge``)
 def _check_tensors(named: dict) -> torch.device:
     """Every given tensor is a torch.Tensor on one device that the backend can run."""
-    given = {k: v for k, v in named.items() if v is not None}
-    for name, value in given.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    devices = {k: str(v.device) for k, v in given.items()}
-    if len(set(devices.values())) > 1:
-        raise RuntimeError(f"deform_conv2d: all tensors must be on one device, got {devices}")
-    device = given["input"].device
-    if device.type == "cuda" and backend.IS_SIMULATOR:
-        raise RuntimeError(
-            f"deform_conv2d got CUDA tensors, but deftnumba runs on the simulator backend "
-            f"({backend.REASON}). Set DEFTNUMBA_BACKEND=cuda (with CuPy installed) before "
-            f"importing deftnumba, or move the tensors to the CPU."
-        )
-    if device.type == "cpu" and not backend.IS_SIMULATOR:
-        raise RuntimeError(
-            "deform_conv2d got CPU tensors, but deftnumba runs on the cuda backend. Move the "
-            "model and tensors to the GPU (.cuda()), or set DEFTNUMBA_BACKEND=simulator before "
-            "importing deftnumba to run the kernels on the CPU (slow, for testing)."
-        )
-    if device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"deform_conv2d supports CPU and CUDA tensors, got device {device}")
-    return device
-
-
-def _to_array(tensor):
-    """A NumPy (CPU) or CuPy (CUDA) view of ``tensor``'s data; a copy only if not contiguous."""
-    if tensor is None:
-        return None
-    tensor = tensor.detach()
-    if not tensor.is_contiguous():
-        tensor = tensor.contiguous()
-    if tensor.is_cuda:
-        return backend.cupy().from_dlpack(tensor)
-    return tensor.numpy()
-
-
-def _to_tensor(array):
-    """Wrap a kernel result as a tensor without copying."""
-    if array is None:
-        return None
-    if backend.is_cupy_array(array):
-        return torch.from_dlpack(array)
-    return torch.from_numpy(array)
-
-
-@contextlib.contextmanager
-def _on_device(device: torch.device):
-    """On CUDA: make the tensors' device current for CuPy and Numba, and run on torch's stream."""
-    if device.type != "cuda":
-        yield
-        return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = torch.cuda.current_stream(index).cuda_stream
-    with backend.cupy().cuda.Device(index), backend.cuda.gpus[index], backend.external_stream(stream):
-        yield
+    return check_device("deform_conv2d", named)
 
 
 # --------------------------------------------------------------------------- errors
@@ -174,9 +122,6 @@ def _torch_errors():
 # are registered custom ops: the dispatcher, autograd, fake tensors (shapes without
 # data), torch.fx, torch.compile, torch.export and TorchScript all see one opaque op
 # with a schema, as they see ``torchvision::deform_conv2d``.
-def _output_size(size, pad, dilation, kernel, stride):
-    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
-
 
 @torch.library.custom_op("deftnumba::deform_conv2d", mutates_args=())
 def _deform_conv2d_op(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
@@ -200,8 +145,8 @@ def _deform_conv2d_fake(input, offset, weight, bias, mask, stride, padding, dila
         raise DeformConvValueError(
             f"input, offset and weight must be 4-D, got shapes {tuple(input.shape)}, "
             f"{tuple(offset.shape)}, {tuple(weight.shape)}")
-    out_h = _output_size(input.shape[2], padding[0], dilation[0], weight.shape[2], stride[0])
-    out_w = _output_size(input.shape[3], padding[1], dilation[1], weight.shape[3], stride[1])
+    out_h = conv_out_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    out_w = conv_out_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
     torch._check(out_h >= 1 and out_w >= 1,
                  lambda: f"deform_conv2d: the output would be empty ({out_h}x{out_w})")
     return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))

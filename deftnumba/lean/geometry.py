@@ -21,12 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..runtime import backend
-
+from ..runtime.arguments import (FLOAT_DTYPES, INT32_MAX, check_array, check_gradient,  # noqa: F401
+                                  check_same_kind_and_dtype, pair)
 from .kernels.stencils import PATTERNS  # noqa: E402  (the kernels' audit cases draw them too)
-
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-INT32_MAX = 2**31 - 1
 
 
 def pattern_taps(pattern) -> tuple[tuple[int, int], ...]:
@@ -95,51 +92,17 @@ class LeanGeometry:
                 "output": (n, c, self.out_h, self.out_w)}
 
 
-def _stride_pair(stride) -> tuple[int, int]:
-    if isinstance(stride, (int, np.integer)) and not isinstance(stride, bool):
-        pair = (int(stride), int(stride))
-    elif (isinstance(stride, (tuple, list)) and len(stride) == 2
-          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in stride)):
-        pair = (int(stride[0]), int(stride[1]))
-    else:
-        raise TypeError(f"stride must be an int or a pair of ints, got {stride!r}")
-    if min(pair) < 1:
-        raise ValueError(f"stride must be >= 1, got {pair}")
-    return pair
-
-
-def _check_array(a, name: str, ndims: tuple[int, ...], layout: str):
-    if not (isinstance(a, np.ndarray) or backend.is_cupy_array(a)):
-        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
-    if isinstance(a, np.ma.MaskedArray):
-        raise TypeError(f"{name} is a masked array, whose mask the kernels would ignore: "
-                        f"pass {name}.filled(value) or np.asarray({name})")
-    if a.ndim not in ndims:
-        raise ValueError(f"{name} must be {layout}, got shape {tuple(a.shape)}")
-    dtype = np.dtype(a.dtype)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64 (native byte order), got {dtype.str}")
-
-
 def check_forward(input, pointwise, stencil, bias, stride, pattern) -> LeanGeometry:
     """Validate ``lean_conv2d`` arguments; return the layer's ``LeanGeometry``."""
     taps = pattern_taps(pattern)
-    _check_array(input, "input", (4,), "4-D [N, C, H, W]")
-    _check_array(pointwise, "pointwise", (2, 4), "[C, C] or [C, C, 1, 1]")
-    _check_array(stencil, "stencil", (2,), f"2-D [C, S] (S = {len(taps)} taps of the pattern)")
+    check_array(input, "input", (4,), "4-D [N, C, H, W]")
+    check_array(pointwise, "pointwise", (2, 4), "[C, C] or [C, C, 1, 1]")
+    check_array(stencil, "stencil", (2,), f"2-D [C, S] (S = {len(taps)} taps of the pattern)")
     if bias is not None:
-        _check_array(bias, "bias", (1,), "1-D [C]")
+        check_array(bias, "bias", (1,), "1-D [C]")
     arrays = {"input": input, "pointwise": pointwise, "stencil": stencil, "bias": bias}
-    given = {k: v for k, v in arrays.items() if v is not None}
-    kinds = {k: ("CuPy" if backend.is_cupy_array(v) else "NumPy") for k, v in given.items()}
-    if len(set(kinds.values())) > 1:
-        raise TypeError(f"arrays must all be NumPy or all be CuPy, got {kinds}")
-    if backend.IS_SIMULATOR and "CuPy" in kinds.values():
-        raise TypeError("CuPy arrays need the cuda backend; the simulator backend takes NumPy arrays")
-    dtypes = {k: str(v.dtype) for k, v in given.items()}
-    if len(set(dtypes.values())) > 1:
-        raise TypeError(f"all arrays must have one dtype, got {dtypes}")
-    stride_h, stride_w = _stride_pair(stride)
+    check_same_kind_and_dtype(arrays)
+    stride_h, stride_w = pair(stride, "stride", minimum=1)
 
     n, c, h, w = (int(v) for v in input.shape)
     if 0 in input.shape:
@@ -174,13 +137,5 @@ def check_forward(input, pointwise, stencil, bias, stride, pattern) -> LeanGeome
 def check_backward(grad_output, input, pointwise, stencil, bias, stride, pattern) -> LeanGeometry:
     """Validate ``lean_conv2d_backward`` arguments; return the layer's ``LeanGeometry``."""
     geometry = check_forward(input, pointwise, stencil, bias, stride, pattern)
-    _check_array(grad_output, "grad_output", (4,), "4-D [N, C, Ho, Wo]")
-    if backend.is_cupy_array(grad_output) != backend.is_cupy_array(input):
-        raise TypeError("grad_output and input must both be NumPy or both be CuPy arrays")
-    if np.dtype(grad_output.dtype) != np.dtype(input.dtype):
-        raise TypeError(f"grad_output must have the dtype of input ({input.dtype}), got {grad_output.dtype}")
-    expected = geometry.shapes["output"]
-    if tuple(grad_output.shape) != expected:
-        raise ValueError(f"grad_output must have the output's shape [N, C, Ho, Wo] = {expected}, "
-                         f"got {tuple(grad_output.shape)}")
+    check_gradient(grad_output, "grad_output", input, "[N, C, Ho, Wo]", geometry.shapes["output"])
     return geometry

@@ -21,50 +21,17 @@ This module imports torch; ``import deftnumba.lean`` does not.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..runtime import backend
+from ..runtime.torch_bridge import check_device, on_device, to_array, to_tensor
 from . import ops
 from .geometry import pattern_taps
 
 __all__ = ["LeanConv2d", "lean_conv2d", "lean_conv2d_torch", "LeanConv2dFunction"]
-
-
-# --------------------------------------------------------------------------- tensors <-> arrays
-def _check_device(tensor: torch.Tensor) -> None:
-    if tensor.device.type == "cuda" and backend.IS_SIMULATOR:
-        raise RuntimeError(
-            f"lean_conv2d got CUDA tensors, but deftnumba runs on the simulator backend ({backend.REASON}). "
-            f"Set DEFTNUMBA_BACKEND=cuda before importing deftnumba, move the tensors to the CPU, "
-            f"or use impl='torch'.")
-    if tensor.device.type == "cpu" and not backend.IS_SIMULATOR:
-        raise RuntimeError(
-            "lean_conv2d got CPU tensors, but deftnumba runs on the cuda backend: move the model to the "
-            "GPU, or use impl='torch' for a CPU model.")
-
-
-def _to_array(t: torch.Tensor):
-    t = t.detach().contiguous()
-    if t.device.type == "cuda":
-        return backend.cupy().from_dlpack(t)
-    return t.numpy()
-
-
-def _to_tensor(a, like: torch.Tensor) -> torch.Tensor:
-    if backend.is_cupy_array(a):
-        return torch.from_dlpack(a)
-    return torch.from_numpy(a).to(like.device)
-
-
-def _stream(tensor: torch.Tensor):
-    if tensor.device.type == "cuda":
-        return backend.external_stream(torch.cuda.current_stream(tensor.device).cuda_stream)
-    return contextlib.nullcontext()
 
 
 class LeanConv2dFunction(torch.autograd.Function):
@@ -72,28 +39,27 @@ class LeanConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, pointwise, stencil, bias, stride, pattern, method):
-        _check_device(input)
+        device = check_device("lean_conv2d", dict(input=input, pointwise=pointwise, stencil=stencil, bias=bias),
+                              fix=", or use impl='torch'")
         ctx.stride, ctx.pattern, ctx.method = stride, pattern, method
         ctx.has_bias = bias is not None
         ctx.save_for_backward(input, pointwise, stencil, *( (bias,) if bias is not None else ()))
-        with _stream(input):
-            out = ops.lean_conv2d(_to_array(input), _to_array(pointwise), _to_array(stencil),
-                                  _to_array(bias) if bias is not None else None, stride,
-                                  pattern=pattern, method=method)
-        return _to_tensor(out, input)
+        with on_device(device):
+            out = ops.lean_conv2d(to_array(input), to_array(pointwise), to_array(stencil), to_array(bias),
+                                  stride, pattern=pattern, method=method)
+        return to_tensor(out)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         input, pointwise, stencil, *rest = ctx.saved_tensors
         bias = rest[0] if rest else None
-        with _stream(input):
+        with on_device(check_device("lean_conv2d", dict(grad_output=grad_output, input=input))):
             grads = ops.lean_conv2d_backward(
-                _to_array(grad_output), _to_array(input), _to_array(pointwise), _to_array(stencil),
-                _to_array(bias) if bias is not None else None, ctx.stride, pattern=ctx.pattern,
-                method=ctx.method)
+                to_array(grad_output), to_array(input), to_array(pointwise), to_array(stencil),
+                to_array(bias), ctx.stride, pattern=ctx.pattern, method=ctx.method)
         wanted = ctx.needs_input_grad
-        out = [_to_tensor(g, input) if (g is not None and wanted[i]) else None
+        out = [to_tensor(g) if (g is not None and wanted[i]) else None
                for i, g in enumerate(grads)]
         return (*out, None, None, None)
 

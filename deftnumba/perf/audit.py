@@ -101,27 +101,12 @@ def ptxas_resources(ptx: str, cc=(9, 0)) -> dict:
     Empty when nvJitLink is not installed (``pip install 'numba-cuda[cu13]'`` provides it).
     """
     try:
-        from cuda.bindings import nvjitlink
+        from cuda.bindings import nvjitlink  # noqa: F401  (only: is it installed?)
     except ImportError:
         return {}
-    handle = nvjitlink.create(2, [f"-arch=sm_{cc[0]}{cc[1]}", "-verbose"])
-    try:
-        data = ptx.encode()
-        nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), "kernel")
-        nvjitlink.complete(handle)
-        log = bytearray(nvjitlink.get_info_log_size(handle))
-        nvjitlink.get_info_log(handle, log)
-    finally:
-        nvjitlink.destroy(handle)
-    text = log.decode(errors="replace")
-    found = {}
-    if m := re.search(r"Used (\d+) registers", text):
-        found["registers"] = int(m.group(1))
-    if m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text):
-        found["spill_bytes"] = int(m.group(1)) + int(m.group(2))
-    if m := re.search(r"(\d+) bytes smem", text):
-        found["shared_bytes"] = int(m.group(1))
-    return found
+    from .sass import link_cubin
+
+    return link_cubin(ptx, cc, lineinfo=False)[1]
 
 
 def audit(cc=(9, 0), report=None) -> list[PtxReport]:

@@ -122,13 +122,15 @@ def disassemble(cubin: bytes) -> str:
 
 
 # --------------------------------------------------------------------------- compiling
-def link_cubin(ptx: str, cc=CC) -> tuple[bytes, dict]:
-    """PTX -> cubin through nvJitLink (``-lineinfo``): ``(cubin, resources)`` where
-    resources has ``registers``, ``spill_bytes`` and ``shared_bytes`` (ptxas's figures;
-    shared includes the 1 KB system reserve)."""
+def link_cubin(ptx: str, cc=CC, *, lineinfo: bool = True) -> tuple[bytes, dict]:
+    """PTX -> cubin through nvJitLink (``-lineinfo`` unless ``lineinfo=False``): ``(cubin,
+    resources)`` where resources has ``registers``, ``spill_bytes`` and ``shared_bytes``
+    (ptxas's figures; shared includes the 1 KB system reserve). The package's one
+    nvJitLink path: ``perf.audit.ptxas_resources`` links through it too."""
     from cuda.bindings import nvjitlink
 
-    handle = nvjitlink.create(3, [f"-arch=sm_{cc[0]}{cc[1]}", "-lineinfo", "-verbose"])
+    options = [f"-arch=sm_{cc[0]}{cc[1]}", "-verbose"] + (["-lineinfo"] if lineinfo else [])
+    handle = nvjitlink.create(len(options), options)
     try:
         data = ptx.encode()
         nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), "kernel")

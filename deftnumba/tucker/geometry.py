@@ -19,15 +19,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..runtime import backend
-
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-INT32_MAX = 2**31 - 1
+from ..runtime.arguments import (FLOAT_DTYPES, ConvWindow, INT32_MAX, check_array,  # noqa: F401
+                                  check_output_not_empty, check_same_kind_and_dtype, conv_out_size,
+                                  conv_pairs, pair)
 
 
 @dataclass(frozen=True)
-class TuckerGeometry:
-    """Shapes and hyper-parameters of one Tucker-format layer (all plain ints)."""
+class TuckerGeometry(ConvWindow):
+    """Shapes and hyper-parameters of one Tucker-format layer (all plain ints); ``out_h``,
+    ``out_w``, ``taps`` and ``itemsize`` come from ``runtime.arguments.ConvWindow``."""
 
     batch: int
     in_channels: int
@@ -47,22 +47,6 @@ class TuckerGeometry:
     groups: int = 1
     has_bias: bool = False
     dtype: str = "float32"
-
-    @property
-    def out_h(self) -> int:
-        return (self.height + 2 * self.pad_h - self.dil_h * (self.kernel_h - 1) - 1) // self.stride_h + 1
-
-    @property
-    def out_w(self) -> int:
-        return (self.width + 2 * self.pad_w - self.dil_w * (self.kernel_w - 1) - 1) // self.stride_w + 1
-
-    @property
-    def taps(self) -> int:
-        return self.kernel_h * self.kernel_w
-
-    @property
-    def itemsize(self) -> int:
-        return np.dtype(self.dtype).itemsize
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -85,61 +69,18 @@ class TuckerGeometry:
         return replace(self, batch=int(batch))
 
 
-def pair(value, name: str) -> tuple[int, int]:
-    """``int`` or a pair of ints -> ``(int, int)``; ``TypeError`` otherwise."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return int(value), int(value)
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value
-    ):
-        return int(value[0]), int(value[1])
-    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-
-
-def _check_array(a, name: str, ndim: int, layout: str) -> None:
-    if not (isinstance(a, np.ndarray) or backend.is_cupy_array(a)):
-        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
-    if isinstance(a, np.ma.MaskedArray):
-        raise TypeError(f"{name} is a masked array, whose mask the kernels would ignore: "
-                        f"pass {name}.filled(value) or np.asarray({name})")
-    if a.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(a.shape)}")
-    dtype = np.dtype(a.dtype)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64 (native byte order), got {a.dtype}")
-    if 0 in a.shape:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(a.shape)}")
-
-
 def check_tucker(input, first, core, last, bias=None, stride=1, padding=0, dilation=1,
                  groups=1) -> TuckerGeometry:
     """Validate ``tucker_conv2d``'s arguments; return the layer's ``TuckerGeometry``."""
-    _check_array(input, "input", 4, "[N, C, H, W]")
-    _check_array(first, "first", 4, "[r_in, C, 1, 1]")
-    _check_array(core, "core", 4, "[r_out, r_in/groups, kh, kw]")
-    _check_array(last, "last", 4, "[Cout, r_out, 1, 1]")
+    check_array(input, "input", 4, "4-D [N, C, H, W]", nonempty=True)
+    check_array(first, "first", 4, "4-D [r_in, C, 1, 1]", nonempty=True)
+    check_array(core, "core", 4, "4-D [r_out, r_in/groups, kh, kw]", nonempty=True)
+    check_array(last, "last", 4, "4-D [Cout, r_out, 1, 1]", nonempty=True)
     if bias is not None:
-        _check_array(bias, "bias", 1, "[Cout]")
+        check_array(bias, "bias", 1, "1-D [Cout]", nonempty=True)
     arrays = {"input": input, "first": first, "core": core, "last": last, "bias": bias}
-    given = {k: v for k, v in arrays.items() if v is not None}
-    kinds = {k: ("CuPy" if backend.is_cupy_array(v) else "NumPy") for k, v in given.items()}
-    if len(set(kinds.values())) > 1:
-        raise TypeError(f"arrays must all be NumPy or all be CuPy, got {kinds}")
-    if backend.IS_SIMULATOR and "CuPy" in kinds.values():
-        raise TypeError("CuPy arrays need the cuda backend; the simulator backend takes NumPy arrays")
-    dtypes = {k: str(v.dtype) for k, v in given.items()}
-    if len(set(dtypes.values())) > 1:
-        raise TypeError(f"all arrays must have one dtype, got {dtypes}")
-
-    stride_h, stride_w = pair(stride, "stride")
-    pad_h, pad_w = pair(padding, "padding")
-    dil_h, dil_w = pair(dilation, "dilation")
-    if stride_h < 1 or stride_w < 1:
-        raise ValueError(f"stride must be >= 1, got {(stride_h, stride_w)}")
-    if dil_h < 1 or dil_w < 1:
-        raise ValueError(f"dilation must be >= 1, got {(dil_h, dil_w)}")
-    if pad_h < 0 or pad_w < 0:
-        raise ValueError(f"padding must be >= 0, got {(pad_h, pad_w)}")
+    check_same_kind_and_dtype(arrays)
+    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = conv_pairs(stride, padding, dilation)
     if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     groups = int(groups)
@@ -168,11 +109,7 @@ def check_tucker(input, first, core, last, bias=None, stride=1, padding=0, dilat
         batch=n, in_channels=c, height=h, width=w, out_channels=c_out, rank_in=r_in, rank_out=r_out,
         kernel_h=kh, kernel_w=kw, stride_h=stride_h, stride_w=stride_w, pad_h=pad_h, pad_w=pad_w,
         dil_h=dil_h, dil_w=dil_w, groups=groups, has_bias=bias is not None, dtype=str(input.dtype))
-    if geometry.out_h < 1 or geometry.out_w < 1:
-        raise ValueError(
-            f"the output would be empty ({geometry.out_h}x{geometry.out_w}): input {h}x{w} with "
-            f"padding {(pad_h, pad_w)} is smaller than the dilated kernel "
-            f"{(dil_h * (kh - 1) + 1, dil_w * (kw - 1) + 1)}")
+    check_output_not_empty(h, w, (kh, kw), (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w))
     check_limits(geometry)
     return geometry
 

@@ -27,14 +27,13 @@ kernels have no backward of their own yet.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import backend
+from ..runtime.torch_bridge import check_device, on_device, to_array, to_tensor
 from . import ops
 from .decompose import decompose
 
@@ -50,40 +49,7 @@ def _three_convs(input, first, core, last, bias, stride, padding, dilation, grou
 
 
 def _check_device(tensors: dict) -> torch.device:
-    given = {k: v for k, v in tensors.items() if v is not None}
-    devices = {k: str(v.device) for k, v in given.items()}
-    if len(set(devices.values())) > 1:
-        raise RuntimeError(f"tucker_conv2d: all tensors must be on one device, got {devices}")
-    device = given["input"].device
-    if device.type == "cuda" and backend.IS_SIMULATOR:
-        raise RuntimeError("tucker_conv2d got CUDA tensors, but deftnumba runs on the simulator backend: set "
-                           "DEFTNUMBA_BACKEND=cuda before importing deftnumba, or use method='torch'")
-    if device.type == "cpu" and not backend.IS_SIMULATOR:
-        raise RuntimeError("tucker_conv2d got CPU tensors, but deftnumba runs on the cuda backend: move the "
-                           "model to the GPU, or use method='torch'")
-    return device
-
-
-def _to_array(t):
-    if t is None:
-        return None
-    t = t.detach().contiguous()
-    return backend.cupy().from_dlpack(t) if t.is_cuda else t.numpy()
-
-
-def _to_tensor(a):
-    return torch.from_dlpack(a) if backend.is_cupy_array(a) else torch.from_numpy(a)
-
-
-@contextlib.contextmanager
-def _on_device(device):
-    if device.type != "cuda":
-        yield
-        return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = torch.cuda.current_stream(index).cuda_stream
-    with backend.cupy().cuda.Device(index), backend.cuda.gpus[index], backend.external_stream(stream):
-        yield
+    return check_device("tucker_conv2d", tensors, fix=", or use method='torch'")
 
 
 class TuckerConv2dFunction(torch.autograd.Function):
@@ -92,11 +58,11 @@ class TuckerConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, first, core, last, bias, stride, padding, dilation, groups, method):
         device = _check_device(dict(input=input, first=first, core=core, last=last, bias=bias))
-        with _on_device(device):
-            arrays = [_to_array(t) for t in (input, first, core, last, bias)]
+        with on_device(device):
+            arrays = [to_array(t) for t in (input, first, core, last, bias)]
             out = ops.tucker_conv2d(*arrays, stride=stride, padding=padding, dilation=dilation,
                                     groups=groups, method=method)
-            result = _to_tensor(out)
+            result = to_tensor(out)
         ctx.save_for_backward(input, first, core, last, bias)
         ctx.conv = (stride, padding, dilation, groups)
         return result
