@@ -231,7 +231,7 @@ def test_planner_reads_the_measured_counts():
     terms = tiling.predict(g, tiling.normal_statistics(1.0), "fused", fused_tiled.GPU_CONFIG, tiling.H200)
     entry = layer_audit.load_planner_table()["configs"]["float32/8x8"]
     assert terms["registers"] == entry["registers"]
-    iterations = layer_audit.before_phase_model("fused", g, fused_tiled.GPU_CONFIG, terms["out_of_tile"])
+    iterations = layer_audit.fused_iterations(g, fused_tiled.GPU_CONFIG)
     per_thread = sum(sass.per_thread_instructions(entry["phases"], iterations).values())
     assert terms["instructions_per_thread"] == pytest.approx(per_thread)
     assert terms["compute_s"] >= terms["issue_s"] > 0

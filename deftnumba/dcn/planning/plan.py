@@ -82,12 +82,9 @@ def _measured_counts(dtype, reg_oc: int, reg_px: int) -> dict | None:
 
 
 def _phase_iterations(geometry, tile: TileConfig, fraction: float) -> dict:
-    """Iterations per thread of each phase: the kernel module's ``phase_model`` if it has one,
-    else the model of today's kernel (``dcn.audit.before_phase_model``)."""
-    model = getattr(fused_tiled, "phase_model", None)
-    if model is not None:
-        return dict(model(geometry, tile))
-    return dcn_audit.before_phase_model("fused", geometry, tile, fraction)
+    """Iterations per thread of each phase: the kernel's ``phase_model``, its multiply phase in
+    rank-1 updates (``dcn.audit.fused_iterations``), the unit of the measured counts."""
+    return dcn_audit.fused_iterations(geometry, tile)
 
 
 def _fused_terms(geometry, tile: TileConfig, fraction: float, device: DeviceModel) -> dict:
