@@ -444,11 +444,28 @@ def fused_iterations(g, tile) -> dict:
     return it
 
 
+OUT_OF_TILE_SAMPLE = 33
+"""Issued instructions per out-of-tile sample on the column build's global-read path of
+``fused_tiled`` (four clamped-corner ``LDG``, their addresses and the interpolation),
+read by hand from the deft64 kernel's SASS: the column loop holds the in-tile, out-of-tile
+and out-of-band paths, and the audit's ``columns`` body counts the in-tile one."""
+
+
+def out_of_tile_phase(g, tile, out_of_tile: float):
+    """``(count, iterations)`` of the out-of-tile path as a pseudo-phase: a warp issues it
+    when any of its 32 lanes has an out-of-tile sample (``warp_fraction``), for all
+    ``chunk`` channels of a (tap, pixel) entry."""
+    it = fused_iterations(g, tile)["columns"] * warp_fraction(out_of_tile)
+    count = sass.PhaseCount(body=OUT_OF_TILE_SAMPLE * tile.chunk, straight=0, depth=1, body_ffma=4.0 * tile.chunk,
+                            body_lds_widths={}, body_ldg_widths={"32": 4 * tile.chunk}, calls=0, div64_calls=0)
+    return count, it
+
+
 def phase_iterations(launch: Launch, g, out_of_tile: float = 0.0) -> dict:
     """The launch's phase model (the kernel module's ``phase_model``), restricted to the
     phases of this launch's kernel when the module models several (``extra["phases"]``)."""
     if launch.label == "fused":
-        return fused_iterations(g, launch.config)
+        return {**fused_iterations(g, launch.config), "out_of_tile": out_of_tile_phase(g, launch.config, out_of_tile)[1]}
     model = getattr(launch.module, "phase_model", None)
     if model is None:
         return before_phase_model(launch.label, g, launch.config, out_of_tile)
@@ -473,6 +490,7 @@ def model_launch(launch: Launch, g, out_of_tile: float = 0.0, cc=sass.CC) -> dic
     counts = a.phases
     if launch.label == "fused":
         counts = normalise_multiply(counts, launch.config.reg_oc * launch.config.reg_px)
+        counts["out_of_tile"] = out_of_tile_phase(g, launch.config, out_of_tile)[0]
     mean = launch.extra.get("mean_body_phases", ())
     if mean:  # the phase model sums the trips of the phase's loops: one mean body per trip
         from dataclasses import replace
@@ -653,16 +671,21 @@ PLANNER_REG = (1, 2, 4, 8)
 
 
 def planner_base_tile(reg_oc: int, reg_px: int, dtype: str = "float32"):
-    """The representative config measured for a register blocking: an 8x8 tile, halo 2,
-    64 output channels and a chunk of 4 channels (1 in float64, to fit 48 KB of static
-    shared memory): deft64's plan family. The other parameters only change compile-time
-    constants (divisors, trip counts), not the loop bodies' shape."""
+    """The representative config measured for a register blocking: 64 output channels and a
+    chunk of 4 channels, an 8x8 tile with halo 2 (float64: 4x8, halo 1, to fit 48 KB of
+    static shared memory): deft64's plan family. The other parameters only change
+    compile-time constants (divisors, trip counts), not the loop bodies' shape, as long as
+    ``chunk * K`` is a multiple of 4 (``_multiply_unroll``): with a chunk of 1 (9 steps,
+    not unrolled in the source) LLVM unrolls the multiply loop completely and no loop is
+    left to measure."""
     from .kernels.fused_tiled import TileConfig
 
-    return TileConfig(8, 8, 2, 4 if dtype == "float32" else 1, 64, reg_oc, reg_px)
+    if dtype == "float32":
+        return TileConfig(8, 8, 2, 4, 64, reg_oc, reg_px)
+    return TileConfig(4, 8, 1, 4, 64, reg_oc, reg_px)
 
 
-def planner_table(cc=sass.CC, report=progress) -> dict:
+def planner_table(cc=sass.CC, report=progress, dtypes=PLANNER_DTYPES) -> dict:
     """Measure per-phase counts of the fused kernel for every (dtype, reg_oc, reg_px) the
     planner can pick: ``{"source_hash", "configs": {key: {registers, shared_bytes,
     phases: {name: {body, straight}}}}}``. Deterministic for a given kernel source and
@@ -671,7 +694,7 @@ def planner_table(cc=sass.CC, report=progress) -> dict:
     from .kernels import fused_tiled
 
     g0 = bench.SUITES["deft64"]
-    keys = [(d, ro, rp) for d in PLANNER_DTYPES for ro in PLANNER_REG for rp in PLANNER_REG]
+    keys = [(d, ro, rp) for d in dtypes for ro in PLANNER_REG for rp in PLANNER_REG]
     configs = {}
     for i, (dtype, ro, rp) in enumerate(keys, 1):
         if report:
@@ -838,6 +861,38 @@ def format_fwd_bwd(name: str, g, results: dict) -> str:
             f"not a measurement); fp32 roofline floor {r['fused_floor_ms']:.4f} ms (fused fwd+bwd), "
             f"{r['torchvision_floor_ms']:.4f} ms (torchvision fwd+bwd): predicted/torchvision floor "
             f"{r['predicted_ms'] / r['torchvision_floor_ms']:.2f}x")
+
+
+# --------------------------------------------------------------------------- figures for the tests
+COLUMN_KERNELS = ("im2col.positions[", "im2col.columns[", "fused_columns.fused_columns[")
+
+
+def target_figures(shapes=("deft64", "res128", "det-c4", "det-c5"), backward_shape: str = "deft64") -> dict:
+    """What the target tests read, JSON-ready: ``targets`` (``target_rows`` of the fused
+    forward at every shape in ``shapes``, of every method and backward at
+    ``backward_shape``), ``column_kernels`` (every float32 column-kernel case of
+    ``ptx_cases``: registers, F64, local memory, calls, its largest innermost loop) and
+    ``predicted_ms`` per (shape, method). Run in a compiler process (``env_for_compiler``)."""
+    from . import bench_op as bench
+
+    out = {"targets": [], "predicted_ms": {}, "column_kernels": {}}
+    for name in shapes:
+        g = bench.SUITES[name]
+        methods = (list(FORWARD_METHODS) + ["bwd-" + m for m in BACKWARD_METHODS]
+                   if name == backward_shape else ["fused"])
+        results = {}
+        for method in methods:
+            progress(len(results) + 1, len(methods), f"{name} {method}")  # on stderr
+            results[method] = r = model_layer(g, method)
+            out["predicted_ms"][f"{name}/{method}"] = r["predicted_ms"]
+        out["targets"] += target_rows(name, results)
+    for name, dtype, kernel, signature in cases():
+        if dtype == "float32" and name.startswith(COLUMN_KERNELS):
+            a = sass.audit_kernel(kernel, signature, name, dtype)
+            inner = [lp.instructions for lp in a.loops if lp.innermost and lp.instructions > 2]
+            out["column_kernels"][name] = {"registers": a.registers, "f64": a.f64, "local": a.local,
+                                           "calls": sum(a.calls.values()), "hot_loop": max(inner, default=0)}
+    return out
 
 
 # --------------------------------------------------------------------------- command line

@@ -111,7 +111,11 @@ def _fused_terms(geometry, tile: TileConfig, fraction: float, device: DeviceMode
     regs = measured["registers"]
     if measured.get("spill_bytes"):  # spills to local memory: not a candidate
         return {"feasible": False, "shared_bytes": shared, "registers": regs}
-    per_thread = sass.per_thread_instructions(measured["phases"], _phase_iterations(g, tile, fraction))
+    # the out-of-tile path of the column build (warps with an out-of-tile lane issue it)
+    oot_count, oot_iterations = dcn_audit.out_of_tile_phase(g, tile, fraction)
+    phases = {**measured["phases"], "out_of_tile": {"body": oot_count.body, "straight": 0}}
+    per_thread = sass.per_thread_instructions(phases, {**_phase_iterations(g, tile, fraction),
+                                                       "out_of_tile": oot_iterations})
     issue = sass.issue_model(per_thread, blocks, tile.threads, regs, shared + sass.SYSTEM_SHARED_RESERVE, device)
     per_sm = issue["blocks_per_sm"]
     if per_sm < 1 or shared > device.shared_per_block:
