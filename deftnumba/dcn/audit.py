@@ -2,9 +2,11 @@
 issue-slot model and the planner's table of measured per-phase counts.
 
 ``perf/sass.py`` knows nothing about deformable convolution; this module knows which
-kernels a forward method launches, with which grid, and how many iterations each phase
-runs (``phase_model`` of the kernel module, else ``before_phase_model``). Everything it
-prints about time is a **prediction** from static instruction counts, never a measurement.
+kernels a forward or backward method launches, with which signature and GPU grid, and how
+many iterations each phase runs (``phase_model`` of the kernel module; the loop nest for
+the unmarked kernels of ``kernels/backward.py``; ``before_phase_model`` keeps the model of
+the kernels as they stood before issue 10). Everything it prints about time is a
+**prediction** from static instruction counts, never a measurement.
 """
 
 from __future__ import annotations
