@@ -108,8 +108,11 @@ def main(argv=None) -> int:
     audit.add_argument("--kernels", metavar="TEXT", help="only kernels whose name contains TEXT")
     audit.add_argument("--layer", action="append", metavar="SHAPE",
                        help="issue-slot model of a suite shape (deft64, res128, det-c4, det-c5, or all); repeatable")
-    audit.add_argument("--method", default="fused", choices=["fused", "im2col", "fused_columns", "all"],
-                       help="forward method(s) modelled for --layer (default fused)")
+    audit.add_argument("--method", default="fused",
+                       choices=["fused", "im2col", "fused_columns", "all", "bwd-fused", "bwd-fused_columns",
+                                "bwd-fused_gemm", "bwd-im2col", "bwd-deterministic", "bwd-all", "everything"],
+                       help="method(s) modelled for --layer (default fused): forward methods, 'all' (every "
+                            "forward), backward 'bwd-NAME', 'bwd-all' (every backward kernel), 'everything'")
     audit.add_argument("--tile", metavar="TH,TW,HALO,CHUNK,OCB,RO,RP",
                        help="model this fused TileConfig instead of the planner's")
     audit.add_argument("--csv", metavar="PATH", help="also write the tables as CSV")

@@ -2,9 +2,11 @@
 issue-slot model and the planner's table of measured per-phase counts.
 
 ``perf/sass.py`` knows nothing about deformable convolution; this module knows which
-kernels a forward method launches, with which grid, and how many iterations each phase
-runs (``phase_model`` of the kernel module, else ``before_phase_model``). Everything it
-prints about time is a **prediction** from static instruction counts, never a measurement.
+kernels a forward or backward method launches, with which signature and GPU grid, and how
+many iterations each phase runs (``phase_model`` of the kernel module; the loop nest for
+the unmarked kernels of ``kernels/backward.py``; ``before_phase_model`` keeps the model of
+the kernels as they stood before issue 10). Everything it prints about time is a
+**prediction** from static instruction counts, never a measurement.
 """
 
 from __future__ import annotations
@@ -127,63 +129,215 @@ def _array_types(dtype):
 
 
 def fused_launch(g, tile) -> Launch:
-    """The fused kernel's launch for ``g`` and ``tile``. A rewritten module may define
-    ``audit_launch(geometry, config) -> (kernel, signature, blocks, threads)`` to say
-    this itself (its factory's arguments may differ from today's)."""
+    """The fused kernel's launches for ``g`` and ``tile`` (``TileConfig.launches``: one per
+    65535 images or block rows; all have the same kernel), modelled as one launch of all
+    the layer's blocks."""
     from .kernels import fused_tiled
 
-    hook = getattr(fused_tiled, "audit_launch", None)
-    if hook is not None:
-        kernel, sig, blocks, threads = hook(g, tile)
-        return Launch("fused", fused_tiled, kernel, tuple(sig), blocks, threads, tile, operator="fused")
-    a4, _, a1, types = _array_types(g.dtype)
     kernel = fused_tiled.fused_kernel(g.dtype, g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.dil_h, g.dil_w,
-                                      tile, g.has_mask, g.has_bias)
-    conv = types.UniTuple(types.int32, 8)
-    sig = (a4, a4, a4, a4, a1, a4, conv, types.Array(types.int64, 1, "C"), types.int64)
+                                      tile, g.has_mask, g.has_bias, False, fused_tiled.needs_wide_index(g))
     tiles, blocks_y, batch = tile.blocks(g)
-    return Launch("fused", fused_tiled, kernel, sig, tiles * blocks_y * batch, tile.threads, tile, operator="fused")
+    return Launch("fused", fused_tiled, kernel, tuple(fused_tiled.kernel_signature(g.dtype)),
+                  tiles * blocks_y * batch, tile.threads, tile, operator="fused")
 
 
 def _grid_stride(total):
-    from ..runtime import backend
+    """``(blocks, threads)`` of a grid-stride launch over ``total`` items on the GPU."""
+    from ..runtime import grid
 
-    return backend.launch_config(total)
+    return grid.launch_config(total)
+
+
+def _flat_types(dtype):
+    from numba import types
+
+    return types.Array(getattr(types, str(dtype)), 1, "C"), types
+
+
+def _blocks(grid) -> int:
+    (bx, by, bz), _ = grid
+    return bx * by * bz
 
 
 def im2col_launches(g) -> list:
+    """The positions launch and the column launch of the first (largest) image chunk,
+    repeated once per chunk; the grids are the GPU's (``point_grid``, ``column_grid``)."""
     from .kernels import im2col
 
-    a4, a2, _, types = _array_types(g.dtype)
+    a1, types = _flat_types(g.dtype)
     conv = types.UniTuple(types.int32, 8)
+    chunk = im2col.chunk_images(g)
     points = g.batch * g.offset_groups * g.taps * g.out_h * g.out_w
-    blocks, threads = _grid_stride(points)
-    chunk = max(1, min(g.batch, im2col.CHUNK_IMAGES, (2**31 - 1) // (g.in_channels * g.taps * g.out_h * g.out_w)))
+    pgrid, cgrid = im2col.point_grid(g, gpu=True), im2col.column_grid(g, chunk, gpu=True)
+    wide_points = im2col.needs_wide(g.batch * 3 * g.offset_groups * g.taps * g.out_h * g.out_w,
+                                    g.batch * 2 * g.offset_groups * g.taps * g.out_h * g.out_w)
     cols = chunk * g.out_h * g.out_w * g.in_channels
-    cblocks, cthreads = _grid_stride(cols)
     return [
-        Launch("im2col.positions", im2col, im2col.positions_kernel(g.dtype), (a4, a4, conv), blocks, threads,
-               (blocks, threads), operator="offset sampling", extra={"items": points}),
-        Launch("im2col.columns", im2col, im2col.columns_kernel(g.dtype, g.has_mask),
-               (a4, a4, a4, a2, types.int64), cblocks, cthreads, (cblocks, cthreads),
+        Launch("im2col.positions", im2col, im2col.positions_kernel(g.dtype, g.has_mask, wide_points),
+               (a1, a1, a1, types.UniTuple(types.int32, 6), conv), _blocks(pgrid), pgrid[1], None,
+               operator="offset sampling", extra={"items": points, "phases": ("point_rows", "positions")}),
+        Launch("im2col.columns", im2col, im2col.columns_kernel(g.dtype, g.has_mask, im2col.chunk_needs_wide(g, chunk)),
+               (a1, a1, a1, types.UniTuple(types.int32, 8)), _blocks(cgrid), cgrid[1], None,
                repeats=-(-g.batch // chunk), operator="bilinear columns",
-               extra={"items": cols, "column_elements": cols * g.taps}),
+               extra={"items": cols, "column_elements": cols * g.taps, "phases": ("rows", "pixels", "columns")}),
     ]
 
 
 def fused_columns_launches(g) -> list:
     from .kernels import fused_columns, im2col
 
-    a4, a2, _, types = _array_types(g.dtype)
+    a1, types = _flat_types(g.dtype)
     conv = types.UniTuple(types.int32, 8)
-    chunk = max(1, min(g.batch, im2col.CHUNK_IMAGES, (2**31 - 1) // (g.in_channels * g.taps * g.out_h * g.out_w)))
+    chunk = im2col.chunk_images(g)
     points = chunk * g.offset_groups * g.taps * g.out_h * g.out_w
-    blocks, threads = _grid_stride(points)
-    return [Launch("fused_columns", fused_columns, fused_columns.fused_columns_kernel(g.dtype, g.has_mask),
-                   (a4, a4, a4, a2, types.int64, conv), blocks, threads, (blocks, threads),
-                   repeats=-(-g.batch // chunk), operator="fused columns",
+    grid = fused_columns.launch_grid(g, chunk, gpu=True)
+    kernel = fused_columns.fused_columns_kernel(g.dtype, g.has_mask, fused_columns.chunk_needs_wide(g, chunk))
+    return [Launch("fused_columns", fused_columns, kernel, (a1, a1, a1, a1, types.UniTuple(types.int32, 8), conv),
+                   _blocks(grid), grid[1], None, repeats=-(-g.batch // chunk), operator="fused columns",
                    extra={"items": points,
                           "column_elements": chunk * g.in_channels * g.taps * g.out_h * g.out_w})]
+
+
+# --------------------------------------------------------------------------- backward launches
+BACKWARD_METHODS = ("fused", "fused_columns", "fused_gemm", "im2col", "deterministic")
+"""Backward methods the audit models (``--method bwd-NAME``). ``deterministic`` is the
+deterministic input-gradient path (``entries`` + ``gather``) that every method's
+``deterministic=True`` runs instead of its scatter (``fused`` reuses the ``fused_gemm``
+gather)."""
+
+
+def fused_backward_launches(g, config=None) -> list:
+    """The column-free backward's two kernels (``backward_fused.backward``, atomic mode):
+    input, offset and mask gradients, then the weight gradient's per-split partials (the
+    fixed-order sum of the partials is an array addition, not modelled)."""
+    from numba import types
+
+    from .kernels import backward_fused as bf
+
+    config = config or bf.default_config(g)
+    k = g.taps
+    shape = (g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.dil_h, g.dil_w)
+    t = getattr(types, str(g.dtype))
+    a4, flat = types.Array(t, 4, "A"), types.Array(t, 1, "C")
+    conv, dims = types.UniTuple(types.int32, 8), types.UniTuple(types.int32, 9)
+    span = bf.channel_span(g)
+    cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
+    splits = bf.choose_splits(g, config)
+    w_blocks = splits * -(-opg // config.w_out_block) * -(-cpg // config.chunk) * g.groups
+    input_phases = ("table", "stage", "stage_gemm", "grad_cols_gemm", "scatter", "offset_grad")
+    weight_phases = ("w_stage", "w_table", "w_build", "weight_gemm")
+    return [
+        Launch("bwd.fused.input_grad", bf, bf.input_grad_kernel(g.dtype, *shape, config, g.has_mask, True),
+               (flat, a4, a4, flat, flat, flat, a4, a4, conv, dims),
+               config.tiles(g) * (g.in_channels // span) * g.batch, config.input_threads(k), config,
+               operator="fused backward",
+               extra={"phases": input_phases, "mean_body_phases": ("stage_gemm",)}),
+        Launch("bwd.fused.weight_grad", bf, bf.weight_grad_kernel(g.dtype, *shape, config, g.has_mask),
+               (flat, a4, a4, flat, flat, conv, dims), w_blocks, config.weight_threads(k), config,
+               operator="fused backward",
+               extra={"phases": weight_phases, "splits": splits, "mean_body_phases": ("w_stage",)}),
+    ]
+
+
+def _column_backward_types(dtype):
+    from numba import types
+
+    t = getattr(types, str(dtype))
+    return types.Array(t, 4, "A"), types.Array(t, 2, "A"), types.Array(t, 1, "C"), types
+
+
+def column_backward_launches(g, method: str) -> list:
+    """The kernels ``kernels/backward.py`` launches for ``method`` (atomic mode) per image
+    chunk, or the deterministic path's ``entries`` and ``gather`` (``method`` =
+    ``"deterministic"``). The cuBLAS GEMMs and the host-side sort are not modelled.
+
+    These kernels carry no ``# phase:`` markers: their model is the loop nest
+    (``loop_nest``): per-thread trips of each loop depth."""
+    from .kernels import backward as bk
+    from .kernels import im2col
+
+    a4, a2, a1, types = _column_backward_types(g.dtype)
+    conv, i64 = types.UniTuple(types.int32, 8), types.int64
+    chunk = im2col.chunk_images(g)
+    repeats = -(-g.batch // chunk)
+    pixels = g.out_h * g.out_w
+    cpo = g.in_channels // g.offset_groups
+    outs = g.out_channels // g.groups
+    narrow = bk.index_is_narrow(g.batch * g.in_channels * g.taps * pixels)
+    points = chunk * g.offset_groups * g.taps * pixels
+    launches = []
+
+    def grid_stride(label, kernel, signature, items, trips, operator, dot_depth=None):
+        blocks, threads = _grid_stride(items)
+        per_thread = _per_thread(items, blocks * threads)
+        launches.append(Launch(label, bk, kernel, signature, blocks, threads, None, repeats, operator,
+                               extra={"items": items, "loop_trips": (per_thread,) + tuple(trips),
+                                      "dot_depth": dot_depth, "gemm_depth": 3 if dot_depth == 3 else None}))
+
+    sample_sig = (a2, a4, a4, a4, a4, a4, a4, a1, a4, a4, a2, conv, i64, i64)
+    if method == "im2col":
+        grid_stride("bwd.im2col.col2im", bk.col2im_kernel(g.dtype, g.has_mask, narrow),
+                    (a2, a4, a4, a4, a1, conv, i64), chunk * g.in_channels * g.taps * pixels, (), "col2im")
+        grid_stride("bwd.im2col.sample", bk.sample_kernel(g.dtype, g.has_mask, False, False, False, narrow),
+                    sample_sig, points, (cpo,), "offset and mask grad")
+        return launches + [replace_label(im2col_launches(g)[1], "bwd.im2col.columns (recompute)",
+                                         "bilinear columns (recompute)")]
+    if method in ("fused_columns", "fused_gemm"):
+        fused = method == "fused_gemm"
+        # the o loop of grad_column: one FMA per source iteration (unroll = its FFMA count)
+        grid_stride(f"bwd.{method}.sample", bk.sample_kernel(g.dtype, g.has_mask, True, fused, True, narrow),
+                    sample_sig, points, (cpo, outs) if fused else (cpo,),
+                    "fused sample grads (gemm inside)" if fused else "fused sample grads", 3 if fused else None)
+        return launches
+    if method == "deterministic":
+        k1, s1 = types.Array(types.int64, 1, "C"), types.Array(types.int32, 1, "C")
+        grid_stride("bwd.deterministic.entries", bk.entries_kernel(g.dtype, g.has_mask, narrow),
+                    (a4, a4, s1, a1, s1, conv, i64, i64, types.int32, types.int32), points, (), "")
+        # entries per destination pixel: 4 corners of every (tap, pixel) of the group, spread
+        # over the image (the average; a thread's own segment varies with the offsets)
+        per_segment = -(-4 * g.taps * pixels // (g.height * g.width))
+        for fused in (False, True):
+            grid_stride(f"bwd.deterministic.gather[fused_gemm={fused}]", bk.gather_kernel(g.dtype, fused, narrow),
+                        (a2, a4, a4, k1, s1, a1, a4, conv, i64, i64, i64), chunk * g.in_channels * g.height * g.width,
+                        (per_segment, outs) if fused else (per_segment,), "", 3 if fused else 2)
+        return launches
+    raise ValueError(f"no backward launch model for method {method!r}; modelled: {BACKWARD_METHODS}")
+
+
+def replace_label(launch: Launch, label: str, operator: str) -> Launch:
+    from dataclasses import replace
+
+    return replace(launch, label=label, operator=operator)
+
+
+def loop_nest(a: sass.KernelAudit, trips: tuple, dot_depth: int | None = None) -> dict:
+    """Per-thread instructions of a kernel without phase markers from its loop nest:
+    ``trips[d]`` source iterations of the depth-``d+1`` loop per iteration of its parent
+    (``trips[0]``: the grid-stride loop's, per thread). Each depth counts the largest loop
+    of that depth, less the largest one nested in it (a chain nest; LLVM's remainder or
+    branch copies count once, the largest: an upper bound), its trips divided by its
+    unroll factor (``unroll_factor``; for the loop at ``dot_depth``, a dot product with
+    one FMA per source iteration, by its FFMA count). Returns ``{"outside": n, "depth1": n, ...}`` (instructions per thread)."""
+    by_depth: dict = {}
+    for lp in a.loops:
+        if lp.instructions > 2:  # not the trap after EXIT (a branch to itself)
+            by_depth.setdefault(lp.depth, []).append(lp)
+    out = {}
+    biggest = {d: max(lps, key=lambda lp: lp.instructions) for d, lps in by_depth.items()}
+    out["outside"] = a.instructions - (biggest[1].instructions if 1 in biggest else 0)
+    runs = 1.0
+    for d in sorted(biggest):
+        if d > len(trips):
+            break
+        lp = biggest[d]
+        inner = biggest.get(d + 1)
+        exclusive = lp.instructions - (inner.instructions if inner is not None and d + 1 <= len(trips) else 0)
+        trip = trips[d - 1]
+        per_pass = (lp.ffma if d == dot_depth else lp.unroll) or 1
+        trip = -(-trip // per_pass)  # source iterations per pass through an unrolled body
+        runs *= trip
+        out[f"depth{d}"] = exclusive * runs
+    return out
 
 
 # --------------------------------------------------------------------------- phase models of today's kernels
@@ -271,12 +425,57 @@ def _chunk_images(g) -> int:
     return max(1, min(g.batch, im2col.CHUNK_IMAGES, (2**31 - 1) // (g.in_channels * g.taps * g.out_h * g.out_w)))
 
 
+def fused_iterations(g, tile) -> dict:
+    """``fused_tiled.phase_model`` in the units of the audit's loop bodies: the multiply phase
+    in rank-1 updates (source steps), the unit ``normalise_multiply`` reduces the measured
+    loop body to (the kernel unrolls its multiply loop by ``_multiply_unroll``: 1, 2 or 4,
+    depending on the chunk), so counts measured at one config apply to every chunk;
+    staging in (position, channel) copies; weights in slab elements. (The weights body
+    sums the full-chunk copy loop and the partial-chunk one: an upper bound.)"""
+    from .kernels import fused_tiled
+
+    it = dict(fused_tiled.phase_model(g, tile))  # multiply: already in rank-1 updates
+
+    def times(value, factor):  # a phase_model entry is a count or (count, straight runs)
+        return (value[0] * factor, value[1]) if isinstance(value, tuple) else value * factor
+    # The audit divides a loop body by its stores per source line (``sass.unroll_factor``),
+    # which also counts the stores of the source's own unrolled loops: the staging body is
+    # per (position, channel) (``chunk`` stores per position), the weight body per slab
+    # element (``slab_group`` per iteration). Count those phases in the same units.
+    it["staging"] = times(it["staging"], tile.chunk)
+    reps, group = fused_tiled._slab_copy(tile, g.taps)
+    it["weights"] = times(it["weights"], group)
+    return it
+
+
+OUT_OF_TILE_SAMPLE = 33
+"""Issued instructions per out-of-tile sample on the column build's global-read path of
+``fused_tiled`` (four clamped-corner ``LDG``, their addresses and the interpolation),
+read by hand from the deft64 kernel's SASS: the column loop holds the in-tile, out-of-tile
+and out-of-band paths, and the audit's ``columns`` body counts the in-tile one."""
+
+
+def out_of_tile_phase(g, tile, out_of_tile: float):
+    """``(count, iterations)`` of the out-of-tile path as a pseudo-phase: a warp issues it
+    when any of its 32 lanes has an out-of-tile sample (``warp_fraction``), for all
+    ``chunk`` channels of a (tap, pixel) entry."""
+    it = fused_iterations(g, tile)["columns"] * warp_fraction(out_of_tile)
+    count = sass.PhaseCount(body=OUT_OF_TILE_SAMPLE * tile.chunk, straight=0, depth=1, body_ffma=4.0 * tile.chunk,
+                            body_lds_widths={}, body_ldg_widths={"32": 4 * tile.chunk}, calls=0, div64_calls=0)
+    return count, it
+
+
 def phase_iterations(launch: Launch, g, out_of_tile: float = 0.0) -> dict:
-    """The launch's ``phase_model``: the kernel module's own if it has one, else today's."""
+    """The launch's phase model (the kernel module's ``phase_model``), restricted to the
+    phases of this launch's kernel when the module models several (``extra["phases"]``)."""
+    if launch.label == "fused":
+        return {**fused_iterations(g, launch.config), "out_of_tile": out_of_tile_phase(g, launch.config, out_of_tile)[1]}
     model = getattr(launch.module, "phase_model", None)
-    if model is not None:
-        return dict(model(g, launch.config))
-    return before_phase_model(launch.label, g, launch.config, out_of_tile)
+    if model is None:
+        return before_phase_model(launch.label, g, launch.config, out_of_tile)
+    it = dict(model(g, launch.config))
+    names = launch.extra.get("phases")
+    return {k: v for k, v in it.items() if k in names} if names else it
 
 
 # --------------------------------------------------------------------------- the layer model
@@ -290,9 +489,18 @@ def model_launch(launch: Launch, g, out_of_tile: float = 0.0, cc=sass.CC) -> dic
     """Audit one launch's kernel and run the issue-slot model: a dict with the audit, the
     per-phase rows and the predicted issue-bound seconds (a prediction)."""
     a = sass.audit_kernel(launch.kernel, launch.signature, launch.label, str(g.dtype), cc)
+    if "loop_trips" in launch.extra:
+        return _model_loop_nest(launch, a)
     counts = a.phases
     if launch.label == "fused":
         counts = normalise_multiply(counts, launch.config.reg_oc * launch.config.reg_px)
+        counts["out_of_tile"] = out_of_tile_phase(g, launch.config, out_of_tile)[0]
+    mean = launch.extra.get("mean_body_phases", ())
+    if mean:  # the phase model sums the trips of the phase's loops: one mean body per trip
+        from dataclasses import replace
+
+        counts = {k: (replace(c, body=c.body / c.loops, body_ffma=c.body_ffma / c.loops) if k in mean else c)
+                  for k, c in counts.items()}
     iterations = phase_iterations(launch, g, out_of_tile)
     per_thread = sass.per_thread_instructions(counts, iterations)
     model = sass.issue_model(per_thread, launch.blocks, launch.threads, a.registers, a.shared_bytes or 0)
@@ -314,6 +522,31 @@ def model_launch(launch: Launch, g, out_of_tile: float = 0.0, cc=sass.CC) -> dic
             "per_thread": model["per_thread"], "unknown_phases": missing, "extra": launch.extra}
 
 
+def _model_loop_nest(launch: Launch, a: sass.KernelAudit) -> dict:
+    """``model_launch`` for a kernel modelled by its loop nest (``loop_nest``)."""
+    per_thread = loop_nest(a, launch.extra["loop_trips"], launch.extra.get("dot_depth"))
+    model = sass.issue_model(per_thread, launch.blocks, launch.threads, a.registers, a.shared_bytes or 0)
+    trips = (1,) + tuple(launch.extra["loop_trips"])
+    loops = {}
+    for lp in a.loops:
+        if lp.instructions > 2 and (lp.depth not in loops or lp.instructions > loops[lp.depth].instructions):
+            loops[lp.depth] = lp
+    phases = []
+    for name, n in per_thread.items():
+        depth = 0 if name == "outside" else int(name[5:])
+        lp = loops.get(depth)
+        phases.append({"phase": name, "body": lp.instructions if lp else a.instructions, "unroll": lp.unroll if lp else 1,
+                       "iterations": trips[depth] if depth < len(trips) else 0, "straight": 0, "straight_runs": 0,
+                       "per_thread": n, "body_ffma_%": round(100 * lp.ffma_fraction, 1) if lp else 0.0,
+                       "body_lds_bits": "/".join(sorted(lp.lds_widths, key=int)) or "-" if lp else "-",
+                       "div64_calls": a.div64_in_loops if lp else a.div64_calls,
+                       "predicted_us": 1e6 * model["phases_s"].get(name, 0.0) * launch.repeats})
+    return {"launch": launch.label, "audit": a, "blocks": launch.blocks, "threads": launch.threads,
+            "repeats": launch.repeats, "model": model, "phases": phases,
+            "predicted_s": model["seconds"] * launch.repeats, "per_thread": model["per_thread"],
+            "unknown_phases": [], "extra": launch.extra}
+
+
 def layer_launches(g, method: str, tile=None) -> list:
     if method == "fused":
         from .planning import plan as tiling
@@ -324,6 +557,10 @@ def layer_launches(g, method: str, tile=None) -> list:
         return im2col_launches(g)
     if method == "fused_columns":
         return fused_columns_launches(g)
+    if method == "bwd-fused":
+        return fused_backward_launches(g)
+    if method.startswith("bwd-"):
+        return column_backward_launches(g, method[4:])
     raise ValueError(f"no launch model for method {method!r}")
 
 
@@ -335,7 +572,11 @@ def model_layer(g, method: str = "fused", tile=None, cc=sass.CC) -> dict:
     launches = layer_launches(g, method, tile)
     f = prior_out_of_tile(g, launches[0].config) if method == "fused" else 0.0
     models = [model_launch(launch, g, f, cc) for launch in launches]
-    ops = {op.name: op for op in roofline.operators(g, method)}
+    backward = method.startswith("bwd-")
+    base = method[4:] if backward else method
+    pass_ = "bwd" if backward else "fwd"
+    modelled = roofline.has_model(base, pass_)
+    ops = {op.name: op for op in roofline.operators(g, base, pass_)} if modelled else {}
     for m, launch in zip(models, launches):
         op = ops.get(launch.operator)
         m["floor_ms"] = roofline.floor_ms_of(op.flops, op.bytes, dtype=g.dtype) if op else None
@@ -348,7 +589,8 @@ def model_layer(g, method: str = "fused", tile=None, cc=sass.CC) -> dict:
     return {"method": method, "tile": launches[0].config if method == "fused" else None,
             "out_of_tile": f, "launches": models,
             "predicted_ms": 1e3 * sum(m["predicted_s"] for m in models),
-            "floor_ms": roofline.floor_ms(g, method), "fused_floor_ms": roofline.floor_ms(g, "fused")}
+            "floor_ms": roofline.floor_ms(g, base, pass_) if modelled else None,
+            "fused_floor_ms": roofline.floor_ms(g, "fused", pass_), "pass": pass_}
 
 
 PHASE_COLUMNS = ("phase", "body", "unroll", "iterations", "straight", "straight_runs", "per_thread", "body_ffma_%",
@@ -383,11 +625,13 @@ def format_layer(name: str, g, result: dict) -> str:
         if m["unknown_phases"]:
             out.append(f"    note: phase_model names phases the SASS lacks: {m['unknown_phases']}")
     ratio = result["predicted_ms"] / result["floor_ms"] if result["floor_ms"] else math.nan
+    floor = f"{result['floor_ms']:.4f} ms" if result["floor_ms"] is not None else "(none modelled)"
+    gemm_free = result["method"] in ("fused", "bwd-fused")
     out.append(f"  PREDICTED issue-bound time {result['predicted_ms']:.4f} ms (a prediction from static SASS counts, "
-               f"not a measurement) vs fp32 roofline floor {result['floor_ms']:.4f} ms of '{result['method']}'"
-               f" = {ratio:.2f}x" + ("" if result["method"] == "fused"
+               f"not a measurement) vs fp32 roofline floor {floor} of '{result['method']}'"
+               f" = {ratio:.2f}x" + ("" if gemm_free
                                      else f"; the fused ideal's floor is {result['fused_floor_ms']:.4f} ms"
-                                          " (the GEMM launches are not modelled)"))
+                                          " (the cuBLAS GEMMs and host sorts are not modelled)"))
     return "\n".join(out)
 
 
@@ -431,16 +675,21 @@ PLANNER_REG = (1, 2, 4, 8)
 
 
 def planner_base_tile(reg_oc: int, reg_px: int, dtype: str = "float32"):
-    """The representative config measured for a register blocking: an 8x8 tile, halo 2,
-    64 output channels and a chunk of 4 channels (1 in float64, to fit 48 KB of static
-    shared memory): deft64's plan family. The other parameters only change compile-time
-    constants (divisors, trip counts), not the loop bodies' shape."""
+    """The representative config measured for a register blocking: 64 output channels and a
+    chunk of 4 channels, an 8x8 tile with halo 2 (float64: 4x8, halo 1, to fit 48 KB of
+    static shared memory): deft64's plan family. The other parameters only change
+    compile-time constants (divisors, trip counts), not the loop bodies' shape, as long as
+    ``chunk * K`` is a multiple of 4 (``_multiply_unroll``): with a chunk of 1 (9 steps,
+    not unrolled in the source) LLVM unrolls the multiply loop completely and no loop is
+    left to measure."""
     from .kernels.fused_tiled import TileConfig
 
-    return TileConfig(8, 8, 2, 4 if dtype == "float32" else 1, 64, reg_oc, reg_px)
+    if dtype == "float32":
+        return TileConfig(8, 8, 2, 4, 64, reg_oc, reg_px)
+    return TileConfig(4, 8, 1, 4, 64, reg_oc, reg_px)
 
 
-def planner_table(cc=sass.CC, report=progress) -> dict:
+def planner_table(cc=sass.CC, report=progress, dtypes=PLANNER_DTYPES) -> dict:
     """Measure per-phase counts of the fused kernel for every (dtype, reg_oc, reg_px) the
     planner can pick: ``{"source_hash", "configs": {key: {registers, shared_bytes,
     phases: {name: {body, straight}}}}}``. Deterministic for a given kernel source and
@@ -449,7 +698,7 @@ def planner_table(cc=sass.CC, report=progress) -> dict:
     from .kernels import fused_tiled
 
     g0 = bench.SUITES["deft64"]
-    keys = [(d, ro, rp) for d in PLANNER_DTYPES for ro in PLANNER_REG for rp in PLANNER_REG]
+    keys = [(d, ro, rp) for d in dtypes for ro in PLANNER_REG for rp in PLANNER_REG]
     configs = {}
     for i, (dtype, ro, rp) in enumerate(keys, 1):
         if report:
@@ -475,10 +724,14 @@ def planner_table(cc=sass.CC, report=progress) -> dict:
 
 
 def kernel_source_hash() -> str:
-    """Hash of the sources the fused kernel's SASS depends on (the kernel and its sampling)."""
+    """Hash of the source the fused kernel's SASS depends on: its factory, the compile-time
+    helpers and the config class it reads, and the sampling device functions (host code such
+    as ``phase_model`` or docstrings elsewhere in the module may change without a new table)."""
     from .kernels import fused_tiled, sampling
 
-    return sass.source_hash(fused_tiled, sampling)
+    return sass.source_hash(fused_tiled.fused_kernel, fused_tiled.TileConfig, fused_tiled._vector,
+                            fused_tiled.launch_bounds, fused_tiled._slab_copy, fused_tiled._multiply_unroll,
+                            sampling.sampling_functions)
 
 
 def _with_dtype(g, dtype):
@@ -510,9 +763,30 @@ def env_for_compiler() -> dict:
 
 
 # --------------------------------------------------------------------------- issue 10's targets
+def weights_per_element(a: sass.KernelAudit) -> float | None:
+    """Instructions per staged weight element of the fused kernel's full-chunk copy loop:
+    the cheapest innermost loop of the ``weights`` phase, its body over its unroll factor
+    (stores per line: one per element). The partial-chunk copy (a chunk cut short by an
+    offset-group or group end) is the other, dearer loop."""
+    loops = [lp for lp in a.loops if lp.innermost and lp.instructions > 2
+             and max(lp.phases, key=lp.phases.get) == "weights"]
+    return min((lp.instructions / lp.unroll for lp in loops), default=None)
+
+
+def gemm_loops(a: sass.KernelAudit, phases=None, min_ffma: int = 4) -> list:
+    """The GEMM-like loops of a kernel: innermost loops with at least ``min_ffma`` FFMA
+    (restricted to loops mostly of ``phases`` when given)."""
+    out = []
+    for lp in a.loops:
+        if lp.innermost and lp.ffma >= min_ffma:
+            if phases is None or max(lp.phases, key=lp.phases.get) in phases:
+                out.append(lp)
+    return out
+
+
 def target_rows(name: str, results: dict) -> list:
-    """Issue 10's static targets, checked on the audit's figures. ``results`` maps a method
-    to ``model_layer``'s result for one layer."""
+    """Issues 10 and 11's static targets, checked on the audit's figures. ``results`` maps a
+    method (``bwd-NAME`` for a backward) to ``model_layer``'s result for one layer."""
     rows = []
 
     def add(what, value, limit, ok):
@@ -523,16 +797,18 @@ def target_rows(name: str, results: dict) -> list:
     if fused:
         m = fused["launches"][0]
         a = m["audit"]
+        tile = fused["tile"]
         phases = {p["phase"]: p for p in m["phases"]}
         mult = phases.get("multiply")
         add("fused multiply FFMA %", mult and mult["body_ffma_%"], ">= 85", lambda v: v >= 85)
         widest = max((int(w) for w in (a.phases["multiply"].body_lds_widths if "multiply" in a.phases else {})),
                      default=None)
         add("fused multiply widest LDS bits", widest, ">= 64", lambda v: v >= 64)
-        add("fused columns instr per sample", phases.get("columns") and phases["columns"]["body"], "<= 25",
+        columns = phases.get("columns")
+        add("fused columns instr per in-tile sample", columns and round(columns["body"] / tile.chunk, 2), "<= 25",
             lambda v: v <= 25)
-        add("fused weights instr per element", phases.get("weights") and phases["weights"]["body"], "<= 4",
-            lambda v: v <= 4)
+        w = weights_per_element(a)
+        add("fused weights instr per element", w and round(w, 2), "<= 4", lambda v: v <= 4)
         add("fused registers", a.registers, "<= 128", lambda v: v <= 128)
         loops_bad = sum(lp.mix["f64"] + lp.mix["local"] for lp in a.loops)
         add("fused F64 + LDL/STL in loops", loops_bad, "0", lambda v: v == 0)
@@ -545,7 +821,86 @@ def target_rows(name: str, results: dict) -> list:
             per = next((m.get("per_column_element") for m in r["launches"] if m.get("per_column_element")), None)
             add(f"{method} instr per column element", per and round(per, 1), f"<= {limit}",
                 lambda v, limit=limit: v <= limit)
+    for method, r in results.items():
+        if not method.startswith("bwd-"):
+            continue
+        for m in r["launches"]:
+            a, label = m["audit"], m["launch"]
+            if method == "bwd-fused":
+                gemm = gemm_loops(a, ("grad_cols_gemm", "weight_gemm"))
+            else:  # the grad_column dot product (fused_gemm forms): its innermost loop
+                depth = m["extra"].get("gemm_depth")
+                gemm = [lp for lp in a.loops if depth and lp.depth == depth and lp.innermost and lp.ffma]
+            for lp in gemm:
+                add(f"{label} GEMM-like loop @{lp.first_offset:#x} FFMA %", round(100 * lp.ffma_fraction, 1),
+                    ">= 80", lambda v: v >= 80)
+            add(f"{label} 64-bit div calls in loops", a.div64_in_loops, "0", lambda v: v == 0)
+            add(f"{label} value-returning atomics in loops", a.returning_atomics_in_loops, "0", lambda v: v == 0)
+        if method == "bwd-fused" and r["floor_ms"]:
+            add("bwd fused predicted / fp32 floor", round(r["predicted_ms"] / r["floor_ms"], 2), "<= 1.5",
+                lambda v: v <= 1.5)
+    if "fused" in results and "bwd-fused" in results:
+        from .bench_op import SUITES
+
+        if name in SUITES:
+            f = fwd_bwd(SUITES[name], results)
+            rows.append({"shape": name, "target": "fused fwd+bwd predicted / torchvision fwd+bwd floor",
+                         "value": round(f["predicted_ms"] / f["torchvision_floor_ms"], 2),
+                         "limit": "(GPU target: 2.5x faster than torchvision, unmeasured)", "status": "info"})
     return rows
+
+
+FORWARD_METHODS = ("fused", "im2col", "fused_columns")
+
+
+def fwd_bwd(g, results: dict) -> dict:
+    """Predicted fused forward + fused backward (issue-bound, a prediction) against the
+    fp32 roofline floors of the same and of torchvision's forward + backward."""
+    from . import roofline
+
+    predicted = results["fused"]["predicted_ms"] + results["bwd-fused"]["predicted_ms"]
+    return {"predicted_ms": predicted, "fused_floor_ms": roofline.floor_ms(g, "fused", "fwdbwd"),
+            "torchvision_floor_ms": roofline.floor_ms(g, "torchvision", "fwdbwd")}
+
+
+def format_fwd_bwd(name: str, g, results: dict) -> str:
+    r = fwd_bwd(g, results)
+    return (f"{name}: fused forward + fused backward PREDICTED issue-bound {r['predicted_ms']:.4f} ms (a prediction, "
+            f"not a measurement); fp32 roofline floor {r['fused_floor_ms']:.4f} ms (fused fwd+bwd), "
+            f"{r['torchvision_floor_ms']:.4f} ms (torchvision fwd+bwd): predicted/torchvision floor "
+            f"{r['predicted_ms'] / r['torchvision_floor_ms']:.2f}x")
+
+
+# --------------------------------------------------------------------------- figures for the tests
+COLUMN_KERNELS = ("im2col.positions[", "im2col.columns[", "fused_columns.fused_columns[")
+
+
+def target_figures(shapes=("deft64", "res128", "det-c4", "det-c5"), backward_shape: str = "deft64") -> dict:
+    """What the target tests read, JSON-ready: ``targets`` (``target_rows`` of the fused
+    forward at every shape in ``shapes``, of every method and backward at
+    ``backward_shape``), ``column_kernels`` (every float32 column-kernel case of
+    ``ptx_cases``: registers, F64, local memory, calls, its largest innermost loop) and
+    ``predicted_ms`` per (shape, method). Run in a compiler process (``env_for_compiler``)."""
+    from . import bench_op as bench
+
+    out = {"targets": [], "predicted_ms": {}, "column_kernels": {}}
+    for name in shapes:
+        g = bench.SUITES[name]
+        methods = (list(FORWARD_METHODS) + ["bwd-" + m for m in BACKWARD_METHODS]
+                   if name == backward_shape else ["fused"])
+        results = {}
+        for method in methods:
+            progress(len(results) + 1, len(methods), f"{name} {method}")  # on stderr
+            results[method] = r = model_layer(g, method)
+            out["predicted_ms"][f"{name}/{method}"] = r["predicted_ms"]
+        out["targets"] += target_rows(name, results)
+    for name, dtype, kernel, signature in cases():
+        if dtype == "float32" and name.startswith(COLUMN_KERNELS):
+            a = sass.audit_kernel(kernel, signature, name, dtype)
+            inner = [lp.instructions for lp in a.loops if lp.innermost and lp.instructions > 2]
+            out["column_kernels"][name] = {"registers": a.registers, "f64": a.f64, "local": a.local,
+                                           "calls": sum(a.calls.values()), "hot_loop": max(inner, default=0)}
+    return out
 
 
 # --------------------------------------------------------------------------- command line
@@ -568,7 +923,9 @@ def main(args) -> int:
     from . import bench_op as bench
 
     names = list(bench.SUITES) if args.layer == ["all"] else (args.layer or [])
-    methods = ["fused", "im2col", "fused_columns"] if args.method == "all" else [args.method]
+    methods = {"all": list(FORWARD_METHODS), "bwd-all": ["bwd-" + m for m in BACKWARD_METHODS],
+               "everything": list(FORWARD_METHODS) + ["bwd-" + m for m in BACKWARD_METHODS]}.get(
+        args.method, [args.method])
     targets = []
     for name in names:
         if name not in bench.SUITES:
@@ -587,11 +944,14 @@ def main(args) -> int:
                 print()
                 print(format_layer(name, g, r))
             csv_rows += [{"table": "layer", **row} for row in layer_rows(name, g, r)]
+        if "fused" in results and "bwd-fused" in results and not args.json:
+            print()
+            print(format_fwd_bwd(name, g, results))
         t = target_rows(name, results)
         targets += t
         csv_rows += [{"table": "targets", **row} for row in t]
     if targets and not args.json:
-        print("\nIssue 10's static targets (figures from the audit above; predictions, not measurements):")
+        print("\nIssues 10 and 11's static targets (figures from the audit above; predictions, not measurements):")
         print(format_table(targets))
     if args.csv:
         write_csv(args.csv, csv_rows)

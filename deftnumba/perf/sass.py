@@ -607,6 +607,7 @@ class PhaseCount:
     body_sass: int = 0   # instructions per pass through the SASS loop(s) (= body * unroll)
     unroll: int = 1      # source iterations per pass (LLVM unrolls runtime-count loops)
     body_dfma: float = 0.0  # DFMA per source iteration (float64 kernels)
+    loops: int = 1       # distinct source loops whose bodies ``body`` adds up
 
 
 @dataclass
@@ -629,10 +630,14 @@ class KernelAudit:
     phases: dict                      # name -> PhaseCount
     lineinfo: bool                    # the listing carried source lines of the kernel
     div64_in_loops: int = 0           # of those CALLs, the ones inside a loop
+    returning_atomics_in_loops: int = 0  # ATOM/ATOMG/ATOMS (value-returning) inside a loop; RED is not
 
     def to_json(self) -> dict:
         return asdict(self)
 
+
+RETURNING_ATOMICS = ("ATOM", "ATOMG", "ATOMS")
+"""Atomics that return the old value (``RED`` is the fire-and-forget form)."""
 
 _STORES = ("STS", "STG", "ST", "STL", "ATOM", "ATOMS", "ATOMG", "RED", "REDG")
 
@@ -730,7 +735,8 @@ def audit_listing(listing: Listing, source: Source | None = None, name: str = ""
             calls=sum(1 for i in every if i.base == "CALL"),
             div64_calls=sum(1 for i in every if i.base == "CALL" and i.target and DIV64_ROUTINE.search(i.target)),
             body_sass=len(body), unroll=max(unrolls) if unrolls else 1,
-            body_dfma=sum(sum(1 for i in idx if ins[i].base == "DFMA") / u for u, idx in chosen.values()))
+            body_dfma=sum(sum(1 for i in idx if ins[i].base == "DFMA") / u for u, idx in chosen.values()),
+            loops=max(1, len(chosen)))
     resources = resources or {}
     mix = mix_of(code)
     warps = None
@@ -744,7 +750,8 @@ def audit_listing(listing: Listing, source: Source | None = None, name: str = ""
         div64_calls=sum(n for t, n in calls.items() if t and DIV64_ROUTINE.search(t)), calls=dict(calls),
         loops=loops, hottest=hottest_loop(loops), phases=phases, lineinfo=kernel_lines,
         div64_in_loops=sum(1 for i in live if depth_of[i] and ins[i].base == "CALL" and ins[i].target
-                           and DIV64_ROUTINE.search(ins[i].target)))
+                           and DIV64_ROUTINE.search(ins[i].target)),
+        returning_atomics_in_loops=sum(1 for i in live if depth_of[i] and ins[i].base in RETURNING_ATOMICS))
 
 
 # --------------------------------------------------------------------------- occupancy and issue slots
@@ -857,10 +864,11 @@ def audit_kernel(kernel, signature, name: str = "", dtype: str = "", cc=CC) -> K
     return _audit_cached(kernel, tuple(signature), name, dtype, cc)  # the dispatcher keeps launch bounds
 
 
-def source_hash(*modules) -> str:
-    """sha256 of the modules' source files (the planner table records the kernel it measured)."""
+def source_hash(*objects) -> str:
+    """sha256 of the source of modules, functions or classes (the planner table records the
+    kernel it measured). A cached or decorated function is read through ``__wrapped__``."""
     h = hashlib.sha256()
-    for module in modules:
-        with open(inspect.getsourcefile(module), "rb") as f:
-            h.update(f.read())
+    for obj in objects:
+        obj = inspect.unwrap(obj)
+        h.update(inspect.getsource(obj).encode())
     return h.hexdigest()[:16]

@@ -231,8 +231,10 @@ def test_planner_reads_the_measured_counts():
     terms = tiling.predict(g, tiling.normal_statistics(1.0), "fused", fused_tiled.GPU_CONFIG, tiling.H200)
     entry = layer_audit.load_planner_table()["configs"]["float32/8x8"]
     assert terms["registers"] == entry["registers"]
-    iterations = layer_audit.before_phase_model("fused", g, fused_tiled.GPU_CONFIG, terms["out_of_tile"])
-    per_thread = sum(sass.per_thread_instructions(entry["phases"], iterations).values())
+    iterations = layer_audit.fused_iterations(g, fused_tiled.GPU_CONFIG)
+    count, oot = layer_audit.out_of_tile_phase(g, fused_tiled.GPU_CONFIG, terms["out_of_tile"])
+    phases = {**entry["phases"], "out_of_tile": {"body": count.body, "straight": 0}}
+    per_thread = sum(sass.per_thread_instructions(phases, {**iterations, "out_of_tile": oot}).values())
     assert terms["instructions_per_thread"] == pytest.approx(per_thread)
     assert terms["compute_s"] >= terms["issue_s"] > 0
     assert math.isfinite(terms["seconds"])
@@ -247,14 +249,14 @@ def test_audit_command_prints_progress_a_table_and_csv(tmp_path):
         pytest.skip(str(e))
     out = tmp_path / "audit.csv"
     env = dict(os.environ, DEFTNUMBA_QUIET="1")
-    proc = subprocess.run([sys.executable, "-m", "deftnumba", "audit", "--kernels", "im2col.positions",
+    proc = subprocess.run([sys.executable, "-m", "deftnumba", "audit", "--kernels", "im2col.positions[mask=True]",
                            "--csv", str(out)], env=env, cwd=HERE.parent, capture_output=True, text=True,
                           timeout=900)
     if proc.returncode != 0 and "libnvvm" in proc.stderr:
         pytest.skip("NVVM not installed: pip install 'numba-cuda[cu13]'")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[1/2] compiling im2col.positions float32" in proc.stderr
-    assert "[2/2] compiling im2col.positions float64" in proc.stderr
+    assert "[1/2] compiling im2col.positions[mask=True] float32" in proc.stderr
+    assert "[2/2] compiling im2col.positions[mask=True] float64" in proc.stderr
     lines = proc.stdout.splitlines()
     head = next(i for i, ln in enumerate(lines) if ln.startswith("kernel "))
     for column in ("regs", "warps/SM", "hot_ffma_%", "hot_lds_bits", "f64", "ldl/stl", "div64_calls"):

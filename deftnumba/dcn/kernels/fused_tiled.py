@@ -37,7 +37,7 @@ the kernel (the SASS audit attributes instructions to them by source line):
 Index arithmetic is 32-bit inside an image (64-bit image bases; a compile-time
 ``wide_index`` variant for image planes past 2**30 elements), so the sm_90 SASS
 has no 64-bit division and no wraparound tests in any loop (``docs/perf-notes.md``
-has the instruction counts; ``tools/fused_sass.py`` reads them).
+has the instruction counts; ``python -m deftnumba audit`` reads them).
 The only extra device memory is the packed weights, a 3-element counter array
 and 1-element dummies for absent bias/mask.
 

@@ -81,32 +81,13 @@ def _measured_counts(dtype, reg_oc: int, reg_px: int) -> dict | None:
     return _MEASURED["table"]["configs"].get(dcn_audit.planner_key(str(dtype), reg_oc, reg_px))
 
 
-# Phases whose loop body handles every channel of a chunk (written out per channel): their
-# per-iteration count grows with the chunk. The table measures one chunk (its "tile"); other
-# chunks scale those bodies in proportion (an upper bound: the entry's loads and tests are
-# shared by the channels).
-_PER_CHUNK_BODIES = ("staging", "columns", "out_of_tile")
-TIE_BREAK_MEMORY = 0.01
-OUT_OF_TILE_PENALTY = 4.0  # assumed: an out-of-tile column entry costs 1 + 4 in-tile ones
-
-
-def _for_chunk(measured: dict, chunk: int) -> dict:
-    """``measured["phases"]`` with the per-chunk bodies scaled from the measured chunk to ``chunk``."""
-    tile = measured.get("tile")
-    if not tile or tile[3] == chunk:
-        return measured["phases"]
-    scale = chunk / tile[3]
-    return {name: ({**count, "body": count["body"] * scale} if name in _PER_CHUNK_BODIES else count)
-            for name, count in measured["phases"].items()}
+TIE_BREAK_MEMORY = 0.01  # ranking: 1% of the memory time breaks ties in issue time toward fewer bytes
 
 
 def _phase_iterations(geometry, tile: TileConfig, fraction: float) -> dict:
-    """Iterations per thread of each phase: the kernel module's ``phase_model`` if it has one,
-    else the model of today's kernel (``dcn.audit.before_phase_model``)."""
-    model = getattr(fused_tiled, "phase_model", None)
-    if model is not None:
-        return dict(model(geometry, tile))
-    return dcn_audit.before_phase_model("fused", geometry, tile, fraction)
+    """Iterations per thread of each phase: the kernel's ``phase_model``, its multiply phase in
+    rank-1 updates (``dcn.audit.fused_iterations``), the unit of the measured counts."""
+    return dcn_audit.fused_iterations(geometry, tile)
 
 
 def _fused_terms(geometry, tile: TileConfig, fraction: float, device: DeviceModel) -> dict:
@@ -133,17 +114,11 @@ def _fused_terms(geometry, tile: TileConfig, fraction: float, device: DeviceMode
     regs = measured["registers"]
     if measured.get("spill_bytes"):  # spills to local memory: not a candidate
         return {"feasible": False, "shared_bytes": shared, "registers": regs}
-    phases = _for_chunk(measured, tile.chunk)
-    iterations = _phase_iterations(g, tile, fraction)
-    per_thread = sass.per_thread_instructions(phases, iterations)
-    if "columns" in phases and "out_of_tile" not in iterations:
-        # an out-of-tile entry takes the column build's global-read path: four L1/L2 loads per
-        # channel in place of four shared loads, and their latency stalls the block's barrier.
-        # Charged as OUT_OF_TILE_PENALTY extra in-tile entries (an assumption, not a SASS
-        # count), so that the halo that keeps samples in shared memory pays off in the model.
-        it = iterations.get("columns", 0)
-        per_thread["out_of_tile"] = (OUT_OF_TILE_PENALTY * fraction * phases["columns"]["body"]
-                                     * (it[0] if isinstance(it, tuple) else it))
+    # the out-of-tile path of the column build (warps with an out-of-tile lane issue it)
+    oot_count, oot_iterations = dcn_audit.out_of_tile_phase(g, tile, fraction)
+    phases = {**measured["phases"], "out_of_tile": {"body": oot_count.body, "straight": 0}}
+    per_thread = sass.per_thread_instructions(phases, {**_phase_iterations(g, tile, fraction),
+                                                       "out_of_tile": oot_iterations})
     issue = sass.issue_model(per_thread, blocks, tile.threads, regs, shared + sass.SYSTEM_SHARED_RESERVE, device)
     per_sm = issue["blocks_per_sm"]
     if per_sm < 1 or shared > device.shared_per_block:

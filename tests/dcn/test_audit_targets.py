@@ -1,0 +1,167 @@
+"""Issues 10 and 11's static SASS targets, read from the audit (``deftnumba.dcn.audit``).
+
+One subprocess with the cuda backend (numba-cuda's compiler, nvJitLink and the ``nvdisasm``
+wheel; no GPU) runs ``audit.target_figures()``: the fused forward at the four suite shapes,
+every forward and backward method at ``deft64``, and every float32 column-kernel case.
+The tests share its figures (a module-scope fixture). They are deterministic: static
+instruction counts of the compiled kernels, never a timer.
+
+A met target is asserted as the issue states it. A missed one is pinned at today's figure
+(a regression bound, with a little slack for compiler noise where the figure is a model
+sum) and ``docs/perf-notes.md`` says by how much it is missed. Never loosen a met target.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deftnumba.dcn import audit
+
+ROOT = Path(__file__).resolve().parents[2]
+SUITE = ("deft64", "res128", "det-c4", "det-c5")
+
+
+@pytest.fixture(scope="module")
+def figures():
+    code = "import json; from deftnumba.dcn import audit; print(json.dumps(audit.target_figures()))"
+    env = audit.env_for_compiler()
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800,
+                          cwd=ROOT)
+    if proc.returncode != 0 and any(s in proc.stderr for s in ("libnvvm", "nvdisasm", "nvjitlink",
+                                                                 "No module named 'cuda")):
+        pytest.skip("needs NVVM, nvJitLink and nvdisasm: pip install 'numba-cuda[cu13]' nvidia-cuda-nvdisasm")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def value(figures, shape, target):
+    rows = [r for r in figures["targets"] if r["shape"] == shape and r["target"] == target]
+    assert len(rows) == 1, (shape, target, [r["target"] for r in figures["targets"] if r["shape"] == shape])
+    return rows[0]["value"]
+
+
+def rows_like(figures, shape, prefix, suffix):
+    rows = [r for r in figures["targets"]
+            if r["shape"] == shape and r["target"].startswith(prefix) and r["target"].endswith(suffix)]
+    assert rows, (shape, prefix, suffix)
+    return rows
+
+
+# --------------------------------------------------------------------------- fused forward (issue 10)
+@pytest.mark.parametrize("shape", SUITE)
+def test_fused_multiply_loop_is_ffma_bound_with_wide_shared_loads(figures, shape):
+    assert value(figures, shape, "fused multiply FFMA %") >= 85
+    assert value(figures, shape, "fused multiply widest LDS bits") >= 64
+
+
+@pytest.mark.parametrize("shape", SUITE)
+def test_fused_registers_loops_and_weights(figures, shape):
+    assert value(figures, shape, "fused registers") <= 128
+    assert value(figures, shape, "fused F64 + LDL/STL in loops") == 0
+    assert value(figures, shape, "fused 64-bit div calls in loops") == 0
+    assert value(figures, shape, "fused weights instr per element") <= 4
+
+
+@pytest.mark.parametrize("shape", SUITE)
+def test_fused_column_build_is_at_most_25_instructions_per_in_tile_sample(figures, shape):
+    """The column loop body per (tap, pixel) entry over the chunk's channels."""
+    assert value(figures, shape, "fused columns instr per in-tile sample") <= 25
+
+
+# Predicted issue-bound time over the fp32 roofline floor: target <= 1.5, met at res128;
+# missed at the others, pinned at today's figure (1.60, 1.74, 2.42) plus compiler slack
+# (docs/perf-notes.md, "Before and after issues 10 and 11, per kernel").
+FUSED_RATIO_BOUND = {"deft64": 1.65, "res128": 1.5, "det-c4": 1.8, "det-c5": 2.5}
+
+
+@pytest.mark.parametrize("shape", SUITE)
+def test_fused_predicted_time_against_the_floor(figures, shape):
+    v = value(figures, shape, "fused predicted / fp32 floor")
+    assert v <= FUSED_RATIO_BOUND[shape], v
+
+
+# --------------------------------------------------------------------------- column kernels (issue 10)
+def column_cases(figures, prefix):
+    """The narrow (uint32) variants, with and without mask: the ones every layer below
+    2**31 elements per chunk runs. The int64 ``wide`` variants (tap loop 116, channel
+    loop 66) are held only to no F64, local memory or calls below."""
+    cases = {k: v for k, v in figures["column_kernels"].items() if k.startswith(prefix) and "wide" not in k}
+    assert len(cases) == 2, sorted(figures["column_kernels"])
+    return cases
+
+
+def test_im2col_tap_loop_is_at_most_60_instructions(figures):
+    """One iteration of the column kernel's tap loop writes one column element."""
+    for name, case in column_cases(figures, "im2col.columns[").items():
+        assert case["hot_loop"] <= 60, (name, case)
+
+
+def test_fused_columns_channel_loop_is_at_most_25_instructions(figures):
+    """One iteration of the channel loop writes one column element."""
+    for name, case in column_cases(figures, "fused_columns.fused_columns[").items():
+        assert case["hot_loop"] <= 25, (name, case)
+
+
+def test_column_kernels_have_no_float64_local_memory_or_calls(figures):
+    """Every column kernel, both index variants: no F64, no LDL/STL, no CALL (64-bit
+    division routines), at most 64 registers (>= 32 warps/SM at 256 threads)."""
+    assert len(figures["column_kernels"]) == 12
+    for name, case in figures["column_kernels"].items():
+        assert (case["f64"], case["local"], case["calls"]) == (0, 0, 0), name
+        assert case["registers"] <= 64, (name, case["registers"])
+
+
+def test_column_instructions_per_element_over_the_whole_launch_do_not_regress(figures):
+    """The whole launch (row and pixel set-up included) over its column elements: issue 10's
+    targets (im2col <= 60, fused_columns <= 25) are met by the loops above but missed by
+    the launch totals; pinned at today's figures (66.0 and 28.2)."""
+    assert value(figures, "deft64", "im2col instr per column element") <= 67
+    assert value(figures, "deft64", "fused_columns instr per column element") <= 29
+
+
+# --------------------------------------------------------------------------- backward (issue 11)
+def test_fused_backward_gemm_loops_are_ffma_bound(figures):
+    rows = rows_like(figures, "deft64", "bwd.fused.", "FFMA %")
+    assert len(rows) >= 2  # the column-gradient GEMM and the weight-gradient GEMM
+    for r in rows:
+        assert r["value"] >= 80, r
+
+
+def test_no_backward_kernel_has_value_returning_atomics_in_a_loop(figures):
+    rows = rows_like(figures, "deft64", "bwd.", "value-returning atomics in loops")
+    assert len(rows) == 10  # every backward launch of every method
+    for r in rows:
+        assert r["value"] == 0, r
+
+
+def test_backward_64_bit_division_in_loops(figures):
+    """Met by every backward kernel but the ``fused_gemm`` forms' ``grad_column`` (its group
+    arithmetic divides in 64 bits): pinned at today's 2 (sample) and 4 (gather)."""
+    pinned = {"bwd.fused_gemm.sample": 2, "bwd.deterministic.gather[fused_gemm=True]": 4}
+    for r in rows_like(figures, "deft64", "bwd.", "64-bit div calls in loops"):
+        launch = r["target"].removesuffix(" 64-bit div calls in loops")
+        assert r["value"] <= pinned.get(launch, 0), r
+
+
+def test_backward_gemm_like_loops_of_the_fused_gemm_forms_do_not_regress(figures):
+    """The ``fused_gemm`` dot product (one FMA per output channel, scalar loads) misses the
+    80% target by far (~3%); pinned. ``fused`` is the method that meets it."""
+    for prefix in ("bwd.fused_gemm.", "bwd.deterministic.gather[fused_gemm=True]"):
+        for r in rows_like(figures, "deft64", prefix, "FFMA %"):
+            assert r["value"] >= 2.5, r
+
+
+def test_fused_backward_predicted_time_does_not_regress(figures):
+    """Target <= 1.5x the floor; missed (docs/perf-notes.md). Pinned at today's 7.06x."""
+    assert value(figures, "deft64", "bwd fused predicted / fp32 floor") <= 7.5
+
+
+def test_every_backward_kernel_is_modelled(figures):
+    methods = {key.split("/")[1] for key in figures["predicted_ms"] if key.startswith("deft64/bwd-")}
+    assert methods == {"bwd-" + m for m in audit.BACKWARD_METHODS}
+    for key, ms in figures["predicted_ms"].items():
+        assert ms > 0, key
