@@ -459,7 +459,8 @@ def out_of_tile_phase(g, tile, out_of_tile: float):
     """``(count, iterations)`` of the out-of-tile path as a pseudo-phase: a warp issues it
     when any of its 32 lanes has an out-of-tile sample (``warp_fraction``), for all
     ``chunk`` channels of a (tap, pixel) entry."""
-    it = fused_iterations(g, tile)["columns"] * warp_fraction(out_of_tile)
+    columns = fused_iterations(g, tile)["columns"]  # a count, or (count, straight runs)
+    it = (columns[0] if isinstance(columns, tuple) else columns) * warp_fraction(out_of_tile)
     count = sass.PhaseCount(body=OUT_OF_TILE_SAMPLE * tile.chunk, straight=0, depth=1, body_ffma=4.0 * tile.chunk,
                             body_lds_widths={}, body_ldg_widths={"32": 4 * tile.chunk}, calls=0, div64_calls=0)
     return count, it

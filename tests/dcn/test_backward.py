@@ -314,7 +314,7 @@ def good(rng):
 BAD = [
     (lambda a: dict(grad_output=a["grad_output"][0]), ValueError, r"grad_output must be 4-D"),
     (lambda a: dict(grad_output=a["grad_output"][:, :5]), ValueError,
-     r"grad_output must have the output's shape \(2, 6, 5, 7\), got \(2, 5, 5, 7\)"),
+     r"grad_output must have the output's shape \[N, Cout, Ho, Wo\] = \(2, 6, 5, 7\), got \(2, 5, 5, 7\)"),
     (lambda a: dict(grad_output=a["grad_output"][:, :, :4]), ValueError, r"grad_output must have the output's shape"),
     (lambda a: dict(grad_output=a["grad_output"].astype(np.float64)), TypeError,
      r"grad_output must have the dtype of input \(float32\), got float64"),

@@ -223,6 +223,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     in_band = fns.in_band
     bilinear_corners = fns.bilinear_corners
     bilinear_corner_gradients = fns.bilinear_corner_gradients
+    in_gradient_band = fns.in_gradient_band
     T = fns.T
     ZERO = fns.ZERO
     ONE = fns.ONE
@@ -361,8 +362,12 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                     w11 = ZERO
                     if oy < out_h and ox < out_w:
                         y, x = tap_position(offset, n, og, k, oy, ox, conv)
-                        if in_band(y, x, height, width):
-                            y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
+                        # the gradient band (closed at -1): a sample on y = -1 or x = -1 has zero
+                        # weights (it scatters nothing) but its clamped corners still feed the
+                        # one-sided offset gradient, as in torchvision (sampling.py's rule)
+                        if in_gradient_band(y, x, height, width):
+                            (y0, y1, x0, x1, w00, w01, w10, w11,
+                             _, _, _, _, _, _, _, _) = bilinear_corner_gradients(y, x, height, width)
                             if USE_MASK:
                                 m = mask[n, u32(u32(og * u32(K)) + k), oy, ox]
                                 w00 *= m
