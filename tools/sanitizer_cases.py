@@ -208,12 +208,13 @@ def recording_launches():
 
 
 def declared_kernels() -> set[str]:
-    """Every kernel factory a registered kernel module lists in ``ptx_cases()`` (the
-    audit's registry, ``deftnumba.perf.audit.registered_cases``)."""
+    """Every DCN kernel factory a registered kernel module lists in ``ptx_cases()`` (the
+    audit's registry, ``deftnumba.perf.audit.registered_cases``). This driver runs DCN
+    layers, so the other systems' kernels (tucker, lean) are not expected to run here."""
     names = set()
     for _, _, kernel, _ in audit.registered_cases():
         fn = getattr(kernel, "py_func", None) or getattr(kernel, "fn", None)
-        if fn is not None:
+        if fn is not None and fn.__module__.startswith("deftnumba.dcn."):
             names.add(_kernel_name(fn))
     return names
 

@@ -63,7 +63,7 @@ def test_fx_symbolic_trace_sees_one_op():
     traced = torch.fx.symbolic_trace(model)
     targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
     assert sum(t in (OP, torch.ops.deftnumba.deform_conv2d) for t in targets) == 1, targets
-    assert_same(grads_of(traced, x), grads_of(model, x), rtol=0)
+    assert_same(grads_of(traced, x), grads_of(model, x))  # the default backward scatters with atomics: last bits vary
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
