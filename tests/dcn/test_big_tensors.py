@@ -345,7 +345,9 @@ def _expected_1x1(xp, x, offset, mask, weight, bias, grad_out=None):
     ix = xp.arange(w, dtype=xp.float64)[None, :]
     y = iy + offset[0, 0].astype(xp.float64)
     xx = ix + offset[0, 1].astype(xp.float64)
-    inside = (y > -1) & (y < h) & (xx > -1) & (xx < w)
+    # the gradient band, closed at -1 (sampling.py's rule): there the weights vanish but the
+    # one-sided derivative from inside does not
+    inside = (y >= -1) & (y < h) & (xx >= -1) & (xx < w)
     y = xp.where(inside, y, 0)
     xx = xp.where(inside, xx, 0)
     y0 = xp.floor(y).astype(xp.int32)
