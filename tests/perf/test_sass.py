@@ -154,7 +154,7 @@ def test_warp_fraction():
 # --------------------------------------------------------------------------- compiled kernels
 def _compiler_env():
     env = layer_audit.env_for_compiler()
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1]), env.get("PYTHONPATH", "")])  # the repository root
     return env
 
 
@@ -165,7 +165,7 @@ def compiled():
         sass.find_nvdisasm()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    proc = subprocess.run([sys.executable, "-m", "tests.sass_kernels"], env=_compiler_env(), cwd=HERE.parent,
+    proc = subprocess.run([sys.executable, "-m", "tests.sass_kernels"], env=_compiler_env(), cwd=HERE.parents[1],
                           capture_output=True, text=True, timeout=900)
     if proc.returncode != 0 and "libnvvm" in proc.stderr:
         pytest.skip("NVVM not installed: pip install 'numba-cuda[cu13]'")

@@ -301,6 +301,12 @@ def choose_plan(geometry, stats: OffsetStats | None = None, device: DeviceModel 
             tile, terms = ranked[0]
             best = (terms["seconds"], Plan("fused", tile, terms["seconds"] * 1e3, terms["out_of_tile"],
                                            terms["shared_bytes"], device.name))
+        elif methods == ("fused",):
+            # no candidate the cost model can price (e.g. a 1x1 float64 layer whose blockings
+            # the measured table lacks): the kernel's own default, which always fits, unpriced
+            tile = fused_tiled.default_config(geometry)
+            best = (math.inf, Plan("fused", tile, math.nan, shared_bytes=tile.shared_bytes(geometry),
+                                   device=device.name))
     if "im2col" in methods:
         seconds = _im2col_terms(geometry, device)["seconds"]
         if best is None or seconds < best[0]:
