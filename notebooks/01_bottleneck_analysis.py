@@ -452,8 +452,8 @@ if entry:
          "after": entry["registers"]},
         {"fused, deft64 (8x8 per thread)": "multiply loop: instructions per rank-1 update (64 FFMA)",
          "before": FUSED_BEFORE["per_update"], "after": mult["body"]},
-        {"fused, deft64 (8x8 per thread)": "multiply loop: FFMA share", "before": f"{100 * FUSED_BEFORE['ffma_share']:.1f}%",
-         "after": f"{100 * mult['ffma'] / mult['body']:.1f}%"},
+        {"fused, deft64 (8x8 per thread)": "multiply loop: FFMA share",
+         "before": f"{100 * FUSED_BEFORE['ffma_share']:.1f}%", "after": f"{100 * mult['ffma'] / mult['body']:.1f}%"},
         {"fused, deft64 (8x8 per thread)": "multiply loop: shared loads", "before": FUSED_BEFORE["lds"],
          "after": "LDS.128"},
     ]

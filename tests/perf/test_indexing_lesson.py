@@ -7,6 +7,8 @@ deterministic: both kernels are compiled once for sm_90 in one ``DEFTNUMBA_BACKE
 subprocess (a few seconds, no GPU), shared by the tests through ``lesson_figures``'s cache.
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -16,7 +18,6 @@ from deftnumba.runtime import backend
 
 
 # --------------------------------------------------------------------------- the kernels run
-@pytest.mark.skipif(not backend.IS_SIMULATOR, reason="bounds_checked is the simulator's sanitizer")
 @pytest.mark.parametrize("variant", lesson.VARIANTS)
 @pytest.mark.parametrize("m, k, n", [(37, 19, 29), (5, 3, 7), (33, 8, 1)])
 def test_kernel_matches_numpy(variant, m, k, n, rng):
@@ -25,7 +26,9 @@ def test_kernel_matches_numpy(variant, m, k, n, rng):
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32)
     expected = a.astype(np.float64) @ b.astype(np.float64)
-    with backend.bounds_checked():  # index checks, NaN-filled shared and local memory
+    # the simulator's sanitizer: index checks, NaN-filled shared and local memory
+    checked = backend.bounds_checked() if backend.IS_SIMULATOR else contextlib.nullcontext()
+    with checked:
         got = lesson.multiply(a, b, variant)
     assert got.shape == (m, n) and got.dtype == np.float32
     assert np.isfinite(got).all(), f"{variant}: {np.isnan(got).sum()} outputs never written"
@@ -102,7 +105,11 @@ def test_stored_reading_is_current(figures):
         pytest.skip("nothing compiled here to compare the stored reading with")
     if stored["numba_cuda"] != figures["numba_cuda"]:
         pytest.skip(f"stored with numba-cuda {stored['numba_cuda']}, compiled with {figures['numba_cuda']}")
-    assert stored["variants"] == figures["variants"], f"the stored reading differs from today's SASS; {REFRESH}"
+    # every figure but the excerpts (their text also depends on nvdisasm's version)
+    for variant in lesson.VARIANTS:
+        got = {k: v for k, v in figures["variants"][variant].items() if k != "excerpt"}
+        kept = {k: v for k, v in stored["variants"][variant].items() if k != "excerpt"}
+        assert kept == got, f"the stored reading of {variant!r} differs from today's SASS; {REFRESH}"
 
 
 def test_without_a_compiler_the_stored_reading_is_used_and_said(monkeypatch):
