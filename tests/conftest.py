@@ -13,6 +13,11 @@ import time
 import zlib
 
 os.environ.setdefault("DEFTNUMBA_QUIET", "1")
+# One thread per BLAS/OpenMP pool (NumPy, torch, the notebooks' kernels and every
+# subprocess inherit it): the tests use tiny arrays, and pytest-xdist already runs one
+# worker per core. With the default (one thread per core in every worker) the pools
+# oversubscribe the cores and spin: one torch gradcheck took 80 s of CPU instead of 12.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # One random seed per test session, inherited by pytest-xdist workers through the
 # environment; DEFTNUMBA_TEST_SEED=<n> replays a session's data exactly.
 os.environ.setdefault("DEFTNUMBA_TEST_SEED", str(secrets.randbelow(2**31)))

@@ -101,6 +101,7 @@ if IS_SIMULATOR:
     from . import simulator as _simulator
 
     _simulator.install_thread_safe_shared_arrays()
+    _simulator.install_event_driven_block_scheduler()
 
 if NAME == "cuda":
     try:
