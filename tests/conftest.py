@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 import zlib
+from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("DEFTNUMBA_QUIET", "1")
 # One thread per BLAS/OpenMP pool (NumPy, torch, the notebooks' kernels and every
@@ -40,43 +42,102 @@ def rng(request):
     return np.random.default_rng([SESSION_SEED, zlib.crc32(request.node.nodeid.encode())])
 
 
-def _compile_audit() -> list:
+# --------------------------------------------------------------------------- compile jobs
+# Some tests read what numba-cuda's real compiler makes of the kernels (no GPU needed:
+# NVVM, nvJitLink and nvdisasm run on the CPU). Each such reading is one subprocess with
+# the cuda backend, a "compile job". Compiling is minutes of CPU, so a test run starts
+# every job it needs in the background as soon as the tests are collected, and runs the
+# tests that read a job last: the workers keep running simulator tests while the jobs
+# compile, and no worker sits idle waiting. Under pytest-xdist the first worker to ask
+# starts a job and every worker reads its result from the run's shared temporary folder.
+ROOT = Path(__file__).resolve().parents[1]
+COMPILE_JOBS = {  # fixture name: command (the last line of its stdout is the JSON result)
+    "job_audit_reports": [sys.executable, "-m", "deftnumba", "ptx", "--json"],
+    "job_audit_targets": [sys.executable, "-c", "import json; from deftnumba.dcn import audit; "
+                          "print(json.dumps(audit.target_figures()))"],
+    "job_sass_kernels": [sys.executable, "-m", "tests.sass_kernels"],
+}
+_RUNNER = ("import os, subprocess, sys\n"
+           "out, rc = sys.argv[1], sys.argv[2]\n"
+           "with open(out, 'w') as o, open(out + '.err', 'w') as e:\n"
+           "    code = subprocess.run(sys.argv[3:], stdout=o, stderr=e).returncode\n"
+           "open(rc + '.tmp', 'w').write(str(code))\n"
+           "os.replace(rc + '.tmp', rc)\n")
+
+
+class JobResult(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self):
+        """The job's result: the last line of its stdout, as JSON."""
+        return json.loads(self.stdout.strip().splitlines()[-1])
+
+
+def compiler_env() -> dict:
+    """Environment of a compiling child: the cuda backend, this checkout on the path."""
     env = dict(os.environ, DEFTNUMBA_BACKEND="cuda", DEFTNUMBA_QUIET="1")
     env.pop("NUMBA_ENABLE_CUDASIM", None)
-    proc = subprocess.run([sys.executable, "-m", "deftnumba", "ptx", "--json"], env=env,
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 and ("libnvvm" in proc.stderr or "nvrtc" in proc.stderr.lower()
-                                 and "not found" in proc.stderr.lower()):
-        pytest.skip("NVVM/NVRTC not installed: pip install 'numba-cuda[cu13]'")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _job_folder(config) -> Path:
+    base = config._tmp_path_factory.getbasetemp()
+    return base.parent if hasattr(config, "workerinput") else base  # xdist: the run's shared folder
+
+
+def start_job(config, name: str) -> None:
+    """Start compile job ``name`` in the background unless this run already has."""
+    folder = _job_folder(config)
+    try:
+        os.close(os.open(folder / f"{name}.started", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    subprocess.Popen([sys.executable, "-c", _RUNNER, str(folder / f"{name}.out"), str(folder / f"{name}.rc"),
+                      *COMPILE_JOBS[name]], env=compiler_env(), cwd=ROOT, start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for_job(config, name: str, timeout: float = 1800) -> JobResult:
+    start_job(config, name)
+    folder, deadline = _job_folder(config), time.monotonic() + timeout
+    rc = folder / f"{name}.rc"
+    while not rc.exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"compile job {name} did not finish in {timeout:.0f} s")
+        time.sleep(0.5)
+    out = folder / f"{name}.out"
+    return JobResult(int(rc.read_text()), out.read_text(), Path(f"{out}.err").read_text())
+
+
+def pytest_collection_modifyitems(config, items):
+    needed = [name for name in COMPILE_JOBS if any(name in getattr(i, "fixturenames", ()) for i in items)]
+    for name in needed:
+        start_job(config, name)
+    # stable: the job readers keep their order, after everything else
+    items.sort(key=lambda i: any(name in getattr(i, "fixturenames", ()) for name in needed))
+
+
+def _job_fixture(name):
+    @pytest.fixture(scope="session", name=name)
+    def job(request):
+        return wait_for_job(request.config, name)
+    return job
+
+
+job_audit_reports = _job_fixture("job_audit_reports")
+job_audit_targets = _job_fixture("job_audit_targets")
+job_sass_kernels = _job_fixture("job_sass_kernels")
 
 
 @pytest.fixture(scope="session")
-def audit_reports(tmp_path_factory, request):
+def audit_reports(job_audit_reports):
     """``python -m deftnumba ptx --json``'s reports: every registered kernel compiled for
-    sm_90 once per test run, shared by every audit test. Under pytest-xdist the first
-    worker to ask compiles and the others read its result (a lock file in the run's
-    shared temporary folder), so the ~2 minutes of compilation are paid once, not per worker."""
-    if not hasattr(request.config, "workerinput"):  # no xdist worker: this process compiles
-        return _compile_audit()
-    shared = tmp_path_factory.getbasetemp().parent
-    result, lock = shared / "audit_reports.json", shared / "audit_reports.lock"
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:  # another worker is compiling: wait for its result
-            while lock.exists() and not result.exists():
-                time.sleep(1)
-            if result.exists():
-                return json.loads(result.read_text())
-            continue  # it failed (lock gone, no result): try ourselves
-        try:
-            if not result.exists():
-                reports = _compile_audit()
-                result.write_text(json.dumps(reports))
-            return json.loads(result.read_text())
-        finally:
-            os.close(fd)
-            if not result.exists():
-                lock.unlink(missing_ok=True)
+    sm_90 once per test run (a compile job), shared by every audit test."""
+    rc, _, stderr = job_audit_reports
+    if rc != 0 and ("libnvvm" in stderr or "nvrtc" in stderr.lower() and "not found" in stderr.lower()):
+        pytest.skip("NVVM/NVRTC not installed: pip install 'numba-cuda[cu13]'")
+    assert rc == 0, stderr[-3000:]
+    return job_audit_reports.json()

@@ -1,9 +1,9 @@
 """Issues 10 and 11's static SASS targets, read from the audit (``deftnumba.dcn.audit``).
 
-One subprocess with the cuda backend (numba-cuda's compiler, nvJitLink and the ``nvdisasm``
-wheel; no GPU) runs ``audit.target_figures()``: the fused forward at the four suite shapes,
+One compile job (tests/conftest.py: a subprocess with the cuda backend, i.e. numba-cuda's
+compiler, nvJitLink and the ``nvdisasm`` wheel; no GPU; once per test run) runs ``audit.target_figures()``: the fused forward at the four suite shapes,
 every forward and backward method at ``deft64``, and every float32 column-kernel case.
-The tests share its figures (a module-scope fixture). They are deterministic: static
+The tests share its figures. They are deterministic: static
 instruction counts of the compiled kernels, never a timer.
 
 A met target is asserted as the issue states it. A missed one is pinned at today's figure
@@ -11,31 +11,21 @@ A met target is asserted as the issue states it. A missed one is pinned at today
 sum) and ``docs/perf-notes.md`` says by how much it is missed. Never loosen a met target.
 """
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from deftnumba.dcn import audit
 
-ROOT = Path(__file__).resolve().parents[2]
 SUITE = ("deft64", "res128", "det-c4", "det-c5")
 
 
 @pytest.fixture(scope="module")
-def figures():
-    code = "import json; from deftnumba.dcn import audit; print(json.dumps(audit.target_figures()))"
-    env = audit.env_for_compiler()
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800,
-                          cwd=ROOT)
-    if proc.returncode != 0 and any(s in proc.stderr for s in ("libnvvm", "nvdisasm", "nvjitlink",
-                                                                 "No module named 'cuda")):
+def figures(job_audit_targets):
+    """``audit.target_figures()`` from a compile job (tests/conftest.py: run once per test run)."""
+    rc, _, stderr = job_audit_targets
+    if rc != 0 and any(s in stderr for s in ("libnvvm", "nvdisasm", "nvjitlink", "No module named 'cuda")):
         pytest.skip("needs NVVM, nvJitLink and nvdisasm: pip install 'numba-cuda[cu13]' nvidia-cuda-nvdisasm")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rc == 0, stderr[-3000:]
+    return job_audit_targets.json()
 
 
 def value(figures, shape, target):

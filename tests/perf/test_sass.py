@@ -2,11 +2,10 @@
 compiled int32/int64 contrast, and the planner's table of measured counts.
 
 Parsing and the model run on a captured listing and fixed numbers (no compiler). The
-compiled checks run once, in one subprocess with the cuda backend (numba-cuda's compiler,
-nvJitLink and nvdisasm, no GPU), shared by the tests through a module-scope fixture.
+compiled checks run once per test run, in one subprocess with the cuda backend (numba-cuda's
+compiler, nvJitLink and nvdisasm, no GPU): a compile job of tests/conftest.py.
 """
 
-import json
 import math
 import os
 import subprocess
@@ -152,25 +151,18 @@ def test_warp_fraction():
 
 
 # --------------------------------------------------------------------------- compiled kernels
-def _compiler_env():
-    env = layer_audit.env_for_compiler()
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1]), env.get("PYTHONPATH", "")])  # the repository root
-    return env
-
-
 @pytest.fixture(scope="module")
-def compiled():
-    """Audits of tests/sass_kernels.py, compiled once in a cuda-backend subprocess."""
+def compiled(job_sass_kernels):
+    """Audits of tests/sass_kernels.py, compiled once per test run (a compile job: tests/conftest.py)."""
     try:
         sass.find_nvdisasm()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    proc = subprocess.run([sys.executable, "-m", "tests.sass_kernels"], env=_compiler_env(), cwd=HERE.parents[1],
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 and "libnvvm" in proc.stderr:
+    rc, _, stderr = job_sass_kernels
+    if rc != 0 and "libnvvm" in stderr:
         pytest.skip("NVVM not installed: pip install 'numba-cuda[cu13]'")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rc == 0, stderr[-3000:]
+    return job_sass_kernels.json()
 
 
 def test_int64_indexing_calls_the_64_bit_division_routines(compiled):
