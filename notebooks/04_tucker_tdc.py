@@ -38,6 +38,10 @@
 # recorded under `data/bench/tucker/`.
 
 # %%
+import os
+
+os.environ.setdefault("DEFTNUMBA_QUIET", "1")  # the banner below prints the backend line
+
 from pathlib import Path
 
 import matplotlib.pyplot as plt

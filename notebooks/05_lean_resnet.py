@@ -32,6 +32,10 @@
 # 4. whether it learns as well: ResNet against LeanResNet on scikit-learn's digits.
 
 # %%
+import os
+
+os.environ.setdefault("DEFTNUMBA_QUIET", "1")  # the banner below prints the backend line
+
 import json
 from pathlib import Path
 
