@@ -732,7 +732,7 @@ def kernel_source_hash() -> str:
 
     return sass.source_hash(fused_tiled.fused_kernel, fused_tiled.TileConfig, fused_tiled._vector,
                             fused_tiled.launch_bounds, fused_tiled._slab_copy, fused_tiled._multiply_unroll,
-                            sampling.sampling_functions)
+                            sampling.sampling_functions, sampling._sampling_functions)
 
 
 def _with_dtype(g, dtype):
