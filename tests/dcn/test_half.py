@@ -98,7 +98,10 @@ def recorded(monkeypatch):
 
 def assert_read_in_place(launches, named):
     """Each named caller array was handed to some kernel as (a view of) itself: no host copy,
-    so no upcast, happened on the way."""
+    so no upcast, happened on the way. (Simulator only: on a GPU, NumPy arguments are
+    necessarily copied to the device; there the storage dtype of the results is checked.)"""
+    if not backend.IS_SIMULATOR:
+        return
     for name, array in named.items():
         if array is None:
             continue

@@ -1038,3 +1038,16 @@ def ptx_cases():
                        (flat, a4, a4, flat, flat, flat, a4, a4, conv, dims))
             yield (f"weight_grad[3x3,{tag}]", dtype, weight_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True),
                    (flat, a4, a4, flat, flat, conv, dims))
+    # float16 and bfloat16 (storage in half, arithmetic in float32): the deft64 config; input,
+    # offset, mask and grad_out in the storage type, weights and gradients in float32
+    cfg = GPU_CONFIG
+    tag = (f"{cfg.tile_h}x{cfg.tile_w}h{cfg.halo}c{cfg.chunk}o{cfg.out_block}r{cfg.reg_rows}x{cfg.reg_px}"
+           f"w{cfg.w_out_block}r{cfg.w_reg_out}x{cfg.w_reg_cols}")
+    f4, f1 = types.Array(types.float32, 4, "A"), types.Array(types.float32, 1, "C")
+    for dtype in ("float16", "bfloat16"):
+        s4, s1 = types.Array(precision.numba_type(dtype), 4, "A"), types.Array(precision.numba_type(dtype), 1, "C")
+        yield (f"input_grad[3x3,{tag},scatter=True]", dtype,
+               input_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, True),
+               (s1, s4, s4, f1, s1, f1, f4, f4, conv, dims))
+        yield (f"weight_grad[3x3,{tag}]", dtype, weight_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True),
+               (s1, s4, s4, s1, f1, conv, dims))
