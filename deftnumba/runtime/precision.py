@@ -18,11 +18,13 @@ bfloat16    uint16 (the bf16 bits)     float32             bit shift / RNE round
   round-to-nearest-even cast.
 * **bfloat16**: on the NumPy side an ``ml_dtypes.bfloat16`` array; on the device its bits
   travel as ``uint16`` (CuPy has no bfloat16 dtype). Loading is ``bits << 16``
-  reinterpreted as float32 (exact); storing rounds float32 to nearest even on the bits
-  (``(u + 0x7FFF + ((u >> 16) & 1)) >> 16``), a NaN staying a quiet NaN. On a GPU the
-  reinterpretation is libdevice's ``int_as_float``/``float_as_int`` (a register move);
-  the simulator has no libdevice, so its device functions reinterpret NumPy scalars
-  (``.view``). Which one is chosen at import, with the backend.
+  reinterpreted as float32 (exact); storing rounds float32 to nearest even, a NaN staying
+  a NaN. On a GPU the load's reinterpretation is an LLVM ``bitcast`` (a Numba intrinsic:
+  a register move) and the store is sm_80+'s ``cvt.rn.bf16.f32`` (inline PTX); the
+  simulator cannot run either, so its device functions round on the bits
+  (``(u + 0x7FFF + ((u >> 16) & 1)) >> 16``, the quiet bit set on a NaN, as the host's
+  ``bf16_bits``) and reinterpret NumPy scalars (``.view``). Which one is chosen when the
+  precision is first asked for, by the backend.
 
 Kernels take ``dtype`` (the user's dtype name) in their factories and get ``T`` (the
 compute type) and ``load``/``store`` from ``precision(dtype)``; for float32/float64
@@ -116,13 +118,63 @@ def _float16():
     return load, store
 
 
+@functools.cache
+def _bitcasts():
+    """GPU only: ``(bits_to_float, float_to_bits)``, uint32 <-> float32 reinterpretations as
+    Numba intrinsics (one LLVM ``bitcast``: a register move). Not libdevice's
+    ``int_as_float``/``float_as_int``: those stay opaque calls until libdevice is linked
+    after optimisation, and a call in the fused kernel's epilogue kept LLVM from unrolling
+    it, leaving the accumulators in local memory."""
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def bits_to_float(typingctx, bits):
+        if not isinstance(bits, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            word = context.cast(builder, args[0], sig.args[0], types.uint32)
+            return builder.bitcast(word, ir.FloatType())
+
+        return types.float32(bits), codegen
+
+    @intrinsic
+    def float_to_bits(typingctx, value):
+        if not isinstance(value, types.Float):
+            return None
+
+        def codegen(context, builder, sig, args):
+            single = context.cast(builder, args[0], sig.args[0], types.float32)
+            return builder.bitcast(single, ir.IntType(32))
+
+        return types.uint32(value), codegen
+
+    @intrinsic
+    def round_to_bf16(typingctx, value):
+        """``cvt.rn.bf16.f32``: float32 -> bfloat16 bits, to nearest even, NaN kept NaN (sm_80+)."""
+        if not isinstance(value, types.Float):
+            return None
+
+        def codegen(context, builder, sig, args):
+            single = context.cast(builder, args[0], sig.args[0], types.float32)
+            cvt = ir.InlineAsm(ir.FunctionType(ir.IntType(16), [ir.FloatType()]), "cvt.rn.bf16.f32 $0, $1;",
+                               "=h,f")
+            return builder.call(cvt, [single])
+
+        return types.uint16(value), codegen
+
+    return bits_to_float, float_to_bits, round_to_bf16
+
+
 def _bfloat16():
-    u32, u16, i32, f32 = np.uint32, np.uint16, np.int32, np.float32
+    u32, u16, f32 = np.uint32, np.uint16, np.float32
     SHIFT = np.uint32(16)
     HALF_ULP = np.uint32(0x7FFF)
     QUIET = np.uint32(0x40)  # the quiet bit of a bf16 NaN
 
-    if backend.IS_SIMULATOR:  # no libdevice: reinterpret NumPy scalars
+    if backend.IS_SIMULATOR:  # no intrinsics there: reinterpret NumPy scalars
 
         @cuda.jit(device=True)
         def bits_to_float(bits):
@@ -132,30 +184,33 @@ def _bfloat16():
         def float_to_bits(value):
             return f32(value).view(u32)
     else:
-        from numba.cuda import libdevice
-
-        @cuda.jit(device=True, inline="always")
-        def bits_to_float(bits):
-            return libdevice.int_as_float(i32(bits))
-
-        @cuda.jit(device=True, inline="always")
-        def float_to_bits(value):
-            return u32(libdevice.float_as_int(f32(value)))
+        bits_to_float, float_to_bits, round_to_bf16 = _bitcasts()
 
     @cuda.jit(device=True, inline="always")
     def load(array, index):
         """The bf16 bits ``array[index]`` (uint16) as float32: ``bits << 16`` (exact)."""
         return bits_to_float(u32(u32(array[index]) << SHIFT))
 
-    @cuda.jit(device=True, inline="always")
-    def store(array, index, value):
-        """``value`` rounded to the nearest bfloat16 (ties to even) into the uint16 ``array``;
-        a NaN stays a (quiet) NaN, +-inf and overflow give +-inf."""
-        bits = float_to_bits(value)
-        if value != value:  # NaN: keep the sign and payload's top bits, set the quiet bit
-            array[index] = u16(u32(bits >> SHIFT) | QUIET)
-        else:
-            array[index] = u16(u32(u32(bits + u32(HALF_ULP + u32(u32(bits >> SHIFT) & u32(1)))) >> SHIFT))
+    if backend.IS_SIMULATOR:
+
+        @cuda.jit(device=True)
+        def store(array, index, value):
+            """``value`` rounded to the nearest bfloat16 (ties to even) into the uint16 ``array``;
+            a NaN stays a (quiet) NaN, +-inf and overflow give +-inf."""
+            bits = float_to_bits(value)
+            if value != value:  # NaN: keep the sign and payload's top bits, set the quiet bit
+                array[index] = u16(u32(bits >> SHIFT) | QUIET)
+            else:
+                array[index] = u16(u32(u32(bits + u32(HALF_ULP + u32(u32(bits >> SHIFT) & u32(1)))) >> SHIFT))
+    else:
+
+        @cuda.jit(device=True, inline="always")
+        def store(array, index, value):
+            """``value`` rounded to the nearest bfloat16 (ties to even, NaN kept NaN, overflow to
+            +-inf) into the uint16 ``array``: sm_80+'s ``cvt.rn.bf16.f32``, one instruction.
+            (The simulator's version does the same rounding on the bits, as ``bf16_bits``; a
+            branchy version here kept LLVM from unrolling the fused kernel's epilogue.)"""
+            array[index] = round_to_bf16(value)
 
     return load, store
 
