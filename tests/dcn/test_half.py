@@ -12,8 +12,8 @@ Tolerances. With the reference run on the half-rounded inputs, the kernels' only
 are their float32 arithmetic (a few float32 roundings per sum: ~1e-6 relative here) and
 the single rounding of each result to the storage type, at most ``u * |result|`` with
 ``u`` the unit roundoff (float16 ``2**-11``, bfloat16 ``2**-8``). So every result must
-satisfy ``max|err| <= 2 * u * max|ref|`` per array. Measured (random tiny layers): forward
-0.6-0.7 u, gradients 0.3-0.7 u, in both types.
+satisfy ``max|err| <= 2 * u * max|ref|`` per array. Measured (random tiny layers, several
+seeds, every method): forward <= 0.7 u, gradients <= 0.85 u, in both types.
 """
 
 import ml_dtypes
