@@ -251,3 +251,26 @@ def test_tucker_and_lean_still_refuse_halves_clearly(dtype):
         check_tucker(x, np.zeros((2, 2, 1, 1), d), np.zeros((2, 2, 3, 3), d), np.zeros((2, 2, 1, 1), d))
     with pytest.raises(TypeError, match=rf"input must be float32 or float64, got {dtype}"):
         lean_check(x, np.zeros((2, 2), d), np.zeros((2, 2), d), None, 1, ((0, 0), (0, 1)))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_empty_layers_in_half(dtype, rng):
+    """A batch of 0 and no input channels: the right shapes, the storage dtype, the bias alone."""
+    d = DTYPES[dtype]
+    for changes in ({"batch": 0}, {"in_channels": 0}):
+        g = Geometry(**{**geometry(dtype, 0).__dict__, **changes})
+        shapes = g.shapes
+        x, offset, mask = (np.zeros(shapes[k], d) for k in ("input", "offset", "mask"))
+        weight = np.zeros(shapes["weight"], d)
+        bias = rng.standard_normal(shapes["bias"]).astype(d)
+        out = dn.deform_conv2d(x, offset, weight, bias, **conv_kwargs(g), mask=mask)
+        assert out.shape == shapes["output"] and out.dtype == d
+        expected = np.broadcast_to(bias.reshape(1, -1, 1, 1), shapes["output"])
+        np.testing.assert_array_equal(out.astype(np.float32), expected.astype(np.float32))
+        grad_output = rng.standard_normal(shapes["output"]).astype(d)
+        grads = dn.deform_conv2d_backward(grad_output, x, offset, weight, bias, **conv_kwargs(g), mask=mask)
+        for field in FIELDS:
+            value = getattr(grads, field)
+            assert value.dtype == d and value.shape == shapes[field], field
+        np.testing.assert_allclose(grads.bias.astype(np.float64),
+                                   grad_output.astype(np.float64).sum(axis=(0, 2, 3)), rtol=UNIT_ROUNDOFF[dtype])
