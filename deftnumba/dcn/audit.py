@@ -726,13 +726,16 @@ def planner_table(cc=sass.CC, report=progress, dtypes=PLANNER_DTYPES) -> dict:
 
 def kernel_source_hash() -> str:
     """Hash of the source the fused kernel's SASS depends on: its factory, the compile-time
-    helpers and the config class it reads, and the sampling device functions (host code such
+    helpers and the config class it reads, the sampling device functions and the storage
+    loads/stores (``runtime.precision``) (host code such
     as ``phase_model`` or docstrings elsewhere in the module may change without a new table)."""
+    from ..runtime import precision
     from .kernels import fused_tiled, sampling
 
     return sass.source_hash(fused_tiled.fused_kernel, fused_tiled.TileConfig, fused_tiled._vector,
                             fused_tiled.launch_bounds, fused_tiled._slab_copy, fused_tiled._multiply_unroll,
-                            sampling.sampling_functions)
+                            sampling.sampling_functions, sampling._sampling_functions,
+                            precision._gpu_functions)
 
 
 def _with_dtype(g, dtype):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..runtime.arguments import (FLOAT_DTYPES, ConvWindow, INT32_MAX, check_array, check_gradient,  # noqa: F401
+from ..runtime import precision
+from ..runtime.arguments import (FLOAT_DTYPES, HALF_FLOAT_DTYPES, ConvWindow, INT32_MAX, check_array, check_gradient,  # noqa: F401
                                   check_output_not_empty, check_same_kind_and_dtype, conv_out_size,
                                   conv_pairs, pair)
 
@@ -60,15 +61,21 @@ class Geometry(ConvWindow):
         }
 
 
+DTYPES = HALF_FLOAT_DTYPES
+"""The dtypes ``deform_conv2d`` takes: float32, float64, float16 and ``ml_dtypes.bfloat16``
+(the halves stored in half, computed in float32: ``runtime.precision``)."""
+
+
 def check_forward(input, offset, weight, bias, stride, padding, dilation, mask) -> Geometry:
     """Validate ``deform_conv2d`` arguments; return the layer's ``Geometry``."""
-    check_array(input, "input", 4, "4-D [N, C, H, W]")
-    check_array(offset, "offset", 4, "4-D [N, 2*offset_groups*kh*kw, Ho, Wo]")
-    check_array(weight, "weight", 4, "4-D [Cout, C/groups, kh, kw]")
+    dtypes = DTYPES
+    check_array(input, "input", 4, "4-D [N, C, H, W]", dtypes=dtypes)
+    check_array(offset, "offset", 4, "4-D [N, 2*offset_groups*kh*kw, Ho, Wo]", dtypes=dtypes)
+    check_array(weight, "weight", 4, "4-D [Cout, C/groups, kh, kw]", dtypes=dtypes)
     if bias is not None:
-        check_array(bias, "bias", 1, "1-D [Cout]")
+        check_array(bias, "bias", 1, "1-D [Cout]", dtypes=dtypes)
     if mask is not None:
-        check_array(mask, "mask", 4, "4-D [N, offset_groups*kh*kw, Ho, Wo]")
+        check_array(mask, "mask", 4, "4-D [N, offset_groups*kh*kw, Ho, Wo]", dtypes=dtypes)
 
     arrays = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
     check_same_kind_and_dtype(arrays)
@@ -111,7 +118,7 @@ def check_forward(input, offset, weight, bias, stride, padding, dilation, mask) 
         batch=n, in_channels=c, height=h, width=w, out_channels=c_out, kernel_h=kh, kernel_w=kw,
         stride_h=stride_h, stride_w=stride_w, pad_h=pad_h, pad_w=pad_w, dil_h=dil_h, dil_w=dil_w,
         groups=groups, offset_groups=offset_groups, has_mask=mask is not None,
-        has_bias=bias is not None, dtype=str(input.dtype),
+        has_bias=bias is not None, dtype=precision.user_dtype(input).name,
     )
     check_output_not_empty(h, w, (kh, kw), (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w))
     expected = geometry.shapes
@@ -145,7 +152,9 @@ def check_limits(geometry: Geometry) -> None:
     for name, value in params.items():
         if max(value) > INT32_MAX:
             raise ValueError(f"{name} must be < 2**31, got {value}")
-    coordinate_limit = 2**24 if g.dtype == "float32" else INT32_MAX
+    # halves compute positions in float32 (runtime.precision)
+    compute = precision.compute_dtype(g.dtype).name
+    coordinate_limit = 2**24 if compute == "float32" else INT32_MAX
     extent = max(g.height + g.pad_h, g.width + g.pad_w,
                  (g.out_h - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h,
                  (g.out_w - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w)
@@ -153,7 +162,7 @@ def check_limits(geometry: Geometry) -> None:
         raise ValueError(
             f"input {g.height}x{g.width} with padding {(g.pad_h, g.pad_w)} has pixel coordinates up to "
             f"{extent}, past what {g.dtype} sampling positions hold exactly ({coordinate_limit})"
-            + ("; use float64" if g.dtype == "float32" else ""))
+            + ("; use float64" if compute == "float32" else ""))
     if g.out_h * g.out_w > INT32_MAX:
         raise ValueError(f"one image's output has {g.out_h}x{g.out_w} = {g.out_h * g.out_w} pixels; "
                          f"at most 2**31 - 1 are supported")
@@ -166,7 +175,8 @@ def check_backward(grad_output, input, offset, weight, bias, stride, padding, di
     be an array of the same kind and dtype with the output's shape ``[N, Cout, Ho, Wo]``.
     """
     geometry = check_forward(input, offset, weight, bias, stride, padding, dilation, mask)
-    check_gradient(grad_output, "grad_output", input, "[N, Cout, Ho, Wo]", geometry.shapes["output"])
+    check_gradient(grad_output, "grad_output", input, "[N, Cout, Ho, Wo]", geometry.shapes["output"],
+                   dtypes=DTYPES)
     if geometry.height * geometry.width >= 2**32:
         # the column methods' scatter indexes inside one input plane in 32 bits
         raise ValueError(f"input planes of {geometry.height}x{geometry.width} = {geometry.height * geometry.width} "

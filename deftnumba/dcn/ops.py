@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..runtime import backend, timing
+from ..runtime import backend, precision, timing
 from .planning import plan as tiling
 from .geometry import check_backward, check_forward
 from .kernels import backward as _backward
@@ -53,9 +53,18 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     stride, padding, dilation: int or pair
     mask:     ``[N, offset_groups*kh*kw, Ho, Wo]`` or ``None`` (DCN v1)
 
-    All arrays share one dtype (float32 or float64) and one kind: CuPy arrays on
-    the ``cuda`` backend give a CuPy result; NumPy arrays give a NumPy result on
-    either backend (on the GPU they are copied over and back).
+    All arrays share one dtype and one kind: CuPy arrays on the ``cuda`` backend give
+    a CuPy result; NumPy arrays give a NumPy result on either backend (on the GPU they
+    are copied over and back). The dtypes:
+
+    * float32, float64: computed in that type;
+    * float16 (NumPy or CuPy) and bfloat16 (NumPy ``ml_dtypes.bfloat16``; CuPy has no
+      bfloat16 dtype, torch tensors go through ``deftnumba.DeformConv2d``): input, offset
+      and mask are read in half by the kernels and the output is written in half, but
+      every product and sum is float32. The weights (and bias) are converted to float32
+      once per call (small), and the column methods' buffers and GEMMs are float32.
+      The result is within a few half-precision roundings of the float64 result on the
+      same (half) inputs; see docs/guarantees.md for the measured tolerances.
 
     method:    ``"auto"`` or one of ``deftnumba.METHODS``.
     stopwatch: optional ``deftnumba.runtime.timing.Stopwatch`` that times each operator.
@@ -71,18 +80,26 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
         return _empty_forward(geometry, input, bias)
     name, plan = _pick_method(method, geometry, plan)
     host_result = not backend.is_cupy_array(input)
-    arrays = [backend.to_device(a) if a is not None else None for a in (input, offset, weight, bias, mask)]
+    arrays = [backend.to_device(precision.device_view(a)) if a is not None else None
+              for a in (input, offset, weight, bias, mask)]
     xp = backend.array_module(arrays[0])
-    out = xp.empty(geometry.shapes["output"], dtype=arrays[0].dtype)
+    out = xp.empty(geometry.shapes["output"], dtype=precision.storage_dtype(geometry.dtype))
     extra = {"plan": plan} if name == "fused" else {}
     _FORWARD[name](geometry, *arrays, out, stopwatch or timing.NO_STOPWATCH, **extra)
-    return backend.to_host(out) if host_result and not backend.IS_SIMULATOR else out
+    out = backend.to_host(out) if host_result and not backend.IS_SIMULATOR else out
+    return precision.user_view(out, geometry.dtype)
 
 
 def _empty_forward(geometry, input, bias):
     """The result of a layer with nothing to sample (``geometry.is_empty``): zeros
     of the output's shape plus the bias, in the input's array kind. No kernel runs."""
     xp = backend.array_module(input)
+    if precision.is_half(geometry.dtype):  # sum in float32, round once (bf16 bits on CuPy)
+        out = xp.zeros(geometry.shapes["output"], dtype=np.float32)
+        if bias is not None and out.size:
+            out += precision.to_compute(xp.asarray(precision.device_view(bias)), geometry.dtype, xp).reshape(1, -1, 1, 1)
+        out = precision.to_storage(out, geometry.dtype, xp)
+        return precision.user_view(backend.to_host(out) if isinstance(input, np.ndarray) else out, geometry.dtype)
     out = xp.zeros(geometry.shapes["output"], dtype=input.dtype)
     if bias is not None and out.size:
         out += xp.asarray(bias).reshape(1, -1, 1, 1)
@@ -136,12 +153,20 @@ def _empty_backward(geometry, grad_output, input, bias):
     ``sum(grad_output)`` (itself zero for a batch of 0). No kernel runs."""
     xp = backend.array_module(input)
     shapes, dtype = geometry.shapes, input.dtype
+    half = precision.is_half(geometry.dtype)
+    if half:  # zeros in the storage dtype (bf16 bits on CuPy), in the input's array kind
+        xp = np if isinstance(input, np.ndarray) else xp
+        dtype = precision.storage_dtype(geometry.dtype)
 
     def zeros(name):
-        return xp.zeros(shapes[name], dtype=dtype)
+        return precision.user_view(xp.zeros(shapes[name], dtype=dtype), geometry.dtype)
 
     grad_bias = None
-    if bias is not None:
+    if bias is not None and half:
+        values = precision.to_compute(xp.asarray(precision.device_view(grad_output)), geometry.dtype, xp)
+        grad_bias = precision.user_view(precision.to_storage(
+            values.sum(axis=(0, 2, 3), dtype=np.float64).astype(np.float32), geometry.dtype, xp), geometry.dtype)
+    elif bias is not None:
         grad_bias = xp.asarray(grad_output).sum(axis=(0, 2, 3), dtype=np.float64).astype(dtype)
     return DeformConv2dGrads(input=zeros("input"), offset=zeros("offset"), weight=zeros("weight"),
                              bias=grad_bias, mask=zeros("mask") if geometry.has_mask else None)
@@ -170,20 +195,24 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
     if geometry.is_empty:
         return _empty_backward(geometry, grad_output, input, bias)
     host_result = not backend.is_cupy_array(input)
-    arrays = [backend.to_device(a) if a is not None else None
+    arrays = [backend.to_device(precision.device_view(a)) if a is not None else None
               for a in (grad_output, input, offset, weight, mask)]
     xp = backend.array_module(arrays[1])
-    dtype = arrays[1].dtype
     shapes = geometry.shapes
+    # float16/bfloat16: the kernels accumulate into float32 buffers, rounded once below
+    prec = precision.precision(geometry.dtype)
     grads = DeformConv2dGrads(
-        input=_empty(xp, shapes["input"], dtype),
-        offset=_empty(xp, shapes["offset"], dtype),
-        weight=_empty(xp, shapes["weight"], dtype),
-        bias=_empty(xp, shapes["bias"], dtype) if bias is not None else None,
-        mask=_empty(xp, shapes["mask"], dtype) if mask is not None else None,
+        input=_empty(xp, shapes["input"], prec.compute),
+        offset=_empty(xp, shapes["offset"], prec.compute),
+        weight=_empty(xp, shapes["weight"], prec.compute),
+        bias=_empty(xp, shapes["bias"], prec.compute) if bias is not None else None,
+        mask=_empty(xp, shapes["mask"], prec.compute) if mask is not None else None,
     )
     _BACKWARD[name](geometry, *arrays, *grads, deterministic=bool(deterministic),
                     stopwatch=stopwatch or timing.NO_STOPWATCH)
+    if prec.is_half:
+        grads = DeformConv2dGrads(*(precision.to_storage(a, geometry.dtype, xp) if a is not None else None
+                                    for a in grads))
     if host_result and not backend.IS_SIMULATOR:
         grads = DeformConv2dGrads(*(backend.to_host(a) if a is not None else None for a in grads))
-    return grads
+    return DeformConv2dGrads(*(precision.user_view(a, geometry.dtype) for a in grads))

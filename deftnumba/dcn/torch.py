@@ -36,8 +36,11 @@ Where the tensors live decides what runs, and it must agree with the backend
   with a message that says how to fix it.
 
 Non-contiguous tensors are made contiguous first (one copy), as torchvision does.
-Under CUDA autocast (AMP) the layer runs in float32, as torchvision's does: its
-inputs are cast to float32 and the output is float32 (half precision: not yet).
+float16 and bfloat16 tensors run natively: the kernels read and write half precision and
+compute in float32 (``deftnumba.runtime.precision``); bfloat16 travels as its bits
+(no copy). Under autocast (``torch.autocast("cuda")`` or ``("cpu")``) the op runs in the
+autocast dtype (float16 or bfloat16): its floating inputs other than float64 are cast to
+it and the output has it (torchvision's op instead runs in float32 under autocast).
 
 The layer is the registered ``torch.library`` op ``torch.ops.deftnumba.deform_conv2d``
 with a fake (meta) kernel and registered autograd, so ``torch.fx`` tracing,
@@ -64,6 +67,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..runtime import precision
 from ..runtime.arguments import conv_out_size
 from ..runtime.torch_bridge import check_device, on_device as _on_device, to_array as _to_array
 from ..runtime.torch_bridge import to_tensor as _to_tensor
@@ -131,11 +135,18 @@ def _deform_conv2d_op(input: torch.Tensor, offset: torch.Tensor, weight: torch.T
     """The forward on real tensors: check, view as arrays, run ``ops.deform_conv2d``.
     ``deterministic`` is only recorded for the backward."""
     device = _check_tensors(dict(input=input, offset=offset, weight=weight, bias=bias, mask=mask))
-    with _torch_errors(), _on_device(device):
+    with _torch_errors(), _on_device(device), _bfloat16_bits(input):
         arrays = [_to_array(t) for t in (input, offset, weight, bias, mask)]
         out = ops.deform_conv2d(*arrays[:4], stride=tuple(stride), padding=tuple(padding),
                                 dilation=tuple(dilation), mask=arrays[4], method=method)
-        return _to_tensor(out)
+        return _to_tensor(out, input.dtype)
+
+
+def _bfloat16_bits(input: torch.Tensor):
+    """A CUDA bfloat16 call passes uint16 CuPy views of the bits: say so to the checks."""
+    if input.dtype == torch.bfloat16 and input.is_cuda:
+        return precision.cupy_uint16_is_bfloat16()
+    return contextlib.nullcontext()
 
 
 @_deform_conv2d_op.register_fake
@@ -164,13 +175,15 @@ def _deform_conv2d_backward_op(grad_output: torch.Tensor, input: torch.Tensor, o
     device = _check_tensors(dict(grad_output=grad_output, input=input, offset=offset, weight=weight,
                                  mask=mask))
     method = method if method in ops.BACKWARD_METHODS else "auto"
-    with _torch_errors(), _on_device(device):
+    with _torch_errors(), _on_device(device), _bfloat16_bits(input):
         g, x, o, w, m = (_to_array(t) for t in (grad_output, input, offset, weight, mask))
         result = ops.deform_conv2d_backward(g, x, o, w, None, stride=tuple(stride), padding=tuple(padding),
                                             dilation=tuple(dilation), mask=m, method=method,
                                             deterministic=bool(deterministic))
-        grad_mask = _to_tensor(result.mask) if mask is not None else input.new_empty(0)
-        return _to_tensor(result.input), _to_tensor(result.offset), _to_tensor(result.weight), grad_mask
+        dtype = input.dtype
+        grad_mask = _to_tensor(result.mask, dtype) if mask is not None else input.new_empty(0)
+        return (_to_tensor(result.input, dtype), _to_tensor(result.offset, dtype), _to_tensor(result.weight, dtype),
+                grad_mask)
 
 
 @_deform_conv2d_backward_op.register_fake
@@ -220,9 +233,32 @@ def _no_double_backward(ctx, *grads):
 
 torch.library.register_autograd("deftnumba::deform_conv2d", _backward, setup_context=_setup_context)
 torch.library.register_autograd("deftnumba::deform_conv2d_backward", _no_double_backward)
-# Under CUDA autocast (AMP) the op runs in float32, as torchvision's does: floating
-# inputs are cast to float32 and the output is float32 (half precision: not yet).
-torch.library.register_autocast("deftnumba::deform_conv2d", "cuda", torch.float32)
+
+
+def _autocast_kernel(device_type: str):
+    """The op's autocast rule for ``device_type``: run in the autocast dtype of the moment
+    (``torch.get_autocast_dtype``: float16 or bfloat16). Floating tensors on that device other
+    than float64 are cast to it, then the op runs with autocast off, so the kernels read and
+    write half precision and accumulate in float32. (``torch.library.register_autocast``
+    fixes one dtype at registration; AMP users pick theirs per region.)"""
+
+    def cast(value, dtype):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64 \
+                and value.device.type == device_type:
+            return value.to(dtype)
+        return value
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return torch.ops.deftnumba.deform_conv2d.default(*(cast(a, dtype) for a in args))
+
+    return kernel
+
+
+_AUTOCAST = torch.library.Library("deftnumba", "IMPL")  # kept alive: the registrations live with it
+for _device_type, _key in (("cuda", "AutocastCUDA"), ("cpu", "AutocastCPU")):
+    _AUTOCAST.impl("deform_conv2d", _autocast_kernel(_device_type), _key, with_keyset=True)
 
 
 def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
@@ -241,7 +277,8 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
     stride, padding, dilation: int or pair
     mask:     ``[N, offset_groups*kh*kw, Ho, Wo]`` or ``None``
 
-    float32 or float64, all on one device: CUDA tensors with the ``cuda`` backend
+    float32, float64, float16 or bfloat16 (one dtype; the halves computed in float32), all on
+    one device: CUDA tensors with the ``cuda`` backend
     (zero-copy, torch's current stream), CPU tensors with the ``simulator``
     backend. Returns ``[N, Cout, Ho, Wo]``. Empty batches and ``Cout = 0`` give
     empty results, as in torchvision.

@@ -13,8 +13,13 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend
+from .precision import ALL_DTYPES, FULL_DTYPES, as_dtype, dtype_names, user_dtype
 
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+FLOAT_DTYPES = FULL_DTYPES
+"""What every entry point accepts unless it says otherwise (Tucker, lean)."""
+HALF_FLOAT_DTYPES = ALL_DTYPES
+"""float32, float64, float16 and bfloat16 (``ml_dtypes.bfloat16``): the DCN entry points
+(storage in half, arithmetic in float32: see ``runtime.precision``)."""
 INT32_MAX = 2**31 - 1
 
 
@@ -76,7 +81,8 @@ class ConvWindow:
 
     @property
     def itemsize(self) -> int:
-        return np.dtype(self.dtype).itemsize
+        """Bytes per element in memory (2 for float16 and bfloat16)."""
+        return as_dtype(self.dtype).itemsize
 
 
 def check_output_not_empty(height, width, kernel, stride, padding, dilation) -> None:
@@ -91,10 +97,10 @@ def check_output_not_empty(height, width, kernel, stride, padding, dilation) -> 
             f"{(dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1)}")
 
 
-def check_array(a, name: str, ndims, layout: str, *, nonempty: bool = False) -> None:
-    """``a`` must be a NumPy or CuPy float32/float64 array (native byte order) with
-    ``ndims`` dimensions (an int or a tuple of allowed ones); ``layout`` names the
-    expected shape in the error, e.g. ``"4-D [N, C, H, W]"``. With ``nonempty``, a
+def check_array(a, name: str, ndims, layout: str, *, nonempty: bool = False, dtypes=FLOAT_DTYPES) -> None:
+    """``a`` must be a NumPy or CuPy array of one of ``dtypes`` (default float32/float64; native
+    byte order) with ``ndims`` dimensions (an int or a tuple of allowed ones); ``layout`` names
+    the expected shape in the error, e.g. ``"4-D [N, C, H, W]"``. With ``nonempty``, a
     zero-length axis is a ``ValueError``."""
     if not (isinstance(a, np.ndarray) or backend.is_cupy_array(a)):
         raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
@@ -103,12 +109,13 @@ def check_array(a, name: str, ndims, layout: str, *, nonempty: bool = False) -> 
                         f"pass {name}.filled(value) or np.asarray({name})")
     if a.ndim not in ((ndims,) if isinstance(ndims, int) else tuple(ndims)):
         raise ValueError(f"{name} must be {layout}, got shape {tuple(a.shape)}")
-    dtype = np.dtype(a.dtype)
-    if dtype.kind == "f" and not dtype.isnative and dtype.newbyteorder() in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64 in native byte order, got {dtype.str}: "
+    dtype = user_dtype(a)
+    accepted = dtype_names(dtypes)
+    if dtype.kind == "f" and not dtype.isnative and dtype.newbyteorder() in dtypes:
+        raise TypeError(f"{name} must be {accepted} in native byte order, got {dtype.str}: "
                         f"pass {name}.astype({dtype.newbyteorder().name})")
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
+    if dtype not in dtypes:
+        raise TypeError(f"{name} must be {accepted}, got {a.dtype}")
     if nonempty and 0 in a.shape:
         raise ValueError(f"{name} must not be empty, got shape {tuple(a.shape)}")
 
@@ -122,20 +129,20 @@ def check_same_kind_and_dtype(arrays: dict) -> None:
         raise TypeError(f"arrays must all be NumPy or all be CuPy, got {kinds}")
     if backend.IS_SIMULATOR and "CuPy" in kinds.values():
         raise TypeError("CuPy arrays need the cuda backend; the simulator backend takes NumPy arrays")
-    dtypes = {k: str(v.dtype) for k, v in given.items()}
+    dtypes = {k: str(user_dtype(v)) for k, v in given.items()}
     if len(set(dtypes.values())) > 1:
         raise TypeError(f"all arrays must have one dtype, got {dtypes}")
 
 
-def check_gradient(grad, name: str, input, layout: str, expected: tuple[int, ...]) -> None:
+def check_gradient(grad, name: str, input, layout: str, expected: tuple[int, ...], dtypes=FLOAT_DTYPES) -> None:
     """A gradient argument (``grad_output``) is an array of the input's kind and dtype whose shape
     is the output's, ``expected``; ``layout`` names it, e.g. ``"[N, Cout, Ho, Wo]"``."""
-    check_array(grad, name, len(expected), f"{len(expected)}-D {layout}")
+    check_array(grad, name, len(expected), f"{len(expected)}-D {layout}", dtypes=dtypes)
     if backend.is_cupy_array(grad) != backend.is_cupy_array(input):
         kind = "CuPy" if backend.is_cupy_array(grad) else "NumPy"
         raise TypeError(f"{name} is a {kind} array but input is not: arrays must all be NumPy or all be CuPy")
-    if np.dtype(grad.dtype) != np.dtype(input.dtype):
-        raise TypeError(f"{name} must have the dtype of input ({input.dtype}), got {grad.dtype}")
+    if user_dtype(grad) != user_dtype(input):
+        raise TypeError(f"{name} must have the dtype of input ({user_dtype(input)}), got {user_dtype(grad)}")
     if tuple(grad.shape) != tuple(expected):
         raise ValueError(f"{name} must have the output's shape {layout} = {tuple(expected)}, "
                          f"got {tuple(grad.shape)}")

@@ -8,7 +8,9 @@ import it, so torch stays optional. Each system's ``torch.py`` uses:
   tensors the ``simulator``); any other pairing is a ``RuntimeError`` saying how to
   fix it, never a silent copy;
 * ``to_array`` / ``to_tensor``: zero-copy views through DLPack (CuPy) or NumPy;
-  a copy only for a non-contiguous tensor;
+  a copy only for a non-contiguous tensor. ``torch.bfloat16`` travels as its bits:
+  an ``ml_dtypes.bfloat16`` NumPy view on the CPU, a ``uint16`` CuPy view on CUDA
+  (which the kernels read as bfloat16 inside ``precision.cupy_uint16_is_bfloat16``);
 * ``on_device(device)``: on CUDA, the tensors' device is current for CuPy and Numba
   and every kernel runs on torch's current stream, so the layer orders with the
   surrounding torch work without synchronising.
@@ -59,17 +61,32 @@ def to_array(tensor):
     tensor = tensor.detach()
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
+    if tensor.dtype == torch.bfloat16:  # NumPy and CuPy have no bfloat16: pass the bits
+        bits = tensor.view(torch.int16)
+        if tensor.is_cuda:
+            return backend.cupy().from_dlpack(bits).view("uint16")
+        import ml_dtypes
+
+        return bits.numpy().view(ml_dtypes.bfloat16)
     if tensor.is_cuda:
         return backend.cupy().from_dlpack(tensor)
     return tensor.numpy()
 
 
-def to_tensor(array):
-    """Wrap a kernel result (NumPy or CuPy; ``None`` stays ``None``) as a tensor without copying."""
+def to_tensor(array, dtype: torch.dtype | None = None):
+    """Wrap a kernel result (NumPy or CuPy; ``None`` stays ``None``) as a tensor without copying.
+    ``dtype=torch.bfloat16`` says that a CuPy ``uint16`` result holds bfloat16 bits; an
+    ``ml_dtypes.bfloat16`` NumPy result is recognised by its dtype."""
     if array is None:
         return None
     if backend.is_cupy_array(array):
+        if dtype == torch.bfloat16 and str(array.dtype) == "uint16":
+            return torch.from_dlpack(array.view("int16")).view(torch.bfloat16)
         return torch.from_dlpack(array)
+    if array.dtype.name == "bfloat16":
+        import numpy as np
+
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
 
 

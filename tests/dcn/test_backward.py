@@ -319,7 +319,7 @@ BAD = [
     (lambda a: dict(grad_output=a["grad_output"].astype(np.float64)), TypeError,
      r"grad_output must have the dtype of input \(float32\), got float64"),
     (lambda a: dict(grad_output=a["grad_output"].astype(np.int64)), TypeError,
-     r"grad_output must be float32 or float64"),
+     r"grad_output must be float32, float64, float16 or bfloat16, got int64"),
     (lambda a: dict(grad_output=a["grad_output"].tolist()), TypeError, r"grad_output must be a NumPy or CuPy array"),
     (lambda a: dict(weight=a["weight"][:, :3]), ValueError, r"weight.shape\[1\]"),
     (lambda a: dict(mask=a["mask"][:, :9]), ValueError, r"mask must have shape"),

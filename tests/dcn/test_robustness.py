@@ -376,7 +376,7 @@ def test_backward_never_writes_its_arguments(method, deterministic, rng):
 def test_byte_swapped_and_masked_arrays_are_rejected(rng):
     g = geometry()
     x, offset, weight, bias, mask = arrays(g, rng)
-    with pytest.raises(TypeError, match="input must be float32 or float64"):
+    with pytest.raises(TypeError, match="input must be float32, float64, float16 or bfloat16 in native byte order"):
         dn.deform_conv2d(x.astype(x.dtype.newbyteorder()), offset, weight, bias, padding=1, mask=mask)
     with pytest.raises(TypeError, match="masked"):
         dn.deform_conv2d(np.ma.masked_array(x), offset, weight, bias, padding=1, mask=mask)

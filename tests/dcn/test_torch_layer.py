@@ -482,12 +482,14 @@ def test_runs_on_torchs_current_stream():
 
 
 @GPU
-def test_autocast_runs_in_float32():
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_autocast_runs_in_the_autocast_dtype(dtype):
+    dtype = getattr(torch, dtype)
     layer, x, offset, mask = small_layer()
     expected = layer(x, offset, mask)
-    with torch.autocast("cuda", dtype=torch.float16):
-        out = layer(x.half(), offset.half(), mask.half())
-    assert out.dtype == torch.float32
-    assert rel(out, expected) < 1e-2
-    out.sum().backward()
+    with torch.autocast("cuda", dtype=dtype):
+        out = layer(x, offset, mask)
+    assert out.dtype == dtype  # half storage, float32 arithmetic (deftnumba.runtime.precision)
+    assert rel(out.float(), expected) < 2e-2
+    out.float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32

@@ -19,12 +19,21 @@ def reports(audit_reports):
 
 def test_every_kernel_compiles_for_sm90(reports):
     assert len(reports) >= 6
-    assert {r["dtype"] for r in reports} == {"float32", "float64"}
+    assert {r["dtype"] for r in reports} == {"float32", "float64", "float16", "bfloat16"}
 
 
-def test_float32_kernels_have_no_float64_instructions(reports):
-    offenders = {r["kernel"]: r["f64_examples"] for r in reports
-                 if r["dtype"] == "float32" and r["f64_instructions"]}
+def test_half_fused_forward_and_backward_kernels_compile(reports):
+    """float16 and bfloat16 (storage in half, float32 arithmetic: runtime.precision): the fused
+    forward and both fused backward kernels are compiled for sm_90."""
+    for dtype in ("float16", "bfloat16"):
+        names = {r["kernel"] for r in reports if r["dtype"] == dtype}
+        for kernel in ("fused_tiled.fused[", "backward_fused.input_grad[", "backward_fused.weight_grad["):
+            assert any(n.startswith(kernel) for n in names), (dtype, kernel, names)
+
+
+def test_float32_and_half_kernels_have_no_float64_instructions(reports):
+    offenders = {f'{r["kernel"]} {r["dtype"]}': r["f64_examples"] for r in reports
+                 if r["dtype"] in ("float32", "float16", "bfloat16") and r["f64_instructions"]}
     assert not offenders
 
 

@@ -88,6 +88,13 @@ for a given GPU and shape unless atomics mode is enabled). So with
 
 Images go in chunks of at most ``im2col.CHUNK_IMAGES`` so every temporary
 (``grad_cols``, recomputed ``cols``, sort entries) is bounded.
+
+Precision: kernel factories take the layer's storage dtype. ``grad_output``, input,
+offset and mask are read through ``load`` (``runtime.precision``: float16/bfloat16 stay
+half in memory); the weights, the gradients, ``grad_cols``, the columns and the sort
+coefficients are in the compute dtype (float32 for the halves; ``ops`` rounds the
+gradients to the storage dtype once at the end). The GEMMs run in the compute dtype,
+on per-chunk compute copies of ``grad_output`` (``_grad_out_by_group`` copies anyway).
 """
 
 from __future__ import annotations
@@ -96,7 +103,7 @@ import functools
 
 import numpy as np
 
-from ...runtime import backend
+from ...runtime import backend, precision
 from ...runtime.backend import cuda
 from . import im2col
 from .atomics import red_add
@@ -139,8 +146,11 @@ def index_is_narrow(total: int) -> bool:
 
 @functools.cache
 def _grad_column_function(dtype):
-    """Device function: one element of ``grad_cols`` from ``W`` and ``grad_out``."""
-    ZERO = np.dtype(dtype).type(0)
+    """Device function: one element of ``grad_cols`` from ``W`` (compute dtype) and ``grad_out``
+    (storage dtype, read through ``load``)."""
+    fns = sampling_functions(dtype)
+    ZERO = fns.ZERO
+    load = fns.load
 
     @cuda.jit(device=True, inline=True)
     def grad_column(weight, grad_output, n, c, i, j, oy, ox, channels):
@@ -151,7 +161,7 @@ def _grad_column_function(dtype):
         c_local = c - group * per_group
         acc = ZERO
         for o in range(group * outs, (group + 1) * outs):
-            acc += weight[o, c_local, i, j] * grad_output[n, o, oy, ox]
+            acc += weight[o, c_local, i, j] * load(grad_output, (n, o, oy, ox))
         return acc
 
     return grad_column
@@ -174,6 +184,7 @@ def col2im_kernel(dtype, use_mask: bool, narrow: bool = True):
     tap_position = fns.tap_position
     bilinear_corners = fns.bilinear_corners
     ZERO = fns.ZERO
+    load = fns.load
 
     IDX = np.uint32 if narrow else np.uint64  # the grid-stride index (see index_is_narrow)
     WIDE = np.int64
@@ -201,7 +212,7 @@ def col2im_kernel(dtype, use_mask: bool, narrow: bool = True):
             y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
             value = grad_cols[c * taps + tap, n_local * pixels + p]
             if use_mask:
-                value *= mask[n, g * taps + tap, oy, ox]
+                value *= load(mask, (n, g * taps + tap, oy, ox))
             # RED (no returned value) into the flat view: 64-bit image base, 32-bit offsets
             base = u64(n) * image_size + u64(c * height * width)  # in-plane offsets below: u32 (H*W < 2**32)
             row0 = u32(y0 * width)
@@ -254,6 +265,7 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, 
     grad_column = _grad_column_function(dtype)
     ZERO = fns.ZERO
     ONE = fns.ONE
+    load = fns.load
 
     IDX = np.uint32 if narrow else np.uint64  # the grid-stride index (see index_is_narrow)
     WIDE = np.int64
@@ -283,7 +295,7 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, 
             y, x = tap_position(offset, n, g, tap, oy, ox, conv)
             (y0, y1, x0, x1, w00, w01, w10, w11,
              gy00, gy01, gy10, gy11, gx00, gx01, gx10, gx11) = bilinear_corner_gradients(y, x, height, width)
-            m = mask[n, g * taps + tap, oy, ox] if use_mask else ONE
+            m = load(mask, (n, g * taps + tap, oy, ox)) if use_mask else ONE
             col = n_local * pixels + p
             acc_y = ZERO
             acc_x = ZERO
@@ -293,10 +305,10 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, 
                     gc = grad_column(weight, grad_output, n, c, i, j, oy, ox, channels)
                 else:
                     gc = grad_cols[c * taps + tap, col]
-                v00 = input[n, c, y0, x0]
-                v01 = input[n, c, y0, x1]
-                v10 = input[n, c, y1, x0]
-                v11 = input[n, c, y1, x1]
+                v00 = load(input, (n, c, y0, x0))
+                v01 = load(input, (n, c, y0, x1))
+                v10 = load(input, (n, c, y1, x0))
+                v11 = load(input, (n, c, y1, x1))
                 acc_y += gc * (gy00 * v00 + gy01 * v01 + gy10 * v10 + gy11 * v11)
                 acc_x += gc * (gx00 * v00 + gx01 * v01 + gx10 * v10 + gx11 * v11)
                 sample = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
@@ -346,6 +358,7 @@ def entries_kernel(dtype, use_mask: bool, narrow: bool = True):
     bilinear_corners = fns.bilinear_corners
     ONE = fns.ONE
     ZERO = fns.ZERO
+    load = fns.load
 
     IDX = np.uint32 if narrow else np.uint64  # the grid-stride index (see index_is_narrow)
     WIDE = np.int64
@@ -369,7 +382,7 @@ def entries_kernel(dtype, use_mask: bool, narrow: bool = True):
             ox = p - oy * out_w
             y, x = tap_position(offset, n, g, tap, oy, ox, conv)
             y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
-            m = mask[n, g * taps + tap, oy, ox] if use_mask else ONE
+            m = load(mask, (n, g * taps + tap, oy, ox)) if use_mask else ONE
             base = (n_local * groups + g) * plane
             src = tap * pixels + p  # stored as the source array's type (int32 unless K*P needs int64)
             e = WIDE(4) * WIDE(idx)
@@ -407,7 +420,7 @@ def gather_kernel(dtype, fused_gemm: bool, narrow: bool = True):
     ``(n_local, c, y, x)`` sums it in order and writes ``grad_input[first_image + n_local, c, y, x]``.
     """
     grad_column = _grad_column_function(dtype)
-    ZERO = np.dtype(dtype).type(0)
+    ZERO = sampling_functions(dtype).ZERO
 
     IDX = np.uint32 if narrow else np.uint64  # the grid-stride index (see index_is_narrow)
     WIDE = np.int64
@@ -450,11 +463,11 @@ def gather_kernel(dtype, fused_gemm: bool, narrow: bool = True):
 
 
 # --------------------------------------------------------------------------- host side
-def _grad_out_by_group(geometry, grad_output, first, n_chunk):
-    """``grad_out`` of images ``first ..`` as ``[Gw, Og, n_chunk*P]`` (a copy)."""
+def _grad_out_by_group(geometry, grad_output, first, n_chunk, xp=np):
+    """``grad_out`` of images ``first ..`` as ``[Gw, Og, n_chunk*P]`` (a copy, in the compute dtype)."""
     g = geometry
     groups = g.groups
-    chunk = grad_output[first:first + n_chunk]
+    chunk = precision.to_compute(grad_output[first:first + n_chunk], g.dtype, xp)
     chunk = chunk.reshape(n_chunk, groups, g.out_channels // groups, g.out_h * g.out_w)
     return chunk.transpose(1, 2, 0, 3).reshape(groups, g.out_channels // groups, n_chunk * g.out_h * g.out_w)
 
@@ -493,17 +506,18 @@ def _run(method, geometry, grad_output, input, offset, weight, mask, grad_input,
     g = geometry
     xp = backend.array_module(input)
     conv = conv_tuple(g)
-    dtype = input.dtype
+    dtype = precision.compute_dtype(g.dtype)  # of the gradients, columns and GEMMs
     pixels = g.out_h * g.out_w
     dummy4 = xp.zeros((1, 1, 1, 1), dtype=dtype)
     dummy2 = xp.zeros((1, 1), dtype=dtype)
-    mask_arg = mask if mask is not None else dummy4
+    mask_arg = mask if mask is not None else xp.zeros((1, 1, 1, 1), dtype=input.dtype)
     grad_mask_arg = grad_mask if grad_mask is not None else dummy4
     fused_gemm = method == "fused_gemm"
+    weight = precision.to_compute(weight, g.dtype, xp)  # float32 for half layers (small)
 
     with stopwatch.section("bias grad"):
         if grad_bias is not None:
-            grad_bias[...] = grad_output.sum(axis=(0, 2, 3))
+            grad_bias[...] = precision.to_compute(grad_output, g.dtype, xp).sum(axis=(0, 2, 3))
     if not deterministic:
         grad_input[...] = 0
     grad_weight[...] = 0
@@ -520,7 +534,7 @@ def _run(method, geometry, grad_output, input, offset, weight, mask, grad_input,
 
     for first, cols in im2col.column_chunks(g, xp, dtype):
         n_chunk = cols.shape[1] // pixels
-        go = _grad_out_by_group(g, grad_output, first, n_chunk)
+        go = _grad_out_by_group(g, grad_output, first, n_chunk, xp)
         if fused_gemm:
             gcols = dummy2
         else:

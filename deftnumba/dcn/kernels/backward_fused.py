@@ -53,6 +53,11 @@ launches ``input_grad_kernel`` without the scatter and builds ``grad_input`` wit
 gradients recomputed per entry, no column matrix). Its sort buffers are the
 extra memory of this mode (see docs/perf-notes.md).
 
+Precision: the kernel factories take the layer's storage dtype; input, offset, mask and
+``grad_out`` are read through ``load`` (float16/bfloat16 stay half in memory), the weights
+(converted once per call), the shared tiles, the accumulators and every gradient buffer
+are in the compute dtype (float32 for the halves; ``ops`` rounds the gradients once).
+
 Phase markers (``# phase: NAME``) label the source lines of each phase for the
 SASS audit; ``phase_model(geometry, config)`` gives the iterations per thread of
 each phase's innermost loop body.
@@ -66,7 +71,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...runtime import backend
+from ...runtime import backend, precision
 from ...runtime.backend import cuda
 from .atomics import red_add
 from .sampling import conv_tuple, sampling_functions
@@ -131,13 +136,13 @@ class BackwardTileConfig:
         return -(-geometry.out_h // self.tile_h) * -(-geometry.out_w // self.tile_w)
 
     def input_shared_bytes(self, geometry) -> int:
-        s, k, p = geometry.itemsize, geometry.taps, self.pixels
+        s, k, p = precision.compute_dtype(geometry.dtype).itemsize, geometry.taps, self.pixels
         rows, cols = self.staged_shape(geometry)
         ck = self.rows(k)
         return s * (self.chunk * rows * cols + self.out_block * ck + self.out_block * p + ck * p) + (4 + s) * 4 * k * p
 
     def weight_shared_bytes(self, geometry) -> int:
-        s, k, p = geometry.itemsize, geometry.taps, self.pixels
+        s, k, p = precision.compute_dtype(geometry.dtype).itemsize, geometry.taps, self.pixels
         rows, cols = self.staged_shape(geometry)
         ck = self.rows(k)
         return s * (self.chunk * rows * cols + p * self.w_out_block + p * ck) + (4 + s) * 4 * k * p
@@ -219,6 +224,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     with ``red_add`` (grad_input zeroed by the caller); without it grad_input is untouched.
     """
     fns = sampling_functions(dtype)
+    load = fns.load  # input, offset, mask, grad_out: the storage dtype
     tap_position = fns.tap_position
     in_band = fns.in_band
     bilinear_corners = fns.bilinear_corners
@@ -330,7 +336,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                                 point = u32(u32(table_og * u32(K)) + k)
                                 m = ONE
                                 if USE_MASK:
-                                    m = mask[n, point, oy, ox]
+                                    m = load(mask, (n, point, oy, ox))
                                 s0 = sums[r, 0]
                                 s1 = sums[r, 1]
                                 s2 = sums[r, 2]
@@ -369,7 +375,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                             (y0, y1, x0, x1, w00, w01, w10, w11,
                              _, _, _, _, _, _, _, _) = bilinear_corner_gradients(y, x, height, width)
                             if USE_MASK:
-                                m = mask[n, u32(u32(og * u32(K)) + k), oy, ox]
+                                m = load(mask, (n, u32(u32(og * u32(K)) + k), oy, ox))
                                 w00 *= m
                                 w01 *= m
                                 w10 *= m
@@ -400,7 +406,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                 gx = i32(ix0 + i32(u32(rem - u32(row * u32(SWR)))))
                 v = ZERO
                 if cc < nc and gy >= i32(0) and u32(gy) < height and gx >= i32(0) and u32(gx) < width:
-                    v = input[image_base + u64(u32(u32(u32(c + cc) * plane) + u32(u32(gy) * width + u32(gx))))]
+                    v = load(input, image_base + u64(u32(u32(u32(c + cc) * plane) + u32(u32(gy) * width + u32(gx)))))
                 staged[idx] = v
                 idx = u32(idx + u32(THREADS))
 
@@ -430,7 +436,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                     v = ZERO
                     if u32(o0 + o) < opg and oy < out_h and ox < out_w:
                         channel = u32(u32(g * opg) + u32(o0 + o))
-                        v = grad_out[out_base + u64(u32(u32(channel * out_plane) + u32(oy * out_w + ox)))]
+                        v = load(grad_out, out_base + u64(u32(u32(channel * out_plane) + u32(oy * out_w + ox))))
                     staged_grad_out[idx] = v
                     idx = u32(idx + u32(THREADS))
                 cuda.syncthreads()  # the staged input, weights, grad_out and the table are complete
@@ -500,10 +506,10 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                                     v10 = staged[u32(s10 + u32(cc * REGION))]
                                     v11 = staged[u32(s11 + u32(cc * REGION))]
                                 else:
-                                    v00 = input[channel_base + u64(o00)]
-                                    v01 = input[channel_base + u64(o01)]
-                                    v10 = input[channel_base + u64(o10)]
-                                    v11 = input[channel_base + u64(o11)]
+                                    v00 = load(input, channel_base + u64(o00))
+                                    v01 = load(input, channel_base + u64(o01))
+                                    v10 = load(input, channel_base + u64(o10))
+                                    v11 = load(input, channel_base + u64(o11))
                                 sums[r, 0] += gc * v00
                                 sums[r, 1] += gc * v01
                                 sums[r, 2] += gc * v10
@@ -537,7 +543,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                     point = u32(u32(table_og * u32(K)) + k)
                     m = ONE
                     if USE_MASK:
-                        m = mask[n, point, oy, ox]
+                        m = load(mask, (n, point, oy, ox))
                     s0 = sums[r, 0]
                     s1 = sums[r, 1]
                     s2 = sums[r, 2]
@@ -573,6 +579,7 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
     int32.
     """
     fns = sampling_functions(dtype)
+    load = fns.load  # input, offset, mask, grad_out: the storage dtype
     tap_position = fns.tap_position
     in_band = fns.in_band
     bilinear_corners = fns.bilinear_corners
@@ -670,7 +677,7 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
                 gx = i32(ix0 + i32(u32(rem - u32(row * u32(SWR)))))
                 v = ZERO
                 if cc < nc and gy >= i32(0) and u32(gy) < height and gx >= i32(0) and u32(gx) < width:
-                    v = input[image_base + u64(u32(u32(u32(c_first + cc) * plane) + u32(u32(gy) * width + u32(gx))))]
+                    v = load(input, image_base + u64(u32(u32(u32(c_first + cc) * plane) + u32(u32(gy) * width + u32(gx)))))
                 staged[idx] = v
                 idx = u32(idx + u32(THREADS))
             idx = tid
@@ -683,7 +690,7 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
                 v = ZERO
                 if u32(o_first + o) < opg and oy < out_h and ox < out_w:
                     channel = u32(u32(g * opg) + u32(o_first + o))
-                    v = grad_out[out_base + u64(u32(u32(channel * out_plane) + u32(oy * out_w + ox)))]
+                    v = load(grad_out, out_base + u64(u32(u32(channel * out_plane) + u32(oy * out_w + ox))))
                 staged_grad_out[u32(u32(p * u32(OGW)) + o)] = v
                 idx = u32(idx + u32(THREADS))
 
@@ -713,7 +720,7 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
                         if in_band(y, x, height, width):
                             y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
                             if USE_MASK:
-                                m = mask[n, u32(u32(og * u32(K)) + k), oy, ox]
+                                m = load(mask, (n, u32(u32(og * u32(K)) + k), oy, ox))
                                 w00 *= m
                                 w01 *= m
                                 w10 *= m
@@ -724,7 +731,7 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
                             q1 = i32(i32(x1) - ix0)
                         elif USE_MASK:  # value 0 times the mask, as torchvision: NaN stays NaN
                             # (the corners stay at staged cell 0, read with weight 0 * m)
-                            w00 = ZERO * mask[n, u32(u32(og * u32(K)) + k), oy, ox]
+                            w00 = ZERO * load(mask, (n, u32(u32(og * u32(K)) + k), oy, ox))
                             w01 = w00
                             w10 = w00
                             w11 = w00
@@ -785,8 +792,9 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
                                      + w10 * staged[u32(s10 + u32(cc * REGION))]
                                      + w11 * staged[u32(s11 + u32(cc * REGION))])
                             else:
-                                v = (w00 * input[channel_base + u64(o00)] + w01 * input[channel_base + u64(o01)]
-                                     + w10 * input[channel_base + u64(o10)] + w11 * input[channel_base + u64(o11)])
+                                v = (w00 * load(input, channel_base + u64(o00)) + w01 * load(input, channel_base + u64(o01))
+                                     + w10 * load(input, channel_base + u64(o10))
+                                     + w11 * load(input, channel_base + u64(o11)))
                             columns[u32(out_at + u32(cc * K))] = v
                         elif c == c_first and u32(cc) >= nc:
                             columns[u32(out_at + u32(cc * K))] = ZERO
@@ -852,7 +860,7 @@ def choose_splits(geometry, config: BackwardTileConfig, target_blocks: int | Non
     if target_blocks is None:
         target_blocks = 2 if backend.IS_SIMULATOR else 2 * 132
     splits = max(1, min(items, -(-target_blocks // blocks)))
-    weight_bytes = g.itemsize * g.out_channels * cpg * g.taps
+    weight_bytes = precision.compute_dtype(g.dtype).itemsize * g.out_channels * cpg * g.taps
     cap = 1 + int(0.04 * argument_and_gradient_bytes(g) // weight_bytes)
     return max(1, min(splits, cap))
 
@@ -865,12 +873,13 @@ def extra_bytes(geometry, config: BackwardTileConfig | None = None, deterministi
     g = geometry
     config = config or default_config(g)
     splits = choose_splits(g, config, target_blocks)
-    total = (splits - 1) * g.itemsize * g.out_channels * (g.in_channels // g.groups) * g.taps if splits > 1 else 0
+    s = precision.compute_dtype(g.dtype).itemsize  # partials and sort coefficients
+    total = (splits - 1) * s * g.out_channels * (g.in_channels // g.groups) * g.taps if splits > 1 else 0
     if deterministic:
         from .im2col import CHUNK_IMAGES
         n = min(g.batch, CHUNK_IMAGES)
         entries = 4 * n * g.offset_groups * g.taps * g.out_h * g.out_w
-        total += entries * (4 + g.itemsize + 4 + 8) + 8 * (n * g.offset_groups * g.height * g.width + 1)
+        total += entries * (4 + s + 4 + 8) + 8 * (n * g.offset_groups * g.height * g.width + 1)
     return total
 
 
@@ -903,20 +912,20 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
     config = plan if isinstance(plan, BackwardTileConfig) else default_config(g)
     config.check(g.taps)
     xp = backend.array_module(input)
-    dtype = input.dtype
+    dtype = precision.compute_dtype(g.dtype)  # of the weights, gradients and partials
     conv = conv_tuple(g)
     input_c = xp.ascontiguousarray(input)
-    weight_c = xp.ascontiguousarray(weight)
+    weight_c = xp.ascontiguousarray(precision.to_compute(weight, g.dtype, xp))  # float32 for halves (small)
     grad_output_c = xp.ascontiguousarray(grad_output)
-    dummy4 = xp.zeros((1, 1, 1, 1), dtype=dtype)
+    dummy4 = xp.zeros((1, 1, 1, 1), dtype=input.dtype)  # an absent mask (storage dtype)
     mask_arg = mask if mask is not None else dummy4
-    grad_mask_arg = grad_mask if grad_mask is not None else dummy4
+    grad_mask_arg = grad_mask if grad_mask is not None else xp.zeros((1, 1, 1, 1), dtype=dtype)
     use_mask = mask is not None
     shape = (g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.dil_h, g.dil_w)
 
     with stopwatch.section("bias grad"):
         if grad_bias is not None:
-            grad_bias[...] = grad_output.sum(axis=(0, 2, 3))
+            grad_bias[...] = precision.to_compute(grad_output, g.dtype, xp).sum(axis=(0, 2, 3))
 
     # input, offset and mask gradients
     span = channel_span(g)
@@ -933,7 +942,7 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
                            input_c[first:last].reshape(-1), offset[first:last],
                            mask_arg[first:last] if use_mask else dummy4, weight_c.reshape(-1),
                            grad_output_c[first:last].reshape(-1), grad_input_flat[first * image:last * image],
-                           grad_offset[first:last], grad_mask_arg[first:last] if use_mask else dummy4,
+                           grad_offset[first:last], grad_mask_arg[first:last] if use_mask else grad_mask_arg,
                            conv, _dims(g, span))
     if deterministic:
         from . import backward as column_backward
@@ -1029,3 +1038,16 @@ def ptx_cases():
                        (flat, a4, a4, flat, flat, flat, a4, a4, conv, dims))
             yield (f"weight_grad[3x3,{tag}]", dtype, weight_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True),
                    (flat, a4, a4, flat, flat, conv, dims))
+    # float16 and bfloat16 (storage in half, arithmetic in float32): the deft64 config; input,
+    # offset, mask and grad_out in the storage type, weights and gradients in float32
+    cfg = GPU_CONFIG
+    tag = (f"{cfg.tile_h}x{cfg.tile_w}h{cfg.halo}c{cfg.chunk}o{cfg.out_block}r{cfg.reg_rows}x{cfg.reg_px}"
+           f"w{cfg.w_out_block}r{cfg.w_reg_out}x{cfg.w_reg_cols}")
+    f4, f1 = types.Array(types.float32, 4, "A"), types.Array(types.float32, 1, "C")
+    for dtype in ("float16", "bfloat16"):
+        s4, s1 = types.Array(precision.numba_type(dtype), 4, "A"), types.Array(precision.numba_type(dtype), 1, "C")
+        yield (f"input_grad[3x3,{tag},scatter=True]", dtype,
+               input_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, True),
+               (s1, s4, s4, f1, s1, f1, f4, f4, conv, dims))
+        yield (f"weight_grad[3x3,{tag}]", dtype, weight_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True),
+               (s1, s4, s4, s1, f1, conv, dims))

@@ -36,9 +36,10 @@ import functools
 
 import numpy as np
 
-from ...runtime import backend
+from ...runtime import backend, precision
 from ...runtime.backend import cuda
-from .im2col import THREADS, bounded_jit, chunk_images, column_chunks, flat, gemm_bias, needs_wide
+from .im2col import (THREADS, bounded_jit, chunk_images, column_chunks, compute_operands, flat, gemm_bias,
+                     needs_wide)
 from .sampling import conv_tuple, sampling_functions
 
 
@@ -63,11 +64,14 @@ def fused_columns_kernel(dtype, use_mask: bool, wide: bool = False):
     thread computes one sampling point (position, corners, weights with the mask folded
     in) and walks the C/G channels of its group. ``wide``: int64 index arithmetic, for
     chunks whose input, offsets or columns hold more than ``INT32_LIMIT`` elements.
+    ``dtype``: the storage dtype of input, offset and mask (read through ``load``); the
+    columns are in its compute dtype (float32 for float16/bfloat16).
     """
-    T = np.dtype(dtype).type
     Index = np.int64 if wide else np.uint32
     Count = np.uint32  # loop counters and small sizes (image, tap, pixel, ...): each < 2**31
     functions = sampling_functions(dtype)
+    T = functions.T
+    load = functions.load
     in_band = functions.in_band
     bilinear_corners = functions.bilinear_corners
     ZERO, ONE = functions.ZERO, functions.ONE
@@ -111,9 +115,9 @@ def fused_columns_kernel(dtype, use_mask: bool, wide: bool = False):
                     # phase: points
                     oy = Count(p // Count(out_w))
                     ox = Count(p - Count(oy * Count(out_w)))
-                    y = T(np.int32(oy) * stride_h + tap_y) + offset[Index(dy_row + Index(p))]
-                    x = T(np.int32(ox) * stride_w + tap_x) + offset[Index(Index(dy_row + Index(pixels)) + Index(p))]
-                    m = mask[Index(mask_row + Index(p))] if use_mask else ONE
+                    y = T(np.int32(oy) * stride_h + tap_y) + load(offset, Index(dy_row + Index(p)))
+                    x = T(np.int32(ox) * stride_w + tap_x) + load(offset, Index(Index(dy_row + Index(pixels)) + Index(p)))
+                    m = load(mask, Index(mask_row + Index(p))) if use_mask else ONE
                     column = Index(column_row + Index(p))
                     last_column = Index(column + Index(Index(per_group) * channel_step))
                     if in_band(y, x, height, width):  # only an in-band sample reads memory
@@ -130,8 +134,8 @@ def fused_columns_kernel(dtype, use_mask: bool, wide: bool = False):
                         at11 = Index(row1 + Index(x1))
                         while column < last_column:
                             # phase: columns
-                            columns[column] = (w00 * input[at00] + w01 * input[at01]
-                                               + w10 * input[at10] + w11 * input[at11])
+                            columns[column] = (w00 * load(input, at00) + w01 * load(input, at01)
+                                               + w10 * load(input, at10) + w11 * load(input, at11))
                             at00 = Index(at00 + plane)
                             at01 = Index(at01 + plane)
                             at10 = Index(at10 + plane)
@@ -213,7 +217,8 @@ def forward(geometry, input, offset, weight, bias, mask, out, stopwatch=backend.
     g = geometry
     xp = backend.array_module(input)
     fill = column_filler(g, input, offset, mask, xp)
-    for first, cols in column_chunks(g, xp, input.dtype):
+    weight, bias = compute_operands(g, weight, bias, xp)
+    for first, cols in column_chunks(g, xp, precision.compute_dtype(g.dtype)):
         with stopwatch.section("fused columns"):
             fill(cols, first)
         with stopwatch.section("gemm"):

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...runtime import backend
+from ...runtime import backend, precision
 from ...runtime.backend import cuda
 from .sampling import conv_tuple, sampling_functions
 from .staging import staged_extent
@@ -136,7 +136,7 @@ class TileConfig:
         guard on each side (``chunk`` channels), the weight slab and the column tile
         (``chunk * K`` rows of ``oc_block`` and of ``pixels``), and the sampling table
         (per (tap, pixel): four weights and three int32)."""
-        s = geometry.itemsize
+        s = precision.compute_dtype(geometry.dtype).itemsize  # shared arrays: the compute type
         rows, cols = self.staged_shape(geometry)
         k = geometry.taps
         ck = self.chunk * k
@@ -269,8 +269,13 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
     tuple of ``kernel_dims``; counters int64 ``[3]``: ``(in_tile, out_of_tile,
     outside_band)`` samples, accumulated only when ``counting`` (see ``OUT_OF_TILE``);
     block_y0 (int32) the first (weight group x output-channel block) index of this launch.
+
+    ``dtype`` is the layer's storage dtype: input, offset, mask and out are stored in it
+    (read through ``load``, written through ``store``); weight and bias, the shared arrays
+    and the accumulators are in its compute dtype (float32 for float16/bfloat16).
     """
     fns = sampling_functions(dtype)
+    load, store = fns.load, fns.store
     in_band = fns.in_band
     bilinear_axis = fns.bilinear_axis
     T = fns.T
@@ -392,11 +397,11 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                         ch = I32(og * taps + tap)
                         # sampling.tap_position's rule, on flat arrays
                         at = (n * offset_channels + 2 * ch) * out_plane + pixel
-                        y = T(oy * stride_h - pad_h + tap_i * dil_h) + offset[U64(at)]
-                        x = T(ox * stride_w - pad_w + tap_j * dil_w) + offset[U64(at + out_plane)]
+                        y = T(oy * stride_h - pad_h + tap_i * dil_h) + load(offset, U64(at))
+                        x = T(ox * stride_w - pad_w + tap_j * dil_w) + load(offset, U64(at + out_plane))
                         m = ZERO
                         if USE_MASK:
-                            m = mask[U64((n * mask_channels + ch) * out_plane + pixel)]
+                            m = load(mask, U64((n * mask_channels + ch) * out_plane + pixel))
                         if in_band(y, x, height, width):
                             y_lo, y_hi, wy_lo, wy_hi, _, _ = bilinear_axis(y, height)
                             x_lo, x_hi, wx_lo, wx_hi, _, _ = bilinear_axis(x, width)
@@ -457,7 +462,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                 for cc in range(chunk):
                     v = ZERO
                     if inside and cc < nc:
-                        v = input[U64(at + cc * in_plane)]
+                        v = load(input, U64(at + cc * in_plane))
                     staged[s + cc * region] = v
                 s = U32(s + threads)
 
@@ -529,8 +534,8 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                             v = ZERO
                             if cc < nc:
                                 at = base + cc * in_plane
-                                v = (w00 * input[U64(at)] + w01 * input[U64(at + right)]
-                                     + w10 * input[U64(at + down)] + w11 * input[U64(at + down + right)])
+                                v = (w00 * load(input, U64(at)) + w01 * load(input, U64(at + right))
+                                     + w10 * load(input, U64(at + down)) + w11 * load(input, U64(at + down + right)))
                             columns[U32(cc * table_size + e)] = v
                     else:  # outside the band or the output: no memory read; 0 * mask
                         for cc in range(chunk):
@@ -583,7 +588,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                     oy = I32(oy0 + u)
                     ox = I32(ox0 + (p - u * tile_w))
                     if oy < out_h and ox < out_w:
-                        out[U64(out_base + PLANE(oy * out_w + ox))] = acc[i * reg_px + j] + bias_v
+                        store(out, U64(out_base + PLANE(oy * out_w + ox)), acc[i * reg_px + j] + bias_v)
 
     @cuda.jit(device=True, inline="always")
     def rank_one_update(acc, a, b, slab, columns, w_at, c_at):
@@ -614,10 +619,12 @@ def kernel_dims(geometry) -> tuple:
 def pack_weights(geometry, config, weight, xp):
     """``weight`` ``[Cout, C/groups, kh, kw]`` in the order the kernel reads it:
     ``[groups * oc_blocks, C/groups, K, oc_block]`` flat, each block's output channels
-    padded with zeros to ``oc_block``. One pass per call, by the array module."""
+    padded with zeros to ``oc_block``. One pass per call, by the array module, in the layer's
+    compute dtype (a float16/bfloat16 weight is converted to float32 here)."""
     g = geometry
     opg, cpg = g.out_channels // g.groups, g.in_channels // g.groups
     oc_blocks = -(-opg // config.oc_block)
+    weight = precision.to_compute(weight, g.dtype, xp)
     w = weight.reshape(g.groups, opg, cpg, g.taps)
     padded = oc_blocks * config.oc_block
     if padded != opg:
@@ -646,14 +653,16 @@ def _launch(geometry, config, input, offset, weight, bias, mask, out, counters, 
     ``block_y0``."""
     g = geometry
     xp = backend.array_module(input)
-    dummy = xp.zeros(1, dtype=input.dtype)
+    dummy = xp.zeros(1, dtype=input.dtype)  # the absent mask (storage dtype) ...
+    compute = precision.compute_dtype(g.dtype)
+    compute_dummy = xp.zeros(1, dtype=compute)  # ... and bias (compute dtype)
     kernel = fused_kernel(g.dtype, g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.dil_h, g.dil_w,
                           config, mask is not None, bias is not None, counting, needs_wide_index(g))
     tiles = config.blocks(g)[0]
     conv = conv_tuple(g)
     dims = kernel_dims(g)
     packed = pack_weights(g, config, weight, xp)
-    bias_arg = bias if bias is not None else dummy
+    bias_arg = precision.to_compute(bias, g.dtype, xp) if bias is not None else compute_dummy
     contiguous = out.flags.c_contiguous
     target = out if contiguous else xp.empty(out.shape, dtype=out.dtype)
     for first, images, y0, blocks_y in config.launches(g):
@@ -692,12 +701,14 @@ def count_out_of_tile(geometry, offset, plan=None) -> dict:
     config = _config_of(plan, g)
     offset = backend.to_device(offset)
     xp = backend.array_module(offset)
-    dtype = np.dtype(g.dtype)
+    dtype = precision.storage_dtype(g.dtype)
     input = xp.zeros(g.shapes["input"], dtype=dtype)
     weight = xp.zeros(g.shapes["weight"], dtype=dtype)
     out = xp.empty(g.shapes["output"], dtype=dtype)
     counters = xp.zeros(3, dtype=np.int64)
-    _launch(g, config, input, offset.astype(dtype, copy=False), weight, None, None, out, counters, True)
+    if offset.dtype != dtype:  # e.g. float32 statistics for a half layer: round as the layer would
+        offset = precision.to_storage(offset.astype(precision.compute_dtype(g.dtype)), g.dtype, xp)
+    _launch(g, config, input, offset, weight, None, None, out, counters, True)
     in_tile, out_tile, band = (int(v) for v in backend.to_host(counters))
     inside = in_tile + out_tile
     return {"in_tile": in_tile, "out_of_tile": out_tile, "outside_band": band,
@@ -709,12 +720,14 @@ def _tag(cfg) -> str:
 
 
 def kernel_signature(dtype):
-    """The numba signature of ``fused_kernel``'s kernels for arrays of ``dtype``."""
+    """The numba signature of ``fused_kernel``'s kernels for a layer of ``dtype``: input, offset,
+    mask and out in its storage dtype, weight and bias in its compute dtype."""
     from numba import types
 
-    flat = types.Array(getattr(types, np.dtype(dtype).name), 1, "C")
-    return (flat, flat, flat, flat, flat, flat, types.UniTuple(types.int32, 8), types.UniTuple(types.int32, 10),
-            types.Array(types.int64, 1, "C"), types.int32)
+    flat = types.Array(precision.numba_type(dtype), 1, "C")
+    compute = types.Array(getattr(types, precision.compute_dtype(dtype).name), 1, "C")
+    return (flat, flat, flat, compute, compute, flat, types.UniTuple(types.int32, 8),
+            types.UniTuple(types.int32, 10), types.Array(types.int64, 1, "C"), types.int32)
 
 
 def ptx_cases():
@@ -734,6 +747,9 @@ def ptx_cases():
                fused_kernel(dtype, 3, 3, 1, 1, 1, 1, wide, True, True, False, True), sig)
         yield ("fused[3x3,count]", dtype,
                fused_kernel(dtype, 3, 3, 1, 1, 1, 1, configs[dtype][0], False, False, True), sig)
+    for dtype in ("float16", "bfloat16"):  # storage in half, arithmetic in float32: the float32 plan
+        yield (f"fused[3x3,{_tag(GPU_CONFIG)}]", dtype,
+               fused_kernel(dtype, 3, 3, 1, 1, 1, 1, GPU_CONFIG, True, True), kernel_signature(dtype))
 
 
 PHASES = ("table", "staging", "weights", "columns", "multiply", "epilogue")

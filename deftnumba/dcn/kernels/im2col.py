@@ -45,7 +45,7 @@ import functools
 
 import numpy as np
 
-from ...runtime import backend
+from ...runtime import backend, precision
 from ...runtime.backend import cuda
 from .sampling import conv_tuple, sampling_functions
 
@@ -101,12 +101,16 @@ def positions_kernel(dtype, use_mask: bool, wide: bool = False):
 
     One thread per (image, group, tap, output pixel): a 3-D grid, pixels in x.
     ``wide``: int64 index arithmetic (``points.size`` past ``INT32_LIMIT``).
+    ``dtype``: the storage dtype of offset and mask (read through ``load``); the points are
+    in its compute dtype (float32 for float16/bfloat16, see ``runtime.precision``).
     """
-    T = np.dtype(dtype).type
+    functions = sampling_functions(dtype)
+    T = functions.T
+    load = functions.load
     Index = np.int64 if wide else np.uint32
     Count = np.uint32
     S = 3 if use_mask else 2
-    in_band = sampling_functions(dtype).in_band
+    in_band = functions.in_band
     OUT_OF_BAND = T(-1)  # fails -1 < y: samples zero, like every out-of-band point
 
     @bounded_jit()
@@ -138,8 +142,8 @@ def positions_kernel(dtype, use_mask: bool, wide: bool = False):
                     ox = Count(p - Count(oy * Count(out_w)))
                     item = Index(Index(row * Index(pixels)) + Index(p))  # the point's flat index
                     dy = Index(Index(Index(Index(2) * row) * Index(pixels)) + Index(p))  # offset[n, 2*gk, oy, ox]
-                    y = T(np.int32(oy) * stride_h + tap_y) + offset[dy]
-                    x = T(np.int32(ox) * stride_w + tap_x) + offset[Index(dy + Index(pixels))]
+                    y = T(np.int32(oy) * stride_h + tap_y) + load(offset, dy)
+                    x = T(np.int32(ox) * stride_w + tap_x) + load(offset, Index(dy + Index(pixels)))
                     if not in_band(y, x, height, width):
                         y = OUT_OF_BAND  # one canonical point: the column kernel tests y alone
                         x = OUT_OF_BAND
@@ -147,7 +151,7 @@ def positions_kernel(dtype, use_mask: bool, wide: bool = False):
                     points[point] = y
                     points[Index(point + Index(1))] = x
                     if use_mask:
-                        points[Index(point + Index(2))] = mask[item]
+                        points[Index(point + Index(2))] = load(mask, item)
                     p = Count(p + p_step)
                 gk = Count(gk + Count(cuda.gridDim.y))
             n = Count(n + Count(cuda.gridDim.z))
@@ -182,12 +186,15 @@ def columns_kernel(dtype, use_mask: bool, wide: bool = False):
     second channel is its first: the thread writes the same value twice to the same
     element, so no branch on the pair is needed. ``wide``: int64 index arithmetic, for
     chunks whose input, points or columns hold more than ``INT32_LIMIT`` elements.
+    ``dtype``: the input's storage dtype (read through ``load``); points and columns are in
+    its compute dtype.
     """
     Index = np.int64 if wide else np.uint32
     Count = np.uint32  # loop counters (image, channel pair, pixel): each < 2**31
     S = 3 if use_mask else 2
     functions = sampling_functions(dtype)
     bilinear_axis = functions.bilinear_axis
+    load = functions.load
     ZERO = functions.ZERO
     MINUS_ONE = -functions.ONE
 
@@ -246,11 +253,12 @@ def columns_kernel(dtype, use_mask: bool, wide: bool = False):
                             row1 = Index(channel_base + Index(Index(y1) * Index(width)))
                             at00, at01 = Index(row0 + Index(x0)), Index(row0 + Index(x1))
                             at10, at11 = Index(row1 + Index(x0)), Index(row1 + Index(x1))
-                            value = w00 * input[at00] + w01 * input[at01] + w10 * input[at10] + w11 * input[at11]
-                            pair_value = (w00 * input[Index(at00 + second_plane)]
-                                          + w01 * input[Index(at01 + second_plane)]
-                                          + w10 * input[Index(at10 + second_plane)]
-                                          + w11 * input[Index(at11 + second_plane)])
+                            value = (w00 * load(input, at00) + w01 * load(input, at01)
+                                     + w10 * load(input, at10) + w11 * load(input, at11))
+                            pair_value = (w00 * load(input, Index(at00 + second_plane))
+                                          + w01 * load(input, Index(at01 + second_plane))
+                                          + w10 * load(input, Index(at10 + second_plane))
+                                          + w11 * load(input, Index(at11 + second_plane)))
                         if use_mask:
                             m = points[at + np.uint64(2)]
                             value *= m
@@ -289,7 +297,7 @@ def compute_points(geometry, offset, mask, xp):
     offset = flat(offset, xp)
     mask = flat(mask, xp) if mask is not None else xp.empty(1, dtype=offset.dtype)
     per_point = 3 if g.has_mask else 2
-    points = xp.empty(offset.size // 2 * per_point, dtype=offset.dtype)
+    points = xp.empty(offset.size // 2 * per_point, dtype=precision.compute_dtype(g.dtype))
     kernel = positions_kernel(g.dtype, g.has_mask, needs_wide(points.size))
     sizes = tuple(np.int32(v) for v in (g.offset_groups * g.taps, g.height, g.width, g.out_h, g.out_w,
                                         g.batch))
@@ -324,7 +332,11 @@ def column_filler(geometry, input, points, xp):
 
 
 def gemm_bias(geometry, columns, weight, bias, out, first_image, xp):
-    """``out[first_image:...] = weight (x) columns + bias`` per weight group."""
+    """``out[first_image:...] = weight (x) columns + bias`` per weight group.
+
+    ``weight``, ``bias`` and ``columns`` are in the compute dtype (``compute_operands``);
+    ``out`` in the layer's storage dtype: the GEMM runs in float32 for float16/bfloat16 layers
+    and its result is rounded once into ``out``."""
     g = geometry
     groups, k = g.groups, g.taps
     n_chunk = columns.shape[1] // (g.out_h * g.out_w)
@@ -334,7 +346,15 @@ def gemm_bias(geometry, columns, weight, bias, out, first_image, xp):
     result = result.reshape(g.out_channels, n_chunk, g.out_h, g.out_w).transpose(1, 0, 2, 3)
     if bias is not None:
         result = result + bias.reshape(1, -1, 1, 1)
-    out[first_image:first_image + n_chunk] = result
+    precision.store_into(out[first_image:first_image + n_chunk], result, g.dtype, xp)
+
+
+def compute_operands(geometry, weight, bias, xp):
+    """``(weight, bias)`` in the layer's compute dtype: for float16/bfloat16 layers a float32
+    copy per call (the weights are small beside the activations), else the arrays themselves."""
+    dtype = geometry.dtype
+    return (precision.to_compute(weight, dtype, xp),
+            precision.to_compute(bias, dtype, xp) if bias is not None else None)
 
 
 def chunk_images(geometry) -> int:
@@ -349,7 +369,8 @@ def chunk_images(geometry) -> int:
 def column_chunks(geometry, xp, dtype):
     """Yield ``(first_image, columns)`` per chunk of at most ``CHUNK_IMAGES`` images.
 
-    One buffer of ``C*kh*kw * chunk*Ho*Wo`` elements is allocated and reused: each
+    One buffer of ``C*kh*kw * chunk*Ho*Wo`` elements of ``dtype`` (the compute dtype: float32
+    for float16/bfloat16 layers) is allocated and reused: each
     ``columns`` is a contiguous ``[C*kh*kw, n*Ho*Wo]`` view of it for the chunk's images.
     """
     g = geometry
@@ -374,7 +395,8 @@ def forward(geometry, input, offset, weight, bias, mask, out, stopwatch=backend.
         points = compute_points(g, offset, mask, xp)
 
     fill = column_filler(g, input, points, xp)
-    for first, cols in column_chunks(g, xp, input.dtype):
+    weight, bias = compute_operands(g, weight, bias, xp)
+    for first, cols in column_chunks(g, xp, precision.compute_dtype(g.dtype)):
         with stopwatch.section("bilinear columns"):
             fill(cols, first)
         with stopwatch.section("gemm"):

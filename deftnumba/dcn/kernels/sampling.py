@@ -31,6 +31,9 @@ weight zero, as ``0 * inf = NaN``.)
 
 Device functions come from ``sampling_functions(dtype)``, a factory cached per
 dtype, so that float32 kernels get float32 constants and never promote to float64.
+``dtype`` is the user's (storage) dtype: for float16 and bfloat16 the functions compute
+in float32 (``T``) and ``tap_position`` reads the offsets through ``load``
+(``runtime.precision``), which the namespace also exports with ``store``.
 Kernels must bind the functions they use to plain local names before their
 ``@cuda.jit`` body (``bilinear_sample = sampling_functions(dtype).bilinear_sample``):
 real numba-cuda cannot type attribute access on the namespace; the simulator can.
@@ -45,12 +48,20 @@ from types import SimpleNamespace
 import numpy as np
 
 from ...runtime.backend import cuda
+from ...runtime.precision import as_dtype, precision
+
+
+def sampling_functions(dtype) -> SimpleNamespace:
+    """The device functions for one storage dtype (``float32``, ``float64``, ``float16`` or
+    ``bfloat16``; the halves compute in float32)."""
+    return _sampling_functions(as_dtype(dtype).name)
 
 
 @functools.cache
-def sampling_functions(dtype) -> SimpleNamespace:
-    """The device functions for one float dtype (``float32`` or ``float64``)."""
-    T = np.dtype(dtype).type  # converter and constant type used inside kernels
+def _sampling_functions(dtype: str) -> SimpleNamespace:
+    prec = precision(dtype)
+    load = prec.load  # reads of the storage arrays (offsets here)
+    T = prec.T  # converter and constant type used inside kernels (the compute type)
     ZERO = T(0)
     ONE = T(1)
     MINUS_ONE = T(-1)
@@ -66,8 +77,8 @@ def sampling_functions(dtype) -> SimpleNamespace:
         i = np.int32(np.uint32(tap) // np.uint32(kw))  # 32-bit: no 64-bit division call
         j = np.int32(tap) - i * kw
         channel = 2 * (group * kh * kw + tap)
-        y = T(oy * sh - ph + i * dh) + offset[n, channel, oy, ox]
-        x = T(ox * sw - pw + j * dw) + offset[n, channel + 1, oy, ox]
+        y = T(oy * sh - ph + i * dh) + load(offset, (n, channel, oy, ox))
+        x = T(ox * sw - pw + j * dw) + load(offset, (n, channel + 1, oy, ox))
         return y, x
 
     @cuda.jit(device=True, inline=True)
@@ -149,7 +160,7 @@ def sampling_functions(dtype) -> SimpleNamespace:
                 wy0 * sx0, wy0 * sx1, wy1 * sx0, wy1 * sx1)
 
     return SimpleNamespace(
-        T=T, ZERO=ZERO, ONE=ONE,
+        T=T, ZERO=ZERO, ONE=ONE, load=load, store=prec.store, precision=prec,
         tap_position=tap_position,
         in_band=in_band,
         bilinear_axis=bilinear_axis,

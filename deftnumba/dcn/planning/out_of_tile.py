@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...runtime import backend
+from ...runtime import backend, precision
 from ..kernels.fused_tiled import TileConfig, count_out_of_tile
 from ..kernels.staging import staged_extent
 from .stats import OffsetStats, offset_statistics
@@ -73,12 +73,16 @@ def brute_force_counts(geometry, offset, tile: TileConfig) -> dict:
     """Count in-tile, out-of-tile and outside-band samples in NumPy, by the kernel's rule.
 
     Uses the same float arithmetic as the kernel (position = float(base) + offset in the
-    layer's dtype), so the counts equal ``fused_tiled.count_out_of_tile`` exactly.
+    layer's compute dtype, on offsets rounded to its storage dtype), so the counts equal ``fused_tiled.count_out_of_tile`` exactly.
     Returns the same dict as that function.
     """
     g = geometry
-    dt = np.dtype(g.dtype).type
-    off = np.asarray(backend.to_host(offset)).astype(dt, copy=False)
+    # the kernel's compute type (float32 for half layers, whose offsets are rounded to half first)
+    dt = precision.compute_dtype(g.dtype).type
+    off = np.asarray(backend.to_host(offset))
+    if precision.is_half(g.dtype) and off.dtype != precision.storage_dtype(g.dtype):
+        off = off.astype(dt).astype(precision.as_dtype(g.dtype))
+    off = precision.to_compute(precision.device_view(off), g.dtype, np).astype(dt, copy=False)
     n, k, ho, wo = g.batch, g.taps, g.out_h, g.out_w
     off = off.reshape(n, g.offset_groups, k, 2, ho, wo)
     ti, tj = np.divmod(np.arange(k), g.kernel_w)

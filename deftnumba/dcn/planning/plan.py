@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 
-from ...runtime import backend
+from ...runtime import backend, precision
 from ...perf.device import H200, SIMULATOR, DeviceModel
 from ...runtime.timing import time_calls
 from ..kernels import fused_tiled
@@ -78,7 +78,9 @@ def _measured_counts(dtype, reg_oc: int, reg_px: int) -> dict | None:
             raise RuntimeError(f"the planner's measured SASS counts are missing ({dcn_audit.PLANNER_TABLE}); "
                                "make them with: python -m deftnumba audit --planner-table (no GPU needed)")
         _MEASURED["table"] = table
-    return _MEASURED["table"]["configs"].get(dcn_audit.planner_key(str(dtype), reg_oc, reg_px))
+    # float16/bfloat16 kernels compute in float32: the float32 counts stand in for them
+    compute = precision.compute_dtype(dtype).name
+    return _MEASURED["table"]["configs"].get(dcn_audit.planner_key(compute, reg_oc, reg_px))
 
 
 TIE_BREAK_MEMORY = 0.01  # ranking: 1% of the memory time breaks ties in issue time toward fewer bytes
@@ -124,7 +126,7 @@ def _fused_terms(geometry, tile: TileConfig, fraction: float, device: DeviceMode
     if per_sm < 1 or shared > device.shared_per_block:
         return {"feasible": False, "shared_bytes": shared}
     slots = issue["per_thread"] * tile.threads * blocks  # thread instructions of the launch
-    peak = device.fp32_flops if g.dtype == "float32" else device.fp64_flops
+    peak = device.fp32_flops if precision.compute_dtype(g.dtype).name == "float32" else device.fp64_flops
     warps = issue["warps_per_sm"]
     # ~8 resident warps keep an SM busy when each thread has many independent FMAs in
     # flight (register-blocked GEMM loops reach near peak at 8 warps/SM); assumed
@@ -166,7 +168,7 @@ def _im2col_terms(geometry, device: DeviceModel) -> dict:
                 + (positions // 2 if g.has_mask else 0) + 2 * cols
                 + 3 * g.batch * g.out_channels * g.out_h * g.out_w)  # GEMM out, transpose, bias
     flops = 2 * g.batch * g.out_channels * (g.in_channels // g.groups) * k * g.out_h * g.out_w
-    peak = device.fp32_flops if g.dtype == "float32" else device.fp64_flops
+    peak = device.fp32_flops if precision.compute_dtype(g.dtype).name == "float32" else device.fp64_flops
     seconds = dram / device.dram_bandwidth + flops / (peak * device.gemm_efficiency)
     if device.simulated:  # <= 512 simulated threads per launch; ~30 instructions per sample
         seconds = 2 * 1e-4 * min(512, cols // k + 1) + 1e-6 * 30 * cols
