@@ -22,13 +22,21 @@ def test_every_kernel_compiles_for_sm90(reports):
     assert {r["dtype"] for r in reports} == {"float32", "float64", "float16", "bfloat16"}
 
 
-def test_half_fused_forward_and_backward_kernels_compile(reports):
-    """float16 and bfloat16 (storage in half, float32 arithmetic: runtime.precision): the fused
-    forward and both fused backward kernels are compiled for sm_90."""
+HALF_KERNEL_KINDS = ("im2col.positions[", "im2col.columns[", "fused_columns.fused_columns[",
+                     "fused_tiled.fused[", "backward.sample[", "backward.col2im[", "backward.entries[",
+                     "backward.gather[", "backward_fused.input_grad[", "backward_fused.weight_grad[")
+"""Every DCN kernel kind a forward or backward method launches, as the registry names it."""
+
+
+def test_every_dcn_kernel_kind_compiles_in_both_half_dtypes(reports):
+    """float16 and bfloat16 (storage in half, float32 arithmetic: runtime.precision): every DCN
+    kernel kind, forward and backward, is compiled for sm_90, without local memory."""
     for dtype in ("float16", "bfloat16"):
-        names = {r["kernel"] for r in reports if r["dtype"] == dtype}
-        for kernel in ("fused_tiled.fused[", "backward_fused.input_grad[", "backward_fused.weight_grad["):
-            assert any(n.startswith(kernel) for n in names), (dtype, kernel, names)
+        half = [r for r in reports if r["dtype"] == dtype]
+        names = {r["kernel"] for r in half}
+        missing = [kind for kind in HALF_KERNEL_KINDS if not any(n.startswith(kind) for n in names)]
+        assert not missing, (dtype, missing, sorted(names))
+        assert not [r["kernel"] for r in half if r["uses_local_memory"]], dtype
 
 
 def test_float32_and_half_kernels_have_no_float64_instructions(reports):

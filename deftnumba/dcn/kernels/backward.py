@@ -585,7 +585,8 @@ def backward_fused_gemm(geometry, grad_output, input, offset, weight, mask, grad
 
 
 def ptx_cases():
-    """Kernels and signatures for the PTX audit (``deftnumba.ptx``)."""
+    """Kernels and signatures for the PTX audit (``deftnumba.ptx``): every variant in float32
+    and float64, and one float16 and one bfloat16 case of each kernel."""
     from numba import types
 
     conv = types.UniTuple(types.int32, 8)
@@ -614,3 +615,20 @@ def ptx_cases():
         for fused in (False, True):
             yield (f"gather[fused_gemm={fused}]", dtype, gather_kernel(dtype, fused),
                    (a2, a4, a4, k1, s1, a1, a4, conv, i64, i64, i64))
+    # float16 and bfloat16 (storage in half, arithmetic in float32), one case per kernel: mask
+    # on, 32-bit grid index, the default methods' variants (atomic fused_columns sample pass,
+    # gather from grad_cols). grad_output, input, offset and mask in the storage type (h4);
+    # weight, grad_cols, columns, the gradients and the sort coefficients in float32 (_run)
+    f4, f2, f1 = (types.Array(types.float32, 4, "A"), types.Array(types.float32, 2, "A"),
+                  types.Array(types.float32, 1, "C"))
+    k1, s1 = types.Array(types.int64, 1, "C"), types.Array(types.int32, 1, "C")
+    for dtype in ("float16", "bfloat16"):
+        h4 = types.Array(precision.numba_type(dtype), 4, "A")
+        yield ("col2im[mask=True]", dtype, col2im_kernel(dtype, True), (f2, h4, h4, f4, f1, conv, i64))
+        yield ("sample[mask=True,scatter=True,fused_gemm=False,columns=True]", dtype,
+               sample_kernel(dtype, True, True, False, True),
+               (f2, h4, f4, h4, h4, h4, f4, f1, f4, f4, f2, conv, i64, i64))
+        yield ("entries[mask=True,key=int32]", dtype, entries_kernel(dtype, True),
+               (h4, h4, s1, f1, s1, conv, i64, i64, types.int32, types.int32))
+        yield ("gather[fused_gemm=False]", dtype, gather_kernel(dtype, False),
+               (f2, h4, f4, k1, s1, f1, f4, conv, i64, i64, i64))

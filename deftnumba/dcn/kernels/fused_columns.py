@@ -245,7 +245,8 @@ def phase_model(geometry, config=None) -> dict:
 
 
 def ptx_cases():
-    """Kernels and signatures for the PTX audit (``deftnumba.ptx``): both index variants."""
+    """Kernels and signatures for the PTX audit (``deftnumba.ptx``): both index variants, and
+    one float16 and one bfloat16 case."""
     from numba import types
 
     for dtype in ("float32", "float64"):
@@ -256,3 +257,9 @@ def ptx_cases():
             for use_mask in (True, False):
                 yield (f"fused_columns[mask={use_mask}{',wide' if wide else ''}]", dtype,
                        fused_columns_kernel(dtype, use_mask, wide), (a1, a1, a1, a1, sizes, conv))
+    # float16 and bfloat16 (storage in half, arithmetic in float32): mask on, 32-bit indices only;
+    # input, offset and mask in the storage type, the columns in float32 (column_chunks)
+    f1 = types.Array(types.float32, 1, "C")
+    for dtype in ("float16", "bfloat16"):
+        s1 = types.Array(precision.numba_type(dtype), 1, "C")
+        yield ("fused_columns[mask=True]", dtype, fused_columns_kernel(dtype, True), (s1, s1, s1, f1, sizes, conv))

@@ -468,7 +468,8 @@ def phase_model(geometry, config=None) -> dict:
 
 
 def ptx_cases():
-    """Kernels and signatures for the PTX audit (``deftnumba.ptx``): both index variants."""
+    """Kernels and signatures for the PTX audit (``deftnumba.ptx``): both index variants, and
+    one float16 and one bfloat16 case of each kernel."""
     from numba import types
 
     for dtype in ("float32", "float64"):
@@ -481,3 +482,12 @@ def ptx_cases():
                        (a1, a1, a1, types.UniTuple(types.int32, 6), conv))
                 yield (f"columns[mask={use_mask}{suffix}]", dtype, columns_kernel(dtype, use_mask, wide),
                        (a1, a1, a1, types.UniTuple(types.int32, 8)))
+    # float16 and bfloat16 (storage in half, arithmetic in float32): mask on, 32-bit indices only;
+    # offset, mask and input in the storage type, points and columns in float32 (compute_points,
+    # column_chunks)
+    f1 = types.Array(types.float32, 1, "C")
+    for dtype in ("float16", "bfloat16"):
+        s1 = types.Array(precision.numba_type(dtype), 1, "C")
+        yield ("positions[mask=True]", dtype, positions_kernel(dtype, True),
+               (s1, s1, f1, types.UniTuple(types.int32, 6), types.UniTuple(types.int32, 8)))
+        yield ("columns[mask=True]", dtype, columns_kernel(dtype, True), (s1, f1, f1, types.UniTuple(types.int32, 8)))
