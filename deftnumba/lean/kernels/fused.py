@@ -57,6 +57,7 @@ import numpy as np
 
 from ...runtime import backend
 from ...runtime.backend import cuda
+from ...runtime.tiles import RegisterBlockedTile
 from . import SHARED_ALIGN
 
 GRID_YZ_LIMIT = 65535  # CUDA's limit on gridDim.y and gridDim.z
@@ -71,7 +72,7 @@ def padded_row(cols: int, direct: bool) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class LeanTileConfig:
+class LeanTileConfig(RegisterBlockedTile):
     """Compile-time tiling of the fused kernel.
 
     tile_h, tile_w: output pixels per block (``TH x TW``); edge tiles are masked.
@@ -91,13 +92,7 @@ class LeanTileConfig:
     reg_px: int = 4
 
     def __post_init__(self):
-        for name in ("tile_h", "tile_w", "chunk", "oc_block", "reg_oc", "reg_px"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"LeanTileConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.oc_block % self.reg_oc:
-            raise ValueError(f"oc_block ({self.oc_block}) must be a multiple of reg_oc ({self.reg_oc})")
-        if self.pixels % self.reg_px:
-            raise ValueError(f"tile_h*tile_w ({self.pixels}) must be a multiple of reg_px ({self.reg_px})")
+        self.check_blocking("chunk")
         if self.tile_w % self.reg_px:
             raise ValueError(f"tile_w ({self.tile_w}) must be a multiple of reg_px ({self.reg_px}): a thread's "
                              f"pixels lie in one row")
@@ -106,14 +101,6 @@ class LeanTileConfig:
         if self.chunk % self.reg_oc:
             raise ValueError(f"chunk ({self.chunk}) must be a multiple of reg_oc ({self.reg_oc}): a thread's "
                              f"channels must be staged in one chunk for the stencil term")
-
-    @property
-    def pixels(self) -> int:
-        return self.tile_h * self.tile_w
-
-    @property
-    def threads(self) -> int:
-        return (self.oc_block // self.reg_oc) * (self.pixels // self.reg_px)
 
     def staged_shape(self, stride_h: int, stride_w: int) -> tuple[int, int]:
         """Rows and columns of the staged input region: the tile's centres plus a 1-pixel halo."""

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...runtime.backend import cuda
+from ...runtime.tiles import RegisterBlockedTile, staged_extent
 
 uint32 = np.uint32  # the 32-bit index type inside kernels (see the module docstring)
 
@@ -59,7 +60,7 @@ GRID_Z_LIMIT = 65535
 
 
 @dataclass(frozen=True)
-class CoreTile:
+class CoreTile(RegisterBlockedTile):
     """Compile-time tile of the core-conv kernel.
 
     tile_h, tile_w: output pixels per block; chunk: input ranks staged per step (CC);
@@ -76,26 +77,14 @@ class CoreTile:
     reg_px: int = 2
 
     def __post_init__(self):
-        for name in ("tile_h", "tile_w", "chunk", "oc_block", "reg_oc", "reg_px"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"CoreTile.{name} must be >= 1, got {getattr(self, name)}")
-        if self.oc_block % self.reg_oc:
-            raise ValueError(f"oc_block ({self.oc_block}) must be a multiple of reg_oc ({self.reg_oc})")
+        self.check_blocking("chunk")
         if self.tile_w % self.reg_px:
             raise ValueError(f"tile_w ({self.tile_w}) must be a multiple of reg_px ({self.reg_px})")
 
-    @property
-    def pixels(self) -> int:
-        return self.tile_h * self.tile_w
-
-    @property
-    def threads(self) -> int:
-        return (self.oc_block // self.reg_oc) * (self.pixels // self.reg_px)
-
     def staged_shape(self, g) -> tuple[int, int]:
-        rows = (self.tile_h - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h + 1
-        cols = (self.tile_w - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w + 1
-        return rows, cols
+        """Rows and columns of the staged input region (the tile's footprint, no halo)."""
+        return (staged_extent(self.tile_h, g.stride_h, g.kernel_h, g.dil_h),
+                staged_extent(self.tile_w, g.stride_w, g.kernel_w, g.dil_w))
 
     def shared_bytes(self, g) -> int:
         rows, cols = self.staged_shape(g)
