@@ -59,6 +59,7 @@ from ...runtime import backend
 from ...runtime.backend import cuda
 from .sampling import conv_tuple, sampling_functions
 from .staging import staged_extent
+from .vector import load_vector, vector_width
 
 OUT_OF_TILE = """\
 A *sample* is one (image n, input channel c, tap k, output pixel (oy, ox)) with
@@ -243,6 +244,14 @@ def _slab_copy(config, taps) -> tuple[int, int]:
     return reps, max(d for d in range(1, 5) if reps % d == 0)
 
 
+def _weight_vector(config, taps, dtype) -> int:
+    """Elements per copy step of a full chunk's weight slab: a 16-byte vector (4 float32, 2
+    float64) when every slab, and every block's slice of the packed weights, starts at a
+    multiple of it (``taps * oc_block`` divisible by the width), else 1."""
+    width = vector_width(dtype)
+    return width if (taps * config.oc_block) % width == 0 else 1
+
+
 def _multiply_unroll(config, taps) -> int:
     """Rank-1 updates per iteration of the multiply loop: 4, 2 or 1 (divides ``chunk * K``)."""
     rows = config.chunk * taps
@@ -250,9 +259,11 @@ def _multiply_unroll(config, taps) -> int:
 
 
 def needs_wide_index(geometry) -> bool:
-    """True when an offset inside one image plane may not fit in int32 (``H * W`` past 2**31)."""
+    """True when an offset inside one image plane may not fit in int32 (``H * W`` past 2**30),
+    or one inside a whole input image not in uint32 arithmetic (``C * H * W`` past 2**31)."""
     g = geometry
-    return max(g.height * g.width, g.out_h * g.out_w) > INT32_LIMIT // 2
+    return (max(g.height * g.width, g.out_h * g.out_w) > INT32_LIMIT // 2
+            or g.in_channels * g.height * g.width > INT32_LIMIT)
 
 
 @functools.cache
@@ -277,6 +288,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
     ZERO = fns.ZERO
     DT = T  # shared/local array element type
     PLANE = I64 if wide_index else I32  # offsets inside one image plane
+    IMG = I64 if wide_index else U32  # offsets inside one input image (C*H*W elements)
 
     tile_h, tile_w, halo = config.tile_h, config.tile_w, config.halo
     chunk, oc_block, reg_oc, reg_px = config.chunk, config.oc_block, config.reg_oc, config.reg_px
@@ -304,8 +316,13 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
     # and the 8 threads of a quarter warp read 8 consecutive runs (no bank conflict).
     oc_vec, px_vec = _vector(reg_oc), _vector(reg_px)
     oc_run_step, px_run_step = oc_threads * oc_vec, px_threads * px_vec
-    slab_reps, slab_group = _slab_copy(config, taps)  # weight elements per thread and chunk
+    RUNS_IN_ROWS = tile_w % px_vec == 0  # a thread's run of pixels never crosses a tile row
+    slab_reps, slab_group = _slab_copy(config, taps)  # weight elements per thread and (partial) chunk
     slab_stop = slab_reps * threads
+    weight_vec = _weight_vector(config, taps, dtype)  # elements per 16-byte vector of the slab copy
+    slab_vectors = slab_size // weight_vec
+    slab_vector_reps = -(-slab_vectors // threads)  # vectors per thread and full chunk
+    row_step = row_pitch * chunk  # staged elements between vertically neighbouring positions
     USE_MASK, USE_BIAS, COUNTING = use_mask, use_bias, counting
     options = {} if backend.IS_SIMULATOR else {"launch_bounds": launch_bounds(config)}
 
@@ -330,6 +347,8 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
         ix0 = I32(ox0 * stride_w - pad_w - halo)  # first staged input column
         in_plane = I64(height) * I64(width)
         out_plane = I64(out_h) * I64(out_w)
+        image_base = n * channels * in_plane  # the image's first input element (int64)
+        image_plane = IMG(in_plane)  # offsets inside one image: uint32 (int64 when wide_index)
 
         staged = cuda.shared.array(staged_size, dtype=DT, alignment=16)
         slab = cuda.shared.array(slab_size, dtype=DT, alignment=16)
@@ -342,6 +361,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
         acc = cuda.local.array(accumulators, dtype=DT)
         a = cuda.local.array(reg_oc, dtype=DT)
         b = cuda.local.array(reg_px, dtype=DT)
+        position = cuda.local.array(chunk, dtype=DT)  # one staged position of the chunk's channels
         for i in range(accumulators):
             acc[i] = ZERO
         oc_t = U32(tid // U32(px_threads))
@@ -444,39 +464,69 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
 
             # phase: staging
             # The chunk's input region with its guard, row by row (coalesced); zero outside
-            # the image and for channels past the chunk's end. A thread decodes the position
-            # of one stored element once and copies it for every channel of the chunk.
-            channel_base = (n * channels + c) * in_plane
+            # the image. The channels are interleaved: position s of channel cc is
+            # staged[s * chunk + cc], so that the column build reads one corner of all the
+            # chunk's channels with one wide shared load. A thread decodes the position of
+            # one stored element once and copies it for every channel of the chunk.
+            channel_at = IMG(IMG(c) * image_plane)  # channel c's plane inside the image
+            full_chunk = nc == chunk
             s = tid
-            while s < region:
-                r = U32(s // U32(row_pitch))
-                gy = I32(iy0 - 1 + r)
-                gx = I32(ix0 - 1 + (s - r * row_pitch))
-                inside = U32(gy) < U32(height) and U32(gx) < U32(width)
-                at = channel_base + PLANE(PLANE(gy) * width + gx)  # read only when inside
-                for cc in range(chunk):
-                    v = ZERO
-                    if inside and cc < nc:
-                        v = input[U64(at + cc * in_plane)]
-                    staged[s + cc * region] = v
-                s = U32(s + threads)
+            if full_chunk:  # every chunk but the last of an offset group or weight group
+                while s < region:
+                    r = U32(s // U32(row_pitch))
+                    gy = I32(iy0 - 1 + r)
+                    gx = I32(ix0 - 1 + (s - r * row_pitch))
+                    inside = U32(gy) < U32(height) and U32(gx) < U32(width)
+                    at = IMG(channel_at + IMG(PLANE(gy) * width + gx))  # read only when inside
+                    for cc in range(chunk):
+                        position[cc] = ZERO
+                    if inside:  # one branch, then the chunk's stores side by side (STS.128)
+                        for cc in range(chunk):
+                            position[cc] = input[U64(image_base + IMG(at + cc * image_plane))]
+                    to = U32(s * chunk)
+                    for cc in range(chunk):
+                        staged[to + cc] = position[cc]
+                    s = U32(s + threads)
+            else:
+                # phase: staging_partial
+                # The same, with zeros for the channels past the chunk's end.
+                while s < region:
+                    r = U32(s // U32(row_pitch))
+                    gy = I32(iy0 - 1 + r)
+                    gx = I32(ix0 - 1 + (s - r * row_pitch))
+                    inside = U32(gy) < U32(height) and U32(gx) < U32(width)
+                    at = IMG(channel_at + IMG(PLANE(gy) * width + gx))  # read only when inside
+                    to = U32(s * chunk)
+                    for cc in range(chunk):
+                        v = ZERO
+                        if inside and cc < nc:
+                            v = input[U64(image_base + IMG(at + cc * image_plane))]
+                        staged[to + cc] = v
+                    s = U32(s + threads)
 
             # phase: weights
-            # The packed weight slab of (block, channels c .. c+nc): contiguous, read in order;
-            # zero past the chunk's channels.
+            # The packed weight slab of (block, channels c .. c+nc): contiguous, read in order.
+            # A full chunk is copied in 16-byte vectors (LDG.128, STS.128; pack_weights'
+            # array is freshly allocated, so 16-byte aligned, and every slab starts at a
+            # multiple of the vector width), an unrolled loop of slab_vector_reps steps.
             slab_base = (I64(block_y) * cpg + I64(c - c_begin)) * (taps * oc_block)
-            slab_valid = U32(nc * (taps * oc_block))
-            from_at = slab_base + tid  # this thread's next element: weight[from_at + rep * threads]
-            to_at = tid  # ... goes to slab[to_at + rep * threads]
-            if nc == chunk:  # a full chunk (the common case): a plain copy
-                while to_at < slab_stop:  # slab_group elements per thread and iteration, unrolled
-                    slab_left = I32(slab_size - I32(to_at))  # rep * threads < slab_left: in the slab
-                    for rep in range(slab_group):
-                        if slab_size % threads == 0 or rep * threads < slab_left:
-                            slab[to_at + rep * threads] = weight[U64(from_at + rep * threads)]
-                    from_at += slab_group * threads
-                    to_at = U32(to_at + slab_group * threads)
-            else:  # the last chunk of an offset group or weight group: zeros past nc channels
+            if full_chunk:
+                for rep in range(slab_vector_reps):
+                    vec_at = U32(tid + rep * threads)  # this thread's vector of the slab
+                    if slab_vectors % threads == 0 or vec_at < slab_vectors:
+                        to = U32(vec_at * weight_vec)
+                        if weight_vec == 1:
+                            slab[to] = weight[U64(slab_base + to)]
+                        else:
+                            values = load_vector(weight, U64(slab_base + to))
+                            for k in range(weight_vec):
+                                slab[to + k] = values[k]
+            else:
+                # phase: weights_partial
+                # The last chunk of an offset group or weight group: zeros past nc channels.
+                slab_valid = U32(nc * (taps * oc_block))
+                from_at = slab_base + tid  # this thread's next element: weight[from_at + rep * threads]
+                to_at = tid  # ... goes to slab[to_at + rep * threads]
                 while to_at < slab_stop:
                     valid_left = I32(I32(slab_valid) - I32(to_at))  # rep * threads < valid_left: a weight
                     slab_left = I32(slab_size - I32(to_at))
@@ -491,54 +541,82 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
             cuda.syncthreads()  # the table, the staged region and the slab are complete
 
             # phase: columns
-            full_chunk = nc == chunk
             # The [chunk*K, P] column tile, one table entry per (tap, pixel) for all the
-            # chunk's channels; rows of channels past nc are zero.
+            # chunk's channels. In-tile: the 2x2 window's corners are at where, where + 1,
+            # where + row_pitch and where + row_pitch + 1, each one wide load of the chunk's
+            # interleaved channels (LDS.128 for 4), and four FMAs per channel.
             e = tid
-            while e < table_size:
-                where = table_where[e]
-                w00 = table_weights[4 * e]
-                w01 = table_weights[4 * e + 1]
-                w10 = table_weights[4 * e + 2]
-                w11 = table_weights[4 * e + 3]
-                if where >= 0:  # in-tile: four shared loads per channel
-                    window = U32(where)
-                    if full_chunk:
+            if full_chunk:
+                while e < table_size:
+                    where = table_where[e]
+                    w00 = table_weights[4 * e]
+                    w01 = table_weights[4 * e + 1]
+                    w10 = table_weights[4 * e + 2]
+                    w11 = table_weights[4 * e + 3]
+                    if where >= 0:  # in-tile
+                        at = U32(U32(where) * chunk)
                         for cc in range(chunk):
-                            at = window + cc * region
                             columns[e + cc * table_size] = (
-                                w00 * staged[at] + w01 * staged[at + 1]
-                                + w10 * staged[at + row_pitch] + w11 * staged[at + row_pitch + 1])
-                    else:
+                                w00 * staged[at + cc] + w01 * staged[at + chunk + cc]
+                                + w10 * staged[at + row_step + cc] + w11 * staged[at + row_step + chunk + cc])
+                    elif table_row[e] < 0:  # outside the band or the output: no memory read; 0 * mask
                         for cc in range(chunk):
-                            at = window + cc * region  # rows past nc are staged as zeros ...
-                            v = (w00 * staged[at] + w01 * staged[at + 1]
-                                 + w10 * staged[at + row_pitch] + w11 * staged[at + row_pitch + 1])
-                            if cc >= nc:  # ... but a weight may be NaN (mask): select, no branch
-                                v = ZERO
-                            columns[e + cc * table_size] = v
-                else:
-                    row = table_row[e]
-                    if row >= 0:  # out-of-tile: four global loads (clamped corners) per channel
+                            columns[e + cc * table_size] = w00
+                    else:
+                        # phase: out_of_tile
+                        # Four global loads (clamped corners) per channel; the warp issues this
+                        # path only when one of its lanes has an out-of-tile sample.
+                        row = table_row[e]
                         steps = I32(-1 - where)
                         down = PLANE((steps >> 1) * width)
                         right = I32(steps & 1)
-                        corner = PLANE(PLANE(row) * width + table_col[e])
-                        base = (n * channels + c) * in_plane + corner
+                        corner = IMG(channel_at + IMG(PLANE(row) * width + table_col[e]))
                         for cc in range(chunk):
-                            v = ZERO
-                            if cc < nc:
-                                at = base + cc * in_plane
-                                v = (w00 * input[U64(at)] + w01 * input[U64(at + right)]
-                                     + w10 * input[U64(at + down)] + w11 * input[U64(at + down + right)])
-                            columns[U32(cc * table_size + e)] = v
-                    else:  # outside the band or the output: no memory read; 0 * mask
-                        for cc in range(chunk):
-                            v = ZERO
-                            if cc < nc:
-                                v = w00
-                            columns[U32(cc * table_size + e)] = v
-                e = U32(e + threads)
+                            at = image_base + IMG(corner + cc * image_plane)
+                            columns[U32(cc * table_size + e)] = (
+                                w00 * input[U64(at)] + w01 * input[U64(at + right)]
+                                + w10 * input[U64(at + down)] + w11 * input[U64(at + down + right)])
+                    # phase: columns
+                    e = U32(e + threads)
+            else:
+                # phase: columns_partial
+                # The same for a chunk cut short: rows of channels past nc are zero.
+                while e < table_size:
+                    where = table_where[e]
+                    w00 = table_weights[4 * e]
+                    w01 = table_weights[4 * e + 1]
+                    w10 = table_weights[4 * e + 2]
+                    w11 = table_weights[4 * e + 3]
+                    if where >= 0:  # in-tile
+                        at = U32(U32(where) * chunk)
+                        for cc in range(chunk):  # rows past nc are staged as zeros ...
+                            v = (w00 * staged[at + cc] + w01 * staged[at + chunk + cc]
+                                 + w10 * staged[at + row_step + cc] + w11 * staged[at + row_step + chunk + cc])
+                            if cc >= nc:  # ... but a weight may be NaN (mask): select, no branch
+                                v = ZERO
+                            columns[e + cc * table_size] = v
+                    else:
+                        row = table_row[e]
+                        if row >= 0:  # out-of-tile: four global loads (clamped corners) per channel
+                            steps = I32(-1 - where)
+                            down = PLANE((steps >> 1) * width)
+                            right = I32(steps & 1)
+                            corner = PLANE(PLANE(row) * width + table_col[e])
+                            base = (n * channels + c) * in_plane + corner
+                            for cc in range(chunk):
+                                v = ZERO
+                                if cc < nc:
+                                    at = base + cc * in_plane
+                                    v = (w00 * input[U64(at)] + w01 * input[U64(at + right)]
+                                         + w10 * input[U64(at + down)] + w11 * input[U64(at + down + right)])
+                                columns[U32(cc * table_size + e)] = v
+                        else:  # outside the band or the output: no memory read; 0 * mask
+                            for cc in range(chunk):
+                                v = ZERO
+                                if cc < nc:
+                                    v = w00
+                                columns[U32(cc * table_size + e)] = v
+                    e = U32(e + threads)
             cuda.syncthreads()  # the column tile is complete
 
             # phase: multiply
@@ -570,20 +648,37 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
         ob = U32(block_y - g * oc_blocks)
         oc0 = I32(g * opg + ob * oc_block)  # first output channel of the block
         oc_count = I32(min(oc_block, opg - ob * oc_block))  # valid channels of the block
-        for i in range(reg_oc):
-            o = I32(oc_first + (i // oc_vec) * oc_run_step + i % oc_vec)
-            if o < oc_count:
+        if (RUNS_IN_ROWS and oc_count == oc_block and oy0 + tile_h <= out_h
+                and ox0 + tile_w <= out_w):  # an interior block: every value is stored
+            for i in range(reg_oc):
+                o = I32(oc_first + (i // oc_vec) * oc_run_step + i % oc_vec)
                 bias_v = ZERO
                 if USE_BIAS:
                     bias_v = bias[U32(oc0 + o)]
                 out_base = (n * out_channels + (oc0 + o)) * out_plane
-                for j in range(reg_px):
-                    p = U32(px_first + (j // px_vec) * px_run_step + j % px_vec)
+                for run in range(reg_px // px_vec):  # a run of px_vec pixels lies in one tile row
+                    p = U32(px_first + run * px_run_step)
                     u = U32(p // U32(tile_w))
-                    oy = I32(oy0 + u)
-                    ox = I32(ox0 + (p - u * tile_w))
-                    if oy < out_h and ox < out_w:
-                        out[U64(out_base + PLANE(oy * out_w + ox))] = acc[i * reg_px + j] + bias_v
+                    at = out_base + PLANE(I32(oy0 + u) * out_w + I32(ox0 + (p - u * tile_w)))
+                    for k in range(px_vec):
+                        out[U64(at + k)] = acc[i * reg_px + run * px_vec + k] + bias_v
+        else:
+            # phase: epilogue_edge
+            # A block at the output's edge (or with a partial channel block): each value checked.
+            for i in range(reg_oc):
+                o = I32(oc_first + (i // oc_vec) * oc_run_step + i % oc_vec)
+                if o < oc_count:
+                    bias_v = ZERO
+                    if USE_BIAS:
+                        bias_v = bias[U32(oc0 + o)]
+                    out_base = (n * out_channels + (oc0 + o)) * out_plane
+                    for j in range(reg_px):
+                        p = U32(px_first + (j // px_vec) * px_run_step + j % px_vec)
+                        u = U32(p // U32(tile_w))
+                        oy = I32(oy0 + u)
+                        ox = I32(ox0 + (p - u * tile_w))
+                        if oy < out_h and ox < out_w:
+                            out[U64(out_base + PLANE(oy * out_w + ox))] = acc[i * reg_px + j] + bias_v
 
     @cuda.jit(device=True, inline="always")
     def rank_one_update(acc, a, b, slab, columns, w_at, c_at):
@@ -614,7 +709,8 @@ def kernel_dims(geometry) -> tuple:
 def pack_weights(geometry, config, weight, xp):
     """``weight`` ``[Cout, C/groups, kh, kw]`` in the order the kernel reads it:
     ``[groups * oc_blocks, C/groups, K, oc_block]`` flat, each block's output channels
-    padded with zeros to ``oc_block``. One pass per call, by the array module."""
+    padded with zeros to ``oc_block``. One pass per call, by the array module, into a new
+    array (the kernel copies it in 16-byte vectors: ``_weight_vector``)."""
     g = geometry
     opg, cpg = g.out_channels // g.groups, g.in_channels // g.groups
     oc_blocks = -(-opg // config.oc_block)
@@ -623,7 +719,9 @@ def pack_weights(geometry, config, weight, xp):
     if padded != opg:
         w = xp.concatenate([w, xp.zeros((g.groups, padded - opg, cpg, g.taps), dtype=weight.dtype)], axis=1)
     w = w.reshape(g.groups * oc_blocks, config.oc_block, cpg, g.taps).transpose(0, 2, 3, 1)
-    return xp.ascontiguousarray(w).reshape(-1)
+    # a fresh allocation (never a view of ``weight``): 16-byte aligned for the kernel's
+    # vector copy (CuPy allocates on 256-byte boundaries)
+    return xp.array(w, dtype=weight.dtype, copy=True, order="C").reshape(-1)
 
 
 def _config_of(plan, geometry) -> TileConfig:
@@ -755,23 +853,37 @@ def _segments(geometry):
 
 def phase_model(geometry, config: TileConfig) -> dict:
     """Iterations, per thread of one block, of each phase's innermost source loop body
-    (``# phase:`` lines of ``fused_kernel``), for the audit's issue-slot model:
+    (``# phase:`` lines of ``fused_kernel``), for the audit's issue-slot model.
 
+    A chunk is *full* (``chunk`` channels) or *partial* (the last of an offset-group
+    segment whose channel count ``chunk`` does not divide). The two kinds run different
+    code: each per-chunk phase has a full form and a ``_partial`` form (separate source
+    loops, separate phases), and each is charged for the chunks that run it, no more.
+
+    * ``prologue``: its code inside the chunk loop (the segment and chunk bounds) once per
+      chunk, the rest once;
     * ``table``: one (tap, pixel) entry, ``ceil(K*P / threads)`` per offset-group segment;
-    * ``staging``: one stored position of the region (guard included), copied for all
-      ``chunk`` channels: ``ceil(region / threads)`` per chunk;
-    * ``weights``: ``slab_group`` slab elements (unrolled), ``slab_reps / slab_group``
-      per chunk;
-    * ``columns``: one (tap, pixel) entry for all ``chunk`` channels, ``ceil(K*P / threads)``
-      per chunk;
+    * ``staging`` / ``staging_partial``: one stored position of the region (guard
+      included), copied for all ``chunk`` channels: ``ceil(region / threads)`` per chunk;
+    * ``weights``: one 16-byte vector of the slab (``_weight_vector`` elements),
+      ``ceil(slab vectors / threads)`` per full chunk (the audit converts an unrolled copy,
+      which has no loop of its own, to this unit);
+    * ``weights_partial``: ``slab_group`` slab elements, ``slab_reps / slab_group`` per
+      partial chunk;
+    * ``columns`` / ``columns_partial``: one (tap, pixel) entry for all ``chunk`` channels,
+      ``ceil(K*P / threads)`` per chunk; ``columns`` holds the in-tile path and the
+      out-of-band one (both charged every iteration: an upper bound), ``out_of_tile`` the
+      global-read path (the audit weights it by the chance that a warp takes it);
     * ``multiply``: one rank-1 update of ``reg_oc * reg_px`` FFMA, ``chunk * K`` per chunk
       (the audit's ``normalise_multiply`` turns the SASS loop body, which holds
       ``_multiply_unroll`` updates or more, into the count of one update);
-    * ``epilogue``: 1 (straight-line stores).
+    * ``epilogue``: 1 (straight-line stores; the unchecked form of interior blocks, charged
+      to every block: an upper bound), ``epilogue_edge``: the checked form, charged as the
+      share of blocks that run it (``interior_fraction``).
 
     Each per-chunk phase is ``(body iterations, straight runs)``: its code outside the
-    innermost loop (set-up, remainders, partial-chunk paths) is charged once per chunk
-    (table: once per offset-group segment), an upper bound since not every path runs.
+    innermost loop (loop set-up, LLVM's remainder iterations) runs once per chunk of its
+    kind (table: once per offset-group segment).
 
     The SASS may unroll a source loop further (ptxas/LLVM): divide by the unroll factor
     seen in the loop's body (e.g. its FFMA or LDG count over the source body's).
@@ -783,12 +895,34 @@ def phase_model(geometry, config: TileConfig) -> dict:
     region = (rows + 2) * (cols + 2)
     table_size = taps * config.pixels
     segments = _segments(g)
-    chunks = sum(-(-s // config.chunk) for s in segments)
+    full = sum(s // config.chunk for s in segments)
+    partial = sum(1 for s in segments if s % config.chunk)
+    chunks = full + partial
     slab_reps, slab_group = _slab_copy(config, taps)
+    vectors = -(-config.chunk * taps * config.oc_block // _weight_vector(config, taps, g.dtype))
     per_table = -(-table_size // threads)
-    return {"table": (len(segments) * per_table, len(segments)),
-            "staging": (chunks * -(-region // threads), chunks),
-            "weights": (chunks * (slab_reps // slab_group), chunks),
-            "columns": (chunks * per_table, chunks),
+    per_region = -(-region // threads)
+    return {"prologue": (chunks, 1),
+            "table": (len(segments) * per_table, len(segments)),
+            "staging": (full * per_region, full),
+            "staging_partial": (partial * per_region, partial),
+            "weights": (full * -(-vectors // threads), full),
+            "weights_partial": (partial * (slab_reps // slab_group), partial),
+            "columns": (full * per_table, full),
+            "columns_partial": (partial * per_table, partial),
             "multiply": (chunks * config.chunk * taps, chunks),
-            "epilogue": 1}
+            "epilogue": 1,
+            "epilogue_edge": (0, 1.0 - interior_fraction(g, config))}
+
+
+def interior_fraction(geometry, config: TileConfig) -> float:
+    """Share of the blocks whose epilogue stores without bounds checks (phase ``epilogue``):
+    the tile lies inside the output and the output-channel block is full; the others run
+    ``epilogue_edge`` (all of them when a thread's run of pixels may cross a tile row)."""
+    g = geometry
+    if config.tile_w % _vector(config.reg_px):
+        return 0.0
+    tiles = -(-g.out_h // config.tile_h) * -(-g.out_w // config.tile_w)
+    inside = (g.out_h // config.tile_h) * (g.out_w // config.tile_w)
+    opg = g.out_channels // g.groups
+    return inside / tiles * (opg // config.oc_block) / -(-opg // config.oc_block)
