@@ -329,18 +329,19 @@ def test_phase_model_counts_every_chunk_and_table():
     # 16-byte weight vectors (2304 floats) per chunk: 9 each; 36 rank-1 updates per chunk
     # (counted one by one: the audit's multiply count is per update).
     # (body iterations, straight runs): the code around each loop runs once per chunk of its kind
-    assert model == {"prologue": (16, 1), "table": (9, 1), "staging": (64, 16), "staging_partial": (0, 0),
-                     "weights": (144, 16), "weights_partial": (0, 0), "columns": (144, 16),
+    # staging and columns count (position, channel) and (entry, channel) steps: x 4 channels
+    assert model == {"prologue": (16, 1), "table": (9, 1), "staging": (256, 16), "staging_partial": (0, 0),
+                     "weights": (144, 16), "weights_partial": (0, 0), "columns": (576, 16),
                      "columns_partial": (0, 0), "multiply": (576, 16), "epilogue": 1,
                      "epilogue_edge": (0, 0.0)}  # 64x64 outputs in 8x8 tiles: no edge block
     _, grouped = case("og", c=12, offset_groups=3, c_out=4)
     model = fused_tiled.phase_model(grouped, TileConfig(4, 4, 1, 2, 4, 2, 1))
     # 32 threads, 144 entries: 5 each; 3 offset groups of 4 channels: 3 tables, 6 full chunks of 2
-    assert model["table"] == (15, 3) and model["columns"] == (30, 6) and model["columns_partial"] == (0, 0)
+    assert model["table"] == (15, 3) and model["columns"] == (60, 6) and model["columns_partial"] == (0, 0)
     model = fused_tiled.phase_model(grouped, TileConfig(4, 4, 1, 3, 4, 2, 1))
     # chunks of 3 in segments of 4 channels: a full chunk and a partial one (1 channel) each;
     # only the partial chunks run the partial-chunk code
-    assert model["columns"] == (15, 3) and model["columns_partial"] == (15, 3)
+    assert model["columns"] == (45, 3) and model["columns_partial"] == (45, 3)
     assert model["staging_partial"][1] == model["weights_partial"][1] == 3
     assert model["multiply"] == (6 * 3 * 9, 6) and model["prologue"] == (6, 1)
     # 4 output channels in blocks of 4, outputs of 5x7 in 4x4 tiles: 1 of 4 tiles inside

@@ -863,15 +863,15 @@ def phase_model(geometry, config: TileConfig) -> dict:
     * ``prologue``: its code inside the chunk loop (the segment and chunk bounds) once per
       chunk, the rest once;
     * ``table``: one (tap, pixel) entry, ``ceil(K*P / threads)`` per offset-group segment;
-    * ``staging`` / ``staging_partial``: one stored position of the region (guard
-      included), copied for all ``chunk`` channels: ``ceil(region / threads)`` per chunk;
+    * ``staging`` / ``staging_partial``: one (stored position, channel) of the region
+      (guard included): ``ceil(region / threads) * chunk`` per chunk;
     * ``weights``: one 16-byte vector of the slab (``_weight_vector`` elements),
       ``ceil(slab vectors / threads)`` per full chunk (the audit converts an unrolled copy,
       which has no loop of its own, to this unit);
     * ``weights_partial``: ``slab_group`` slab elements, ``slab_reps / slab_group`` per
       partial chunk;
-    * ``columns`` / ``columns_partial``: one (tap, pixel) entry for all ``chunk`` channels,
-      ``ceil(K*P / threads)`` per chunk; ``columns`` holds the in-tile path and the
+    * ``columns`` / ``columns_partial``: one (tap, pixel) entry of one channel,
+      ``ceil(K*P / threads) * chunk`` per chunk; ``columns`` holds the in-tile path and the
       out-of-band one (both charged every iteration: an upper bound), ``out_of_tile`` the
       global-read path (the audit weights it by the chance that a warp takes it);
     * ``multiply``: one rank-1 update of ``reg_oc * reg_px`` FFMA, ``chunk * K`` per chunk
@@ -902,14 +902,15 @@ def phase_model(geometry, config: TileConfig) -> dict:
     vectors = -(-config.chunk * taps * config.oc_block // _weight_vector(config, taps, g.dtype))
     per_table = -(-table_size // threads)
     per_region = -(-region // threads)
+    c = config.chunk
     return {"prologue": (chunks, 1),
             "table": (len(segments) * per_table, len(segments)),
-            "staging": (full * per_region, full),
-            "staging_partial": (partial * per_region, partial),
+            "staging": (full * per_region * c, full),
+            "staging_partial": (partial * per_region * c, partial),
             "weights": (full * -(-vectors // threads), full),
             "weights_partial": (partial * (slab_reps // slab_group), partial),
-            "columns": (full * per_table, full),
-            "columns_partial": (partial * per_table, partial),
+            "columns": (full * per_table * c, full),
+            "columns_partial": (partial * per_table * c, partial),
             "multiply": (chunks * config.chunk * taps, chunks),
             "epilogue": 1,
             "epilogue_edge": (0, 1.0 - interior_fraction(g, config))}
