@@ -452,8 +452,9 @@ def fused_steps(tile, taps: int) -> dict:
             "staging_partial": ("ldg", 1),
             "weights": ("ldg", 1),            # one vector (LDG.128), unrolled into the chunk loop
             "weights_partial": ("ldg", slab_group),
-            "columns": ("sts", 2),            # an (entry, channel): in-tile and out-of-band paths
-            "columns_partial": ("sts", 3),    # the three paths
+            "columns": ("sts", 1),            # an (entry, channel): the in-tile path (out-of-band
+                                              # entries read the zero window the same way)
+            "columns_partial": ("sts", 2),    # in-tile and out-of-tile paths
             "out_of_tile": ("ldg", 4)}        # four corners
 
 

@@ -174,9 +174,9 @@ def test_tile_config_validation_and_shared_budget():
     g = CASES["basic-3x3"]
     cfg = TileConfig(8, 8, 2, 4, 64, 4, 4)
     assert cfg.threads == 256 and cfg.staged_shape(g) == (14, 14)
-    # staged 4*16*16 (14x14 and a guard), weight slab 36*64, columns 36*64 floats;
-    # table 576 * (4 floats + 3 int32)
-    assert cfg.shared_bytes(g) == 4 * (4 * 256 + 36 * 64 + 36 * 64) + 576 * 28
+    # staged 4*(16*16 + 18) (14x14, a guard, the 18-position zero window), weight slab 36*64,
+    # columns 36*64 floats; table 576 * (4 floats + 3 int32)
+    assert cfg.shared_bytes(g) == 4 * (4 * (256 + 18) + 36 * 64 + 36 * 64) + 576 * 28
     gpu = fused_tiled.GPU_CONFIG
     from dataclasses import replace
 

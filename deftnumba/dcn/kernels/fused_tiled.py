@@ -134,7 +134,7 @@ class TileConfig:
 
     def shared_bytes(self, geometry) -> int:
         """Static shared memory of one block, in bytes: the staged region with a one-element
-        guard on each side (``chunk`` channels), the weight slab and the column tile
+        guard on each side and the zero window (``chunk`` channels), the weight slab and the column tile
         (``chunk * K`` rows of ``oc_block`` and of ``pixels``), and the sampling table
         (per (tap, pixel): four weights and three int32)."""
         s = geometry.itemsize
@@ -142,8 +142,9 @@ class TileConfig:
         k = geometry.taps
         ck = self.chunk * k
         table = k * self.pixels
-        return s * (self.chunk * (rows + 2) * (cols + 2) + ck * self.oc_block + ck * self.pixels
-                    + 4 * table) + 4 * 3 * table
+        zero_window = cols + 4  # row_pitch + 2 positions past the region, always zero
+        return s * (self.chunk * ((rows + 2) * (cols + 2) + zero_window) + ck * self.oc_block
+                    + ck * self.pixels + 4 * table) + 4 * 3 * table
 
     def blocks(self, geometry) -> tuple[int, int, int]:
         """All blocks of the layer: ``(tiles, groups * oc_blocks, batch)``."""
@@ -302,7 +303,11 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
     staged_cols = (tile_w - 1) * stride_w + (kernel_w - 1) * dil_w + 1 + 2 * halo
     row_pitch = staged_cols + 2
     region = (staged_rows + 2) * row_pitch  # one channel of the stored region
-    staged_size = chunk * region
+    # past the region, row_pitch + 2 positions that stay zero: the 2x2 window every entry
+    # outside the band (or the output) points at, so the column build reads no memory for it
+    zero_window = region
+    zero_size = chunk * (row_pitch + 2)
+    staged_size = chunk * region + zero_size
     slab_size = chunk_rows * oc_block  # the weight slab of one chunk
     column_size = chunk_rows * pixels  # the column tile of one chunk
     table_weight_size = 4 * table_size
@@ -368,6 +373,13 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
         oc_first = U32(oc_t * oc_vec)  # first channel of this thread's first run
         px_first = U32((tid - oc_t * px_threads) * px_vec)  # first pixel of its first run
 
+        # The zero window (all channels), written once: staging never writes past the region.
+        # (The first chunk's barrier after staging makes it visible to the column build.)
+        z = tid
+        while z < zero_size:
+            staged[chunk * region + z] = ZERO
+            z = U32(z + threads)
+
         c_begin = I32(g * cpg)
         c_end = I32(c_begin + cpg)
         table_group = I32(-1)
@@ -385,8 +397,9 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                 # One entry per (tap, pixel) of offset group og, for all its channels: where
                 # the sample's 2x2 window starts in the stored region (>= 0, in-tile), or
                 # -1 - (row step * 2 + column step) with its clamped top-left corner in
-                # table_row/table_col (out-of-tile), or -1 with table_row = -1 (outside the
-                # band or the output: no memory is read); and the four corner weights.
+                # table_row/table_col (out-of-tile); outside the band or the output, the zero
+                # window (no global memory is read: the value is 0 * mask); and the four
+                # corner weights.
                 # (The previous chunk ended with a barrier: nobody reads the old table.)
                 count_in = 0
                 count_out = 0
@@ -400,7 +413,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                     ox = I32(ox0 + (p - u * tile_w))
                     tap_i = U32(tap // U32(kernel_w))
                     tap_j = U32(tap - tap_i * kernel_w)
-                    where = I32(-1)
+                    where = I32(zero_window)
                     row = I32(-1)
                     col = I32(0)
                     w00 = ZERO
@@ -443,7 +456,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                                 row = I32(y_lo)
                                 col = I32(x_lo)
                                 count_out += 1
-                        else:
+                        else:  # the zero window, weights (0 * m, 0, 0, 0)
                             count_band += 1
                             if USE_MASK:  # value 0 times the mask, as torchvision: NaN stays NaN
                                 w00 = ZERO * m
@@ -553,15 +566,12 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                     w01 = table_weights[4 * e + 1]
                     w10 = table_weights[4 * e + 2]
                     w11 = table_weights[4 * e + 3]
-                    if where >= 0:  # in-tile
+                    if where >= 0:  # in-tile (or the zero window: outside the band or the output)
                         at = U32(U32(where) * chunk)
                         for cc in range(chunk):
                             columns[e + cc * table_size] = (
                                 w00 * staged[at + cc] + w01 * staged[at + chunk + cc]
                                 + w10 * staged[at + row_step + cc] + w11 * staged[at + row_step + chunk + cc])
-                    elif table_row[e] < 0:  # outside the band or the output: no memory read; 0 * mask
-                        for cc in range(chunk):
-                            columns[e + cc * table_size] = w00
                     else:
                         # phase: out_of_tile
                         # Four global loads (clamped corners) per channel; the warp issues this
@@ -587,7 +597,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                     w01 = table_weights[4 * e + 1]
                     w10 = table_weights[4 * e + 2]
                     w11 = table_weights[4 * e + 3]
-                    if where >= 0:  # in-tile
+                    if where >= 0:  # in-tile (or the zero window)
                         at = U32(U32(where) * chunk)
                         for cc in range(chunk):  # rows past nc are staged as zeros ...
                             v = (w00 * staged[at + cc] + w01 * staged[at + chunk + cc]
@@ -595,27 +605,20 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                             if cc >= nc:  # ... but a weight may be NaN (mask): select, no branch
                                 v = ZERO
                             columns[e + cc * table_size] = v
-                    else:
+                    else:  # out-of-tile: four global loads (clamped corners) per channel
                         row = table_row[e]
-                        if row >= 0:  # out-of-tile: four global loads (clamped corners) per channel
-                            steps = I32(-1 - where)
-                            down = PLANE((steps >> 1) * width)
-                            right = I32(steps & 1)
-                            corner = PLANE(PLANE(row) * width + table_col[e])
-                            base = (n * channels + c) * in_plane + corner
-                            for cc in range(chunk):
-                                v = ZERO
-                                if cc < nc:
-                                    at = base + cc * in_plane
-                                    v = (w00 * input[U64(at)] + w01 * input[U64(at + right)]
-                                         + w10 * input[U64(at + down)] + w11 * input[U64(at + down + right)])
-                                columns[U32(cc * table_size + e)] = v
-                        else:  # outside the band or the output: no memory read; 0 * mask
-                            for cc in range(chunk):
-                                v = ZERO
-                                if cc < nc:
-                                    v = w00
-                                columns[U32(cc * table_size + e)] = v
+                        steps = I32(-1 - where)
+                        down = PLANE((steps >> 1) * width)
+                        right = I32(steps & 1)
+                        corner = PLANE(PLANE(row) * width + table_col[e])
+                        base = (n * channels + c) * in_plane + corner
+                        for cc in range(chunk):
+                            v = ZERO
+                            if cc < nc:
+                                at = base + cc * in_plane
+                                v = (w00 * input[U64(at)] + w01 * input[U64(at + right)]
+                                     + w10 * input[U64(at + down)] + w11 * input[U64(at + down + right)])
+                            columns[U32(cc * table_size + e)] = v
                     e = U32(e + threads)
             cuda.syncthreads()  # the column tile is complete
 
@@ -871,9 +874,9 @@ def phase_model(geometry, config: TileConfig) -> dict:
     * ``weights_partial``: ``slab_group`` slab elements, ``slab_reps / slab_group`` per
       partial chunk;
     * ``columns`` / ``columns_partial``: one (tap, pixel) entry of one channel,
-      ``ceil(K*P / threads) * chunk`` per chunk; ``columns`` holds the in-tile path and the
-      out-of-band one (both charged every iteration: an upper bound), ``out_of_tile`` the
-      global-read path (the audit weights it by the chance that a warp takes it);
+      ``ceil(K*P / threads) * chunk`` per chunk; ``columns`` holds the in-tile path (which
+      out-of-band entries take too, reading the zero window), ``out_of_tile`` the global-read
+      path (the audit weights it by the chance that a warp takes it);
     * ``multiply``: one rank-1 update of ``reg_oc * reg_px`` FFMA, ``chunk * K`` per chunk
       (the audit's ``normalise_multiply`` turns the SASS loop body, which holds
       ``_multiply_unroll`` updates or more, into the count of one update);
