@@ -299,6 +299,10 @@ def test_wide_index_is_chosen_for_huge_planes():
     _, small = case("small")
     _, huge = case("huge", n=1, c=1, h=40000, w=60000, c_out=1, kh=1, kw=1, pad=(0, 0))
     assert not fused_tiled.needs_wide_index(small) and fused_tiled.needs_wide_index(huge)
+    # small planes, but an image of 1024 x 1500 x 1500 > 2**31 elements: in-image offsets
+    # (uint32 in the narrow variant) need the wide one too
+    _, deep = case("deep", n=1, c=1024, h=1500, w=1500, c_out=1, kh=1, kw=1, pad=(0, 0))
+    assert fused_tiled.needs_wide_index(deep)
 
 
 def test_nan_mask_on_an_out_of_band_sample_gives_nan(rng):
