@@ -327,6 +327,8 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
     weight_vec = _weight_vector(config, taps, dtype)  # elements per 16-byte vector of the slab copy
     slab_vectors = slab_size // weight_vec
     slab_vector_reps = -(-slab_vectors // threads)  # vectors per thread and full chunk
+    vector_group = max(d for d in range(1, 5) if slab_vector_reps % d == 0)  # per loop iteration
+    slab_vector_stop = slab_vector_reps * threads
     row_step = row_pitch * chunk  # staged elements between vertically neighbouring positions
     USE_MASK, USE_BIAS, COUNTING = use_mask, use_bias, counting
     options = {} if backend.IS_SIMULATOR else {"launch_bounds": launch_bounds(config)}
@@ -521,19 +523,25 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
             # The packed weight slab of (block, channels c .. c+nc): contiguous, read in order.
             # A full chunk is copied in 16-byte vectors (LDG.128, STS.128; pack_weights'
             # array is freshly allocated, so 16-byte aligned, and every slab starts at a
-            # multiple of the vector width), an unrolled loop of slab_vector_reps steps.
+            # multiple of the vector width), vector_group vectors (at most 4 in flight, a few
+            # registers beside the accumulators) per iteration of a 32-bit loop.
             slab_base = (I64(block_y) * cpg + I64(c - c_begin)) * (taps * oc_block)
             if full_chunk:
-                for rep in range(slab_vector_reps):
-                    vec_at = U32(tid + rep * threads)  # this thread's vector of the slab
-                    if slab_vectors % threads == 0 or vec_at < slab_vectors:
-                        to = U32(vec_at * weight_vec)
-                        if weight_vec == 1:
-                            slab[to] = weight[U64(slab_base + to)]
-                        else:
-                            values = load_vector(weight, U64(slab_base + to))
-                            for k in range(weight_vec):
-                                slab[to + k] = values[k]
+                vec_at = tid  # this thread's next vector of the slab: vec_at + r * threads
+                from_at = slab_base + tid * weight_vec
+                while vec_at < slab_vector_stop:
+                    vectors_left = I32(slab_vectors - I32(vec_at))  # r * threads < it: in the slab
+                    for r in range(vector_group):
+                        if slab_vectors % threads == 0 or r * threads < vectors_left:
+                            to = U32(U32(vec_at + r * threads) * weight_vec)
+                            if weight_vec == 1:
+                                slab[to] = weight[U64(from_at + r * threads)]
+                            else:
+                                values = load_vector(weight, U64(from_at + r * threads * weight_vec))
+                                for k in range(weight_vec):
+                                    slab[to + k] = values[k]
+                    vec_at = U32(vec_at + vector_group * threads)
+                    from_at += vector_group * threads * weight_vec
             else:
                 # phase: weights_partial
                 # The last chunk of an offset group or weight group: zeros past nc channels.
@@ -869,8 +877,8 @@ def phase_model(geometry, config: TileConfig) -> dict:
     * ``staging`` / ``staging_partial``: one (stored position, channel) of the region
       (guard included): ``ceil(region / threads) * chunk`` per chunk;
     * ``weights``: one 16-byte vector of the slab (``_weight_vector`` elements),
-      ``ceil(slab vectors / threads)`` per full chunk (the audit converts an unrolled copy,
-      which has no loop of its own, to this unit);
+      ``ceil(slab vectors / threads)`` per full chunk (the loop copies up to 4 per
+      iteration; the audit counts per vector from its ``LDG.128``);
     * ``weights_partial``: ``slab_group`` slab elements, ``slab_reps / slab_group`` per
       partial chunk;
     * ``columns`` / ``columns_partial``: one (tap, pixel) entry of one channel,
