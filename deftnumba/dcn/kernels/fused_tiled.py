@@ -18,26 +18,30 @@ the kernel (the SASS audit attributes instructions to them by source line):
 1. **table** (once per block and offset group, not per channel): for every
    (tap, pixel) of the tile, one int32 -- where the sample's 2x2 window starts
    in the staged region (in-tile), or a negative code (out-of-tile: the clamped
-   corner goes to two more int32; outside the band: no corner at all) -- and
-   the four corner weights with the mask folded in, stored contiguously.
+   corner goes to two more int32; outside the band: a window of zeros past the
+   staged region) -- and the four corner weights with the mask folded in.
 2. **staging**: ``CC`` channels of the input region that the tile's
    *undeformed* taps touch, widened by ``halo`` on each side (plus a one-element
-   zero guard), zero outside the image.
+   zero guard), zero outside the image, the channels interleaved.
 3. **weights**: the ``[CC*K, OCB]`` slab of the weights, pre-packed once per
-   call (``pack_weights``) in exactly this order, so the copy is a plain
-   strided loop of loads and stores.
+   call (``pack_weights``) in exactly this order, copied in 16-byte vectors.
 4. **columns**: the ``[CC*K, P]`` column tile, one table entry per (tap, pixel)
-   for all ``CC`` channels: four shared loads and four FMAs per in-tile sample;
-   four global loads per out-of-tile sample; no memory read outside the band.
+   for all ``CC`` channels: one wide shared load per corner (the interleaved
+   channels) and four FMAs per in-tile sample; four global loads per
+   out-of-tile sample; no global memory read outside the band.
 5. **multiply**: every thread owns ``RO`` output channels x ``RP`` pixels in
    registers, in runs of 4 consecutive ones (``LDS.128`` from 16-byte aligned
    flat shared arrays), and accumulates ``CC*K`` rank-1 updates.
-6. **epilogue**: bias, NCHW stores.
+6. **epilogue**: bias, NCHW stores (bounds-checked only in edge blocks).
+
+A chunk cut short (the last of an offset group that ``CC`` does not divide) runs the
+``_partial`` forms of staging, weights and columns.
 
 Index arithmetic is 32-bit inside an image (64-bit image bases; a compile-time
-``wide_index`` variant for image planes past 2**30 elements), so the sm_90 SASS
-has no 64-bit division and no wraparound tests in any loop (``docs/perf-notes.md``
-has the instruction counts; ``python -m deftnumba audit`` reads them).
+``wide_index`` variant for image planes past 2**30 elements or images past 2**31),
+so the sm_90 SASS has no 64-bit division and no wraparound tests in any loop
+(``docs/perf-notes.md`` has the instruction counts; ``python -m deftnumba audit``
+reads them).
 The only extra device memory is the packed weights, a 3-element counter array
 and 1-element dummies for absent bias/mask.
 
