@@ -234,12 +234,17 @@ def _vector(width: int) -> int:
 REGISTER_BUDGET = 128  # per thread: 65536 / (16 warps * 32 threads), so 16 warps fit on an SM
 
 
-def launch_bounds(config) -> tuple[int, int]:
+WIDE_REGISTER_BUDGET = 168  # the wide_index variant: int64 offsets need more (12 warps/SM)
+
+
+def launch_bounds(config, wide_index: bool = False) -> tuple[int, int]:
     """``(threads per block, minimum blocks per SM)`` for ptxas: it then keeps the kernel
-    within ``REGISTER_BUDGET`` registers. (Unbounded, ptxas gives the deft64 kernel ~158
-    registers to hold the sampling table's and the staging's values beside the 64
+    within ``REGISTER_BUDGET`` registers (``WIDE_REGISTER_BUDGET`` for the ``wide_index``
+    variant, whose 64-bit offsets spilled at 128). (Unbounded, ptxas gives the deft64 kernel
+    ~158 registers to hold the sampling table's and the staging's values beside the 64
     accumulators; bounded at 128 the SASS of every loop is the same, with no spills.)"""
-    return config.threads, max(1, 65536 // (REGISTER_BUDGET * config.threads))
+    budget = WIDE_REGISTER_BUDGET if wide_index else REGISTER_BUDGET
+    return config.threads, max(1, 65536 // (budget * config.threads))
 
 
 def _slab_copy(config, taps) -> tuple[int, int]:
@@ -331,11 +336,13 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
     weight_vec = _weight_vector(config, taps, dtype)  # elements per 16-byte vector of the slab copy
     slab_vectors = slab_size // weight_vec
     slab_vector_reps = -(-slab_vectors // threads)  # vectors per thread and full chunk
-    vector_group = max(d for d in range(1, 5) if slab_vector_reps % d == 0)  # per loop iteration
+    # one vector per source iteration: LLVM unrolls the loop by 4 (4 loads, 16 registers, in
+    # flight); groups of 3 or 4 became 12 to 16 in flight, and the 128-register variants spilled
+    vector_group = 1
     slab_vector_stop = slab_vector_reps * threads
     row_step = row_pitch * chunk  # staged elements between vertically neighbouring positions
     USE_MASK, USE_BIAS, COUNTING = use_mask, use_bias, counting
-    options = {} if backend.IS_SIMULATOR else {"launch_bounds": launch_bounds(config)}
+    options = {} if backend.IS_SIMULATOR else {"launch_bounds": launch_bounds(config, wide_index)}
 
     @cuda.jit(**options)
     def kernel(input, offset, mask, weight, bias, out, conv, dims, counters, block_y0):
@@ -358,8 +365,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
         ix0 = I32(ox0 * stride_w - pad_w - halo)  # first staged input column
         in_plane = I64(height) * I64(width)
         out_plane = I64(out_h) * I64(out_w)
-        image_base = n * channels * in_plane  # the image's first input element (int64)
-        image_plane = IMG(in_plane)  # offsets inside one image: uint32 (int64 when wide_index)
+        image_plane = IMG(in_plane)  # offsets from a channel's plane: uint32 (int64 when wide_index)
 
         staged = cuda.shared.array(staged_size, dtype=DT, alignment=16)
         slab = cuda.shared.array(slab_size, dtype=DT, alignment=16)
@@ -487,7 +493,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
             # staged[s * chunk + cc], so that the column build reads one corner of all the
             # chunk's channels with one wide shared load. A thread decodes the position of
             # one stored element once and copies it for every channel of the chunk.
-            channel_at = IMG(IMG(c) * image_plane)  # channel c's plane inside the image
+            channel_base = (n * channels + c) * in_plane  # channel c's plane (int64)
             full_chunk = nc == chunk
             s = tid
             if full_chunk:  # every chunk but the last of an offset group or weight group
@@ -496,12 +502,12 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                     gy = I32(iy0 - 1 + r)
                     gx = I32(ix0 - 1 + (s - r * row_pitch))
                     inside = U32(gy) < U32(height) and U32(gx) < U32(width)
-                    at = IMG(channel_at + IMG(PLANE(gy) * width + gx))  # read only when inside
                     for cc in range(chunk):
                         position[cc] = ZERO
                     if inside:  # one branch, then the chunk's stores side by side (STS.128)
+                        at = IMG(PLANE(gy) * width + gx)  # in channel c's plane
                         for cc in range(chunk):
-                            position[cc] = input[U64(image_base + IMG(at + cc * image_plane))]
+                            position[cc] = input[U64(channel_base + IMG(at + cc * image_plane))]
                     to = U32(s * chunk)
                     for cc in range(chunk):
                         staged[to + cc] = position[cc]
@@ -514,12 +520,12 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                     gy = I32(iy0 - 1 + r)
                     gx = I32(ix0 - 1 + (s - r * row_pitch))
                     inside = U32(gy) < U32(height) and U32(gx) < U32(width)
-                    at = IMG(channel_at + IMG(PLANE(gy) * width + gx))  # read only when inside
+                    at = PLANE(PLANE(gy) * width + gx)  # in channel c's plane; read only when inside
                     to = U32(s * chunk)
                     for cc in range(chunk):
                         v = ZERO
                         if inside and cc < nc:
-                            v = input[U64(image_base + IMG(at + cc * image_plane))]
+                            v = input[U64(channel_base + at + cc * in_plane)]
                         staged[to + cc] = v
                     s = U32(s + threads)
 
@@ -592,9 +598,9 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                         steps = I32(-1 - where)
                         down = PLANE((steps >> 1) * width)
                         right = I32(steps & 1)
-                        corner = IMG(channel_at + IMG(PLANE(row) * width + table_col[e]))
+                        corner = IMG(PLANE(row) * width + table_col[e])  # in channel c's plane
                         for cc in range(chunk):
-                            at = image_base + IMG(corner + cc * image_plane)
+                            at = channel_base + IMG(corner + cc * image_plane)
                             columns[U32(cc * table_size + e)] = (
                                 w00 * input[U64(at)] + w01 * input[U64(at + right)]
                                 + w10 * input[U64(at + down)] + w11 * input[U64(at + down + right)])
