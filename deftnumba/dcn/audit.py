@@ -138,7 +138,8 @@ def fused_launch(g, tile) -> Launch:
                                       tile, g.has_mask, g.has_bias, False, fused_tiled.needs_wide_index(g))
     tiles, blocks_y, batch = tile.blocks(g)
     return Launch("fused", fused_tiled, kernel, tuple(fused_tiled.kernel_signature(g.dtype)),
-                  tiles * blocks_y * batch, tile.threads, tile, operator="fused")
+                  tiles * blocks_y * batch, tile.threads, tile, operator="fused",
+                  extra={"weight_vector": fused_tiled._weight_vector(tile, g.taps, g.dtype)})
 
 
 def _grid_stride(total):
@@ -426,44 +427,69 @@ def _chunk_images(g) -> int:
 
 
 def fused_iterations(g, tile) -> dict:
-    """``fused_tiled.phase_model`` in the units of the audit's loop bodies: the multiply phase
-    in rank-1 updates (source steps), the unit ``normalise_multiply`` reduces the measured
-    loop body to (the kernel unrolls its multiply loop by ``_multiply_unroll``: 1, 2 or 4,
-    depending on the chunk), so counts measured at one config apply to every chunk;
-    staging in (position, channel) copies; weights in slab elements. (The weights body
-    sums the full-chunk copy loop and the partial-chunk one: an upper bound.)"""
+    """``fused_tiled.phase_model``: the iterations of each phase in the units that
+    ``normalise_fused`` reduces the measured loop bodies to (a rank-1 update, a staged
+    position, a weight vector, a table entry...), so that counts measured at one config
+    apply to another with the same loop bodies."""
     from .kernels import fused_tiled
 
-    it = dict(fused_tiled.phase_model(g, tile))  # multiply: already in rank-1 updates
-
-    def times(value, factor):  # a phase_model entry is a count or (count, straight runs)
-        return (value[0] * factor, value[1]) if isinstance(value, tuple) else value * factor
-    # The audit divides a loop body by its stores per source line (``sass.unroll_factor``),
-    # which also counts the stores of the source's own unrolled loops: the staging body is
-    # per (position, channel) (``chunk`` stores per position), the weight body per slab
-    # element (``slab_group`` per iteration). Count those phases in the same units.
-    it["staging"] = times(it["staging"], tile.chunk)
-    reps, group = fused_tiled._slab_copy(tile, g.taps)
-    it["weights"] = times(it["weights"], group)
-    return it
+    return dict(fused_tiled.phase_model(g, tile))
 
 
-OUT_OF_TILE_SAMPLE = 33
-"""Issued instructions per out-of-tile sample on the column build's global-read path of
-``fused_tiled`` (four clamped-corner ``LDG``, their addresses and the interpolation),
-read by hand from the deft64 kernel's SASS: the column loop holds the in-tile, out-of-tile
-and out-of-band paths, and the audit's ``columns`` body counts the in-tile one."""
+def fused_steps(tile, taps: int) -> dict:
+    """``{phase: (kind, per_step)}``: how ``normalise_fused`` finds one source iteration of
+    each phase of ``fused_tiled`` in its SASS: a step issues ``per_step`` global loads
+    (``"ldg"``) or shared stores (``"sts"``), counted in the SASS loop body. The audit's
+    store-per-line rule (``sass.unroll_factor``) cannot tell a source loop's own unrolled
+    statements (``for cc in range(chunk)``) from LLVM's unrolling; the loads and stores a
+    step must issue can."""
+    from .kernels import fused_tiled
+
+    _, slab_group = fused_tiled._slab_copy(tile, taps)
+    # per channel where a step's work grows with the chunk (staging, columns), so that the
+    # planner's counts, measured at a chunk of 4, scale with the chunk it prices
+    return {"staging": ("ldg", 1),            # a (position, channel): one load (none outside)
+            "staging_partial": ("ldg", 1),
+            "weights": ("ldg", 1),            # one vector (LDG.128), unrolled into the chunk loop
+            "weights_partial": ("ldg", slab_group),
+            "columns": ("sts", 1),            # an (entry, channel): the in-tile path (out-of-band
+                                              # entries read the zero window the same way)
+            "columns_partial": ("sts", 2),    # in-tile and out-of-tile paths
+            "out_of_tile": ("ldg", 4)}        # four corners
 
 
-def out_of_tile_phase(g, tile, out_of_tile: float):
-    """``(count, iterations)`` of the out-of-tile path as a pseudo-phase: a warp issues it
-    when any of its 32 lanes has an out-of-tile sample (``warp_fraction``), for all
-    ``chunk`` channels of a (tap, pixel) entry."""
-    columns = fused_iterations(g, tile)["columns"]  # a count, or (count, straight runs)
+def normalise_fused(phases: dict, tile, taps: int) -> dict:
+    """The fused kernel's measured ``PhaseCount``s per source iteration of ``phase_model``:
+    the multiply phase per rank-1 update (``normalise_multiply``), the others by the loads
+    or stores one step issues (``fused_steps``): body = instructions per pass / steps per
+    pass. A phase whose body has none of them is left as measured."""
+    from dataclasses import replace
+
+    out = normalise_multiply(phases, tile.reg_oc * tile.reg_px)
+    for name, (kind, per_step) in fused_steps(tile, taps).items():
+        m = out.get(name)
+        if m is None or not m.body_sass:
+            continue
+        seen = sum(m.body_ldg_widths.values()) if kind == "ldg" else m.body_sts
+        steps = seen / per_step
+        if steps <= 0:
+            continue
+        ffma = m.body_ffma * m.unroll  # back to per pass (single-loop phases)
+        out[name] = replace(m, body=m.body_sass / steps, body_ffma=ffma / steps, unroll=steps)
+    return out
+
+
+def out_of_tile_phase(g, tile, out_of_tile: float, measured=None):
+    """``(count, iterations)`` of the out-of-tile path of the column build (phase
+    ``out_of_tile``, one table entry of one channel): a warp issues it when any
+    of its 32 lanes has an out-of-tile sample (``warp_fraction``), in the full chunks' column
+    loops (a partial chunk's loop charges its out-of-tile code every iteration)."""
+    columns = fused_iterations(g, tile)["columns"]  # (count, straight runs)
     it = (columns[0] if isinstance(columns, tuple) else columns) * warp_fraction(out_of_tile)
-    count = sass.PhaseCount(body=OUT_OF_TILE_SAMPLE * tile.chunk, straight=0, depth=1, body_ffma=4.0 * tile.chunk,
-                            body_lds_widths={}, body_ldg_widths={"32": 4 * tile.chunk}, calls=0, div64_calls=0)
-    return count, it
+    if measured is None:
+        measured = sass.PhaseCount(body=0.0, straight=0, depth=2, body_ffma=0.0, body_lds_widths={},
+                                   body_ldg_widths={}, calls=0, div64_calls=0)
+    return measured, it
 
 
 def phase_iterations(launch: Launch, g, out_of_tile: float = 0.0) -> dict:
@@ -494,8 +520,8 @@ def model_launch(launch: Launch, g, out_of_tile: float = 0.0, cc=sass.CC) -> dic
         return _model_loop_nest(launch, a)
     counts = a.phases
     if launch.label == "fused":
-        counts = normalise_multiply(counts, launch.config.reg_oc * launch.config.reg_px)
-        counts["out_of_tile"] = out_of_tile_phase(g, launch.config, out_of_tile)[0]
+        counts = normalise_fused(counts, launch.config, g.taps)
+        counts["out_of_tile"] = out_of_tile_phase(g, launch.config, out_of_tile, counts.get("out_of_tile"))[0]
     mean = launch.extra.get("mean_body_phases", ())
     if mean:  # the phase model sums the trips of the phase's loops: one mean body per trip
         from dataclasses import replace
@@ -708,7 +734,7 @@ def planner_table(cc=sass.CC, report=progress, dtypes=PLANNER_DTYPES) -> dict:
         g = _with_dtype(g0, dtype)
         launch = fused_launch(g, tile)
         a = sass.audit_kernel(launch.kernel, launch.signature, f"fused[{planner_key(dtype, ro, rp)}]", dtype, cc)
-        counts = normalise_multiply(a.phases, ro * rp)
+        counts = normalise_fused(a.phases, tile, g.taps)
         configs[planner_key(dtype, ro, rp)] = {
             "tile": [tile.tile_h, tile.tile_w, tile.halo, tile.chunk, tile.oc_block, tile.reg_oc, tile.reg_px],
             "registers": a.registers, "spill_bytes": a.spill_bytes,
@@ -730,10 +756,11 @@ def kernel_source_hash() -> str:
     loads/stores (``runtime.precision``) (host code such
     as ``phase_model`` or docstrings elsewhere in the module may change without a new table)."""
     from ..runtime import precision
-    from .kernels import fused_tiled, sampling
+    from .kernels import fused_tiled, sampling, vector
 
     return sass.source_hash(fused_tiled.fused_kernel, fused_tiled.TileConfig, fused_tiled._vector,
                             fused_tiled.launch_bounds, fused_tiled._slab_copy, fused_tiled._multiply_unroll,
+                            fused_tiled._weight_vector, vector,
                             sampling.sampling_functions, sampling._sampling_functions,
                             precision._gpu_functions)
 
@@ -767,14 +794,14 @@ def env_for_compiler() -> dict:
 
 
 # --------------------------------------------------------------------------- issue 10's targets
-def weights_per_element(a: sass.KernelAudit) -> float | None:
-    """Instructions per staged weight element of the fused kernel's full-chunk copy loop:
-    the cheapest innermost loop of the ``weights`` phase, its body over its unroll factor
-    (stores per line: one per element). The partial-chunk copy (a chunk cut short by an
-    offset-group or group end) is the other, dearer loop."""
-    loops = [lp for lp in a.loops if lp.innermost and lp.instructions > 2
-             and max(lp.phases, key=lp.phases.get) == "weights"]
-    return min((lp.instructions / lp.unroll for lp in loops), default=None)
+def weights_per_element(launch_model: dict) -> float | None:
+    """Instructions per staged weight element of the fused kernel's full-chunk copy: the
+    ``weights`` phase's body per 16-byte vector (``normalise_fused``) over the vector's
+    elements. (The partial-chunk copy, phase ``weights_partial``, runs only for a chunk cut
+    short by an offset-group or group end.)"""
+    row = next((p for p in launch_model["phases"] if p["phase"] == "weights"), None)
+    width = launch_model["extra"].get("weight_vector")
+    return row["body"] / width if row and width and row["body"] else None
 
 
 def gemm_loops(a: sass.KernelAudit, phases=None, min_ffma: int = 4) -> list:
@@ -809,9 +836,9 @@ def target_rows(name: str, results: dict) -> list:
                      default=None)
         add("fused multiply widest LDS bits", widest, ">= 64", lambda v: v >= 64)
         columns = phases.get("columns")
-        add("fused columns instr per in-tile sample", columns and round(columns["body"] / tile.chunk, 2), "<= 25",
+        add("fused columns instr per in-tile sample", columns and round(columns["body"], 2), "<= 25",
             lambda v: v <= 25)
-        w = weights_per_element(a)
+        w = weights_per_element(m)
         add("fused weights instr per element", w and round(w, 2), "<= 4", lambda v: v <= 4)
         add("fused registers", a.registers, "<= 128", lambda v: v <= 128)
         loops_bad = sum(lp.mix["f64"] + lp.mix["local"] for lp in a.loops)

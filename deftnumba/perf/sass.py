@@ -608,6 +608,7 @@ class PhaseCount:
     unroll: int = 1      # source iterations per pass (LLVM unrolls runtime-count loops)
     body_dfma: float = 0.0  # DFMA per source iteration (float64 kernels)
     loops: int = 1       # distinct source loops whose bodies ``body`` adds up
+    body_sts: int = 0    # shared stores (STS, any width) per pass through the SASS loop(s)
 
 
 @dataclass
@@ -735,6 +736,7 @@ def audit_listing(listing: Listing, source: Source | None = None, name: str = ""
             calls=sum(1 for i in every if i.base == "CALL"),
             div64_calls=sum(1 for i in every if i.base == "CALL" and i.target and DIV64_ROUTINE.search(i.target)),
             body_sass=len(body), unroll=max(unrolls) if unrolls else 1,
+            body_sts=sum(1 for i in body if i.category == "sts"),
             body_dfma=sum(sum(1 for i in idx if ins[i].base == "DFMA") / u for u, idx in chosen.values()),
             loops=max(1, len(chosen)))
     resources = resources or {}

@@ -142,7 +142,10 @@ AUDITED_INT32_ALIASES = {
                                "coordinates < 2**24): planes past 2**30 elements get the wide_index "
                                "variant (PLANE = int64; needs_wide_index); image bases stay int64",
     ("fused_tiled.py", "U32"): "thread, tile, channel-block and shared-memory indices (< 2**31: "
-                               "grid and shared-memory limits) and in-image indices as for I32",
+                               "grid and shared-memory limits), in-image indices as for I32, and "
+                               "offsets from a channel's plane across the chunk's channels (IMG: "
+                               "< C*H*W < 2**31, else the wide_index variant makes them int64; "
+                               "needs_wide_index)",
 }
 
 

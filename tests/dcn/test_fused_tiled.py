@@ -174,9 +174,9 @@ def test_tile_config_validation_and_shared_budget():
     g = CASES["basic-3x3"]
     cfg = TileConfig(8, 8, 2, 4, 64, 4, 4)
     assert cfg.threads == 256 and cfg.staged_shape(g) == (14, 14)
-    # staged 4*16*16 (14x14 and a guard), weight slab 36*64, columns 36*64 floats;
-    # table 576 * (4 floats + 3 int32)
-    assert cfg.shared_bytes(g) == 4 * (4 * 256 + 36 * 64 + 36 * 64) + 576 * 28
+    # staged 4*(16*16 + 18) (14x14, a guard, the 18-position zero window), weight slab 36*64,
+    # columns 36*64 floats; table 576 * (4 floats + 3 int32)
+    assert cfg.shared_bytes(g) == 4 * (4 * (256 + 18) + 36 * 64 + 36 * 64) + 576 * 28
     gpu = fused_tiled.GPU_CONFIG
     from dataclasses import replace
 
@@ -299,6 +299,10 @@ def test_wide_index_is_chosen_for_huge_planes():
     _, small = case("small")
     _, huge = case("huge", n=1, c=1, h=40000, w=60000, c_out=1, kh=1, kw=1, pad=(0, 0))
     assert not fused_tiled.needs_wide_index(small) and fused_tiled.needs_wide_index(huge)
+    # small planes, but an image of 1024 x 1500 x 1500 > 2**31 elements: in-image offsets
+    # (uint32 in the narrow variant) need the wide one too
+    _, deep = case("deep", n=1, c=1024, h=1500, w=1500, c_out=1, kh=1, kw=1, pad=(0, 0))
+    assert fused_tiled.needs_wide_index(deep)
 
 
 def test_nan_mask_on_an_out_of_band_sample_gives_nan(rng):
@@ -324,13 +328,26 @@ def test_phase_model_counts_every_chunk_and_table():
 
     g = bench.SUITES["deft64"]
     model = fused_tiled.phase_model(g, fused_tiled.GPU_CONFIG)
-    # 64 channels in chunks of 4: 16 chunks; 576 table entries over 64 threads: 9 each;
-    # a 16x16 stored region (14x14 and its guard): 4 positions each; 36 weights each, 4 a time;
-    # 36 rank-1 updates per chunk (counted one by one: the audit's multiply count is per update)
-    # (body iterations, straight runs): the code around each loop runs once per chunk
-    assert model == {"table": (9, 1), "staging": (64, 16), "weights": (144, 16), "columns": (144, 16),
-                     "multiply": (576, 16), "epilogue": 1}
+    # 64 channels in chunks of 4: 16 full chunks, no partial one; 576 table entries over 64
+    # threads: 9 each; a 16x16 stored region (14x14 and its guard): 4 positions each; 576
+    # 16-byte weight vectors (2304 floats) per chunk: 9 each; 36 rank-1 updates per chunk
+    # (counted one by one: the audit's multiply count is per update).
+    # (body iterations, straight runs): the code around each loop runs once per chunk of its kind
+    # staging and columns count (position, channel) and (entry, channel) steps: x 4 channels
+    assert model == {"prologue": (16, 1), "table": (9, 1), "staging": (256, 16), "staging_partial": (0, 0),
+                     "weights": (144, 16), "weights_partial": (0, 0), "columns": (576, 16),
+                     "columns_partial": (0, 0), "multiply": (576, 16), "epilogue": 1,
+                     "epilogue_edge": (0, 0.0)}  # 64x64 outputs in 8x8 tiles: no edge block
     _, grouped = case("og", c=12, offset_groups=3, c_out=4)
     model = fused_tiled.phase_model(grouped, TileConfig(4, 4, 1, 2, 4, 2, 1))
-    # 32 threads, 144 entries: 5 each; 3 offset groups of 4 channels: 3 tables, 6 chunks of 2
-    assert model["table"] == (15, 3) and model["columns"] == (30, 6)
+    # 32 threads, 144 entries: 5 each; 3 offset groups of 4 channels: 3 tables, 6 full chunks of 2
+    assert model["table"] == (15, 3) and model["columns"] == (60, 6) and model["columns_partial"] == (0, 0)
+    model = fused_tiled.phase_model(grouped, TileConfig(4, 4, 1, 3, 4, 2, 1))
+    # chunks of 3 in segments of 4 channels: a full chunk and a partial one (1 channel) each;
+    # only the partial chunks run the partial-chunk code
+    assert model["columns"] == (45, 3) and model["columns_partial"] == (45, 3)
+    assert model["staging_partial"][1] == model["weights_partial"][1] == 3
+    assert model["multiply"] == (6 * 3 * 9, 6) and model["prologue"] == (6, 1)
+    # 4 output channels in blocks of 4, outputs of 5x7 in 4x4 tiles: 1 of 4 tiles inside
+    assert (grouped.out_h, grouped.out_w) == (5, 7)
+    assert model["epilogue_edge"] == (0, pytest.approx(1 - 1 / 4))

@@ -26,7 +26,8 @@ index arithmetic inside the chunk with an int64 ``wide`` variant (32-bit loop
 counters in both), a 3-D grid (pixels in x, (group, tap) in y, images in z) with
 sizes from the host, so that only a row (two 32-bit divisions) and a point (one)
 divide, launch bounds declared to ptxas, and a channel loop that only adds a plane
-to four corner indices: 21 instructions per column element in sm_90 SASS. An
+to four corner indices, two channels per iteration: 20 instructions per column
+element in sm_90 SASS (two points per thread share a row's set-up). An
 out-of-band sample reads no memory: its channels get ``0 * m``.
 """
 
@@ -132,15 +133,25 @@ def fused_columns_kernel(dtype, use_mask: bool, wide: bool = False):
                         at01 = Index(row0 + Index(x1))
                         at10 = Index(row1 + Index(x0))
                         at11 = Index(row1 + Index(x1))
-                        while column < last_column:
+                        pairs_end = Index(last_column - channel_step)  # per_group >= 1: no wrap
+                        while column < pairs_end:
                             # phase: columns
+                            # two channels per iteration (the loop's compare and branch, and
+                            # the increments, shared by both)
+                            for k in range(2):  # CHANNELS_PER_ITERATION
+                                columns[Index(column + k * channel_step)] = (
+                                    w00 * load(input, Index(at00 + k * plane))
+                                    + w01 * load(input, Index(at01 + k * plane))
+                                    + w10 * load(input, Index(at10 + k * plane))
+                                    + w11 * load(input, Index(at11 + k * plane)))
+                            at00 = Index(at00 + 2 * plane)
+                            at01 = Index(at01 + 2 * plane)
+                            at10 = Index(at10 + 2 * plane)
+                            at11 = Index(at11 + 2 * plane)
+                            column = Index(column + 2 * channel_step)
+                        if column < last_column:  # an odd channel count: the last channel
                             columns[column] = (w00 * load(input, at00) + w01 * load(input, at01)
                                                + w10 * load(input, at10) + w11 * load(input, at11))
-                            at00 = Index(at00 + plane)
-                            at01 = Index(at01 + plane)
-                            at10 = Index(at10 + plane)
-                            at11 = Index(at11 + plane)
-                            column = Index(column + channel_step)
                     else:
                         value = ZERO * m  # a NaN mask still poisons its tap, as in torchvision
                         while column < last_column:
@@ -172,14 +183,25 @@ def chunk_needs_wide(geometry, images: int) -> bool:
 
 def launch_grid(geometry, images: int, gpu: bool | None = None) -> tuple:
     """``((blocks_x, blocks_y, blocks_z), threads)`` of a launch over a chunk of ``images`` images:
-    x over output pixels, y over (group, tap), z over images (all loops grid-stride).
+    x over output pixels (``POINTS_PER_THREAD`` per thread on the GPU), y over (group, tap),
+    z over images (all loops grid-stride).
     ``gpu``: the GPU's grid (default: the current backend's; the simulator's is small)."""
     g = geometry
     pixels = g.out_h * g.out_w
     group_taps = g.offset_groups * g.taps
     if not (gpu if gpu is not None else not backend.IS_SIMULATOR):  # a simulated thread is a Python thread
         return (min(-(-pixels // 64), 2), min(group_taps, 3), min(images, 2)), min(64, 32 * -(-pixels // 32))
-    return (min(-(-pixels // THREADS), 65535), min(group_taps, 65535), min(images, 65535)), THREADS
+    blocks_x = -(-pixels // (THREADS * POINTS_PER_THREAD))
+    return (min(blocks_x, 65535), min(group_taps, 65535), min(images, 65535)), THREADS
+
+
+CHANNELS_PER_ITERATION = 2
+"""Column elements (channels of one point) the kernel's channel loop writes per iteration."""
+
+POINTS_PER_THREAD = 2
+"""Sampling points each GPU thread takes (grid-stride over the pixels of a row): the row's
+set-up (two 32-bit divisions, the row's bases) is shared by them, so the whole launch issues
+fewer instructions per column element (``docs/perf-notes.md``)."""
 
 
 def column_filler(geometry, input, offset, mask, xp):
@@ -230,7 +252,8 @@ def phase_model(geometry, config=None) -> dict:
     """Iterations per thread of each ``# phase:`` body on a GPU, for the first (largest) chunk.
 
     ``rows``: (image, group, tap) rows per thread; ``points``: sampling points per thread;
-    ``columns``: column elements per thread (points times C/G channels), all counted as
+    ``columns``: column elements per thread (points times C/G channels; the loop takes two
+    per iteration, its code around the loop runs once per point), all counted as
     in-band samples (an upper bound: ``out_of_band_columns``, the loop that writes ``0 * m``
     for an out-of-band point, is ~4x cheaper). ``config`` is unused (no tunables).
     """
@@ -240,7 +263,9 @@ def phase_model(geometry, config=None) -> dict:
     (blocks_x, blocks_y, blocks_z), threads = launch_grid(g, chunk, gpu=True)
     rows = -(-group_taps // blocks_y) * -(-chunk // blocks_z)
     points = rows * -(-pixels // (blocks_x * threads))
-    return {"rows": rows, "points": points, "columns": points * (g.in_channels // g.offset_groups),
+    # columns: (channel steps, straight runs): the loop's set-up and an odd group's last
+    # channel run once per point
+    return {"rows": rows, "points": points, "columns": (points * (g.in_channels // g.offset_groups), points),
             "out_of_band_columns": 0}
 
 

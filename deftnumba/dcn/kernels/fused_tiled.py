@@ -18,26 +18,30 @@ the kernel (the SASS audit attributes instructions to them by source line):
 1. **table** (once per block and offset group, not per channel): for every
    (tap, pixel) of the tile, one int32 -- where the sample's 2x2 window starts
    in the staged region (in-tile), or a negative code (out-of-tile: the clamped
-   corner goes to two more int32; outside the band: no corner at all) -- and
-   the four corner weights with the mask folded in, stored contiguously.
+   corner goes to two more int32; outside the band: a window of zeros past the
+   staged region) -- and the four corner weights with the mask folded in.
 2. **staging**: ``CC`` channels of the input region that the tile's
    *undeformed* taps touch, widened by ``halo`` on each side (plus a one-element
-   zero guard), zero outside the image.
+   zero guard), zero outside the image, the channels interleaved.
 3. **weights**: the ``[CC*K, OCB]`` slab of the weights, pre-packed once per
-   call (``pack_weights``) in exactly this order, so the copy is a plain
-   strided loop of loads and stores.
+   call (``pack_weights``) in exactly this order, copied in 16-byte vectors.
 4. **columns**: the ``[CC*K, P]`` column tile, one table entry per (tap, pixel)
-   for all ``CC`` channels: four shared loads and four FMAs per in-tile sample;
-   four global loads per out-of-tile sample; no memory read outside the band.
+   for all ``CC`` channels: one wide shared load per corner (the interleaved
+   channels) and four FMAs per in-tile sample; four global loads per
+   out-of-tile sample; no global memory read outside the band.
 5. **multiply**: every thread owns ``RO`` output channels x ``RP`` pixels in
    registers, in runs of 4 consecutive ones (``LDS.128`` from 16-byte aligned
    flat shared arrays), and accumulates ``CC*K`` rank-1 updates.
-6. **epilogue**: bias, NCHW stores.
+6. **epilogue**: bias, NCHW stores (bounds-checked only in edge blocks).
+
+A chunk cut short (the last of an offset group that ``CC`` does not divide) runs the
+``_partial`` forms of staging, weights and columns.
 
 Index arithmetic is 32-bit inside an image (64-bit image bases; a compile-time
-``wide_index`` variant for image planes past 2**30 elements), so the sm_90 SASS
-has no 64-bit division and no wraparound tests in any loop (``docs/perf-notes.md``
-has the instruction counts; ``python -m deftnumba audit`` reads them).
+``wide_index`` variant for image planes past 2**30 elements or images past 2**31),
+so the sm_90 SASS has no 64-bit division and no wraparound tests in any loop
+(``docs/perf-notes.md`` has the instruction counts; ``python -m deftnumba audit``
+reads them).
 The only extra device memory is the packed weights, a 3-element counter array
 and 1-element dummies for absent bias/mask.
 
@@ -59,6 +63,7 @@ from ...runtime import backend, precision
 from ...runtime.backend import cuda
 from .sampling import conv_tuple, sampling_functions
 from .staging import staged_extent
+from .vector import load_vector, vector_width
 
 OUT_OF_TILE = """\
 A *sample* is one (image n, input channel c, tap k, output pixel (oy, ox)) with
@@ -133,7 +138,7 @@ class TileConfig:
 
     def shared_bytes(self, geometry) -> int:
         """Static shared memory of one block, in bytes: the staged region with a one-element
-        guard on each side (``chunk`` channels), the weight slab and the column tile
+        guard on each side and the zero window (``chunk`` channels), the weight slab and the column tile
         (``chunk * K`` rows of ``oc_block`` and of ``pixels``), and the sampling table
         (per (tap, pixel): four weights and three int32)."""
         s = precision.compute_dtype(geometry.dtype).itemsize  # shared arrays: the compute type
@@ -141,8 +146,9 @@ class TileConfig:
         k = geometry.taps
         ck = self.chunk * k
         table = k * self.pixels
-        return s * (self.chunk * (rows + 2) * (cols + 2) + ck * self.oc_block + ck * self.pixels
-                    + 4 * table) + 4 * 3 * table
+        zero_window = cols + 4  # row_pitch + 2 positions past the region, always zero
+        return s * (self.chunk * ((rows + 2) * (cols + 2) + zero_window) + ck * self.oc_block
+                    + ck * self.pixels + 4 * table) + 4 * 3 * table
 
     def blocks(self, geometry) -> tuple[int, int, int]:
         """All blocks of the layer: ``(tiles, groups * oc_blocks, batch)``."""
@@ -228,12 +234,17 @@ def _vector(width: int) -> int:
 REGISTER_BUDGET = 128  # per thread: 65536 / (16 warps * 32 threads), so 16 warps fit on an SM
 
 
-def launch_bounds(config) -> tuple[int, int]:
+WIDE_REGISTER_BUDGET = 168  # the wide_index variant: int64 offsets need more (12 warps/SM)
+
+
+def launch_bounds(config, wide_index: bool = False) -> tuple[int, int]:
     """``(threads per block, minimum blocks per SM)`` for ptxas: it then keeps the kernel
-    within ``REGISTER_BUDGET`` registers. (Unbounded, ptxas gives the deft64 kernel ~158
-    registers to hold the sampling table's and the staging's values beside the 64
+    within ``REGISTER_BUDGET`` registers (``WIDE_REGISTER_BUDGET`` for the ``wide_index``
+    variant, whose 64-bit offsets spilled at 128). (Unbounded, ptxas gives the deft64 kernel
+    ~158 registers to hold the sampling table's and the staging's values beside the 64
     accumulators; bounded at 128 the SASS of every loop is the same, with no spills.)"""
-    return config.threads, max(1, 65536 // (REGISTER_BUDGET * config.threads))
+    budget = WIDE_REGISTER_BUDGET if wide_index else REGISTER_BUDGET
+    return config.threads, max(1, 65536 // (budget * config.threads))
 
 
 def _slab_copy(config, taps) -> tuple[int, int]:
@@ -243,6 +254,14 @@ def _slab_copy(config, taps) -> tuple[int, int]:
     return reps, max(d for d in range(1, 5) if reps % d == 0)
 
 
+def _weight_vector(config, taps, dtype) -> int:
+    """Elements per copy step of a full chunk's weight slab: a 16-byte vector (4 float32, 2
+    float64) when every slab, and every block's slice of the packed weights, starts at a
+    multiple of it (``taps * oc_block`` divisible by the width), else 1."""
+    width = vector_width(dtype)
+    return width if (taps * config.oc_block) % width == 0 else 1
+
+
 def _multiply_unroll(config, taps) -> int:
     """Rank-1 updates per iteration of the multiply loop: 4, 2 or 1 (divides ``chunk * K``)."""
     rows = config.chunk * taps
@@ -250,9 +269,11 @@ def _multiply_unroll(config, taps) -> int:
 
 
 def needs_wide_index(geometry) -> bool:
-    """True when an offset inside one image plane may not fit in int32 (``H * W`` past 2**31)."""
+    """True when an offset inside one image plane may not fit in int32 (``H * W`` past 2**30),
+    or one inside a whole input image not in uint32 arithmetic (``C * H * W`` past 2**31)."""
     g = geometry
-    return max(g.height * g.width, g.out_h * g.out_w) > INT32_LIMIT // 2
+    return (max(g.height * g.width, g.out_h * g.out_w) > INT32_LIMIT // 2
+            or g.in_channels * g.height * g.width > INT32_LIMIT)
 
 
 @functools.cache
@@ -282,6 +303,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
     ZERO = fns.ZERO
     DT = T  # shared/local array element type
     PLANE = I64 if wide_index else I32  # offsets inside one image plane
+    IMG = I64 if wide_index else U32  # offsets inside one input image (C*H*W elements)
 
     tile_h, tile_w, halo = config.tile_h, config.tile_w, config.halo
     chunk, oc_block, reg_oc, reg_px = config.chunk, config.oc_block, config.reg_oc, config.reg_px
@@ -295,7 +317,11 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
     staged_cols = (tile_w - 1) * stride_w + (kernel_w - 1) * dil_w + 1 + 2 * halo
     row_pitch = staged_cols + 2
     region = (staged_rows + 2) * row_pitch  # one channel of the stored region
-    staged_size = chunk * region
+    # past the region, row_pitch + 2 positions that stay zero: the 2x2 window every entry
+    # outside the band (or the output) points at, so the column build reads no memory for it
+    zero_window = region
+    zero_size = chunk * (row_pitch + 2)
+    staged_size = chunk * region + zero_size
     slab_size = chunk_rows * oc_block  # the weight slab of one chunk
     column_size = chunk_rows * pixels  # the column tile of one chunk
     table_weight_size = 4 * table_size
@@ -309,10 +335,19 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
     # and the 8 threads of a quarter warp read 8 consecutive runs (no bank conflict).
     oc_vec, px_vec = _vector(reg_oc), _vector(reg_px)
     oc_run_step, px_run_step = oc_threads * oc_vec, px_threads * px_vec
-    slab_reps, slab_group = _slab_copy(config, taps)  # weight elements per thread and chunk
+    RUNS_IN_ROWS = tile_w % px_vec == 0  # a thread's run of pixels never crosses a tile row
+    slab_reps, slab_group = _slab_copy(config, taps)  # weight elements per thread and (partial) chunk
     slab_stop = slab_reps * threads
+    weight_vec = _weight_vector(config, taps, dtype)  # elements per 16-byte vector of the slab copy
+    slab_vectors = slab_size // weight_vec
+    slab_vector_reps = -(-slab_vectors // threads)  # vectors per thread and full chunk
+    # one vector per source iteration: LLVM unrolls the loop by 4 (4 loads, 16 registers, in
+    # flight); groups of 3 or 4 became 12 to 16 in flight, and the 128-register variants spilled
+    vector_group = 1
+    slab_vector_stop = slab_vector_reps * threads
+    row_step = row_pitch * chunk  # staged elements between vertically neighbouring positions
     USE_MASK, USE_BIAS, COUNTING = use_mask, use_bias, counting
-    options = {} if backend.IS_SIMULATOR else {"launch_bounds": launch_bounds(config)}
+    options = {} if backend.IS_SIMULATOR else {"launch_bounds": launch_bounds(config, wide_index)}
 
     @cuda.jit(**options)
     def kernel(input, offset, mask, weight, bias, out, conv, dims, counters, block_y0):
@@ -335,6 +370,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
         ix0 = I32(ox0 * stride_w - pad_w - halo)  # first staged input column
         in_plane = I64(height) * I64(width)
         out_plane = I64(out_h) * I64(out_w)
+        image_plane = IMG(in_plane)  # offsets from a channel's plane: uint32 (int64 when wide_index)
 
         staged = cuda.shared.array(staged_size, dtype=DT, alignment=16)
         slab = cuda.shared.array(slab_size, dtype=DT, alignment=16)
@@ -347,11 +383,19 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
         acc = cuda.local.array(accumulators, dtype=DT)
         a = cuda.local.array(reg_oc, dtype=DT)
         b = cuda.local.array(reg_px, dtype=DT)
+        position = cuda.local.array(chunk, dtype=DT)  # one staged position of the chunk's channels
         for i in range(accumulators):
             acc[i] = ZERO
         oc_t = U32(tid // U32(px_threads))
         oc_first = U32(oc_t * oc_vec)  # first channel of this thread's first run
         px_first = U32((tid - oc_t * px_threads) * px_vec)  # first pixel of its first run
+
+        # The zero window (all channels), written once: staging never writes past the region.
+        # (The first chunk's barrier after staging makes it visible to the column build.)
+        z = tid
+        while z < zero_size:
+            staged[chunk * region + z] = ZERO
+            z = U32(z + threads)
 
         c_begin = I32(g * cpg)
         c_end = I32(c_begin + cpg)
@@ -370,8 +414,9 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                 # One entry per (tap, pixel) of offset group og, for all its channels: where
                 # the sample's 2x2 window starts in the stored region (>= 0, in-tile), or
                 # -1 - (row step * 2 + column step) with its clamped top-left corner in
-                # table_row/table_col (out-of-tile), or -1 with table_row = -1 (outside the
-                # band or the output: no memory is read); and the four corner weights.
+                # table_row/table_col (out-of-tile); outside the band or the output, the zero
+                # window (no global memory is read: the value is 0 * mask); and the four
+                # corner weights.
                 # (The previous chunk ended with a barrier: nobody reads the old table.)
                 count_in = 0
                 count_out = 0
@@ -385,7 +430,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                     ox = I32(ox0 + (p - u * tile_w))
                     tap_i = U32(tap // U32(kernel_w))
                     tap_j = U32(tap - tap_i * kernel_w)
-                    where = I32(-1)
+                    where = I32(zero_window)
                     row = I32(-1)
                     col = I32(0)
                     w00 = ZERO
@@ -428,7 +473,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                                 row = I32(y_lo)
                                 col = I32(x_lo)
                                 count_out += 1
-                        else:
+                        else:  # the zero window, weights (0 * m, 0, 0, 0)
                             count_band += 1
                             if USE_MASK:  # value 0 times the mask, as torchvision: NaN stays NaN
                                 w00 = ZERO * m
@@ -449,39 +494,75 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
 
             # phase: staging
             # The chunk's input region with its guard, row by row (coalesced); zero outside
-            # the image and for channels past the chunk's end. A thread decodes the position
-            # of one stored element once and copies it for every channel of the chunk.
-            channel_base = (n * channels + c) * in_plane
+            # the image. The channels are interleaved: position s of channel cc is
+            # staged[s * chunk + cc], so that the column build reads one corner of all the
+            # chunk's channels with one wide shared load. A thread decodes the position of
+            # one stored element once and copies it for every channel of the chunk.
+            channel_base = (n * channels + c) * in_plane  # channel c's plane (int64)
+            full_chunk = nc == chunk
             s = tid
-            while s < region:
-                r = U32(s // U32(row_pitch))
-                gy = I32(iy0 - 1 + r)
-                gx = I32(ix0 - 1 + (s - r * row_pitch))
-                inside = U32(gy) < U32(height) and U32(gx) < U32(width)
-                at = channel_base + PLANE(PLANE(gy) * width + gx)  # read only when inside
-                for cc in range(chunk):
-                    v = ZERO
-                    if inside and cc < nc:
-                        v = load(input, U64(at + cc * in_plane))
-                    staged[s + cc * region] = v
-                s = U32(s + threads)
+            if full_chunk:  # every chunk but the last of an offset group or weight group
+                while s < region:
+                    r = U32(s // U32(row_pitch))
+                    gy = I32(iy0 - 1 + r)
+                    gx = I32(ix0 - 1 + (s - r * row_pitch))
+                    inside = U32(gy) < U32(height) and U32(gx) < U32(width)
+                    for cc in range(chunk):
+                        position[cc] = ZERO
+                    if inside:  # one branch, then the chunk's stores side by side (STS.128)
+                        at = IMG(PLANE(gy) * width + gx)  # in channel c's plane
+                        for cc in range(chunk):
+                            position[cc] = load(input, U64(channel_base + IMG(at + cc * image_plane)))
+                    to = U32(s * chunk)
+                    for cc in range(chunk):
+                        staged[to + cc] = position[cc]
+                    s = U32(s + threads)
+            else:
+                # phase: staging_partial
+                # The same, with zeros for the channels past the chunk's end.
+                while s < region:
+                    r = U32(s // U32(row_pitch))
+                    gy = I32(iy0 - 1 + r)
+                    gx = I32(ix0 - 1 + (s - r * row_pitch))
+                    inside = U32(gy) < U32(height) and U32(gx) < U32(width)
+                    at = PLANE(PLANE(gy) * width + gx)  # in channel c's plane; read only when inside
+                    to = U32(s * chunk)
+                    for cc in range(chunk):
+                        v = ZERO
+                        if inside and cc < nc:
+                            v = load(input, U64(channel_base + at + cc * in_plane))
+                        staged[to + cc] = v
+                    s = U32(s + threads)
 
             # phase: weights
-            # The packed weight slab of (block, channels c .. c+nc): contiguous, read in order;
-            # zero past the chunk's channels.
+            # The packed weight slab of (block, channels c .. c+nc): contiguous, read in order.
+            # A full chunk is copied in 16-byte vectors (LDG.128, STS.128; pack_weights'
+            # array is freshly allocated, so 16-byte aligned, and every slab starts at a
+            # multiple of the vector width), vector_group vectors (at most 4 in flight, a few
+            # registers beside the accumulators) per iteration of a 32-bit loop.
             slab_base = (I64(block_y) * cpg + I64(c - c_begin)) * (taps * oc_block)
-            slab_valid = U32(nc * (taps * oc_block))
-            from_at = slab_base + tid  # this thread's next element: weight[from_at + rep * threads]
-            to_at = tid  # ... goes to slab[to_at + rep * threads]
-            if nc == chunk:  # a full chunk (the common case): a plain copy
-                while to_at < slab_stop:  # slab_group elements per thread and iteration, unrolled
-                    slab_left = I32(slab_size - I32(to_at))  # rep * threads < slab_left: in the slab
-                    for rep in range(slab_group):
-                        if slab_size % threads == 0 or rep * threads < slab_left:
-                            slab[to_at + rep * threads] = weight[U64(from_at + rep * threads)]
-                    from_at += slab_group * threads
-                    to_at = U32(to_at + slab_group * threads)
-            else:  # the last chunk of an offset group or weight group: zeros past nc channels
+            if full_chunk:
+                vec_at = tid  # this thread's next vector of the slab: vec_at + r * threads
+                from_at = slab_base + tid * weight_vec
+                while vec_at < slab_vector_stop:
+                    vectors_left = I32(slab_vectors - I32(vec_at))  # r * threads < it: in the slab
+                    for r in range(vector_group):
+                        if slab_vectors % threads == 0 or r * threads < vectors_left:
+                            to = U32(U32(vec_at + r * threads) * weight_vec)
+                            if weight_vec == 1:
+                                slab[to] = weight[U64(from_at + r * threads)]
+                            else:
+                                values = load_vector(weight, U64(from_at + r * threads * weight_vec))
+                                for k in range(weight_vec):
+                                    slab[to + k] = values[k]
+                    vec_at = U32(vec_at + vector_group * threads)
+                    from_at += vector_group * threads * weight_vec
+            else:
+                # phase: weights_partial
+                # The last chunk of an offset group or weight group: zeros past nc channels.
+                slab_valid = U32(nc * (taps * oc_block))
+                from_at = slab_base + tid  # this thread's next element: weight[from_at + rep * threads]
+                to_at = tid  # ... goes to slab[to_at + rep * threads]
                 while to_at < slab_stop:
                     valid_left = I32(I32(slab_valid) - I32(to_at))  # rep * threads < valid_left: a weight
                     slab_left = I32(slab_size - I32(to_at))
@@ -496,35 +577,59 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
             cuda.syncthreads()  # the table, the staged region and the slab are complete
 
             # phase: columns
-            full_chunk = nc == chunk
             # The [chunk*K, P] column tile, one table entry per (tap, pixel) for all the
-            # chunk's channels; rows of channels past nc are zero.
+            # chunk's channels. In-tile: the 2x2 window's corners are at where, where + 1,
+            # where + row_pitch and where + row_pitch + 1, each one wide load of the chunk's
+            # interleaved channels (LDS.128 for 4), and four FMAs per channel.
             e = tid
-            while e < table_size:
-                where = table_where[e]
-                w00 = table_weights[4 * e]
-                w01 = table_weights[4 * e + 1]
-                w10 = table_weights[4 * e + 2]
-                w11 = table_weights[4 * e + 3]
-                if where >= 0:  # in-tile: four shared loads per channel
-                    window = U32(where)
-                    if full_chunk:
+            if full_chunk:
+                while e < table_size:
+                    where = table_where[e]
+                    w00 = table_weights[4 * e]
+                    w01 = table_weights[4 * e + 1]
+                    w10 = table_weights[4 * e + 2]
+                    w11 = table_weights[4 * e + 3]
+                    if where >= 0:  # in-tile (or the zero window: outside the band or the output)
+                        at = U32(U32(where) * chunk)
                         for cc in range(chunk):
-                            at = window + cc * region
                             columns[e + cc * table_size] = (
-                                w00 * staged[at] + w01 * staged[at + 1]
-                                + w10 * staged[at + row_pitch] + w11 * staged[at + row_pitch + 1])
+                                w00 * staged[at + cc] + w01 * staged[at + chunk + cc]
+                                + w10 * staged[at + row_step + cc] + w11 * staged[at + row_step + chunk + cc])
                     else:
+                        # phase: out_of_tile
+                        # Four global loads (clamped corners) per channel; the warp issues this
+                        # path only when one of its lanes has an out-of-tile sample.
+                        row = table_row[e]
+                        steps = I32(-1 - where)
+                        down = PLANE((steps >> 1) * width)
+                        right = I32(steps & 1)
+                        corner = IMG(PLANE(row) * width + table_col[e])  # in channel c's plane
                         for cc in range(chunk):
-                            at = window + cc * region  # rows past nc are staged as zeros ...
-                            v = (w00 * staged[at] + w01 * staged[at + 1]
-                                 + w10 * staged[at + row_pitch] + w11 * staged[at + row_pitch + 1])
+                            at = channel_base + IMG(corner + cc * image_plane)
+                            columns[U32(cc * table_size + e)] = (
+                                w00 * load(input, U64(at)) + w01 * load(input, U64(at + right))
+                                + w10 * load(input, U64(at + down)) + w11 * load(input, U64(at + down + right)))
+                    # phase: columns
+                    e = U32(e + threads)
+            else:
+                # phase: columns_partial
+                # The same for a chunk cut short: rows of channels past nc are zero.
+                while e < table_size:
+                    where = table_where[e]
+                    w00 = table_weights[4 * e]
+                    w01 = table_weights[4 * e + 1]
+                    w10 = table_weights[4 * e + 2]
+                    w11 = table_weights[4 * e + 3]
+                    if where >= 0:  # in-tile (or the zero window)
+                        at = U32(U32(where) * chunk)
+                        for cc in range(chunk):  # rows past nc are staged as zeros ...
+                            v = (w00 * staged[at + cc] + w01 * staged[at + chunk + cc]
+                                 + w10 * staged[at + row_step + cc] + w11 * staged[at + row_step + chunk + cc])
                             if cc >= nc:  # ... but a weight may be NaN (mask): select, no branch
                                 v = ZERO
                             columns[e + cc * table_size] = v
-                else:
-                    row = table_row[e]
-                    if row >= 0:  # out-of-tile: four global loads (clamped corners) per channel
+                    else:  # out-of-tile: four global loads (clamped corners) per channel
+                        row = table_row[e]
                         steps = I32(-1 - where)
                         down = PLANE((steps >> 1) * width)
                         right = I32(steps & 1)
@@ -537,13 +642,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                                 v = (w00 * load(input, U64(at)) + w01 * load(input, U64(at + right))
                                      + w10 * load(input, U64(at + down)) + w11 * load(input, U64(at + down + right)))
                             columns[U32(cc * table_size + e)] = v
-                    else:  # outside the band or the output: no memory read; 0 * mask
-                        for cc in range(chunk):
-                            v = ZERO
-                            if cc < nc:
-                                v = w00
-                            columns[U32(cc * table_size + e)] = v
-                e = U32(e + threads)
+                    e = U32(e + threads)
             cuda.syncthreads()  # the column tile is complete
 
             # phase: multiply
@@ -575,20 +674,37 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
         ob = U32(block_y - g * oc_blocks)
         oc0 = I32(g * opg + ob * oc_block)  # first output channel of the block
         oc_count = I32(min(oc_block, opg - ob * oc_block))  # valid channels of the block
-        for i in range(reg_oc):
-            o = I32(oc_first + (i // oc_vec) * oc_run_step + i % oc_vec)
-            if o < oc_count:
+        if (RUNS_IN_ROWS and oc_count == oc_block and oy0 + tile_h <= out_h
+                and ox0 + tile_w <= out_w):  # an interior block: every value is stored
+            for i in range(reg_oc):
+                o = I32(oc_first + (i // oc_vec) * oc_run_step + i % oc_vec)
                 bias_v = ZERO
                 if USE_BIAS:
                     bias_v = bias[U32(oc0 + o)]
                 out_base = (n * out_channels + (oc0 + o)) * out_plane
-                for j in range(reg_px):
-                    p = U32(px_first + (j // px_vec) * px_run_step + j % px_vec)
+                for run in range(reg_px // px_vec):  # a run of px_vec pixels lies in one tile row
+                    p = U32(px_first + run * px_run_step)
                     u = U32(p // U32(tile_w))
-                    oy = I32(oy0 + u)
-                    ox = I32(ox0 + (p - u * tile_w))
-                    if oy < out_h and ox < out_w:
-                        store(out, U64(out_base + PLANE(oy * out_w + ox)), acc[i * reg_px + j] + bias_v)
+                    at = out_base + PLANE(I32(oy0 + u) * out_w + I32(ox0 + (p - u * tile_w)))
+                    for k in range(px_vec):
+                        store(out, U64(at + k), acc[i * reg_px + run * px_vec + k] + bias_v)
+        else:
+            # phase: epilogue_edge
+            # A block at the output's edge (or with a partial channel block): each value checked.
+            for i in range(reg_oc):
+                o = I32(oc_first + (i // oc_vec) * oc_run_step + i % oc_vec)
+                if o < oc_count:
+                    bias_v = ZERO
+                    if USE_BIAS:
+                        bias_v = bias[U32(oc0 + o)]
+                    out_base = (n * out_channels + (oc0 + o)) * out_plane
+                    for j in range(reg_px):
+                        p = U32(px_first + (j // px_vec) * px_run_step + j % px_vec)
+                        u = U32(p // U32(tile_w))
+                        oy = I32(oy0 + u)
+                        ox = I32(ox0 + (p - u * tile_w))
+                        if oy < out_h and ox < out_w:
+                            store(out, U64(out_base + PLANE(oy * out_w + ox)), acc[i * reg_px + j] + bias_v)
 
     @cuda.jit(device=True, inline="always")
     def rank_one_update(acc, a, b, slab, columns, w_at, c_at):
@@ -619,8 +735,9 @@ def kernel_dims(geometry) -> tuple:
 def pack_weights(geometry, config, weight, xp):
     """``weight`` ``[Cout, C/groups, kh, kw]`` in the order the kernel reads it:
     ``[groups * oc_blocks, C/groups, K, oc_block]`` flat, each block's output channels
-    padded with zeros to ``oc_block``. One pass per call, by the array module, in the layer's
-    compute dtype (a float16/bfloat16 weight is converted to float32 here)."""
+    padded with zeros to ``oc_block``. One pass per call, by the array module, into a new
+    array in the layer's compute dtype (a float16/bfloat16 weight is converted to float32
+    here; the kernel copies it in 16-byte vectors: ``_weight_vector``)."""
     g = geometry
     opg, cpg = g.out_channels // g.groups, g.in_channels // g.groups
     oc_blocks = -(-opg // config.oc_block)
@@ -630,7 +747,9 @@ def pack_weights(geometry, config, weight, xp):
     if padded != opg:
         w = xp.concatenate([w, xp.zeros((g.groups, padded - opg, cpg, g.taps), dtype=weight.dtype)], axis=1)
     w = w.reshape(g.groups * oc_blocks, config.oc_block, cpg, g.taps).transpose(0, 2, 3, 1)
-    return xp.ascontiguousarray(w).reshape(-1)
+    # a fresh allocation (never a view of ``weight``): 16-byte aligned for the kernel's
+    # vector copy (CuPy allocates on 256-byte boundaries)
+    return xp.array(w, dtype=weight.dtype, copy=True, order="C").reshape(-1)
 
 
 def _config_of(plan, geometry) -> TileConfig:
@@ -771,23 +890,37 @@ def _segments(geometry):
 
 def phase_model(geometry, config: TileConfig) -> dict:
     """Iterations, per thread of one block, of each phase's innermost source loop body
-    (``# phase:`` lines of ``fused_kernel``), for the audit's issue-slot model:
+    (``# phase:`` lines of ``fused_kernel``), for the audit's issue-slot model.
 
+    A chunk is *full* (``chunk`` channels) or *partial* (the last of an offset-group
+    segment whose channel count ``chunk`` does not divide). The two kinds run different
+    code: each per-chunk phase has a full form and a ``_partial`` form (separate source
+    loops, separate phases), and each is charged for the chunks that run it, no more.
+
+    * ``prologue``: its code inside the chunk loop (the segment and chunk bounds) once per
+      chunk, the rest once;
     * ``table``: one (tap, pixel) entry, ``ceil(K*P / threads)`` per offset-group segment;
-    * ``staging``: one stored position of the region (guard included), copied for all
-      ``chunk`` channels: ``ceil(region / threads)`` per chunk;
-    * ``weights``: ``slab_group`` slab elements (unrolled), ``slab_reps / slab_group``
-      per chunk;
-    * ``columns``: one (tap, pixel) entry for all ``chunk`` channels, ``ceil(K*P / threads)``
-      per chunk;
+    * ``staging`` / ``staging_partial``: one (stored position, channel) of the region
+      (guard included): ``ceil(region / threads) * chunk`` per chunk;
+    * ``weights``: one 16-byte vector of the slab (``_weight_vector`` elements),
+      ``ceil(slab vectors / threads)`` per full chunk (the loop copies up to 4 per
+      iteration; the audit counts per vector from its ``LDG.128``);
+    * ``weights_partial``: ``slab_group`` slab elements, ``slab_reps / slab_group`` per
+      partial chunk;
+    * ``columns`` / ``columns_partial``: one (tap, pixel) entry of one channel,
+      ``ceil(K*P / threads) * chunk`` per chunk; ``columns`` holds the in-tile path (which
+      out-of-band entries take too, reading the zero window), ``out_of_tile`` the global-read
+      path (the audit weights it by the chance that a warp takes it);
     * ``multiply``: one rank-1 update of ``reg_oc * reg_px`` FFMA, ``chunk * K`` per chunk
       (the audit's ``normalise_multiply`` turns the SASS loop body, which holds
       ``_multiply_unroll`` updates or more, into the count of one update);
-    * ``epilogue``: 1 (straight-line stores).
+    * ``epilogue``: 1 (straight-line stores; the unchecked form of interior blocks, charged
+      to every block: an upper bound), ``epilogue_edge``: the checked form, charged as the
+      share of blocks that run it (``interior_fraction``).
 
     Each per-chunk phase is ``(body iterations, straight runs)``: its code outside the
-    innermost loop (set-up, remainders, partial-chunk paths) is charged once per chunk
-    (table: once per offset-group segment), an upper bound since not every path runs.
+    innermost loop (loop set-up, LLVM's remainder iterations) runs once per chunk of its
+    kind (table: once per offset-group segment).
 
     The SASS may unroll a source loop further (ptxas/LLVM): divide by the unroll factor
     seen in the loop's body (e.g. its FFMA or LDG count over the source body's).
@@ -799,12 +932,35 @@ def phase_model(geometry, config: TileConfig) -> dict:
     region = (rows + 2) * (cols + 2)
     table_size = taps * config.pixels
     segments = _segments(g)
-    chunks = sum(-(-s // config.chunk) for s in segments)
+    full = sum(s // config.chunk for s in segments)
+    partial = sum(1 for s in segments if s % config.chunk)
+    chunks = full + partial
     slab_reps, slab_group = _slab_copy(config, taps)
+    vectors = -(-config.chunk * taps * config.oc_block // _weight_vector(config, taps, g.dtype))
     per_table = -(-table_size // threads)
-    return {"table": (len(segments) * per_table, len(segments)),
-            "staging": (chunks * -(-region // threads), chunks),
-            "weights": (chunks * (slab_reps // slab_group), chunks),
-            "columns": (chunks * per_table, chunks),
+    per_region = -(-region // threads)
+    c = config.chunk
+    return {"prologue": (chunks, 1),
+            "table": (len(segments) * per_table, len(segments)),
+            "staging": (full * per_region * c, full),
+            "staging_partial": (partial * per_region * c, partial),
+            "weights": (full * -(-vectors // threads), full),
+            "weights_partial": (partial * (slab_reps // slab_group), partial),
+            "columns": (full * per_table * c, full),
+            "columns_partial": (partial * per_table * c, partial),
             "multiply": (chunks * config.chunk * taps, chunks),
-            "epilogue": 1}
+            "epilogue": 1,
+            "epilogue_edge": (0, 1.0 - interior_fraction(g, config))}
+
+
+def interior_fraction(geometry, config: TileConfig) -> float:
+    """Share of the blocks whose epilogue stores without bounds checks (phase ``epilogue``):
+    the tile lies inside the output and the output-channel block is full; the others run
+    ``epilogue_edge`` (all of them when a thread's run of pixels may cross a tile row)."""
+    g = geometry
+    if config.tile_w % _vector(config.reg_px):
+        return 0.0
+    tiles = -(-g.out_h // config.tile_h) * -(-g.out_w // config.tile_w)
+    inside = (g.out_h // config.tile_h) * (g.out_w // config.tile_w)
+    opg = g.out_channels // g.groups
+    return inside / tiles * (opg // config.oc_block) / -(-opg // config.oc_block)

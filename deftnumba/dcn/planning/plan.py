@@ -87,8 +87,8 @@ TIE_BREAK_MEMORY = 0.01  # ranking: 1% of the memory time breaks ties in issue t
 
 
 def _phase_iterations(geometry, tile: TileConfig, fraction: float) -> dict:
-    """Iterations per thread of each phase: the kernel's ``phase_model``, its multiply phase in
-    rank-1 updates (``dcn.audit.fused_iterations``), the unit of the measured counts."""
+    """Iterations per thread of each phase: the kernel's ``phase_model`` in the units of the
+    measured counts (``dcn.audit.fused_iterations``, ``dcn.audit.normalise_fused``)."""
     return dcn_audit.fused_iterations(geometry, tile)
 
 
@@ -117,8 +117,9 @@ def _fused_terms(geometry, tile: TileConfig, fraction: float, device: DeviceMode
     if measured.get("spill_bytes"):  # spills to local memory: not a candidate
         return {"feasible": False, "shared_bytes": shared, "registers": regs}
     # the out-of-tile path of the column build (warps with an out-of-tile lane issue it)
-    oot_count, oot_iterations = dcn_audit.out_of_tile_phase(g, tile, fraction)
-    phases = {**measured["phases"], "out_of_tile": {"body": oot_count.body, "straight": 0}}
+    # (its body is measured too: phase ``out_of_tile``)
+    _, oot_iterations = dcn_audit.out_of_tile_phase(g, tile, fraction)
+    phases = dict(measured["phases"])
     per_thread = sass.per_thread_instructions(phases, {**_phase_iterations(g, tile, fraction),
                                                        "out_of_tile": oot_iterations})
     issue = sass.issue_model(per_thread, blocks, tile.threads, regs, shared + sass.SYSTEM_SHARED_RESERVE, device)
