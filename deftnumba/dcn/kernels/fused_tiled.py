@@ -257,8 +257,9 @@ def _slab_copy(config, taps) -> tuple[int, int]:
 def _weight_vector(config, taps, dtype) -> int:
     """Elements per copy step of a full chunk's weight slab: a 16-byte vector (4 float32, 2
     float64) when every slab, and every block's slice of the packed weights, starts at a
-    multiple of it (``taps * oc_block`` divisible by the width), else 1."""
-    width = vector_width(dtype)
+    multiple of it (``taps * oc_block`` divisible by the width), else 1. The packed weights
+    are in the layer's compute dtype (float32 for float16/bfloat16 layers)."""
+    width = vector_width(precision.compute_dtype(dtype))
     return width if (taps * config.oc_block) % width == 0 else 1
 
 
