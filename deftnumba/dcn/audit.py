@@ -206,10 +206,12 @@ deterministic input-gradient path (``entries`` + ``gather``) that every method's
 gather)."""
 
 
-def fused_backward_launches(g, config=None) -> list:
-    """The column-free backward's two kernels (``backward_fused.backward``, atomic mode):
-    input, offset and mask gradients, then the weight gradient's per-split partials (the
-    fixed-order sum of the partials is an array addition, not modelled)."""
+def fused_backward_launches(g, config=None, deterministic: bool = False) -> list:
+    """The column-free backward's launches (``backward_fused.backward``). Atomic mode (the
+    default, ``bwd-fused``): one kernel, input, offset, mask and weight gradients (the weight
+    gradient's block partials reduced with ``RED``). Deterministic mode: the input kernel
+    without its ``RED`` phases, then the weight kernel's per-split partials (their fixed-order
+    sum is an array addition, not modelled; nor is the gather, ``bwd-deterministic``)."""
     from numba import types
 
     from .kernels import backward_fused as bf
@@ -221,22 +223,25 @@ def fused_backward_launches(g, config=None) -> list:
     a4, flat = types.Array(t, 4, "A"), types.Array(t, 1, "C")
     conv, dims = types.UniTuple(types.int32, 8), types.UniTuple(types.int32, 9)
     span = bf.channel_span(g)
-    cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
-    splits = bf.choose_splits(g, config)
-    w_blocks = splits * -(-opg // config.w_out_block) * -(-cpg // config.chunk) * g.groups
-    input_phases = ("table", "stage", "stage_gemm", "grad_cols_gemm", "scatter", "offset_grad")
-    weight_phases = ("w_stage", "w_table", "w_build", "weight_gemm")
-    return [
-        Launch("bwd.fused.input_grad", bf, bf.input_grad_kernel(g.dtype, *shape, config, g.has_mask, True),
-               (flat, a4, a4, flat, flat, flat, a4, a4, conv, dims),
+    input_phases = ("table", "stage", "stage_gemm", "stage_grad_out", "grad_cols_gemm", "scatter", "offset_grad")
+    if not deterministic:
+        input_phases += ("wg_stage", "wg_gemm", "wg_red")
+    launches = [
+        Launch("bwd.fused.input_grad", bf, bf.input_grad_kernel(g.dtype, *shape, config, g.has_mask, not deterministic),
+               (flat, a4, a4, flat, flat, flat, flat, a4, a4, conv, dims),
                config.tiles(g) * (g.in_channels // span) * g.batch, config.input_threads(k), config,
-               operator="fused backward",
-               extra={"phases": input_phases, "mean_body_phases": ("stage_gemm",)}),
-        Launch("bwd.fused.weight_grad", bf, bf.weight_grad_kernel(g.dtype, *shape, config, g.has_mask),
-               (flat, a4, a4, flat, flat, conv, dims), w_blocks, config.weight_threads(k), config,
-               operator="fused backward",
-               extra={"phases": weight_phases, "splits": splits, "mean_body_phases": ("w_stage",)}),
-    ]
+               operator="fused backward", extra={"phases": input_phases})]
+    if deterministic:
+        cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
+        splits = bf.choose_splits(g, config)
+        w_blocks = splits * -(-opg // config.w_out_block) * -(-cpg // config.chunk) * g.groups
+        launches.append(
+            Launch("bwd.fused.weight_grad", bf, bf.weight_grad_kernel(g.dtype, *shape, config, g.has_mask),
+                   (flat, a4, a4, flat, flat, conv, dims), w_blocks, config.weight_threads(k), config,
+                   operator="fused backward",
+                   extra={"phases": ("w_stage", "w_table", "w_build", "weight_gemm"), "splits": splits,
+                          "mean_body_phases": ("w_stage",)}))
+    return launches
 
 
 def _column_backward_types(dtype):

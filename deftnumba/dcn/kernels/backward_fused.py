@@ -83,8 +83,12 @@ class BackwardTileConfig:
     chunk (CC): input channels per step.
     out_block (OGB): outputs staged per step of the column-gradient GEMM (input kernel).
     reg_rows, reg_px: input kernel ownership: RR contiguous ``c*K + tap`` rows x RP pixels.
-    w_out_block (OGW): outputs per block of the weight kernel.
+    w_out_block (OGW): outputs per block of the weight kernel (deterministic mode).
     w_reg_out, w_reg_cols: weight kernel ownership: RO contiguous outputs x RK columns.
+    wg_reg_out, wg_reg_cols: ownership of the weight-gradient GEMM fused into the input
+    kernel (atomic mode): ``wg_reg_out`` outputs x ``wg_reg_cols`` column rows per thread
+    and slot, interleaved (rows ``t, t + T, ...``) so that a quarter-warp's ``LDS.128``
+    along the pixels hit distinct banks of the padded tiles.
     """
 
     tile_h: int = 4
@@ -97,6 +101,8 @@ class BackwardTileConfig:
     w_out_block: int = 4
     w_reg_out: int = 2
     w_reg_cols: int = 2
+    wg_reg_out: int = 1
+    wg_reg_cols: int = 1
 
     @property
     def pixels(self) -> int:
@@ -111,13 +117,31 @@ class BackwardTileConfig:
         ck = self.rows(taps)
         for name, total, part in (("reg_rows", ck, self.reg_rows), ("reg_px", self.pixels, self.reg_px),
                                   ("w_reg_out", self.w_out_block, self.w_reg_out),
-                                  ("w_reg_cols", ck, self.w_reg_cols)):
+                                  ("w_reg_cols", ck, self.w_reg_cols),
+                                  ("wg_reg_out", self.out_block, self.wg_reg_out),
+                                  ("wg_reg_cols", ck, self.wg_reg_cols)):
             if part < 1 or total % part:
                 raise ValueError(f"BackwardTileConfig.{name}={part} must divide {total}")
 
-
     def input_threads(self, taps: int) -> int:
         return (self.rows(taps) // self.reg_rows) * (self.pixels // self.reg_px)
+
+    def pixel_vector(self) -> int:
+        """Pixels per shared load of the fused weight-gradient GEMM (4: ``LDS.128``)."""
+        p = self.pixels
+        return 4 if p % 4 == 0 else 2 if p % 2 == 0 else 1
+
+    def padded_pixels(self) -> int:
+        """Row stride of the staged ``grad_out`` and column tiles: ``P``, padded by one
+        vector when ``P / vector`` is even, so that consecutive rows start in different
+        banks (8 rows of a quarter-warp's ``LDS.128`` then touch all 32 banks once)."""
+        v = self.pixel_vector()
+        return self.pixels + (v if (self.pixels // v) % 2 == 0 else 0)
+
+    def fused_weight_slots(self, taps: int) -> int:
+        """Ownership slots of the fused weight-gradient GEMM per output step:
+        ``(OGB / wg_reg_out) * (CC*K / wg_reg_cols)`` (threads loop over them)."""
+        return (self.out_block // self.wg_reg_out) * (self.rows(taps) // self.wg_reg_cols)
 
     def weight_threads(self, taps: int) -> int:
         return (self.w_out_block // self.w_reg_out) * (self.rows(taps) // self.w_reg_cols)
@@ -133,8 +157,8 @@ class BackwardTileConfig:
     def input_shared_bytes(self, geometry) -> int:
         s, k, p = geometry.itemsize, geometry.taps, self.pixels
         rows, cols = self.staged_shape(geometry)
-        ck = self.rows(k)
-        return s * (self.chunk * rows * cols + self.out_block * ck + self.out_block * p + ck * p) + (4 + s) * 4 * k * p
+        ck, ps = self.rows(k), self.padded_pixels()
+        return s * (self.chunk * rows * cols + self.out_block * ck + self.out_block * ps + ck * ps) + (4 + s) * 4 * k * p
 
     def weight_shared_bytes(self, geometry) -> int:
         s, k, p = geometry.itemsize, geometry.taps, self.pixels
@@ -145,11 +169,12 @@ class BackwardTileConfig:
 
 SIMULATOR_CONFIG = BackwardTileConfig()  # 16 threads per block in the input kernel for K = 9
 GPU_CONFIG = BackwardTileConfig(tile_h=8, tile_w=8, halo=1, chunk=4, out_block=32, reg_rows=4, reg_px=4,
-                                w_out_block=64, w_reg_out=8, w_reg_cols=4)
+                                w_out_block=64, w_reg_out=8, w_reg_cols=4, wg_reg_out=2, wg_reg_cols=4)
 """``deft64`` (3x3): input kernel 144 threads of 4x4 accumulators, 42.8 KB shared memory;
 weight kernel 72 threads of 8x4 accumulators, 45.3 KB. (Weight-kernel ownerships of 4x4 and
 8x2 for 144 threads were tried: their GEMM loops fall to 75% and 72% FFMA in SASS.)"""
 STATIC_SHARED_LIMIT = 48 * 1024
+INPUT_MIN_BLOCKS = 4  # launch_bounds of input_grad_kernel: blocks per SM ptxas must allow
 
 
 def default_config(geometry) -> BackwardTileConfig:
@@ -161,7 +186,8 @@ def default_config(geometry) -> BackwardTileConfig:
         for chunk in (4, 2, 1):
             for rr in (4, 2, 1):
                 rp = min(4, th * tw)
-                candidates.append(BackwardTileConfig(th, tw, 1, chunk, 32, rr, rp, 64, 8, rr))
+                candidates.append(BackwardTileConfig(th, tw, 1, chunk, 32, rr, rp, 64, 8, rr, 2,
+                                                     max(d for d in (4, 2, 1) if (chunk * k) % d == 0)))
     for cfg in candidates:
         try:
             cfg.check(k)
@@ -209,14 +235,17 @@ def _steps(trips: int, products: int) -> int:
 #   No column matrix: the column-gradient tile lives in shared memory.
 @functools.cache
 def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, config: BackwardTileConfig,
-                      use_mask: bool, scatter: bool):
-    """Kernel ``(input, offset, mask, weight, grad_out, grad_input, grad_offset, grad_mask,
-    conv, dims)`` on ``(tiles, C // channel_span, images)`` blocks of ``config.input_threads(K)``.
+                      use_mask: bool, atomic: bool):
+    """Kernel ``(input, offset, mask, weight, grad_out, grad_input, grad_weight, grad_offset,
+    grad_mask, conv, dims)`` on ``(tiles, C // channel_span, images)`` blocks of
+    ``config.input_threads(K)``.
 
-    input and grad_input are flat (``N*C*H*W``), weight flat (``Co*Cg*K``), grad_out flat
-    (``N*Co*Ho*Wo``); offset, mask, grad_offset, grad_mask 4-D (mask and grad_mask dummies
-    without ``use_mask``); dims the int32 tuple ``(C, H, W, Co, Cg, span, cpo, Ho, Wo)``. ``scatter`` adds the input gradient
-    with ``red_add`` (grad_input zeroed by the caller); without it grad_input is untouched.
+    input and grad_input are flat (``N*C*H*W``), weight and grad_weight flat (``Co*Cg*K``),
+    grad_out flat (``N*Co*Ho*Wo``); offset, mask, grad_offset, grad_mask 4-D (mask and
+    grad_mask dummies without ``use_mask``); dims the int32 tuple ``(C, H, W, Co, Cg, span,
+    cpo, Ho, Wo)``. ``atomic`` adds the input gradient and the block's weight-gradient
+    partials with ``red_add`` (grad_input and grad_weight zeroed by the caller); without it
+    grad_input and grad_weight are untouched (the deterministic path computes them apart).
     """
     fns = sampling_functions(dtype)
     tap_position = fns.tap_position
@@ -244,19 +273,34 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     PX_T = P // RP  # thread columns of the GEMM (pixels)
     THREADS = ROW_T * PX_T
     EPT = -(-KP // THREADS)  # table points owned per thread in the scatter phase
+    PS = config.padded_pixels()  # row stride of staged_grad_out and grad_cols (bank padding)
+    VW = config.pixel_vector()  # pixels per shared load in the weight-gradient GEMM
+    WRO, WRK = config.wg_reg_out, config.wg_reg_cols
+    WG_O_T = OGB // WRO  # weight-gradient GEMM: output rows of slots ...
+    WG_CK_T = CK // WRK  # ... and column rows of slots
+    WG_SLOTS = WG_O_T * WG_CK_T
     WEIGHT_STEP = OGB * CK  # shared-array sizes must be compile-time literals
-    GRAD_OUT_STEP = OGB * P
-    COLUMN_TILE = CK * P
+    GRAD_OUT_STEP = OGB * PS
+    COLUMN_TILE = CK * PS
     TABLE = 4 * KP
     SH_, SW_ = stride_h, stride_w
-    USE_MASK, SCATTER = use_mask, scatter
+    USE_MASK, ATOMIC = use_mask, atomic
     STEPS_A = _steps(OGB, RR * RP)
+    PX_TRIP = VW * _steps(P // VW, WRO * WRK * VW)  # pixels per trip of the weight-gradient GEMM
+    GO_ROWS = THREADS // P  # grad_out staging: rows per pass when every thread owns one pixel ...
+    GO_FAST = GO_ROWS >= 1  # ... (else the generic element loop)
+    NO_STEP = np.uint32(0xFFFFFFFF)  # "no grad_out step staged yet"
     u32 = np.uint32
     u64 = np.uint64
     i32 = np.int32
 
-    @cuda.jit
-    def kernel(input, offset, mask, weight, grad_out, grad_input, grad_offset, grad_mask, conv, dims):
+    # ptxas bound: 4 blocks of 144 threads per SM at deft64 (<= 102 registers: 96) instead of
+    # the 3 that ~126 registers allow (the launch's 3.9 blocks per SM then run in one wave)
+    options = {} if backend.IS_SIMULATOR else {"launch_bounds": (THREADS, INPUT_MIN_BLOCKS)}
+
+    @cuda.jit(**options)
+    def kernel(input, offset, mask, weight, grad_out, grad_input, grad_weight, grad_offset, grad_mask, conv,
+               dims):
         # Index discipline: every index inside an image is uint32 (wrapped in u32() so that
         # Numba's int64 promotion narrows back: no 64-bit math, no negative-index fixups, no
         # 64-bit division calls); image bases are uint64; iy0/ix0 and corner rows are int32.
@@ -294,6 +338,9 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
         a = cuda.local.array(RR, dtype=DT)
         b = cuda.local.array(RP, dtype=DT)
         sums = cuda.local.array((EPT, 4), dtype=DT)  # S_q of the points this thread owns
+        wacc = cuda.local.array((WRO, WRK), dtype=DT)  # weight-gradient partials of one slot
+        wa = cuda.local.array((WRO, PX_TRIP), dtype=DT)
+        wb = cuda.local.array((WRK, PX_TRIP), dtype=DT)
         row_t = u32(tid // u32(PX_T))  # this thread owns rows row_t*RR .. +RR ...
         px_t = u32(tid - u32(row_t * u32(PX_T)))  # ... and pixels px_t*RP .. +RP
         a_first = u32(row_t * u32(RR))
@@ -301,11 +348,26 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
         for r in range(EPT):
             for q in range(4):
                 sums[r, q] = ZERO
+        # grad_out staging (GO_FAST): this thread's pixel go_pixel_t and first row go_row; the
+        # threads past GO_ROWS * P start past the last row and stage nothing
+        go_row = u32(OGB)
+        go_pixel_t = u32(0)
+        if tid < u32(GO_ROWS * P):
+            go_row = u32(tid // u32(P))
+            go_pixel_t = u32(tid - u32(go_row * u32(P)))
+        go_u = u32(go_pixel_t // u32(TW))
+        go_oy = u32(oy0 + go_u)
+        go_ox = u32(ox0 + u32(go_pixel_t - u32(go_u * u32(TW))))
+        go_inside = go_oy < out_h and go_ox < out_w
+        go_pixel = u32(u32(go_oy * out_w) + go_ox)
+        go_at0 = u32(u32(go_row * u32(PS)) + go_pixel_t)
 
         c_begin = u32(u32(cuda.blockIdx.y) * span)
         c_end = u32(c_begin + span)
         table_og = u32(0)
         have_table = False
+        staged_o0 = NO_STEP  # the grad_out step in staged_grad_out: outputs staged_o0 ..
+        staged_g = NO_STEP  # ... of weight group staged_g (reused across the two GEMMs)
         c = c_begin
         while c < c_end:
             og = u32(c // cpo)
@@ -378,6 +440,8 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                             r1 = i32(i32(y1) - iy0)
                             q0 = i32(i32(x0) - ix0)
                             q1 = i32(i32(x1) - ix0)
+                        elif USE_MASK:  # the column is 0 times the mask, as torchvision: NaN stays NaN
+                            w00 = ZERO * mask[n, u32(u32(og * u32(K)) + k), oy, ox]
                     corner_index[e] = r0
                     corner_index[u32(e + u32(KP))] = r1
                     corner_index[u32(e + u32(2 * KP))] = q0
@@ -410,7 +474,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
             weight_row = u32(u32(g * opg) * u32(cpg * u32(K)) + u32(u32(c - u32(g * cpg)) * u32(K)))
             o0 = u32(0)
             while o0 < opg:
-                # phase: stage_gemm (weights [OGB, CC*K] and grad_out [OGB, P] of this output step)
+                # phase: stage_gemm (weights [OGB, CC*K] of this output step)
                 idx = tid
                 while idx < u32(WEIGHT_STEP):
                     o = u32(idx // u32(CK))
@@ -420,19 +484,36 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                         v = weight[u32(weight_row + u32(u32(o0 + o) * u32(cpg * u32(K))) + ck)]
                     staged_weight[idx] = v
                     idx = u32(idx + u32(THREADS))
-                idx = tid
-                while idx < u32(GRAD_OUT_STEP):
-                    o = u32(idx // u32(P))
-                    p = u32(idx - u32(o * u32(P)))
-                    u = u32(p // u32(TW))
-                    oy = u32(oy0 + u)
-                    ox = u32(ox0 + u32(p - u32(u * u32(TW))))
-                    v = ZERO
-                    if u32(o0 + o) < opg and oy < out_h and ox < out_w:
-                        channel = u32(u32(g * opg) + u32(o0 + o))
-                        v = grad_out[out_base + u64(u32(u32(channel * out_plane) + u32(oy * out_w + ox)))]
-                    staged_grad_out[idx] = v
-                    idx = u32(idx + u32(THREADS))
+                # phase: stage_grad_out (grad_out [OGB, P] rows of stride PS, unless already staged)
+                if o0 != staged_o0 or g != staged_g:
+                    if GO_FAST:  # this thread's pixel, every GO_ROWS-th row
+                        o = go_row
+                        at = u32(go_at0)
+                        src = u32(u32(u32(u32(g * opg) + u32(o0 + o)) * out_plane) + go_pixel)
+                        while o < u32(OGB):
+                            v = ZERO
+                            if go_inside and u32(o0 + o) < opg:
+                                v = grad_out[out_base + u64(src)]
+                            staged_grad_out[at] = v
+                            o = u32(o + u32(GO_ROWS))
+                            at = u32(at + u32(GO_ROWS * PS))
+                            src = u32(src + u32(u32(GO_ROWS) * out_plane))
+                    else:
+                        idx = tid
+                        while idx < u32(OGB * P):
+                            o = u32(idx // u32(P))
+                            p = u32(idx - u32(o * u32(P)))
+                            u = u32(p // u32(TW))
+                            oy = u32(oy0 + u)
+                            ox = u32(ox0 + u32(p - u32(u * u32(TW))))
+                            v = ZERO
+                            if u32(o0 + o) < opg and oy < out_h and ox < out_w:
+                                channel = u32(u32(g * opg) + u32(o0 + o))
+                                v = grad_out[out_base + u64(u32(u32(channel * out_plane) + u32(oy * out_w + ox)))]
+                            staged_grad_out[u32(u32(o * u32(PS)) + p)] = v
+                            idx = u32(idx + u32(THREADS))
+                    staged_o0 = o0
+                    staged_g = g
                 cuda.syncthreads()  # the staged input, weights, grad_out and the table are complete
 
                 # phase: grad_cols_gemm (rank-1 updates; RR + RP contiguous values per step: LDS.128)
@@ -445,26 +526,34 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                         for i in range(RR):
                             a[i] = staged_weight[u32(wo + u32(sub * CK + i))]
                         for j in range(RP):
-                            b[j] = staged_grad_out[u32(go + u32(sub * P + j))]
+                            b[j] = staged_grad_out[u32(go + u32(sub * PS + j))]
                         for i in range(RR):
                             for j in range(RP):
                                 acc[i, j] += a[i] * b[j]
                     wo = u32(wo + u32(STEPS_A * CK))
-                    go = u32(go + u32(STEPS_A * P))
+                    go = u32(go + u32(STEPS_A * PS))
                     step = u32(step + u32(STEPS_A))
                 cuda.syncthreads()  # everyone is done reading this step's weights and grad_out
                 o0 = u32(o0 + u32(OGB))
             for i in range(RR):
                 for j in range(RP):
-                    grad_cols[u32(u32(u32(a_first + u32(i)) * u32(P)) + u32(b_first + u32(j)))] = acc[i, j]
+                    grad_cols[u32(u32(u32(a_first + u32(i)) * u32(PS)) + u32(b_first + u32(j)))] = acc[i, j]
             cuda.syncthreads()  # the column-gradient tile is complete
 
-            # phase: scatter (per owned point: S_q over the chunk's channels; RED to grad_input)
+            # phase: scatter (per owned point: S_q over the chunk's channels; atomic mode: RED to
+            # grad_input, and the point's column values written over its grad_cols, in place)
             for r in range(EPT):
                 e = u32(tid + u32(r * THREADS))
                 if e < u32(KP):
+                    k = u32(e // u32(P))
+                    at = u32(u32(k * u32(PS)) + u32(e - u32(k * u32(P))))  # row k, pixel p of grad_cols
                     r0 = corner_index[e]
-                    if r0 != i32(OUTSIDE):
+                    if r0 == i32(OUTSIDE):
+                        if ATOMIC:  # no sample: the column is 0 (0 * mask: NaN stays NaN)
+                            w00 = corner_weight[e]
+                            for cc in range(CC):
+                                grad_cols[u32(at + u32(cc * K * PS))] = w00
+                    else:
                         r1 = corner_index[u32(e + u32(KP))]
                         q0 = corner_index[u32(e + u32(2 * KP))]
                         q1 = corner_index[u32(e + u32(3 * KP))]
@@ -493,7 +582,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                         channel_base = image_base + u64(u32(c * plane))
                         for cc in range(CC):
                             if u32(cc) < nc:
-                                gc = grad_cols[u32(e + u32(cc * KP))]  # row (cc*K + k), pixel p
+                                gc = grad_cols[u32(at + u32(cc * K * PS))]  # row (cc*K + k), pixel p
                                 if inside:
                                     v00 = staged[u32(s00 + u32(cc * REGION))]
                                     v01 = staged[u32(s01 + u32(cc * REGION))]
@@ -508,7 +597,9 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                                 sums[r, 1] += gc * v01
                                 sums[r, 2] += gc * v10
                                 sums[r, 3] += gc * v11
-                                if SCATTER:
+                                if ATOMIC:
+                                    grad_cols[u32(at + u32(cc * K * PS))] = (w00 * v00 + w01 * v01 + w10 * v10
+                                                                             + w11 * v11)
                                     if w00 != ZERO:
                                         red_add(grad_input, channel_base + u64(o00), gc * w00)
                                     if w01 != ZERO:
@@ -518,7 +609,90 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                                     if w11 != ZERO:
                                         red_add(grad_input, channel_base + u64(o11), gc * w11)
                                 channel_base = channel_base + u64(plane)
-            cuda.syncthreads()  # the next chunk may overwrite the staged input, grad_cols and the table
+            # (atomic mode) the column tile is complete; (deterministic mode) the next chunk may
+            # overwrite the staged input, grad_cols and the table
+            cuda.syncthreads()
+
+            if ATOMIC:
+                # The weight gradient of this (tile, chunk): grad_weight[o, ck] += sum_p
+                # grad_out[o, p] * cols[ck, p], one output step of OGB at a time, last step first
+                # (its grad_out is still staged; the next chunk's first step finds step 0 staged).
+                o0 = u32(u32(u32(opg - u32(1)) // u32(OGB)) * u32(OGB))
+                while True:
+                    # phase: wg_stage (grad_out [OGB, P] of this step, unless still staged)
+                    if o0 != staged_o0 or g != staged_g:
+                        if GO_FAST:  # this thread's pixel, every GO_ROWS-th row
+                            o = go_row
+                            at = u32(go_at0)
+                            src = u32(u32(u32(u32(g * opg) + u32(o0 + o)) * out_plane) + go_pixel)
+                            while o < u32(OGB):
+                                v = ZERO
+                                if go_inside and u32(o0 + o) < opg:
+                                    v = grad_out[out_base + u64(src)]
+                                staged_grad_out[at] = v
+                                o = u32(o + u32(GO_ROWS))
+                                at = u32(at + u32(GO_ROWS * PS))
+                                src = u32(src + u32(u32(GO_ROWS) * out_plane))
+                        else:
+                            idx = tid
+                            while idx < u32(OGB * P):
+                                o = u32(idx // u32(P))
+                                p = u32(idx - u32(o * u32(P)))
+                                u = u32(p // u32(TW))
+                                oy = u32(oy0 + u)
+                                ox = u32(ox0 + u32(p - u32(u * u32(TW))))
+                                v = ZERO
+                                if u32(o0 + o) < opg and oy < out_h and ox < out_w:
+                                    channel = u32(u32(g * opg) + u32(o0 + o))
+                                    v = grad_out[out_base + u64(u32(u32(channel * out_plane) + u32(oy * out_w + ox)))]
+                                staged_grad_out[u32(u32(o * u32(PS)) + p)] = v
+                                idx = u32(idx + u32(THREADS))
+                        staged_o0 = o0
+                        staged_g = g
+                        cuda.syncthreads()  # this step's grad_out is staged
+                    # phase: wg_gemm (per slot: WRO outputs x WRK column rows, interleaved; each
+                    # step reads VW pixels of every row: LDS.128 along the pixels)
+                    slot = tid
+                    while slot < u32(WG_SLOTS):
+                        o_t = u32(slot // u32(WG_CK_T))
+                        ck_t = u32(slot - u32(o_t * u32(WG_CK_T)))
+                        for i in range(WRO):
+                            for j in range(WRK):
+                                wacc[i, j] = ZERO
+                        # row starts (uint32) plus compile-time offsets added unwrapped: the offsets
+                        # fold into the load instructions and neighbouring loads merge (LDS.128)
+                        ga = u32(o_t * u32(PS))
+                        ca = u32(ck_t * u32(PS))
+                        px = u32(0)
+                        while px < u32(P):  # PX_TRIP contiguous pixels of every owned row per trip
+                            for i in range(WRO):
+                                for v in range(PX_TRIP):
+                                    wa[i, v] = staged_grad_out[ga + (i * WG_O_T * PS + v)]
+                            for j in range(WRK):
+                                for v in range(PX_TRIP):
+                                    wb[j, v] = grad_cols[ca + (j * WG_CK_T * PS + v)]
+                            for v in range(PX_TRIP):
+                                for i in range(WRO):
+                                    for j in range(WRK):
+                                        wacc[i, j] += wa[i, v] * wb[j, v]
+                            ga = u32(ga + u32(PX_TRIP))
+                            ca = u32(ca + u32(PX_TRIP))
+                            px = u32(px + u32(PX_TRIP))
+                        # phase: wg_red (the slot's partials into grad_weight: fire-and-forget RED)
+                        for i in range(WRO):
+                            o = u32(o0 + u32(o_t + u32(i * WG_O_T)))
+                            if o < opg:
+                                for j in range(WRK):
+                                    ck = u32(ck_t + u32(j * WG_CK_T))
+                                    if ck < u32(nc * u32(K)):
+                                        red_add(grad_weight, u32(u32(weight_row + u32(o * u32(cpg * u32(K)))) + ck),
+                                                wacc[i, j])
+                        slot = u32(slot + u32(THREADS))
+                    if o0 == u32(0):
+                        break
+                    o0 = u32(o0 - u32(OGB))
+                    cuda.syncthreads()  # everyone is done with this step's grad_out before the next is staged
+                cuda.syncthreads()  # the next chunk may overwrite grad_cols, grad_out and the table
             c = chunk_end
 
         # phase: offset_grad (the last offset group of the span)
@@ -859,10 +1033,15 @@ def choose_splits(geometry, config: BackwardTileConfig, target_blocks: int | Non
 
 def extra_bytes(geometry, config: BackwardTileConfig | None = None, deterministic: bool = False,
                 target_blocks: int | None = None) -> int:
-    """Device memory the ``fused`` backward allocates beyond its arguments and gradients
-    (the weight partials; in deterministic mode also the gather's sort buffers, per chunk
-    of images: key, coefficient and source per corner entry, plus segment starts)."""
+    """Device memory the ``fused`` backward allocates beyond its arguments and gradients.
+
+    Atomic mode: none (grad_input and grad_weight receive ``RED`` additions directly).
+    Deterministic mode: the weight kernel's ``S - 1`` extra partials, and the gather's sort
+    buffers per chunk of images (key, coefficient and source per corner entry, plus segment
+    starts)."""
     g = geometry
+    if not deterministic:
+        return 0
     config = config or default_config(g)
     splits = choose_splits(g, config, target_blocks)
     total = (splits - 1) * g.itemsize * g.out_channels * (g.in_channels // g.groups) * g.taps if splits > 1 else 0
@@ -922,9 +1101,11 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
     span = channel_span(g)
     tiles = config.tiles(g)
     kernel = input_grad_kernel(g.dtype, *shape, config, use_mask, not deterministic)
-    with stopwatch.section("fused input grads"):
-        if not deterministic:
+    grad_weight_flat = grad_weight.reshape(-1)
+    with stopwatch.section("fused input grads" if deterministic else "fused grads"):
+        if not deterministic:  # both receive RED additions
             grad_input[...] = 0
+            grad_weight_flat[...] = 0
         grad_input_flat = grad_input.reshape(-1)
         image = g.in_channels * g.height * g.width
         for first in range(0, g.batch, GRID_YZ_LIMIT):
@@ -933,7 +1114,7 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
                            input_c[first:last].reshape(-1), offset[first:last],
                            mask_arg[first:last] if use_mask else dummy4, weight_c.reshape(-1),
                            grad_output_c[first:last].reshape(-1), grad_input_flat[first * image:last * image],
-                           grad_offset[first:last], grad_mask_arg[first:last] if use_mask else dummy4,
+                           grad_weight_flat, grad_offset[first:last], grad_mask_arg[first:last] if use_mask else dummy4,
                            conv, _dims(g, span))
     if deterministic:
         from . import backward as column_backward
@@ -944,14 +1125,15 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
                 n_chunk = min(CHUNK_IMAGES, g.batch - first)
                 column_backward._deterministic_input_grad(g, dummy2, grad_output, weight_c, offset, mask_arg,
                                                           grad_input, first, n_chunk, True, xp, conv)
+    else:
+        return  # atomic mode: the input kernel has added the weight gradient too
 
-    # weight gradient: S partials, added in a fixed order
+    # deterministic mode: the weight gradient from S partials, added in a fixed order
     splits = splits or choose_splits(g, config)
     cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
     grid = (splits, -(-opg // config.w_out_block) * -(-cpg // config.chunk), g.groups)
     kernel = weight_grad_kernel(g.dtype, *shape, config, use_mask)
     with stopwatch.section("fused weight grad"):
-        grad_weight_flat = grad_weight.reshape(-1)
         partials = grad_weight_flat if splits == 1 else xp.empty(splits * grad_weight.size, dtype=dtype)
         backend.launch(kernel, grid, config.weight_threads(g.taps), input_c.reshape(-1), offset, mask_arg,
                        grad_output_c.reshape(-1), partials, conv, _dims(g, g.batch))
@@ -968,16 +1150,21 @@ def phase_model(geometry, config: BackwardTileConfig | None = None, target_block
     it attributes to each phase's loop body, after dividing a loop that LLVM unrolled by its
     unroll factor).
 
-    * ``table``, ``stage``, ``stage_gemm``, ``w_stage``, ``w_table``, ``w_build``: trips of their
-      ``while`` loops (one element, or one (tap, pixel) point, per trip);
+    * ``table``, ``stage``, ``stage_gemm``, ``stage_grad_out``, ``wg_stage``, ``w_stage``,
+      ``w_table``, ``w_build``: trips of their ``while`` loops (one element, or one (tap,
+      pixel) point, per trip); ``stage_grad_out`` and ``wg_stage`` as pairs ``(trips, runs of
+      their step code)``: a step stages ``grad_out`` only when it is not still staged;
     * ``grad_cols_gemm``, ``weight_gemm``: trips of the GEMM ``while`` loops, each of
-      ``_steps(...)`` rank-1 updates (unrolled in the source);
-    * ``scatter`` (no loop of its own: the point and channel loops are unrolled): runs of the
-      whole phase, once per channel chunk; ``offset_grad``: once per offset group of the span
+      ``_steps(...)`` rank-1 updates (unrolled in the source); ``wg_gemm``: ``(trips of its
+      pixel loop, runs of its slot code)``; ``wg_red`` (no loop: it sits in the slot loop):
+      slot runs;
+    * ``scatter`` (no loop of its own: the point and channel loops are unrolled): the whole
+      phase, body and straight part, runs once per channel chunk; ``offset_grad``: once per offset group of the span
       (the kernel has two copies of this code; one runs per offset group).
 
-    Input-kernel counts are exact for spans whose chunks do not stop at a group edge (an upper
-    bound otherwise); the weight kernel's are for its busiest split (``choose_splits``).
+    Input-kernel counts are for atomic mode (the weight gradient fused in; ``wg_*`` phases),
+    exact for spans whose chunks do not stop at a group edge (an upper bound otherwise); the
+    weight kernel's (deterministic mode) are for its busiest split (``choose_splits``).
     """
     g = geometry
     config = config or default_config(g)
@@ -996,12 +1183,27 @@ def phase_model(geometry, config: BackwardTileConfig | None = None, target_block
     segments = 1 if (g.in_channels // g.offset_groups) % config.chunk == 0 else 2
     steps_a = _steps(config.out_block, config.reg_rows * config.reg_px)
     steps_b = _steps(p, config.w_reg_out * config.w_reg_cols)
+    vw = config.pixel_vector()
+    steps_w = _steps(p // vw, config.wg_reg_out * config.wg_reg_cols * vw)
+    weight_groups_per_span = max(1, span // (g.in_channels // g.groups))
+    go_rows = t_in // p  # grad_out staging: one pixel per thread, go_rows rows per pass
+    grad_out_trips = -(-config.out_block // go_rows) if go_rows else -(-config.out_block * p // t_in)
+    steps = chunks * out_steps  # output steps of each GEMM pass
+    slot_runs = steps * -(-config.fused_weight_slots(k) // t_in)
+    # grad_out stagings: the column-gradient pass finds step 0 still staged by the previous
+    # chunk's weight pass (which runs last step first) except at a weight group's first chunk
+    cols_pass_stagings = chunks * (out_steps - 1) + weight_groups_per_span
+    weight_pass_stagings = chunks * (out_steps - 1)
     return {
         "table": groups_per_span * -(-kp // t_in),
         "stage": chunks * -(-config.chunk * rows * cols // t_in),
-        "stage_gemm": chunks * out_steps * (-(-config.out_block * ck // t_in) + -(-config.out_block * p // t_in)),
-        "grad_cols_gemm": chunks * out_steps * (config.out_block // steps_a),
-        "scatter": chunks,
+        "stage_gemm": steps * -(-config.out_block * ck // t_in),
+        "stage_grad_out": (cols_pass_stagings * grad_out_trips, steps),
+        "grad_cols_gemm": steps * (config.out_block // steps_a),
+        "scatter": (chunks, chunks),
+        "wg_stage": (weight_pass_stagings * grad_out_trips, steps),
+        "wg_gemm": (slot_runs * (p // (vw * steps_w)), slot_runs),  # vw * steps_w pixels per trip
+        "wg_red": slot_runs,
         "offset_grad": groups_per_span,
         "w_stage": items * (-(-config.chunk * rows * cols // t_w) + -(-p * config.w_out_block // t_w)),
         "w_table": items * segments * -(-kp // t_w),
@@ -1023,9 +1225,9 @@ def ptx_cases():
         for cfg in configs[dtype]:
             tag = (f"{cfg.tile_h}x{cfg.tile_w}h{cfg.halo}c{cfg.chunk}o{cfg.out_block}r{cfg.reg_rows}x{cfg.reg_px}"
                    f"w{cfg.w_out_block}r{cfg.w_reg_out}x{cfg.w_reg_cols}")
-            for scatter in (True, False):
-                yield (f"input_grad[3x3,{tag},scatter={scatter}]", dtype,
-                       input_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, scatter),
-                       (flat, a4, a4, flat, flat, flat, a4, a4, conv, dims))
+            for atomic in (True, False):
+                yield (f"input_grad[3x3,{tag},atomic={atomic}]", dtype,
+                       input_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, atomic),
+                       (flat, a4, a4, flat, flat, flat, flat, a4, a4, conv, dims))
             yield (f"weight_grad[3x3,{tag}]", dtype, weight_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True),
                    (flat, a4, a4, flat, flat, conv, dims))
