@@ -833,7 +833,7 @@ def target_rows(name: str, results: dict) -> list:
         for m in r["launches"]:
             a, label = m["audit"], m["launch"]
             if method == "bwd-fused":
-                gemm = gemm_loops(a, ("grad_cols_gemm", "weight_gemm"))
+                gemm = gemm_loops(a, ("grad_cols_gemm", "weight_gemm", "wg_gemm"))
             else:  # the grad_column dot product (fused_gemm forms): its innermost loop
                 depth = m["extra"].get("gemm_depth")
                 gemm = [lp for lp in a.loops if depth and lp.depth == depth and lp.innermost and lp.ffma]

@@ -286,7 +286,9 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     SH_, SW_ = stride_h, stride_w
     USE_MASK, ATOMIC = use_mask, atomic
     STEPS_A = _steps(OGB, RR * RP)
-    PX_TRIP = VW * _steps(P // VW, WRO * WRK * VW)  # pixels per trip of the weight-gradient GEMM
+    # pixels per trip of the weight-gradient GEMM: ~128 FFMA per trip (its trip overhead, two
+    # address LEAs, two adds, compare and branch, is then under 5% of its issue slots)
+    PX_TRIP = VW * _steps(P // VW, max(1, (WRO * WRK * VW) // 2))
     GO_ROWS = THREADS // P  # grad_out staging: rows per pass when every thread owns one pixel ...
     GO_FAST = GO_ROWS >= 1  # ... (else the generic element loop)
     NO_STEP = np.uint32(0xFFFFFFFF)  # "no grad_out step staged yet"
@@ -663,8 +665,8 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                         # fold into the load instructions and neighbouring loads merge (LDS.128)
                         ga = u32(o_t * u32(PS))
                         ca = u32(ck_t * u32(PS))
-                        px = u32(0)
-                        while px < u32(P):  # PX_TRIP contiguous pixels of every owned row per trip
+                        ga_stop = u32(ga + u32(P))
+                        while ga < ga_stop:  # PX_TRIP contiguous pixels of every owned row per trip
                             for i in range(WRO):
                                 for v in range(PX_TRIP):
                                     wa[i, v] = staged_grad_out[ga + (i * WG_O_T * PS + v)]
@@ -677,7 +679,6 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                                         wacc[i, j] += wa[i, v] * wb[j, v]
                             ga = u32(ga + u32(PX_TRIP))
                             ca = u32(ca + u32(PX_TRIP))
-                            px = u32(px + u32(PX_TRIP))
                         # phase: wg_red (the slot's partials into grad_weight: fire-and-forget RED)
                         for i in range(WRO):
                             o = u32(o0 + u32(o_t + u32(i * WG_O_T)))
@@ -1184,7 +1185,7 @@ def phase_model(geometry, config: BackwardTileConfig | None = None, target_block
     steps_a = _steps(config.out_block, config.reg_rows * config.reg_px)
     steps_b = _steps(p, config.w_reg_out * config.w_reg_cols)
     vw = config.pixel_vector()
-    steps_w = _steps(p // vw, config.wg_reg_out * config.wg_reg_cols * vw)
+    steps_w = _steps(p // vw, max(1, (config.wg_reg_out * config.wg_reg_cols * vw) // 2))
     weight_groups_per_span = max(1, span // (g.in_channels // g.groups))
     go_rows = t_in // p  # grad_out staging: one pixel per thread, go_rows rows per pass
     grad_out_trips = -(-config.out_block // go_rows) if go_rows else -(-config.out_block * p // t_in)
