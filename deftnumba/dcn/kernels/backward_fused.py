@@ -8,9 +8,10 @@ columns for the weight gradient (9.4 MB per image at ``deft64``, written and rea
 back). This module builds both tile by tile in shared memory, as the forward's
 ``fused_tiled`` kernel builds its columns, and never stores them.
 
-Two kernels (notation of ``backward.py``: ``C`` inputs, ``Co`` outputs, ``Gw``
-weight groups of ``Cg`` inputs and ``Og`` outputs, ``G`` offset groups of ``cpo``
-channels, ``K`` taps, a tile of ``P`` output pixels):
+Two kernels; atomic mode (the default) runs only the first (notation of
+``backward.py``: ``C`` inputs, ``Co`` outputs, ``Gw`` weight groups of ``Cg`` inputs
+and ``Og`` outputs, ``G`` offset groups of ``cpo`` channels, ``K`` taps, a tile of
+``P`` output pixels):
 
 ``input_grad_kernel``: one block per (image, tile, channel span). A *span* is
 ``lcm(Cg, cpo)`` channels, so it holds whole weight groups and whole offset
@@ -27,29 +28,42 @@ fixed order. Per chunk of ``CC`` channels:
 4. *scatter*: each thread owns (tap, pixel) points and loops over the chunk's
    channels: four corner products accumulate ``S_q = sum_c grad_cols * I[c, corner_q]``
    in registers (for the offset and mask gradients), and, in atomic mode, four
-   ``RED.ADD`` (``atomics.red_add``) send ``grad_cols * m * w_q`` to ``grad_input``.
+   ``RED.ADD`` (``atomics.red_add``) send ``grad_cols * m * w_q`` to ``grad_input``
+   and the sample's column value ``sum_q m * w_q * I[c, corner_q]`` (the corners
+   are already in registers) overwrites its ``grad_cols`` element in place;
+5. *weight gradient* (atomic mode): ``grad_weight[o, ck] += sum_p grad_out[o, p] *
+   cols[ck, p]`` for the chunk, one output step of ``OGB`` at a time, last step
+   first (its ``grad_out`` is still staged from step 3, and the next chunk's step 0
+   finds step 0 staged): a register-blocked GEMM whose threads own ``wg_reg_out``
+   outputs x ``wg_reg_cols`` column rows (interleaved) and read 16 contiguous pixels
+   of each row per trip (``LDS.128``; rows padded to ``padded_pixels`` against bank
+   conflicts); each thread then adds its partials to ``grad_weight`` with ``RED``.
+   So atomic mode samples once: no second pass, no weight partials in memory.
 
 When the offset group ends, the same threads turn ``S_q`` into
 ``grad_offset = m * sum_q (dw_q/dy, dw_q/dx) S_q`` and ``grad_mask = sum_q w_q S_q``,
 with the weights and derivatives recomputed by ``sampling.bilinear_corner_gradients``
 (the shared rule: no private copy of the border derivatives).
 
-``weight_grad_kernel``: one block per (split, output block, channel chunk, weight
-group) owns ``grad_weight[OGW outputs, CC*K]`` in registers (``RO`` outputs x ``RK``
+``weight_grad_kernel`` (deterministic mode only): one block per (split, output block,
+channel chunk, weight group) owns ``grad_weight[OGW outputs, CC*K]`` in registers (``RO`` outputs x ``RK``
 columns per thread) and walks its share of the (image, tile) pairs in a fixed
 order: build the column tile ``[P, CC*K]`` in shared memory (table, staged region,
 out-of-tile reads as the forward), stage ``grad_out[P, OGW]``, and add the
 rank-``P`` update. With ``S`` splits there are ``S`` partial weight gradients;
 the host adds them in a fixed order (``S = 1`` writes ``grad_weight`` directly).
-So the weight gradient is deterministic in both modes, and its extra memory is
+So this weight gradient is deterministic, and its extra memory is
 ``(S - 1) * |grad_weight|`` (``choose_splits`` keeps it under 4% of the
-arguments and gradients).
+arguments and gradients). It repeats the sampling the input kernel did; fusing it
+deterministically would need per-block partials of ``|grad_weight|`` each (ordered
+sums of N*T of them), far over the memory target, hence two kernels in this mode.
 
 Determinism
 -----------
-Atomic mode: the scatter is the only order-varying step. ``deterministic=True``
-launches ``input_grad_kernel`` without the scatter and builds ``grad_input`` with
-``backward.py``'s sort-then-segment gather in its ``fused_gemm`` form (column
+Atomic mode: the ``RED`` additions to ``grad_input`` and ``grad_weight`` are the
+order-varying steps. ``deterministic=True`` launches ``input_grad_kernel`` without
+them (offset and mask gradients only), the weight kernel above, and builds
+``grad_input`` with ``backward.py``'s sort-then-segment gather in its ``fused_gemm`` form (column
 gradients recomputed per entry, no column matrix). Its sort buffers are the
 extra memory of this mode (see docs/perf-notes.md).
 
@@ -158,7 +172,8 @@ class BackwardTileConfig:
         s, k, p = geometry.itemsize, geometry.taps, self.pixels
         rows, cols = self.staged_shape(geometry)
         ck, ps = self.rows(k), self.padded_pixels()
-        return s * (self.chunk * rows * cols + self.out_block * ck + self.out_block * ps + ck * ps) + (4 + s) * 4 * k * p
+        tiles = self.chunk * rows * cols + self.out_block * ck + self.out_block * ps + ck * ps
+        return s * tiles + (4 + s) * 4 * k * p
 
     def weight_shared_bytes(self, geometry) -> int:
         s, k, p = geometry.itemsize, geometry.taps, self.pixels
@@ -174,6 +189,11 @@ GPU_CONFIG = BackwardTileConfig(tile_h=8, tile_w=8, halo=1, chunk=4, out_block=3
 weight kernel 72 threads of 8x4 accumulators, 45.3 KB. (Weight-kernel ownerships of 4x4 and
 8x2 for 144 threads were tried: their GEMM loops fall to 75% and 72% FFMA in SASS.)"""
 STATIC_SHARED_LIMIT = 48 * 1024
+GATHER_IMAGES = 1
+"""Images per sort of the deterministic gather: its sort buffers (~20 B per corner entry,
+4 entries per point) scale with it; one image keeps them at 9.2% of the arguments and
+gradients at ``deft64``, N=8 (12.8% with the weight partials; the 8-image chunk the column
+methods sort cost 77%)."""
 INPUT_MIN_BLOCKS = 4  # launch_bounds of input_grad_kernel: blocks per SM ptxas must allow
 
 
@@ -225,14 +245,19 @@ def _steps(trips: int, products: int) -> int:
 #   reads  input    N * C * T * SH*SW * s            (staged per chunk; halos re-read: L2)
 #                   + f * N*C*K*P * 4 * s            (out-of-tile corners, scattered)
 #          offsets, mask  N * 3*G*K*P * s once (the table), again at the offset group's end
-#          grad_out N * T * (C/CC) * Og * P * s      (re-staged per channel chunk: L2 hits;
-#                   N * Co * P * s from DRAM)
+#          grad_out N * T * (C/CC) * Og * P * s      (staged once per output step and chunk,
+#                   shared by both GEMMs; atomic mode ~2 stagings per chunk at deft64: L2
+#                   hits; N * Co * P * s from DRAM)
 #          weights  N * T * (C/CC) * Og*CC*K * s     (L2 hits; Co*Cg*K*s from DRAM)
-#   writes grad_offset, grad_mask once (N * 3*G*K*P * s); grad_input by RED (atomic mode):
-#          4 per in-band sample, N*C*K*P*4 adds landing in L2 (N*C*H*W*s to DRAM).
+#   writes grad_offset, grad_mask once (N * 3*G*K*P * s); atomic mode, by RED: grad_input,
+#          4 per in-band sample, N*C*K*P*4 adds landing in L2 (N*C*H*W*s to DRAM), and
+#          grad_weight, one block partial per (image, tile): N*T*Co*Cg*K adds in L2
+#          (Co*Cg*K*s to DRAM).
 #   FLOPs  2*N*Co*Cg*K*P (column gradient) + 8 per sample (S_q) + 8 per sample (scatter)
+#          + atomic mode: 7 per sample (the column value) + 2*N*Co*Cg*K*P (weight gradient)
 #          + per point: position 2, corners 8, mask 4, derivatives 8, the end sums 12.
-#   No column matrix: the column-gradient tile lives in shared memory.
+#   No column matrix: the column-gradient tile lives in shared memory, and in atomic mode
+#   the column tile overwrites it in place.
 @functools.cache
 def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, config: BackwardTileConfig,
                       use_mask: bool, atomic: bool):
@@ -554,7 +579,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                         if ATOMIC:  # no sample: the column is 0 (0 * mask: NaN stays NaN)
                             w00 = corner_weight[e]
                             for cc in range(CC):
-                                grad_cols[u32(at + u32(cc * K * PS))] = w00
+                                grad_cols[at + cc * K * PS] = w00
                     else:
                         r1 = corner_index[u32(e + u32(KP))]
                         q0 = corner_index[u32(e + u32(2 * KP))]
@@ -577,40 +602,40 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                             s11 = u32(i32(r1 * i32(SWR)) + q1)
                         row0 = u32(u32(iy0 + r0) * width)
                         row1 = u32(u32(iy0 + r1) * width)
-                        o00 = u32(row0 + u32(ix0 + q0))
-                        o01 = u32(row0 + u32(ix0 + q1))
-                        o10 = u32(row1 + u32(ix0 + q0))
-                        o11 = u32(row1 + u32(ix0 + q1))
+                        # the corners' flat indices in channel c (64-bit once per point); channel
+                        # cc adds cc * plane, the same for all eight accesses of the channel
                         channel_base = image_base + u64(u32(c * plane))
+                        o00 = channel_base + u64(u32(row0 + u32(ix0 + q0)))
+                        o01 = channel_base + u64(u32(row0 + u32(ix0 + q1)))
+                        o10 = channel_base + u64(u32(row1 + u32(ix0 + q0)))
+                        o11 = channel_base + u64(u32(row1 + u32(ix0 + q1)))
                         for cc in range(CC):
+                            step = u64(u32(u32(cc) * plane))
                             if u32(cc) < nc:
-                                gc = grad_cols[u32(at + u32(cc * K * PS))]  # row (cc*K + k), pixel p
+                                # (compile-time offsets added unwrapped: they fold into the loads)
+                                gc = grad_cols[at + cc * K * PS]  # row (cc*K + k), pixel p
                                 if inside:
-                                    v00 = staged[u32(s00 + u32(cc * REGION))]
-                                    v01 = staged[u32(s01 + u32(cc * REGION))]
-                                    v10 = staged[u32(s10 + u32(cc * REGION))]
-                                    v11 = staged[u32(s11 + u32(cc * REGION))]
+                                    v00 = staged[s00 + cc * REGION]
+                                    v01 = staged[s01 + cc * REGION]
+                                    v10 = staged[s10 + cc * REGION]
+                                    v11 = staged[s11 + cc * REGION]
                                 else:
-                                    v00 = input[channel_base + u64(o00)]
-                                    v01 = input[channel_base + u64(o01)]
-                                    v10 = input[channel_base + u64(o10)]
-                                    v11 = input[channel_base + u64(o11)]
+                                    v00 = input[o00 + step]
+                                    v01 = input[o01 + step]
+                                    v10 = input[o10 + step]
+                                    v11 = input[o11 + step]
                                 sums[r, 0] += gc * v00
                                 sums[r, 1] += gc * v01
                                 sums[r, 2] += gc * v10
                                 sums[r, 3] += gc * v11
                                 if ATOMIC:
-                                    grad_cols[u32(at + u32(cc * K * PS))] = (w00 * v00 + w01 * v01 + w10 * v10
-                                                                             + w11 * v11)
-                                    if w00 != ZERO:
-                                        red_add(grad_input, channel_base + u64(o00), gc * w00)
-                                    if w01 != ZERO:
-                                        red_add(grad_input, channel_base + u64(o01), gc * w01)
-                                    if w10 != ZERO:
-                                        red_add(grad_input, channel_base + u64(o10), gc * w10)
-                                    if w11 != ZERO:
-                                        red_add(grad_input, channel_base + u64(o11), gc * w11)
-                                channel_base = channel_base + u64(plane)
+                                    grad_cols[at + cc * K * PS] = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
+                                    # a corner of weight 0 (outside the image, clamped in) adds +0, not
+                                    # gc * 0 (NaN for a non-finite gc): a select, not a branch per RED
+                                    red_add(grad_input, o00 + step, gc * w00 if w00 != ZERO else ZERO)
+                                    red_add(grad_input, o01 + step, gc * w01 if w01 != ZERO else ZERO)
+                                    red_add(grad_input, o10 + step, gc * w10 if w10 != ZERO else ZERO)
+                                    red_add(grad_input, o11 + step, gc * w11 if w11 != ZERO else ZERO)
             # (atomic mode) the column tile is complete; (deterministic mode) the next chunk may
             # overwrite the staged input, grad_cols and the table
             cuda.syncthreads()
@@ -1047,8 +1072,7 @@ def extra_bytes(geometry, config: BackwardTileConfig | None = None, deterministi
     splits = choose_splits(g, config, target_blocks)
     total = (splits - 1) * g.itemsize * g.out_channels * (g.in_channels // g.groups) * g.taps if splits > 1 else 0
     if deterministic:
-        from .im2col import CHUNK_IMAGES
-        n = min(g.batch, CHUNK_IMAGES)
+        n = min(g.batch, GATHER_IMAGES)
         entries = 4 * n * g.offset_groups * g.taps * g.out_h * g.out_w
         total += entries * (4 + g.itemsize + 4 + 8) + 8 * (n * g.offset_groups * g.height * g.width + 1)
     return total
@@ -1071,7 +1095,8 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
     whose kernels index in 64 bits.
 
     ``plan``: a ``BackwardTileConfig`` or ``None`` (``default_config``); ``splits``: the number
-    of partial weight gradients (``None``: ``choose_splits``).
+    of partial weight gradients of the deterministic mode's weight kernel (``None``:
+    ``choose_splits``; atomic mode reduces the weight gradient with ``RED`` and ignores it).
     """
     g = geometry
     if not supported(g):  # an image of 2**32 elements or more: the 64-bit column method instead
@@ -1119,11 +1144,10 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
                            conv, _dims(g, span))
     if deterministic:
         from . import backward as column_backward
-        from .im2col import CHUNK_IMAGES
         dummy2 = xp.zeros((1, 1), dtype=dtype)
         with stopwatch.section("deterministic gather"):
-            for first in range(0, g.batch, CHUNK_IMAGES):
-                n_chunk = min(CHUNK_IMAGES, g.batch - first)
+            for first in range(0, g.batch, GATHER_IMAGES):
+                n_chunk = min(GATHER_IMAGES, g.batch - first)
                 column_backward._deterministic_input_grad(g, dummy2, grad_output, weight_c, offset, mask_arg,
                                                           grad_input, first, n_chunk, True, xp, conv)
     else:
