@@ -185,7 +185,7 @@ class BackwardTileConfig:
 SIMULATOR_CONFIG = BackwardTileConfig()  # 16 threads per block in the input kernel for K = 9
 GPU_CONFIG = BackwardTileConfig(tile_h=8, tile_w=8, halo=1, chunk=4, out_block=32, reg_rows=4, reg_px=4,
                                 w_out_block=64, w_reg_out=8, w_reg_cols=4, wg_reg_out=2, wg_reg_cols=4)
-"""``deft64`` (3x3): input kernel 144 threads of 4x4 accumulators, 42.8 KB shared memory;
+"""``deft64`` (3x3): input kernel 144 threads of 4x4 (and 2x4) accumulators, 43.8 KB shared;
 weight kernel 72 threads of 8x4 accumulators, 45.3 KB. (Weight-kernel ownerships of 4x4 and
 8x2 for 144 threads were tried: their GEMM loops fall to 75% and 72% FFMA in SASS.)"""
 STATIC_SHARED_LIMIT = 48 * 1024
@@ -194,7 +194,17 @@ GATHER_IMAGES = 1
 4 entries per point) scale with it; one image keeps them at 9.2% of the arguments and
 gradients at ``deft64``, N=8 (12.8% with the weight partials; the 8-image chunk the column
 methods sort cost 77%)."""
-INPUT_MIN_BLOCKS = 4  # launch_bounds of input_grad_kernel: blocks per SM ptxas must allow
+INPUT_REGISTER_BUDGET = 96
+"""``launch_bounds`` of ``input_grad_kernel``: as many blocks per SM as fit at this many
+registers per thread in float32, twice as many in float64 (4 blocks of 144 threads at
+``deft64``, where ptxas unbounded takes ~126 and fits 3); never fewer registers than this,
+so larger blocks are not forced to spill."""
+
+
+def input_min_blocks(threads: int, itemsize: int = 4) -> int:
+    """Blocks per SM ``input_grad_kernel`` asks ptxas to allow (``INPUT_REGISTER_BUDGET``)."""
+    warp_threads = -(-threads // 32) * 32
+    return max(1, 65536 // (warp_threads * INPUT_REGISTER_BUDGET * max(1, itemsize // 4)))
 
 
 def default_config(geometry) -> BackwardTileConfig:
@@ -323,7 +333,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
 
     # ptxas bound: 4 blocks of 144 threads per SM at deft64 (<= 102 registers: 96) instead of
     # the 3 that ~126 registers allow (the launch's 3.9 blocks per SM then run in one wave)
-    options = {} if backend.IS_SIMULATOR else {"launch_bounds": (THREADS, INPUT_MIN_BLOCKS)}
+    options = {} if backend.IS_SIMULATOR else {"launch_bounds": (THREADS, input_min_blocks(THREADS, np.dtype(DT).itemsize))}
 
     @cuda.jit(**options)
     def kernel(input, offset, mask, weight, grad_out, grad_input, grad_weight, grad_offset, grad_mask, conv,
