@@ -169,8 +169,8 @@ def test_backward_gemm_like_loops_of_the_fused_gemm_forms_do_not_regress(figures
 
 def test_fused_backward_predicted_time_does_not_regress(figures):
     """Target <= 1.5x the floor; missed (docs/perf-notes.md). Was 7.06x with two kernels; the
-    weight gradient fused into the input kernel (atomic mode): pinned at today's 2.78x."""
-    assert value(figures, "deft64", "bwd fused predicted / fp32 floor") <= 2.9
+    weight gradient fused into the input kernel (atomic mode): pinned at today's 2.73x."""
+    assert value(figures, "deft64", "bwd fused predicted / fp32 floor") <= 2.85
 
 
 def test_every_backward_kernel_is_modelled(figures):

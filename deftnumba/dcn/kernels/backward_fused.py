@@ -326,6 +326,8 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     PX_TRIP = VW * _steps(P // VW, max(1, (WRO * WRK * VW) // 2))
     GO_ROWS = THREADS // P  # grad_out staging: rows per pass when every thread owns one pixel ...
     GO_FAST = GO_ROWS >= 1  # ... (else the generic element loop)
+    W_ROWS = THREADS // CK  # weight staging likewise: one column per thread, W_ROWS rows per pass
+    W_FAST = W_ROWS >= 1
     NO_STEP = np.uint32(0xFFFFFFFF)  # "no grad_out step staged yet"
     u32 = np.uint32
     u64 = np.uint64
@@ -398,6 +400,13 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
         go_inside = go_oy < out_h and go_ox < out_w
         go_pixel = u32(u32(go_oy * out_w) + go_ox)
         go_at0 = u32(u32(go_row * u32(PS)) + go_pixel_t)
+        # weight staging (W_FAST): this thread's column w_col of the slab and first row w_row
+        w_row = u32(OGB)
+        w_col = u32(0)
+        if tid < u32(W_ROWS * CK):
+            w_row = u32(tid // u32(CK))
+            w_col = u32(tid - u32(w_row * u32(CK)))
+        row_length = u32(cpg * u32(K))  # weights per output channel
 
         c_begin = u32(u32(cuda.blockIdx.y) * span)
         c_end = u32(c_begin + span)
@@ -512,15 +521,29 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
             o0 = u32(0)
             while o0 < opg:
                 # phase: stage_gemm (weights [OGB, CC*K] of this output step)
-                idx = tid
-                while idx < u32(WEIGHT_STEP):
-                    o = u32(idx // u32(CK))
-                    ck = u32(idx - u32(o * u32(CK)))
-                    v = ZERO
-                    if u32(o0 + o) < opg and ck < u32(nc * u32(K)):
-                        v = weight[u32(weight_row + u32(u32(o0 + o) * u32(cpg * u32(K))) + ck)]
-                    staged_weight[idx] = v
-                    idx = u32(idx + u32(THREADS))
+                if W_FAST:  # this thread's column w_col, every W_ROWS-th row
+                    o = w_row
+                    at = u32(u32(w_row * u32(CK)) + w_col)
+                    src = u32(u32(weight_row + u32(u32(o0 + o) * row_length)) + w_col)
+                    column_ok = w_col < u32(nc * u32(K))
+                    while o < u32(OGB):
+                        v = ZERO
+                        if column_ok and u32(o0 + o) < opg:
+                            v = weight[src]
+                        staged_weight[at] = v
+                        o = u32(o + u32(W_ROWS))
+                        at = u32(at + u32(W_ROWS * CK))
+                        src = u32(src + u32(u32(W_ROWS) * row_length))
+                else:
+                    idx = tid
+                    while idx < u32(WEIGHT_STEP):
+                        o = u32(idx // u32(CK))
+                        ck = u32(idx - u32(o * u32(CK)))
+                        v = ZERO
+                        if u32(o0 + o) < opg and ck < u32(nc * u32(K)):
+                            v = weight[u32(weight_row + u32(u32(o0 + o) * row_length) + ck)]
+                        staged_weight[idx] = v
+                        idx = u32(idx + u32(THREADS))
                 # phase: stage_grad_out (grad_out [OGB, P] rows of stride PS, unless already staged)
                 if o0 != staged_o0 or g != staged_g:
                     if GO_FAST:  # this thread's pixel, every GO_ROWS-th row
@@ -1232,7 +1255,8 @@ def phase_model(geometry, config: BackwardTileConfig | None = None, target_block
     return {
         "table": groups_per_span * -(-kp // t_in),
         "stage": chunks * -(-config.chunk * rows * cols // t_in),
-        "stage_gemm": steps * -(-config.out_block * ck // t_in),
+        "stage_gemm": steps * (-(-config.out_block // (t_in // ck)) if t_in >= ck
+                               else -(-config.out_block * ck // t_in)),
         "stage_grad_out": (cols_pass_stagings * grad_out_trips, steps),
         "grad_cols_gemm": steps * (config.out_block // steps_a),
         "scatter": (chunks, chunks),
