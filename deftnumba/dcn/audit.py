@@ -200,17 +200,20 @@ def fused_columns_launches(g) -> list:
 
 
 # --------------------------------------------------------------------------- backward launches
-BACKWARD_METHODS = ("fused", "fused_columns", "fused_gemm", "im2col", "deterministic")
+BACKWARD_METHODS = ("fused", "fused_deterministic", "fused_columns", "fused_gemm", "im2col", "deterministic")
 """Backward methods the audit models (``--method bwd-NAME``). ``deterministic`` is the
 deterministic input-gradient path (``entries`` + ``gather``) that every method's
 ``deterministic=True`` runs instead of its scatter (``fused`` reuses the ``fused_gemm``
-gather)."""
+gather); ``fused_deterministic`` is the rest of ``fused``'s deterministic mode (the input
+kernel without its RED phases, then the weight kernel)."""
 
 
-def fused_backward_launches(g, config=None) -> list:
-    """The column-free backward's two kernels (``backward_fused.backward``, atomic mode):
-    input, offset and mask gradients, then the weight gradient's per-split partials (the
-    fixed-order sum of the partials is an array addition, not modelled)."""
+def fused_backward_launches(g, config=None, deterministic: bool = False) -> list:
+    """The column-free backward's launches (``backward_fused.backward``). Atomic mode (the
+    default, ``bwd-fused``): one kernel, input, offset, mask and weight gradients (the weight
+    gradient's block partials reduced with ``RED``). Deterministic mode: the input kernel
+    without its ``RED`` phases, then the weight kernel's per-split partials (their fixed-order
+    sum is an array addition, not modelled; nor is the gather, ``bwd-deterministic``)."""
     from numba import types
 
     from .kernels import backward_fused as bf
@@ -222,22 +225,26 @@ def fused_backward_launches(g, config=None) -> list:
     a4, flat = types.Array(t, 4, "A"), types.Array(t, 1, "C")
     conv, dims = types.UniTuple(types.int32, 8), types.UniTuple(types.int32, 9)
     span = bf.channel_span(g)
-    cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
-    splits = bf.choose_splits(g, config)
-    w_blocks = splits * -(-opg // config.w_out_block) * -(-cpg // config.chunk) * g.groups
-    input_phases = ("table", "stage", "stage_gemm", "grad_cols_gemm", "scatter", "offset_grad")
-    weight_phases = ("w_stage", "w_table", "w_build", "weight_gemm")
-    return [
-        Launch("bwd.fused.input_grad", bf, bf.input_grad_kernel(g.dtype, *shape, config, g.has_mask, True),
-               (flat, a4, a4, flat, flat, flat, a4, a4, conv, dims),
+    prefix = "bwd.fused_deterministic" if deterministic else "bwd.fused"
+    input_phases = ("table", "stage", "stage_gemm", "stage_grad_out", "grad_cols_gemm", "scatter", "offset_grad")
+    if not deterministic:
+        input_phases += ("wg_stage", "wg_gemm", "wg_red")
+    launches = [
+        Launch(f"{prefix}.input_grad", bf, bf.input_grad_kernel(g.dtype, *shape, config, g.has_mask, not deterministic),
+               (flat, a4, a4, flat, flat, flat, flat, a4, a4, conv, dims),
                config.tiles(g) * (g.in_channels // span) * g.batch, config.input_threads(k), config,
-               operator="fused backward",
-               extra={"phases": input_phases, "mean_body_phases": ("stage_gemm",)}),
-        Launch("bwd.fused.weight_grad", bf, bf.weight_grad_kernel(g.dtype, *shape, config, g.has_mask),
-               (flat, a4, a4, flat, flat, conv, dims), w_blocks, config.weight_threads(k), config,
-               operator="fused backward",
-               extra={"phases": weight_phases, "splits": splits, "mean_body_phases": ("w_stage",)}),
-    ]
+               operator="fused backward", extra={"phases": input_phases})]
+    if deterministic:
+        cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
+        splits = bf.choose_splits(g, config)
+        w_blocks = splits * -(-opg // config.w_out_block) * -(-cpg // config.chunk) * g.groups
+        launches.append(
+            Launch(f"{prefix}.weight_grad", bf, bf.weight_grad_kernel(g.dtype, *shape, config, g.has_mask),
+                   (flat, a4, a4, flat, flat, conv, dims), w_blocks, config.weight_threads(k), config,
+                   operator="fused backward",
+                   extra={"phases": ("w_stage", "w_table", "w_build", "weight_gemm"), "splits": splits,
+                          "mean_body_phases": ("w_stage",)}))
+    return launches
 
 
 def _column_backward_types(dtype):
@@ -586,6 +593,8 @@ def layer_launches(g, method: str, tile=None) -> list:
         return fused_columns_launches(g)
     if method == "bwd-fused":
         return fused_backward_launches(g)
+    if method == "bwd-fused_deterministic":
+        return fused_backward_launches(g, deterministic=True)
     if method.startswith("bwd-"):
         return column_backward_launches(g, method[4:])
     raise ValueError(f"no launch model for method {method!r}")
@@ -857,8 +866,8 @@ def target_rows(name: str, results: dict) -> list:
             continue
         for m in r["launches"]:
             a, label = m["audit"], m["launch"]
-            if method == "bwd-fused":
-                gemm = gemm_loops(a, ("grad_cols_gemm", "weight_gemm"))
+            if method in ("bwd-fused", "bwd-fused_deterministic"):
+                gemm = gemm_loops(a, ("grad_cols_gemm", "weight_gemm", "wg_gemm"))
             else:  # the grad_column dot product (fused_gemm forms): its innermost loop
                 depth = m["extra"].get("gemm_depth")
                 gemm = [lp for lp in a.loops if depth and lp.depth == depth and lp.innermost and lp.ffma]

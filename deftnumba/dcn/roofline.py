@@ -21,7 +21,12 @@ Modelled methods (``MODELS``): ``im2col`` (our baseline pipeline), ``torchvision
 ``fused_columns``, ``fused`` (the minimal bytes of the layer: inputs, offsets,
 mask and weights read once, output written once) and ``cudnn_conv`` (a dense
 convolution of the same shape: the slowdown denominator); and, for the backward
-only, ``fused_gemm`` (``kernels/backward.py``).
+only, ``fused_gemm`` (``kernels/backward.py``). ``fused_gemm`` is no longer one of
+``ops.BACKWARD_METHODS`` (retired in favour of ``fused``, issue 11); its kernels remain
+(``fused``'s deterministic gather uses their recompute form) and the audit still prices
+them (``--method bwd-fused_gemm``) against this model. The backward ``fused`` operator
+is the column-free ideal, which ``kernels/backward_fused.py`` implements in one kernel
+in atomic mode (its deterministic mode adds the gather and the weight kernel).
 
 Notation (whole batch): ``N`` images, ``C`` input and ``Co`` output channels,
 ``Gw`` weight groups, ``G`` offset groups, ``K = kh*kw`` taps, ``P = Ho*Wo``,

@@ -127,15 +127,18 @@ def test_column_instructions_per_element_over_the_whole_launch_do_not_regress(fi
 
 # --------------------------------------------------------------------------- backward (issue 11)
 def test_fused_backward_gemm_loops_are_ffma_bound(figures):
-    rows = rows_like(figures, "deft64", "bwd.fused.", "FFMA %")
-    assert len(rows) >= 2  # the column-gradient GEMM and the weight-gradient GEMM
+    """Both modes: atomic mode's input kernel holds both GEMMs (column gradient and the fused
+    weight gradient); deterministic mode adds the weight kernel's GEMM."""
+    rows = rows_like(figures, "deft64", "bwd.fused.input_grad GEMM-like loop", "FFMA %")
+    assert len(rows) == 2  # the column-gradient GEMM and the fused weight-gradient GEMM
+    rows += rows_like(figures, "deft64", "bwd.fused_deterministic.", "FFMA %")  # input and weight kernels
     for r in rows:
         assert r["value"] >= 80, r
 
 
 def test_no_backward_kernel_has_value_returning_atomics_in_a_loop(figures):
     rows = rows_like(figures, "deft64", "bwd.", "value-returning atomics in loops")
-    assert len(rows) == 10  # every backward launch of every method
+    assert len(rows) == 11  # every backward launch of every method
     for r in rows:
         assert r["value"] == 0, r
 
@@ -158,8 +161,9 @@ def test_backward_gemm_like_loops_of_the_fused_gemm_forms_do_not_regress(figures
 
 
 def test_fused_backward_predicted_time_does_not_regress(figures):
-    """Target <= 1.5x the floor; missed (docs/perf-notes.md). Pinned at today's 7.06x."""
-    assert value(figures, "deft64", "bwd fused predicted / fp32 floor") <= 7.5
+    """Target <= 1.5x the floor; missed (docs/perf-notes.md). Was 7.06x with two kernels; the
+    weight gradient fused into the input kernel (atomic mode): pinned at today's 2.73x."""
+    assert value(figures, "deft64", "bwd fused predicted / fp32 floor") <= 2.85
 
 
 def test_every_backward_kernel_is_modelled(figures):

@@ -84,14 +84,14 @@ def test_bounds_checked_run(deterministic, rng):
 
 
 def test_splits_reduce_in_a_fixed_order(rng):
-    """More partials change the float sum order of grad_weight but not its value; the same
-    split count gives the same bits."""
+    """Deterministic mode (the weight kernel's partials): more partials change the float sum
+    order of grad_weight but not its value; the same split count gives the same bits."""
     g = CASES["basic-3x3"]
     arrays = layer_arrays(g, rng)
     go = grad_out_for(g, rng)
-    one = direct(g, go, arrays, splits=1)
-    four = direct(g, go, arrays, splits=4)
-    again = direct(g, go, arrays, splits=4)
+    one = direct(g, go, arrays, deterministic=True, splits=1)
+    four = direct(g, go, arrays, deterministic=True, splits=4)
+    again = direct(g, go, arrays, deterministic=True, splits=4)
     np.testing.assert_array_equal(four.weight, again.weight)
     np.testing.assert_allclose(one.weight, four.weight, rtol=1e-5, atol=1e-5)
 
@@ -104,9 +104,11 @@ def test_auto_runs_fused_and_deterministic_runs_the_gather(rng):
         run("auto", go, *arrays, g, deterministic=False)
     with backend.launch_log() as fixed:
         run("auto", go, *arrays, g, deterministic=True)
-    assert any("input_grad_kernel" in k for k in atomic) and any("weight_grad_kernel" in k for k in atomic)
-    assert not any("gather_kernel" in k for k in atomic)
-    assert any("gather_kernel" in k for k in fixed) and any("input_grad_kernel" in k for k in fixed)
+    # atomic mode: one kernel (the weight gradient is fused into it); no second sampling pass
+    assert any("input_grad_kernel" in k for k in atomic)
+    assert not any("weight_grad_kernel" in k or "gather_kernel" in k for k in atomic)
+    # deterministic mode: the gather for grad_input and the fixed-order weight kernel
+    assert all(any(name in k for k in fixed) for name in ("gather_kernel", "input_grad_kernel", "weight_grad_kernel"))
 
 
 @SIMULATED
@@ -165,15 +167,23 @@ def test_red_add_adds(rng):
     np.testing.assert_allclose(target, [values[k::3].sum() for k in range(3)], rtol=1e-12)
 
 
-def test_extra_memory_under_five_percent_at_deft64():
-    """The atomic mode's extra device memory (the weight partials) at ``deft64``, N=8."""
+def test_extra_memory_at_deft64():
+    """Atomic mode allocates nothing beyond the arguments and gradients (the weight gradient
+    is reduced with RED into grad_weight); deterministic mode's weight partials stay under
+    4% (its gather's sort buffers are the open item, docs/perf-notes.md), at ``deft64``, N=8."""
     g = Geometry(batch=8, in_channels=64, height=64, width=64, out_channels=64, kernel_h=3, kernel_w=3,
                  pad_h=1, pad_w=1, has_mask=True, has_bias=True)
     cfg = backward_fused.GPU_CONFIG
     total = backward_fused.argument_and_gradient_bytes(g)
     h200 = 2 * 132  # the GPU's target: two blocks per SM
-    assert backward_fused.extra_bytes(g, cfg, deterministic=False, target_blocks=h200) < 0.05 * total
-    assert backward_fused.choose_splits(g, cfg, target_blocks=h200) > 1  # the partials are really used
+    assert backward_fused.extra_bytes(g, cfg, deterministic=False, target_blocks=h200) == 0
+    splits = backward_fused.choose_splits(g, cfg, target_blocks=h200)
+    assert splits > 1  # the deterministic weight kernel's partials are really used
+    weight_bytes = g.itemsize * g.out_channels * g.in_channels * g.taps
+    assert (splits - 1) * weight_bytes < 0.04 * total
+    # deterministic mode: the gather sorts one image at a time; target < 5%, missed: pinned
+    # at today's 12.8% (was 77% with 8-image sorts; docs/perf-notes.md)
+    assert backward_fused.extra_bytes(g, cfg, deterministic=True, target_blocks=h200) < 0.13 * total
 
 
 def test_config_rejects_ownership_that_does_not_divide():

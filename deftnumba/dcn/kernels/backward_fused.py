@@ -8,9 +8,10 @@ columns for the weight gradient (9.4 MB per image at ``deft64``, written and rea
 back). This module builds both tile by tile in shared memory, as the forward's
 ``fused_tiled`` kernel builds its columns, and never stores them.
 
-Two kernels (notation of ``backward.py``: ``C`` inputs, ``Co`` outputs, ``Gw``
-weight groups of ``Cg`` inputs and ``Og`` outputs, ``G`` offset groups of ``cpo``
-channels, ``K`` taps, a tile of ``P`` output pixels):
+Two kernels; atomic mode (the default) runs only the first (notation of
+``backward.py``: ``C`` inputs, ``Co`` outputs, ``Gw`` weight groups of ``Cg`` inputs
+and ``Og`` outputs, ``G`` offset groups of ``cpo`` channels, ``K`` taps, a tile of
+``P`` output pixels):
 
 ``input_grad_kernel``: one block per (image, tile, channel span). A *span* is
 ``lcm(Cg, cpo)`` channels, so it holds whole weight groups and whole offset
@@ -27,29 +28,42 @@ fixed order. Per chunk of ``CC`` channels:
 4. *scatter*: each thread owns (tap, pixel) points and loops over the chunk's
    channels: four corner products accumulate ``S_q = sum_c grad_cols * I[c, corner_q]``
    in registers (for the offset and mask gradients), and, in atomic mode, four
-   ``RED.ADD`` (``atomics.red_add``) send ``grad_cols * m * w_q`` to ``grad_input``.
+   ``RED.ADD`` (``atomics.red_add``) send ``grad_cols * m * w_q`` to ``grad_input``
+   and the sample's column value ``sum_q m * w_q * I[c, corner_q]`` (the corners
+   are already in registers) overwrites its ``grad_cols`` element in place;
+5. *weight gradient* (atomic mode): ``grad_weight[o, ck] += sum_p grad_out[o, p] *
+   cols[ck, p]`` for the chunk, one output step of ``OGB`` at a time, last step
+   first (its ``grad_out`` is still staged from step 3, and the next chunk's step 0
+   finds step 0 staged): a register-blocked GEMM whose threads own ``wg_reg_out``
+   outputs x ``wg_reg_cols`` column rows (interleaved) and read 16 contiguous pixels
+   of each row per trip (``LDS.128``; rows padded to ``padded_pixels`` against bank
+   conflicts); each thread then adds its partials to ``grad_weight`` with ``RED``.
+   So atomic mode samples once: no second pass, no weight partials in memory.
 
 When the offset group ends, the same threads turn ``S_q`` into
 ``grad_offset = m * sum_q (dw_q/dy, dw_q/dx) S_q`` and ``grad_mask = sum_q w_q S_q``,
 with the weights and derivatives recomputed by ``sampling.bilinear_corner_gradients``
 (the shared rule: no private copy of the border derivatives).
 
-``weight_grad_kernel``: one block per (split, output block, channel chunk, weight
-group) owns ``grad_weight[OGW outputs, CC*K]`` in registers (``RO`` outputs x ``RK``
+``weight_grad_kernel`` (deterministic mode only): one block per (split, output block,
+channel chunk, weight group) owns ``grad_weight[OGW outputs, CC*K]`` in registers (``RO`` outputs x ``RK``
 columns per thread) and walks its share of the (image, tile) pairs in a fixed
 order: build the column tile ``[P, CC*K]`` in shared memory (table, staged region,
 out-of-tile reads as the forward), stage ``grad_out[P, OGW]``, and add the
 rank-``P`` update. With ``S`` splits there are ``S`` partial weight gradients;
 the host adds them in a fixed order (``S = 1`` writes ``grad_weight`` directly).
-So the weight gradient is deterministic in both modes, and its extra memory is
+So this weight gradient is deterministic, and its extra memory is
 ``(S - 1) * |grad_weight|`` (``choose_splits`` keeps it under 4% of the
-arguments and gradients).
+arguments and gradients). It repeats the sampling the input kernel did; fusing it
+deterministically would need per-block partials of ``|grad_weight|`` each (ordered
+sums of N*T of them), far over the memory target, hence two kernels in this mode.
 
 Determinism
 -----------
-Atomic mode: the scatter is the only order-varying step. ``deterministic=True``
-launches ``input_grad_kernel`` without the scatter and builds ``grad_input`` with
-``backward.py``'s sort-then-segment gather in its ``fused_gemm`` form (column
+Atomic mode: the ``RED`` additions to ``grad_input`` and ``grad_weight`` are the
+order-varying steps. ``deterministic=True`` launches ``input_grad_kernel`` without
+them (offset and mask gradients only), the weight kernel above, and builds
+``grad_input`` with ``backward.py``'s sort-then-segment gather in its ``fused_gemm`` form (column
 gradients recomputed per entry, no column matrix). Its sort buffers are the
 extra memory of this mode (see docs/perf-notes.md).
 
@@ -88,8 +102,12 @@ class BackwardTileConfig:
     chunk (CC): input channels per step.
     out_block (OGB): outputs staged per step of the column-gradient GEMM (input kernel).
     reg_rows, reg_px: input kernel ownership: RR contiguous ``c*K + tap`` rows x RP pixels.
-    w_out_block (OGW): outputs per block of the weight kernel.
+    w_out_block (OGW): outputs per block of the weight kernel (deterministic mode).
     w_reg_out, w_reg_cols: weight kernel ownership: RO contiguous outputs x RK columns.
+    wg_reg_out, wg_reg_cols: ownership of the weight-gradient GEMM fused into the input
+    kernel (atomic mode): ``wg_reg_out`` outputs x ``wg_reg_cols`` column rows per thread
+    and slot, interleaved (rows ``t, t + T, ...``) so that a quarter-warp's ``LDS.128``
+    along the pixels hit distinct banks of the padded tiles.
     """
 
     tile_h: int = 4
@@ -102,6 +120,8 @@ class BackwardTileConfig:
     w_out_block: int = 4
     w_reg_out: int = 2
     w_reg_cols: int = 2
+    wg_reg_out: int = 1
+    wg_reg_cols: int = 1
 
     @property
     def pixels(self) -> int:
@@ -116,13 +136,31 @@ class BackwardTileConfig:
         ck = self.rows(taps)
         for name, total, part in (("reg_rows", ck, self.reg_rows), ("reg_px", self.pixels, self.reg_px),
                                   ("w_reg_out", self.w_out_block, self.w_reg_out),
-                                  ("w_reg_cols", ck, self.w_reg_cols)):
+                                  ("w_reg_cols", ck, self.w_reg_cols),
+                                  ("wg_reg_out", self.out_block, self.wg_reg_out),
+                                  ("wg_reg_cols", ck, self.wg_reg_cols)):
             if part < 1 or total % part:
                 raise ValueError(f"BackwardTileConfig.{name}={part} must divide {total}")
 
-
     def input_threads(self, taps: int) -> int:
         return (self.rows(taps) // self.reg_rows) * (self.pixels // self.reg_px)
+
+    def pixel_vector(self) -> int:
+        """Pixels per shared load of the fused weight-gradient GEMM (4: ``LDS.128``)."""
+        p = self.pixels
+        return 4 if p % 4 == 0 else 2 if p % 2 == 0 else 1
+
+    def padded_pixels(self) -> int:
+        """Row stride of the staged ``grad_out`` and column tiles: ``P``, padded by one
+        vector when ``P / vector`` is even, so that consecutive rows start in different
+        banks (8 rows of a quarter-warp's ``LDS.128`` then touch all 32 banks once)."""
+        v = self.pixel_vector()
+        return self.pixels + (v if (self.pixels // v) % 2 == 0 else 0)
+
+    def fused_weight_slots(self, taps: int) -> int:
+        """Ownership slots of the fused weight-gradient GEMM per output step:
+        ``(OGB / wg_reg_out) * (CC*K / wg_reg_cols)`` (threads loop over them)."""
+        return (self.out_block // self.wg_reg_out) * (self.rows(taps) // self.wg_reg_cols)
 
     def weight_threads(self, taps: int) -> int:
         return (self.w_out_block // self.w_reg_out) * (self.rows(taps) // self.w_reg_cols)
@@ -138,8 +176,9 @@ class BackwardTileConfig:
     def input_shared_bytes(self, geometry) -> int:
         s, k, p = precision.compute_dtype(geometry.dtype).itemsize, geometry.taps, self.pixels
         rows, cols = self.staged_shape(geometry)
-        ck = self.rows(k)
-        return s * (self.chunk * rows * cols + self.out_block * ck + self.out_block * p + ck * p) + (4 + s) * 4 * k * p
+        ck, ps = self.rows(k), self.padded_pixels()
+        tiles = self.chunk * rows * cols + self.out_block * ck + self.out_block * ps + ck * ps
+        return s * tiles + (4 + s) * 4 * k * p
 
     def weight_shared_bytes(self, geometry) -> int:
         s, k, p = precision.compute_dtype(geometry.dtype).itemsize, geometry.taps, self.pixels
@@ -150,11 +189,27 @@ class BackwardTileConfig:
 
 SIMULATOR_CONFIG = BackwardTileConfig()  # 16 threads per block in the input kernel for K = 9
 GPU_CONFIG = BackwardTileConfig(tile_h=8, tile_w=8, halo=1, chunk=4, out_block=32, reg_rows=4, reg_px=4,
-                                w_out_block=64, w_reg_out=8, w_reg_cols=4)
-"""``deft64`` (3x3): input kernel 144 threads of 4x4 accumulators, 42.8 KB shared memory;
+                                w_out_block=64, w_reg_out=8, w_reg_cols=4, wg_reg_out=2, wg_reg_cols=4)
+"""``deft64`` (3x3): input kernel 144 threads of 4x4 (and 2x4) accumulators, 43.8 KB shared;
 weight kernel 72 threads of 8x4 accumulators, 45.3 KB. (Weight-kernel ownerships of 4x4 and
 8x2 for 144 threads were tried: their GEMM loops fall to 75% and 72% FFMA in SASS.)"""
 STATIC_SHARED_LIMIT = 48 * 1024
+GATHER_IMAGES = 1
+"""Images per sort of the deterministic gather: its sort buffers (~20 B per corner entry,
+4 entries per point) scale with it; one image keeps them at 9.2% of the arguments and
+gradients at ``deft64``, N=8 (12.8% with the weight partials; the 8-image chunk the column
+methods sort cost 77%)."""
+INPUT_REGISTER_BUDGET = 96
+"""``launch_bounds`` of ``input_grad_kernel``: as many blocks per SM as fit at this many
+registers per thread in float32, twice as many in float64 (4 blocks of 144 threads at
+``deft64``, where ptxas unbounded takes ~126 and fits 3); never fewer registers than this,
+so larger blocks are not forced to spill."""
+
+
+def input_min_blocks(threads: int, itemsize: int = 4) -> int:
+    """Blocks per SM ``input_grad_kernel`` asks ptxas to allow (``INPUT_REGISTER_BUDGET``)."""
+    warp_threads = -(-threads // 32) * 32
+    return max(1, 65536 // (warp_threads * INPUT_REGISTER_BUDGET * max(1, itemsize // 4)))
 
 
 def default_config(geometry) -> BackwardTileConfig:
@@ -166,7 +221,8 @@ def default_config(geometry) -> BackwardTileConfig:
         for chunk in (4, 2, 1):
             for rr in (4, 2, 1):
                 rp = min(4, th * tw)
-                candidates.append(BackwardTileConfig(th, tw, 1, chunk, 32, rr, rp, 64, 8, rr))
+                candidates.append(BackwardTileConfig(th, tw, 1, chunk, 32, rr, rp, 64, 8, rr, 2,
+                                                     max(d for d in (4, 2, 1) if (chunk * k) % d == 0)))
     for cfg in candidates:
         try:
             cfg.check(k)
@@ -204,24 +260,32 @@ def _steps(trips: int, products: int) -> int:
 #   reads  input    N * C * T * SH*SW * s            (staged per chunk; halos re-read: L2)
 #                   + f * N*C*K*P * 4 * s            (out-of-tile corners, scattered)
 #          offsets, mask  N * 3*G*K*P * s once (the table), again at the offset group's end
-#          grad_out N * T * (C/CC) * Og * P * s      (re-staged per channel chunk: L2 hits;
-#                   N * Co * P * s from DRAM)
+#          grad_out N * T * (C/CC) * Og * P * s      (staged once per output step and chunk,
+#                   shared by both GEMMs; atomic mode ~2 stagings per chunk at deft64: L2
+#                   hits; N * Co * P * s from DRAM)
 #          weights  N * T * (C/CC) * Og*CC*K * s     (L2 hits; Co*Cg*K*s from DRAM)
-#   writes grad_offset, grad_mask once (N * 3*G*K*P * s); grad_input by RED (atomic mode):
-#          4 per in-band sample, N*C*K*P*4 adds landing in L2 (N*C*H*W*s to DRAM).
+#   writes grad_offset, grad_mask once (N * 3*G*K*P * s); atomic mode, by RED: grad_input,
+#          4 per in-band sample, N*C*K*P*4 adds landing in L2 (N*C*H*W*s to DRAM), and
+#          grad_weight, one block partial per (image, tile): N*T*Co*Cg*K adds in L2
+#          (Co*Cg*K*s to DRAM).
 #   FLOPs  2*N*Co*Cg*K*P (column gradient) + 8 per sample (S_q) + 8 per sample (scatter)
+#          + atomic mode: 7 per sample (the column value) + 2*N*Co*Cg*K*P (weight gradient)
 #          + per point: position 2, corners 8, mask 4, derivatives 8, the end sums 12.
-#   No column matrix: the column-gradient tile lives in shared memory.
+#   No column matrix: the column-gradient tile lives in shared memory, and in atomic mode
+#   the column tile overwrites it in place.
 @functools.cache
 def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, config: BackwardTileConfig,
-                      use_mask: bool, scatter: bool):
-    """Kernel ``(input, offset, mask, weight, grad_out, grad_input, grad_offset, grad_mask,
-    conv, dims)`` on ``(tiles, C // channel_span, images)`` blocks of ``config.input_threads(K)``.
+                      use_mask: bool, atomic: bool):
+    """Kernel ``(input, offset, mask, weight, grad_out, grad_input, grad_weight, grad_offset,
+    grad_mask, conv, dims)`` on ``(tiles, C // channel_span, images)`` blocks of
+    ``config.input_threads(K)``.
 
-    input and grad_input are flat (``N*C*H*W``), weight flat (``Co*Cg*K``), grad_out flat
-    (``N*Co*Ho*Wo``); offset, mask, grad_offset, grad_mask 4-D (mask and grad_mask dummies
-    without ``use_mask``); dims the int32 tuple ``(C, H, W, Co, Cg, span, cpo, Ho, Wo)``. ``scatter`` adds the input gradient
-    with ``red_add`` (grad_input zeroed by the caller); without it grad_input is untouched.
+    input and grad_input are flat (``N*C*H*W``), weight and grad_weight flat (``Co*Cg*K``),
+    grad_out flat (``N*Co*Ho*Wo``); offset, mask, grad_offset, grad_mask 4-D (mask and
+    grad_mask dummies without ``use_mask``); dims the int32 tuple ``(C, H, W, Co, Cg, span,
+    cpo, Ho, Wo)``. ``atomic`` adds the input gradient and the block's weight-gradient
+    partials with ``red_add`` (grad_input and grad_weight zeroed by the caller); without it
+    grad_input and grad_weight are untouched (the deterministic path computes them apart).
     """
     fns = sampling_functions(dtype)
     load = fns.load  # input, offset, mask, grad_out: the storage dtype
@@ -250,19 +314,38 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     PX_T = P // RP  # thread columns of the GEMM (pixels)
     THREADS = ROW_T * PX_T
     EPT = -(-KP // THREADS)  # table points owned per thread in the scatter phase
+    PS = config.padded_pixels()  # row stride of staged_grad_out and grad_cols (bank padding)
+    VW = config.pixel_vector()  # pixels per shared load in the weight-gradient GEMM
+    WRO, WRK = config.wg_reg_out, config.wg_reg_cols
+    WG_O_T = OGB // WRO  # weight-gradient GEMM: output rows of slots ...
+    WG_CK_T = CK // WRK  # ... and column rows of slots
+    WG_SLOTS = WG_O_T * WG_CK_T
     WEIGHT_STEP = OGB * CK  # shared-array sizes must be compile-time literals
-    GRAD_OUT_STEP = OGB * P
-    COLUMN_TILE = CK * P
+    GRAD_OUT_STEP = OGB * PS
+    COLUMN_TILE = CK * PS
     TABLE = 4 * KP
     SH_, SW_ = stride_h, stride_w
-    USE_MASK, SCATTER = use_mask, scatter
+    USE_MASK, ATOMIC = use_mask, atomic
     STEPS_A = _steps(OGB, RR * RP)
+    # pixels per trip of the weight-gradient GEMM: ~128 FFMA per trip (its trip overhead, two
+    # address LEAs, two adds, compare and branch, is then under 5% of its issue slots)
+    PX_TRIP = VW * _steps(P // VW, max(1, (WRO * WRK * VW) // 2))
+    GO_ROWS = THREADS // P  # grad_out staging: rows per pass when every thread owns one pixel ...
+    GO_FAST = GO_ROWS >= 1  # ... (else the generic element loop)
+    W_ROWS = THREADS // CK  # weight staging likewise: one column per thread, W_ROWS rows per pass
+    W_FAST = W_ROWS >= 1
+    NO_STEP = np.uint32(0xFFFFFFFF)  # "no grad_out step staged yet"
     u32 = np.uint32
     u64 = np.uint64
     i32 = np.int32
 
-    @cuda.jit
-    def kernel(input, offset, mask, weight, grad_out, grad_input, grad_offset, grad_mask, conv, dims):
+    # ptxas bound: 4 blocks of 144 threads per SM at deft64 (<= 102 registers: 96) instead of
+    # the 3 that ~126 registers allow (the launch's 3.9 blocks per SM then run in one wave)
+    options = {} if backend.IS_SIMULATOR else {"launch_bounds": (THREADS, input_min_blocks(THREADS, np.dtype(DT).itemsize))}
+
+    @cuda.jit(**options)
+    def kernel(input, offset, mask, weight, grad_out, grad_input, grad_weight, grad_offset, grad_mask, conv,
+               dims):
         # Index discipline: every index inside an image is uint32 (wrapped in u32() so that
         # Numba's int64 promotion narrows back: no 64-bit math, no negative-index fixups, no
         # 64-bit division calls); image bases are uint64; iy0/ix0 and corner rows are int32.
@@ -300,6 +383,9 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
         a = cuda.local.array(RR, dtype=DT)
         b = cuda.local.array(RP, dtype=DT)
         sums = cuda.local.array((EPT, 4), dtype=DT)  # S_q of the points this thread owns
+        wacc = cuda.local.array((WRO, WRK), dtype=DT)  # weight-gradient partials of one slot
+        wa = cuda.local.array((WRO, PX_TRIP), dtype=DT)
+        wb = cuda.local.array((WRK, PX_TRIP), dtype=DT)
         row_t = u32(tid // u32(PX_T))  # this thread owns rows row_t*RR .. +RR ...
         px_t = u32(tid - u32(row_t * u32(PX_T)))  # ... and pixels px_t*RP .. +RP
         a_first = u32(row_t * u32(RR))
@@ -307,11 +393,33 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
         for r in range(EPT):
             for q in range(4):
                 sums[r, q] = ZERO
+        # grad_out staging (GO_FAST): this thread's pixel go_pixel_t and first row go_row; the
+        # threads past GO_ROWS * P start past the last row and stage nothing
+        go_row = u32(OGB)
+        go_pixel_t = u32(0)
+        if tid < u32(GO_ROWS * P):
+            go_row = u32(tid // u32(P))
+            go_pixel_t = u32(tid - u32(go_row * u32(P)))
+        go_u = u32(go_pixel_t // u32(TW))
+        go_oy = u32(oy0 + go_u)
+        go_ox = u32(ox0 + u32(go_pixel_t - u32(go_u * u32(TW))))
+        go_inside = go_oy < out_h and go_ox < out_w
+        go_pixel = u32(u32(go_oy * out_w) + go_ox)
+        go_at0 = u32(u32(go_row * u32(PS)) + go_pixel_t)
+        # weight staging (W_FAST): this thread's column w_col of the slab and first row w_row
+        w_row = u32(OGB)
+        w_col = u32(0)
+        if tid < u32(W_ROWS * CK):
+            w_row = u32(tid // u32(CK))
+            w_col = u32(tid - u32(w_row * u32(CK)))
+        row_length = u32(cpg * u32(K))  # weights per output channel
 
         c_begin = u32(u32(cuda.blockIdx.y) * span)
         c_end = u32(c_begin + span)
         table_og = u32(0)
         have_table = False
+        staged_o0 = NO_STEP  # the grad_out step in staged_grad_out: outputs staged_o0 ..
+        staged_g = NO_STEP  # ... of weight group staged_g (reused across the two GEMMs)
         c = c_begin
         while c < c_end:
             og = u32(c // cpo)
@@ -384,6 +492,8 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                             r1 = i32(i32(y1) - iy0)
                             q0 = i32(i32(x0) - ix0)
                             q1 = i32(i32(x1) - ix0)
+                        elif USE_MASK:  # the column is 0 times the mask, as torchvision: NaN stays NaN
+                            w00 = ZERO * load(mask, (n, u32(u32(og * u32(K)) + k), oy, ox))
                     corner_index[e] = r0
                     corner_index[u32(e + u32(KP))] = r1
                     corner_index[u32(e + u32(2 * KP))] = q0
@@ -416,29 +526,60 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
             weight_row = u32(u32(g * opg) * u32(cpg * u32(K)) + u32(u32(c - u32(g * cpg)) * u32(K)))
             o0 = u32(0)
             while o0 < opg:
-                # phase: stage_gemm (weights [OGB, CC*K] and grad_out [OGB, P] of this output step)
-                idx = tid
-                while idx < u32(WEIGHT_STEP):
-                    o = u32(idx // u32(CK))
-                    ck = u32(idx - u32(o * u32(CK)))
-                    v = ZERO
-                    if u32(o0 + o) < opg and ck < u32(nc * u32(K)):
-                        v = weight[u32(weight_row + u32(u32(o0 + o) * u32(cpg * u32(K))) + ck)]
-                    staged_weight[idx] = v
-                    idx = u32(idx + u32(THREADS))
-                idx = tid
-                while idx < u32(GRAD_OUT_STEP):
-                    o = u32(idx // u32(P))
-                    p = u32(idx - u32(o * u32(P)))
-                    u = u32(p // u32(TW))
-                    oy = u32(oy0 + u)
-                    ox = u32(ox0 + u32(p - u32(u * u32(TW))))
-                    v = ZERO
-                    if u32(o0 + o) < opg and oy < out_h and ox < out_w:
-                        channel = u32(u32(g * opg) + u32(o0 + o))
-                        v = load(grad_out, out_base + u64(u32(u32(channel * out_plane) + u32(oy * out_w + ox))))
-                    staged_grad_out[idx] = v
-                    idx = u32(idx + u32(THREADS))
+                # phase: stage_gemm (weights [OGB, CC*K] of this output step)
+                if W_FAST:  # this thread's column w_col, every W_ROWS-th row
+                    o = w_row
+                    at = u32(u32(w_row * u32(CK)) + w_col)
+                    src = u32(u32(weight_row + u32(u32(o0 + o) * row_length)) + w_col)
+                    column_ok = w_col < u32(nc * u32(K))
+                    while o < u32(OGB):
+                        v = ZERO
+                        if column_ok and u32(o0 + o) < opg:
+                            v = weight[src]
+                        staged_weight[at] = v
+                        o = u32(o + u32(W_ROWS))
+                        at = u32(at + u32(W_ROWS * CK))
+                        src = u32(src + u32(u32(W_ROWS) * row_length))
+                else:
+                    idx = tid
+                    while idx < u32(WEIGHT_STEP):
+                        o = u32(idx // u32(CK))
+                        ck = u32(idx - u32(o * u32(CK)))
+                        v = ZERO
+                        if u32(o0 + o) < opg and ck < u32(nc * u32(K)):
+                            v = weight[u32(weight_row + u32(u32(o0 + o) * row_length) + ck)]
+                        staged_weight[idx] = v
+                        idx = u32(idx + u32(THREADS))
+                # phase: stage_grad_out (grad_out [OGB, P] rows of stride PS, unless already staged)
+                if o0 != staged_o0 or g != staged_g:
+                    if GO_FAST:  # this thread's pixel, every GO_ROWS-th row
+                        o = go_row
+                        at = u32(go_at0)
+                        src = u32(u32(u32(u32(g * opg) + u32(o0 + o)) * out_plane) + go_pixel)
+                        while o < u32(OGB):
+                            v = ZERO
+                            if go_inside and u32(o0 + o) < opg:
+                                v = load(grad_out, out_base + u64(src))
+                            staged_grad_out[at] = v
+                            o = u32(o + u32(GO_ROWS))
+                            at = u32(at + u32(GO_ROWS * PS))
+                            src = u32(src + u32(u32(GO_ROWS) * out_plane))
+                    else:
+                        idx = tid
+                        while idx < u32(OGB * P):
+                            o = u32(idx // u32(P))
+                            p = u32(idx - u32(o * u32(P)))
+                            u = u32(p // u32(TW))
+                            oy = u32(oy0 + u)
+                            ox = u32(ox0 + u32(p - u32(u * u32(TW))))
+                            v = ZERO
+                            if u32(o0 + o) < opg and oy < out_h and ox < out_w:
+                                channel = u32(u32(g * opg) + u32(o0 + o))
+                                v = load(grad_out, out_base + u64(u32(u32(channel * out_plane) + u32(oy * out_w + ox))))
+                            staged_grad_out[u32(u32(o * u32(PS)) + p)] = v
+                            idx = u32(idx + u32(THREADS))
+                    staged_o0 = o0
+                    staged_g = g
                 cuda.syncthreads()  # the staged input, weights, grad_out and the table are complete
 
                 # phase: grad_cols_gemm (rank-1 updates; RR + RP contiguous values per step: LDS.128)
@@ -451,26 +592,34 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                         for i in range(RR):
                             a[i] = staged_weight[u32(wo + u32(sub * CK + i))]
                         for j in range(RP):
-                            b[j] = staged_grad_out[u32(go + u32(sub * P + j))]
+                            b[j] = staged_grad_out[u32(go + u32(sub * PS + j))]
                         for i in range(RR):
                             for j in range(RP):
                                 acc[i, j] += a[i] * b[j]
                     wo = u32(wo + u32(STEPS_A * CK))
-                    go = u32(go + u32(STEPS_A * P))
+                    go = u32(go + u32(STEPS_A * PS))
                     step = u32(step + u32(STEPS_A))
                 cuda.syncthreads()  # everyone is done reading this step's weights and grad_out
                 o0 = u32(o0 + u32(OGB))
             for i in range(RR):
                 for j in range(RP):
-                    grad_cols[u32(u32(u32(a_first + u32(i)) * u32(P)) + u32(b_first + u32(j)))] = acc[i, j]
+                    grad_cols[u32(u32(u32(a_first + u32(i)) * u32(PS)) + u32(b_first + u32(j)))] = acc[i, j]
             cuda.syncthreads()  # the column-gradient tile is complete
 
-            # phase: scatter (per owned point: S_q over the chunk's channels; RED to grad_input)
+            # phase: scatter (per owned point: S_q over the chunk's channels; atomic mode: RED to
+            # grad_input, and the point's column values written over its grad_cols, in place)
             for r in range(EPT):
                 e = u32(tid + u32(r * THREADS))
                 if e < u32(KP):
+                    k = u32(e // u32(P))
+                    at = u32(u32(k * u32(PS)) + u32(e - u32(k * u32(P))))  # row k, pixel p of grad_cols
                     r0 = corner_index[e]
-                    if r0 != i32(OUTSIDE):
+                    if r0 == i32(OUTSIDE):
+                        if ATOMIC:  # no sample: the column is 0 (0 * mask: NaN stays NaN)
+                            w00 = corner_weight[e]
+                            for cc in range(CC):
+                                grad_cols[at + cc * K * PS] = w00
+                    else:
                         r1 = corner_index[u32(e + u32(KP))]
                         q0 = corner_index[u32(e + u32(2 * KP))]
                         q1 = corner_index[u32(e + u32(3 * KP))]
@@ -492,39 +641,123 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                             s11 = u32(i32(r1 * i32(SWR)) + q1)
                         row0 = u32(u32(iy0 + r0) * width)
                         row1 = u32(u32(iy0 + r1) * width)
-                        o00 = u32(row0 + u32(ix0 + q0))
-                        o01 = u32(row0 + u32(ix0 + q1))
-                        o10 = u32(row1 + u32(ix0 + q0))
-                        o11 = u32(row1 + u32(ix0 + q1))
+                        # the corners' flat indices in channel c (64-bit once per point); channel
+                        # cc adds cc * plane, the same for all eight accesses of the channel
                         channel_base = image_base + u64(u32(c * plane))
+                        o00 = channel_base + u64(u32(row0 + u32(ix0 + q0)))
+                        o01 = channel_base + u64(u32(row0 + u32(ix0 + q1)))
+                        o10 = channel_base + u64(u32(row1 + u32(ix0 + q0)))
+                        o11 = channel_base + u64(u32(row1 + u32(ix0 + q1)))
                         for cc in range(CC):
+                            step = u64(u32(u32(cc) * plane))
                             if u32(cc) < nc:
-                                gc = grad_cols[u32(e + u32(cc * KP))]  # row (cc*K + k), pixel p
+                                # (compile-time offsets added unwrapped: they fold into the loads)
+                                gc = grad_cols[at + cc * K * PS]  # row (cc*K + k), pixel p
                                 if inside:
-                                    v00 = staged[u32(s00 + u32(cc * REGION))]
-                                    v01 = staged[u32(s01 + u32(cc * REGION))]
-                                    v10 = staged[u32(s10 + u32(cc * REGION))]
-                                    v11 = staged[u32(s11 + u32(cc * REGION))]
+                                    v00 = staged[s00 + cc * REGION]
+                                    v01 = staged[s01 + cc * REGION]
+                                    v10 = staged[s10 + cc * REGION]
+                                    v11 = staged[s11 + cc * REGION]
                                 else:
-                                    v00 = load(input, channel_base + u64(o00))
-                                    v01 = load(input, channel_base + u64(o01))
-                                    v10 = load(input, channel_base + u64(o10))
-                                    v11 = load(input, channel_base + u64(o11))
+                                    v00 = load(input, o00 + step)
+                                    v01 = load(input, o01 + step)
+                                    v10 = load(input, o10 + step)
+                                    v11 = load(input, o11 + step)
                                 sums[r, 0] += gc * v00
                                 sums[r, 1] += gc * v01
                                 sums[r, 2] += gc * v10
                                 sums[r, 3] += gc * v11
-                                if SCATTER:
-                                    if w00 != ZERO:
-                                        red_add(grad_input, channel_base + u64(o00), gc * w00)
-                                    if w01 != ZERO:
-                                        red_add(grad_input, channel_base + u64(o01), gc * w01)
-                                    if w10 != ZERO:
-                                        red_add(grad_input, channel_base + u64(o10), gc * w10)
-                                    if w11 != ZERO:
-                                        red_add(grad_input, channel_base + u64(o11), gc * w11)
-                                channel_base = channel_base + u64(plane)
-            cuda.syncthreads()  # the next chunk may overwrite the staged input, grad_cols and the table
+                                if ATOMIC:
+                                    grad_cols[at + cc * K * PS] = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
+                                    # a corner of weight 0 (outside the image, clamped in) adds +0, not
+                                    # gc * 0 (NaN for a non-finite gc): a select, not a branch per RED
+                                    red_add(grad_input, o00 + step, gc * w00 if w00 != ZERO else ZERO)
+                                    red_add(grad_input, o01 + step, gc * w01 if w01 != ZERO else ZERO)
+                                    red_add(grad_input, o10 + step, gc * w10 if w10 != ZERO else ZERO)
+                                    red_add(grad_input, o11 + step, gc * w11 if w11 != ZERO else ZERO)
+            # (atomic mode) the column tile is complete; (deterministic mode) the next chunk may
+            # overwrite the staged input, grad_cols and the table
+            cuda.syncthreads()
+
+            if ATOMIC:
+                # The weight gradient of this (tile, chunk): grad_weight[o, ck] += sum_p
+                # grad_out[o, p] * cols[ck, p], one output step of OGB at a time, last step first
+                # (its grad_out is still staged; the next chunk's first step finds step 0 staged).
+                o0 = u32(u32(u32(opg - u32(1)) // u32(OGB)) * u32(OGB))
+                while True:
+                    # phase: wg_stage (grad_out [OGB, P] of this step, unless still staged)
+                    if o0 != staged_o0 or g != staged_g:
+                        if GO_FAST:  # this thread's pixel, every GO_ROWS-th row
+                            o = go_row
+                            at = u32(go_at0)
+                            src = u32(u32(u32(u32(g * opg) + u32(o0 + o)) * out_plane) + go_pixel)
+                            while o < u32(OGB):
+                                v = ZERO
+                                if go_inside and u32(o0 + o) < opg:
+                                    v = load(grad_out, out_base + u64(src))
+                                staged_grad_out[at] = v
+                                o = u32(o + u32(GO_ROWS))
+                                at = u32(at + u32(GO_ROWS * PS))
+                                src = u32(src + u32(u32(GO_ROWS) * out_plane))
+                        else:
+                            idx = tid
+                            while idx < u32(OGB * P):
+                                o = u32(idx // u32(P))
+                                p = u32(idx - u32(o * u32(P)))
+                                u = u32(p // u32(TW))
+                                oy = u32(oy0 + u)
+                                ox = u32(ox0 + u32(p - u32(u * u32(TW))))
+                                v = ZERO
+                                if u32(o0 + o) < opg and oy < out_h and ox < out_w:
+                                    channel = u32(u32(g * opg) + u32(o0 + o))
+                                    v = load(grad_out, out_base + u64(u32(u32(channel * out_plane) + u32(oy * out_w + ox))))
+                                staged_grad_out[u32(u32(o * u32(PS)) + p)] = v
+                                idx = u32(idx + u32(THREADS))
+                        staged_o0 = o0
+                        staged_g = g
+                        cuda.syncthreads()  # this step's grad_out is staged
+                    # phase: wg_gemm (per slot: WRO outputs x WRK column rows, interleaved; each
+                    # step reads VW pixels of every row: LDS.128 along the pixels)
+                    slot = tid
+                    while slot < u32(WG_SLOTS):
+                        o_t = u32(slot // u32(WG_CK_T))
+                        ck_t = u32(slot - u32(o_t * u32(WG_CK_T)))
+                        for i in range(WRO):
+                            for j in range(WRK):
+                                wacc[i, j] = ZERO
+                        # row starts (uint32) plus compile-time offsets added unwrapped: the offsets
+                        # fold into the load instructions and neighbouring loads merge (LDS.128)
+                        ga = u32(o_t * u32(PS))
+                        ca = u32(ck_t * u32(PS))
+                        ga_stop = u32(ga + u32(P))
+                        while ga < ga_stop:  # PX_TRIP contiguous pixels of every owned row per trip
+                            for i in range(WRO):
+                                for v in range(PX_TRIP):
+                                    wa[i, v] = staged_grad_out[ga + (i * WG_O_T * PS + v)]
+                            for j in range(WRK):
+                                for v in range(PX_TRIP):
+                                    wb[j, v] = grad_cols[ca + (j * WG_CK_T * PS + v)]
+                            for v in range(PX_TRIP):
+                                for i in range(WRO):
+                                    for j in range(WRK):
+                                        wacc[i, j] += wa[i, v] * wb[j, v]
+                            ga = u32(ga + u32(PX_TRIP))
+                            ca = u32(ca + u32(PX_TRIP))
+                        # phase: wg_red (the slot's partials into grad_weight: fire-and-forget RED)
+                        for i in range(WRO):
+                            o = u32(o0 + u32(o_t + u32(i * WG_O_T)))
+                            if o < opg:
+                                for j in range(WRK):
+                                    ck = u32(ck_t + u32(j * WG_CK_T))
+                                    if ck < u32(nc * u32(K)):
+                                        red_add(grad_weight, u32(u32(weight_row + u32(o * u32(cpg * u32(K)))) + ck),
+                                                wacc[i, j])
+                        slot = u32(slot + u32(THREADS))
+                    if o0 == u32(0):
+                        break
+                    o0 = u32(o0 - u32(OGB))
+                    cuda.syncthreads()  # everyone is done with this step's grad_out before the next is staged
+                cuda.syncthreads()  # the next chunk may overwrite grad_cols, grad_out and the table
             c = chunk_end
 
         # phase: offset_grad (the last offset group of the span)
@@ -793,8 +1026,7 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
                                      + w11 * staged[u32(s11 + u32(cc * REGION))])
                             else:
                                 v = (w00 * load(input, channel_base + u64(o00)) + w01 * load(input, channel_base + u64(o01))
-                                     + w10 * load(input, channel_base + u64(o10))
-                                     + w11 * load(input, channel_base + u64(o11)))
+                                     + w10 * load(input, channel_base + u64(o10)) + w11 * load(input, channel_base + u64(o11)))
                             columns[u32(out_at + u32(cc * K))] = v
                         elif c == c_first and u32(cc) >= nc:
                             columns[u32(out_at + u32(cc * K))] = ZERO
@@ -867,17 +1099,21 @@ def choose_splits(geometry, config: BackwardTileConfig, target_blocks: int | Non
 
 def extra_bytes(geometry, config: BackwardTileConfig | None = None, deterministic: bool = False,
                 target_blocks: int | None = None) -> int:
-    """Device memory the ``fused`` backward allocates beyond its arguments and gradients
-    (the weight partials; in deterministic mode also the gather's sort buffers, per chunk
-    of images: key, coefficient and source per corner entry, plus segment starts)."""
+    """Device memory the ``fused`` backward allocates beyond its arguments and gradients.
+
+    Atomic mode: none (grad_input and grad_weight receive ``RED`` additions directly).
+    Deterministic mode: the weight kernel's ``S - 1`` extra partials, and the gather's sort
+    buffers per chunk of images (key, coefficient and source per corner entry, plus segment
+    starts)."""
     g = geometry
+    if not deterministic:
+        return 0
     config = config or default_config(g)
     splits = choose_splits(g, config, target_blocks)
     s = precision.compute_dtype(g.dtype).itemsize  # partials and sort coefficients
     total = (splits - 1) * s * g.out_channels * (g.in_channels // g.groups) * g.taps if splits > 1 else 0
     if deterministic:
-        from .im2col import CHUNK_IMAGES
-        n = min(g.batch, CHUNK_IMAGES)
+        n = min(g.batch, GATHER_IMAGES)
         entries = 4 * n * g.offset_groups * g.taps * g.out_h * g.out_w
         total += entries * (4 + s + 4 + 8) + 8 * (n * g.offset_groups * g.height * g.width + 1)
     return total
@@ -900,7 +1136,8 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
     whose kernels index in 64 bits.
 
     ``plan``: a ``BackwardTileConfig`` or ``None`` (``default_config``); ``splits``: the number
-    of partial weight gradients (``None``: ``choose_splits``).
+    of partial weight gradients of the deterministic mode's weight kernel (``None``:
+    ``choose_splits``; atomic mode reduces the weight gradient with ``RED`` and ignores it).
     """
     g = geometry
     if not supported(g):  # an image of 2**32 elements or more: the 64-bit column method instead
@@ -931,9 +1168,11 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
     span = channel_span(g)
     tiles = config.tiles(g)
     kernel = input_grad_kernel(g.dtype, *shape, config, use_mask, not deterministic)
-    with stopwatch.section("fused input grads"):
-        if not deterministic:
+    grad_weight_flat = grad_weight.reshape(-1)
+    with stopwatch.section("fused input grads" if deterministic else "fused grads"):
+        if not deterministic:  # both receive RED additions
             grad_input[...] = 0
+            grad_weight_flat[...] = 0
         grad_input_flat = grad_input.reshape(-1)
         image = g.in_channels * g.height * g.width
         for first in range(0, g.batch, GRID_YZ_LIMIT):
@@ -942,25 +1181,25 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
                            input_c[first:last].reshape(-1), offset[first:last],
                            mask_arg[first:last] if use_mask else dummy4, weight_c.reshape(-1),
                            grad_output_c[first:last].reshape(-1), grad_input_flat[first * image:last * image],
-                           grad_offset[first:last], grad_mask_arg[first:last] if use_mask else grad_mask_arg,
+                           grad_weight_flat, grad_offset[first:last], grad_mask_arg[first:last] if use_mask else grad_mask_arg,
                            conv, _dims(g, span))
     if deterministic:
         from . import backward as column_backward
-        from .im2col import CHUNK_IMAGES
         dummy2 = xp.zeros((1, 1), dtype=dtype)
         with stopwatch.section("deterministic gather"):
-            for first in range(0, g.batch, CHUNK_IMAGES):
-                n_chunk = min(CHUNK_IMAGES, g.batch - first)
+            for first in range(0, g.batch, GATHER_IMAGES):
+                n_chunk = min(GATHER_IMAGES, g.batch - first)
                 column_backward._deterministic_input_grad(g, dummy2, grad_output, weight_c, offset, mask_arg,
                                                           grad_input, first, n_chunk, True, xp, conv)
+    else:
+        return  # atomic mode: the input kernel has added the weight gradient too
 
-    # weight gradient: S partials, added in a fixed order
+    # deterministic mode: the weight gradient from S partials, added in a fixed order
     splits = splits or choose_splits(g, config)
     cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
     grid = (splits, -(-opg // config.w_out_block) * -(-cpg // config.chunk), g.groups)
     kernel = weight_grad_kernel(g.dtype, *shape, config, use_mask)
     with stopwatch.section("fused weight grad"):
-        grad_weight_flat = grad_weight.reshape(-1)
         partials = grad_weight_flat if splits == 1 else xp.empty(splits * grad_weight.size, dtype=dtype)
         backend.launch(kernel, grid, config.weight_threads(g.taps), input_c.reshape(-1), offset, mask_arg,
                        grad_output_c.reshape(-1), partials, conv, _dims(g, g.batch))
@@ -977,16 +1216,21 @@ def phase_model(geometry, config: BackwardTileConfig | None = None, target_block
     it attributes to each phase's loop body, after dividing a loop that LLVM unrolled by its
     unroll factor).
 
-    * ``table``, ``stage``, ``stage_gemm``, ``w_stage``, ``w_table``, ``w_build``: trips of their
-      ``while`` loops (one element, or one (tap, pixel) point, per trip);
+    * ``table``, ``stage``, ``stage_gemm``, ``stage_grad_out``, ``wg_stage``, ``w_stage``,
+      ``w_table``, ``w_build``: trips of their ``while`` loops (one element, or one (tap,
+      pixel) point, per trip); ``stage_grad_out`` and ``wg_stage`` as pairs ``(trips, runs of
+      their step code)``: a step stages ``grad_out`` only when it is not still staged;
     * ``grad_cols_gemm``, ``weight_gemm``: trips of the GEMM ``while`` loops, each of
-      ``_steps(...)`` rank-1 updates (unrolled in the source);
-    * ``scatter`` (no loop of its own: the point and channel loops are unrolled): runs of the
-      whole phase, once per channel chunk; ``offset_grad``: once per offset group of the span
+      ``_steps(...)`` rank-1 updates (unrolled in the source); ``wg_gemm``: ``(trips of its
+      pixel loop, runs of its slot code)``; ``wg_red`` (no loop: it sits in the slot loop):
+      slot runs;
+    * ``scatter`` (no loop of its own: the point and channel loops are unrolled): the whole
+      phase, body and straight part, runs once per channel chunk; ``offset_grad``: once per offset group of the span
       (the kernel has two copies of this code; one runs per offset group).
 
-    Input-kernel counts are exact for spans whose chunks do not stop at a group edge (an upper
-    bound otherwise); the weight kernel's are for its busiest split (``choose_splits``).
+    Input-kernel counts are for atomic mode (the weight gradient fused in; ``wg_*`` phases),
+    exact for spans whose chunks do not stop at a group edge (an upper bound otherwise); the
+    weight kernel's (deterministic mode) are for its busiest split (``choose_splits``).
     """
     g = geometry
     config = config or default_config(g)
@@ -1005,12 +1249,28 @@ def phase_model(geometry, config: BackwardTileConfig | None = None, target_block
     segments = 1 if (g.in_channels // g.offset_groups) % config.chunk == 0 else 2
     steps_a = _steps(config.out_block, config.reg_rows * config.reg_px)
     steps_b = _steps(p, config.w_reg_out * config.w_reg_cols)
+    vw = config.pixel_vector()
+    steps_w = _steps(p // vw, max(1, (config.wg_reg_out * config.wg_reg_cols * vw) // 2))
+    weight_groups_per_span = max(1, span // (g.in_channels // g.groups))
+    go_rows = t_in // p  # grad_out staging: one pixel per thread, go_rows rows per pass
+    grad_out_trips = -(-config.out_block // go_rows) if go_rows else -(-config.out_block * p // t_in)
+    steps = chunks * out_steps  # output steps of each GEMM pass
+    slot_runs = steps * -(-config.fused_weight_slots(k) // t_in)
+    # grad_out stagings: the column-gradient pass finds step 0 still staged by the previous
+    # chunk's weight pass (which runs last step first) except at a weight group's first chunk
+    cols_pass_stagings = chunks * (out_steps - 1) + weight_groups_per_span
+    weight_pass_stagings = chunks * (out_steps - 1)
     return {
         "table": groups_per_span * -(-kp // t_in),
         "stage": chunks * -(-config.chunk * rows * cols // t_in),
-        "stage_gemm": chunks * out_steps * (-(-config.out_block * ck // t_in) + -(-config.out_block * p // t_in)),
-        "grad_cols_gemm": chunks * out_steps * (config.out_block // steps_a),
-        "scatter": chunks,
+        "stage_gemm": steps * (-(-config.out_block // (t_in // ck)) if t_in >= ck
+                               else -(-config.out_block * ck // t_in)),
+        "stage_grad_out": (cols_pass_stagings * grad_out_trips, steps),
+        "grad_cols_gemm": steps * (config.out_block // steps_a),
+        "scatter": (chunks, chunks),
+        "wg_stage": (weight_pass_stagings * grad_out_trips, steps),
+        "wg_gemm": (slot_runs * (p // (vw * steps_w)), slot_runs),  # vw * steps_w pixels per trip
+        "wg_red": slot_runs,
         "offset_grad": groups_per_span,
         "w_stage": items * (-(-config.chunk * rows * cols // t_w) + -(-p * config.w_out_block // t_w)),
         "w_table": items * segments * -(-kp // t_w),
@@ -1032,10 +1292,10 @@ def ptx_cases():
         for cfg in configs[dtype]:
             tag = (f"{cfg.tile_h}x{cfg.tile_w}h{cfg.halo}c{cfg.chunk}o{cfg.out_block}r{cfg.reg_rows}x{cfg.reg_px}"
                    f"w{cfg.w_out_block}r{cfg.w_reg_out}x{cfg.w_reg_cols}")
-            for scatter in (True, False):
-                yield (f"input_grad[3x3,{tag},scatter={scatter}]", dtype,
-                       input_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, scatter),
-                       (flat, a4, a4, flat, flat, flat, a4, a4, conv, dims))
+            for atomic in (True, False):
+                yield (f"input_grad[3x3,{tag},atomic={atomic}]", dtype,
+                       input_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, atomic),
+                       (flat, a4, a4, flat, flat, flat, flat, a4, a4, conv, dims))
             yield (f"weight_grad[3x3,{tag}]", dtype, weight_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True),
                    (flat, a4, a4, flat, flat, conv, dims))
     # float16 and bfloat16 (storage in half, arithmetic in float32): the deft64 config; input,
@@ -1046,8 +1306,8 @@ def ptx_cases():
     f4, f1 = types.Array(types.float32, 4, "A"), types.Array(types.float32, 1, "C")
     for dtype in ("float16", "bfloat16"):
         s4, s1 = types.Array(precision.numba_type(dtype), 4, "A"), types.Array(precision.numba_type(dtype), 1, "C")
-        yield (f"input_grad[3x3,{tag},scatter=True]", dtype,
+        yield (f"input_grad[3x3,{tag},atomic=True]", dtype,
                input_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, True),
-               (s1, s4, s4, f1, s1, f1, f4, f4, conv, dims))
+               (s1, s4, s4, f1, s1, f1, f1, f4, f4, conv, dims))
         yield (f"weight_grad[3x3,{tag}]", dtype, weight_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True),
                (s1, s4, s4, s1, f1, conv, dims))
