@@ -201,7 +201,7 @@ gradients at ``deft64``, N=8 (12.8% with the weight partials; the 8-image chunk 
 methods sort cost 77%)."""
 INPUT_REGISTER_BUDGET = 96
 """``launch_bounds`` of ``input_grad_kernel``: as many blocks per SM as fit at this many
-registers per thread in float32, twice as many in float64 (4 blocks of 144 threads at
+registers per thread in float32, twice as many in float64, at most 4 (4 blocks of 144 threads at
 ``deft64``, where ptxas unbounded takes ~126 and fits 3); never fewer registers than this,
 so larger blocks are not forced to spill."""
 
@@ -209,7 +209,8 @@ so larger blocks are not forced to spill."""
 def input_min_blocks(threads: int, itemsize: int = 4) -> int:
     """Blocks per SM ``input_grad_kernel`` asks ptxas to allow (``INPUT_REGISTER_BUDGET``)."""
     warp_threads = -(-threads // 32) * 32
-    return max(1, 65536 // (warp_threads * INPUT_REGISTER_BUDGET * max(1, itemsize // 4)))
+    blocks = 65536 // (warp_threads * INPUT_REGISTER_BUDGET * max(1, itemsize // 4))
+    return max(1, min(4, blocks))  # at most 4: more, for small blocks, made ptxas spill
 
 
 def default_config(geometry) -> BackwardTileConfig:
