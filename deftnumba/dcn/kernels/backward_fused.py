@@ -86,6 +86,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...runtime import backend, precision
+from ...runtime.tiles import staged_extent
 from ...runtime.backend import cuda
 from .atomics import red_add
 from .sampling import conv_tuple, sampling_functions
@@ -166,9 +167,10 @@ class BackwardTileConfig:
         return (self.w_out_block // self.w_reg_out) * (self.rows(taps) // self.w_reg_cols)
 
     def staged_shape(self, geometry) -> tuple[int, int]:
+        """Rows and columns of the staged input region (the tile's footprint plus the halo)."""
         g = geometry
-        return ((self.tile_h - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h + 1 + 2 * self.halo,
-                (self.tile_w - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w + 1 + 2 * self.halo)
+        return (staged_extent(self.tile_h, g.stride_h, g.kernel_h, g.dil_h, self.halo),
+                staged_extent(self.tile_w, g.stride_w, g.kernel_w, g.dil_w, self.halo))
 
     def tiles(self, geometry) -> int:
         return -(-geometry.out_h // self.tile_h) * -(-geometry.out_w // self.tile_w)

@@ -60,9 +60,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...runtime import backend, precision
+from ...runtime.tiles import RegisterBlockedTile, staged_extent
 from ...runtime.backend import cuda
 from .sampling import conv_tuple, sampling_functions
-from .staging import staged_extent
 from .vector import load_vector, vector_width
 
 OUT_OF_TILE = """\
@@ -89,7 +89,7 @@ same reads (the plan keeps that number at 1 where it can).
 
 
 @dataclass(frozen=True)
-class TileConfig:
+class TileConfig(RegisterBlockedTile):
     """Compile-time tile configuration of the fused kernel.
 
     tile_h, tile_w: output pixels per block (TH x TW), any size; edge tiles are masked.
@@ -111,24 +111,9 @@ class TileConfig:
     reg_px: int = 2
 
     def __post_init__(self):
-        for name in ("tile_h", "tile_w", "chunk", "oc_block", "reg_oc", "reg_px"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"TileConfig.{name} must be >= 1, got {getattr(self, name)}")
+        self.check_blocking("chunk")
         if self.halo < 0:
             raise ValueError(f"TileConfig.halo must be >= 0, got {self.halo}")
-        if self.oc_block % self.reg_oc:
-            raise ValueError(f"oc_block ({self.oc_block}) must be a multiple of reg_oc ({self.reg_oc})")
-        if (self.tile_h * self.tile_w) % self.reg_px:
-            raise ValueError(f"tile_h*tile_w ({self.tile_h * self.tile_w}) must be a multiple of "
-                             f"reg_px ({self.reg_px})")
-
-    @property
-    def pixels(self) -> int:
-        return self.tile_h * self.tile_w
-
-    @property
-    def threads(self) -> int:
-        return (self.oc_block // self.reg_oc) * (self.pixels // self.reg_px)
 
     def staged_shape(self, geometry) -> tuple[int, int]:
         """Rows and columns of the staged input region (footprint of the undeformed taps + halo)."""

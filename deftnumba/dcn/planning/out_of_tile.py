@@ -14,7 +14,7 @@ import numpy as np
 
 from ...runtime import backend, precision
 from ..kernels.fused_tiled import TileConfig, count_out_of_tile
-from ..kernels.staging import staged_extent
+from ...runtime.tiles import staged_extent
 from .stats import OffsetStats, offset_statistics
 
 
