@@ -264,7 +264,7 @@ def test_planner_reads_the_measured_counts():
 
 
 def test_audit_command_prints_progress_a_table_and_csv(tmp_path):
-    """``python -m deftnumba audit`` on two small kernels: progress on stderr, an aligned
+    """``python -m deftnumba audit`` on one small kernel in four dtypes: progress on stderr, an aligned
     table with the column heads on stdout, the same rows in the CSV."""
     try:
         sass.find_nvdisasm()
@@ -278,19 +278,20 @@ def test_audit_command_prints_progress_a_table_and_csv(tmp_path):
     if proc.returncode != 0 and "libnvvm" in proc.stderr:
         pytest.skip("NVVM not installed: pip install 'numba-cuda[cu13]'")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[1/2] compiling im2col.positions[mask=True] float32" in proc.stderr
-    assert "[2/2] compiling im2col.positions[mask=True] float64" in proc.stderr
+    dtypes = ["float32", "float64", "float16", "bfloat16"]  # the half cases: storage dtype, float32 arithmetic
+    for i, dtype in enumerate(dtypes):
+        assert f"[{i + 1}/4] compiling im2col.positions[mask=True] {dtype}" in proc.stderr
     lines = proc.stdout.splitlines()
     head = next(i for i, ln in enumerate(lines) if ln.startswith("kernel "))
     for column in ("regs", "warps/SM", "hot_ffma_%", "hot_lds_bits", "f64", "ldl/stl", "div64_calls"):
         assert column in lines[head]
     assert set(lines[head + 1]) <= {"-", " "}
     rows = [ln for ln in lines[head + 2:] if ln.startswith("im2col.positions")]
-    assert len(rows) == 2 and len({len(r.rstrip()) for r in rows}) >= 1
+    assert len(rows) == 4 and len({len(r.rstrip()) for r in rows}) >= 1
     assert "1 KB" in proc.stdout  # the shared-memory reserve is explained
     import csv
 
     with open(out) as f:
         records = list(csv.DictReader(f))
-    assert [r["dtype"] for r in records] == ["float32", "float64"]
-    assert int(records[0]["f64"]) == 0 and int(records[1]["f64"]) > 0
+    assert [r["dtype"] for r in records] == dtypes
+    assert [int(r["f64"]) > 0 for r in records] == [False, True, False, False]
