@@ -114,8 +114,9 @@ def wait_for_job(config, name: str, timeout: float = 1800) -> JobResult:
 
 def pytest_collection_modifyitems(config, items):
     needed = [name for name in COMPILE_JOBS if any(name in getattr(i, "fixturenames", ()) for i in items)]
-    for name in needed:
-        start_job(config, name)
+    if not config.option.collectonly:
+        for name in needed:
+            start_job(config, name)
     # stable: the job readers keep their order, after everything else
     items.sort(key=lambda i: any(name in getattr(i, "fixturenames", ()) for name in needed))
 
