@@ -42,6 +42,16 @@ def rng(request):
     return np.random.default_rng([SESSION_SEED, zlib.crc32(request.node.nodeid.encode())])
 
 
+@pytest.fixture
+def poison_allocations(monkeypatch):
+    """``poison_allocations(ops_module)``: every array that module's ``_empty`` seam
+    allocates (outputs, gradients, intermediates) starts NaN, so an element no kernel
+    writes shows up in the result. Undone at the end of the test."""
+    def poison(module):
+        monkeypatch.setattr(module, "_empty", lambda xp, shape, dtype: xp.full(shape, np.nan, dtype=dtype))
+    return poison
+
+
 # --------------------------------------------------------------------------- compile jobs
 # Some tests read what numba-cuda's real compiler makes of the kernels (no GPU needed:
 # NVVM, nvJitLink and nvdisasm run on the CPU). Each such reading is one subprocess with

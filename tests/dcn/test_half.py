@@ -81,11 +81,11 @@ class _Poisoned:
 
 
 @pytest.fixture
-def recorded(monkeypatch):
+def recorded(monkeypatch, poison_allocations):
     """Poisoned allocations, and every kernel launch's array arguments recorded."""
     real_module, real_launch = backend.array_module, backend.launch
     monkeypatch.setattr(backend, "array_module", lambda like: _Poisoned(real_module(like)))
-    monkeypatch.setattr(ops, "_empty", lambda xp, shape, dtype: xp.full(shape, np.nan, dtype=dtype))
+    poison_allocations(ops)
     launches = []
 
     def launch(kernel, grid, block, *args, **kwargs):

@@ -21,12 +21,8 @@ def _inputs(rng, n, c, h, w, taps, stride, dtype=np.float64, bias=True):
 
 
 @pytest.fixture
-def poisoned(monkeypatch):
-    def empty(xp, shape, dtype):
-        a = xp.empty(shape, dtype=dtype)
-        a.fill(np.nan)
-        return a
-    monkeypatch.setattr(ops, "_empty", empty)
+def poisoned(poison_allocations):
+    poison_allocations(ops)
 
 
 def _check(grads, ref, rtol=1e-11, atol=1e-11):

@@ -26,13 +26,9 @@ def _tolerance(x, pw, st, b, stride, taps, dtype):
 
 
 @pytest.fixture
-def poisoned(monkeypatch):
+def poisoned(poison_allocations):
     """Every array the ops allocate starts NaN: an element no kernel writes shows up."""
-    def empty(xp, shape, dtype):
-        a = xp.empty(shape, dtype=dtype)
-        a.fill(np.nan)
-        return a
-    monkeypatch.setattr(ops, "_empty", empty)
+    poison_allocations(ops)
 
 
 @pytest.mark.parametrize("method", METHODS)
