@@ -351,3 +351,32 @@ def test_phase_model_counts_every_chunk_and_table():
     # 4 output channels in blocks of 4, outputs of 5x7 in 4x4 tiles: 1 of 4 tiles inside
     assert (grouped.out_h, grouped.out_w) == (5, 7)
     assert model["epilogue_edge"] == (0, pytest.approx(1 - 1 / 4))
+
+
+def test_warp_mean_trips_counts_the_passes_of_every_warp():
+    """A grid-stride loop's passes per warp, averaged: each warp runs as many as its first
+    lane (brute force over the lanes), so 576 entries over 128 threads are 4.5 passes per
+    warp (warps 0-1 run 5, warps 2-3 run 4), not ceil(576 / 128) = 5."""
+    def brute(items, threads):
+        warps = -(-threads // 32)
+        passes = [max((len(range(t, items, threads)) for t in range(32 * w, min(threads, 32 * w + 32))), default=0)
+                  for w in range(warps)]
+        return sum(passes) / warps
+
+    for items, threads in [(576, 128), (144, 64), (10, 64), (256, 64), (324, 64), (720, 160), (5, 96), (1, 1)]:
+        assert fused_tiled.warp_mean_trips(items, threads) == pytest.approx(brute(items, threads))
+    assert fused_tiled.warp_mean_trips(576, 128) == 4.5
+
+
+@pytest.mark.parametrize("chunk, unroll", [(2, 8), (4, 8), (3, 12)])
+def test_multiply_unrolls_of_8_and_12_match_the_reference(chunk, unroll, rng):
+    """A 2x2 kernel's chunk of 2 or 4 gives 8 or 16 rank-1 updates per chunk (8 per loop
+    iteration), a chunk of 3 gives 12: the multiply loop's longer unrolled forms."""
+    _, g = case("kernel-2x2", n=2, c=7, h=6, w=5, c_out=5, kh=2, kw=2, pad=(1, 0))
+    config = TileConfig(3, 2, 1, chunk, 4, 2, 2)
+    assert fused_tiled._multiply_unroll(config, g.taps) == unroll
+    arrays = layer_arrays(g, rng)
+    expected = reference.deform_conv2d(*arrays[:4], **conv_kwargs(g), mask=arrays[4])
+    out = fused(g, arrays, config)
+    assert np.all(np.isfinite(out)), "some output element was never written"
+    assert rel_error(out, expected) < tolerance(g.dtype)

@@ -249,9 +249,11 @@ def _weight_vector(config, taps, dtype) -> int:
 
 
 def _multiply_unroll(config, taps) -> int:
-    """Rank-1 updates per iteration of the multiply loop: 4, 2 or 1 (divides ``chunk * K``)."""
+    """Rank-1 updates per iteration of the multiply loop: 12, 8, 4, 2 or 1, the largest that
+    divides ``chunk * K`` (a 3x3 kernel's chunk of 4: 12, three iterations per chunk; the
+    loop's own counter, compare and branch are then half an instruction per update)."""
     rows = config.chunk * taps
-    return 4 if rows % 4 == 0 else 2 if rows % 2 == 0 else 1
+    return next(u for u in (12, 8, 4, 2, 1) if rows % u == 0)
 
 
 def needs_wide_index(geometry) -> bool:
@@ -327,10 +329,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
     weight_vec = _weight_vector(config, taps, dtype)  # elements per 16-byte vector of the slab copy
     slab_vectors = slab_size // weight_vec
     slab_vector_reps = -(-slab_vectors // threads)  # vectors per thread and full chunk
-    # one vector per source iteration: LLVM unrolls the loop by 4 (4 loads, 16 registers, in
-    # flight); groups of 3 or 4 became 12 to 16 in flight, and the 128-register variants spilled
-    vector_group = 1
-    slab_vector_stop = slab_vector_reps * threads
+    stage_reps = -(-region // threads)  # staged positions per thread and full chunk
     row_step = row_pitch * chunk  # staged elements between vertically neighbouring positions
     USE_MASK, USE_BIAS, COUNTING = use_mask, use_bias, counting
     options = {} if backend.IS_SIMULATOR else {"launch_bounds": launch_bounds(config, wide_index)}
@@ -486,26 +485,31 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
             # one stored element once and copies it for every channel of the chunk.
             channel_base = (n * channels + c) * in_plane  # channel c's plane (int64)
             full_chunk = nc == chunk
-            s = tid
             if full_chunk:  # every chunk but the last of an offset group or weight group
-                while s < region:
-                    r = U32(s // U32(row_pitch))
-                    gy = I32(iy0 - 1 + r)
-                    gx = I32(ix0 - 1 + (s - r * row_pitch))
-                    inside = U32(gy) < U32(height) and U32(gx) < U32(width)
-                    for cc in range(chunk):
-                        position[cc] = ZERO
-                    if inside:  # one branch, then the chunk's stores side by side (STS.128)
-                        at = IMG(PLANE(gy) * width + gx)  # in channel c's plane
+                # stage_reps positions per thread: a compile-time trip count (a 32-bit counter
+                # from 0), so LLVM unrolls it without a run-time remainder
+                rep = U32(0)
+                while rep < stage_reps:
+                    s = U32(tid + rep * threads)
+                    if region % threads == 0 or s < region:
+                        r = U32(s // U32(row_pitch))
+                        gy = I32(iy0 - 1 + r)
+                        gx = I32(ix0 - 1 + (s - r * row_pitch))
+                        inside = U32(gy) < U32(height) and U32(gx) < U32(width)
                         for cc in range(chunk):
-                            position[cc] = load(input, U64(channel_base + IMG(at + cc * image_plane)))
-                    to = U32(s * chunk)
-                    for cc in range(chunk):
-                        staged[to + cc] = position[cc]
-                    s = U32(s + threads)
+                            position[cc] = ZERO
+                        if inside:  # one branch, then the chunk's stores side by side (STS.128)
+                            at = U64(channel_base + IMG(PLANE(gy) * width + gx))  # channel c's element
+                            for cc in range(chunk):
+                                position[cc] = load(input, at + U64(cc * image_plane))
+                        to = U32(s * chunk)
+                        for cc in range(chunk):
+                            staged[to + cc] = position[cc]
+                    rep = U32(rep + 1)
             else:
                 # phase: staging_partial
                 # The same, with zeros for the channels past the chunk's end.
+                s = tid
                 while s < region:
                     r = U32(s // U32(row_pitch))
                     gy = I32(iy0 - 1 + r)
@@ -524,25 +528,26 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
             # The packed weight slab of (block, channels c .. c+nc): contiguous, read in order.
             # A full chunk is copied in 16-byte vectors (LDG.128, STS.128; pack_weights'
             # array is freshly allocated, so 16-byte aligned, and every slab starts at a
-            # multiple of the vector width), vector_group vectors (at most 4 in flight, a few
-            # registers beside the accumulators) per iteration of a 32-bit loop.
+            # multiple of the vector width), slab_vector_reps per thread: a compile-time
+            # count, so no run-time remainder; each address is a 32-bit offset from the
+            # slab's start.
             slab_base = (I64(block_y) * cpg + I64(c - c_begin)) * (taps * oc_block)
             if full_chunk:
-                vec_at = tid  # this thread's next vector of the slab: vec_at + r * threads
-                from_at = slab_base + tid * weight_vec
-                while vec_at < slab_vector_stop:
-                    vectors_left = I32(slab_vectors - I32(vec_at))  # r * threads < it: in the slab
-                    for r in range(vector_group):
-                        if slab_vectors % threads == 0 or r * threads < vectors_left:
-                            to = U32(U32(vec_at + r * threads) * weight_vec)
-                            if weight_vec == 1:
-                                slab[to] = weight[U64(from_at + r * threads)]
-                            else:
-                                values = load_vector(weight, U64(from_at + r * threads * weight_vec))
-                                for k in range(weight_vec):
-                                    slab[to + k] = values[k]
-                    vec_at = U32(vec_at + vector_group * threads)
-                    from_at += vector_group * threads * weight_vec
+                # the r-th vector of this thread is r * threads vectors past its first one: with
+                # r a constant in the unrolled copy, one base address and immediate offsets
+                first_from = U64(slab_base + tid * weight_vec)
+                first_to = U32(tid * weight_vec)
+                r = U32(0)
+                while r < slab_vector_reps:
+                    if slab_vectors % threads == 0 or U32(tid + r * threads) < slab_vectors:
+                        step = r * (threads * weight_vec)
+                        if weight_vec == 1:
+                            slab[first_to + step] = weight[first_from + U64(step)]
+                        else:
+                            values = load_vector(weight, first_from + U64(step))
+                            for k in range(weight_vec):
+                                slab[first_to + step + k] = values[k]
+                    r = U32(r + 1)
             else:
                 # phase: weights_partial
                 # The last chunk of an offset group or weight group: zeros past nc channels.
@@ -643,9 +648,19 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                 rank_one_update(acc, a, b, slab, columns, w_at, c_at)
                 if unroll >= 2:
                     rank_one_update(acc, a, b, slab, columns, w_at + oc_block, c_at + pixels)
-                if unroll == 4:
+                if unroll >= 4:
                     rank_one_update(acc, a, b, slab, columns, w_at + 2 * oc_block, c_at + 2 * pixels)
                     rank_one_update(acc, a, b, slab, columns, w_at + 3 * oc_block, c_at + 3 * pixels)
+                if unroll >= 8:
+                    rank_one_update(acc, a, b, slab, columns, w_at + 4 * oc_block, c_at + 4 * pixels)
+                    rank_one_update(acc, a, b, slab, columns, w_at + 5 * oc_block, c_at + 5 * pixels)
+                    rank_one_update(acc, a, b, slab, columns, w_at + 6 * oc_block, c_at + 6 * pixels)
+                    rank_one_update(acc, a, b, slab, columns, w_at + 7 * oc_block, c_at + 7 * pixels)
+                if unroll == 12:
+                    rank_one_update(acc, a, b, slab, columns, w_at + 8 * oc_block, c_at + 8 * pixels)
+                    rank_one_update(acc, a, b, slab, columns, w_at + 9 * oc_block, c_at + 9 * pixels)
+                    rank_one_update(acc, a, b, slab, columns, w_at + 10 * oc_block, c_at + 10 * pixels)
+                    rank_one_update(acc, a, b, slab, columns, w_at + 11 * oc_block, c_at + 11 * pixels)
                 w_at = U32(w_at + unroll * oc_block)
                 c_at = U32(c_at + unroll * pixels)
             cuda.syncthreads()  # all reads of the region, slab and columns are done
@@ -654,12 +669,15 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
         # phase: epilogue
         # bias, NCHW store: a thread writes runs of px_vec consecutive pixels of a tile row.
         # The block's channels are derived here, not kept through the chunk loop (a register
-        # fewer there: at 128 registers that is the difference between a spill and none).
+        # fewer there: at 128 registers that is the difference between a spill and none;
+        # so are the group sizes, from the kernel's parameters).
         block_y = U32(cuda.blockIdx.y + block_y0)
-        g = U32(block_y // oc_blocks)
-        ob = U32(block_y - g * oc_blocks)
-        oc0 = I32(g * opg + ob * oc_block)  # first output channel of the block
-        oc_count = I32(min(oc_block, opg - ob * oc_block))  # valid channels of the block
+        out_per_group = U32(U32(out_channels) // U32(U32(channels) // U32(cpg)))
+        blocks_per_group = U32(U32(out_per_group + (oc_block - 1)) // U32(oc_block))
+        g = U32(block_y // blocks_per_group)
+        ob = U32(block_y - g * blocks_per_group)
+        oc0 = I32(g * out_per_group + ob * oc_block)  # first output channel of the block
+        oc_count = I32(min(oc_block, out_per_group - ob * oc_block))  # valid channels of the block
         if (RUNS_IN_ROWS and oc_count == oc_block and oy0 + tile_h <= out_h
                 and ox0 + tile_w <= out_w):  # an interior block: every value is stored
             for i in range(reg_oc):
@@ -874,6 +892,16 @@ def _segments(geometry):
     return segments
 
 
+def warp_mean_trips(items: int, threads: int) -> float:
+    """Passes of a grid-stride loop (``e = tid; while e < items: ...; e += threads``) per
+    warp of the block, averaged over its warps: warp ``w`` runs as many passes as its first
+    lane, ``ceil((items - 32 w) / threads)`` (none when that lane has no item). The issue
+    slots of the block are this mean times its warps; ``ceil(items / threads)`` (every warp
+    as the first) overcounts them when ``threads`` does not divide ``items``."""
+    warps = -(-threads // 32)
+    return sum(max(0, -(-(items - 32 * w) // threads)) for w in range(warps)) / warps
+
+
 def phase_model(geometry, config: TileConfig) -> dict:
     """Iterations, per thread of one block, of each phase's innermost source loop body
     (``# phase:`` lines of ``fused_kernel``), for the audit's issue-slot model.
@@ -885,16 +913,20 @@ def phase_model(geometry, config: TileConfig) -> dict:
 
     * ``prologue``: its code inside the chunk loop (the segment and chunk bounds) once per
       chunk, the rest once;
-    * ``table``: one (tap, pixel) entry, ``ceil(K*P / threads)`` per offset-group segment;
-    * ``staging`` / ``staging_partial``: one (stored position, channel) of the region
-      (guard included): ``ceil(region / threads) * chunk`` per chunk;
+    * ``table``: one (tap, pixel) entry, ``warp_mean_trips(K*P, threads)`` per offset-group
+      segment (a grid-stride loop: a warp runs as many passes as its first lane);
+    * ``staging`` / ``staging_partial``: one (stored position, channel) of the region (guard
+      included): ``warp_mean_trips(region, threads) * chunk`` per chunk. The full form is a
+      loop of compile-time trip count, unrolled by LLVM (the audit divides the unrolled code
+      by its loads); a position past the region is skipped by a branch, so a warp whose
+      lanes are all past it skips that copy, as in the grid-stride loop of the partial form;
     * ``weights``: one 16-byte vector of the slab (``_weight_vector`` elements),
-      ``ceil(slab vectors / threads)`` per full chunk (the loop copies up to 4 per
-      iteration; the audit counts per vector from its ``LDG.128``);
+      ``ceil(slab vectors / threads)`` per full chunk (a compile-time trip count, unrolled;
+      the audit counts per vector from its ``LDG.128``);
     * ``weights_partial``: ``slab_group`` slab elements, ``slab_reps / slab_group`` per
       partial chunk;
     * ``columns`` / ``columns_partial``: one (tap, pixel) entry of one channel,
-      ``ceil(K*P / threads) * chunk`` per chunk; ``columns`` holds the in-tile path (which
+      ``warp_mean_trips(K*P, threads) * chunk`` per chunk (a grid-stride loop); ``columns`` holds the in-tile path (which
       out-of-band entries take too, reading the zero window), ``out_of_tile`` the global-read
       path (the audit weights it by the chance that a warp takes it);
     * ``multiply``: one rank-1 update of ``reg_oc * reg_px`` FFMA, ``chunk * K`` per chunk
@@ -923,8 +955,8 @@ def phase_model(geometry, config: TileConfig) -> dict:
     chunks = full + partial
     slab_reps, slab_group = _slab_copy(config, taps)
     vectors = -(-config.chunk * taps * config.oc_block // _weight_vector(config, taps, g.dtype))
-    per_table = -(-table_size // threads)
-    per_region = -(-region // threads)
+    per_table = warp_mean_trips(table_size, threads)
+    per_region = warp_mean_trips(region, threads)
     c = config.chunk
     return {"prologue": (chunks, 1),
             "table": (len(segments) * per_table, len(segments)),
