@@ -714,10 +714,12 @@ def planner_base_tile(reg_oc: int, reg_px: int, dtype: str = "float32"):
     """The representative config measured for a register blocking: 64 output channels and a
     chunk of 4 channels, an 8x8 tile with halo 2 (float64: 4x8, halo 1, to fit 48 KB of
     static shared memory): deft64's plan family. The other parameters only change
-    compile-time constants (divisors, trip counts), not the loop bodies' shape, as long as
-    ``chunk * K`` is a multiple of 4 (``_multiply_unroll``): with a chunk of 1 (9 steps,
-    not unrolled in the source) LLVM unrolls the multiply loop completely and no loop is
-    left to measure."""
+    compile-time constants (divisors, trip counts): the loop bodies keep their shape, and
+    the staging and weight copies, unrolled over a compile-time count of positions or
+    vectors per thread, are divided by their loads (``normalise_fused``), so one
+    position or vector costs about the same at another count. (With a chunk of 1 and a
+    3x3 kernel, 9 rank-1 updates, LLVM unrolls the multiply loop completely and no loop
+    is left to measure: hence the chunk of 4.)
     from .kernels.fused_tiled import TileConfig
 
     if dtype == "float32":
