@@ -719,7 +719,7 @@ def planner_base_tile(reg_oc: int, reg_px: int, dtype: str = "float32"):
     vectors per thread, are divided by their loads (``normalise_fused``), so one
     position or vector costs about the same at another count. (With a chunk of 1 and a
     3x3 kernel, 9 rank-1 updates, LLVM unrolls the multiply loop completely and no loop
-    is left to measure: hence the chunk of 4.)
+    is left to measure: hence the chunk of 4.)"""
     from .kernels.fused_tiled import TileConfig
 
     if dtype == "float32":
