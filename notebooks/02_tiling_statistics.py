@@ -135,7 +135,7 @@ nb.show(nb.markdown_table(tap_rows, floats="+.2f"))
 # ## 3. The out-of-tile fraction: model against counts
 #
 # The rule, stated once in the package (`fused_tiled.OUT_OF_TILE`), in short: a sample is
-# *in-tile* when its clamped 2x2 footprint lies inside the staged region
+# *in-tile* when its 2x2 bilinear window lies inside the staged region
 # `(TH-1)*stride + (kh-1)*dil + 1 + 2*halo` rows by the same in columns; otherwise it is
 # out-of-tile. Three ways to get the fraction of out-of-tile samples:
 #

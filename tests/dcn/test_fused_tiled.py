@@ -174,9 +174,9 @@ def test_tile_config_validation_and_shared_budget():
     g = CASES["basic-3x3"]
     cfg = TileConfig(8, 8, 2, 4, 64, 4, 4)
     assert cfg.threads == 256 and cfg.staged_shape(g) == (14, 14)
-    # staged 4*(16*16 + 18) (14x14, a guard, the 18-position zero window), weight slab 36*64,
+    # staged 4*(14*14 + 16) (the region and the 16-position zero window), weight slab 36*64,
     # columns 36*64 floats; table 576 * (4 floats + 3 int32)
-    assert cfg.shared_bytes(g) == 4 * (4 * (256 + 18) + 36 * 64 + 36 * 64) + 576 * 28
+    assert cfg.shared_bytes(g) == 4 * (4 * (196 + 16) + 36 * 64 + 36 * 64) + 576 * 28
     gpu = fused_tiled.GPU_CONFIG
     from dataclasses import replace
 
@@ -329,12 +329,13 @@ def test_phase_model_counts_every_chunk_and_table():
     g = bench.SUITES["deft64"]
     model = fused_tiled.phase_model(g, fused_tiled.GPU_CONFIG)
     # 64 channels in chunks of 4: 16 full chunks, no partial one; 576 table entries over 64
-    # threads: 9 each; a 16x16 stored region (14x14 and its guard): 4 positions each; 576
+    # threads: 9 each; a 14x14 stored region: 3.5 positions per warp (warp 0 runs 4, warp 1
+    # runs 3: 196 = 3 * 64 + 4); 576
     # 16-byte weight vectors (2304 floats) per chunk: 9 each; 36 rank-1 updates per chunk
     # (counted one by one: the audit's multiply count is per update).
     # (body iterations, straight runs): the code around each loop runs once per chunk of its kind
     # staging and columns count (position, channel) and (entry, channel) steps: x 4 channels
-    assert model == {"prologue": (16, 1), "table": (9, 1), "staging": (256, 16), "staging_partial": (0, 0),
+    assert model == {"prologue": (16, 1), "table": (9, 1), "staging": (224, 16), "staging_partial": (0, 0),
                      "weights": (144, 16), "weights_partial": (0, 0), "columns": (576, 16),
                      "columns_partial": (0, 0), "multiply": (576, 16), "epilogue": 1,
                      "epilogue_edge": (0, 0.0)}  # 64x64 outputs in 8x8 tiles: no edge block

@@ -21,8 +21,8 @@ the kernel (the SASS audit attributes instructions to them by source line):
    corner goes to two more int32; outside the band: a window of zeros past the
    staged region) -- and the four corner weights with the mask folded in.
 2. **staging**: ``CC`` channels of the input region that the tile's
-   *undeformed* taps touch, widened by ``halo`` on each side (plus a one-element
-   zero guard), zero outside the image, the channels interleaved.
+   *undeformed* taps touch, widened by ``halo`` on each side, zero outside the
+   image, the channels interleaved.
 3. **weights**: the ``[CC*K, OCB]`` slab of the weights, pre-packed once per
    call (``pack_weights``) in exactly this order, copied in 16-byte vectors.
 4. **columns**: the ``[CC*K, P]`` column tile, one table entry per (tap, pixel)
@@ -74,12 +74,13 @@ SH = (TH-1)*sh + (kh-1)*dh + 1 + 2*halo (likewise for columns).
 
 * outside the band (not -1 < y < H and -1 < x < W, or non-finite): the sample
   is zero and touches no memory. Counted as `outside_band`.
-* in-tile: inside the band, and the clamped 2x2 footprint
-  rows {max(floor(y), 0), min(floor(y)+1, H-1)} x
-  cols {max(floor(x), 0), min(floor(x)+1, W-1)}
-  lies inside the staged rows x columns. Read from shared memory.
-* out-of-tile: inside the band, footprint not fully inside the staged region.
-  Four reads from global memory (L1/L2) for each such sample.
+* in-tile: inside the band, and the 2x2 window
+  rows {floor(y), floor(y)+1} x cols {floor(x), floor(x)+1}
+  lies inside the staged rows x columns (a row or column of it outside the
+  image is staged as zeros there, and its weight is zero). Read from shared memory.
+* out-of-tile: inside the band, window not fully inside the staged region.
+  Four reads from global memory (L1/L2) for each such sample (the corners
+  clamped into the image).
 
 Counts are of samples (channel-samples): each (n, offset group, tap, pixel)
 position contributes C/offset_groups samples. The kernel counts them in the
@@ -122,8 +123,8 @@ class TileConfig(RegisterBlockedTile):
                 staged_extent(self.tile_w, g.stride_w, g.kernel_w, g.dil_w, self.halo))
 
     def shared_bytes(self, geometry) -> int:
-        """Static shared memory of one block, in bytes: the staged region with a one-element
-        guard on each side and the zero window (``chunk`` channels), the weight slab and the column tile
+        """Static shared memory of one block, in bytes: the staged region and the zero window
+        (``chunk`` channels), the weight slab and the column tile
         (``chunk * K`` rows of ``oc_block`` and of ``pixels``), and the sampling table
         (per (tap, pixel): four weights and three int32)."""
         s = precision.compute_dtype(geometry.dtype).itemsize  # shared arrays: the compute type
@@ -131,8 +132,9 @@ class TileConfig(RegisterBlockedTile):
         k = geometry.taps
         ck = self.chunk * k
         table = k * self.pixels
-        zero_window = cols + 4  # row_pitch + 2 positions past the region, always zero
-        return s * (self.chunk * ((rows + 2) * (cols + 2) + zero_window) + ck * self.oc_block
+        zero_window = cols + 2  # row_pitch + 2 positions past the region, always zero
+        slab = -(-ck * self.oc_block // 4) * 4  # the column tile starts 16-byte aligned after it
+        return s * (self.chunk * (rows * cols + zero_window) + slab
                     + ck * self.pixels + 4 * table) + 4 * 3 * table
 
     def blocks(self, geometry) -> tuple[int, int, int]:
@@ -185,10 +187,10 @@ def default_config(geometry) -> TileConfig:
 
 # Traffic of one launch (N images, C -> Cout, K = kh*kw taps, P = Ho*Wo, s = itemsize,
 # B = number of output-channel blocks per weight group, T = number of tiles,
-# SH x SW the staged region per tile (+1 guard row/column on each side), f the
+# SH x SW the staged region per tile, f the
 # out-of-tile fraction of in-band samples):
-#   reads  input   B * N * C * T * (SH+2)*(SW+2) * s  (the staged tiles; halo rows/cols are
-#                                                      re-read by neighbouring tiles: L2 hits)
+#   reads  input   B * N * C * T * SH*SW * s  (the staged tiles; halo rows/cols are
+#                                              re-read by neighbouring tiles: L2 hits)
 #          offsets B * groups_overlap * N * 2*G*K*P * s and mask B * N * G*K*P * s (table)
 #          weights N * T * Cout * C/groups * K * s    (the packed slab of every block: L2 hits)
 #          out-of-tile  B * f * N * C * K * P * 4 corners * s  (scattered, mostly L1/L2 hits)
@@ -299,12 +301,12 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
     pixels = tile_h * tile_w
     chunk_rows = chunk * taps  # rows of the column tile and of the weight slab (channel, tap)
     table_size = taps * pixels  # one sampling-table entry per (tap, pixel)
-    # The staged region (OUT_OF_TILE) is staged_rows x staged_cols; it is stored with one
-    # guard row/column on each side, so a 2x2 window around any in-tile footprint is stored.
+    # The staged region (OUT_OF_TILE) is staged_rows x staged_cols: an in-tile sample's
+    # whole 2x2 window lies in it (rows or columns of it outside the image are staged zeros).
     staged_rows = (tile_h - 1) * stride_h + (kernel_h - 1) * dil_h + 1 + 2 * halo
     staged_cols = (tile_w - 1) * stride_w + (kernel_w - 1) * dil_w + 1 + 2 * halo
-    row_pitch = staged_cols + 2
-    region = (staged_rows + 2) * row_pitch  # one channel of the stored region
+    row_pitch = staged_cols
+    region = staged_rows * row_pitch  # one channel of the stored region
     # past the region, row_pitch + 2 positions that stay zero: the 2x2 window every entry
     # outside the band (or the output) points at, so the column build reads no memory for it
     zero_window = region
@@ -312,6 +314,8 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
     staged_size = chunk * region + zero_size
     slab_size = chunk_rows * oc_block  # the weight slab of one chunk
     column_size = chunk_rows * pixels  # the column tile of one chunk
+    columns_at = -(-slab_size // 4) * 4  # where the column tile starts, 16-byte aligned
+    operands_size = columns_at + column_size
     table_weight_size = 4 * table_size
     accumulators = reg_oc * reg_px
     unroll = _multiply_unroll(config, taps)  # rank-1 updates per multiply-loop iteration
@@ -358,8 +362,12 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
         image_plane = IMG(in_plane)  # offsets from a channel's plane: uint32 (int64 when wide_index)
 
         staged = cuda.shared.array(staged_size, dtype=DT, alignment=16)
-        slab = cuda.shared.array(slab_size, dtype=DT, alignment=16)
-        columns = cuda.shared.array(column_size, dtype=DT, alignment=16)
+        # the weight slab and the column tile in one array, the column tile from columns_at: the
+        # multiply loop addresses both from one shared-memory base (with two arrays, ptxas
+        # recomputed the second base in every iteration: 5 instructions per 12 updates)
+        operands = cuda.shared.array(operands_size, dtype=DT, alignment=16)
+        slab = operands  # [chunk * K, oc_block] from 0
+        columns = operands  # [chunk * K, pixels] from columns_at
         table_where = cuda.shared.array(table_size, dtype=np.int32, alignment=16)
         table_weights = cuda.shared.array(table_weight_size, dtype=DT, alignment=16)
         table_row = cuda.shared.array(table_size, dtype=np.int32, alignment=16)
@@ -391,8 +399,8 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
         while c < c_end:
             if c == segment_end:  # the next offset group
                 og = I32(og + 1)
-                segment_end = I32(min(c_end, (og + 1) * cpo))
-            chunk_end = I32(min(segment_end, c + chunk))
+                segment_end = I32(min(c_end, I32(I32(og + 1) * cpo)))
+            chunk_end = I32(min(segment_end, I32(c + chunk)))  # 32-bit (c + chunk alone is int64)
             nc = I32(chunk_end - c)  # channels in this chunk (<= chunk)
             if og != table_group:
                 # phase: table
@@ -444,14 +452,13 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                                 w01 *= m
                                 w10 *= m
                                 w11 *= m
-                            if (y_lo >= iy0 and y_hi < iy0 + staged_rows
-                                    and x_lo >= ix0 and x_hi < ix0 + staged_cols):
-                                # in-tile: the window (floor(y), floor(x)) .. +1 unclamped; a
-                                # row or column of it outside the image has weight zero and
-                                # is stored as zero (in the region or its guard)
-                                top = I32(I32(math.floor(y)) - iy0 + 1)
-                                left = I32(I32(math.floor(x)) - ix0 + 1)
-                                where = I32(top * row_pitch + left)
+                            # the unclamped window's first row and column, in the region
+                            if (U32(I32(math.floor(y)) - iy0) < U32(staged_rows - 1)
+                                    and U32(I32(math.floor(x)) - ix0) < U32(staged_cols - 1)):
+                                # in-tile: the window (floor(y), floor(x)) .. +1, unclamped, in
+                                # the region; a row or column of it outside the image has
+                                # weight zero and is staged as zero
+                                where = I32((I32(math.floor(y)) - iy0) * row_pitch + (I32(math.floor(x)) - ix0))
                                 count_in += 1
                             else:
                                 where = I32(-1 - ((y_hi - y_lo) * 2 + (x_hi - x_lo)))
@@ -478,7 +485,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                 table_group = og
 
             # phase: staging
-            # The chunk's input region with its guard, row by row (coalesced); zero outside
+            # The chunk's input region, row by row (coalesced); zero outside
             # the image. The channels are interleaved: position s of channel cc is
             # staged[s * chunk + cc], so that the column build reads one corner of all the
             # chunk's channels with one wide shared load. A thread decodes the position of
@@ -493,15 +500,15 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                     s = U32(tid + rep * threads)
                     if region % threads == 0 or s < region:
                         r = U32(s // U32(row_pitch))
-                        gy = I32(iy0 - 1 + r)
-                        gx = I32(ix0 - 1 + (s - r * row_pitch))
+                        gy = I32(iy0 + r)
+                        gx = I32(ix0 + (s - r * row_pitch))
                         inside = U32(gy) < U32(height) and U32(gx) < U32(width)
                         for cc in range(chunk):
                             position[cc] = ZERO
                         if inside:  # one branch, then the chunk's stores side by side (STS.128)
-                            at = U64(channel_base + IMG(PLANE(gy) * width + gx))  # channel c's element
+                            at = channel_base + PLANE(PLANE(gy) * width + gx)  # channel c's element (int64)
                             for cc in range(chunk):
-                                position[cc] = load(input, at + U64(cc * image_plane))
+                                position[cc] = load(input, U64(at + cc * in_plane))
                         to = U32(s * chunk)
                         for cc in range(chunk):
                             staged[to + cc] = position[cc]
@@ -512,8 +519,8 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                 s = tid
                 while s < region:
                     r = U32(s // U32(row_pitch))
-                    gy = I32(iy0 - 1 + r)
-                    gx = I32(ix0 - 1 + (s - r * row_pitch))
+                    gy = I32(iy0 + r)
+                    gx = I32(ix0 + (s - r * row_pitch))
                     inside = U32(gy) < U32(height) and U32(gx) < U32(width)
                     at = PLANE(PLANE(gy) * width + gx)  # in channel c's plane; read only when inside
                     to = U32(s * chunk)
@@ -583,7 +590,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                     if where >= 0:  # in-tile (or the zero window: outside the band or the output)
                         at = U32(U32(where) * chunk)
                         for cc in range(chunk):
-                            columns[e + cc * table_size] = (
+                            columns[columns_at + e + cc * table_size] = (
                                 w00 * staged[at + cc] + w01 * staged[at + chunk + cc]
                                 + w10 * staged[at + row_step + cc] + w11 * staged[at + row_step + chunk + cc])
                     else:
@@ -597,7 +604,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                         corner = IMG(PLANE(row) * width + table_col[e])  # in channel c's plane
                         for cc in range(chunk):
                             at = channel_base + IMG(corner + cc * image_plane)
-                            columns[U32(cc * table_size + e)] = (
+                            columns[columns_at + U32(cc * table_size + e)] = (
                                 w00 * load(input, U64(at)) + w01 * load(input, U64(at + right))
                                 + w10 * load(input, U64(at + down)) + w11 * load(input, U64(at + down + right)))
                     # phase: columns
@@ -618,7 +625,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                                  + w10 * staged[at + row_step + cc] + w11 * staged[at + row_step + chunk + cc])
                             if cc >= nc:  # ... but a weight may be NaN (mask): select, no branch
                                 v = ZERO
-                            columns[e + cc * table_size] = v
+                            columns[columns_at + e + cc * table_size] = v
                     else:  # out-of-tile: four global loads (clamped corners) per channel
                         row = table_row[e]
                         steps = I32(-1 - where)
@@ -632,7 +639,7 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
                                 at = base + cc * in_plane
                                 v = (w00 * load(input, U64(at)) + w01 * load(input, U64(at + right))
                                      + w10 * load(input, U64(at + down)) + w11 * load(input, U64(at + down + right)))
-                            columns[U32(cc * table_size + e)] = v
+                            columns[columns_at + U32(cc * table_size + e)] = v
                     e = U32(e + threads)
             cuda.syncthreads()  # the column tile is complete
 
@@ -641,8 +648,8 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
             # (runs of oc_vec / px_vec consecutive floats: LDS.128 when 4), then
             # reg_oc * reg_px FFMAs into the accumulators.
             w_at = oc_first  # this thread's first weight of slab row ck
-            c_at = px_first  # its first column value of column-tile row ck
-            c_stop = U32(px_first + column_size)
+            c_at = U32(columns_at + px_first)  # its first column value of column-tile row ck
+            c_stop = U32(c_at + column_size)
             while c_at < c_stop:  # `unroll` rows of the slab and the column tile per iteration
                 # written out: LLVM does not unroll a loop over these calls
                 rank_one_update(acc, a, b, slab, columns, w_at, c_at)
@@ -915,8 +922,8 @@ def phase_model(geometry, config: TileConfig) -> dict:
       chunk, the rest once;
     * ``table``: one (tap, pixel) entry, ``warp_mean_trips(K*P, threads)`` per offset-group
       segment (a grid-stride loop: a warp runs as many passes as its first lane);
-    * ``staging`` / ``staging_partial``: one (stored position, channel) of the region (guard
-      included): ``warp_mean_trips(region, threads) * chunk`` per chunk. The full form is a
+    * ``staging`` / ``staging_partial``: one (stored position, channel) of the region:
+      ``warp_mean_trips(region, threads) * chunk`` per chunk. The full form is a
       loop of compile-time trip count, unrolled by LLVM (the audit divides the unrolled code
       by its loads); a position past the region is skipped by a branch, so a warp whose
       lanes are all past it skips that copy, as in the grid-stride loop of the partial form;
@@ -947,7 +954,7 @@ def phase_model(geometry, config: TileConfig) -> dict:
     threads = config.threads
     taps = g.taps
     rows, cols = config.staged_shape(g)
-    region = (rows + 2) * (cols + 2)
+    region = rows * cols
     table_size = taps * config.pixels
     segments = _segments(g)
     full = sum(s // config.chunk for s in segments)

@@ -3,7 +3,7 @@
 The fused kernel stages, per block, the input region a tile of output pixels would
 read with zero offsets, widened by a ``halo`` (``kernels/fused_tiled.py``; the
 exact rule is ``fused_tiled.OUT_OF_TILE``). ``out_of_tile_fraction`` predicts the
-fraction of in-band samples whose 2x2 footprint leaves it, from the offset
+fraction of in-band samples whose 2x2 window leaves it, from the offset
 statistics alone; ``brute_force_counts`` counts the real thing in NumPy (the
 kernel's counting build must agree); ``out_of_tile_sweep`` sets one against the other.
 """
@@ -22,8 +22,9 @@ def _axis_terms(size, out_size, stride, pad, dil, taps, tile, halo, support, pmf
     """Per axis: expected in-band and in-tile probability mass, summed over (output index, tap).
 
     For output index o, tap t: row r = o*stride - pad + t*dil; a floor f = floor(d) puts the
-    footprint at rows r+f, r+f+1, clamped into [0, size-1]. The tile of o stages rows
-    [o0*stride - pad - halo, ... + span) with o0 = (o // tile) * tile.
+    2x2 window at rows r+f, r+f+1 (unclamped). The tile of o stages rows
+    [o0*stride - pad - halo, ... + span) with o0 = (o // tile) * tile; the sample is
+    in-tile when both rows lie in it.
     """
     span = staged_extent(tile, stride, taps, dil, halo)
     o = np.arange(out_size)[:, None, None]
@@ -31,10 +32,8 @@ def _axis_terms(size, out_size, stride, pad, dil, taps, tile, halo, support, pmf
     f = support[None, None, :]
     first = o * stride - pad + t * dil + f
     band = (first >= -1) & (first <= size - 1)
-    lo = np.maximum(first, 0)
-    hi = np.minimum(first + 1, size - 1)
     start = (o // tile) * tile * stride - pad - halo
-    inside = band & (lo >= start) & (hi <= start + span - 1)
+    inside = band & (first >= start) & (first + 1 <= start + span - 1)
     p = np.asarray(pmf, dtype=np.float64)[None, None, :]
     return float((band * p).sum()), float((inside * p).sum())
 
@@ -99,8 +98,8 @@ def brute_force_counts(geometry, offset, tile: TileConfig) -> dict:
     rows, cols = tile.staged_shape(g)
     iy0 = ((oy // tile.tile_h) * tile.tile_h * g.stride_h - g.pad_h - tile.halo)[None, :, None]
     ix0 = ((ox // tile.tile_w) * tile.tile_w * g.stride_w - g.pad_w - tile.halo)[None, None, :]
-    inside = (band & (np.maximum(fy, 0) >= iy0) & (np.minimum(fy + 1, g.height - 1) <= iy0 + rows - 1)
-              & (np.maximum(fx, 0) >= ix0) & (np.minimum(fx + 1, g.width - 1) <= ix0 + cols - 1))
+    # the unclamped 2x2 window inside the staged rows x columns (OUT_OF_TILE)
+    inside = (band & (fy >= iy0) & (fy + 1 <= iy0 + rows - 1) & (fx >= ix0) & (fx + 1 <= ix0 + cols - 1))
     per_position = g.in_channels // g.offset_groups
     in_tile = int(inside.sum()) * per_position
     inband = int(band.sum()) * per_position
