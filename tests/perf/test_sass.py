@@ -245,8 +245,6 @@ def test_planner_table_covers_the_candidates_and_matches_the_kernel_source():
 def test_planner_reads_the_measured_counts():
     from deftnumba import tiling
     from deftnumba.kernels import fused_tiled
-    from tests.dcn.cases import CASES  # noqa: F401
-
     from deftnumba import bench
 
     g = bench.SUITES["deft64"]
