@@ -536,8 +536,8 @@ def fused_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, co
             # A full chunk is copied in 16-byte vectors (LDG.128, STS.128; pack_weights'
             # array is freshly allocated, so 16-byte aligned, and every slab starts at a
             # multiple of the vector width), slab_vector_reps per thread: a compile-time
-            # count, so no run-time remainder; each address is a 32-bit offset from the
-            # slab's start.
+            # count, so no run-time remainder; one 64-bit address per thread, and the r-th
+            # vector at a compile-time offset from it.
             slab_base = (I64(block_y) * cpg + I64(c - c_begin)) * (taps * oc_block)
             if full_chunk:
                 # the r-th vector of this thread is r * threads vectors past its first one: with
