@@ -465,25 +465,34 @@ def fused_steps(tile, taps: int) -> dict:
             "out_of_tile": ("ldg", 4)}        # four corners
 
 
-def normalise_fused(phases: dict, tile, taps: int) -> dict:
-    """The fused kernel's measured ``PhaseCount``s per source iteration of ``phase_model``:
-    the multiply phase per rank-1 update (``normalise_multiply``), the others by the loads
-    or stores one step issues (``fused_steps``): body = instructions per pass / steps per
-    pass. A phase whose body has none of them is left as measured."""
+def normalise_steps(phases: dict, steps: dict) -> dict:
+    """The measured ``PhaseCount``s per source step of the phase model: ``steps`` maps a phase
+    to ``(kind, per_step)``, a step issuing ``per_step`` global loads (``"ldg"``) or shared
+    stores (``"sts"``), counted in the phase's SASS loop body; body = instructions per pass
+    / steps per pass. (A loop of compile-time trip count that LLVM unrolled completely, or
+    one the store-per-line rule cannot see through, is still divided right.) A phase whose
+    body has none of them is left as measured."""
     from dataclasses import replace
 
-    out = normalise_multiply(phases, tile.reg_oc * tile.reg_px)
-    for name, (kind, per_step) in fused_steps(tile, taps).items():
+    out = dict(phases)
+    for name, (kind, per_step) in steps.items():
         m = out.get(name)
         if m is None or not m.body_sass:
             continue
         seen = sum(m.body_ldg_widths.values()) if kind == "ldg" else m.body_sts
-        steps = seen / per_step
-        if steps <= 0:
+        n = seen / per_step
+        if n <= 0:
             continue
         ffma = m.body_ffma * m.unroll  # back to per pass (single-loop phases)
-        out[name] = replace(m, body=m.body_sass / steps, body_ffma=ffma / steps, unroll=steps)
+        out[name] = replace(m, body=m.body_sass / n, body_ffma=ffma / n, unroll=n)
     return out
+
+
+def normalise_fused(phases: dict, tile, taps: int) -> dict:
+    """The fused kernel's measured ``PhaseCount``s per source iteration of ``phase_model``:
+    the multiply phase per rank-1 update (``normalise_multiply``), the others by the loads
+    or stores one step issues (``fused_steps``, ``normalise_steps``)."""
+    return normalise_steps(normalise_multiply(phases, tile.reg_oc * tile.reg_px), fused_steps(tile, taps))
 
 
 def out_of_tile_phase(g, tile, out_of_tile: float, measured=None):
@@ -529,6 +538,8 @@ def model_launch(launch: Launch, g, out_of_tile: float = 0.0, cc=sass.CC) -> dic
     if launch.label == "fused":
         counts = normalise_fused(counts, launch.config, g.taps)
         counts["out_of_tile"] = out_of_tile_phase(g, launch.config, out_of_tile, counts.get("out_of_tile"))[0]
+    elif hasattr(launch.module, "phase_steps"):  # phases counted by the loads/stores of a step
+        counts = normalise_steps(counts, launch.module.phase_steps(launch.config))
     mean = launch.extra.get("mean_body_phases", ())
     if mean:  # the phase model sums the trips of the phase's loops: one mean body per trip
         from dataclasses import replace

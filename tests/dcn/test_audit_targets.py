@@ -161,8 +161,9 @@ def test_backward_gemm_like_loops_of_the_fused_gemm_forms_do_not_regress(figures
 
 def test_fused_backward_predicted_time_does_not_regress(figures):
     """Target <= 1.5x the floor; missed (docs/perf-notes.md). Was 7.06x with two kernels; the
-    weight gradient fused into the input kernel (atomic mode): pinned at today's 2.73x."""
-    assert value(figures, "deft64", "bwd fused predicted / fp32 floor") <= 2.85
+    weight gradient fused into the input kernel (atomic mode): 2.73x; the grad_out stagings
+    unrolled over a compile-time count of rows: pinned at today's 2.49x."""
+    assert value(figures, "deft64", "bwd fused predicted / fp32 floor") <= 2.6
 
 
 def test_every_backward_kernel_is_modelled(figures):

@@ -335,6 +335,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     PX_TRIP = VW * _steps(P // VW, max(1, (WRO * WRK * VW) // 2))
     GO_ROWS = THREADS // P  # grad_out staging: rows per pass when every thread owns one pixel ...
     GO_FAST = GO_ROWS >= 1  # ... (else the generic element loop)
+    GO_REPS = -(-OGB // GO_ROWS) if GO_FAST else 0  # rows per thread and staged step
     W_ROWS = THREADS // CK  # weight staging likewise: one column per thread, W_ROWS rows per pass
     W_FAST = W_ROWS >= 1
     NO_STEP = np.uint32(0xFFFFFFFF)  # "no grad_out step staged yet"
@@ -555,18 +556,21 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                         idx = u32(idx + u32(THREADS))
                 # phase: stage_grad_out (grad_out [OGB, P] rows of stride PS, unless already staged)
                 if o0 != staged_o0 or g != staged_g:
-                    if GO_FAST:  # this thread's pixel, every GO_ROWS-th row
-                        o = go_row
-                        at = u32(go_at0)
-                        src = u32(u32(u32(u32(g * opg) + u32(o0 + o)) * out_plane) + go_pixel)
-                        while o < u32(OGB):
-                            v = ZERO
-                            if go_inside and u32(o0 + o) < opg:
-                                v = load(grad_out, out_base + u64(src))
-                            staged_grad_out[at] = v
-                            o = u32(o + u32(GO_ROWS))
-                            at = u32(at + u32(GO_ROWS * PS))
-                            src = u32(src + u32(u32(GO_ROWS) * out_plane))
+                    if GO_FAST:  # this thread's pixel, every GO_ROWS-th row: GO_REPS rows, a
+                        # compile-time count (unrolled, no run-time remainder); one 64-bit index
+                        # stepped by GO_ROWS planes, stores at compile-time offsets
+                        if go_row < u32(OGB):  # the threads past GO_ROWS * P stage nothing
+                            src = out_base + u64(u32(u32(u32(u32(g * opg) + u32(o0 + go_row)) * out_plane) + go_pixel))
+                            k = u32(0)
+                            while k < u32(GO_REPS):
+                                o = u32(go_row + u32(k * u32(GO_ROWS)))
+                                if OGB % GO_ROWS == 0 or o < u32(OGB):
+                                    v = ZERO
+                                    if go_inside and u32(o0 + o) < opg:
+                                        v = load(grad_out, src)
+                                    staged_grad_out[u64(go_at0) + u64(k * u32(GO_ROWS * PS))] = v
+                                src += u64(u32(u32(GO_ROWS) * out_plane))
+                                k = u32(k + u32(1))
                     else:
                         idx = tid
                         while idx < u32(OGB * P):
@@ -690,18 +694,21 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                 while True:
                     # phase: wg_stage (grad_out [OGB, P] of this step, unless still staged)
                     if o0 != staged_o0 or g != staged_g:
-                        if GO_FAST:  # this thread's pixel, every GO_ROWS-th row
-                            o = go_row
-                            at = u32(go_at0)
-                            src = u32(u32(u32(u32(g * opg) + u32(o0 + o)) * out_plane) + go_pixel)
-                            while o < u32(OGB):
-                                v = ZERO
-                                if go_inside and u32(o0 + o) < opg:
-                                    v = load(grad_out, out_base + u64(src))
-                                staged_grad_out[at] = v
-                                o = u32(o + u32(GO_ROWS))
-                                at = u32(at + u32(GO_ROWS * PS))
-                                src = u32(src + u32(u32(GO_ROWS) * out_plane))
+                        if GO_FAST:  # this thread's pixel, every GO_ROWS-th row: GO_REPS rows, a
+                            # compile-time count (unrolled, no run-time remainder); one 64-bit index
+                            # stepped by GO_ROWS planes, stores at compile-time offsets
+                            if go_row < u32(OGB):  # the threads past GO_ROWS * P stage nothing
+                                src = out_base + u64(u32(u32(u32(u32(g * opg) + u32(o0 + go_row)) * out_plane) + go_pixel))
+                                k = u32(0)
+                                while k < u32(GO_REPS):
+                                    o = u32(go_row + u32(k * u32(GO_ROWS)))
+                                    if OGB % GO_ROWS == 0 or o < u32(OGB):
+                                        v = ZERO
+                                        if go_inside and u32(o0 + o) < opg:
+                                            v = load(grad_out, src)
+                                        staged_grad_out[u64(go_at0) + u64(k * u32(GO_ROWS * PS))] = v
+                                    src += u64(u32(u32(GO_ROWS) * out_plane))
+                                    k = u32(k + u32(1))
                         else:
                             idx = tid
                             while idx < u32(OGB * P):
@@ -1211,6 +1218,13 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
             grad_weight_flat[...] = parts[0]
             for s in range(1, splits):  # a fixed order: bit-identical run to run
                 grad_weight_flat += parts[s]
+
+
+def phase_steps(config=None) -> dict:
+    """``{phase: (kind, per_step)}``: how the audit finds one source step of these phases in
+    their SASS (``dcn.audit.normalise_steps``): the ``grad_out`` stagings (``GO_FAST``) are
+    unrolled over a compile-time count of rows, one shared store per row."""
+    return {"stage_grad_out": ("sts", 1), "wg_stage": ("sts", 1)}
 
 
 def phase_model(geometry, config: BackwardTileConfig | None = None, target_blocks: int | None = None) -> dict:
