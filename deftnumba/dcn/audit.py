@@ -468,7 +468,7 @@ def fused_steps(tile, taps: int) -> dict:
 def normalise_steps(phases: dict, steps: dict) -> dict:
     """The measured ``PhaseCount``s per source step of the phase model: ``steps`` maps a phase
     to ``(kind, per_step)``, a step issuing ``per_step`` global loads (``"ldg"``) or shared
-    stores (``"sts"``), counted in the phase's SASS loop body; body = instructions per pass
+    stores (``"sts"``) or FFMAs (``"ffma"``), counted in the phase's SASS loop body; body = instructions per pass
     / steps per pass. (A loop of compile-time trip count that LLVM unrolled completely, or
     one the store-per-line rule cannot see through, is still divided right.) A phase whose
     body has none of them is left as measured."""
@@ -479,7 +479,10 @@ def normalise_steps(phases: dict, steps: dict) -> dict:
         m = out.get(name)
         if m is None or not m.body_sass:
             continue
-        seen = sum(m.body_ldg_widths.values()) if kind == "ldg" else m.body_sts
+        if kind == "ffma":  # FFMA per pass through the loop (body_ffma is per source iteration)
+            seen = m.body_ffma * m.unroll
+        else:
+            seen = sum(m.body_ldg_widths.values()) if kind == "ldg" else m.body_sts
         n = seen / per_step
         if n <= 0:
             continue

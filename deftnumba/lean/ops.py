@@ -5,7 +5,9 @@ pattern, stride) + bias`` (see ``deftnumba.lean.geometry``), in two ways:
 
 * ``separate``: a pointwise GEMM (cuBLAS through CuPy; NumPy in the simulator),
   then the depthwise kernel, then an add (+ bias): the honest unfused baseline;
-* ``fused``: one launch of ``kernels.fused`` (input read once, output written once).
+* ``fused``: one launch (input read once, output written once): ``kernels.strip`` at
+  stride 1 (blocks own strips of consecutive pixels), ``kernels.fused`` (2-D tiles) at
+  other strides.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from ..runtime import backend
 from .geometry import check_backward, check_forward, flipped
 from .kernels import depthwise as _depthwise
 from .kernels import fused as _fused
+from .kernels import strip as _strip
 from .reference import LeanGrads
 
 METHODS: tuple[str, ...] = ("separate", "fused")
@@ -44,6 +47,23 @@ def _centres(x, geometry):
     return xs.reshape(g.batch, g.channels, g.out_h * g.out_w)
 
 
+def _launch_fused(g, taps, config, x_flat, matrix, stencil_flat, bias, out_flat, out_h, out_w, stride):
+    """One fused launch: the strip kernel at stride 1 unless a 2-D ``LeanTileConfig`` is given,
+    the tiled kernel otherwise. ``matrix[c_in, c_out]`` is the pointwise map."""
+    if config is None:
+        config = _strip.default_config(g) if stride == (1, 1) else _fused.default_config(g)
+    if isinstance(config, _strip.StripConfig):
+        if stride != (1, 1):
+            raise ValueError(f"config: a StripConfig runs stride 1 only, got stride {stride}; pass a "
+                             f"LeanTileConfig or None")
+        _strip.launch(g, taps, config, x_flat, matrix, stencil_flat, bias, out_flat)
+    elif isinstance(config, _fused.LeanTileConfig):
+        _fused.launch(g, taps, config, x_flat, matrix, stencil_flat, bias, out_flat, out_h, out_w, stride)
+    else:
+        raise TypeError(f"config must be a kernels.strip.StripConfig, a kernels.fused.LeanTileConfig or None, "
+                        f"got {type(config).__name__}")
+
+
 def lean_conv2d(input, pointwise, stencil, bias=None, stride=1, *, pattern="star5", method: str = "auto",
                 config=None, stopwatch=None):
     """The lean convolution (LeanResNet): a full 1x1 plus a sparse depthwise stencil.
@@ -58,7 +78,8 @@ def lean_conv2d(input, pointwise, stencil, bias=None, stride=1, *, pattern="star
     pattern:   a name in ``deftnumba.lean.PATTERNS`` (``star5``, ``plus4``, ``cross3h``,
                ``cross3v``, ``full9``) or a tuple of ``(dy, dx)`` taps in {-1, 0, 1}
     method:    ``"auto"`` (= ``"fused"``), ``"separate"`` or ``"fused"``
-    config:    optional ``kernels.fused.LeanTileConfig`` for ``fused``
+    config:    optional blocking for ``fused``: a ``kernels.strip.StripConfig`` (stride 1) or a
+               ``kernels.fused.LeanTileConfig`` (any stride); None picks one
     stopwatch: optional ``deftnumba.runtime.timing.Stopwatch`` that times each operator
 
     All arrays share one dtype (float32 or float64) and one kind: CuPy in, CuPy out
@@ -85,10 +106,9 @@ def lean_conv2d(input, pointwise, stencil, bias=None, stride=1, *, pattern="star
             if b is not None:
                 out += b[None, :, None, None]
     else:
-        cfg = config or _fused.default_config(g)
         with sw.section("fused"):
             # pointwise.T[c, o]: the weight from input channel c to output channel o
-            _fused.launch(g, g.taps, cfg, _flat(xp, x), pw.T, _flat(xp, st), b, out.reshape(-1),
+            _launch_fused(g, g.taps, config, _flat(xp, x), pw.T, _flat(xp, st), b, out.reshape(-1),
                           g.out_h, g.out_w, (g.stride_h, g.stride_w))
     return backend.to_host(out) if host_result and not backend.IS_SIMULATOR else out
 
@@ -149,11 +169,10 @@ def lean_conv2d_backward(grad_output, input, pointwise, stencil, bias=None, stri
         _depthwise.reduce_stencil_bias(g, gy_flat, x_flat, grad_st.reshape(-1), grad_b)
     grad_x = _empty(xp, g.shapes["input"], dtype)
     if name == "fused" and g.stride_h == 1 and g.stride_w == 1:
-        cfg = config or _fused.default_config(g)
         with sw.section("fused adjoint"):
             # the adjoint maps output channel o to input channel c by pointwise[o, c]; mirrored taps
-            _fused.launch(g, flipped(g.taps), cfg, gy_flat, pw2, st_flat, None,
-                          grad_x.reshape(-1), g.height, g.width)
+            _launch_fused(g, flipped(g.taps), config, gy_flat, pw2, st_flat, None,
+                          grad_x.reshape(-1), g.height, g.width, (1, 1))
     else:
         with sw.section("input gradient gemm"):
             centre = xp.matmul(pw2.T, gy3)

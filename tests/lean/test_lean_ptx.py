@@ -15,11 +15,12 @@ def reports(audit_reports):
 
 
 def test_every_lean_kernel_is_audited(reports):
-    from deftnumba.lean.kernels import depthwise, fused
+    from deftnumba.lean.kernels import depthwise, fused, strip
 
     registered = {f"lean.{module.__name__.rsplit('.', 1)[1]}.{name}"
-                  for module in (fused, depthwise) for name, dtype, _, _ in module.ptx_cases() if dtype == "float32"}
-    assert len(registered) >= 6
+                  for module in (fused, depthwise, strip) for name, dtype, _, _ in module.ptx_cases()
+                  if dtype == "float32"}
+    assert len(registered) >= 10
     assert registered <= {r["kernel"] for r in reports}
 
 

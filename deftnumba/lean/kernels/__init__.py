@@ -1,7 +1,10 @@
 """Numba CUDA kernels of the lean operator, one module per kernel family.
 
-``fused``: the one-launch forward (and the stride-1 input gradient, which is the
-same operator with the transposed pointwise matrix and the mirrored stencil).
+``strip``: the one-launch forward at stride 1 (blocks own strips of consecutive pixels
+of the batch), which also computes the stride-1 input gradient: the same operator with
+the transposed pointwise matrix and the mirrored stencil.
+``fused``: the one-launch forward on 2-D tiles, for the other strides (and any stride
+when a ``LeanTileConfig`` is asked for).
 ``depthwise``: the separate method's depthwise kernel, the depthwise adjoint and
 the deterministic stencil/bias gradient reduction.
 

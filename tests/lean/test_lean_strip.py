@@ -1,0 +1,152 @@
+"""The stride-1 strip kernel (kernels/strip.py) in the simulator against the float64 reference:
+strips that cross row ends and image planes' ends, partial strips and chunks, both vector
+widths and the scalar staging path, row-aligned and unaligned thread pixels."""
+
+import numpy as np
+import pytest
+
+from deftnumba.lean import PATTERNS, lean_conv2d, lean_conv2d_backward, ops
+from deftnumba.lean.geometry import LeanGeometry
+from deftnumba.lean.kernels import strip
+from deftnumba.lean.kernels.fused import LeanTileConfig
+from deftnumba.lean.kernels.strip import StripConfig
+from deftnumba.lean.reference import lean_conv2d_backward_reference, lean_conv2d_reference
+from deftnumba.runtime import backend
+
+
+def _inputs(rng, n, c, h, w, taps, dtype=np.float64, bias=True):
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    pw = rng.standard_normal((c, c)).astype(dtype)
+    st = rng.standard_normal((c, len(taps))).astype(dtype)
+    b = rng.standard_normal(c).astype(dtype) if bias else None
+    return x, pw, st, b
+
+
+@pytest.fixture
+def poisoned(poison_allocations):
+    poison_allocations(ops)
+
+
+CONFIGS = {
+    # 4 threads: strips of 8 pixels, 2 channels x 4 pixels each
+    "small": StripConfig(strip=8, chunk=4, oc_block=4, reg_oc=2, reg_px=4),
+    # strips of 12 pixels (3 threads along pixels), 8 channels per block in chunks of 8
+    "wide": StripConfig(strip=12, chunk=8, oc_block=8, reg_oc=4, reg_px=4),
+    # 8 pixels per thread: the row-aligned masks at W = 8, 16
+    "px8": StripConfig(strip=16, chunk=4, oc_block=4, reg_oc=4, reg_px=8),
+}
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize("shape", [(2, 5, 7, 6), (1, 3, 4, 8), (1, 9, 3, 5), (2, 4, 6, 16), (3, 5, 4, 4), (3, 4, 3, 8)])
+def test_against_the_reference(rng, poisoned, config, pattern, shape):
+    """Every pattern, through chunks and channel blocks that do not divide C, planes whose size
+    is and is not a multiple of the vector width (odd H*W: the scalar staging), widths that
+    do (8, 16: row-aligned with 4 or 8 pixels per thread) and do not divide into thread pixels,
+    strips that run across images and strips that divide the image (4x4 and 4x8 planes with
+    8- and 16-pixel strips: the halo outside the image staged as zeros, no vertical masks),
+    and row-aligned thread pixels in strips that cross images (3x8 planes, 16-pixel strips:
+    the vertical mask folded into the weight)."""
+    taps = PATTERNS[pattern]
+    x, pw, st, b = _inputs(rng, *shape, taps)
+    with backend.bounds_checked():
+        y = lean_conv2d(x, pw, st, b, 1, pattern=pattern, method="fused", config=CONFIGS[config])
+    np.testing.assert_allclose(y, lean_conv2d_reference(x, pw, st, b, 1, taps), rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 2, 1, 9), (3, 1, 5, 1), (1, 6, 2, 2)])
+def test_tiny_planes_and_one_channel(rng, poisoned, shape):
+    """A plane smaller than one strip (all halo outside it), a single row or column, C = 1."""
+    taps = PATTERNS["full9"]
+    x, pw, st, b = _inputs(rng, *shape, taps)
+    y = lean_conv2d(x, pw, st, b, 1, pattern="full9", method="fused", config=CONFIGS["wide"])
+    np.testing.assert_allclose(y, lean_conv2d_reference(x, pw, st, b, 1, taps), rtol=1e-11, atol=1e-11)
+
+
+def test_float32_vector_path(rng, poisoned):
+    """float32 stages 4-element vectors (H*W a multiple of 4), without bias, a custom pattern
+    that has no centre tap and one that is only the centre (all in the pointwise matrix)."""
+    for taps in (((-1, 1), (1, -1)), ((0, 0),)):
+        x, pw, st, _ = _inputs(rng, 2, 6, 4, 5, taps, dtype=np.float32, bias=False)
+        y = lean_conv2d(x, pw, st, None, 1, pattern=taps, method="fused", config=CONFIGS["small"])
+        assert y.dtype == np.float32
+        np.testing.assert_allclose(y, lean_conv2d_reference(x, pw, st, None, 1, taps), rtol=2e-5, atol=2e-5)
+
+
+def test_launch_leaves_the_callers_arrays(rng):
+    """The centre tap is folded into a packed copy of the pointwise matrix, not into the caller's."""
+    taps = PATTERNS["star5"]
+    x, pw, st, b = _inputs(rng, 1, 4, 3, 4, taps)
+    copies = [a.copy() for a in (x, pw, st, b)]
+    lean_conv2d(x, pw, st, b, method="fused", config=CONFIGS["small"])
+    for a, c in zip((x, pw, st, b), copies):
+        assert np.array_equal(a, c)
+
+
+def test_adjoint_through_the_strip_kernel(rng, poisoned):
+    """The stride-1 input gradient runs the strip kernel on grad_output (P^T, mirrored taps)."""
+    taps = PATTERNS["star5"]
+    x, pw, st, b = _inputs(rng, 2, 5, 5, 7, taps)
+    gy = rng.standard_normal(x.shape)
+    got = lean_conv2d_backward(gy, x, pw, st, b, 1, method="fused", config=CONFIGS["wide"])
+    ref = lean_conv2d_backward_reference(gy, x, pw, st, b, 1, taps)
+    np.testing.assert_allclose(got.input, ref.input, rtol=1e-11, atol=1e-11)
+
+
+def test_deterministic(rng):
+    x, pw, st, b = _inputs(rng, 2, 9, 6, 7, PATTERNS["star5"], dtype=np.float32)
+    first = lean_conv2d(x, pw, st, b, method="fused", config=CONFIGS["wide"])
+    assert np.array_equal(first, lean_conv2d(x, pw, st, b, method="fused", config=CONFIGS["wide"]))
+
+
+def test_the_tiled_kernel_still_runs_stride_1_when_asked(rng, poisoned):
+    taps = PATTERNS["star5"]
+    x, pw, st, b = _inputs(rng, 1, 3, 5, 5, taps)
+    config = LeanTileConfig(tile_h=2, tile_w=4, chunk=4, oc_block=4, reg_oc=2, reg_px=2)
+    y = lean_conv2d(x, pw, st, b, 1, method="fused", config=config)
+    np.testing.assert_allclose(y, lean_conv2d_reference(x, pw, st, b, 1, taps), rtol=1e-11, atol=1e-11)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="reg_px"):
+        StripConfig(strip=10, chunk=4, oc_block=4, reg_oc=2, reg_px=4)
+    with pytest.raises(ValueError, match="chunk"):
+        StripConfig(strip=8, chunk=6, oc_block=4, reg_oc=2, reg_px=4)
+    with pytest.raises(ValueError, match="reg_oc"):
+        StripConfig(strip=8, chunk=16, oc_block=16, reg_oc=16, reg_px=4)
+    with pytest.raises(ValueError, match="oc_block"):
+        StripConfig(strip=8, chunk=4, oc_block=6, reg_oc=2, reg_px=4)
+
+
+def test_a_strip_config_at_stride_2_is_refused(rng):
+    x, pw, st, b = _inputs(rng, 1, 3, 5, 5, PATTERNS["star5"])
+    with pytest.raises(ValueError, match="stride 1 only"):
+        lean_conv2d(x, pw, st, b, 2, method="fused", config=CONFIGS["small"])
+    with pytest.raises(TypeError, match="config"):
+        lean_conv2d(x, pw, st, b, 1, method="fused", config=(8, 4))
+
+
+def test_phase_model_names_the_kernels_phases():
+    """Every ``# phase: NAME`` mark of the strip kernel (and its rank-1 helper) has an entry in
+    ``phase_model``, and nothing else; ``phase_steps`` names only modelled phases."""
+    import inspect
+    import re
+
+    source = inspect.getsource(strip.strip_kernel)
+    marked = set(re.findall(r"^\s*# phase: (\w+)\s*$", source, re.M))
+    model = strip.phase_model({"channels": 64, "height": 56, "width": 56}, strip.SIMULATOR_CONFIG)
+    assert marked and marked == set(model)
+    assert set(strip.phase_steps(strip.SIMULATOR_CONFIG)) <= marked
+
+
+def test_staging_steps_cover_the_run():
+    """Each thread's staged vectors times the threads cover a chunk's runs (and not twice over)."""
+    for config in CONFIGS.values():
+        for h, w in ((7, 6), (56, 56), (7, 7)):
+            g = LeanGeometry(batch=1, channels=8, height=h, width=w)
+            steps_in, steps_w = strip.staging_steps(g, config)
+            vec = 4 if (h * w) % 4 == 0 else 1
+            vectors = config.chunk * config.span(w) // vec
+            assert vectors <= steps_in * config.threads < 2 * vectors + config.threads * vec
+            assert config.chunk * config.oc_block // 4 <= steps_w * config.threads
