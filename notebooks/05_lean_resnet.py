@@ -190,9 +190,10 @@ if audit_path.exists():
     ax.scatter(names, floors, color="black", marker="_", s=900, label="roofline floor", zorder=3)
     ax.scatter(names, [1.3 * f for f in floors], color="red", marker="_", s=900, label="target 1.3x floor", zorder=3)
     ax.set_ylabel("predicted issue-bound time, us (batch 32)")
-    ax.legend(fontsize=8, ncol=2)
+    ax.set_ylim(0, 1.6 * max(bottom.max(), 1.3 * max(floors)))
+    ax.legend(fontsize=8, ncol=3, loc="upper left")
     ax.set_title("fused lean forward (strip kernel), fp32, sm_90: time by phase")
-    nb.stamp(ax, "static prediction from SASS, nothing measured", corner="upper right")
+    nb.stamp(ax, "static prediction from SASS,\nnothing measured", corner="upper right")
 else:
     nb.show("No static audit recorded: run `DEFTNUMBA_BACKEND=cuda python -m deftnumba.lean.audit "
             "--json data/lean/static_audit.json`.")
