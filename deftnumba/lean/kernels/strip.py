@@ -4,48 +4,52 @@ Why strips
 ----------
 At stride 1 a lean layer's output pixel ``p`` (row-major in the ``H x W`` plane) reads
 input pixels ``p`` (the pointwise product and the centre tap), ``p +- 1`` and ``p +- W``.
-So a block that owns a *strip* of ``TP`` consecutive pixels ``[p0, p0 + TP)`` (crossing
-row ends freely) needs, per input channel, the contiguous run ``[p0 - HALO, p0 + TP +
-HALO)`` of the flattened plane, ``HALO >= W + 1``. Compared with a 2-D ``TH x TW`` tile
-(``fused.py``, which the other strides keep):
+So a block that owns a *strip* of ``TP`` consecutive pixels ``[p0, p0 + TP)`` needs, per
+input channel, the contiguous run ``[p0 - HALO, p0 + TP + HALO)``, ``HALO >= W + 1``.
+Strips run along the whole batch, ``N*H*W`` pixels, crossing row ends and image ends
+freely. Compared with a 2-D ``TH x TW`` tile (``fused.py``, which the other strides keep):
 
-* staging is a straight copy of one run per channel: 16-byte loads and stores, and no
-  row/column decoding per element;
+* staging is a straight copy of one run per channel: 16-byte loads and stores, each
+  vector's source decoded once per block, and no row/column decoding per element;
 * no pixel is wasted on tile edges: a 7x7 or 14x14 image is not rounded up to 8x8 tiles
-  (31% more work); only the plane's last strip is partial;
+  (31% more work); only the batch's last strip is partial;
 * every tap sits at a compile-time distance (``dy*W + dx``) from the pixel, because the
   kernel is compiled per image size ``(H, W)``.
 
-The price: a left or right neighbour across a row end is the other row's edge pixel, not
-zero, so taps with ``dx != 0`` are multiplied by a per-pixel 0/1 mask (computed once per
-block). Where the strip starts on a row and a thread's ``RP`` pixels never cross a row end
-(``W % RP == 0`` and ``TP % W == 0``), only its first (left) and last (right) pixel can
-need it, and the other masks vanish at compile time.
+The price: a neighbour across a row end is the other row's edge pixel, and one across an
+image end is another image's pixel, not zero. So a tap that can leave the image is
+multiplied by a 0/1 mask, computed once per thread. Where a thread's ``RP`` pixels never
+cross a row end (``W % RP == 0``: they start at a multiple of ``RP``, and so does every
+row) only its first pixel can lack a left neighbour and only its last a right one, and the
+vertical mask is one number per tap that multiplies the tap's weight. Where strips divide
+the image (``H*W % TP == 0``) a strip lies in one image, the rows outside it are staged as
+zeros and no vertical mask is needed.
 
 The centre tap is folded into the pointwise matrix before the launch (``P' = P +
-diag(S[:, centre])``, in ``launch``), so star5 costs four stencil FFMAs per output.
+diag(S[:, centre])``, in ``pack_pointwise``), so star5 costs four stencil FFMAs per output.
 
-Algorithm (block = image ``n``, strip ``[p0, p0+TP)``, output channels ``[oc0, oc0+OCB)``)::
+Algorithm (block = strip ``[p0, p0+TP)`` of the batch, output channels ``[oc0, oc0+OCB)``)::
 
     acc[o, p] = bias[o]                                  # registers: RO x RP per thread
     for c0 in range(0, C, CC):                           # chunks of input channels
-        # stage_input    x[n, c0+cc, p0-HALO : p0+TP+HALO] -> s_in[cc, :]  (zero outside the plane)
-        # stage_weights  packed P'^T[c0:c0+CC, oc0:oc0+OCB] -> s_w[cc, :]
+        # stage_input    x[image(q), c0+cc, pixel(q)] for q in [p0-HALO, p0+TP+HALO) -> s_in[cc, :]
+        #                (zeros outside the batch, or outside the strip's image)
+        # stage_weights  packed P'^T[c0:c0+CC, oc0:oc0+OCB] -> s_w[cc, :]   (one contiguous run)
         # pointwise      acc += s_w[cc, my channels] (outer) s_in[cc, HALO + my pixels]
         # stencil        in the chunk that holds my channels o:
         #                acc[o, p] += sum_{t != centre} S[o, t] * mask_t(p) * s_in[o - c0, HALO + p + dy_t*W + dx_t]
-    # epilogue           out[n, oc, p0 + my pixels] = acc          (written once)
+    # epilogue           out[image(p), oc, pixel(p)] = acc          (written once)
 
 Each thread owns ``RO`` contiguous output channels and ``RP`` contiguous pixels; the
 shared arrays are flat and 16-byte aligned and ``HALO``, the row pitch ``SPAN`` and ``RP``
 are multiples of 4, so every operand load of the pointwise loop is an ``LDS.128``
 (float32). Deterministic: each output is summed by one thread in a fixed order.
 
-Traffic (N images, P = H*W, s = itemsize, B = ceil(C/OCB) channel blocks, T = ceil(P/TP)
-strips): reads input ``B*N*C*T*(TP + 2*HALO)*s`` (halo and B > 1 re-reads are L2 hits; the
-minimum is ``N*C*P*s``), weights ``N*T*B*ceil(C/CC)*CC*OCB*s`` (L2 hits; minimum
-``(C*C + C*S + C)*s``); writes ``N*C*P*s`` once. FLOPs ``2*N*C*C*P + 2*N*C*(S-1)*P``
-(plus the folded centre, inside the first term).
+Traffic (N images, P = H*W, s = itemsize, B = ceil(C/OCB) channel blocks, T =
+ceil(N*P/TP) strips): reads input ``B*C*T*(TP + 2*HALO)*s`` (halo and B > 1 re-reads are
+L2 hits; the minimum is ``N*C*P*s``), weights ``T*B*ceil(C/CC)*CC*OCB*s`` (L2 hits;
+minimum ``(C*C + C*S + C)*s``); writes ``N*C*P*s`` once. FLOPs ``2*N*C*C*P +
+2*N*C*(S-1)*P`` (plus the folded centre, inside the first term).
 """
 
 from __future__ import annotations
