@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..perf import sass
+from ..perf.sass import normalise_steps  # noqa: F401  (generic: it lives with the issue model)
 
 PLANNER_TABLE = Path(__file__).resolve().parent / "data" / "fused_phase_counts.json"
 """The committed per-config phase counts the planner reads (``python -m deftnumba audit
@@ -465,32 +466,6 @@ def fused_steps(tile, taps: int) -> dict:
             "out_of_tile": ("ldg", 4)}        # four corners
 
 
-def normalise_steps(phases: dict, steps: dict) -> dict:
-    """The measured ``PhaseCount``s per source step of the phase model: ``steps`` maps a phase
-    to ``(kind, per_step)``, a step issuing ``per_step`` global loads (``"ldg"``) or shared
-    stores (``"sts"``) or FFMAs (``"ffma"``), counted in the phase's SASS loop body; body = instructions per pass
-    / steps per pass. (A loop of compile-time trip count that LLVM unrolled completely, or
-    one the store-per-line rule cannot see through, is still divided right.) A phase whose
-    body has none of them is left as measured."""
-    from dataclasses import replace
-
-    out = dict(phases)
-    for name, (kind, per_step) in steps.items():
-        m = out.get(name)
-        if m is None or not m.body_sass:
-            continue
-        if kind == "ffma":  # FFMA per pass through the loop (body_ffma is per source iteration)
-            seen = m.body_ffma * m.unroll
-        else:
-            seen = sum(m.body_ldg_widths.values()) if kind == "ldg" else m.body_sts
-        n = seen / per_step
-        if n <= 0:
-            continue
-        ffma = m.body_ffma * m.unroll  # back to per pass (single-loop phases)
-        out[name] = replace(m, body=m.body_sass / n, body_ffma=ffma / n, unroll=n)
-    return out
-
-
 def normalise_fused(phases: dict, tile, taps: int) -> dict:
     """The fused kernel's measured ``PhaseCount``s per source iteration of ``phase_model``:
     the multiply phase per rank-1 update (``normalise_multiply``), the others by the loads
@@ -780,8 +755,8 @@ def kernel_source_hash() -> str:
     helpers and the config class it reads, the sampling device functions and the storage
     loads/stores (``runtime.precision``) (host code such
     as ``phase_model`` or docstrings elsewhere in the module may change without a new table)."""
-    from ..runtime import precision
-    from .kernels import fused_tiled, sampling, vector
+    from ..runtime import precision, vector
+    from .kernels import fused_tiled, sampling
 
     return sass.source_hash(fused_tiled.fused_kernel, fused_tiled.TileConfig, fused_tiled._vector,
                             fused_tiled.launch_bounds, fused_tiled._slab_copy, fused_tiled._multiply_unroll,

@@ -4,11 +4,10 @@ issue-bound time against the layer's roofline floor (issue 15's static targets).
     DEFTNUMBA_BACKEND=cuda python -m deftnumba.lean.audit [--json data/lean/static_audit.json] [--search K]
 
 At stride 1 ``lean_conv2d(method="fused")`` launches ``kernels/strip.py`` at the
-configuration ``strip.default_config`` picks; this compiles that kernel for sm_90 with
+configuration ``planning.default_config`` picks; this compiles that kernel for sm_90 with
 numba-cuda's real compiler (NVVM, nvJitLink, ``nvdisasm``; no GPU), attributes its SASS to
-the kernel's ``# phase:`` marks and runs the house's issue-slot model (``perf/sass.py``,
-through ``dcn.audit.model_launch``: the same model the DCN audit uses, with the strip
-module's ``phase_model`` and ``phase_steps``). Everything it reports about time is a
+the kernel's ``# phase:`` marks and runs the house's issue-slot model (``perf/sass.py``:
+the model the DCN audit uses, with the strip module's ``phase_model`` and ``phase_steps``). Everything it reports about time is a
 **prediction** from static instruction counts, never a measurement.
 """
 
@@ -19,7 +18,8 @@ import json
 import os
 import sys
 
-from . import bench_op, roofline
+from ..perf import sass
+from . import bench_op, planning, roofline
 from .kernels import strip
 
 
@@ -35,34 +35,44 @@ def model_layer(g, config=None) -> dict:
     """The fused forward of lean layer ``g`` (stride 1) through the issue-slot model: a dict with
     the config, registers, spills, per-phase rows, the pointwise loop's FFMA share and the
     predicted and floor times (microseconds)."""
-    from ..dcn import audit as house  # the generic launch model lives with the DCN audit
-
     if (g.stride_h, g.stride_w) != (1, 1):
         raise ValueError(f"the strip kernel runs stride 1 only, got stride {(g.stride_h, g.stride_w)}")
-    config = config or strip.default_config(g)
+    config = config or planning.default_config(g)
     kernel = strip.strip_kernel(g.dtype, tuple(g.taps), g.height, g.width, config, g.has_bias)
     strips, oc_blocks, images = config.blocks(g)
-    launch = house.Launch("lean.strip", strip, kernel, signature(g.dtype), strips * oc_blocks * images,
-                          config.threads, config)
-    r = house.model_launch(launch, g)
-    a = r["audit"]
-    pointwise = next(p for p in r["phases"] if p["phase"] == "pointwise")
+    blocks = strips * oc_blocks * images
+    a = sass.audit_kernel(kernel, signature(g.dtype), "lean.strip", str(g.dtype))
+    # per source step of phase_model: a staging vector, a rank-1 update (however unrolled)
+    counts = sass.normalise_steps(a.phases, strip.phase_steps(config))
+    iterations = strip.phase_model(g, config)
+    per_thread = sass.per_thread_instructions(counts, iterations)
+    model = sass.issue_model(per_thread, blocks, config.threads, a.registers, a.shared_bytes or 0)
+    phases = []
+    for name, count in counts.items():
+        it = iterations.get(name, 0)
+        body_it, runs = it if isinstance(it, (tuple, list)) else (it, 1)
+        phases.append({"phase": name, "body": round(count.body, 2), "iterations": body_it,
+                       "straight": count.straight, "straight_runs": runs, "per_thread": per_thread[name],
+                       "body_ffma_%": round(100 * count.body_ffma / count.body, 1) if count.body else 0.0,
+                       "body_lds_bits": "/".join(sorted(count.body_lds_widths, key=int)) or "-",
+                       "predicted_us": 1e6 * model["phases_s"].get(name, 0.0)})
+    pointwise = next(p for p in phases if p["phase"] == "pointwise")
     floor_us = roofline.floor_ms(g, "fused", "fwd") * 1e3
-    predicted_us = r["predicted_s"] * 1e6
+    predicted_us = model["seconds"] * 1e6
     return {"config": config, "registers": a.registers, "spill_bytes": a.spill_bytes,
-            "shared_bytes": a.shared_bytes, "blocks": launch.blocks, "threads": config.threads,
-            "waves": r["model"].get("waves"), "blocks_per_sm": r["model"].get("blocks_per_sm"),
+            "shared_bytes": a.shared_bytes, "blocks": blocks, "threads": config.threads,
+            "waves": model.get("waves"), "blocks_per_sm": model.get("blocks_per_sm"),
             "pointwise_ffma_percent": pointwise["body_ffma_%"], "pointwise_lds_bits": pointwise["body_lds_bits"],
             "phases": [{k: p[k] for k in ("phase", "body", "iterations", "straight", "straight_runs", "per_thread",
-                                          "predicted_us")} for p in r["phases"]],
+                                          "predicted_us")} for p in phases],
             "f64": a.f64, "local": a.local, "predicted_us": predicted_us, "floor_us": floor_us,
             "ratio": predicted_us / floor_us}
 
 
 def search(g, top: int = 8) -> list:
-    """Audit the ``top`` candidates ``strip.estimated_seconds`` ranks first for layer ``g`` and
+    """Audit the ``top`` candidates ``planning.estimated_seconds`` ranks first for layer ``g`` and
     return ``(ratio, config)`` pairs, best first: how ``strip.AUDITED_PICKS`` is made."""
-    ranked = sorted(strip.candidates(g), key=lambda c: strip.estimated_seconds(g, c))[:top]
+    ranked = sorted(planning.candidates(g), key=lambda c: planning.estimated_seconds(g, c))[:top]
     rows = []
     for i, config in enumerate(ranked):
         print(f"  [{i + 1}/{len(ranked)}] {config}", file=sys.stderr, flush=True)

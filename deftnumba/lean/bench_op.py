@@ -15,6 +15,9 @@ Baselines (GPU only, through torch/cuDNN with TF32 off): ``cudnn_pointwise+depth
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from ..runtime import backend
@@ -167,6 +170,22 @@ def operators(shape: dict, method: str, pass_: str):
     the harness puts the row's ``dtype`` in ``shape``)."""
     method = method.removesuffix("+tf32")
     return roofline.operators(geometry(shape, shape.get("dtype", "float32")), method, pass_)
+
+
+AUDIT_PATH = Path(__file__).resolve().parent.parent.parent / "data" / "lean" / "static_audit.json"
+"""``python -m deftnumba.lean.audit --json`` writes it (the audit compiles for sm_90: it needs
+the cuda backend, so the bench op reads the recorded figures)."""
+
+
+def predictions(shape: dict, dtype: str = "float32") -> dict[str, float]:
+    """The SASS audit's predicted issue-bound time (ms) of ``fused`` at a suite shape, read from
+    ``AUDIT_PATH``: ``{"fused": ms}``, or ``{}`` for a shape (or dtype) not recorded there.
+    A static prediction, never a measurement."""
+    if dtype != "float32" or not AUDIT_PATH.exists():
+        return {}
+    recorded = json.loads(AUDIT_PATH.read_text())["suites"]
+    name = next((k for k, v in suites().items() if v == shape), None)
+    return {"fused": recorded[name]["predicted_us"] / 1e3} if name in recorded else {}
 
 
 def useful_flops(shape: dict, pass_: str) -> float:

@@ -13,6 +13,7 @@ pattern, stride) + bias`` (see ``deftnumba.lean.geometry``), in two ways:
 from __future__ import annotations
 
 from ..runtime import backend
+from . import planning
 from .geometry import check_backward, check_forward, flipped
 from .kernels import depthwise as _depthwise
 from .kernels import fused as _fused
@@ -51,7 +52,7 @@ def _launch_fused(g, taps, config, x_flat, matrix, stencil_flat, bias, out_flat,
     """One fused launch: the strip kernel at stride 1 unless a 2-D ``LeanTileConfig`` is given,
     the tiled kernel otherwise. ``matrix[c_in, c_out]`` is the pointwise map."""
     if config is None:
-        config = _strip.default_config(g) if stride == (1, 1) else _fused.default_config(g)
+        config = planning.default_config(g) if stride == (1, 1) else _fused.default_config(g)
     if isinstance(config, _strip.StripConfig):
         if stride != (1, 1):
             raise ValueError(f"config: a StripConfig runs stride 1 only, got stride {stride}; pass a "

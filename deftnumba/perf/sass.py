@@ -807,6 +807,32 @@ def per_thread_instructions(phases: dict, iterations: dict) -> dict:
     return out
 
 
+def normalise_steps(phases: dict, steps: dict) -> dict:
+    """The measured ``PhaseCount``s per source step of the phase model: ``steps`` maps a phase
+    to ``(kind, per_step)``, a step issuing ``per_step`` global loads (``"ldg"``) or shared
+    stores (``"sts"``) or FFMAs (``"ffma"``), counted in the phase's SASS loop body; body = instructions per pass
+    / steps per pass. (A loop of compile-time trip count that LLVM unrolled completely, or
+    one the store-per-line rule cannot see through, is still divided right.) A phase whose
+    body has none of them is left as measured."""
+    from dataclasses import replace
+
+    out = dict(phases)
+    for name, (kind, per_step) in steps.items():
+        m = out.get(name)
+        if m is None or not m.body_sass:
+            continue
+        if kind == "ffma":  # FFMA per pass through the loop (body_ffma is per source iteration)
+            seen = m.body_ffma * m.unroll
+        else:
+            seen = sum(m.body_ldg_widths.values()) if kind == "ldg" else m.body_sts
+        n = seen / per_step
+        if n <= 0:
+            continue
+        ffma = m.body_ffma * m.unroll  # back to per pass (single-loop phases)
+        out[name] = replace(m, body=m.body_sass / n, body_ffma=ffma / n, unroll=n)
+    return out
+
+
 def issue_model(per_thread: dict, blocks: int, threads: int, registers: int, shared_bytes: int,
                 device=None) -> dict:
     """The static issue-slot model of one launch (a prediction). See the module docstring.

@@ -53,3 +53,17 @@ def test_counts_by_hand():
         for pass_ in roofline.PASSES:
             assert roofline.floor_ms(g, method, pass_) > 0
     assert [o.name for o in bench_op.operators(bench_op.suites()["7x7x512"], "fused", "fwd")] == ["fused lean"]
+
+
+def test_predictions_are_the_recorded_audit():
+    """``predictions`` reads data/lean/static_audit.json (python -m deftnumba.lean.audit): the
+    fused kernel's predicted time at every suite shape, nothing for other shapes."""
+    import json
+
+    recorded = json.loads(bench_op.AUDIT_PATH.read_text())["suites"]
+    for name, shape in bench_op.suites().items():
+        got = bench_op.predictions(shape)
+        assert got == {"fused": recorded[name]["predicted_us"] / 1e3}
+        assert got["fused"] >= roofline.floor_ms(bench_op.geometry(shape), "fused", "fwd")
+    assert bench_op.predictions(bench_op.smoke_suites()["smoke"]) == {}
+    assert bench_op.predictions(bench_op.suites()["56x56x64"], "float64") == {}

@@ -60,16 +60,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ...dcn.kernels.vector import load_vector, vector_width
 from ...runtime import backend
 from ...runtime.backend import cuda
+from ...runtime.vector import load_vector, vector_width
 from . import SHARED_ALIGN
 from .stencils import PATTERNS
 
 GRID_YZ_LIMIT = 65535  # CUDA's limit on gridDim.y and gridDim.z
 REGISTER_BUDGET = 168  # per thread, declared to ptxas through launch bounds
 STATIC_SHARED_LIMIT = 48 * 1024
-MAX_STAGING_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -144,63 +143,6 @@ def launch_bounds(config: StripConfig) -> tuple[int, int]:
     return config.threads, max(1, 65536 // (REGISTER_BUDGET * config.threads))
 
 
-def candidates(geometry):
-    """The configurations ``default_config`` chooses from: 8x8, 8x4 or 4x4 registers per
-    thread; 16 to 512 output channels per block (never more than C rounded up to 16); strips
-    of any whole number of thread columns up to 1024 threads; the largest channel chunk
-    (32, 16 or 8) whose static shared memory fits 48 KB and whose input staging takes at most
-    ``MAX_STAGING_STEPS`` vectors per thread and chunk."""
-    c16 = -(-geometry.channels // 16) * 16
-    for reg_oc, reg_px in ((8, 8), (8, 4), (4, 4)):
-        for oc_block in (512, 256, 128, 64, 32, 16):
-            if oc_block > c16:
-                continue
-            for px_threads in range(1, 129):
-                threads = (oc_block // reg_oc) * px_threads
-                if threads > 1024 or threads * estimated_registers_for(reg_oc, reg_px) > 65536:
-                    continue
-                for chunk in (32, 16, 8):
-                    config = StripConfig(strip=px_threads * reg_px, chunk=chunk, oc_block=oc_block, reg_oc=reg_oc,
-                                         reg_px=reg_px)
-                    # at most MAX_STAGING_STEPS unrolled copy steps per chunk: beyond that the
-                    # SASS audit saw ptxas recompute addresses in every step (3 -> 14 instructions)
-                    if (config.shared_bytes(geometry) <= STATIC_SHARED_LIMIT
-                            and (chunk == 8 or staging_steps(geometry, config)[0] <= MAX_STAGING_STEPS)):
-                        yield config
-                        break
-
-
-def estimated_registers_for(reg_oc: int, reg_px: int) -> int:
-    """Registers per thread, roughly (ptxas gave 137-168 for 8x8 accumulators): the
-    accumulators, one step's operands and ~60 for addresses and loop state."""
-    return min(REGISTER_BUDGET, reg_oc * reg_px + reg_oc + reg_px + 60)
-
-
-def estimated_seconds(geometry, config: StripConfig) -> float:
-    """A planning estimate (not the audit): issued instructions per thread from the kernel's
-    structure, with per-step costs read from its SASS at the suite shapes (about 8 per staged
-    input vector, 9 per weight vector, ``RO*RP + (RO+RP)/4 + 0.6`` per rank-1 update, 45 per
-    chunk for its barriers and loop, 2 per stencil FFMA and 1 per mask, 8.5 per output for the
-    prologue and epilogue) through the house's issue-slot model (``perf.sass.issue_model``)."""
-    from ...perf import sass
-
-    g = geometry
-    chunks = math.ceil(g.channels / config.chunk)
-    steps_in, steps_w = staging_steps(g, config)
-    ro, rp = config.reg_oc, config.reg_px
-    per_chunk = 8 * steps_in + 9 * steps_w + 45 + config.chunk * (ro * rp + (ro + rp) / 4 + 0.6)
-    outputs = ro * rp
-    off_centre = [tuple(tap) for tap in g.taps if tuple(tap) != (0, 0)]
-    aligned = g.width % rp == 0  # the row masks fold into the weights; edges only at a thread's ends
-    vertical = sum(1 for dy, _ in off_centre if dy) if (g.height * g.width) % config.strip and not aligned else 0
-    horizontal = sum(1 for _, dx in off_centre if dx) if not aligned else 0
-    per_thread = chunks * per_chunk + outputs * (2 * len(off_centre) + vertical + horizontal + 8.5)
-    strips, oc_blocks, images = config.blocks(g)
-    model = sass.issue_model({"all": per_thread}, strips * oc_blocks * images, config.threads,
-                             estimated_registers_for(ro, rp), config.shared_bytes(g))
-    return model["seconds"]
-
-
 def pick_key(geometry) -> tuple:
     """``(N, C, H, W, dtype, taps)``: what ``AUDITED_PICKS`` is keyed by."""
     g = geometry
@@ -214,33 +156,12 @@ AUDITED_PICKS = {
     (32, 256, 14, 14, "float32", PATTERNS["star5"]): StripConfig(strip=96, chunk=32, oc_block=64, reg_oc=8, reg_px=4),
     (32, 512, 7, 7, "float32", PATTERNS["star5"]): StripConfig(strip=48, chunk=32, oc_block=128, reg_oc=4, reg_px=4),
 }
-"""The bench suites' configurations, chosen by the SASS audit among the estimate's 8 best
+"""The bench suites' configurations (``planning.default_config`` takes these), chosen by the
+SASS audit among the estimate's 8 best
 (``python -m deftnumba.lean.audit --search 8``, at commit f7c55cb): the estimate cannot see
 how ptxas schedules a configuration (its first choice for 56x56x64 was 0.07x the floor
 slower than the audited best).
 Any configuration is correct; a pick that a later kernel change makes slower is only slower."""
-
-
-def default_config(geometry) -> StripConfig:
-    """``SIMULATOR_CONFIG`` in the simulator; on the GPU the audited pick of a bench-suite layer
-    (``AUDITED_PICKS``), else the candidate with the least ``estimated_seconds`` (a
-    prediction; ``python -m deftnumba.lean.audit`` checks a choice in SASS)."""
-    if backend.IS_SIMULATOR:
-        return SIMULATOR_CONFIG
-    picked = AUDITED_PICKS.get(pick_key(geometry))
-    if picked is not None:
-        return picked
-    return _best_config(geometry.batch, geometry.channels, geometry.height, geometry.width, geometry.dtype,
-                        tuple(geometry.taps))
-
-
-@functools.lru_cache(maxsize=256)
-def _best_config(batch, channels, height, width, dtype, taps) -> StripConfig:
-    from types import SimpleNamespace
-
-    g = SimpleNamespace(batch=batch, channels=channels, height=height, width=width, dtype=dtype, taps=taps,
-                        itemsize=np.dtype(dtype).itemsize)
-    return min(candidates(g), key=lambda config: (estimated_seconds(g, config), -config.strip))
 
 
 def centre_index(taps) -> int | None:
@@ -325,9 +246,8 @@ def strip_kernel(dtype, taps: tuple, height: int, width: int, config: StripConfi
     WVEC = vector_width(dtype)
     WVECTORS = CC * OCB // WVEC  # vectors of one chunk's weight slice
     WREPS = -(-WVECTORS // THREADS)
-    u_HW, u_W, u_TP, u_OCB, u_CC, u_S = U(HW), U(W), U(TP), U(OCB), U(CC), U(S)
+    u_HW, u_W, u_OCB, u_CC, u_S = U(HW), U(W), U(OCB), U(CC), U(S)
     u_PX_T, u_RP, u_RO, u_L, u_SPAN = U(PX_T), U(RP), U(RO), U(L), U(SPAN)
-    HALO_I = np.int32(HALO)
     USE_BIAS = use_bias
     jit = cuda.jit if backend.IS_SIMULATOR else cuda.jit(launch_bounds=launch_bounds(config))
 
@@ -676,23 +596,17 @@ def phase_model(shape, config: StripConfig | None = None) -> dict:
 
 def ptx_cases():
     """Kernels and signatures for the PTX/SASS audit (``deftnumba.perf.audit``): the bench
-    suite's shapes at the configurations ``default_config`` picks on a GPU (float32), and the
-    first of them in float64 (the compile check of the other dtype)."""
-    from types import SimpleNamespace
-
+    suite's layers at their audited picks (``AUDITED_PICKS``, float32), and the first of them
+    in float64 at 8x4 outputs per thread (the compile check of the other dtype)."""
     from numba import types
-
-    from .. import bench_op
 
     for dtype in ("float32", "float64"):
         t = getattr(types, dtype)
         a1 = types.Array(t, 1, "C")
         sig = (a1, a1, types.int32, a1, a1, a1, types.int32, types.int32)
-        for i, (name, shape) in enumerate(bench_op.suites().items()):
-            if dtype == "float64" and i:
-                break
-            g = bench_op.geometry(shape, dtype)
-            key = SimpleNamespace(batch=g.batch, channels=g.channels, height=g.height, width=g.width, dtype=dtype,
-                                  taps=g.taps)
-            config = AUDITED_PICKS.get(pick_key(key)) or _best_config(*pick_key(key))
-            yield (f"strip[{name}]", dtype, strip_kernel(dtype, g.taps, g.height, g.width, config, True), sig)
+        for i, ((n, c, h, w, _, taps), config) in enumerate(AUDITED_PICKS.items()):
+            if dtype == "float64":
+                if i:
+                    break
+                config = replace(config, reg_px=4, chunk=8)  # 8x4: two registers per accumulator; 48 KB
+            yield (f"strip[{h}x{w}x{c}]", dtype, strip_kernel(dtype, taps, h, w, config, True), sig)
