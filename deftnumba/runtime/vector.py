@@ -10,7 +10,8 @@ elements. ptxas emits one ``LDG.E.128`` for it. The shared-memory side needs no 
 ``cuda.shared.array(..., alignment=16)`` lets LLVM fuse the n stores into one
 ``STS.128`` when the index is visibly a multiple of n.
 
-``VECTOR_BYTES // itemsize`` is the width (``vector_width``). In the simulator, which
+``VECTOR_BYTES // itemsize`` is the width (``vector_width``); ``vector_aligned`` makes a
+caller's array safe to read so. In the simulator, which
 cannot run an intrinsic, ``load_vector`` is a device function that reads the n
 elements one by one and raises ``IndexError`` for an index that is not a multiple of
 n (the alignment the GPU version assumes), so the tests check the claim.
@@ -24,6 +25,14 @@ from . import backend
 from .backend import cuda
 
 VECTOR_BYTES = 16
+
+
+def vector_aligned(xp, array):
+    """``array`` itself when its data starts on a 16-byte boundary (``load_vector``'s contract:
+    CuPy's and NumPy's own allocations do), else an aligned copy. A view into a larger array
+    (``x[1:]``) may start anywhere; a misaligned ``LDG.128`` is a fault on the GPU."""
+    address = array.data.ptr if backend.is_cupy_array(array) else array.__array_interface__["data"][0]
+    return array if address % VECTOR_BYTES == 0 else xp.array(array, copy=True)
 
 
 def vector_width(dtype) -> int:

@@ -150,3 +150,25 @@ def test_staging_steps_cover_the_run():
             vectors = config.chunk * config.span(w) // vec
             assert vectors <= steps_in * config.threads < 2 * vectors + config.threads * vec
             assert config.chunk * config.oc_block // 4 <= steps_w * config.threads
+
+
+def test_a_misaligned_input_view_is_read_from_an_aligned_copy(rng, poisoned):
+    """The staging reads the input in 16-byte vectors: a view that starts mid-vector (x[1:] of a
+    larger batch, contiguous) must not reach the kernel as is. ``vector_aligned`` copies it,
+    and the result is the view's."""
+    from deftnumba.runtime.vector import vector_aligned
+
+    taps = PATTERNS["star5"]
+    big = rng.standard_normal(1 + 2 * 4 * 4 * 4).astype(np.float32)
+    x = big[1:].reshape(2, 4, 4, 4)  # contiguous, 4 bytes past a 16-byte boundary
+    assert x.__array_interface__["data"][0] % 16 == 4
+    flat = x.reshape(-1)
+    copied = vector_aligned(np, flat)
+    assert copied is not flat and copied.__array_interface__["data"][0] % 16 == 0
+    assert np.array_equal(copied, flat)
+    aligned = np.ascontiguousarray(flat)
+    aligned = aligned if aligned.__array_interface__["data"][0] % 16 == 0 else np.array(flat)
+    assert vector_aligned(np, aligned) is aligned
+    _, pw, st, b = _inputs(rng, 2, 4, 4, 4, taps, dtype=np.float32)
+    y = lean_conv2d(x, pw, st, b, 1, method="fused", config=CONFIGS["small"])
+    np.testing.assert_allclose(y, lean_conv2d_reference(x, pw, st, b, 1, taps), rtol=2e-5, atol=2e-5)

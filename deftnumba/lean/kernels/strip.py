@@ -62,7 +62,7 @@ import numpy as np
 
 from ...runtime import backend
 from ...runtime.backend import cuda
-from ...runtime.vector import load_vector, vector_width
+from ...runtime.vector import load_vector, vector_aligned, vector_width
 from . import SHARED_ALIGN
 from .stencils import PATTERNS
 
@@ -534,6 +534,7 @@ def launch(geometry, taps, config: StripConfig, x_flat, matrix, stencil_flat, bi
     """
     g = geometry
     xp = backend.array_module(x_flat)
+    x_flat = vector_aligned(xp, x_flat)  # the staging reads it in 16-byte vectors
     packed, rows = pack_pointwise(xp, matrix, stencil_flat, taps, config)
     kernel = strip_kernel(g.dtype, tuple(taps), g.height, g.width, config, bias is not None)
     strips, oc_blocks, _ = config.blocks(g)
