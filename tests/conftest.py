@@ -68,6 +68,8 @@ COMPILE_JOBS = {  # fixture name: command (the last line of its stdout is the JS
     "job_sass_kernels": [sys.executable, "-m", "tests.sass_kernels"],
     "job_lean_targets": [sys.executable, "-c", "import json; from deftnumba.lean import audit; "
                          "print(json.dumps(audit.target_figures()))"],
+    "job_tucker_targets": [sys.executable, "-c", "import json; from deftnumba.tucker import audit; "
+                           "print(json.dumps(audit.target_figures(audit.TARGET_SHAPES)))"],
 }
 _RUNNER = ("import os, subprocess, sys\n"
            "out, rc = sys.argv[1], sys.argv[2]\n"
@@ -144,6 +146,7 @@ job_audit_reports = _job_fixture("job_audit_reports")
 job_audit_targets = _job_fixture("job_audit_targets")
 job_sass_kernels = _job_fixture("job_sass_kernels")
 job_lean_targets = _job_fixture("job_lean_targets")
+job_tucker_targets = _job_fixture("job_tucker_targets")
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,9 @@ those rows need torch on CUDA.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from ..runtime import backend
@@ -26,6 +29,8 @@ from . import model, roofline
 from .geometry import TuckerGeometry
 
 name = "tucker"
+AUDIT_PATH = Path(__file__).resolve().parents[2] / "data" / "tucker" / "static_audit.json"
+"""The SASS audit's figures (``python -m deftnumba.tucker.audit --json``), read by ``predictions``."""
 
 # (C, Cout, H, W, stride, r_out, r_in): TDC's ResNet-18 ranks per layer (the block's two 3x3 convs)
 _RESNET18 = {
@@ -174,11 +179,21 @@ def operators(shape: dict, method: str, pass_: str = "fwd", dtype: str = "float3
 
 
 def predictions(shape: dict, dtype: str = "float32") -> dict[str, float]:
-    """Labelled model predictions (ms) per method for ``shape`` (``model.LABEL``)."""
+    """Predictions (ms) per method for ``shape``, never measurements: our methods from the SASS
+    audit where ``AUDIT_PATH`` records the shape (``python -m deftnumba.tucker.audit --json``),
+    else from ``tucker.model``'s formulas; the cuDNN rows from ``tucker.model`` (vendor
+    libraries at an assumed fraction of their roofline)."""
     g = geometry(shape, dtype)
+    recorded = {}
+    if dtype == "float32" and AUDIT_PATH.exists():
+        name = next((k for k, v in suites().items() if v == shape), None)
+        recorded = json.loads(AUDIT_PATH.read_text())["suites"].get(name, {})
     out = {}
     for m in ("fused", "three_pass", "cudnn_conv", "cudnn_tucker"):
         if shape.get("core_only") and m != "cudnn_conv":
+            continue
+        if m in recorded:
+            out[m] = recorded[m]["predicted_us"] / 1e3
             continue
         try:
             out[m] = model.predict(g, m).ms

@@ -223,14 +223,25 @@ def predict(g: TuckerGeometry, method: str, config=None, device: Device = H200) 
     raise ValueError(f"method must be fused, three_pass, cudnn_conv or cudnn_tucker, got {method!r}")
 
 
+def _fitting_tiles(g: TuckerGeometry) -> tuple:
+    """Tiles whose sides divide the output image (7x7, 7x14, 4x28, ...): ResNet's 28, 14 and 7
+    are not multiples of 8, and a power-of-two tile there computes up to 31% padding."""
+    hs = [d for d in range(1, min(g.out_h, 16) + 1) if g.out_h % d == 0]
+    ws = [d for d in range(4, min(g.out_w, 32) + 1) if g.out_w % d == 0]
+    return tuple((h, w) for h in hs for w in ws if 16 <= h * w <= 256 and (h, w) not in
+                 ((4, 4), (4, 8), (8, 8), (8, 16), (2, 8)))
+
+
 def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
     """Candidate tiles that fit the layer (48 KB static shared memory, <= 1024 threads);
     ``coarse``: a ~10x smaller grid (for sweeps over many rank pairs)."""
     out = []
     if method == "three_pass":
         tiles = ((2, 4), (4, 8), (8, 8)) if coarse else ((2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (2, 8), (1, 8))
+        if not coarse:
+            tiles += _fitting_tiles(g)
         for th, tw in tiles:
-            for rp in ((2, 4) if coarse else (1, 2, 4, 8)):
+            for rp in ((2, 4) if coarse else (1, 2, 4, 7, 8)):
                 if tw % rp:
                     continue
                 for ro in ((4, 8) if coarse else (2, 4, 8)):
@@ -244,8 +255,10 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
         return out
     if method == "fused":
         tiles = ((1, 4), (2, 4), (4, 8), (8, 8)) if coarse else ((1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (2, 8))
+        if not coarse:
+            tiles += _fitting_tiles(g)
         for th, tw in tiles:
-            for rp in ((2, 4) if coarse else (1, 2, 4)):
+            for rp in ((2, 4) if coarse else (1, 2, 4, 7)):
                 if tw % rp:
                     continue
                 for ro in ((4, 8) if coarse else (2, 4, 8)):
@@ -260,12 +273,67 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
     raise ValueError(f"method must be fused or three_pass, got {method!r}")
 
 
+# TDC's ResNet-18 layers at batch 32, made by
+#   DEFTNUMBA_BACKEND=cuda python -m deftnumba.tucker.audit --search K --shapes <the batch-32 layers>
+# with K = 8 and 10 (session 21; the best of both). Keys: (batch, C, r_in, r_out, Cout, kh, kw, sh, sw,
+# ph, pw, dh, dw, dtype); FusedTile(th, tw, rank_chunk, in_chunk, RO, RP, EO, UR, core_chunk) and
+# CoreTile(th, tw, chunk, OCB, RO, RP).
+AUDITED_PICKS: dict = {
+    (32, 64, 64, 32, 64, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l1a-n32
+        'fused': fused.FusedTile(8, 14, 32, 16, 4, 7, 8, 8, 8),
+        'three_pass': core_conv.CoreTile(8, 8, 8, 32, 8, 8),
+    },
+    (32, 64, 32, 32, 64, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l1b-n32
+        'fused': fused.FusedTile(8, 14, 32, 16, 4, 7, 8, 8, 8),
+        'three_pass': core_conv.CoreTile(8, 8, 8, 32, 8, 8),
+    },
+    (32, 128, 64, 64, 128, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l2a-n32
+        'fused': fused.FusedTile(4, 8, 64, 4, 8, 4, 8, 8, 4),
+        'three_pass': core_conv.CoreTile(8, 16, 8, 32, 8, 8),
+    },
+    (32, 128, 96, 64, 128, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l2b-n32
+        'fused': fused.FusedTile(4, 8, 32, 16, 8, 4, 8, 8, 8),
+        'three_pass': core_conv.CoreTile(8, 16, 8, 32, 8, 8),
+    },
+    (32, 256, 96, 96, 256, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l3a-n32
+        'fused': fused.FusedTile(7, 7, 32, 4, 4, 7, 2, 8, 8),
+        'three_pass': core_conv.CoreTile(14, 14, 8, 8, 2, 7),
+    },
+    (32, 256, 128, 96, 256, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l3b-n32
+        'fused': fused.FusedTile(7, 7, 64, 16, 4, 7, 2, 8, 4),
+        'three_pass': core_conv.CoreTile(14, 14, 8, 8, 2, 7),
+    },
+    (32, 512, 160, 160, 512, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l4a-n32
+        'fused': fused.FusedTile(2, 8, 64, 4, 8, 1, 2, 8, 4),
+        'three_pass': core_conv.CoreTile(4, 8, 8, 16, 4, 2),
+    },
+    (32, 512, 192, 160, 512, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l4b-n32
+        'fused': fused.FusedTile(2, 8, 64, 4, 8, 1, 2, 8, 4),
+        'three_pass': core_conv.CoreTile(4, 8, 8, 16, 4, 2),
+    },
+}
+"""``pick_key(g) -> {method: tile}``: the tile the SASS audit ranked first among the hand
+model's best (``python -m deftnumba.tucker.audit --search K``), for the suite layers.
+``rank_configs`` puts it first: the formulas above are fast enough for ``choose_ranks``'
+sweeps but miss costs the compiled code shows (see ``tucker/audit.py``)."""
+
+
+def pick_key(g: TuckerGeometry) -> tuple:
+    """What a tile pick depends on: the layer and the batch (the grid's waves)."""
+    return (g.batch, g.in_channels, g.rank_in, g.rank_out, g.out_channels, g.kernel_h, g.kernel_w, g.stride_h, g.stride_w,
+            g.pad_h, g.pad_w, g.dil_h, g.dil_w, str(g.dtype))
+
+
 def rank_configs(g: TuckerGeometry, method: str, device: Device = H200, top: int | None = None,
-                 coarse: bool = False) -> list[Prediction]:
-    """Candidates of ``method`` sorted by predicted time (predictions)."""
+                 coarse: bool = False, audited: bool = True) -> list[Prediction]:
+    """Candidates of ``method`` sorted by predicted time (predictions); with ``audited``, the
+    audit's pick for this layer (``AUDITED_PICKS``) comes first."""
     preds = [predict(g, method, t, device) for t in candidates(g, method, coarse)]
     preds = [p for p in preds if math.isfinite(p.ms)]
     preds.sort(key=lambda p: p.ms)
+    pick = AUDITED_PICKS.get(pick_key(g), {}).get(method) if audited else None
+    if pick is not None:
+        preds = [predict(g, method, pick, device)] + [p for p in preds if p.config != pick]
     return preds[:top] if top else preds
 
 

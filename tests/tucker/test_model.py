@@ -45,6 +45,46 @@ def test_phase_models_cover_the_marked_phases():
         assert all(v >= 0 for v in mod.phase_model(L1, cfg).values())
 
 
+def test_sass_iterations_cover_the_phases():
+    """The SASS audit's iteration counts name every marked phase (and the prologue), each as
+    (passes through the innermost loop, runs of the rest), and the normalised steps name
+    looped phases only."""
+    for mod, cfg in ((core_conv, core_conv.GPU_TILE), (fused, fused.GPU_CANDIDATES[0])):
+        its = mod.sass_iterations(L1, cfg)
+        assert set(its) == set(mod.phase_model(L1, cfg)) | {"prologue"}, mod.__name__
+        assert all(len(v) == 2 and v[0] >= 0 and v[1] >= 1 for v in its.values())
+        assert set(mod.phase_steps(L1, cfg)) <= set(its)
+    # the fused kernel's input staging is unrolled: one pass per (rank chunk, channel chunk)
+    t = fused.GPU_CANDIDATES[0]
+    assert fused.sass_iterations(L1, t)["stage_input"] == (
+        -(-L1.rank_in // t.rank_chunk) * -(-L1.in_channels // t.in_chunk), 1)
+
+
+def test_audited_picks_come_first():
+    for key, picks in model.AUDITED_PICKS.items():
+        g = next(bench_op.geometry(s) for s in bench_op.suites().values()
+                 if model.pick_key(bench_op.geometry(s)) == key)
+        for method, tile in picks.items():
+            assert model.rank_configs(g, method, top=1)[0].config == tile
+            assert tile in model.candidates(g, method)
+    assert model.AUDITED_PICKS, "the suite layers' audited tiles (python -m deftnumba.tucker.audit --search 8)"
+
+
+def test_bench_predictions_prefer_the_recorded_audit():
+    import json
+
+    suites = bench_op.suites()
+    recorded = json.loads(bench_op.AUDIT_PATH.read_text())
+    assert "predict" in recorded["label"] and "measured" in recorded["label"]
+    for name, r in recorded["suites"].items():
+        preds = bench_op.predictions(suites[name])
+        assert preds["fused"] == pytest.approx(r["fused"]["predicted_us"] / 1e3)
+        assert preds["three_pass"] == pytest.approx(r["three_pass"]["predicted_us"] / 1e3)
+        assert preds["cudnn_conv"] == pytest.approx(model.predict(bench_op.geometry(suites[name]), "cudnn_conv").ms)
+    assert bench_op.predictions(suites["r18-l1a-n32"], "float64")["fused"] == pytest.approx(
+        model.predict(bench_op.geometry(suites["r18-l1a-n32"], "float64"), "fused").ms)
+
+
 def test_predictions_are_labelled_and_ranked():
     ranked = model.rank_configs(L1, "fused", top=5, coarse=True)
     assert ranked and all(a.ms <= b.ms for a, b in zip(ranked, ranked[1:]))

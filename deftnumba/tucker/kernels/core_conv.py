@@ -282,6 +282,21 @@ def phase_model(shape, config: CoreTile) -> dict[str, int]:
     }
 
 
+def sass_iterations(shape, config: CoreTile) -> dict[str, tuple]:
+    """Per phase, ``(passes through its innermost SASS loop, runs of its code outside that
+    loop)`` per thread, for the SASS audit (``tucker/audit.py``): ``stage_input`` unrolls
+    completely, so its innermost SASS loop is the chunk loop; ``epilogue`` is straight code."""
+    body = phase_model(shape, config)
+    chunks = -(-shape.rank_in // config.chunk)
+    return {"prologue": (0, 1), "stage_input": (chunks, 1), "stage_core": (body["stage_core"], chunks),
+            "multiply": (body["multiply"], chunks * config.chunk), "epilogue": (0, 1)}
+
+
+def phase_steps(shape, config: CoreTile) -> dict[str, tuple]:
+    """Per source step of ``phase_model``, what SASS shows (``perf.sass.normalise_steps``)."""
+    return {"stage_core": ("sts", 1), "multiply": ("ffma", shape.kernel_w * config.reg_oc * config.reg_px)}
+
+
 def launch(geometry, config: CoreTile, hidden_in, packed_core, hidden_out) -> None:
     """Run the core convolution: flat contiguous ``hidden_in [N*R*H*W]`` -> ``hidden_out``."""
     from ... import backend

@@ -540,6 +540,36 @@ def phase_model(shape, config: FusedTile) -> dict[str, int]:
     }
 
 
+def sass_iterations(shape, config: FusedTile) -> dict[str, tuple]:
+    """Per phase, ``(passes through its innermost SASS loop, runs of its code outside that
+    loop)`` per thread, for the SASS audit (``tucker/audit.py``). The compile-time loops of
+    ``stage_input`` and ``store_hidden`` unroll completely, so their innermost SASS loop is
+    the enclosing chunk loop (one pass = the whole unrolled staging); the other phases'
+    innermost loops are ``phase_model``'s."""
+    g, t = shape, config
+    lay = t.layout(g)
+    body = phase_model(g, t)
+    rank_chunks = -(-g.rank_in // t.rank_chunk)
+    steps = rank_chunks * -(-g.in_channels // t.in_chunk)
+    out_blocks = -(-g.out_channels // lay.out_block)
+    return {"prologue": (0, 1), "stage_input": (steps, 1), "stage_first": (body["stage_first"], steps),
+            "first_gemm": (body["first_gemm"], steps), "store_hidden": (rank_chunks, 1),
+            "stage_core": (body["stage_core"], rank_chunks * (t.rank_chunk // t.core_ranks)),
+            "multiply": (body["multiply"], rank_chunks * t.rank_chunk), "store_core": (0, 1),
+            "stage_last": (body["stage_last"], out_blocks), "last_gemm": (body["last_gemm"], out_blocks)}
+
+
+def phase_steps(shape, config: FusedTile) -> dict[str, tuple]:
+    """Per source step of ``phase_model``: what one step issues that SASS shows (``perf.sass.
+    normalise_steps``): a staged element (one shared store) or a rank-1 update (FFMAs)."""
+    g, t = shape, config
+    lay = t.layout(g)
+    return {"stage_first": ("sts", 1), "stage_core": ("sts", 1), "stage_last": ("sts", 1),
+            "first_gemm": ("ffma", lay.first_reg * lay.first_pos),
+            "multiply": ("ffma", g.kernel_w * t.reg_oc * t.reg_px),
+            "last_gemm": ("ffma", t.out_reg * t.reg_px)}
+
+
 def ptx_cases():
     """Kernels and signatures for the PTX/SASS audit (``deftnumba.perf.audit``)."""
     from numba import types

@@ -1,0 +1,184 @@
+"""The SASS audit applied to the Tucker kernels: per suite shape, each kernel's predicted
+issue-bound time from its compiled sm_90 code, against the layer's roofline floor (issue 14's
+static targets).
+
+    DEFTNUMBA_BACKEND=cuda python -m deftnumba.tucker.audit [--json data/tucker/static_audit.json]
+                                                          [--shapes r18-l1a-n32 ...] [--search K]
+
+``tucker.model`` ranks tiles with per-iteration instruction formulas (fast enough for
+``choose_ranks``' sweeps). This module checks its picks the slow, exact way: it compiles
+the picked ``fused`` and ``core_conv`` kernels with numba-cuda's real compiler (NVVM,
+nvJitLink, ``nvdisasm``; no GPU), attributes their SASS to the kernels' ``# phase:`` marks
+and runs the house's issue-slot model (``perf/sass.py``, the model the DCN and lean audits
+use) with the kernel modules' ``sass_iterations`` and ``phase_steps``. Every time it
+prints is a **prediction** from static instruction counts, never a measurement.
+
+``three_pass`` is our core-conv kernel between two cuBLAS GEMMs; the GEMMs are not our SASS,
+so its row adds them at the vendor rate ``tucker.model`` assumes (labelled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..perf import sass
+from ..perf.roofline import floor_ms_of
+from . import bench_op, model, roofline
+from .kernels import core_conv, fused
+
+TARGET_SHAPES = tuple(f"r18-{layer}-n32" for layer in ("l1a", "l1b", "l2a", "l2b", "l3a", "l3b", "l4a", "l4b"))
+"""Issue 14's static target shapes: TDC's ResNet-18 layers at batch 32 (at batch 1 the small
+layers have fewer output tiles than the H200 has SMs; the JSON covers them too)."""
+LABEL = "static predictions (sm_90 SASS, H200 leads); nothing here is measured"
+
+
+def _signature(kernel: str, dtype: str) -> tuple:
+    from numba import types
+
+    a = types.Array(getattr(types, dtype), 1, "C")
+    i32 = types.int32
+    if kernel == "fused":
+        return (a, a, a, a, a, a, i32, i32, i32, i32)
+    return (a, a, a, i32, i32, i32, i32)
+
+
+def _compiled(kernel: str, g, t):
+    if kernel == "fused":
+        return fused.fused_kernel(g.dtype, g.in_channels, g.rank_in, g.rank_out, g.out_channels, g.kernel_h,
+                                  g.kernel_w, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w, t)
+    return core_conv.core_conv_kernel(g.dtype, g.rank_in, g.rank_out, g.kernel_h, g.kernel_w, g.stride_h,
+                                      g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w, t)
+
+
+def model_kernel(g, kernel: str, config) -> dict:
+    """One launch of our ``kernel`` (``"fused"`` or ``"core_conv"``) at tile ``config`` for layer
+    ``g`` through the issue-slot model: registers, occupancy, per-phase instructions per thread,
+    the main loop's FFMA share and the predicted time in microseconds (a prediction)."""
+    mod = fused if kernel == "fused" else core_conv
+    a = sass.audit_kernel(_compiled(kernel, g, config), _signature(kernel, str(g.dtype)), f"tucker.{kernel}",
+                          str(g.dtype))
+    counts = sass.normalise_steps(a.phases, mod.phase_steps(g, config))
+    iterations = mod.sass_iterations(g, config)
+    per_thread = sass.per_thread_instructions(counts, iterations)
+    if kernel == "fused":
+        lay = config.layout(g)
+        threads = lay.threads
+        blocks = -(-g.out_h // config.tile_h) * -(-g.out_w // config.tile_w) * g.batch
+    else:
+        threads = config.threads
+        tiles, rank_blocks, images = config.blocks(g)
+        blocks = tiles * rank_blocks * images
+    issue = sass.issue_model(per_thread, blocks, threads, a.registers, a.shared_bytes or 0)
+    loops = {name: c for name, c in counts.items() if c.body_ffma}
+    ffma = {name: round(100 * c.body_ffma / c.body, 1) for name, c in loops.items() if c.body}
+    return {"kernel": kernel, "config": model._tag(config), "registers": a.registers,
+            "spill_bytes": a.spill_bytes, "shared_bytes": a.shared_bytes, "threads": threads, "blocks": blocks,
+            "blocks_per_sm": issue.get("blocks_per_sm"), "waves": issue.get("waves"),
+            "ffma_percent": ffma, "f64": a.f64,
+            "phases": {name: {"per_thread": round(per_thread[name], 1),
+                              "predicted_us": round(1e6 * issue["phases_s"].get(name, 0.0), 3)}
+                       for name in counts},
+            "instructions_per_thread": round(sum(per_thread.values())),
+            "predicted_us": 1e6 * issue["seconds"]}
+
+
+def floor_us(g, method: str = "fused") -> float:
+    """The roofline floor of ``method``'s operators (fp32 leads of the H200), microseconds."""
+    return 1e3 * sum(floor_ms_of(o.flops, o.bytes, dtype=str(g.dtype)) for o in roofline.operators(g, method))
+
+
+def model_layer(g) -> dict:
+    """Both our methods at ``tucker.model``'s picked tiles: ``fused`` (one kernel) and
+    ``three_pass`` (our core conv audited, plus the two GEMMs at the assumed vendor rate);
+    each with its predicted time and its ratio to the fused (minimal-bytes) floor."""
+    floor = floor_us(g, "fused")
+    out = {"floor_us": floor}
+    fused_pick = model.rank_configs(g, "fused", top=1)
+    if fused_pick:
+        r = model_kernel(g, "fused", fused_pick[0].config)
+        r["hand_model_us"] = 1e3 * fused_pick[0].ms
+        r["ratio"] = r["predicted_us"] / floor
+        out["fused"] = r
+    core_pick = model.rank_configs(g, "three_pass", top=1)
+    if core_pick:
+        r = model_kernel(g, "core_conv", core_pick[0].config)
+        first, _, last = roofline.operators(g, "three_pass")
+        gemms_us = 1e3 * model._vendor_ms([first, last], model.H200)
+        out["three_pass"] = {"core_conv": r, "gemms_us_assumed": gemms_us,
+                             "predicted_us": r["predicted_us"] + gemms_us,
+                             "ratio": (r["predicted_us"] + gemms_us) / floor}
+    return out
+
+
+def search(g, method: str, top: int = 8) -> list:
+    """Audit the ``top`` tiles ``tucker.model`` ranks first for ``method`` (``"fused"`` or
+    ``"three_pass"``) at layer ``g``; ``(predicted us, tile)`` pairs, best first. How
+    ``model.AUDITED_PICKS`` is made."""
+    kernel = "fused" if method == "fused" else "core_conv"
+    rows = []
+    for i, p in enumerate(model.rank_configs(g, method, top=top, audited=False)):
+        print(f"  [{i + 1}/{top}] {method} {model._tag(p.config)}", file=sys.stderr, flush=True)
+        rows.append((model_kernel(g, kernel, p.config)["predicted_us"], p.config))
+    return sorted(rows, key=lambda r: r[0])
+
+
+def target_figures(shapes=None) -> dict:
+    """JSON-ready figures for the suite shapes (default: every full-layer shape of
+    ``bench_op.suites()``). Run with the cuda backend (a compiler process)."""
+    suites = bench_op.suites()
+    names = shapes or [n for n, s in suites.items() if not s.get("core_only")]
+    out = {"label": LABEL, "suites": {}}
+    for i, name in enumerate(names):
+        print(f"[{i + 1}/{len(names)}] {name}", file=sys.stderr, flush=True)
+        out["suites"][name] = model_layer(bench_op.geometry(suites[name]))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--shapes", nargs="*", help="suite shapes (default: every full layer)")
+    parser.add_argument("--search", type=int, metavar="K",
+                        help="instead: audit the hand model's K best tiles per method and shape and print the "
+                             "best (model.AUDITED_PICKS)")
+    args = parser.parse_args(argv)
+    from ..runtime import backend
+
+    if backend.IS_SIMULATOR:
+        parser.error("the audit compiles real sm_90 code: run it with DEFTNUMBA_BACKEND=cuda (no GPU needed), "
+                     "not in the simulator")
+    if args.search:
+        suites = bench_op.suites()
+        for name in args.shapes or [n for n, s in suites.items() if not s.get("core_only")]:
+            g = bench_op.geometry(suites[name])
+            for method in ("fused", "three_pass"):
+                rows = search(g, method, args.search)
+                for us, t in rows:
+                    print(f"{name} {method}: {us:9.2f} us  {t!r}")
+                if rows:
+                    print(f"best {method} for {model.pick_key(g)}: {rows[0][1]!r}", flush=True)
+        return 0
+    figures = target_figures(args.shapes)
+    print(f"Tucker forward, fp32, sm_90: {figures['label']}")
+    print(f"{'shape':>12} {'floor us':>8} | {'fused us':>8} {'ratio':>5} {'regs':>4} {'FFMA% (loops)':>22} "
+          f"{'hand us':>7} | {'3-pass us':>9} {'ratio':>5}")
+    for name, r in figures["suites"].items():
+        f, t = r.get("fused"), r.get("three_pass")
+        ffma = ",".join(f"{k[:5]} {v:.0f}" for k, v in f["ffma_percent"].items()) if f else "-"
+        print(f"{name:>12} {r['floor_us']:8.2f} | "
+              + (f"{f['predicted_us']:8.2f} {f['ratio']:5.2f} {f['registers']:>4} {ffma:>22} "
+                 f"{f['hand_model_us']:7.2f} | " if f else f"{'-':>8} {'-':>5} {'-':>4} {'-':>22} {'-':>7} | ")
+              + (f"{t['predicted_us']:9.2f} {t['ratio']:5.2f}" if t else "-"))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(figures, fh, indent=1)
+            fh.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
