@@ -177,15 +177,15 @@ else:
             "--json data/tucker/static_audit.json` (no GPU needed).")
 
 # %% [markdown]
-# Reading: the formulas are kinder than the compiled code everywhere: by 6-20% on layers 1-3
-# and by ~55% on layer4, where staging costs far more than the formulas' "12 instructions per
-# staged element". Where fusion loses is plain: one block computes all `r_out` and all `Cout` of
-# its tile, so a 7x7 image gives only 4 blocks and the first 1x1 runs on the tile's halo (40
-# staged positions for a 2x8 tile). The core loop reaches 85-89% FFMA with the larger register
-# tiles. (Phases are charged by source line: where the compiler interleaves the staging with
-# the first 1x1, the chart shows both as `first_gemm`.) On a GPU, `model.autotune` times the top
-# candidates and reports how far the model's pick trails the best measured (TDC's artifact:
-# ~25%).
+# Reading: the formulas err both ways. They agree with the compiled code within 6% on layers
+# 1-2, are too pessimistic on layer3 (large register blocks on 7x7 tiles) and too kind on
+# layer4, where staging costs far more than the formulas' "12 instructions per staged
+# element". So they shortlist and the audit decides. Where fusion loses is plain: one block
+# computes all `r_out` and all `Cout` of its tile, so a 7x7 image gives only 4 blocks and the
+# first 1x1 runs on the tile's halo (40 staged positions for a 2x8 tile). (Phases are charged
+# by source line: where the compiler interleaves the staging with the first 1x1, the chart
+# shows both as `first_gemm`.) On a GPU, `model.autotune` times the top candidates and reports
+# how far the model's pick trails the best measured (TDC's artifact: ~25%).
 
 # %% [markdown]
 # ## 4. What fusion saves: device-memory traffic

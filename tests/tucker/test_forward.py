@@ -161,3 +161,20 @@ def test_model_best_names_a_method_and_tile():
     method, tile = model.best(TuckerGeometry(32, 128, 28, 28, 128, 64, 64, 3, 3, 1, 1, 1, 1))
     assert method in METHODS
     assert isinstance(tile, fused.FusedTile if method == "fused" else core_conv.CoreTile)
+
+
+def test_image_dividing_tiles_with_seven_pixel_rows(rng, poisoned):
+    """The audit's picks for 7-, 14- and 28-wide layers: tiles that divide the image, 7
+    contiguous pixels per thread (unaligned rows), a 28-thread core-conv block (one warp, 4
+    lanes idle); scaled down, with partial rank blocks and chunks."""
+    args, kw = make(rng, (2, 5, 7, 14, 9, 6, 5, 3, 3, 1, 1, 1, 1))
+    tile = core_conv.CoreTile(tile_h=7, tile_w=7, chunk=4, oc_block=8, reg_oc=2, reg_px=7)
+    assert tile.threads == 28
+    with backend.bounds_checked():
+        out = tucker_conv2d(*args, **kw, method="three_pass", config=tile)
+    check_close(out, args, kw, np.float32)
+    tile = fused.FusedTile(tile_h=2, tile_w=14, rank_chunk=4, in_chunk=2, reg_oc=4, reg_px=7, out_reg=2,
+                           first_reg=4, core_chunk=2)
+    with backend.bounds_checked():
+        out = tucker_conv2d(*args, **kw, method="fused", config=tile)
+    check_close(out, args, kw, np.float32)

@@ -17,14 +17,13 @@ SHAPES = audit.TARGET_SHAPES
 RATIO_TARGET = 1.5
 FFMA_TARGET = 85.0
 # Missed today (see docs/perf-notes.md, "Tucker forward in SASS"): pinned at today's figure + ~3%.
-FUSED_RATIO = {"r18-l1a-n32": 1.68, "r18-l1b-n32": 1.7, "r18-l2a-n32": 2.5, "r18-l2b-n32": 2.71,
-               "r18-l3a-n32": 4.06, "r18-l3b-n32": 3.92, "r18-l4a-n32": 10.89, "r18-l4b-n32": 9.41}
-THREE_PASS_RATIO = {"r18-l1b-n32": 1.56, "r18-l2a-n32": 1.79, "r18-l2b-n32": 1.74, "r18-l3a-n32": 2.07,
-                    "r18-l3b-n32": 2.03, "r18-l4a-n32": 3.32, "r18-l4b-n32": 3.33}
-FFMA_MISSED = {("r18-l1a-n32", "fused"): 83, ("r18-l1b-n32", "fused"): 83, ("r18-l3a-n32", "fused"): 83,
-               ("r18-l3a-n32", "core_conv"): 70, ("r18-l3b-n32", "fused"): 83, ("r18-l3b-n32", "core_conv"): 70,
-               ("r18-l4a-n32", "fused"): 65, ("r18-l4a-n32", "core_conv"): 73, ("r18-l4b-n32", "fused"): 65,
-               ("r18-l4b-n32", "core_conv"): 73}
+FUSED_RATIO = {"r18-l1a-n32": 1.68, "r18-l1b-n32": 1.7, "r18-l2a-n32": 1.85, "r18-l2b-n32": 1.84,
+               "r18-l3a-n32": 3.62, "r18-l3b-n32": 3.51, "r18-l4a-n32": 10.89, "r18-l4b-n32": 9.41}
+THREE_PASS_RATIO = {"r18-l1b-n32": 1.56, "r18-l2a-n32": 1.67, "r18-l2b-n32": 1.62, "r18-l3a-n32": 2.07,
+                    "r18-l3b-n32": 2.03, "r18-l4a-n32": 2.51, "r18-l4b-n32": 2.49}
+FFMA_MISSED = {("r18-l1a-n32", "fused"): 83, ("r18-l1b-n32", "fused"): 83, ("r18-l3a-n32", "core_conv"): 70,
+               ("r18-l3b-n32", "core_conv"): 70, ("r18-l4a-n32", "fused"): 65, ("r18-l4a-n32", "core_conv"): 82,
+               ("r18-l4b-n32", "fused"): 65, ("r18-l4b-n32", "core_conv"): 82}
 
 
 @pytest.fixture(scope="module")
