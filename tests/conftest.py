@@ -88,6 +88,15 @@ class JobResult(NamedTuple):
         """The job's result: the last line of its stdout, as JSON."""
         return json.loads(self.stdout.strip().splitlines()[-1])
 
+    def figures(self):
+        """The JSON of a job that compiles for sm_90: skipped where NVVM, nvJitLink or nvdisasm
+        is missing, a failure (with the job's stderr) on any other error."""
+        if self.returncode != 0 and any(s in self.stderr for s in ("libnvvm", "nvdisasm", "nvjitlink",
+                                                                       "No module named 'cuda")):
+            pytest.skip("needs NVVM, nvJitLink and nvdisasm: pip install 'numba-cuda[cu13]' nvidia-cuda-nvdisasm")
+        assert self.returncode == 0, self.stderr[-3000:]
+        return self.json()
+
 
 def compiler_env() -> dict:
     """Environment of a compiling child: the cuda backend, this checkout on the path."""

@@ -28,11 +28,7 @@ FFMA_MISSED = {("r18-l1a-n32", "fused"): 83, ("r18-l1b-n32", "fused"): 83, ("r18
 
 @pytest.fixture(scope="module")
 def figures(job_tucker_targets):
-    rc, _, stderr = job_tucker_targets
-    if rc != 0 and any(s in stderr for s in ("libnvvm", "nvdisasm", "nvjitlink", "No module named 'cuda")):
-        pytest.skip("needs NVVM, nvJitLink and nvdisasm: pip install 'numba-cuda[cu13]' nvidia-cuda-nvdisasm")
-    assert rc == 0, stderr[-3000:]
-    return job_tucker_targets.json()
+    return job_tucker_targets.figures()
 
 
 def test_every_target_shape_is_audited(figures):
