@@ -158,8 +158,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--shapes", nargs="*", help="suite shapes (default: every full layer)")
     parser.add_argument("--search", type=int, metavar="K",
-                        help="instead: audit the hand model's K best tiles per method and shape and print the "
-                             "best (model.AUDITED_PICKS)")
+                        help="instead: audit the hand model's K best tiles per method and shape, and its best "
+                             "of each image-dividing shape (up to 3K), and print the best (model.AUDITED_PICKS)")
     args = parser.parse_args(argv)
     from ..runtime import backend
 
