@@ -71,12 +71,22 @@ def model_layer(g, config=None) -> dict:
 
 def search(g, top: int = 8) -> list:
     """Audit the ``top`` candidates ``planning.estimated_seconds`` ranks first for layer ``g`` and
-    return ``(ratio, config)`` pairs, best first: how ``strip.AUDITED_PICKS`` is made."""
+    return ``(ratio, config)`` pairs, best first: how ``strip.AUDITED_PICKS`` is made. A
+    candidate that does not compile, or spills to local memory, is skipped (and said so)."""
     ranked = sorted(planning.candidates(g), key=lambda c: planning.estimated_seconds(g, c))[:top]
     rows = []
     for i, config in enumerate(ranked):
         print(f"  [{i + 1}/{len(ranked)}] {config}", file=sys.stderr, flush=True)
-        rows.append((model_layer(g, config)["ratio"], config))
+        try:
+            r = model_layer(g, config)
+        except RuntimeError as e:  # the compiler cannot build it (an nvJitLink or NVVM failure)
+            print(f"  skipped, it does not compile: {str(e).splitlines()[0][:200]}", file=sys.stderr, flush=True)
+            continue
+        if r["spill_bytes"] or r["local"]:  # the house's discipline: no local memory in a kernel
+            print(f"  skipped, it spills ({r['spill_bytes']} bytes; {r['local']} local accesses)", file=sys.stderr,
+                  flush=True)
+            continue
+        rows.append((r["ratio"], config))
     return sorted(rows, key=lambda r: r[0])
 
 
@@ -90,7 +100,7 @@ def target_figures(shapes=None) -> dict:
         r = model_layer(bench_op.geometry(suites[name]))
         c = r.pop("config")
         r["config"] = {"strip": c.strip, "chunk": c.chunk, "oc_block": c.oc_block, "reg_oc": c.reg_oc,
-                       "reg_px": c.reg_px}
+                       "reg_px": c.reg_px, "ksplit": c.ksplit}
         out["suites"][name] = r
     return out
 
@@ -117,12 +127,12 @@ def main(argv=None) -> int:
         return 0
     figures = target_figures()
     print(f"lean fused forward (strip kernel), fp32, sm_90: {figures['label']}")
-    print(f"{'shape':>10} {'config (strip,chunk,OCB,RO,RP)':>30} {'regs':>4} {'FFMA%':>6} "
+    print(f"{'shape':>10} {'config (strip,chunk,OCB,RO,RP,KS)':>33} {'regs':>4} {'FFMA%':>6} "
           f"{'predicted us':>12} {'floor us':>8} {'ratio':>6}")
     for name, r in figures["suites"].items():
         c = r["config"]
-        config = f"{c['strip']},{c['chunk']},{c['oc_block']},{c['reg_oc']},{c['reg_px']}"
-        print(f"{name:>10} {config:>30} {r['registers']:>4} {r['pointwise_ffma_percent']:>6.1f} "
+        config = f"{c['strip']},{c['chunk']},{c['oc_block']},{c['reg_oc']},{c['reg_px']},{c['ksplit']}"
+        print(f"{name:>10} {config:>33} {r['registers']:>4} {r['pointwise_ffma_percent']:>6.1f} "
               f"{r['predicted_us']:>12.2f} {r['floor_us']:>8.2f} {r['ratio']:>6.2f}")
         print("           " + ", ".join(f"{p['phase']} {p['predicted_us']:.2f}" for p in r["phases"]))
     if args.json:

@@ -34,6 +34,10 @@ CONFIGS = {
     "wide": StripConfig(strip=12, chunk=8, oc_block=8, reg_oc=4, reg_px=4),
     # 8 pixels per thread: the row-aligned masks at W = 8, 16
     "px8": StripConfig(strip=16, chunk=4, oc_block=4, reg_oc=4, reg_px=8),
+    # two channel groups of 6 threads (2 channels x 4 pixels each), 4 channels each per chunk
+    "split2": StripConfig(strip=12, chunk=8, oc_block=4, reg_oc=2, reg_px=4, ksplit=2),
+    # four groups of 2 threads, 4 pixels x 8 channels (row-aligned at W = 8, 16), 4 of 16 channels each
+    "split4": StripConfig(strip=8, chunk=16, oc_block=4, reg_oc=4, reg_px=8, ksplit=4),
 }
 
 
@@ -64,12 +68,14 @@ def test_tiny_planes_and_one_channel(rng, poisoned, shape):
     np.testing.assert_allclose(y, lean_conv2d_reference(x, pw, st, b, 1, taps), rtol=1e-11, atol=1e-11)
 
 
-def test_float32_vector_path(rng, poisoned):
+@pytest.mark.parametrize("config", ["small", "split4"])
+def test_float32_vector_path(rng, poisoned, config):
     """float32 stages 4-element vectors (H*W a multiple of 4), without bias, a custom pattern
-    that has no centre tap and one that is only the centre (all in the pointwise matrix)."""
-    for taps in (((-1, 1), (1, -1)), ((0, 0),)):
+    that has no centre tap and one that is only the centre (all in the pointwise matrix); with
+    4 channels a thread (split4) its stencil weights are one 16-byte vector per tap."""
+    for taps in (((-1, 1), (1, -1)), ((0, 0),), PATTERNS["full9"]):
         x, pw, st, _ = _inputs(rng, 2, 6, 4, 5, taps, dtype=np.float32, bias=False)
-        y = lean_conv2d(x, pw, st, None, 1, pattern=taps, method="fused", config=CONFIGS["small"])
+        y = lean_conv2d(x, pw, st, None, 1, pattern=taps, method="fused", config=CONFIGS[config])
         assert y.dtype == np.float32
         np.testing.assert_allclose(y, lean_conv2d_reference(x, pw, st, None, 1, taps), rtol=2e-5, atol=2e-5)
 
@@ -84,20 +90,36 @@ def test_launch_leaves_the_callers_arrays(rng):
         assert np.array_equal(a, c)
 
 
-def test_adjoint_through_the_strip_kernel(rng, poisoned):
+@pytest.mark.parametrize("config", ["wide", "split2"])
+def test_adjoint_through_the_strip_kernel(rng, poisoned, config):
     """The stride-1 input gradient runs the strip kernel on grad_output (P^T, mirrored taps)."""
     taps = PATTERNS["star5"]
     x, pw, st, b = _inputs(rng, 2, 5, 5, 7, taps)
     gy = rng.standard_normal(x.shape)
-    got = lean_conv2d_backward(gy, x, pw, st, b, 1, method="fused", config=CONFIGS["wide"])
+    got = lean_conv2d_backward(gy, x, pw, st, b, 1, method="fused", config=CONFIGS[config])
     ref = lean_conv2d_backward_reference(gy, x, pw, st, b, 1, taps)
     np.testing.assert_allclose(got.input, ref.input, rtol=1e-11, atol=1e-11)
 
 
-def test_deterministic(rng):
+@pytest.mark.parametrize("config", ["wide", "split4"])
+def test_deterministic(rng, config):
+    """Each output is summed in a fixed order (with channel groups: group 0, then 1, 2, ...)."""
     x, pw, st, b = _inputs(rng, 2, 9, 6, 7, PATTERNS["star5"], dtype=np.float32)
-    first = lean_conv2d(x, pw, st, b, method="fused", config=CONFIGS["wide"])
-    assert np.array_equal(first, lean_conv2d(x, pw, st, b, method="fused", config=CONFIGS["wide"]))
+    first = lean_conv2d(x, pw, st, b, method="fused", config=CONFIGS[config])
+    assert np.array_equal(first, lean_conv2d(x, pw, st, b, method="fused", config=CONFIGS[config]))
+
+
+def test_stencil_packing():
+    """pack_stencil: off-centre taps chunk by chunk, zeros past C and a zero dummy tap."""
+    taps = PATTERNS["star5"]  # centre at index 0
+    c, config = 5, StripConfig(strip=8, chunk=4, oc_block=4, reg_oc=2, reg_px=4)
+    st = np.arange(1, c * len(taps) + 1, dtype=np.float64).reshape(c, len(taps))
+    packed = strip.pack_stencil(np, st.reshape(-1), taps, config, rows=8).reshape(2, 4, 4)
+    off = [t for t, tap in enumerate(taps) if tap != (0, 0)]
+    assert np.array_equal(packed[0], st[:4, off].T)
+    assert np.array_equal(packed[1, :, 0], st[4, off]) and not packed[1, :, 1:].any()
+    only_centre = strip.pack_stencil(np, np.ones(3), ((0, 0),), config, rows=4)
+    assert only_centre.shape == (4,) and not only_centre.any()
 
 
 def test_the_tiled_kernel_still_runs_stride_1_when_asked(rng, poisoned):
@@ -117,6 +139,12 @@ def test_config_errors_name_the_field():
         StripConfig(strip=8, chunk=16, oc_block=16, reg_oc=16, reg_px=4)
     with pytest.raises(ValueError, match="oc_block"):
         StripConfig(strip=8, chunk=4, oc_block=6, reg_oc=2, reg_px=4)
+    with pytest.raises(ValueError, match="ksplit"):  # 8 channels into 4 groups: 2 each, not a multiple of 4
+        StripConfig(strip=8, chunk=8, oc_block=4, reg_oc=2, reg_px=4, ksplit=4)
+    with pytest.raises(ValueError, match="ksplit"):  # 4 each, not a multiple of reg_oc
+        StripConfig(strip=8, chunk=16, oc_block=16, reg_oc=8, reg_px=4, ksplit=4)
+    with pytest.raises(ValueError, match="ksplit"):
+        StripConfig(strip=8, chunk=4, oc_block=4, reg_oc=2, reg_px=4, ksplit=0)
 
 
 def test_a_strip_config_at_stride_2_is_refused(rng):
@@ -172,3 +200,17 @@ def test_a_misaligned_input_view_is_read_from_an_aligned_copy(rng, poisoned):
     _, pw, st, b = _inputs(rng, 2, 4, 4, 4, taps, dtype=np.float32)
     y = lean_conv2d(x, pw, st, b, 1, method="fused", config=CONFIGS["small"])
     np.testing.assert_allclose(y, lean_conv2d_reference(x, pw, st, b, 1, taps), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("key", list(strip.AUDITED_PICKS), ids=lambda k: f"{k[2]}x{k[3]}x{k[1]}")
+def test_the_audited_picks_run_right(rng, poisoned, key):
+    """The configurations the GPU runs at the bench suites (256-384 threads, chunks of 64, two
+    channel groups at 7x7x512), compiled for the suite's image size, on one image: two
+    channel blocks and a partial chunk where the simulator's time allows (14x14, 7x7), a
+    partial chunk in one block at 56x56 and 28x28."""
+    _, _, h, w, dtype, taps = key
+    config = strip.AUDITED_PICKS[key]
+    c = config.oc_block + 2 if h <= 14 else 6
+    x, pw, st, b = _inputs(rng, 1, c, h, w, taps, dtype=np.dtype(dtype))
+    y = lean_conv2d(x, pw, st, b, 1, method="fused", config=config)
+    np.testing.assert_allclose(y, lean_conv2d_reference(x, pw, st, b, 1, taps), rtol=1e-4, atol=1e-4)

@@ -79,7 +79,14 @@ class StripConfig:
     chunk:    input channels staged per step (``CC``).
     oc_block: output channels per block (``OCB``).
     reg_oc, reg_px: each thread owns ``reg_oc`` contiguous channels times ``reg_px``
-              contiguous pixels; threads = (OCB/RO) * (TP/RP).
+              contiguous pixels of a group's partial sums.
+    ksplit:   thread groups that split each chunk's input channels between them (``KS``):
+              group ``k`` sums channels ``[k*CC/KS, (k+1)*CC/KS)`` of every chunk into its own
+              accumulators, and the groups add them in shared memory at the end (a fixed
+              order: deterministic). threads = KS * (OCB/RO) * (TP/RP). More warps for a
+              layer with few outputs, without shrinking the per-thread register blocking.
+              (Any split is correct; the planner takes groups of whole warps, so that a
+              group's branches do not diverge inside a warp.)
     """
 
     strip: int = 224
@@ -87,9 +94,10 @@ class StripConfig:
     oc_block: int = 64
     reg_oc: int = 8
     reg_px: int = 8
+    ksplit: int = 1
 
     def __post_init__(self):
-        for name in ("strip", "chunk", "oc_block", "reg_oc", "reg_px"):
+        for name in ("strip", "chunk", "oc_block", "reg_oc", "reg_px", "ksplit"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"StripConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.oc_block % self.reg_oc:
@@ -107,14 +115,28 @@ class StripConfig:
         if self.chunk % self.reg_oc:
             raise ValueError(f"chunk ({self.chunk}) must be a multiple of reg_oc ({self.reg_oc}): a thread's "
                              f"channels must be staged in one chunk for the stencil term")
+        if self.chunk % (4 * self.ksplit) or (self.chunk // self.ksplit) % self.reg_oc:
+            raise ValueError(f"chunk ({self.chunk}) must split into ksplit ({self.ksplit}) parts that are multiples "
+                             f"of 4 and of reg_oc ({self.reg_oc})")
 
     @property
     def pixels(self) -> int:
         return self.strip
 
     @property
-    def threads(self) -> int:
+    def group_threads(self) -> int:
+        """Threads of one channel group: one per ``reg_oc x reg_px`` outputs of the block."""
         return (self.oc_block // self.reg_oc) * (self.strip // self.reg_px)
+
+    @property
+    def threads(self) -> int:
+        return self.ksplit * self.group_threads
+
+    def weight_elements(self) -> int:
+        """Elements of the weight buffer: a chunk's ``[CC, OCB]`` slice, or a group's partial
+        sums where ``ksplit > 1`` (they are added through it at the end), if larger."""
+        partial = self.group_threads * self.reg_oc * self.reg_px if self.ksplit > 1 else 0
+        return max(self.chunk * self.oc_block, partial)
 
     def halo(self, width: int) -> int:
         """Staged elements on each side of the strip: ``W + 1`` rounded up to a multiple of 4."""
@@ -125,7 +147,7 @@ class StripConfig:
         return self.strip + 2 * self.halo(width)
 
     def shared_bytes(self, geometry) -> int:
-        return geometry.itemsize * self.chunk * (self.span(geometry.width) + self.oc_block)
+        return geometry.itemsize * (self.chunk * self.span(geometry.width) + self.weight_elements())
 
     def blocks(self, geometry) -> tuple[int, int, int]:
         """``(strips, output-channel blocks, 1)``: the grid of the whole layer (strips run
@@ -153,12 +175,13 @@ AUDITED_PICKS = {
     (32, 64, 56, 56, "float32", PATTERNS["star5"]): StripConfig(strip=256, chunk=16, oc_block=64, reg_oc=8, reg_px=8),
     (32, 128, 28, 28, "float32", PATTERNS["star5"]): StripConfig(strip=192, chunk=32, oc_block=128, reg_oc=8,
                                                                   reg_px=8),
-    (32, 256, 14, 14, "float32", PATTERNS["star5"]): StripConfig(strip=96, chunk=32, oc_block=64, reg_oc=8, reg_px=4),
-    (32, 512, 7, 7, "float32", PATTERNS["star5"]): StripConfig(strip=48, chunk=32, oc_block=128, reg_oc=4, reg_px=4),
+    (32, 256, 14, 14, "float32", PATTERNS["star5"]): StripConfig(strip=32, chunk=64, oc_block=128, reg_oc=8, reg_px=4),
+    (32, 512, 7, 7, "float32", PATTERNS["star5"]): StripConfig(strip=48, chunk=64, oc_block=128, reg_oc=8, reg_px=4,
+                                                                ksplit=2),
 }
 """The bench suites' configurations (``planning.default_config`` takes these), chosen by the
-SASS audit among the estimate's 8 best
-(``python -m deftnumba.lean.audit --search 8``, at commit f7c55cb): the estimate cannot see
+SASS audit among the estimate's 8 best (``python -m deftnumba.lean.audit --search 8``, re-run
+once the kernel had channel groups and a pre-packed stencil): the estimate cannot see
 how ptxas schedules a configuration (its first choice for 56x56x64 was 0.07x the floor
 slower than the audited best).
 Any configuration is correct; a pick that a later kernel change makes slower is only slower."""
@@ -178,7 +201,7 @@ def strip_kernel(dtype, taps: tuple, height: int, width: int, config: StripConfi
     All arrays are flat and C-contiguous: ``x`` and ``out`` ``[N*C*H*W]``; ``packed_pointwise``
     from ``pack_pointwise`` (``rows`` padded input channels, block by block, the centre tap
     folded into its diagonal);
-    ``stencil`` ``[C*S]`` (its centre column unused); ``bias`` ``[ceil(C/OCB)*OCB]``, zero-padded
+    ``packed_stencil`` from ``pack_stencil`` (the off-centre taps, chunk by chunk); ``bias`` ``[ceil(C/OCB)*OCB]``, zero-padded
     (a dummy unless ``use_bias``). ``channels``, ``rows`` and ``images`` (N) are int32.
     """
     DT = np.dtype(dtype).type
@@ -186,11 +209,13 @@ def strip_kernel(dtype, taps: tuple, height: int, width: int, config: StripConfi
     U = np.uint32  # 32-bit unsigned indices inside an image: no sign extension, no wraparound test
     U64 = np.uint64
     TP, CC, OCB, RO, RP = config.strip, config.chunk, config.oc_block, config.reg_oc, config.reg_px
+    KS = config.ksplit  # channel groups
+    CCK = CC // KS      # channels of a chunk that one group sums
+    BASE = config.group_threads
     W, HW = width, height * width
     HALO, SPAN = config.halo(W), config.span(W)
     THREADS = config.threads
     PX_T = TP // RP  # threads along pixels
-    S = len(taps)
     # (index in the stencil, dy, dx) of every tap but the centre (folded into the pointwise matrix)
     OFF_CENTRE = tuple((t, dy, dx) for t, (dy, dx) in enumerate(taps) if (dy, dx) != (0, 0))
     if not OFF_CENTRE:  # the centre alone (all in the pointwise matrix): one dummy tap of weight 0
@@ -205,10 +230,8 @@ def strip_kernel(dtype, taps: tuple, height: int, width: int, config: StripConfi
     ROW_VECTORS = tuple(-(-(dy * W + RP + max(dx for _, d, dx in OFF_CENTRE if d == dy) - start) // VW)
                         for dy, start in zip(ROWS, ROW_FROM))
     ROW_MAX = VW * max(ROW_VECTORS)
-    # per tap: its stencil column, its weight factor (0 for the dummy tap), its row, where its
+    # per tap: its row, where its
     # pixel-0 value sits in the row buffer, its dx
-    TAP_T = tuple(max(t, 0) for t, _, _ in OFF_CENTRE)
-    TAP_W = tuple(ONE if t >= 0 else ZERO for t, _, _ in OFF_CENTRE)
     TAP_ROW = tuple(ROWS.index(dy) for _, dy, _ in OFF_CENTRE)
     TAP_AT = tuple(dy * W + dx - ROW_FROM[ROWS.index(dy)] for _, dy, dx in OFF_CENTRE)
     TAP_DX = tuple(dx for _, _, dx in OFF_CENTRE)
@@ -229,11 +252,12 @@ def strip_kernel(dtype, taps: tuple, height: int, width: int, config: StripConfi
                        or (TAP_DX[u] > 0 and not (ROW_ALIGNED and j < RP - 1))
                        for u in range(len(OFF_CENTRE)) for j in range(RP))
     MASKS = len(OFF_CENTRE) * RP
+    STENCIL_WEIGHTS = len(OFF_CENTRE) * RO
     # a thread's RP pixels lie in one image when RP divides HW (images start at multiples of it)
     ONE_IMAGE = HW % RP == 0
     ACCUMULATORS = RO * RP
-    UNROLL = 8 if CC % 8 == 0 else 4  # rank-1 updates per iteration of the pointwise loop
-    STAGED, WEIGHTS = CC * SPAN, CC * OCB  # shared array sizes must be plain constants
+    UNROLL = 8 if CCK % 8 == 0 else 4  # rank-1 updates per iteration of the pointwise loop
+    STAGED, WEIGHTS = CC * SPAN, config.weight_elements()  # shared array sizes must be plain constants
     # 16-byte global loads when every channel plane starts 16-byte aligned
     VEC = vector_width(dtype) if HW % vector_width(dtype) == 0 else 1
     # staging: L lanes copy a channel's run (one VEC each, KQ times), G channel groups
@@ -246,7 +270,7 @@ def strip_kernel(dtype, taps: tuple, height: int, width: int, config: StripConfi
     WVEC = vector_width(dtype)
     WVECTORS = CC * OCB // WVEC  # vectors of one chunk's weight slice
     WREPS = -(-WVECTORS // THREADS)
-    u_HW, u_W, u_OCB, u_CC, u_S = U(HW), U(W), U(OCB), U(CC), U(S)
+    u_HW, u_W, u_OCB, u_CC = U(HW), U(W), U(OCB), U(CC)
     u_PX_T, u_RP, u_RO, u_L, u_SPAN = U(PX_T), U(RP), U(RO), U(L), U(SPAN)
     USE_BIAS = use_bias
     jit = cuda.jit if backend.IS_SIMULATOR else cuda.jit(launch_bounds=launch_bounds(config))
@@ -254,9 +278,9 @@ def strip_kernel(dtype, taps: tuple, height: int, width: int, config: StripConfi
     device = cuda.jit(device=True) if backend.IS_SIMULATOR else cuda.jit(device=True, inline="always")
 
     @device
-    def add_stencil(acc, r, s_in, stencil, mask, row_mask, at, my_oc, u_channels, i):
-        """Channel ``my_oc + i``'s off-centre taps for my RP pixels (``i`` a constant)."""
-        o = U(my_oc + U(i))
+    def add_stencil(acc, r, s_in, weights, mask, row_mask, at, i):
+        """Channel ``my_oc + i``'s off-centre taps for my RP pixels (``i`` a constant;
+        ``weights[u*RO + i]`` its weight of tap ``u``)."""
         for ri in range(NR):  # one staged row at a time: few registers beside the accumulators
             for k in range(ROW_VECTORS[ri]):
                 # a multiple of VW; a 64-bit sum of a constant: one register and immediate offsets
@@ -265,9 +289,7 @@ def strip_kernel(dtype, taps: tuple, height: int, width: int, config: StripConfi
                     r[k * VW + e] = v[e]
             for u in range(NT):
                 if TAP_ROW[u] == ri:
-                    weight = ZERO
-                    if o < u_channels:
-                        weight = stencil[U(U(o * u_S) + U(TAP_T[u]))] * TAP_W[u]
+                    weight = weights[u * RO + i]
                     if VERTICAL[u] and VERTICAL_IN_WEIGHT:
                         weight *= row_mask[u]  # my pixels' row: one vertical mask for them all
                     for j in range(RP):
@@ -277,7 +299,7 @@ def strip_kernel(dtype, taps: tuple, height: int, width: int, config: StripConfi
                         acc[i * RP + j] += weight * value
 
     @jit
-    def kernel(x, packed_pointwise, rows, stencil, bias, out, channels, images):
+    def kernel(x, packed_pointwise, rows, packed_stencil, bias, out, channels, images):
         # phase: prologue
         s_in = cuda.shared.array(STAGED, dtype=DT, alignment=SHARED_ALIGN)
         s_w = cuda.shared.array(WEIGHTS, dtype=DT, alignment=SHARED_ALIGN)
@@ -287,10 +309,14 @@ def strip_kernel(dtype, taps: tuple, height: int, width: int, config: StripConfi
         mask = cuda.local.array(MASKS, dtype=DT)  # per (tap, pixel): 0 where the tap leaves the image
         row_mask = cuda.local.array(NT, dtype=DT)  # per tap, row-aligned: 0 where it leaves my pixels' row
         r = cuda.local.array(ROW_MAX, dtype=DT)   # one staged row of one channel
+        weights = cuda.local.array(STENCIL_WEIGHTS, dtype=DT)  # my channels' off-centre stencil weights
         source = cuda.local.array(KQ, dtype=np.uint64)  # per staged vector: its element of channel 0
         inside = cuda.local.array(KQ, dtype=np.uint32)  # ... and whether it lies in the batch
 
         tid = U(cuda.threadIdx.x)
+        # my channel group (KS > 1) and my place in it; groups are whole warps
+        grp = U(tid // U(BASE)) if KS > 1 else U(0)
+        t = U(tid - U(grp * U(BASE))) if KS > 1 else tid
         u_channels = U(channels)
         u_rows = U(rows)
         image_size = U64(U(u_channels * u_HW))       # elements of one image (64-bit bases)
@@ -298,14 +324,14 @@ def strip_kernel(dtype, taps: tuple, height: int, width: int, config: StripConfi
         # (every index is wrapped in U: numba widens sums and products of uint32 to 64 bits)
         p0 = U64(cuda.blockIdx.x) * U64(TP)          # my block's first pixel in the batch
         oc0 = U(U(cuda.blockIdx.y) * u_OCB)
-        oc_t = U(tid // u_PX_T)
-        my_px = U(U(tid - U(oc_t * u_PX_T)) * u_RP)  # first of my RP contiguous pixels, within the strip
+        oc_t = U(t // u_PX_T)
+        my_px = U(U(t - U(oc_t * u_PX_T)) * u_RP)  # first of my RP contiguous pixels, within the strip
         my_w = U(oc_t * u_RO)                        # first of my RO contiguous channels, within the block
         my_oc = U(oc0 + my_w)
         first = p0 + U64(my_px)                      # my first pixel in the batch
         for i in range(RO):  # the accumulators start at the bias (zero-padded to whole blocks)
             value = ZERO
-            if USE_BIAS:
+            if USE_BIAS and grp == U(0):  # (group 0's partial sums carry it)
                 value = bias[my_oc + i]
             for j in range(RP):
                 acc[i * RP + j] = value
@@ -403,9 +429,10 @@ def strip_kernel(dtype, taps: tuple, height: int, width: int, config: StripConfi
             # UNROLL rank-1 updates (input channels) per iteration, written out: LLVM does not
             # unroll a loop over these calls, and few iterations leave few register moves.
             # The offsets are left as (64-bit) sums of constants: they become immediates.
-            wp = U(my_w)
-            xq = U(my_px + U(HALO))
-            x_stop = U(xq + U(CC * SPAN))
+            # My group sums the chunk's channels [grp*CCK, (grp+1)*CCK).
+            wp = U(my_w + U(grp * U(CCK * OCB)))
+            xq = U(U(my_px + U(HALO)) + U(grp * U(CCK * SPAN)))
+            x_stop = U(xq + U(CCK * SPAN))
             while xq < x_stop:
                 rank_one_update(acc, a, b, s_w, s_in, wp, xq)
                 if UNROLL >= 2:
@@ -420,16 +447,40 @@ def strip_kernel(dtype, taps: tuple, height: int, width: int, config: StripConfi
                     rank_one_update(acc, a, b, s_w, s_in, wp + 7 * OCB, xq + 7 * SPAN)
                 wp = U(wp + U(UNROLL * OCB))  # every counter stays uint32 (numba widens sums to 64 bits)
                 xq = U(xq + U(UNROLL * SPAN))
-            mine = my_oc >= c and U(my_oc - c) < nc  # my channels lie in this chunk
+            # my channels lie in this chunk (in my group's part of it: one group adds their taps)
+            lo = U(c + U(grp * U(CCK)))
+            mine = my_oc >= lo and U(my_oc - lo) < U(CCK) and my_oc < u_channels
+            # phase: stencil
+            # (marked before the branch: the inlined add_stencil's lines lie outside the kernel
+            # and take the phase of the code before them, which the compiler may schedule first)
             if mine:
-                # phase: stencil
-                # My RO channels lie in this chunk (RO divides CC): each one's own off-centre taps,
+                # My RO channels lie in this chunk (RO divides CCK): each one's own off-centre taps,
                 # read from the staged runs at compile-time distances dy*W + dx.
                 # Written out per channel (RO <= 8): LLVM leaves a loop this large rolled, and a
                 # rolled loop would index the accumulators at run time (local memory).
                 at = U(U(U(my_oc - c) * u_SPAN) + U(U(HALO) + my_px))  # my first channel's first pixel in s_in
+                # My channels' weights, pre-packed chunk by chunk (pack_stencil): tap u of
+                # channel c + k at c*NT + u*CC + k, zero past C and for the dummy tap. The index
+                # depends on the chunk, so the compiler cannot hoist these loads out of the
+                # loop (into every thread, held in registers through it).
+                w_at = np.int64(U(U(c * U(NT)) + U(my_oc - c)))
+                for u in range(NT):
+                    if RO % VW == 0:  # my RO channels' weights are whole aligned vectors
+                        for k in range(RO // VW):
+                            v = load_vector(packed_stencil, w_at + (u * CC + k * VW))
+                            for e in range(VW):
+                                weights[u * RO + k * VW + e] = v[e]
+                    else:
+                        for i in range(RO):
+                            weights[u * RO + i] = packed_stencil[w_at + (u * CC + i)]
+                q = U(first % U64(HW))  # my first pixel's place in its image
                 for j in range(RP):  # where my pixel j lies in its image: which taps leave it
-                    p = U((first + U64(j)) % U64(HW))
+                    if RP <= HW:  # (compile-time) one image end at most among my pixels
+                        p = U(q + U(j))
+                        if p >= U(HW):
+                            p = U(p - U(HW))
+                    else:
+                        p = U(U(q + U(j)) % U(HW))
                     xj = U(p % u_W)
                     for u in range(NT):
                         keep = ONE
@@ -448,38 +499,68 @@ def strip_kernel(dtype, taps: tuple, height: int, width: int, config: StripConfi
                         else:
                             keep *= vertical
                         mask[u * RP + j] = keep
-                add_stencil(acc, r, s_in, stencil, mask, row_mask, at, my_oc, u_channels, 0)
+                add_stencil(acc, r, s_in, weights, mask, row_mask, at, 0)
                 if RO > 1:
-                    add_stencil(acc, r, s_in, stencil, mask, row_mask, at, my_oc, u_channels, 1)
+                    add_stencil(acc, r, s_in, weights, mask, row_mask, at, 1)
                 if RO > 2:
-                    add_stencil(acc, r, s_in, stencil, mask, row_mask, at, my_oc, u_channels, 2)
+                    add_stencil(acc, r, s_in, weights, mask, row_mask, at, 2)
                 if RO > 3:
-                    add_stencil(acc, r, s_in, stencil, mask, row_mask, at, my_oc, u_channels, 3)
+                    add_stencil(acc, r, s_in, weights, mask, row_mask, at, 3)
                 if RO > 4:
-                    add_stencil(acc, r, s_in, stencil, mask, row_mask, at, my_oc, u_channels, 4)
+                    add_stencil(acc, r, s_in, weights, mask, row_mask, at, 4)
                 if RO > 5:
-                    add_stencil(acc, r, s_in, stencil, mask, row_mask, at, my_oc, u_channels, 5)
+                    add_stencil(acc, r, s_in, weights, mask, row_mask, at, 5)
                 if RO > 6:
-                    add_stencil(acc, r, s_in, stencil, mask, row_mask, at, my_oc, u_channels, 6)
+                    add_stencil(acc, r, s_in, weights, mask, row_mask, at, 6)
                 if RO > 7:
-                    add_stencil(acc, r, s_in, stencil, mask, row_mask, at, my_oc, u_channels, 7)
+                    add_stencil(acc, r, s_in, weights, mask, row_mask, at, 7)
             cuda.syncthreads()  # every read of this chunk's s_in and s_w is done before the next chunk
             c = U(c + u_CC)
 
+        # phase: combine
+        # KS > 1: groups 1..KS-1 hand their partial sums to group 0 through s_w, one group a
+        # round, in a fixed order (deterministic). Vector q of a thread's sums sits at
+        # (q*BASE + t)*VW: consecutive threads, consecutive 16 bytes (no bank conflicts).
+        if KS > 1:
+            for rnd in range(1, KS):
+                if grp == U(rnd):
+                    for q in range(ACCUMULATORS // VW):
+                        for e in range(VW):
+                            s_w[np.int64(U(t * U(VW))) + (q * BASE * VW + e)] = acc[q * VW + e]
+                cuda.syncthreads()  # round rnd's partial sums are in s_w before group 0 reads them
+                if grp == U(0):
+                    for q in range(ACCUMULATORS // VW):
+                        v = load_vector(s_w, np.int64(U(t * U(VW))) + q * BASE * VW)
+                        for e in range(VW):
+                            acc[q * VW + e] += v[e]
+                cuda.syncthreads()  # group 0 has read them before the next round overwrites s_w
+
         # phase: epilogue
-        if ONE_IMAGE:  # my pixels lie in one image, and in the batch or past it all together
-            # (N*HW and my first pixel are multiples of RP): per channel one 64-bit address,
-            # my pixels at compile-time offsets from it
+        if KS > 1 and grp != U(0):
+            return  # group 0 writes the sums
+        if ONE_IMAGE or RP <= HW:
+            # My first pixel's image n and place q in it are decoded once; my channel planes
+            # lie at compile-time distances (i*HW) from my first one.
             if first < total:
                 n = first // U64(HW)
-                base = n * image_size + (first - n * U64(HW))
-                for i in range(RO):
-                    o = U(my_oc + U(i))
-                    if o < u_channels:
-                        row = base + U64(U(o * u_HW))
-                        for j in range(RP):
-                            out[row + U64(j)] = acc[i * RP + j]
-        else:
+                q = U(first - n * U64(HW))
+                base = n * image_size + U64(q) + U64(U(my_oc * u_HW))  # my first channel, first pixel
+                left = total - first  # pixels of the batch from my first one on
+                for j in range(RP):
+                    if ONE_IMAGE:  # (N*HW and my first pixel are multiples of RP) all in one image
+                        at = base + U64(j)
+                        ok = True
+                    else:  # RP <= HW: my pixels cross at most one image end, after which they
+                        # lie one image further on, HW elements back
+                        at = base + U64(j)
+                        if q >= U(HW - j):
+                            at += image_size - U64(HW)
+                        ok = j == 0 or U64(j) < left
+                    if ok:
+                        for i in range(RO):
+                            if U(my_oc + U(i)) < u_channels:
+                                out[at + U64(i * HW)] = acc[i * RP + j]
+        else:  # images smaller than my pixels (tiny test planes): each pixel decoded on its own
             for j in range(RP):
                 pixel = first + U64(j)
                 if pixel < total:
@@ -525,6 +606,22 @@ def pack_pointwise(xp, matrix, stencil, taps, config: StripConfig):
     return packed.reshape(-1), rows
 
 
+def pack_stencil(xp, stencil, taps, config: StripConfig, rows: int):
+    """The off-centre stencil weights laid out chunk by chunk for the kernel: ``packed[k, u, cc]``
+    (flattened) is the weight of off-centre tap ``u`` (the taps in stencil order, the centre
+    skipped) for channel ``k*CC + cc``; zero past the C channels (``rows`` =
+    ``ceil(C/CC)*CC``), and a single zero tap where the pattern has no off-centre tap.
+    A thread's ``RO`` channels are then contiguous and vector-aligned for each tap."""
+    c = stencil.size // len(taps)
+    off_centre = [t for t, tap in enumerate(taps) if tuple(tap) != (0, 0)]
+    nt = max(1, len(off_centre))
+    padded = xp.zeros((rows, nt), dtype=stencil.dtype)
+    if off_centre:
+        padded[:c] = stencil.reshape(c, len(taps))[:, off_centre]
+    packed = padded.reshape(rows // config.chunk, config.chunk, nt).transpose(0, 2, 1)
+    return vector_aligned(xp, xp.ascontiguousarray(packed).reshape(-1))
+
+
 def launch(geometry, taps, config: StripConfig, x_flat, matrix, stencil_flat, bias, out_flat):
     """Launch the strip kernel over the whole batch (stride 1).
 
@@ -536,6 +633,7 @@ def launch(geometry, taps, config: StripConfig, x_flat, matrix, stencil_flat, bi
     xp = backend.array_module(x_flat)
     x_flat = vector_aligned(xp, x_flat)  # the staging reads it in 16-byte vectors
     packed, rows = pack_pointwise(xp, matrix, stencil_flat, taps, config)
+    packed_stencil = pack_stencil(xp, stencil_flat, taps, config, rows)
     kernel = strip_kernel(g.dtype, tuple(taps), g.height, g.width, config, bias is not None)
     strips, oc_blocks, _ = config.blocks(g)
     bias_arg = xp.zeros(oc_blocks * config.oc_block if bias is not None else 1, dtype=x_flat.dtype)
@@ -547,7 +645,7 @@ def launch(geometry, taps, config: StripConfig, x_flat, matrix, stencil_flat, bi
         raise ValueError(f"{g.batch} images of {g.height}x{g.width} need {strips} strips of {config.strip} "
                          f"pixels; at most 2**31 - 1")
     backend.launch(kernel, (strips, oc_blocks, 1), config.threads, x_flat, packed, np.int32(rows),
-                   stencil_flat, bias_arg, out_flat, np.int32(g.channels), np.int32(g.batch))
+                   packed_stencil, bias_arg, out_flat, np.int32(g.channels), np.int32(g.batch))
 
 
 def staging_steps(geometry, config: StripConfig) -> tuple[int, int]:
@@ -573,8 +671,12 @@ def phase_model(shape, config: StripConfig | None = None) -> dict:
     """Per phase, ``(body iterations, straight-line executions)`` per thread over the launch
     (the audit's convention): *stage_input*, *stage_weights*: ``staging_steps`` vectors per
     chunk (``phase_steps`` finds one in the SASS); *pointwise*: one rank-1 update per
-    staged input channel; *stencil*: written out (no loop: its code sits in the chunk loop, so
-    the audit reads it as that loop's body), once, in the chunk that holds my channels; prologue and epilogue once."""
+    input channel of my group's part of each chunk (``CC/KS``); *stencil*: written out (no
+    loop: its code sits in the chunk loop, so the audit reads it as that loop's body), once,
+    in the chunk that holds my channels, by one group of ``KS`` (so ``1/KS`` per thread);
+    prologue, *combine* (``KS > 1``) and epilogue once. The last two run in group 0 alone
+    (the combine's stores in the others) while the other groups' warps are done: charged in
+    full to every thread, since an issue slot left idle is not saved."""
     cfg = config or SIMULATOR_CONFIG
     get = shape.get if isinstance(shape, dict) else (lambda k, d=None: getattr(shape, k, d))
     from types import SimpleNamespace
@@ -589,8 +691,9 @@ def phase_model(shape, config: StripConfig | None = None) -> dict:
         "stage_input": (full * steps_in, full),
         "stage_input_partial": (partial * steps_in, partial),
         "stage_weights": (chunks * steps_w, chunks),
-        "pointwise": (chunks * cfg.chunk, chunks),
-        "stencil": (1, 1),
+        "pointwise": (chunks * cfg.chunk // cfg.ksplit, chunks),
+        "stencil": (1 / cfg.ksplit, 1 / cfg.ksplit),
+        "combine": 0,
         "epilogue": 0,
     }
 
