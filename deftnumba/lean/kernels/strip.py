@@ -314,7 +314,7 @@ def strip_kernel(dtype, taps: tuple, height: int, width: int, config: StripConfi
         inside = cuda.local.array(KQ, dtype=np.uint32)  # ... and whether it lies in the batch
 
         tid = U(cuda.threadIdx.x)
-        # my channel group (KS > 1) and my place in it; groups are whole warps
+        # my channel group (KS > 1) and my place in it (the planner makes groups whole warps)
         grp = U(tid // U(BASE)) if KS > 1 else U(0)
         t = U(tid - U(grp * U(BASE))) if KS > 1 else tid
         u_channels = U(channels)
