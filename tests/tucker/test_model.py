@@ -54,10 +54,19 @@ def test_sass_iterations_cover_the_phases():
         assert set(its) == set(mod.phase_model(L1, cfg)) | {"prologue"}, mod.__name__
         assert all(len(v) == 2 and v[0] >= 0 and v[1] >= 1 for v in its.values())
         assert set(mod.phase_steps(L1, cfg)) <= set(its)
-    # the fused kernel's input staging is unrolled: one pass per (rank chunk, channel chunk)
+    # input staging counts stored elements (CX x POS_T per (rank chunk, channel chunk)), its
+    # other code runs once per such step; the audit divides its SASS loop by its stores
     t = fused.GPU_CANDIDATES[0]
+    lay = t.layout(L1)
+    steps = -(-L1.rank_in // t.rank_chunk) * -(-L1.in_channels // t.in_chunk)
     assert fused.sass_iterations(L1, t)["stage_input"] == (
-        -(-L1.rank_in // t.rank_chunk) * -(-L1.in_channels // t.in_chunk), 1)
+        steps * t.in_chunk * -(-lay.region_padded // lay.threads), steps)
+    c = core_conv.GPU_TILE
+    rows, cols = c.staged_shape(L1)
+    chunks = -(-L1.rank_in // c.chunk)
+    assert core_conv.sass_iterations(L1, c)["stage_input"] == (chunks * c.chunk * -(-rows * cols // c.threads), chunks)
+    for mod, cfg in ((core_conv, c), (fused, t)):
+        assert mod.phase_steps(L1, cfg)["stage_input"] == ("sts", 1)
 
 
 def test_audited_picks_come_first():

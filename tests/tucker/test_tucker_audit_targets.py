@@ -16,13 +16,16 @@ from deftnumba.tucker import audit
 SHAPES = audit.TARGET_SHAPES
 RATIO_TARGET = 1.5
 FFMA_TARGET = 85.0
-# Missed today (see docs/perf-notes.md, "Tucker forward in SASS"): pinned at today's figure + ~3%.
-FUSED_RATIO = {"r18-l1a-n32": 1.68, "r18-l1b-n32": 1.7, "r18-l2a-n32": 1.85, "r18-l2b-n32": 1.84,
-               "r18-l3a-n32": 3.62, "r18-l3b-n32": 3.51, "r18-l4a-n32": 10.89, "r18-l4b-n32": 9.41}
-THREE_PASS_RATIO = {"r18-l1b-n32": 1.56, "r18-l2a-n32": 1.67, "r18-l2b-n32": 1.62, "r18-l3a-n32": 2.07,
-                    "r18-l3b-n32": 2.03, "r18-l4a-n32": 2.51, "r18-l4b-n32": 2.49}
-FFMA_MISSED = {("r18-l1a-n32", "fused"): 83, ("r18-l1b-n32", "fused"): 83, ("r18-l3a-n32", "core_conv"): 70,
-               ("r18-l3b-n32", "core_conv"): 70, ("r18-l4a-n32", "fused"): 65, ("r18-l4a-n32", "core_conv"): 82,
+# Missed today (see docs/tucker-notes.md, "The SASS audit of the picks"): pinned at today's figure + ~3%.
+# (Session 22 raised most pins: the staging had been charged once per chunk where the compiler
+# kept a loop of a few channels a pass, so the earlier figures were too low; the kernels did
+# not get slower. docs/tucker-notes.md, "Staging counted per store".)
+FUSED_RATIO = {"r18-l1a-n32": 1.78, "r18-l1b-n32": 1.81, "r18-l2a-n32": 1.96, "r18-l2b-n32": 1.95,
+               "r18-l3a-n32": 3.45, "r18-l3b-n32": 3.52, "r18-l4a-n32": 9.36, "r18-l4b-n32": 8.08}
+THREE_PASS_RATIO = {"r18-l1b-n32": 1.62, "r18-l2a-n32": 1.72, "r18-l2b-n32": 1.68, "r18-l3a-n32": 2.18,
+                    "r18-l3b-n32": 2.13, "r18-l4a-n32": 2.64, "r18-l4b-n32": 2.65}
+FFMA_MISSED = {("r18-l1a-n32", "fused"): 83, ("r18-l1b-n32", "fused"): 83, ("r18-l3a-n32", "core_conv"): 72,
+               ("r18-l3b-n32", "core_conv"): 72, ("r18-l4a-n32", "fused"): 65, ("r18-l4a-n32", "core_conv"): 82,
                ("r18-l4b-n32", "fused"): 65, ("r18-l4b-n32", "core_conv"): 82}
 
 

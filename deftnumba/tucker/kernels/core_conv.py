@@ -173,6 +173,7 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
         plane_in = height_u * width_u
         plane_out = uint32(out_h) * uint32(out_w)
         image_in = np.int64(n) * np.int64(R_IN * np.int64(plane_in))      # 64-bit image bases
+        image_in_u = np.uint64(image_in)
         image_out = np.int64(n) * np.int64(rank_out * np.int64(plane_out))
         tiles_x = (uint32(out_w) + u_TW - U(1)) // u_TW
         tile_y = uint32(cuda.blockIdx.x) // tiles_x
@@ -204,17 +205,29 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
             c0 = chunk * u_CC
             # phase: stage_input
             # Each thread copies its own POS_T region positions (offsets computed once,
-            # above) for each of the CC channels: no division, one add per element.
-            for ch in range(CC):
-                channel_ok = c0 + uint32(ch) < u_R_IN
-                channel = image_in + np.int64((c0 + uint32(ch)) * plane_in)
+            # above) for each of the CC channels: no division, one add per element. The
+            # load is unconditional, from the image's first element where the position is
+            # padding or the rank is past r_in, and a select zeroes it: no branch (a branch
+            # around the load cost a convergence barrier per element in the SASS).
+            # (Every sum is wrapped in U: numba widens a sum of uint32 to 64 bits. The
+            # index is unsigned 64-bit: a signed one costs a wraparound test per load.)
+            # A 32-bit counter from 0 to a compile-time count: LLVM unrolls the loop (a
+            # Python range keeps a 64-bit counter and a rolled loop, one channel a pass).
+            ch = U(0)
+            while ch < U(CC):
+                rank = U(c0 + ch)
+                channel_ok = rank < u_R_IN
+                channel = U(rank * plane_in)  # inside the image: 32 bits
                 for k in range(POS_T):
-                    pos = tid + uint32(k * THREADS)
-                    if k * THREADS < REGION and pos < u_REGION:
-                        value = ZERO
-                        if channel_ok and offsets[k] >= 0:
-                            value = hidden[channel + np.int64(offsets[k])]
-                        staged[uint32(ch * REGION) + pos] = value
+                    pos = U(tid + U(k * THREADS))
+                    if (k + 1) * THREADS <= REGION or pos < u_REGION:
+                        inside = channel_ok and offsets[k] >= 0
+                        at = U(channel + U(offsets[k])) if inside else U(0)
+                        value = hidden[image_in_u + np.uint64(at)]
+                        if not inside:
+                            value = ZERO
+                        staged[U(U(ch * u_REGION) + pos)] = value
+                ch = U(ch + U(1))
             # phase: stage_core
             slice0 = np.int64(rank_block * u_CHUNKS + chunk) * np.int64(CORE_SLICE)
             idx = tid
@@ -283,18 +296,26 @@ def phase_model(shape, config: CoreTile) -> dict[str, int]:
 
 
 def sass_iterations(shape, config: CoreTile) -> dict[str, tuple]:
-    """Per phase, ``(passes through its innermost SASS loop, runs of its code outside that
-    loop)`` per thread, for the SASS audit (``tucker/audit.py``): ``stage_input`` unrolls
-    completely, so its innermost SASS loop is the chunk loop; ``epilogue`` is straight code."""
+    """Per phase, ``(source steps of its innermost SASS loop, runs of its code outside that
+    loop)`` per thread, for the SASS audit (``tucker/audit.py``). ``stage_input`` counts
+    stored elements (``CC x POS_T`` per chunk, guarded ones included) and ``phase_steps``
+    names it, so the audit divides its SASS loop by its shared stores: right whether the
+    compiler unrolled the copy into the chunk loop or kept a loop of a few channels a pass
+    (it does at 7x7 tiles of 28 threads: 4 channels x 3 positions a pass, two passes a
+    chunk, which the old count of one pass per chunk charged 20x too little). ``epilogue``
+    is straight code."""
     body = phase_model(shape, config)
     chunks = -(-shape.rank_in // config.chunk)
-    return {"prologue": (0, 1), "stage_input": (chunks, 1), "stage_core": (body["stage_core"], chunks),
+    rows, cols = config.staged_shape(shape)
+    stores = chunks * config.chunk * -(-(rows * cols) // config.threads)  # CC x POS_T a chunk
+    return {"prologue": (0, 1), "stage_input": (stores, chunks), "stage_core": (body["stage_core"], chunks),
             "multiply": (body["multiply"], chunks * config.chunk), "epilogue": (0, 1)}
 
 
 def phase_steps(shape, config: CoreTile) -> dict[str, tuple]:
     """Per source step of ``phase_model``, what SASS shows (``perf.sass.normalise_steps``)."""
-    return {"stage_core": ("sts", 1), "multiply": ("ffma", shape.kernel_w * config.reg_oc * config.reg_px)}
+    return {"stage_input": ("sts", 1), "stage_core": ("sts", 1),
+            "multiply": ("ffma", shape.kernel_w * config.reg_oc * config.reg_px)}
 
 
 def launch(geometry, config: CoreTile, hidden_in, packed_core, hidden_out) -> None:

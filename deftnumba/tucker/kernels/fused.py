@@ -318,6 +318,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
         plane_in = height_u * width_u
         plane_out = uint32(out_h) * uint32(out_w)
         image_in = np.int64(n) * np.int64(C_IN * np.int64(plane_in))      # 64-bit image bases
+        image_in_u = np.uint64(image_in)
         image_out = np.int64(n) * np.int64(C_OUT * np.int64(plane_out))
         tiles_x = (uint32(out_w) + u_TW - U(1)) // u_TW
         tile_y = uint32(cuda.blockIdx.x) // tiles_x
@@ -358,17 +359,25 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                 c0 = in_chunk * u_CX
                 # phase: stage_input
                 # Each thread copies its own POS_T region positions (offsets computed once,
-                # above) for each of the CX channels: no division, one add per element.
-                for ch in range(CX):
-                    channel_ok = c0 + uint32(ch) < u_C
-                    channel = image_in + np.int64((c0 + uint32(ch)) * plane_in)
+                # above) for each of the CX channels: no division, one add per element. As
+                # in core_conv.py: an unconditional load (from the image's first element for
+                # padding) and a select, 32-bit sums wrapped in U, an unsigned 64-bit index,
+                # a 32-bit channel counter (so LLVM unrolls the loop).
+                ch = U(0)
+                while ch < U(CX):
+                    channel_in = U(c0 + ch)
+                    channel_ok = channel_in < u_C
+                    channel = U(channel_in * plane_in)  # inside the image: 32 bits
                     for k in range(POS_T):
-                        pos = tid + uint32(k * THREADS)
-                        if k * THREADS < REGION_P and pos < u_REGION_P:
-                            value = ZERO
-                            if channel_ok and offsets[k] >= 0:
-                                value = input[channel + np.int64(offsets[k])]
-                            smem[uint32(X_OFF + ch * REGION_P) + pos] = value
+                        pos = U(tid + U(k * THREADS))
+                        if (k + 1) * THREADS <= REGION_P or pos < u_REGION_P:
+                            inside = channel_ok and offsets[k] >= 0
+                            at = U(channel + U(offsets[k])) if inside else U(0)
+                            value = input[image_in_u + np.uint64(at)]
+                            if not inside:
+                                value = ZERO
+                            smem[U(U(U(X_OFF) + U(ch * U(REGION_P))) + pos)] = value
+                    ch = U(ch + U(1))
                 # phase: stage_first
                 slice0 = np.int64(rank_chunk * u_IN_CHUNKS + in_chunk) * np.int64(CX * CR)
                 idx = tid
@@ -541,19 +550,24 @@ def phase_model(shape, config: FusedTile) -> dict[str, int]:
 
 
 def sass_iterations(shape, config: FusedTile) -> dict[str, tuple]:
-    """Per phase, ``(passes through its innermost SASS loop, runs of its code outside that
-    loop)`` per thread, for the SASS audit (``tucker/audit.py``). The compile-time loops of
-    ``stage_input`` and ``store_hidden`` unroll completely, so their innermost SASS loop is
-    the enclosing chunk loop (one pass = the whole unrolled staging); the other phases'
-    innermost loops are ``phase_model``'s."""
+    """Per phase, ``(source steps of its innermost SASS loop, runs of its code outside that
+    loop)`` per thread, for the SASS audit (``tucker/audit.py``). ``stage_input`` and
+    ``store_hidden`` count stored elements (each thread's ``CX x POS_T`` per channel chunk,
+    ``UR x UQ`` per rank chunk, guarded ones included) and ``phase_steps`` names them, so
+    the audit divides their SASS loop by its shared stores: right whether the compiler
+    unrolled the staging completely (its loop is then the enclosing chunk loop) or kept a
+    loop of a few channels a pass (seen in the core conv). The other phases' innermost
+    loops are ``phase_model``'s."""
     g, t = shape, config
     lay = t.layout(g)
     body = phase_model(g, t)
     rank_chunks = -(-g.rank_in // t.rank_chunk)
     steps = rank_chunks * -(-g.in_channels // t.in_chunk)
     out_blocks = -(-g.out_channels // lay.out_block)
-    return {"prologue": (0, 1), "stage_input": (steps, 1), "stage_first": (body["stage_first"], steps),
-            "first_gemm": (body["first_gemm"], steps), "store_hidden": (rank_chunks, 1),
+    per_step = t.in_chunk * -(-lay.region_padded // lay.threads)  # CX x POS_T stores
+    return {"prologue": (0, 1), "stage_input": (steps * per_step, steps),
+            "stage_first": (body["stage_first"], steps),
+            "first_gemm": (body["first_gemm"], steps), "store_hidden": (body["store_hidden"], rank_chunks),
             "stage_core": (body["stage_core"], rank_chunks * (t.rank_chunk // t.core_ranks)),
             "multiply": (body["multiply"], rank_chunks * t.rank_chunk), "store_core": (0, 1),
             "stage_last": (body["stage_last"], out_blocks), "last_gemm": (body["last_gemm"], out_blocks)}
@@ -564,7 +578,8 @@ def phase_steps(shape, config: FusedTile) -> dict[str, tuple]:
     normalise_steps``): a staged element (one shared store) or a rank-1 update (FFMAs)."""
     g, t = shape, config
     lay = t.layout(g)
-    return {"stage_first": ("sts", 1), "stage_core": ("sts", 1), "stage_last": ("sts", 1),
+    return {"stage_input": ("sts", 1), "store_hidden": ("sts", 1),
+            "stage_first": ("sts", 1), "stage_core": ("sts", 1), "stage_last": ("sts", 1),
             "first_gemm": ("ffma", lay.first_reg * lay.first_pos),
             "multiply": ("ffma", g.kernel_w * t.reg_oc * t.reg_px),
             "last_gemm": ("ffma", t.out_reg * t.reg_px)}
