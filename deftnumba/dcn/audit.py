@@ -241,7 +241,7 @@ def fused_backward_launches(g, config=None, deterministic: bool = False) -> list
         w_blocks = splits * -(-opg // config.w_out_block) * -(-cpg // config.chunk) * g.groups
         launches.append(
             Launch(f"{prefix}.weight_grad", bf, bf.weight_grad_kernel(g.dtype, *shape, config, g.has_mask),
-                   (flat, a4, a4, flat, flat, conv, dims), w_blocks, config.weight_threads(k), config,
+                   (flat, a4, a4, flat, flat, flat, conv, dims), w_blocks, config.weight_threads(k), config,
                    operator="fused backward",
                    extra={"phases": ("w_stage", "w_table", "w_build", "weight_gemm"), "splits": splits,
                           "mean_body_phases": ("w_stage",)}))
@@ -299,16 +299,24 @@ def column_backward_launches(g, method: str) -> list:
                     "fused sample grads (gemm inside)" if fused else "fused sample grads", 3 if fused else None)
         return launches
     if method == "deterministic":
-        k1, s1 = types.Array(types.int64, 1, "C"), types.Array(types.int32, 1, "C")
-        grid_stride("bwd.deterministic.entries", bk.entries_kernel(g.dtype, g.has_mask, narrow),
-                    (a4, a4, s1, a1, s1, conv, i64, i64, types.int32, types.int32), points, (), "")
+        k1 = types.Array(types.int64, 1, "C")
+        rows = bk.sort_part_rows(g, chunk)  # the column methods sort a chunk whole (fused: backward_fused)
+        _, wide = bk.sort_key_layout(g, chunk, rows)
+        keys = types.Array(types.uint64 if wide else types.uint32, 1, "C")
+        i32 = types.int32
+        grid_stride("bwd.deterministic.entries", bk.entries_kernel(g.dtype, wide, narrow),
+                    (a4, keys, conv, i64, i64, i32, i32, i32, i32, i32), points, (), "")
         # entries per destination pixel: 4 corners of every (tap, pixel) of the group, spread
         # over the image (the average; a thread's own segment varies with the offsets)
         per_segment = -(-4 * g.taps * pixels // (g.height * g.width))
+        cb = bk.gather_block_channels(g)
         for fused in (False, True):
-            grid_stride(f"bwd.deterministic.gather[fused_gemm={fused}]", bk.gather_kernel(g.dtype, fused, narrow),
-                        (a2, a4, a4, k1, s1, a1, a4, conv, i64, i64, i64), chunk * g.in_channels * g.height * g.width,
-                        (per_segment, outs) if fused else (per_segment,), "", 3 if fused else 2)
+            grid_stride(f"bwd.deterministic.gather[fused_gemm={fused}]",
+                        bk.gather_kernel(g.dtype, fused, g.has_mask, cb, wide, narrow),
+                        (a2, a4, a4, a4, a4, k1, keys, a4, conv, i64, i64, i64, i32, i32, i32, types.boolean),
+                        chunk * (g.in_channels // cb) * g.height * g.width,
+                        # CB is unrolled: the o loop (fused_gemm) is depth 3, CB FMAs per o
+                        (per_segment, outs * cb) if fused else (per_segment,), "", 3 if fused else None)
         return launches
     raise ValueError(f"no backward launch model for method {method!r}; modelled: {BACKWARD_METHODS}")
 

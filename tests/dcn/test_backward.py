@@ -197,6 +197,51 @@ def test_deterministic_runs_are_bit_identical(method, name, rng):
     assert rel_error(first.input, expected.input) < 10 * tolerance(g.dtype)
 
 
+@pytest.mark.parametrize("keys", ["narrow", "wide"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", ["odd-everything", "eight-channels"])
+def test_deterministic_gather_in_row_parts(method, name, keys, rng, monkeypatch):
+    """The gather sorts in parts of output rows (here one row per part: the most parts) and
+    with 32- or 64-bit packed keys: every part after the first adds to grad_input, in a fixed
+    order, so the result matches the reference and is bit-identical under two block orders.
+    ``eight-channels`` gives gather threads of 8 channels, ``odd-everything`` of 1."""
+    from deftnumba.dcn.kernels import backward as bk
+
+    g = CASES["odd-everything"] if name == "odd-everything" else Geometry(
+        **{**CASES["basic-3x3"].__dict__, "in_channels": 8, "out_channels": 3, "height": 4, "width": 6})
+    layout = bk.sort_key_layout
+    monkeypatch.setattr(bk, "sort_part_rows", lambda g_, n, budget=None: 1)
+    monkeypatch.setattr(bk, "sort_key_layout", lambda *a: (layout(*a)[0], keys == "wide"))
+    arrays = collision_arrays(g, rng) if name == "eight-channels" else layer_arrays(g, rng)
+    go = grad_out_for(g, rng)
+    with backend.order_varying(3), backend.launch_log() as launched:
+        first = run(method, go, *arrays, g, deterministic=True)
+    with backend.order_varying(4):
+        second = run(method, go, *arrays, g, deterministic=True)
+    entries = [k for k in launched if "entries_kernel" in k]
+    assert len(entries) >= g.out_h  # one sort per output row (per chunk of images)
+    np.testing.assert_array_equal(first.input, second.input)
+    expected = reference.deform_conv2d_backward(go, *arrays[:4], **conv_kwargs(g), mask=arrays[4])
+    assert rel_error(first.input, expected.input) < 10 * tolerance(g.dtype)
+
+
+def test_sort_parts_fit_their_budget():
+    """``sort_part_rows`` picks as few equal parts as fit the budget, and one part without one."""
+    from deftnumba.dcn.kernels import backward as bk
+
+    g = Geometry(batch=8, in_channels=64, height=64, width=64, out_channels=64, kernel_h=3, kernel_w=3,
+                 pad_h=1, pad_w=1, has_mask=True, has_bias=True)
+    assert bk.sort_part_rows(g, 1) == 64
+    whole = bk.sort_part_bytes(g, 1, 64)
+    assert bk.sort_key_layout(g, 1, 64) == (18, False)  # 4*9*4096 ids (18 bits), 4097 destinations (13)
+    half = bk.sort_part_bytes(g, 1, 32)
+    assert half < whole and bk.sort_part_rows(g, 1, half) == 32  # two parts
+    assert bk.sort_part_rows(g, 1, half - 1) == 22  # three parts: 22 + 22 + 20 rows
+    assert bk.sort_part_rows(g, 1, 1) == 1  # at least one row
+    # eight images of 64x64 and 64 rows need 33 bits: 64-bit keys
+    assert bk.sort_key_layout(g, 8, 64)[1] and not bk.sort_key_layout(g, 8, 16)[1]
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("method", METHODS)
 def test_samples_far_outside_get_zero_gradients(method, mode, rng):

@@ -126,6 +126,9 @@ AUDITED_INT32 = {
     ("backward_fused.py", "np.int32(v)"): "_dims: C, H, W, Co, Cg, the span, N, C/G, Ho, Wo, each < 2**31 "
                                           "(check_limits); in-kernel products are wrapped in uint32 and "
                                           "bounded by backward_fused.supported (< 2**32 per image)",
+    ("backward.py", "np.int32(row0)"): "a sort part's first output row, < Ho, and Ho*Wo < 2**31 (check_limits)",
+    ("backward.py", "np.int32(part_rows)"): "output rows of a sort part, <= Ho < 2**31 (check_limits)",
+    ("backward.py", "np.int32(id_bits)"): "a key's id bits, <= 64 (sort_key_layout raises beyond)",
     ("backward.py", "np.int32(g.height)"): "H < 2**31; products with it are int64 in numba",
     ("backward.py", "np.int32(g.width)"): "W < 2**31; products with it are int64 in numba",
     ("fused_tiled.py", "np.int32(v)"): "kernel_dims: C, H, W, Cout, Ho, Wo and 2*G*K < 2**31 (check_limits)",

@@ -66,7 +66,8 @@ def check_close(result, expected, dtype, what):
 
 
 class _Poisoned:
-    """An array module whose ``empty`` arrays start as NaN (bf16 bits: a NaN pattern)."""
+    """An array module whose ``empty`` arrays start as NaN (bf16 bits: a NaN pattern; other
+    integers: -2**30, or the largest value of an unsigned type such as the sort keys)."""
 
     def __init__(self, xp):
         self.xp = xp
@@ -76,7 +77,8 @@ class _Poisoned:
 
     def empty(self, shape, dtype=None, **kwargs):
         dtype = np.dtype(dtype if dtype is not None else np.float64)
-        fill = np.nan if dtype.kind == "f" else 0x7FC0 if dtype == np.uint16 else -2**30
+        fill = (np.nan if dtype.kind == "f" else 0x7FC0 if dtype == np.uint16
+                else np.iinfo(dtype).max if dtype.kind == "u" else -2**30)
         return self.xp.full(shape, fill, dtype=dtype)
 
 

@@ -59,21 +59,31 @@ The atomic scatter sums into ``grad_input`` in whatever order threads arrive, so
 float results vary from run to run. ``deterministic=True`` replaces it with a
 sort-then-segment reduction whose order is fixed:
 
-1. ``entries_kernel``: each sample writes its four (destination, coefficient,
-   source) entries, destination = ``(image, offset group, y, x)`` flattened,
-   coefficient = ``m * w_corner``, source = ``tap*P + p``. The key is *per
-   offset group*, not per channel: every channel of a group has the same
-   destinations, so one sort of ``4*Nc*G*K*P`` entries serves all ``C/G``
-   channels (torchvision-style per-element keys would sort ``C/G`` times more).
-   Corners of zero weight get a sentinel key past the last segment.
-2. ``argsort(kind="stable")`` of the keys (NumPy and CuPy's stable sorts are
-   deterministic: equal keys keep their entry order), then ``searchsorted`` gives
-   each destination's segment ``[start, end)``.
-3. ``gather_kernel``: one thread per ``(image, channel, y, x)`` sums its segment
-   in sorted order and writes ``grad_input`` once (no atomics, no zero fill).
-   It reads ``grad_cols``; with ``fused_gemm``, which has no ``grad_cols``, it
+1. ``entries_kernel``: each sample writes one packed key per corner,
+   ``(destination << id_bits) | id``: destination = ``(image, offset group, y, x)``
+   flattened, id = ``(tap*P + p)*4 + corner``, unique within the image and offset
+   group. The key is *per offset group*, not per channel: every channel of a group
+   has the same destinations, so one sort serves all ``C/G`` channels
+   (torchvision-style per-element keys would sort ``C/G`` times more). Corners of
+   zero weight get a sentinel destination past the last segment.
+2. The keys are sorted alone (32-bit keys when destination and id fit, else
+   64-bit: ``sort_key_layout``). The keys are unique, so any sort gives the one
+   order, which is the order of a stable sort by destination (ids ascend within a
+   destination); ``searchsorted`` gives each destination's segment ``[start, end)``.
+3. ``gather_kernel``: one thread per ``(image, CB channels, y, x)`` sums its
+   segment in sorted order, recomputing each entry's coefficient ``m * w_corner``
+   from its id with the same ``sampling`` functions as the entries kernel (once
+   per ``CB`` channels), and writes ``grad_input`` (no atomics, no zero fill). It
+   reads ``grad_cols``; with ``fused_gemm``, which has no ``grad_cols``, it
    recomputes each element per corner (4x the column-gradient GEMM's work on
-   CUDA cores: the price of keeping that method buffer-free).
+   CUDA cores: the price of keeping that method buffer-free), loading each
+   ``grad_out`` value once for its ``CB`` channels.
+
+The sort can go in parts of output rows (``sort_part_rows``, within a byte budget:
+the ``fused`` method's deterministic mode keeps it under 2.5% of the arguments and
+gradients): the first part writes ``grad_input``, the later ones add to it, always
+in the same order. Carrying no payload, a part costs 8 bytes per corner entry (the
+keys and the sort's scratch) instead of ~20 plus an argsort's index buffers.
 
 Why sort rather than e.g. a per-pixel search over all samples: any sample can
 land on any pixel, so a gather without an index costs ``O(K*P)`` per pixel; a
@@ -338,125 +348,168 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, 
     return kernel
 
 
-# Traffic (per image, one thread per sample): reads offsets 2*G*K*P*s and mask G*K*P*s;
-#   writes 4*G*K*P entries of (int32 key, s-byte coefficient, int32 source); the host then
-#   sorts them (stable argsort of the keys: a radix sort, ~4 passes reading and writing
-#   key and index, ~4*G*K*P*12*2*4 bytes) and permutes coefficient and source.
-#   (Keys and sources become int64 only when the chunk's sizes need it.)
-# FLOPs: ~25 per sample (position, corners, 4 mask products).
+# Traffic (per image and sort part, one thread per sample): reads offsets 2*G*K*P*s and mask
+#   G*K*P*s; writes 4*G*K*P packed keys (4 bytes, 8 when the key needs more than 32 bits);
+#   the host sorts them in place (a radix sort of the keys alone: no payload, no permutation).
+# FLOPs: ~25 per sample (position, corners).
 @functools.cache
-def entries_kernel(dtype, use_mask: bool, narrow: bool = True):
-    """Kernel ``(offset, mask, key, coef, source, conv, first_image, n_images, height, width)``.
+def entries_kernel(dtype, wide_keys: bool = False, narrow: bool = True):
+    """Kernel ``(offset, key, conv, first_image, n_images, height, width, row0, part_rows, id_bits)``.
 
-    For sample ``s = ((n_local*G + g)*K + tap)*P + p`` and corner ``q`` writes entry
-    ``4*s + q``: ``key`` = destination ``((n_local*G + g)*H + cy)*W + cx`` (or the
-    sentinel ``n_images*G*H*W`` for a corner of zero weight), ``coef = m * w_q``,
-    ``source = tap*P + p``.
+    One sort *part* covers output rows ``row0 .. row0 + part_rows`` of ``n_images`` images.
+    For sample ``s = ((n_local*G + g)*K + tap)*Pp + p_local`` (``Pp = part_rows*Wo``) and
+    corner ``q`` writes entry ``4*s + q``: the packed key ``(destination << id_bits) | id``,
+    destination = ``((n_local*G + g)*H + cy)*W + cx`` (the sentinel ``n_images*G*H*W`` for a
+    corner of zero weight), id = ``(tap*Pp + p_local)*4 + q``, unique among the entries of
+    the image and offset group. So sorting the keys alone orders the entries by destination,
+    and within a destination by id: the order of a stable sort by destination, with no
+    payload to carry (the gather recomputes each coefficient from its id).
     """
     fns = sampling_functions(dtype)
     tap_position = fns.tap_position
     bilinear_corners = fns.bilinear_corners
-    ONE = fns.ONE
     ZERO = fns.ZERO
-    load = fns.load
 
     IDX = np.uint32 if narrow else np.uint64  # the grid-stride index (see index_is_narrow)
+    KEY = np.uint64 if wide_keys else np.uint32
     WIDE = np.int64
     i32 = np.int32
     split_index = _split_index_function(narrow)
 
     @cuda.jit
-    def kernel(offset, mask, key, coef, source, conv, first_image, n_images, height, width):
+    def kernel(offset, key, conv, first_image, n_images, height, width, row0, part_rows, id_bits):
         _, off_channels, out_h, out_w = offset.shape
         taps = conv[6] * conv[7]
         groups = off_channels // (2 * taps)
-        pixels = out_h * out_w
+        part_pixels = part_rows * out_w
         plane = height * width
-        sentinel = n_images * groups * plane
-        total = n_images * groups * taps * pixels
+        sentinel = KEY(n_images * groups * plane)
+        shift = KEY(id_bits)
+        total = n_images * groups * taps * part_pixels
         idx = IDX(cuda.grid(1))
         while idx < IDX(total):
-            p, tap, g, n_local = split_index(idx, pixels, taps, groups)
+            p_local, tap, g, n_local = split_index(idx, part_pixels, taps, groups)
             n = first_image + n_local
-            oy = i32(u32(p) // u32(out_w))
-            ox = p - oy * out_w
+            row = i32(u32(p_local) // u32(out_w))
+            oy = row0 + row
+            ox = p_local - row * out_w
             y, x = tap_position(offset, n, g, tap, oy, ox, conv)
             y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
-            m = load(mask, (n, g * taps + tap, oy, ox)) if use_mask else ONE
             base = (n_local * groups + g) * plane
-            src = tap * pixels + p  # stored as the source array's type (int32 unless K*P needs int64)
+            ident = KEY(4) * KEY(tap * part_pixels + p_local)
             e = WIDE(4) * WIDE(idx)
-            key[e] = base + y0 * width + x0 if w00 != ZERO else sentinel
-            key[e + 1] = base + y0 * width + x1 if w01 != ZERO else sentinel
-            key[e + 2] = base + y1 * width + x0 if w10 != ZERO else sentinel
-            key[e + 3] = base + y1 * width + x1 if w11 != ZERO else sentinel
-            coef[e] = m * w00
-            coef[e + 1] = m * w01
-            coef[e + 2] = m * w10
-            coef[e + 3] = m * w11
-            source[e] = src
-            source[e + 1] = src
-            source[e + 2] = src
-            source[e + 3] = src
+            key[e] = ((KEY(base + y0 * width + x0) if w00 != ZERO else sentinel) << shift) | ident
+            key[e + 1] = ((KEY(base + y0 * width + x1) if w01 != ZERO else sentinel) << shift) | (ident + KEY(1))
+            key[e + 2] = ((KEY(base + y1 * width + x0) if w10 != ZERO else sentinel) << shift) | (ident + KEY(2))
+            key[e + 3] = ((KEY(base + y1 * width + x1) if w11 != ZERO else sentinel) << shift) | (ident + KEY(3))
             idx = IDX(idx + IDX(cuda.gridsize(1)))
 
     return kernel
 
 
-# Traffic (per image, one thread per (channel, input pixel)): reads the segment starts
-#   (C*H*W*8 bytes) and, per channel, all 4*G*K*P sorted entries (C*K*P*4*(4+s) bytes,
-#   coalesced across neighbouring pixels, mostly L2 hits across the C/G channels of a
-#   group); reads grad_cols C*K*P*4*s gathered (each element once per corner), or with
-#   fused_gemm recomputes it (2*Og FLOPs per entry: 4x the GEMM work); writes grad_input
-#   C*H*W*s exactly once.
-# FLOPs: 2 per entry and channel (+2*Og with fused_gemm).
+# Traffic (per image and sort part, one thread per (block of CB channels, input pixel)): reads
+#   the segment starts (G*H*W*8 bytes) and, per channel block, the sorted keys of its segment
+#   (C/CB*K*P*4*key bytes in all, mostly L2 hits across a group's blocks) with their offsets and
+#   mask values (recomputing each coefficient once per block, not per channel); reads grad_cols
+#   C*K*P*4*s gathered (each element once per corner), or with fused_gemm recomputes it (2*Og
+#   FLOPs per entry and channel: 4x the GEMM work); writes grad_input C*H*W*s (reads it too
+#   after the first part).
+# FLOPs: ~30 per entry and block (coefficient), 2 per entry and channel (+2*Og with fused_gemm).
 @functools.cache
-def gather_kernel(dtype, fused_gemm: bool, narrow: bool = True):
-    """Kernel ``(grad_cols, grad_output, weight, starts, source, coef, grad_input, conv,
-    first_image, n_images, offset_groups)``: deterministic col2im.
+def gather_kernel(dtype, fused_gemm: bool, use_mask: bool, block_channels: int = 1, wide_keys: bool = False,
+                  narrow: bool = True):
+    """Kernel ``(grad_cols, grad_output, weight, offset, mask, starts, key, grad_input, conv,
+    first_image, n_images, offset_groups, row0, part_rows, id_bits, accumulate)``: deterministic col2im
+    of one sort part (``entries_kernel``).
 
-    Segment ``[starts[d], starts[d+1])`` of the sorted entries holds every
-    contribution to destination ``d = (n_local*G + g)*H*W + y*W + x``; the thread of
-    ``(n_local, c, y, x)`` sums it in order and writes ``grad_input[first_image + n_local, c, y, x]``.
+    Segment ``[starts[d], starts[d+1])`` of the sorted keys holds every contribution of the
+    part to destination ``d = (n_local*G + g)*H*W + y*W + x``; the thread of ``(n_local, CB
+    channels, y, x)`` decodes each key's id into (tap, pixel, corner), recomputes the
+    coefficient ``m * w_corner`` exactly as ``entries_kernel`` weighed the corner, sums its
+    segment in order for each of its ``block_channels`` channels and writes (``accumulate``:
+    adds to) ``grad_input[first_image + n_local, c, y, x]``.
     """
-    grad_column = _grad_column_function(dtype)
-    ZERO = sampling_functions(dtype).ZERO
+    fns = sampling_functions(dtype)
+    tap_position = fns.tap_position
+    bilinear_corners = fns.bilinear_corners
+    load = fns.load
+    ZERO = fns.ZERO
+    ONE = fns.ONE
+    DT = fns.T
+    CB = block_channels
 
     IDX = np.uint32 if narrow else np.uint64  # the grid-stride index (see index_is_narrow)
-    WIDE = np.int64
+    KEY = np.uint64 if wide_keys else np.uint32
     i32 = np.int32
     split_index = _split_index_function(narrow)
 
     @cuda.jit
-    def kernel(grad_cols, grad_output, weight, starts, source, coef, grad_input, conv,
-               first_image, n_images, offset_groups):
+    def kernel(grad_cols, grad_output, weight, offset, mask, starts, key, grad_input, conv,
+               first_image, n_images, offset_groups, row0, part_rows, id_bits, accumulate):
         _, channels, height, width = grad_input.shape
         _, _, out_h, out_w = grad_output.shape
         kw = conv[7]
         taps = conv[6] * kw
         pixels = out_h * out_w
+        part_pixels = part_rows * out_w
         plane = height * width
         per_group = channels // offset_groups
-        total = n_images * channels * plane
+        blocks = channels // CB
+        low = (KEY(1) << KEY(id_bits)) - KEY(1)
+        total = n_images * blocks * plane
+        w_per_group = weight.shape[1]
+        outs = weight.shape[0] * w_per_group // channels  # outputs per weight group
+        acc = cuda.local.array(CB, dtype=DT)
+        column_grad = cuda.local.array(CB, dtype=DT)
         idx = IDX(cuda.grid(1))
         while idx < IDX(total):
-            q, c, _zero, n_local = split_index(idx, plane, channels, 1)
+            q, cb, _zero, n_local = split_index(idx, plane, blocks, 1)
             n = first_image + n_local
-            segment = (n_local * offset_groups + i32(u32(c) // u32(per_group))) * plane + q
-            acc = ZERO
+            c0 = cb * CB
+            g = i32(u32(c0) // u32(per_group))  # CB divides per_group: one group per block
+            if fused_gemm:  # c0's weight group: its outputs and c0's place in it
+                w_group = i32(u32(c0) // u32(w_per_group))
+                c_local = c0 - w_group * w_per_group
+                o_first = w_group * outs
+            segment = (n_local * offset_groups + g) * plane + q
+            for j in range(CB):
+                acc[j] = ZERO
             for e in range(starts[segment], starts[segment + 1]):
-                src = source[e]
-                tap = i32(u32(src) // u32(pixels))
-                p = src - tap * pixels
-                if fused_gemm:
-                    oy = i32(u32(p) // u32(out_w))
+                ident = i32(key[e] & low)
+                corner = ident & 3
+                s = ident >> 2
+                tap = i32(u32(s) // u32(part_pixels))
+                p_local = s - tap * part_pixels
+                row = i32(u32(p_local) // u32(out_w))
+                oy = row0 + row
+                ox = p_local - row * out_w
+                y, x = tap_position(offset, n, g, tap, oy, ox, conv)
+                _y0, _y1, _x0, _x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
+                w = w00 if corner == 0 else (w01 if corner == 1 else (w10 if corner == 2 else w11))
+                m = load(mask, (n, g * taps + tap, oy, ox)) if use_mask else ONE
+                coef = m * w
+                if fused_gemm:  # the CB column-gradient elements, sharing each grad_out load
                     i = i32(u32(tap) // u32(kw))
-                    gc = grad_column(weight, grad_output, n, c, i, tap - i * kw, oy, p - oy * out_w, channels)
+                    jw = tap - i * kw
+                    for j in range(CB):
+                        column_grad[j] = ZERO
+                    for o in range(o_first, o_first + outs):
+                        go = load(grad_output, (n, o, oy, ox))
+                        for j in range(CB):
+                            column_grad[j] += weight[o, c_local + j, i, jw] * go
+                    for j in range(CB):
+                        acc[j] += coef * column_grad[j]
                 else:
-                    gc = grad_cols[c * taps + tap, n_local * pixels + p]
-                acc += coef[e] * gc
+                    column = n_local * pixels + oy * out_w + ox
+                    for j in range(CB):
+                        acc[j] += coef * grad_cols[(c0 + j) * taps + tap, column]
             y = i32(u32(q) // u32(width))
-            grad_input[n, c, y, q - y * width] = acc
+            x = q - y * width
+            for j in range(CB):
+                if accumulate:
+                    grad_input[n, c0 + j, y, x] += acc[j]
+                else:
+                    grad_input[n, c0 + j, y, x] = acc[j]
             idx = IDX(idx + IDX(cuda.gridsize(1)))
 
     return kernel
@@ -479,26 +532,77 @@ def grad_columns(geometry, weight, grad_out_groups, xp):
     return xp.matmul(w.transpose(0, 2, 1), grad_out_groups).reshape(g.in_channels * g.taps, -1)
 
 
+def gather_block_channels(geometry) -> int:
+    """Channels a gather thread sums (``gather_kernel``'s ``CB``): the largest of 8, 4, 2, 1 that
+    divides both an offset group's and a weight group's channels, so each key's coefficient is
+    recomputed once per CB channels (and each ``grad_out`` value loaded once per CB, ``fused_gemm``)."""
+    g = geometry
+    per_offset_group, per_weight_group = g.in_channels // g.offset_groups, g.in_channels // g.groups
+    return next(cb for cb in (8, 4, 2, 1) if per_offset_group % cb == 0 and per_weight_group % cb == 0)
+
+
+def sort_key_layout(geometry, n_chunk: int, part_rows: int) -> tuple[int, bool]:
+    """``(id_bits, wide_keys)`` of a sort part: ``id_bits`` hold an entry's id within its image
+    and offset group (``4*K*part_rows*Wo`` ids), the bits above hold its destination (up to the
+    sentinel ``n_chunk*G*H*W``); 32-bit keys when both fit, 64-bit otherwise."""
+    g = geometry
+    id_bits = max(1, (4 * g.taps * part_rows * g.out_w - 1).bit_length())
+    destination_bits = (n_chunk * g.offset_groups * g.height * g.width).bit_length()
+    if id_bits + destination_bits > 64:
+        raise ValueError(f"deterministic gather: {n_chunk} image(s) of {g.height}x{g.width} with "
+                         f"{g.taps * part_rows * g.out_w} samples per part need more than 64-bit sort keys")
+    return id_bits, id_bits + destination_bits > 32
+
+
+def sort_part_bytes(geometry, n_chunk: int, part_rows: int) -> int:
+    """Device memory of one sort part: its keys (4 per (tap, pixel) of each image and offset
+    group; 4 or 8 bytes), as much again for the radix sort's scratch, and the int64 segment
+    starts (one per destination, plus the sentinel's)."""
+    g = geometry
+    _, wide = sort_key_layout(g, n_chunk, part_rows)
+    entries = 4 * n_chunk * g.offset_groups * g.taps * part_rows * g.out_w
+    return 2 * entries * (8 if wide else 4) + 8 * (n_chunk * g.offset_groups * g.height * g.width + 2)
+
+
+def sort_part_rows(geometry, n_chunk: int, budget_bytes: int | None = None) -> int:
+    """Output rows per sort part: all of them (one part) without a budget, else as few parts
+    as keep ``sort_part_bytes`` within ``budget_bytes``, of equal size (at least one row each)."""
+    g = geometry
+    if budget_bytes is None:
+        return g.out_h
+    rows = g.out_h
+    while rows > 1 and sort_part_bytes(g, n_chunk, rows) > budget_bytes:
+        rows -= 1
+    parts = -(-g.out_h // rows)
+    return -(-g.out_h // parts)  # parts of equal size (the last one may be shorter)
+
+
 def _deterministic_input_grad(g, grad_cols, grad_output, weight, offset, mask_arg, grad_input,
-                              first, n_chunk, fused_gemm, xp, conv):
-    """Sort-then-segment col2im for one chunk (see the module docstring)."""
-    samples = n_chunk * g.offset_groups * g.taps * g.out_h * g.out_w
+                              first, n_chunk, fused_gemm, xp, conv, budget_bytes: int | None = None):
+    """Sort-then-segment col2im for images ``first .. first + n_chunk`` (module docstring), in
+    parts of ``sort_part_rows`` output rows: the first part writes ``grad_input``, the others add
+    to it, always in the same order, so the result is bit-identical run to run."""
+    rows = sort_part_rows(g, n_chunk, budget_bytes)
+    id_bits, wide = sort_key_layout(g, n_chunk, rows)
+    key_type = np.uint64 if wide else np.uint32
     segments = n_chunk * g.offset_groups * g.height * g.width
-    # 32-bit keys when the segment ids fit: a radix sort then makes half the passes.
-    key = xp.empty(4 * samples, dtype=np.int32 if segments < 2**31 - 1 else np.int64)
-    coef = xp.empty(4 * samples, dtype=grad_input.dtype)
-    source = xp.empty(4 * samples, dtype=np.int32 if g.taps * g.out_h * g.out_w <= 2**31 - 1 else np.int64)
-    launch(entries_kernel(g.dtype, g.has_mask, index_is_narrow(samples)), samples, offset, mask_arg, key, coef, source, conv,
-           np.int64(first), np.int64(n_chunk), np.int32(g.height), np.int32(g.width))
-    order = xp.argsort(key, kind="stable")
-    key = key[order]
-    source = xp.ascontiguousarray(source[order])
-    coef = xp.ascontiguousarray(coef[order])
-    starts = xp.searchsorted(key, xp.arange(segments + 1, dtype=key.dtype), side="left").astype(np.int64)
-    launch(gather_kernel(g.dtype, fused_gemm, index_is_narrow(n_chunk * g.in_channels * g.height * g.width)),
-           n_chunk * g.in_channels * g.height * g.width,
-           grad_cols, grad_output, weight, starts, source, coef, grad_input, conv,
-           np.int64(first), np.int64(n_chunk), np.int64(g.offset_groups))
+    bounds = xp.arange(segments + 1, dtype=key_type) << key_type(id_bits)  # each segment's first key
+    cb = gather_block_channels(g)
+    threads = n_chunk * (g.in_channels // cb) * g.height * g.width
+    gather = gather_kernel(g.dtype, fused_gemm, g.has_mask, cb, wide, index_is_narrow(threads))
+    for row0 in range(0, g.out_h, rows):
+        part_rows = min(rows, g.out_h - row0)
+        samples = n_chunk * g.offset_groups * g.taps * part_rows * g.out_w
+        key = xp.empty(4 * samples, dtype=key_type)
+        launch(entries_kernel(g.dtype, wide, index_is_narrow(samples)), samples, offset, key, conv,
+               np.int64(first), np.int64(n_chunk), np.int32(g.height), np.int32(g.width), np.int32(row0),
+               np.int32(part_rows), np.int32(id_bits))
+        key.sort()  # the keys are unique (but the sentinel's, never read): any sort gives one order
+        starts = xp.searchsorted(key, bounds, side="left").astype(np.int64)
+        launch(gather, threads, grad_cols, grad_output, weight, offset, mask_arg, starts, key, grad_input, conv,
+               np.int64(first), np.int64(n_chunk), np.int64(g.offset_groups), np.int32(row0),
+               np.int32(part_rows), np.int32(id_bits), row0 > 0)
+        del key, starts  # the next part reuses the memory
 
 
 def _run(method, geometry, grad_output, input, offset, weight, mask, grad_input, grad_offset, grad_weight,
@@ -590,12 +694,16 @@ def ptx_cases():
     from numba import types
 
     conv = types.UniTuple(types.int32, 8)
-    i64 = types.int64
+    i64, i32 = types.int64, types.int32
+    # entries: (offset, key, ...); gather: (grad_cols, grad_output, weight, offset, mask, starts, key, grad_input, ...)
+    entries_tail = (conv, i64, i64, i32, i32, i32, i32, i32)
+    gather_tail = (conv, i64, i64, i64, i32, i32, i32, types.boolean)
     for dtype in ("float32", "float64"):
         t = getattr(types, dtype)
         a4, a2, a1 = types.Array(t, 4, "A"), types.Array(t, 2, "A"), types.Array(t, 1, "C")
         flat = a1  # grad_input's flat view (RED targets)
-        k1, s1 = types.Array(types.int64, 1, "C"), types.Array(types.int32, 1, "C")
+        k1 = types.Array(types.int64, 1, "C")
+        u1, w1 = types.Array(types.uint32, 1, "C"), types.Array(types.uint64, 1, "C")
         for use_mask in (True, False):
             yield (f"col2im[mask={use_mask}]", dtype, col2im_kernel(dtype, use_mask),
                    (a2, a4, a4, a4, flat, conv, i64))
@@ -609,26 +717,26 @@ def ptx_cases():
                 yield (f"sample[mask={use_mask},scatter={scatter},fused_gemm={fused},columns={write}]", dtype,
                        sample_kernel(dtype, use_mask, scatter, fused, write),
                        (a2, a4, a4, a4, a4, a4, a4, flat, a4, a4, a2, conv, i64, i64))
-            for keys in (s1, k1):
-                yield (f"entries[mask={use_mask},key={keys.dtype}]", dtype, entries_kernel(dtype, use_mask),
-                       (a4, a4, keys, a1, s1, conv, i64, i64, types.int32, types.int32))
-        for fused in (False, True):
-            yield (f"gather[fused_gemm={fused}]", dtype, gather_kernel(dtype, fused),
-                   (a2, a4, a4, k1, s1, a1, a4, conv, i64, i64, i64))
+            for fused in (False, True):
+                for wide, keys in ((False, u1), (True, w1)):
+                    yield (f"gather[fused_gemm={fused},mask={use_mask},key={keys.dtype}]", dtype,
+                           gather_kernel(dtype, fused, use_mask, 4, wide),
+                           (a2, a4, a4, a4, a4, k1, keys, a4) + gather_tail)
+        for wide, keys in ((False, u1), (True, w1)):
+            yield (f"entries[key={keys.dtype}]", dtype, entries_kernel(dtype, wide), (a4, keys) + entries_tail)
     # float16 and bfloat16 (storage in half, arithmetic in float32), one case per kernel: mask
     # on, 32-bit grid index, the default methods' variants (atomic fused_columns sample pass,
     # gather from grad_cols). grad_output, input, offset and mask in the storage type (h4);
     # weight, grad_cols, columns, the gradients and the sort coefficients in float32 (_run)
     f4, f2, f1 = (types.Array(types.float32, 4, "A"), types.Array(types.float32, 2, "A"),
                   types.Array(types.float32, 1, "C"))
-    k1, s1 = types.Array(types.int64, 1, "C"), types.Array(types.int32, 1, "C")
+    k1, u1 = types.Array(types.int64, 1, "C"), types.Array(types.uint32, 1, "C")
     for dtype in ("float16", "bfloat16"):
         h4 = types.Array(precision.numba_type(dtype), 4, "A")
         yield ("col2im[mask=True]", dtype, col2im_kernel(dtype, True), (f2, h4, h4, f4, f1, conv, i64))
         yield ("sample[mask=True,scatter=True,fused_gemm=False,columns=True]", dtype,
                sample_kernel(dtype, True, True, False, True),
                (f2, h4, f4, h4, h4, h4, f4, f1, f4, f4, f2, conv, i64, i64))
-        yield ("entries[mask=True,key=int32]", dtype, entries_kernel(dtype, True),
-               (h4, h4, s1, f1, s1, conv, i64, i64, types.int32, types.int32))
-        yield ("gather[fused_gemm=False]", dtype, gather_kernel(dtype, False),
-               (f2, h4, f4, k1, s1, f1, f4, conv, i64, i64, i64))
+        yield ("entries[key=uint32]", dtype, entries_kernel(dtype, False), (h4, u1) + entries_tail)
+        yield ("gather[fused_gemm=False,mask=True,key=uint32]", dtype, gather_kernel(dtype, False, True, 4, False),
+               (f2, h4, f4, h4, h4, k1, u1, f4) + gather_tail)

@@ -50,11 +50,11 @@ channel chunk, weight group) owns ``grad_weight[OGW outputs, CC*K]`` in register
 columns per thread) and walks its share of the (image, tile) pairs in a fixed
 order: build the column tile ``[P, CC*K]`` in shared memory (table, staged region,
 out-of-tile reads as the forward), stage ``grad_out[P, OGW]``, and add the
-rank-``P`` update. With ``S`` splits there are ``S`` partial weight gradients;
-the host adds them in a fixed order (``S = 1`` writes ``grad_weight`` directly).
-So this weight gradient is deterministic, and its extra memory is
-``(S - 1) * |grad_weight|`` (``choose_splits`` keeps it under 4% of the
-arguments and gradients). It repeats the sampling the input kernel did; fusing it
+rank-``P`` update. With ``S`` splits there are ``S`` partial weight gradients,
+the first written into ``grad_weight`` itself; the host adds the others to it in a
+fixed order. So this weight gradient is deterministic, and its extra memory is
+``(S - 1) * |grad_weight|`` (``choose_splits`` keeps it under ``PARTIALS_SHARE`` = 2%
+of the arguments and gradients). It repeats the sampling the input kernel did; fusing it
 deterministically would need per-block partials of ``|grad_weight|`` each (ordered
 sums of N*T of them), far over the memory target, hence two kernels in this mode.
 
@@ -64,8 +64,9 @@ Atomic mode: the ``RED`` additions to ``grad_input`` and ``grad_weight`` are the
 order-varying steps. ``deterministic=True`` launches ``input_grad_kernel`` without
 them (offset and mask gradients only), the weight kernel above, and builds
 ``grad_input`` with ``backward.py``'s sort-then-segment gather in its ``fused_gemm`` form (column
-gradients recomputed per entry, no column matrix). Its sort buffers are the
-extra memory of this mode (see docs/perf-notes.md).
+gradients recomputed per entry, no column matrix), one image at a time, in parts of output rows
+within ``sort_budget``. Its extra memory (the sort part and the weight kernel's ``S - 1``
+partials) stays under 5% of the arguments and gradients (``extra_bytes``; docs/perf-notes.md).
 
 Precision: the kernel factories take the layer's storage dtype; input, offset, mask and
 ``grad_out`` are read through ``load`` (float16/bfloat16 stay half in memory), the weights
@@ -197,10 +198,15 @@ weight kernel 72 threads of 8x4 accumulators, 45.3 KB. (Weight-kernel ownerships
 8x2 for 144 threads were tried: their GEMM loops fall to 75% and 72% FFMA in SASS.)"""
 STATIC_SHARED_LIMIT = 48 * 1024
 GATHER_IMAGES = 1
-"""Images per sort of the deterministic gather: its sort buffers (~20 B per corner entry,
-4 entries per point) scale with it; one image keeps them at 9.2% of the arguments and
-gradients at ``deft64``, N=8 (12.8% with the weight partials; the 8-image chunk the column
-methods sort cost 77%)."""
+"""Images per call of the deterministic gather (``backward._deterministic_input_grad``), which
+sorts them in parts of ``backward.sort_part_rows`` output rows within ``sort_budget``."""
+PARTIALS_SHARE = 0.02
+"""Cap on the deterministic weight kernel's extra partials, as a share of the arguments and
+gradients (``choose_splits``)."""
+SORT_SHARE = 0.025
+"""Cap on the deterministic gather's sort buffers, as a share of the arguments and gradients
+(``sort_budget``). With ``PARTIALS_SHARE``, deterministic mode's extra memory stays under 5%
+(issue 11's target) wherever one output row fits the budget."""
 INPUT_REGISTER_BUDGET = 96
 """``launch_bounds`` of ``input_grad_kernel``: as many blocks per SM as fit at this many
 registers per thread in float32, twice as many in float64, at most 4 (4 blocks of 144 threads at
@@ -813,10 +819,11 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
 @functools.cache
 def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, config: BackwardTileConfig,
                        use_mask: bool):
-    """Kernel ``(input, offset, mask, grad_out, partials, conv, dims)`` on
+    """Kernel ``(input, offset, mask, grad_out, grad_weight, partials, conv, dims)`` on
     ``(S, out_blocks * chunks, groups)`` blocks of ``config.weight_threads(K)`` threads.
 
-    input and grad_out flat (``N*C*H*W``, ``N*Co*Ho*Wo``); partials flat ``[S, Co, Cg*K]``: block ``(s, ob*chunks + j, g)``
+    input and grad_out flat (``N*C*H*W``, ``N*Co*Ho*Wo``); grad_weight flat ``[Co, Cg*K]`` (partial
+    0) and partials flat ``[S - 1, Co, Cg*K]`` (partials 1 .. S-1): block ``(s, ob*chunks + j, g)``
     writes outputs ``g*Og + ob*OGW ..`` x columns ``(j*CC)*K ..`` of partial ``s``, the sum over
     the (image, tile) pairs ``s, s + S, s + 2S, ...``; dims ``(C, H, W, Co, Cg, N, cpo, Ho, Wo)``
     int32.
@@ -854,7 +861,7 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
     i32 = np.int32
 
     @cuda.jit
-    def kernel(input, offset, mask, grad_out, partials, conv, dims):
+    def kernel(input, offset, mask, grad_out, grad_weight, partials, conv, dims):
         # Index discipline as in input_grad_kernel: uint32 inside an image, uint64 bases.
         tid = u32(cuda.threadIdx.x)
         split = u32(cuda.blockIdx.x)
@@ -1064,9 +1071,9 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
             cuda.syncthreads()  # everyone is done with this tile's columns and grad_out
             item = u32(item + splits)
 
-        # epilogue: this block's slice of partial ``split``
+        # epilogue: this block's slice of partial ``split`` (partial 0 is grad_weight itself)
         row_length = u32(cpg * u32(K))
-        partial_base = u64(split) * u64(u32(out_channels * row_length))
+        partial_base = u64(split - u32(1)) * u64(u32(out_channels * row_length))
         for i in range(RO):
             o = u32(o_first + u32(a_first + u32(i)))
             if o < opg:
@@ -1074,7 +1081,10 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
                     ck = u32(b_first + u32(j))
                     if ck < u32(nc * u32(K)):
                         flat = u32(u32(u32(u32(g * opg) + o) * row_length) + u32(u32(j_chunk * u32(CK)) + ck))
-                        partials[partial_base + u64(flat)] = acc[i, j]
+                        if split == u32(0):
+                            grad_weight[flat] = acc[i, j]
+                        else:
+                            partials[partial_base + u64(flat)] = acc[i, j]
 
     return kernel
 
@@ -1094,7 +1104,8 @@ def argument_and_gradient_bytes(geometry) -> int:
 def choose_splits(geometry, config: BackwardTileConfig, target_blocks: int | None = None) -> int:
     """Partial weight gradients ``S`` of ``weight_grad_kernel``: enough blocks to fill the
     device (``target_blocks``, default 2 per SM of an H200; 2 in the simulator), capped so
-    the ``S - 1`` extra partials stay under 4% of ``argument_and_gradient_bytes``."""
+    the ``S - 1`` partials beyond ``grad_weight`` itself stay under ``PARTIALS_SHARE`` of
+    ``argument_and_gradient_bytes``."""
     g = geometry
     cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
     blocks = g.groups * -(-opg // config.w_out_block) * -(-cpg // config.chunk)
@@ -1103,8 +1114,14 @@ def choose_splits(geometry, config: BackwardTileConfig, target_blocks: int | Non
         target_blocks = 2 if backend.IS_SIMULATOR else 2 * 132
     splits = max(1, min(items, -(-target_blocks // blocks)))
     weight_bytes = precision.compute_dtype(g.dtype).itemsize * g.out_channels * cpg * g.taps
-    cap = 1 + int(0.04 * argument_and_gradient_bytes(g) // weight_bytes)
+    cap = 1 + int(PARTIALS_SHARE * argument_and_gradient_bytes(g) // weight_bytes)
     return max(1, min(splits, cap))
+
+
+def sort_budget(geometry) -> int:
+    """Bytes the deterministic gather's sort may hold at once (``SORT_SHARE`` of
+    ``argument_and_gradient_bytes``): it sorts ``backward.sort_part_rows`` output rows at a time."""
+    return int(SORT_SHARE * argument_and_gradient_bytes(geometry))
 
 
 def extra_bytes(geometry, config: BackwardTileConfig | None = None, deterministic: bool = False,
@@ -1112,21 +1129,22 @@ def extra_bytes(geometry, config: BackwardTileConfig | None = None, deterministi
     """Device memory the ``fused`` backward allocates beyond its arguments and gradients.
 
     Atomic mode: none (grad_input and grad_weight receive ``RED`` additions directly).
-    Deterministic mode: the weight kernel's ``S - 1`` extra partials, and the gather's sort
-    buffers per chunk of images (key, coefficient and source per corner entry, plus segment
-    starts)."""
-    g = geometry
+    Deterministic mode: the weight kernel's ``S - 1`` partials beyond ``grad_weight``, and
+    the largest sort part of the gather (``backward.sort_part_bytes``: packed keys, the
+    sort's scratch, segment starts); they are never held at the same time, but are counted
+    together."""
     if not deterministic:
         return 0
+    from . import backward as column_backward
+
+    g = geometry
     config = config or default_config(g)
     splits = choose_splits(g, config, target_blocks)
-    s = precision.compute_dtype(g.dtype).itemsize  # partials and sort coefficients
-    total = (splits - 1) * s * g.out_channels * (g.in_channels // g.groups) * g.taps if splits > 1 else 0
-    if deterministic:
-        n = min(g.batch, GATHER_IMAGES)
-        entries = 4 * n * g.offset_groups * g.taps * g.out_h * g.out_w
-        total += entries * (4 + s + 4 + 8) + 8 * (n * g.offset_groups * g.height * g.width + 1)
-    return total
+    s = precision.compute_dtype(g.dtype).itemsize
+    partials = (splits - 1) * s * g.out_channels * (g.in_channels // g.groups) * g.taps
+    n = min(g.batch, GATHER_IMAGES)
+    rows = column_backward.sort_part_rows(g, n, sort_budget(g))
+    return partials + column_backward.sort_part_bytes(g, n, rows)
 
 
 def _dims(g, fifth: int) -> tuple:
@@ -1197,27 +1215,26 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
         from . import backward as column_backward
         dummy2 = xp.zeros((1, 1), dtype=dtype)
         with stopwatch.section("deterministic gather"):
+            budget = sort_budget(g)
             for first in range(0, g.batch, GATHER_IMAGES):
                 n_chunk = min(GATHER_IMAGES, g.batch - first)
                 column_backward._deterministic_input_grad(g, dummy2, grad_output, weight_c, offset, mask_arg,
-                                                          grad_input, first, n_chunk, True, xp, conv)
+                                                          grad_input, first, n_chunk, True, xp, conv, budget)
     else:
         return  # atomic mode: the input kernel has added the weight gradient too
 
-    # deterministic mode: the weight gradient from S partials, added in a fixed order
+    # deterministic mode: the weight gradient from S partials (partial 0 in grad_weight),
+    # added in a fixed order
     splits = splits or choose_splits(g, config)
     cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
     grid = (splits, -(-opg // config.w_out_block) * -(-cpg // config.chunk), g.groups)
     kernel = weight_grad_kernel(g.dtype, *shape, config, use_mask)
     with stopwatch.section("fused weight grad"):
-        partials = grad_weight_flat if splits == 1 else xp.empty(splits * grad_weight.size, dtype=dtype)
+        partials = xp.empty((splits - 1) * grad_weight.size if splits > 1 else 1, dtype=dtype)
         backend.launch(kernel, grid, config.weight_threads(g.taps), input_c.reshape(-1), offset, mask_arg,
-                       grad_output_c.reshape(-1), partials, conv, _dims(g, g.batch))
-        if splits > 1:
-            parts = partials.reshape(splits, -1)
-            grad_weight_flat[...] = parts[0]
-            for s in range(1, splits):  # a fixed order: bit-identical run to run
-                grad_weight_flat += parts[s]
+                       grad_output_c.reshape(-1), grad_weight_flat, partials, conv, _dims(g, g.batch))
+        for s in range(splits - 1):  # a fixed order: bit-identical run to run
+            grad_weight_flat += partials[s * grad_weight.size:(s + 1) * grad_weight.size]
 
 
 def phase_steps(config=None) -> dict:
@@ -1314,7 +1331,7 @@ def ptx_cases():
                        input_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, atomic),
                        (flat, a4, a4, flat, flat, flat, flat, a4, a4, conv, dims))
             yield (f"weight_grad[3x3,{tag}]", dtype, weight_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True),
-                   (flat, a4, a4, flat, flat, conv, dims))
+                   (flat, a4, a4, flat, flat, flat, conv, dims))
     # float16 and bfloat16 (storage in half, arithmetic in float32): the deft64 config; input,
     # offset, mask and grad_out in the storage type, weights and gradients in float32
     cfg = GPU_CONFIG
@@ -1327,4 +1344,4 @@ def ptx_cases():
                input_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, True),
                (s1, s4, s4, f1, s1, f1, f1, f4, f4, conv, dims))
         yield (f"weight_grad[3x3,{tag}]", dtype, weight_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True),
-               (s1, s4, s4, s1, f1, conv, dims))
+               (s1, s4, s4, s1, f1, f1, conv, dims))
