@@ -139,21 +139,19 @@ def test_no_backward_kernel_has_value_returning_atomics_in_a_loop(figures):
 
 
 def test_backward_64_bit_division_in_loops(figures):
-    """Met by every backward kernel but the ``fused_gemm`` sample pass's ``grad_column`` (its
-    group arithmetic divides in 64 bits): pinned at today's 2. (The gather's ``fused_gemm``
-    form had 4 until its column gradient moved into the kernel, 32-bit, in session 23.)"""
-    pinned = {"bwd.fused_gemm.sample": 2}
+    """Met by every backward kernel. (The ``fused_gemm`` forms' ``grad_column`` divided in 64
+    bits inside its loops until session 23: 2 calls in the sample pass, 4 in the gather.)"""
     for r in rows_like(figures, "deft64", "bwd.", "64-bit div calls in loops"):
-        launch = r["target"].removesuffix(" 64-bit div calls in loops")
-        assert r["value"] <= pinned.get(launch, 0), r
+        assert r["value"] == 0, r
 
 
 def test_backward_gemm_like_loops_of_the_fused_gemm_forms_do_not_regress(figures):
     """The ``fused_gemm`` dot product (one FMA per output channel, scalar loads) misses the
-    80% target by far (~3%); pinned. ``fused`` is the method that meets it."""
+    80% target by far; pinned at session 23's figures (9.1% in the sample pass, 10% in the
+    gather; both were ~3% with 64-bit group arithmetic). ``fused`` is the method that meets it."""
     for prefix in ("bwd.fused_gemm.", "bwd.deterministic.gather[fused_gemm=True]"):
         for r in rows_like(figures, "deft64", prefix, "FFMA %"):
-            assert r["value"] >= 2.5, r
+            assert r["value"] >= 8.5, r
 
 
 def test_fused_backward_predicted_time_does_not_regress(figures):

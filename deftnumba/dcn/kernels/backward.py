@@ -164,14 +164,18 @@ def _grad_column_function(dtype):
 
     @cuda.jit(device=True, inline=True)
     def grad_column(weight, grad_output, n, c, i, j, oy, ox, channels):
-        """``sum_o W[o, c mod Cg, i, j] * grad_out[n, o, oy, ox]`` over ``c``'s weight group."""
-        per_group = weight.shape[1]
-        group = c // per_group
-        outs = weight.shape[0] * per_group // channels
-        c_local = c - group * per_group
+        """``sum_o W[o, c mod Cg, i, j] * grad_out[n, o, oy, ox]`` over ``c``'s weight group.
+        Group arithmetic in 32 bits (channel counts are array dims < 2**31): no 64-bit division."""
+        per_group = u32(weight.shape[1])
+        group = u32(u32(c) // per_group)
+        outs = u32(u32(u32(weight.shape[0]) * per_group) // u32(channels))
+        c_local = u32(u32(c) - u32(group * per_group))
         acc = ZERO
-        for o in range(group * outs, (group + 1) * outs):
+        o = u32(group * outs)
+        end = u32(o + outs)
+        while o < end:
             acc += weight[o, c_local, i, j] * load(grad_output, (n, o, oy, ox))
+            o = u32(o + u32(1))
         return acc
 
     return grad_column
