@@ -227,14 +227,15 @@ def fused_backward_launches(g, config=None, deterministic: bool = False) -> list
     conv, dims = types.UniTuple(types.int32, 8), types.UniTuple(types.int32, 9)
     span = bf.channel_span(g)
     prefix = "bwd.fused_deterministic" if deterministic else "bwd.fused"
-    input_phases = ("table", "stage", "stage_gemm", "stage_grad_out", "grad_cols_gemm", "scatter", "offset_grad")
+    input_phases = ("table", "stage", "stage_gemm", "stage_grad_out", "grad_cols_gemm", "scatter", "scatter_outside",
+                    "offset_grad")
     if not deterministic:
         input_phases += ("wg_stage", "wg_gemm", "wg_red")
     launches = [
         Launch(f"{prefix}.input_grad", bf, bf.input_grad_kernel(g.dtype, *shape, config, g.has_mask, not deterministic),
                (flat, a4, a4, flat, flat, flat, flat, a4, a4, conv, dims),
                config.tiles(g) * (g.in_channels // span) * g.batch, config.input_threads(k), config,
-               operator="fused backward", extra={"phases": input_phases})]
+               operator="fused backward", extra={"phases": input_phases, "out_of_tile_phases": ("scatter_outside",)})]
     if deterministic:
         cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
         splits = bf.choose_splits(g, config)
@@ -243,8 +244,8 @@ def fused_backward_launches(g, config=None, deterministic: bool = False) -> list
             Launch(f"{prefix}.weight_grad", bf, bf.weight_grad_kernel(g.dtype, *shape, config, g.has_mask),
                    (flat, a4, a4, flat, flat, flat, conv, dims), w_blocks, config.weight_threads(k), config,
                    operator="fused backward",
-                   extra={"phases": ("w_stage", "w_table", "w_build", "weight_gemm"), "splits": splits,
-                          "mean_body_phases": ("w_stage",)}))
+                   extra={"phases": ("w_stage", "w_stage_grad_out", "w_table", "w_build", "weight_gemm"),
+                          "splits": splits}))
     return launches
 
 
@@ -310,13 +311,23 @@ def column_backward_launches(g, method: str) -> list:
         # over the image (the average; a thread's own segment varies with the offsets)
         per_segment = -(-4 * g.taps * pixels // (g.height * g.width))
         cb = bk.gather_block_channels(g)
-        for fused in (False, True):
-            grid_stride(f"bwd.deterministic.gather[fused_gemm={fused}]",
-                        bk.gather_kernel(g.dtype, fused, g.has_mask, cb, wide, narrow),
-                        (a2, a4, a4, a4, a4, k1, keys, a4, conv, i64, i64, i64, i32, i32, i32, types.boolean),
-                        chunk * (g.in_channels // cb) * g.height * g.width,
-                        # CB is unrolled: the o loop (fused_gemm) is depth 3, CB FMAs per o
-                        (per_segment, outs * cb) if fused else (per_segment,), "", 3 if fused else None)
+        grid_stride("bwd.deterministic.gather", bk.gather_kernel(g.dtype, g.has_mask, cb, wide, narrow),
+                    (a2, a4, a4, k1, keys, a4, conv, i64, i64, i64, i32, i32, i32, types.boolean),
+                    chunk * (g.in_channels // cb) * g.height * g.width, (per_segment,), "")
+        # the column-free methods' gather (fused_gemm, and fused in deterministic mode): a block
+        # per (image, CB channels, pixel block); loops: output chunks (depth 1), the segment's
+        # entries (2), the outputs of a chunk (3, CB FMAs per output: the GEMM-like loop)
+        out_chunk = bk.gather_out_chunk(g)
+        out_chunks = -(-outs // out_chunk)
+        flat_storage = types.Array(getattr(types, str(g.dtype)), 1, "C")
+        blocks = -(-(g.height * g.width) // bk.GATHER_THREADS) * (g.in_channels // cb) * chunk
+        launches.append(Launch(
+            "bwd.deterministic.gather_staged",
+            bk, bk.gather_staged_kernel(g.dtype, g.has_mask, cb, wide, g.taps, out_chunk, outs % out_chunk == 0),
+            (flat_storage, a1, a4, a4, k1, keys, a4, conv, i32, i32, i32, i32, i32, types.boolean, i32, i32, i32, i32),
+            blocks, bk.GATHER_THREADS, None, repeats, "",
+            extra={"items": blocks * bk.GATHER_THREADS, "loop_trips": (out_chunks, per_segment, out_chunk * cb),
+                   "dot_depth": 3, "gemm_depth": 3}))
         return launches
     raise ValueError(f"no backward launch model for method {method!r}; modelled: {BACKWARD_METHODS}")
 
@@ -503,6 +514,10 @@ def phase_iterations(launch: Launch, g, out_of_tile: float = 0.0) -> dict:
     if model is None:
         return before_phase_model(launch.label, g, launch.config, out_of_tile)
     it = dict(model(g, launch.config))
+    share = warp_fraction(out_of_tile)  # a warp issues an out-of-tile path if any lane needs it
+    for name in launch.extra.get("out_of_tile_phases", ()):
+        trips, runs = it[name]
+        it[name] = (trips * share, runs * share)
     names = launch.extra.get("phases")
     return {k: v for k, v in it.items() if k in names} if names else it
 
@@ -603,7 +618,9 @@ def model_layer(g, method: str = "fused", tile=None, cc=sass.CC) -> dict:
     from . import roofline
 
     launches = layer_launches(g, method, tile)
-    f = prior_out_of_tile(g, launches[0].config) if method == "fused" else 0.0
+    # the out-of-tile share of samples under the prior (N(0,1) offsets): the forward's tile, or
+    # the fused backward's (its scatter_outside path)
+    f = prior_out_of_tile(g, launches[0].config) if method in ("fused", "bwd-fused", "bwd-fused_deterministic") else 0.0
     models = [model_launch(launch, g, f, cc) for launch in launches]
     backward = method.startswith("bwd-")
     base = method[4:] if backward else method
@@ -639,6 +656,9 @@ def format_layer(name: str, g, result: dict) -> str:
         head += (f", tile {tile.tile_h}x{tile.tile_w} halo {tile.halo} chunk {tile.chunk} oc_block {tile.oc_block}"
                  f" reg {tile.reg_oc}x{tile.reg_px} ({tile.threads} threads)"
                  f", modelled out-of-tile {100 * result['out_of_tile']:.2f}% (prior N(0,1) offsets)")
+    elif result["method"].startswith("bwd-fused"):
+        head += (f", modelled out-of-tile {100 * result['out_of_tile']:.2f}% of samples, a warp's scatter_outside"
+                 f" {100 * warp_fraction(result['out_of_tile']):.0f}% of the time (prior N(0,1) offsets)")
     out.append(head)
     for m in result["launches"]:
         a, mo = m["audit"], m["model"]

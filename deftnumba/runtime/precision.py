@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from . import backend
+from . import addresses, backend
 from .backend import cuda
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -140,7 +140,12 @@ def _simulator_functions(kind: str):
             else:
                 array[index] = u16(u32(u32(bits + u32(HALF_ULP + u32(u32(bits >> SHIFT) & u32(1)))) >> SHIFT))
 
-    return load, store
+    @cuda.jit(device=True)
+    def load_at(array, address, offset):
+        """``load`` of the element ``offset`` past the handle ``address`` (simulator: an index)."""
+        return load(array, address + offset)
+
+    return load, store, load_at
 
 
 def _gpu_functions(kind: str):
@@ -163,6 +168,15 @@ def _gpu_functions(kind: str):
     def compute_type(array):
         return array.dtype if kind == "plain" else types.float32
 
+    def to_compute(context, builder, raw, array_type):
+        """A loaded storage element as the compute type."""
+        if kind == "plain":
+            return raw
+        if kind == "float16":  # Numba's float16 is an i16 in LLVM: its own cast (cvt.f32.f16)
+            return context.cast(builder, raw, array_type.dtype, types.float32)
+        word = builder.shl(builder.zext(raw, ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(word, f32_ir)
+
     @intrinsic
     def load(typingctx, array, index):
         if not isinstance(array, types.Array) or not isinstance(index, (types.Integer, types.BaseTuple)):
@@ -171,15 +185,23 @@ def _gpu_functions(kind: str):
         def codegen(context, builder, sig, args):
             array_type, index_type = sig.args
             getitem = context.get_function(operator.getitem, signature(array_type.dtype, array_type, index_type))
-            raw = getitem(builder, args)
-            if kind == "plain":
-                return raw
-            if kind == "float16":  # Numba's float16 is an i16 in LLVM: its own cast (cvt.f32.f16)
-                return context.cast(builder, raw, array_type.dtype, types.float32)
-            word = builder.shl(builder.zext(raw, ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-            return builder.bitcast(word, f32_ir)
+            return to_compute(context, builder, getitem(builder, args), array_type)
 
         return compute_type(array)(array, index), codegen
+
+    @intrinsic
+    def load_at(typingctx, array, address, offset):
+        """``load`` through a handle (``runtime.addresses``): ``offset`` elements past ``address``."""
+        if not isinstance(array, types.Array) or array.ndim != 1 or not isinstance(address, types.Integer) \
+                or not isinstance(offset, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            array_type, _, offset_type = sig.args
+            pointer = addresses.pointer_at(context, builder, array_type, args[1], args[2], offset_type)
+            return to_compute(context, builder, builder.load(pointer), array_type)
+
+        return compute_type(array)(array, address, offset), codegen
 
     @intrinsic
     def store(typingctx, array, index, value):
@@ -207,7 +229,7 @@ def _gpu_functions(kind: str):
 
         return types.none(array, index, value), codegen
 
-    return load, store
+    return load, store, load_at
 
 
 def _device_functions(kind: str):
@@ -225,6 +247,7 @@ class Precision:
     T: type               # the compute scalar type (np.float32 / np.float64)
     load: object          # device function load(array, index) -> T
     store: object         # device function store(array, index, value)
+    load_at: object       # device function load_at(array, address, offset) -> T (runtime.addresses)
 
     @property
     def is_half(self) -> bool:
@@ -236,9 +259,10 @@ def _precision(name: str) -> Precision:
     user = as_dtype(name)
     if user not in ALL_DTYPES:
         raise TypeError(f"dtype must be one of {dtype_names(ALL_DTYPES)}, got {name}")
-    load, store = _device_functions("float16" if user == FLOAT16 else "bfloat16" if user == BFLOAT16 else "plain")
+    load, store, load_at = _device_functions("float16" if user == FLOAT16 else "bfloat16" if user == BFLOAT16
+                                             else "plain")
     compute = compute_dtype(user)
-    return Precision(user.name, user, storage_dtype(user), compute, compute.type, load, store)
+    return Precision(user.name, user, storage_dtype(user), compute, compute.type, load, store, load_at)
 
 
 def precision(dtype) -> Precision:

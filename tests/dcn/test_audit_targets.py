@@ -146,19 +146,24 @@ def test_backward_64_bit_division_in_loops(figures):
 
 
 def test_backward_gemm_like_loops_of_the_fused_gemm_forms_do_not_regress(figures):
-    """The ``fused_gemm`` dot product (one FMA per output channel, scalar loads) misses the
-    80% target by far; pinned at session 23's figures (9.1% in the sample pass, 10% in the
-    gather; both were ~3% with 64-bit group arithmetic). ``fused`` is the method that meets it."""
-    for prefix in ("bwd.fused_gemm.", "bwd.deterministic.gather[fused_gemm=True]"):
-        for r in rows_like(figures, "deft64", prefix, "FFMA %"):
-            assert r["value"] >= 8.5, r
+    """The ``fused_gemm`` dot products miss the 80% target; pinned at today's figures. The
+    retired sample pass (one FMA per output channel, scalar loads): 9.1% (was ~3% with 64-bit
+    group arithmetic). The column-free gather (``fused``'s deterministic mode), weights
+    staged in shared memory (session 24): 51.6% (10% when it read every weight from global
+    memory). ``fused``'s own GEMM loops meet the target."""
+    for r in rows_like(figures, "deft64", "bwd.fused_gemm.", "FFMA %"):
+        assert r["value"] >= 8.5, r
+    for r in rows_like(figures, "deft64", "bwd.deterministic.gather_staged", "FFMA %"):
+        assert r["value"] >= 50, r
 
 
 def test_fused_backward_predicted_time_does_not_regress(figures):
     """Target <= 1.5x the floor; missed (docs/perf-notes.md). Was 7.06x with two kernels; the
     weight gradient fused into the input kernel (atomic mode): 2.73x; the grad_out stagings
-    unrolled over a compile-time count of rows: pinned at today's 2.49x."""
-    assert value(figures, "deft64", "bwd fused predicted / fp32 floor") <= 2.6
+    unrolled over a compile-time count of rows: 2.49x; session 24's scatter (halo 3, the
+    out-of-tile path a separate branch weighed by its chance, addresses through handles) and
+    stagings (positions per thread, handles): pinned at today's 2.15x."""
+    assert value(figures, "deft64", "bwd fused predicted / fp32 floor") <= 2.2
 
 
 def test_every_backward_kernel_is_modelled(figures):

@@ -90,6 +90,10 @@ def test_kernel_indices_come_from_64_bit_grid_stride_loops():
         # uint32 in-image offsets (backward_fused.supported: < 2**32 elements per image, else
         # fused_columns runs), uint64 image bases
         "backward_fused.py",
+        # gather_staged_kernel: uint32 in-image offsets as backward_fused.py (it is fused's
+        # deterministic gather); the segment index and grad_out bases uint64; launched in
+        # slices of <= 65535 channel blocks (y) and images (z) from block0 and image0
+        "backward.py",
     }
     for path in sorted((Path(dn.__file__).parent / "dcn" / "kernels").glob("*.py")):
         code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
@@ -126,6 +130,12 @@ AUDITED_INT32 = {
     ("backward_fused.py", "np.int32(v)"): "_dims: C, H, W, Co, Cg, the span, N, C/G, Ho, Wo, each < 2**31 "
                                           "(check_limits); in-kernel products are wrapped in uint32 and "
                                           "bounded by backward_fused.supported (< 2**32 per image)",
+    ("backward.py", "np.int32(first)"): "the first image of a gather call, < N < 2**31",
+    ("backward.py", "np.int32(g.offset_groups)"): "G <= C < 2**31",
+    ("backward.py", "np.int32(g.out_channels)"): "Co < 2**31; gather_staged multiplies it with an image index in uint64",
+    ("backward.py", "np.int32(g.in_channels // g.groups)"): "Cg <= C < 2**31",
+    ("backward.py", "np.int32(block0)"): "a launch's first channel block, < C/CB < 2**31",
+    ("backward.py", "np.int32(image0)"): "a launch's first image within the sort part, < N < 2**31",
     ("backward.py", "np.int32(row0)"): "a sort part's first output row, < Ho, and Ho*Wo < 2**31 (check_limits)",
     ("backward.py", "np.int32(part_rows)"): "output rows of a sort part, <= Ho < 2**31 (check_limits)",
     ("backward.py", "np.int32(id_bits)"): "a key's id bits, <= 64 (sort_key_layout raises beyond)",

@@ -180,6 +180,33 @@ def test_nan_dx_offset_stays_finite(rng):
         assert backend.to_host(grads.mask)[0, 0, 2, 3] == 0.0
 
 
+def test_nonfinite_grad_output_reaches_only_weighted_corners(rng):
+    """An infinite or NaN ``grad_output`` element reaches the input corners of non-zero
+    bilinear weight only, as in torchvision: a corner of weight 0 (clamped into the image at a
+    border, or the far corner of a sample on an integer position) gets nothing, not
+    ``gc * 0 = NaN``. Every backward method, atomic and deterministic, against torchvision's
+    ``grad_input`` (its non-finite pattern exactly, its finite values to tolerance)."""
+    g = DIFF_CASES["tv-basic"]
+    arrays = make(g, "border", rng)
+    grad_out = rng.standard_normal(g.shapes["output"]).astype(g.dtype)
+    grad_out[0, 1, 2, 3], grad_out[1, 0, 0, 0], grad_out[1, 3, 4, 5] = np.inf, -np.inf, np.nan
+    _, expected = torchvision_result(g, arrays, grad_out)
+    want = expected.input
+    assert np.any(np.isfinite(want)) and not np.all(np.isfinite(want))
+    device = [backend.to_device(a) if a is not None else None for a in arrays]
+    for method in dn.BACKWARD_METHODS:
+        for deterministic in (False, True):
+            grads = dn.deform_conv2d_backward(backend.to_device(grad_out), *device[:4], **conv_kwargs(g),
+                                              mask=device[4], method=method, deterministic=deterministic)
+            got = np.asarray(backend.to_host(grads.input), dtype=np.float64)
+            where = (method, deterministic)
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"NaN pattern {where}")
+            np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want), err_msg=f"+inf pattern {where}")
+            np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want), err_msg=f"-inf pattern {where}")
+            finite = np.isfinite(want)
+            assert mismatches(np.where(finite, got, 0.0), np.where(finite, want, 0.0), g.dtype) == 0, where
+
+
 @pytest.fixture(autouse=True)
 def no_tf32():
     if not torch.cuda.is_available():

@@ -1,4 +1,6 @@
-"""Fire-and-forget atomic addition: ``red_add(array, index, value)``.
+"""Fire-and-forget atomic addition: ``red_add(array, index, value)`` and
+``red_add_at(array, address, offset, value)`` (at a ``runtime.addresses`` handle), and
+``keep_if``.
 
 ``cuda.atomic.add`` returns the old value. Even where a kernel ignores it, ptxas
 (CUDA 13, sm_90) keeps the value-returning form: ``atom.global.add.f32`` becomes
@@ -15,11 +17,21 @@ simulator's atomic lock.
 ``array`` is a 1-D float32/float64 array and ``index`` an integer (unsigned is best:
 no negative-index wraparound code). The caller must keep ``index`` in bounds; as with
 every atomic, the order of additions from different threads is unspecified.
+
+``red_add_at(array, address, offset, value)`` adds at ``array[i + offset]``, where
+``address`` is the handle of ``array[i]`` (``runtime.addresses``): one 64-bit multiply-add
+per addition where ``red_add(array, i + offset, ...)`` rebuilt the whole address.
+
+``keep_if(value, mask)`` is ``value`` where the unsigned ``mask`` (of the value's width) is
+all ones and an exact ``+0`` where it is zero: a bitwise AND, one ``LOP3``, where
+``value if flag else 0`` cost a compare and a select at every use once the predicate
+registers ran out. (Multiplying by 0 is no substitute: ``inf * 0`` is NaN.)
 """
 
 from __future__ import annotations
 
 from ...runtime import backend
+from ...runtime.addresses import pointer_at
 from ...runtime.backend import cuda
 
 if backend.IS_SIMULATOR:
@@ -29,36 +41,80 @@ if backend.IS_SIMULATOR:
         """``array[index] += value`` atomically, result unused (simulator fallback)."""
         cuda.atomic.add(array, index, value)
 
+    @cuda.jit(device=True)
+    def keep_if(value, mask):
+        """``value`` where ``mask`` is all ones, an exact ``+0`` where it is zero (simulator)."""
+        return value if mask != 0 else type(value)(0)
+
+    @cuda.jit(device=True)
+    def red_add_at(array, address, offset, value):
+        """``array[address + offset] += value`` atomically, result unused (simulator fallback)."""
+        cuda.atomic.add(array, address + offset, value)
+
 else:
     from llvmlite import ir
     from numba import types
     from numba.cuda import cgutils
     from numba.cuda.extending import intrinsic
 
+    def _red(builder, pointer, stored, bits):
+        """Emit ``red.global.add.f{bits} [pointer], stored``."""
+        element = stored.type
+        asm_type = ir.FunctionType(ir.VoidType(), [pointer.type, element])
+        constraint = "f" if bits == 32 else "d"
+        red = ir.InlineAsm(asm_type, f"red.global.add.f{bits} [$0], $1;", f"l,{constraint},~{{memory}}",
+                           side_effect=True)
+        builder.call(red, [pointer, stored])
+
+    def _float_array(array):
+        return isinstance(array, types.Array) and array.ndim == 1 and array.dtype in (types.float32, types.float64)
+
     @intrinsic
     def red_add(typingctx, array, index, value):
         """``red.global.add.f{32,64} [&array[index]], value``: an atomic add with no result."""
-        if not isinstance(array, types.Array) or array.ndim != 1 or array.dtype not in (types.float32,
-                                                                                        types.float64):
-            return None
-        if not isinstance(index, types.Integer):
+        if not _float_array(array) or not isinstance(index, types.Integer):
             return None
         signature = types.void(array, index, value)
 
         def codegen(context, builder, sig, args):
             array_type, index_type, value_type = sig.args
-            array_value, index_value, value_value = args
-            ary = context.make_array(array_type)(context, builder, array_value)
-            index_intp = context.cast(builder, index_value, index_type, types.intp)
-            pointer = cgutils.get_item_pointer(context, builder, array_type, ary, [index_intp],
-                                               wraparound=False)
-            element = context.get_value_type(array_type.dtype)
-            stored = context.cast(builder, value_value, value_type, array_type.dtype)
-            bits = array_type.dtype.bitwidth
-            asm_type = ir.FunctionType(ir.VoidType(), [element.as_pointer(), element])
-            constraint = "f" if bits == 32 else "d"
-            red = ir.InlineAsm(asm_type, f"red.global.add.f{bits} [$0], $1;", f"l,{constraint},~{{memory}}",
-                               side_effect=True)
-            builder.call(red, [pointer, stored])
+            ary = context.make_array(array_type)(context, builder, args[0])
+            index_intp = context.cast(builder, args[1], index_type, types.intp)
+            pointer = cgutils.get_item_pointer(context, builder, array_type, ary, [index_intp], wraparound=False)
+            _red(builder, pointer, context.cast(builder, args[2], value_type, array_type.dtype),
+                 array_type.dtype.bitwidth)
+
+        return signature, codegen
+
+    @intrinsic
+    def keep_if(typingctx, value, mask):
+        """``value``'s bits AND ``mask`` (a float and an unsigned integer of its width): ``value``
+        where ``mask`` is all ones, ``+0`` where it is zero, NaN or infinity included (one
+        ``LOP3``, where a compare and a select per use cost two)."""
+        if value not in (types.float32, types.float64) or not isinstance(mask, types.Integer) \
+                or mask.bitwidth != value.bitwidth:
+            return None
+        signature = value(value, mask)
+
+        def codegen(context, builder, sig, args):
+            word = ir.IntType(sig.args[0].bitwidth)
+            bits = builder.and_(builder.bitcast(args[0], word), args[1])
+            return builder.bitcast(bits, context.get_value_type(sig.args[0]))
+
+        return signature, codegen
+
+    @intrinsic
+    def red_add_at(typingctx, array, address, offset, value):
+        """``red.global.add.f{32,64}`` at the handle ``address`` (``runtime.addresses``) plus
+        ``offset`` elements: ``array[i + offset] += value``, result unused."""
+        if not _float_array(array) or not isinstance(address, types.Integer) or not isinstance(offset, types.Integer):
+            return None
+        signature = types.void(array, address, offset, value)
+
+        def codegen(context, builder, sig, args):
+            array_type, _, offset_type, value_type = sig.args
+            pointer = pointer_at(context, builder, array_type, args[1], args[2], offset_type)
+            _red(builder, pointer, context.cast(builder, args[3], value_type, array_type.dtype),
+                 array_type.dtype.bitwidth)
 
         return signature, codegen

@@ -74,10 +74,12 @@ sort-then-segment reduction whose order is fixed:
    segment in sorted order, recomputing each entry's coefficient ``m * w_corner``
    from its id with the same ``sampling`` functions as the entries kernel (once
    per ``CB`` channels), and writes ``grad_input`` (no atomics, no zero fill). It
-   reads ``grad_cols``; with ``fused_gemm``, which has no ``grad_cols``, it
-   recomputes each element per corner (4x the column-gradient GEMM's work on
-   CUDA cores: the price of keeping that method buffer-free), loading each
-   ``grad_out`` value once for its ``CB`` channels.
+   reads ``grad_cols``. The column-free methods (``fused_gemm`` here, and
+   ``backward_fused``'s ``fused`` in deterministic mode) have no ``grad_cols``:
+   ``gather_staged_kernel`` recomputes each element per corner (4x the
+   column-gradient GEMM's work on CUDA cores: the price of staying buffer-free),
+   from the block's weights staged in shared memory and each ``grad_out`` value
+   loaded once for its ``CB`` channels.
 
 The sort can go in parts of output rows (``sort_part_rows``, within a byte budget:
 the ``fused`` method's deterministic mode keeps it under 2.5% of the arguments and
@@ -114,6 +116,7 @@ import functools
 import numpy as np
 
 from ...runtime import backend, precision
+from ...runtime.addresses import element_address, offset_address
 from ...runtime.backend import cuda
 from . import im2col
 from .atomics import red_add
@@ -415,16 +418,15 @@ def entries_kernel(dtype, wide_keys: bool = False, narrow: bool = True):
 #   the segment starts (G*H*W*8 bytes) and, per channel block, the sorted keys of its segment
 #   (C/CB*K*P*4*key bytes in all, mostly L2 hits across a group's blocks) with their offsets and
 #   mask values (recomputing each coefficient once per block, not per channel); reads grad_cols
-#   C*K*P*4*s gathered (each element once per corner), or with fused_gemm recomputes it (2*Og
-#   FLOPs per entry and channel: 4x the GEMM work); writes grad_input C*H*W*s (reads it too
-#   after the first part).
-# FLOPs: ~30 per entry and block (coefficient), 2 per entry and channel (+2*Og with fused_gemm).
+#   C*K*P*4*s gathered (each element once per corner); writes grad_input C*H*W*s (reads it
+#   too after the first part).
+# FLOPs: ~30 per entry and block (coefficient), 2 per entry and channel.
 @functools.cache
-def gather_kernel(dtype, fused_gemm: bool, use_mask: bool, block_channels: int = 1, wide_keys: bool = False,
-                  narrow: bool = True):
-    """Kernel ``(grad_cols, grad_output, weight, offset, mask, starts, key, grad_input, conv,
-    first_image, n_images, offset_groups, row0, part_rows, id_bits, accumulate)``: deterministic col2im
-    of one sort part (``entries_kernel``).
+def gather_kernel(dtype, use_mask: bool, block_channels: int = 1, wide_keys: bool = False, narrow: bool = True):
+    """Kernel ``(grad_cols, offset, mask, starts, key, grad_input, conv, first_image, n_images,
+    offset_groups, row0, part_rows, id_bits, accumulate)``: deterministic col2im of one sort
+    part (``entries_kernel``) from the column gradient ``grad_cols`` in device memory (the
+    column methods; the column-free ones use ``gather_staged_kernel``).
 
     Segment ``[starts[d], starts[d+1])`` of the sorted keys holds every contribution of the
     part to destination ``d = (n_local*G + g)*H*W + y*W + x``; the thread of ``(n_local, CB
@@ -448,12 +450,11 @@ def gather_kernel(dtype, fused_gemm: bool, use_mask: bool, block_channels: int =
     split_index = _split_index_function(narrow)
 
     @cuda.jit
-    def kernel(grad_cols, grad_output, weight, offset, mask, starts, key, grad_input, conv,
-               first_image, n_images, offset_groups, row0, part_rows, id_bits, accumulate):
+    def kernel(grad_cols, offset, mask, starts, key, grad_input, conv, first_image, n_images, offset_groups, row0,
+               part_rows, id_bits, accumulate):
         _, channels, height, width = grad_input.shape
-        _, _, out_h, out_w = grad_output.shape
-        kw = conv[7]
-        taps = conv[6] * kw
+        _, _, out_h, out_w = offset.shape
+        taps = conv[6] * conv[7]
         pixels = out_h * out_w
         part_pixels = part_rows * out_w
         plane = height * width
@@ -461,20 +462,13 @@ def gather_kernel(dtype, fused_gemm: bool, use_mask: bool, block_channels: int =
         blocks = channels // CB
         low = (KEY(1) << KEY(id_bits)) - KEY(1)
         total = n_images * blocks * plane
-        w_per_group = weight.shape[1]
-        outs = weight.shape[0] * w_per_group // channels  # outputs per weight group
         acc = cuda.local.array(CB, dtype=DT)
-        column_grad = cuda.local.array(CB, dtype=DT)
         idx = IDX(cuda.grid(1))
         while idx < IDX(total):
             q, cb, _zero, n_local = split_index(idx, plane, blocks, 1)
             n = first_image + n_local
             c0 = cb * CB
             g = i32(u32(c0) // u32(per_group))  # CB divides per_group: one group per block
-            if fused_gemm:  # c0's weight group: its outputs and c0's place in it
-                w_group = i32(u32(c0) // u32(w_per_group))
-                c_local = c0 - w_group * w_per_group
-                o_first = w_group * outs
             segment = (n_local * offset_groups + g) * plane + q
             for j in range(CB):
                 acc[j] = ZERO
@@ -492,21 +486,9 @@ def gather_kernel(dtype, fused_gemm: bool, use_mask: bool, block_channels: int =
                 w = w00 if corner == 0 else (w01 if corner == 1 else (w10 if corner == 2 else w11))
                 m = load(mask, (n, g * taps + tap, oy, ox)) if use_mask else ONE
                 coef = m * w
-                if fused_gemm:  # the CB column-gradient elements, sharing each grad_out load
-                    i = i32(u32(tap) // u32(kw))
-                    jw = tap - i * kw
-                    for j in range(CB):
-                        column_grad[j] = ZERO
-                    for o in range(o_first, o_first + outs):
-                        go = load(grad_output, (n, o, oy, ox))
-                        for j in range(CB):
-                            column_grad[j] += weight[o, c_local + j, i, jw] * go
-                    for j in range(CB):
-                        acc[j] += coef * column_grad[j]
-                else:
-                    column = n_local * pixels + oy * out_w + ox
-                    for j in range(CB):
-                        acc[j] += coef * grad_cols[(c0 + j) * taps + tap, column]
+                column = n_local * pixels + oy * out_w + ox
+                for j in range(CB):
+                    acc[j] += coef * grad_cols[(c0 + j) * taps + tap, column]
             y = i32(u32(q) // u32(width))
             x = q - y * width
             for j in range(CB):
@@ -515,6 +497,169 @@ def gather_kernel(dtype, fused_gemm: bool, use_mask: bool, block_channels: int =
                 else:
                     grad_input[n, c0 + j, y, x] = acc[j]
             idx = IDX(idx + IDX(cuda.gridsize(1)))
+
+    return kernel
+
+
+# Traffic (per image and sort part; a block per (CB channels, GATHER_THREADS input pixels)): the
+#   keys and coefficients as gather_kernel; the weights of the block's channels, Og*CB*K*s per
+#   block and output chunk (C/CB*H*W/GATHER_THREADS blocks: L2 hits); per entry and output chunk
+#   its outputs' grad_out values, one per output (L1/L2 hits: an output pixel's grad_out serves
+#   its 4*K corners); writes grad_input C*H*W*s (reads it too after the first part).
+# FLOPs: ~30 per entry and block (coefficient), 2*Og + 2 per entry and channel (the column
+#   gradient recomputed per corner: 4x the column-gradient GEMM's work).
+GATHER_THREADS = 128
+"""Threads per block of ``gather_staged_kernel`` (input pixels of one image and channel block)."""
+GRID_YZ_LIMIT = 65535
+
+
+def gather_out_chunk(geometry) -> int:
+    """Outputs per weight staging of ``gather_staged_kernel``: all of a weight group's (at most
+    64) when the ``K x outputs x CB`` tile fits 24 KB of shared memory, else as many as fit
+    (a multiple of 4 where possible). Each further staging re-reads the thread's segment."""
+    g = geometry
+    cb = gather_block_channels(g)
+    itemsize = precision.compute_dtype(g.dtype).itemsize
+    outs = g.out_channels // g.groups
+    fit = max(1, (24 * 1024) // (g.taps * cb * itemsize))
+    chunk = min(outs, 64, fit)
+    return chunk - chunk % 4 if chunk > 4 else chunk
+
+
+@functools.cache
+def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: bool, taps: int,
+                         out_chunk: int, even: bool = False):
+    """Kernel ``(grad_flat, weight_flat, offset, mask, starts, key, grad_input, conv, first_image,
+    offset_groups, row0, part_rows, id_bits, accumulate, out_channels, w_per_group, block0,
+    image0)``: the
+    deterministic col2im of one sort part (``entries_kernel``) for the column-free methods,
+    recomputing the column gradient (``grad_flat``, ``weight_flat``: ``grad_output`` and the
+    weights flattened).
+
+    Grid ``(ceil(H*W / GATHER_THREADS), C / CB, n_images)`` (in launches of at most 65535
+    channel blocks and images, from ``block0`` and ``image0``): a block owns one image and one
+    block of ``CB`` channels, a thread one input pixel ``(y, x)``. Indices inside an image are
+    ``uint32`` (``backward_fused.supported``: fewer than 2**32 elements per image), the
+    segment index and the ``grad_out`` image bases ``uint64``. The block stages
+    ``W[outputs, c0 .. c0+CB, taps]`` of its weight group in shared memory as ``[tap][o][j]``
+    (``out_chunk`` outputs at a time), so that an entry's column gradient, ``sum_o W[o, c0+j,
+    tap] * grad_out[n, o, oy, ox]`` for its ``CB`` channels, reads each ``grad_out`` value once
+    from global memory and the ``CB`` weights of each output as ``CB/4`` shared vector loads
+    (``LDS.128``), ``CB`` FMAs per output. (The grid-stride ``gather_kernel`` read every weight
+    from global memory: one load per FMA.) Each thread sums its segment of the sorted keys in
+    order, recomputing each entry's coefficient ``m * w_corner`` from its id, and writes
+    (``accumulate``: adds to) ``grad_input[first_image + n_local, c0 + j, y, x]``.
+    """
+    fns = sampling_functions(dtype)
+    tap_position = fns.tap_position
+    bilinear_corners = fns.bilinear_corners
+    load = fns.load
+    load_at = fns.precision.load_at
+    ZERO = fns.ZERO
+    ONE = fns.ONE
+    DT = fns.T
+    CB = block_channels
+    K = taps
+    OC = out_chunk
+    THREADS = GATHER_THREADS
+    TILE = K * OC * CB
+    STAGE_REPS = -(-TILE // THREADS)  # weights staged per thread (unrolled)
+    UNROLL = 4 if OC % 4 == 0 else 1  # outputs per trip of the dot loop (8: LLVM keeps the CB loop rolled)
+    EVEN = even  # the group's outputs are a multiple of out_chunk: no bounds test per output
+    KEY = np.uint64 if wide_keys else np.uint32
+    i32 = np.int32
+
+    @cuda.jit
+    def kernel(grad_flat, weight_flat, offset, mask, starts, key, grad_input, conv, first_image, offset_groups,
+               row0, part_rows, id_bits, accumulate, out_channels, w_per_group, block0, image0):
+        tid = u32(cuda.threadIdx.x)
+        _, channels, height, width = grad_input.shape
+        out_h = u32(offset.shape[2])
+        out_w = u32(offset.shape[3])
+        out_plane = u32(out_h * out_w)
+        plane = u32(u32(height) * u32(width))
+        part_pixels = u32(u32(part_rows) * out_w)
+        per_group = u32(u32(channels) // u32(offset_groups))
+        outs = u32(u32(u32(out_channels) * u32(w_per_group)) // u32(channels))  # outputs per weight group
+        low = (KEY(1) << KEY(id_bits)) - KEY(1)
+        n_local = u32(u32(image0) + u32(cuda.blockIdx.z))  # (launches of <= 65535 images and ...
+        n = u32(u32(first_image) + n_local)
+        c0 = u32(u32(u32(block0) + u32(cuda.blockIdx.y)) * u32(CB))  # ... channel blocks each)
+        g = u32(c0 // per_group)  # CB divides per_group and w_per_group: one group of each
+        w_group = u32(c0 // w_per_group)
+        c_local = u32(c0 - u32(w_group * w_per_group))
+        o_first = u32(w_group * outs)
+        q = u32(u32(u32(cuda.blockIdx.x) * u32(THREADS)) + tid)
+        valid = q < plane
+        segment = u64(u32(u32(n_local * u32(offset_groups)) + g)) * u64(plane) + u64(q)
+        w_tile = cuda.shared.array(TILE, dtype=DT, alignment=16)
+        acc = cuda.local.array(CB, dtype=DT)
+        column_grad = cuda.local.array(CB, dtype=DT)
+        for j in range(CB):
+            acc[j] = ZERO
+        o0 = u32(0)
+        while o0 < outs:  # output chunks (one at deft64)
+            # the weights W[o_first + o0 + o, c_local + j, tap] -> w_tile[(tap*OC + o)*CB + j]
+            # (zeros past the group's outputs); the previous chunk's readers are done (barrier below)
+            for r in range(STAGE_REPS):
+                idx = u32(tid + u32(r * THREADS))
+                if (r + 1) * THREADS <= TILE or idx < u32(TILE):
+                    tap = u32(idx % u32(K))
+                    j = u32(u32(idx // u32(K)) % u32(CB))
+                    o = u32(idx // u32(K * CB))
+                    v = ZERO
+                    if u32(o0 + o) < outs:
+                        v = weight_flat[u32(u32(u32(u32(u32(u32(o_first + o0) + o) * u32(w_per_group)) + u32(c_local + j))
+                                                * u32(K)) + tap)]
+                    w_tile[u32(u32(u32(tap * u32(OC)) + o) * u32(CB)) + j] = v
+            cuda.syncthreads()  # the weight tile is staged
+            if True:  # (a thread past the image has an empty segment: no divergent branch)
+                e = starts[segment] if valid else np.int64(0)
+                end = starts[segment + u64(1)] if valid else np.int64(0)
+                while e < end:
+                    ident = u32(key[e] & low)
+                    corner = u32(ident & u32(3))
+                    s = u32(ident >> u32(2))
+                    tap = u32(s // part_pixels)
+                    p_local = u32(s - u32(tap * part_pixels))
+                    row = u32(p_local // out_w)
+                    oy = u32(u32(row0) + row)
+                    ox = u32(p_local - u32(row * out_w))
+                    y, x = tap_position(offset, n, g, tap, oy, ox, conv)
+                    _y0, _y1, _x0, _x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
+                    w = w00 if corner == u32(0) else (w01 if corner == u32(1) else (w10 if corner == u32(2) else w11))
+                    m = load(mask, (n, u32(u32(g * u32(K)) + tap), oy, ox)) if use_mask else ONE
+                    coef = m * w
+                    for j in range(CB):
+                        column_grad[j] = ZERO
+                    # grad_out[n, o_first + o0 + o, oy, ox] through one handle, a plane per output
+                    at = element_address(grad_flat, (u64(n) * u64(out_channels) + u64(u32(o_first + o0)))
+                                         * u64(out_plane) + u64(u32(u32(oy * out_w) + ox)))
+                    wt = u32(u32(tap * u32(OC)) * u32(CB))
+                    o = u32(0)
+                    while o < u32(OC):  # UNROLL outputs per trip: CB FMAs each
+                        for sub in range(UNROLL):
+                            go = ZERO
+                            if EVEN or u32(u32(o0 + o) + u32(sub)) < outs:
+                                go = load_at(grad_flat, at, u32(u32(sub) * out_plane))
+                            for j in range(CB):
+                                column_grad[j] += w_tile[wt + (sub * CB + j)] * go
+                        at = offset_address(grad_flat, at, u32(u32(UNROLL) * out_plane))
+                        wt = u32(wt + u32(UNROLL * CB))
+                        o = u32(o + u32(UNROLL))
+                    for j in range(CB):
+                        acc[j] += coef * column_grad[j]
+                    e += 1
+            cuda.syncthreads()  # everyone is done reading the weight tile
+            o0 = u32(o0 + u32(OC))
+        if valid:
+            y = u32(q // u32(width))
+            x = u32(q - u32(y * u32(width)))
+            for j in range(CB):
+                if accumulate:
+                    grad_input[n, u32(c0 + u32(j)), y, x] += acc[j]
+                else:
+                    grad_input[n, u32(c0 + u32(j)), y, x] = acc[j]
 
     return kernel
 
@@ -593,7 +738,14 @@ def _deterministic_input_grad(g, grad_cols, grad_output, weight, offset, mask_ar
     bounds = xp.arange(segments + 1, dtype=key_type) << key_type(id_bits)  # each segment's first key
     cb = gather_block_channels(g)
     threads = n_chunk * (g.in_channels // cb) * g.height * g.width
-    gather = gather_kernel(g.dtype, fused_gemm, g.has_mask, cb, wide, index_is_narrow(threads))
+    if fused_gemm:  # a block per (image, channel block, pixel block), the weights staged
+        out_chunk = gather_out_chunk(g)
+        gather = gather_staged_kernel(g.dtype, g.has_mask, cb, wide, g.taps, out_chunk,
+                                      (g.out_channels // g.groups) % out_chunk == 0)
+        grid = (-(-(g.height * g.width) // GATHER_THREADS), g.in_channels // cb, n_chunk)
+        grad_flat, weight_flat = grad_output.reshape(-1), weight.reshape(-1)
+    else:
+        gather = gather_kernel(g.dtype, g.has_mask, cb, wide, index_is_narrow(threads))
     for row0 in range(0, g.out_h, rows):
         part_rows = min(rows, g.out_h - row0)
         samples = n_chunk * g.offset_groups * g.taps * part_rows * g.out_w
@@ -603,9 +755,20 @@ def _deterministic_input_grad(g, grad_cols, grad_output, weight, offset, mask_ar
                np.int32(part_rows), np.int32(id_bits))
         key.sort()  # the keys are unique (but the sentinel's, never read): any sort gives one order
         starts = xp.searchsorted(key, bounds, side="left").astype(np.int64)
-        launch(gather, threads, grad_cols, grad_output, weight, offset, mask_arg, starts, key, grad_input, conv,
-               np.int64(first), np.int64(n_chunk), np.int64(g.offset_groups), np.int32(row0),
-               np.int32(part_rows), np.int32(id_bits), row0 > 0)
+        if fused_gemm:
+            blocks_x, channel_blocks, images = grid
+            for block0 in range(0, channel_blocks, GRID_YZ_LIMIT):
+                for image0 in range(0, images, GRID_YZ_LIMIT):
+                    backend.launch(gather, (blocks_x, min(GRID_YZ_LIMIT, channel_blocks - block0),
+                                            min(GRID_YZ_LIMIT, images - image0)), GATHER_THREADS,
+                                   grad_flat, weight_flat, offset, mask_arg, starts, key, grad_input, conv,
+                                   np.int32(first), np.int32(g.offset_groups), np.int32(row0), np.int32(part_rows),
+                                   np.int32(id_bits), row0 > 0, np.int32(g.out_channels),
+                                   np.int32(g.in_channels // g.groups), np.int32(block0), np.int32(image0))
+        else:
+            launch(gather, threads, grad_cols, offset, mask_arg, starts, key, grad_input, conv, np.int64(first),
+                   np.int64(n_chunk), np.int64(g.offset_groups), np.int32(row0), np.int32(part_rows),
+                   np.int32(id_bits), row0 > 0)
         del key, starts  # the next part reuses the memory
 
 
@@ -699,9 +862,11 @@ def ptx_cases():
 
     conv = types.UniTuple(types.int32, 8)
     i64, i32 = types.int64, types.int32
-    # entries: (offset, key, ...); gather: (grad_cols, grad_output, weight, offset, mask, starts, key, grad_input, ...)
+    # entries: (offset, key, ...); gather: (grad_cols, offset, mask, starts, key, grad_input, ...);
+    # gather_staged: (grad_flat, weight_flat, offset, mask, starts, key, grad_input, ...)
     entries_tail = (conv, i64, i64, i32, i32, i32, i32, i32)
     gather_tail = (conv, i64, i64, i64, i32, i32, i32, types.boolean)
+    staged_tail = (conv, i32, i32, i32, i32, i32, types.boolean, i32, i32, i32, i32)
     for dtype in ("float32", "float64"):
         t = getattr(types, dtype)
         a4, a2, a1 = types.Array(t, 4, "A"), types.Array(t, 2, "A"), types.Array(t, 1, "C")
@@ -721,11 +886,12 @@ def ptx_cases():
                 yield (f"sample[mask={use_mask},scatter={scatter},fused_gemm={fused},columns={write}]", dtype,
                        sample_kernel(dtype, use_mask, scatter, fused, write),
                        (a2, a4, a4, a4, a4, a4, a4, flat, a4, a4, a2, conv, i64, i64))
-            for fused in (False, True):
-                for wide, keys in ((False, u1), (True, w1)):
-                    yield (f"gather[fused_gemm={fused},mask={use_mask},key={keys.dtype}]", dtype,
-                           gather_kernel(dtype, fused, use_mask, 4, wide),
-                           (a2, a4, a4, a4, a4, k1, keys, a4) + gather_tail)
+            for wide, keys in ((False, u1), (True, w1)):
+                yield (f"gather[mask={use_mask},key={keys.dtype}]", dtype, gather_kernel(dtype, use_mask, 4, wide),
+                       (a2, a4, a4, k1, keys, a4) + gather_tail)
+                yield (f"gather_staged[mask={use_mask},key={keys.dtype}]", dtype,
+                       gather_staged_kernel(dtype, use_mask, 8, wide, 9, 16, True),
+                       (flat, flat, a4, a4, k1, keys, a4) + staged_tail)
         for wide, keys in ((False, u1), (True, w1)):
             yield (f"entries[key={keys.dtype}]", dtype, entries_kernel(dtype, wide), (a4, keys) + entries_tail)
     # float16 and bfloat16 (storage in half, arithmetic in float32), one case per kernel: mask
@@ -742,5 +908,7 @@ def ptx_cases():
                sample_kernel(dtype, True, True, False, True),
                (f2, h4, f4, h4, h4, h4, f4, f1, f4, f4, f2, conv, i64, i64))
         yield ("entries[key=uint32]", dtype, entries_kernel(dtype, False), (h4, u1) + entries_tail)
-        yield ("gather[fused_gemm=False,mask=True,key=uint32]", dtype, gather_kernel(dtype, False, True, 4, False),
-               (f2, h4, f4, h4, h4, k1, u1, f4) + gather_tail)
+        yield ("gather[mask=True,key=uint32]", dtype, gather_kernel(dtype, True, 4, False),
+               (f2, h4, h4, k1, u1, f4) + gather_tail)
+        yield ("gather_staged[mask=True,key=uint32]", dtype, gather_staged_kernel(dtype, True, 8, False, 9, 16, True),
+               (types.Array(precision.numba_type(dtype), 1, "C"), f1, h4, h4, k1, u1, f4) + staged_tail)
