@@ -15,7 +15,7 @@ from deftnumba.runtime.backend import cuda  # a module global: the simulator swa
 from deftnumba.dcn.kernels import atomics, backward_fused
 from deftnumba.dcn.kernels.backward_fused import BackwardTileConfig
 
-from .cases import CASES, conv_kwargs, layer_arrays, rel_error, tolerance
+from .cases import CASES, case, conv_kwargs, layer_arrays, rel_error, tolerance
 from .test_backward import FIELDS, collision_arrays, grad_out_for, run
 
 SIMULATED = pytest.mark.skipif(not backend.IS_SIMULATOR, reason="simulator-only check")
@@ -81,6 +81,28 @@ def test_bounds_checked_run(deterministic, rng):
     with backend.bounds_checked():
         grads = direct(g, go, arrays, deterministic=deterministic, splits=2)
     check_against_reference(g, go, arrays, grads)
+
+
+REGULAR_CASES = dict([  # every channel chunk and output step full under SIMULATOR_CONFIG (chunk 2, 4 outputs)
+    case("regular", n=2, c=4, h=5, w=7, c_out=8),
+    case("regular-groups", n=1, c=8, h=6, w=5, c_out=8, groups=2, offset_groups=4, kh=2, kw=3, stride=(2, 1)),
+])
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("name", list(REGULAR_CASES))
+def test_regular_variant_matches_reference(name, deterministic, rng):
+    """The input kernel's ``regular`` variant (no per-channel or per-output bounds tests,
+    compiled where every chunk and output step is full) under bounds checks; the shared
+    cases are all irregular, so they run the other variant."""
+    g = REGULAR_CASES[name]
+    assert backward_fused.default_config(g).regular(g)
+    arrays = layer_arrays(g, rng)
+    go = grad_out_for(g, rng)
+    with backend.bounds_checked():
+        grads = direct(g, go, arrays, deterministic=deterministic, splits=2)
+    check_against_reference(g, go, arrays, grads)
+    assert not any(backward_fused.SIMULATOR_CONFIG.regular(c) for c in CASES.values())
 
 
 def test_splits_reduce_in_a_fixed_order(rng):

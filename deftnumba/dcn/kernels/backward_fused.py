@@ -145,6 +145,15 @@ class BackwardTileConfig:
             if part < 1 or total % part:
                 raise ValueError(f"BackwardTileConfig.{name}={part} must divide {total}")
 
+    def regular(self, geometry) -> bool:
+        """Whether every channel chunk of the input kernel is full (``chunk`` divides the
+        channels of a weight group and of an offset group) and every output step too
+        (``out_block`` divides a weight group's outputs): its compile-time variant then drops
+        the per-channel and per-output bounds tests."""
+        g = geometry
+        cpg, cpo, opg = g.in_channels // g.groups, g.in_channels // g.offset_groups, g.out_channels // g.groups
+        return cpg % self.chunk == 0 and cpo % self.chunk == 0 and opg % self.out_block == 0
+
     def input_threads(self, taps: int) -> int:
         return (self.rows(taps) // self.reg_rows) * (self.pixels // self.reg_px)
 
@@ -291,7 +300,7 @@ def _steps(trips: int, products: int) -> int:
 #   the column tile overwrites it in place.
 @functools.cache
 def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, config: BackwardTileConfig,
-                      use_mask: bool, atomic: bool):
+                      use_mask: bool, atomic: bool, regular: bool = False):
     """Kernel ``(input, offset, mask, weight, grad_out, grad_input, grad_weight, grad_offset,
     grad_mask, conv, dims)`` on ``(tiles, C // channel_span, images)`` blocks of
     ``config.input_threads(K)``.
@@ -302,6 +311,9 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     cpo, Ho, Wo)``. ``atomic`` adds the input gradient and the block's weight-gradient
     partials with ``red_add`` (grad_input and grad_weight zeroed by the caller); without it
     grad_input and grad_weight are untouched (the deterministic path computes them apart).
+    ``regular`` (``config.regular(geometry)``: every channel chunk and output step full)
+    compiles out the per-channel and per-output bounds tests; it must only be passed where
+    it holds.
     """
     fns = sampling_functions(dtype)
     load = fns.load  # input, offset, mask, grad_out: the storage dtype
@@ -345,6 +357,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     TABLE = 4 * KP
     SH_, SW_ = stride_h, stride_w
     USE_MASK, ATOMIC = use_mask, atomic
+    REGULAR = regular  # every chunk full and every output step full (config.regular): no bounds tests
     STEPS_A = _steps(OGB, RR * RP)
     # pixels per trip of the weight-gradient GEMM: ~128 FFMA per trip (its trip overhead, two
     # address LEAs, two adds, compare and branch, is then under 5% of its issue slots)
@@ -544,7 +557,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                     at = offset_address(input, chunk_input, u32(u32(gy * width) + gx))  # (read if inside)
                     for cc in range(CC):
                         v = ZERO
-                        if inside and u32(cc) < nc:
+                        if inside and (REGULAR or u32(cc) < nc):
                             v = load_at(input, at, u32(u32(cc) * plane))
                         staged[pos + cc * REGION] = v
 
@@ -560,13 +573,13 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                     # compile-time offsets (the threads past W_ROWS * CK stage nothing)
                     if w_row < u32(OGB):
                         src = element_address(weight, u32(u32(weight_row + u32(u32(o0 + w_row) * row_length)) + w_col))
-                        column_ok = w_col < u32(nc * u32(K))
+                        column_ok = REGULAR or w_col < u32(nc * u32(K))
                         k = u32(0)
                         while k < u32(W_REPS):
                             o = u32(w_row + u32(k * u32(W_ROWS)))
                             if OGB % W_ROWS == 0 or o < u32(OGB):
                                 v = ZERO
-                                if column_ok and u32(o0 + o) < opg:
+                                if column_ok and (REGULAR or u32(o0 + o) < opg):
                                     v = read_at(weight, src, u32(0))
                                 staged_weight[u64(w_at0) + u64(k * u32(W_ROWS * CK))] = v
                             src = offset_address(weight, src, w_rows_step)
@@ -594,7 +607,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                                 o = u32(go_row + u32(k * u32(GO_ROWS)))
                                 if OGB % GO_ROWS == 0 or o < u32(OGB):
                                     v = ZERO
-                                    if go_inside and u32(o0 + o) < opg:
+                                    if go_inside and (REGULAR or u32(o0 + o) < opg):
                                         v = load_at(grad_out, src, u32(0))
                                     staged_grad_out[u64(go_at0) + u64(k * u32(GO_ROWS * PS))] = v
                                 src = offset_address(grad_out, src, go_rows_step)
@@ -690,7 +703,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                             s10 = u32(i32(r1 * i32(SWR)) + q0)
                             s11 = u32(i32(r1 * i32(SWR)) + q1)
                             for cc in range(CC):
-                                if u32(cc) < nc:
+                                if REGULAR or u32(cc) < nc:
                                     # (compile-time offsets added unwrapped: they fold into the loads)
                                     gc = grad_cols[at + cc * K * PS]  # row (cc*K + k), pixel p
                                     v00 = staged[s00 + cc * REGION]
@@ -756,7 +769,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                                     o = u32(go_row + u32(k * u32(GO_ROWS)))
                                     if OGB % GO_ROWS == 0 or o < u32(OGB):
                                         v = ZERO
-                                        if go_inside and u32(o0 + o) < opg:
+                                        if go_inside and (REGULAR or u32(o0 + o) < opg):
                                             v = load_at(grad_out, src, u32(0))
                                         staged_grad_out[u64(go_at0) + u64(k * u32(GO_ROWS * PS))] = v
                                     src = offset_address(grad_out, src, go_rows_step)
@@ -808,10 +821,10 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                         # phase: wg_red (the slot's partials into grad_weight: fire-and-forget RED)
                         for i in range(WRO):
                             o = u32(o0 + u32(o_t + u32(i * WG_O_T)))
-                            if o < opg:
+                            if REGULAR or o < opg:
                                 for j in range(WRK):
                                     ck = u32(ck_t + u32(j * WG_CK_T))
-                                    if ck < u32(nc * u32(K)):
+                                    if REGULAR or ck < u32(nc * u32(K)):
                                         red_add(grad_weight, u32(u32(weight_row + u32(o * u32(cpg * u32(K)))) + ck),
                                                 wacc[i, j])
                         slot = u32(slot + u32(THREADS))
@@ -1279,7 +1292,7 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
     # input, offset and mask gradients
     span = channel_span(g)
     tiles = config.tiles(g)
-    kernel = input_grad_kernel(g.dtype, *shape, config, use_mask, not deterministic)
+    kernel = input_grad_kernel(g.dtype, *shape, config, use_mask, not deterministic, config.regular(g))
     grad_weight_flat = grad_weight.reshape(-1)
     with stopwatch.section("fused input grads" if deterministic else "fused grads"):
         if not deterministic:  # both receive RED additions
