@@ -613,43 +613,43 @@ def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: 
                                                 * u32(K)) + tap)]
                     w_tile[u32(u32(u32(tap * u32(OC)) + o) * u32(CB)) + j] = v
             cuda.syncthreads()  # the weight tile is staged
-            if True:  # (a thread past the image has an empty segment: no divergent branch)
-                e = starts[segment] if valid else np.int64(0)
-                end = starts[segment + u64(1)] if valid else np.int64(0)
-                while e < end:
-                    ident = u32(key[e] & low)
-                    corner = u32(ident & u32(3))
-                    s = u32(ident >> u32(2))
-                    tap = u32(s // part_pixels)
-                    p_local = u32(s - u32(tap * part_pixels))
-                    row = u32(p_local // out_w)
-                    oy = u32(u32(row0) + row)
-                    ox = u32(p_local - u32(row * out_w))
-                    y, x = tap_position(offset, n, g, tap, oy, ox, conv)
-                    _y0, _y1, _x0, _x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
-                    w = w00 if corner == u32(0) else (w01 if corner == u32(1) else (w10 if corner == u32(2) else w11))
-                    m = load(mask, (n, u32(u32(g * u32(K)) + tap), oy, ox)) if use_mask else ONE
-                    coef = m * w
-                    for j in range(CB):
-                        column_grad[j] = ZERO
-                    # grad_out[n, o_first + o0 + o, oy, ox] through one handle, a plane per output
-                    at = element_address(grad_flat, (u64(n) * u64(out_channels) + u64(u32(o_first + o0)))
-                                         * u64(out_plane) + u64(u32(u32(oy * out_w) + ox)))
-                    wt = u32(u32(tap * u32(OC)) * u32(CB))
-                    o = u32(0)
-                    while o < u32(OC):  # UNROLL outputs per trip: CB FMAs each
-                        for sub in range(UNROLL):
-                            go = ZERO
-                            if EVEN or u32(u32(o0 + o) + u32(sub)) < outs:
-                                go = load_at(grad_flat, at, u32(u32(sub) * out_plane))
-                            for j in range(CB):
-                                column_grad[j] += w_tile[wt + (sub * CB + j)] * go
-                        at = offset_address(grad_flat, at, u32(u32(UNROLL) * out_plane))
-                        wt = u32(wt + u32(UNROLL * CB))
-                        o = u32(o + u32(UNROLL))
-                    for j in range(CB):
-                        acc[j] += coef * column_grad[j]
-                    e += 1
+            # (a thread past the image gets an empty segment: no divergent branch around the loop)
+            e = starts[segment] if valid else np.int64(0)
+            end = starts[segment + u64(1)] if valid else np.int64(0)
+            while e < end:
+                ident = u32(key[e] & low)
+                corner = u32(ident & u32(3))
+                s = u32(ident >> u32(2))
+                tap = u32(s // part_pixels)
+                p_local = u32(s - u32(tap * part_pixels))
+                row = u32(p_local // out_w)
+                oy = u32(u32(row0) + row)
+                ox = u32(p_local - u32(row * out_w))
+                y, x = tap_position(offset, n, g, tap, oy, ox, conv)
+                _y0, _y1, _x0, _x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
+                w = w00 if corner == u32(0) else (w01 if corner == u32(1) else (w10 if corner == u32(2) else w11))
+                m = load(mask, (n, u32(u32(g * u32(K)) + tap), oy, ox)) if use_mask else ONE
+                coef = m * w
+                for j in range(CB):
+                    column_grad[j] = ZERO
+                # grad_out[n, o_first + o0 + o, oy, ox] through one handle, a plane per output
+                at = element_address(grad_flat, (u64(n) * u64(out_channels) + u64(u32(o_first + o0)))
+                                     * u64(out_plane) + u64(u32(u32(oy * out_w) + ox)))
+                wt = u32(u32(tap * u32(OC)) * u32(CB))
+                o = u32(0)
+                while o < u32(OC):  # UNROLL outputs per trip: CB FMAs each
+                    for sub in range(UNROLL):
+                        go = ZERO
+                        if EVEN or u32(u32(o0 + o) + u32(sub)) < outs:
+                            go = load_at(grad_flat, at, u32(u32(sub) * out_plane))
+                        for j in range(CB):
+                            column_grad[j] += w_tile[wt + (sub * CB + j)] * go
+                    at = offset_address(grad_flat, at, u32(u32(UNROLL) * out_plane))
+                    wt = u32(wt + u32(UNROLL * CB))
+                    o = u32(o + u32(UNROLL))
+                for j in range(CB):
+                    acc[j] += coef * column_grad[j]
+                e += 1
             cuda.syncthreads()  # everyone is done reading the weight tile
             o0 = u32(o0 + u32(OC))
         if valid:
