@@ -41,7 +41,7 @@ if backend.IS_SIMULATOR:
         """The element ``offset`` past the handle ``address``, as stored (simulator: an index)."""
         return array[address + offset]
 
-    pointer_at = None
+    pointer_at = handle_arguments = None
 
 else:
     from llvmlite import ir
@@ -73,6 +73,11 @@ else:
     def _one_dimensional(array):
         return isinstance(array, types.Array) and array.ndim == 1
 
+    def handle_arguments(array, address, offset) -> bool:
+        """Whether ``(array, address, offset)`` type as a handle access: a 1-D array, an integer
+        handle and an integer offset (the typing check of every intrinsic that takes a handle)."""
+        return _one_dimensional(array) and isinstance(address, types.Integer) and isinstance(offset, types.Integer)
+
     @intrinsic
     def element_address(typingctx, array, index):
         """``&array[index]`` as a uint64 handle, opaque to the optimiser."""
@@ -93,8 +98,7 @@ else:
     @intrinsic
     def offset_address(typingctx, array, address, offset):
         """The handle of the element ``offset`` past the handle ``address``."""
-        if not _one_dimensional(array) or not isinstance(address, types.Integer) \
-                or not isinstance(offset, types.Integer):
+        if not handle_arguments(array, address, offset):
             return None
 
         def codegen(context, builder, sig, args):
@@ -105,8 +109,7 @@ else:
     @intrinsic
     def read_at(typingctx, array, address, offset):
         """The element ``offset`` past the handle ``address``, as stored (``ld.global``)."""
-        if not _one_dimensional(array) or not isinstance(address, types.Integer) \
-                or not isinstance(offset, types.Integer):
+        if not handle_arguments(array, address, offset):
             return None
 
         def codegen(context, builder, sig, args):

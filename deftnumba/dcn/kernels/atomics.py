@@ -31,7 +31,7 @@ registers ran out. (Multiplying by 0 is no substitute: ``inf * 0`` is NaN.)
 from __future__ import annotations
 
 from ...runtime import backend
-from ...runtime.addresses import pointer_at
+from ...runtime.addresses import handle_arguments, pointer_at
 from ...runtime.backend import cuda
 
 if backend.IS_SIMULATOR:
@@ -107,7 +107,7 @@ else:
     def red_add_at(typingctx, array, address, offset, value):
         """``red.global.add.f{32,64}`` at the handle ``address`` (``runtime.addresses``) plus
         ``offset`` elements: ``array[i + offset] += value``, result unused."""
-        if not _float_array(array) or not isinstance(address, types.Integer) or not isinstance(offset, types.Integer):
+        if not _float_array(array) or not handle_arguments(array, address, offset):
             return None
         signature = types.void(array, address, offset, value)
 
