@@ -192,7 +192,8 @@ def _gpu_functions(kind: str):
     @intrinsic
     def load_at(typingctx, array, address, offset):
         """``load`` through a handle (``runtime.addresses``): ``offset`` elements past ``address``."""
-        if not addresses.handle_arguments(array, address, offset):
+        if not isinstance(array, types.Array) or array.ndim != 1 or not isinstance(address, types.Integer) \
+                or not isinstance(offset, types.Integer):
             return None
 
         def codegen(context, builder, sig, args):
