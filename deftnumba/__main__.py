@@ -110,8 +110,7 @@ def main(argv=None) -> int:
                        help="issue-slot model of a suite shape (deft64, res128, det-c4, det-c5, or all); repeatable")
     audit.add_argument("--method", default="fused",
                        choices=["fused", "im2col", "fused_columns", "all", "bwd-fused", "bwd-fused_deterministic",
-                                "bwd-fused_columns",
-                                "bwd-fused_gemm", "bwd-im2col", "bwd-deterministic", "bwd-all", "everything"],
+                                "bwd-fused_columns", "bwd-im2col", "bwd-deterministic", "bwd-all", "everything"],
                        help="method(s) modelled for --layer (default fused): forward methods, 'all' (every "
                             "forward), backward 'bwd-NAME', 'bwd-all' (every backward kernel), 'everything'")
     audit.add_argument("--tile", metavar="TH,TW,HALO,CHUNK,OCB,RO,RP",

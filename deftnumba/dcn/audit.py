@@ -201,11 +201,11 @@ def fused_columns_launches(g) -> list:
 
 
 # --------------------------------------------------------------------------- backward launches
-BACKWARD_METHODS = ("fused", "fused_deterministic", "fused_columns", "fused_gemm", "im2col", "deterministic")
+BACKWARD_METHODS = ("fused", "fused_deterministic", "fused_columns", "im2col", "deterministic")
 """Backward methods the audit models (``--method bwd-NAME``). ``deterministic`` is the
 deterministic input-gradient path (``entries`` + ``gather``) that every method's
-``deterministic=True`` runs instead of its scatter (``fused`` reuses the ``fused_gemm``
-gather); ``fused_deterministic`` is the rest of ``fused``'s deterministic mode (the input
+``deterministic=True`` runs instead of its scatter (``fused`` runs the column-free
+``gather_staged``); ``fused_deterministic`` is the rest of ``fused``'s deterministic mode (the input
 kernel without its RED phases, then the weight kernel)."""
 
 
@@ -285,20 +285,17 @@ def column_backward_launches(g, method: str) -> list:
                                extra={"items": items, "loop_trips": (per_thread,) + tuple(trips),
                                       "dot_depth": dot_depth, "gemm_depth": 3 if dot_depth == 3 else None}))
 
-    sample_sig = (a2, a4, a4, a4, a4, a4, a4, a1, a4, a4, a2, conv, i64, i64)
+    sample_sig = (a2, a4, a4, a4, a1, a4, a4, a2, conv, i64, i64)
     if method == "im2col":
         grid_stride("bwd.im2col.col2im", bk.col2im_kernel(g.dtype, g.has_mask, narrow),
                     (a2, a4, a4, a4, a1, conv, i64), chunk * g.in_channels * g.taps * pixels, (), "col2im")
-        grid_stride("bwd.im2col.sample", bk.sample_kernel(g.dtype, g.has_mask, False, False, False, narrow),
+        grid_stride("bwd.im2col.sample", bk.sample_kernel(g.dtype, g.has_mask, False, False, narrow),
                     sample_sig, points, (cpo,), "offset and mask grad")
         return launches + [replace_label(im2col_launches(g)[1], "bwd.im2col.columns (recompute)",
                                          "bilinear columns (recompute)")]
-    if method in ("fused_columns", "fused_gemm"):
-        fused = method == "fused_gemm"
-        # the o loop of grad_column: one FMA per source iteration (unroll = its FFMA count)
-        grid_stride(f"bwd.{method}.sample", bk.sample_kernel(g.dtype, g.has_mask, True, fused, True, narrow),
-                    sample_sig, points, (cpo, outs) if fused else (cpo,),
-                    "fused sample grads (gemm inside)" if fused else "fused sample grads", 3 if fused else None)
+    if method == "fused_columns":
+        grid_stride(f"bwd.{method}.sample", bk.sample_kernel(g.dtype, g.has_mask, True, True, narrow),
+                    sample_sig, points, (cpo,), "fused sample grads")
         return launches
     if method == "deterministic":
         k1 = types.Array(types.int64, 1, "C")
@@ -315,7 +312,7 @@ def column_backward_launches(g, method: str) -> list:
         grid_stride("bwd.deterministic.gather", bk.gather_kernel(g.dtype, g.has_mask, cb, wide, narrow),
                     (a2, a4, a4, k1, keys, a4, conv, i64, i64, i64, i32, i32, i32, types.boolean),
                     chunk * (g.in_channels // cb) * g.height * g.width, (per_segment,), "")
-        # the column-free methods' gather (fused_gemm, and fused in deterministic mode): a block
+        # the column-free gather (fused in deterministic mode): a block
         # per (image, CB channels, pixel block); loops: output chunks (depth 1), the segment's
         # entries (2), the outputs of a chunk (3, CB FMAs per output: the GEMM-like loop)
         out_chunk = bk.gather_out_chunk(g)
@@ -888,7 +885,7 @@ def target_rows(name: str, results: dict) -> list:
             a, label = m["audit"], m["launch"]
             if method in ("bwd-fused", "bwd-fused_deterministic"):
                 gemm = gemm_loops(a, ("grad_cols_gemm", "weight_gemm", "wg_gemm"))
-            else:  # the grad_column dot product (fused_gemm forms): its innermost loop
+            else:  # the column-free gather's dot product: its innermost loop
                 depth = m["extra"].get("gemm_depth")
                 gemm = [lp for lp in a.loops if depth and lp.depth == depth and lp.innermost and lp.ffma]
             for lp in gemm:

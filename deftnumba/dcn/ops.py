@@ -125,10 +125,8 @@ _BACKWARD = {
     "fused_columns": _backward.backward_fused_columns,
     "fused": _backward_fused.backward,  # column-free; see kernels/backward_fused.py
 }
-# ``fused_gemm`` (grad_cols recomputed per element on CUDA cores, no shared-memory tiling:
-# 1.8% FFMA in its main loop) is retired in favour of ``fused`` (issue 11); its kernels stay
-# in kernels/backward.py (``backward_fused_gemm``), and ``fused``'s deterministic gather
-# uses their recompute form.
+# (``fused_gemm``, grad_cols recomputed per element on CUDA cores with no shared-memory
+# tiling, 1.8-9.1% FFMA in its main loop, was retired in favour of ``fused``: issue 11.)
 BACKWARD_METHODS: tuple[str, ...] = tuple(_BACKWARD)
 
 

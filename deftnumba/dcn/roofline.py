@@ -20,11 +20,7 @@ Modelled methods (``MODELS``): ``im2col`` (our baseline pipeline), ``torchvision
 (the same design with positions computed inside its im2col kernel),
 ``fused_columns``, ``fused`` (the minimal bytes of the layer: inputs, offsets,
 mask and weights read once, output written once) and ``cudnn_conv`` (a dense
-convolution of the same shape: the slowdown denominator); and, for the backward
-only, ``fused_gemm`` (``kernels/backward.py``). ``fused_gemm`` is no longer one of
-``ops.BACKWARD_METHODS`` (retired in favour of ``fused``, issue 11); its kernels remain
-(``fused``'s deterministic gather uses their recompute form) and the audit still prices
-them (``--method bwd-fused_gemm``) against this model. The backward ``fused`` operator
+convolution of the same shape: the slowdown denominator). The backward ``fused`` operator
 is the column-free ideal, which ``kernels/backward_fused.py`` implements in one kernel
 in atomic mode (its deterministic mode adds the gather and the weight kernel).
 
@@ -158,9 +154,7 @@ def _backward(g: Geometry, method: str) -> list[Operator]:
     column gradients in memory -> atomic scatter into the (zeroed) input gradient,
     offset/mask gradients -> columns recomputed -> GEMM ``grad_out cols^T`` for the
     weight gradient (accumulated per chunk). ``fused_columns`` does the scatter, the
-    offset/mask gradients and the column recompute in one sample pass;
-    ``fused_gemm`` also computes the column gradients inside that pass (no
-    ``grad_cols`` buffer; its inner products run on CUDA cores).
+    offset/mask gradients and the column recompute in one sample pass.
     """
     z = _Sizes.of(g)
     grad_out = z.output
@@ -178,7 +172,7 @@ def _backward(g: Geometry, method: str) -> list[Operator]:
             Operator("grad input", z.gemm, grad_out + z.weight, z.input, gemm_flops=z.gemm),
             Operator("grad weight", z.gemm, grad_out + z.input, z.weight, gemm_flops=z.gemm),
         ]
-    if method not in ("im2col", "torchvision", "fused_columns", "fused_gemm"):
+    if method not in ("im2col", "torchvision", "fused_columns"):
         raise KeyError(method)
     head = bias_grad + [Operator("zero grad_input", 0, 0, z.input),
                         Operator("grad_out regroup", 0, grad_out, grad_out)]
@@ -186,14 +180,10 @@ def _backward(g: Geometry, method: str) -> list[Operator]:
     weight_grad = Operator("weight grad gemm", z.gemm, grad_out + z.columns, z.weight * z.chunks,
                            gemm_flops=z.gemm)
     per_point = POSITION_FLOPS + CORNER_FLOPS + CORNER_GRADIENT_FLOPS + _mask_per_point(g)
-    if method in ("fused_columns", "fused_gemm"):
+    if method == "fused_columns":
         flops = per_point * z.points + (SCATTER_FLOPS + COORD_FLOPS + INTERP_FLOPS) * z.samples
-        if method == "fused_columns":
-            sample = Operator("fused sample grads", flops, z.columns + sampled_in, sample_grads + z.columns)
-            return head + [grad_cols, sample, weight_grad]
-        sample = Operator("fused sample grads (gemm inside)", flops + z.gemm, grad_out + z.weight + sampled_in,
-                          sample_grads + z.columns, gemm_flops=z.gemm)
-        return head + [sample, weight_grad]
+        sample = Operator("fused sample grads", flops, z.columns + sampled_in, sample_grads + z.columns)
+        return head + [grad_cols, sample, weight_grad]
     # im2col keeps a points buffer (y, x, m); its offset/mask kernel works per point like the fused
     # pass. torchvision recomputes the position and corners per sample (and per offset
     # element, i.e. twice, in its coordinate kernel).
@@ -215,20 +205,18 @@ def _backward(g: Geometry, method: str) -> list[Operator]:
 
 
 MODELS = ("im2col", "torchvision", "fused_columns", "fused", "cudnn_conv")
-BACKWARD_ONLY = ("fused_gemm",)  # backward methods with no forward of that name
 
 
 def has_model(method: str, pass_: str = "fwd") -> bool:
-    """Whether ``method`` has counts for ``pass_`` (``fused_gemm``: ``bwd`` only)."""
-    return method in MODELS or (method in BACKWARD_ONLY and pass_ == "bwd")
+    """Whether ``method`` has counts for ``pass_`` (every model covers both passes)."""
+    return method in MODELS
 
 
 def _check(method: str, pass_: str) -> None:
     if pass_ not in PASSES:
         raise ValueError(f"pass must be one of {PASSES}, got {pass_!r}")
     if not has_model(method, pass_):
-        raise ValueError(f"no roofline model for method {method!r} and pass {pass_!r}; modelled: "
-                         f"{MODELS} (all passes), {BACKWARD_ONLY} (bwd)")
+        raise ValueError(f"no roofline model for method {method!r}; modelled: {MODELS}")
 
 
 def operators(g: Geometry, method: str = "fused", pass_: str = "fwd") -> list[Operator]:

@@ -226,29 +226,6 @@ def test_deterministic_gather_in_row_parts(method, name, keys, rng, monkeypatch)
     assert rel_error(first.input, expected.input) < 10 * tolerance(g.dtype)
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("name", ["groups-and-offset-groups", "odd-everything"])
-def test_retired_fused_gemm_form_still_matches_the_reference(name, mode, rng):
-    """``backward_fused_gemm`` is no public method (retired for ``fused``), but its sample
-    kernel is still audited and its ``grad_column`` arithmetic is the gather's: keep it right."""
-    from deftnumba.dcn.kernels import backward as bk
-
-    g = CASES[name]
-    arrays = layer_arrays(g, rng)
-    go = grad_out_for(g, rng)
-    x, offset, weight, bias, mask = arrays
-    grads = [np.full(g.shapes[k], np.nan, dtype=g.dtype) for k in ("input", "offset", "weight")]
-    grad_bias = np.full(g.shapes["bias"], np.nan, dtype=g.dtype) if bias is not None else None
-    grad_mask = np.full(g.shapes["mask"], np.nan, dtype=g.dtype) if mask is not None else None
-    bk.backward_fused_gemm(g, go, x, offset, weight, mask, *grads, grad_bias, grad_mask,
-                           deterministic=MODES[mode])
-    expected = reference.deform_conv2d_backward(go, *arrays[:4], **conv_kwargs(g), mask=mask)
-    for field, got in zip(("input", "offset", "weight"), grads):
-        assert rel_error(got, getattr(expected, field)) < 10 * tolerance(g.dtype), field
-    if mask is not None:
-        assert rel_error(grad_mask, expected.mask) < 10 * tolerance(g.dtype)
-
-
 def test_sort_parts_fit_their_budget():
     """``sort_part_rows`` picks as few equal parts as fit the budget, and one part without one."""
     from deftnumba.dcn.kernels import backward as bk

@@ -44,14 +44,9 @@ Methods (``ops`` keeps the registry)
                    feeds the input scatter, the offset and the mask gradients,
                    and the same four corners give the forward's column, stored
                    for the weight-gradient GEMM (no separate recompute pass).
-``fused_gemm``     (retired from ``ops.BACKWARD_METHODS`` in favour of ``backward_fused.py``'s
-                   column-free ``fused``; kept here for comparison) no ``grad_cols`` buffer at all: ``sample_kernel`` computes each
-                   ``grad_cols`` element as the dot product over ``Og`` outputs
-                   from ``W`` and ``grad_out`` (read through L1/L2), so the
-                   ``C*K*P`` column matrix is never written nor read back. The
-                   same FLOPs, but on CUDA cores in a plain loop rather than in
-                   cuBLAS: it saves traffic, not time, unless the layer is
-                   memory-bound (small ``Og``).
+(The column-free ``fused`` method is ``backward_fused.py``. A ``fused_gemm`` method that
+computed each ``grad_cols`` element inside the sample pass, one FMA per scalar load of
+``W`` and ``grad_out`` (9.1% FFMA), was retired in session 25, issue 11.)
 
 Determinism
 -----------
@@ -74,8 +69,8 @@ sort-then-segment reduction whose order is fixed:
    segment in sorted order, recomputing each entry's coefficient ``m * w_corner``
    from its id with the same ``sampling`` functions as the entries kernel (once
    per ``CB`` channels), and writes ``grad_input`` (no atomics, no zero fill). It
-   reads ``grad_cols``. The column-free methods (``fused_gemm`` here, and
-   ``backward_fused``'s ``fused`` in deterministic mode) have no ``grad_cols``:
+   reads ``grad_cols``. The column-free method (``backward_fused``'s ``fused`` in
+   deterministic mode) has no ``grad_cols``:
    ``gather_staged_kernel`` recomputes each element per corner (4x the
    column-gradient GEMM's work on CUDA cores: the price of staying buffer-free),
    from the block's weights staged in shared memory and each ``grad_out`` value
@@ -157,33 +152,6 @@ def index_is_narrow(total: int) -> bool:
     return int(total) + 65536 * 1024 < 2**32
 
 
-@functools.cache
-def _grad_column_function(dtype):
-    """Device function: one element of ``grad_cols`` from ``W`` (compute dtype) and ``grad_out``
-    (storage dtype, read through ``load``)."""
-    fns = sampling_functions(dtype)
-    ZERO = fns.ZERO
-    load = fns.load
-
-    @cuda.jit(device=True, inline=True)
-    def grad_column(weight, grad_output, n, c, i, j, oy, ox, channels):
-        """``sum_o W[o, c mod Cg, i, j] * grad_out[n, o, oy, ox]`` over ``c``'s weight group.
-        Group arithmetic in 32 bits (channel counts are array dims < 2**31): no 64-bit division."""
-        per_group = u32(weight.shape[1])
-        group = u32(u32(c) // per_group)
-        outs = u32(u32(u32(weight.shape[0]) * per_group) // u32(channels))
-        c_local = u32(u32(c) - u32(group * per_group))
-        acc = ZERO
-        o = u32(group * outs)
-        end = u32(o + outs)
-        while o < end:
-            acc += weight[o, c_local, i, j] * load(grad_output, (n, o, oy, ox))
-            o = u32(o + u32(1))
-        return acc
-
-    return grad_column
-
-
 # Traffic (per image, atomic col2im, one thread per column element):
 #   reads grad_cols C*K*P*s (coalesced), offsets 2*G*K*P*s and the mask G*K*P*s once per
 #   channel of the group (C*K*P*3*s through L1/L2); 4 atomic adds per element into
@@ -250,26 +218,23 @@ def col2im_kernel(dtype, use_mask: bool, narrow: bool = True):
 # Traffic (per image, one thread per sample = G*K*P threads, each looping over C/G channels):
 #   reads offsets 2*G*K*P*s and mask G*K*P*s once; per channel 4 input corners
 #   (C*K*P*4*s, mostly L1/L2 hits: neighbouring samples share corners) and
-#   - grad_cols C*K*P*s (coalesced over p), unless fused_gemm, which instead reads
-#     W (broadcast: a warp shares the tap) and grad_out (Og values per element, coalesced
-#     over p; C/G*K reuses of each grad_out value, through L1/L2);
+#   - grad_cols C*K*P*s (coalesced over p);
 #   writes grad_offset 2*G*K*P*s and grad_mask G*K*P*s once (no atomics), with
 #   scatter_input 4 atomic adds per (channel, sample) into grad_input as in col2im_kernel,
 #   and with write_columns the recomputed forward columns C*K*P*s (coalesced over p).
 # FLOPs: ~40 per sample for position, corners and derivative weights; per channel
-#   24 for the three reductions (+8 scatter products, +1 column), + 2*Og with fused_gemm.
+#   24 for the three reductions (+8 scatter products, +1 column).
 # Nothing in shared memory.
 @functools.cache
-def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, write_columns: bool,
+def sample_kernel(dtype, use_mask: bool, scatter_input: bool, write_columns: bool,
                   narrow: bool = True):
-    """Kernel ``(grad_cols, grad_output, weight, input, offset, mask, grad_input, grad_input_flat,
-    grad_offset, grad_mask, columns, conv, first_image, n_images)``: one thread per sample.
+    """Kernel ``(grad_cols, input, offset, mask, grad_input_flat, grad_offset, grad_mask, columns,
+    conv, first_image, n_images)``: one thread per sample.
 
     Always writes ``grad_offset`` (and ``grad_mask`` if ``use_mask``) for images
     ``first_image .. first_image + n_images - 1``. ``scatter_input`` also adds the
-    input gradient into ``grad_input`` with atomics. ``fused_gemm`` computes the
-    ``grad_cols`` elements on the fly from ``weight`` and ``grad_output``;
-    otherwise they are read from ``grad_cols`` (``[C*K, n_images*P]``).
+    input gradient into ``grad_input`` with atomics. The column gradients are read from
+    ``grad_cols`` (``[C*K, n_images*P]``).
     ``write_columns`` also stores the forward's columns ``m * bilinear(I[c], y, x)``
     into ``columns`` (``[C*K, n_images*P]``) for the weight-gradient GEMM: the pass
     already holds the four corners and the sample, so the recompute costs one store.
@@ -279,7 +244,6 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, 
     fns = sampling_functions(dtype)
     tap_position = fns.tap_position
     bilinear_corner_gradients = fns.bilinear_corner_gradients
-    grad_column = _grad_column_function(dtype)
     ZERO = fns.ZERO
     ONE = fns.ONE
     load = fns.load
@@ -290,8 +254,8 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, 
     split_index = _split_index_function(narrow)
 
     @cuda.jit
-    def kernel(grad_cols, grad_output, weight, input, offset, mask, grad_input, grad_input_flat, grad_offset,
-               grad_mask, columns, conv, first_image, n_images):
+    def kernel(grad_cols, input, offset, mask, grad_input_flat, grad_offset, grad_mask, columns, conv, first_image,
+               n_images):
         _, channels, height, width = input.shape
         image_size = u64(channels * height * width)  # 64-bit: an image may pass 2**32 elements
         _, off_channels, out_h, out_w = offset.shape
@@ -307,8 +271,6 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, 
             n = first_image + n_local
             oy = i32(u32(p) // u32(out_w))
             ox = p - oy * out_w
-            i = i32(u32(tap) // u32(kw))
-            j = tap - i * kw
             y, x = tap_position(offset, n, g, tap, oy, ox, conv)
             (y0, y1, x0, x1, w00, w01, w10, w11,
              gy00, gy01, gy10, gy11, gx00, gx01, gx10, gx11) = bilinear_corner_gradients(y, x, height, width)
@@ -318,10 +280,7 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, fused_gemm: bool, 
             acc_x = ZERO
             acc_m = ZERO
             for c in range(g * per_group, (g + 1) * per_group):
-                if fused_gemm:
-                    gc = grad_column(weight, grad_output, n, c, i, j, oy, ox, channels)
-                else:
-                    gc = grad_cols[c * taps + tap, col]
+                gc = grad_cols[c * taps + tap, col]
                 v00 = load(input, (n, c, y0, x0))
                 v01 = load(input, (n, c, y0, x1))
                 v10 = load(input, (n, c, y1, x0))
@@ -684,7 +643,7 @@ def grad_columns(geometry, weight, grad_out_groups, xp):
 def gather_block_channels(geometry) -> int:
     """Channels a gather thread sums (``gather_kernel``'s ``CB``): the largest of 8, 4, 2, 1 that
     divides both an offset group's and a weight group's channels, so each key's coefficient is
-    recomputed once per CB channels (and each ``grad_out`` value loaded once per CB, ``fused_gemm``)."""
+    recomputed once per CB channels (and each ``grad_out`` value loaded once per CB, ``gather_staged_kernel``)."""
     g = geometry
     per_offset_group, per_weight_group = g.in_channels // g.offset_groups, g.in_channels // g.groups
     return next(cb for cb in (8, 4, 2, 1) if per_offset_group % cb == 0 and per_weight_group % cb == 0)
@@ -727,10 +686,12 @@ def sort_part_rows(geometry, n_chunk: int, budget_bytes: int | None = None) -> i
 
 
 def _deterministic_input_grad(g, grad_cols, grad_output, weight, offset, mask_arg, grad_input,
-                              first, n_chunk, fused_gemm, xp, conv, budget_bytes: int | None = None):
+                              first, n_chunk, column_free, xp, conv, budget_bytes: int | None = None):
     """Sort-then-segment col2im for images ``first .. first + n_chunk`` (module docstring), in
     parts of ``sort_part_rows`` output rows: the first part writes ``grad_input``, the others add
-    to it, always in the same order, so the result is bit-identical run to run."""
+    to it, always in the same order, so the result is bit-identical run to run. ``column_free``
+    (``backward_fused``): no ``grad_cols``; ``gather_staged_kernel`` recomputes the column
+    gradients from ``grad_output`` and ``weight``."""
     rows = sort_part_rows(g, n_chunk, budget_bytes)
     id_bits, wide = sort_key_layout(g, n_chunk, rows)
     key_type = np.uint64 if wide else np.uint32
@@ -738,7 +699,7 @@ def _deterministic_input_grad(g, grad_cols, grad_output, weight, offset, mask_ar
     bounds = xp.arange(segments + 1, dtype=key_type) << key_type(id_bits)  # each segment's first key
     cb = gather_block_channels(g)
     threads = n_chunk * (g.in_channels // cb) * g.height * g.width
-    if fused_gemm:  # a block per (image, channel block, pixel block), the weights staged
+    if column_free:  # a block per (image, channel block, pixel block), the weights staged
         out_chunk = gather_out_chunk(g)
         gather = gather_staged_kernel(g.dtype, g.has_mask, cb, wide, g.taps, out_chunk,
                                       (g.out_channels // g.groups) % out_chunk == 0)
@@ -755,7 +716,7 @@ def _deterministic_input_grad(g, grad_cols, grad_output, weight, offset, mask_ar
                np.int32(part_rows), np.int32(id_bits))
         key.sort()  # the keys are unique (but the sentinel's, never read): any sort gives one order
         starts = xp.searchsorted(key, bounds, side="left").astype(np.int64)
-        if fused_gemm:
+        if column_free:
             blocks_x, channel_blocks, images = grid
             for block0 in range(0, channel_blocks, GRID_YZ_LIMIT):
                 for image0 in range(0, images, GRID_YZ_LIMIT):
@@ -783,7 +744,6 @@ def _run(method, geometry, grad_output, input, offset, weight, mask, grad_input,
     dummy2 = xp.zeros((1, 1), dtype=dtype)
     mask_arg = mask if mask is not None else xp.zeros((1, 1, 1, 1), dtype=input.dtype)
     grad_mask_arg = grad_mask if grad_mask is not None else dummy4
-    fused_gemm = method == "fused_gemm"
     weight = precision.to_compute(weight, g.dtype, xp)  # float32 for half layers (small)
 
     with stopwatch.section("bias grad"):
@@ -800,29 +760,26 @@ def _run(method, geometry, grad_output, input, offset, weight, mask, grad_input,
         fill = im2col.column_filler(g, input, points, xp)
     # The fused methods' sample pass writes the columns for the weight gradient itself.
     narrow = index_is_narrow(g.batch * g.in_channels * g.taps * pixels)  # every chunk's index space
-    samples_kernel = sample_kernel(g.dtype, mask is not None, not unfused and not deterministic, fused_gemm,
-                                   not unfused, narrow)
+    samples_kernel = sample_kernel(g.dtype, mask is not None, not unfused and not deterministic, not unfused,
+                                   narrow)
 
     for first, cols in im2col.column_chunks(g, xp, dtype):
         n_chunk = cols.shape[1] // pixels
         go = _grad_out_by_group(g, grad_output, first, n_chunk, xp)
-        if fused_gemm:
-            gcols = dummy2
-        else:
-            with stopwatch.section("grad columns gemm"):
-                gcols = grad_columns(g, weight, go, xp)
+        with stopwatch.section("grad columns gemm"):
+            gcols = grad_columns(g, weight, go, xp)
         if unfused and not deterministic:
             with stopwatch.section("col2im"):
                 launch(col2im_kernel(g.dtype, mask is not None, narrow), g.in_channels * g.taps * n_chunk * pixels,
                        gcols, offset, mask_arg, grad_input, grad_input.reshape(-1), conv, np.int64(first))
         with stopwatch.section("offset and mask grad" if unfused else "fused sample grads"):
             launch(samples_kernel, n_chunk * g.offset_groups * g.taps * pixels,
-                   gcols, grad_output, weight, input, offset, mask_arg, grad_input, grad_input.reshape(-1), grad_offset,
-                   grad_mask_arg, cols if not unfused else dummy2, conv, np.int64(first), np.int64(n_chunk))
+                   gcols, input, offset, mask_arg, grad_input.reshape(-1), grad_offset, grad_mask_arg,
+                   cols if not unfused else dummy2, conv, np.int64(first), np.int64(n_chunk))
         if deterministic:
             with stopwatch.section("deterministic col2im"):
                 _deterministic_input_grad(g, gcols, grad_output, weight, offset, mask_arg, grad_input,
-                                          first, n_chunk, fused_gemm, xp, conv)
+                                          first, n_chunk, False, xp, conv)
         if unfused:
             with stopwatch.section("bilinear columns"):
                 fill(cols, first)
@@ -844,14 +801,6 @@ def backward_fused_columns(geometry, grad_output, input, offset, weight, mask, g
                            stopwatch=backend.NO_STOPWATCH):
     """GEMM -> ``grad_cols`` -> one pass for input, offset and mask grads."""
     _run("fused_columns", geometry, grad_output, input, offset, weight, mask, grad_input, grad_offset,
-         grad_weight, grad_bias, grad_mask, deterministic, stopwatch)
-
-
-def backward_fused_gemm(geometry, grad_output, input, offset, weight, mask, grad_input, grad_offset,
-                        grad_weight, grad_bias, grad_mask, deterministic=False,
-                        stopwatch=backend.NO_STOPWATCH):
-    """No ``grad_cols`` buffer: the sample pass computes it on the fly from ``W`` and ``grad_out``."""
-    _run("fused_gemm", geometry, grad_output, input, offset, weight, mask, grad_input, grad_offset,
          grad_weight, grad_bias, grad_mask, deterministic, stopwatch)
 
 
@@ -879,13 +828,11 @@ def ptx_cases():
             if use_mask:  # the 64-bit index variant, for index spaces of 2**32 items or more
                 yield (f"col2im[mask={use_mask},wide]", dtype, col2im_kernel(dtype, use_mask, False),
                        (a2, a4, a4, a4, flat, conv, i64))
-            # (scatter_input, fused_gemm, write_columns) of: im2col; fused_columns atomic and
-            # deterministic; fused_gemm atomic and deterministic
-            for scatter, fused, write in ((False, False, False), (True, False, True), (False, False, True),
-                                          (True, True, True), (False, True, True)):
-                yield (f"sample[mask={use_mask},scatter={scatter},fused_gemm={fused},columns={write}]", dtype,
-                       sample_kernel(dtype, use_mask, scatter, fused, write),
-                       (a2, a4, a4, a4, a4, a4, a4, flat, a4, a4, a2, conv, i64, i64))
+            # (scatter_input, write_columns) of: im2col; fused_columns atomic and deterministic
+            for scatter, write in ((False, False), (True, True), (False, True)):
+                yield (f"sample[mask={use_mask},scatter={scatter},columns={write}]", dtype,
+                       sample_kernel(dtype, use_mask, scatter, write),
+                       (a2, a4, a4, a4, flat, a4, a4, a2, conv, i64, i64))
             for wide, keys in ((False, u1), (True, w1)):
                 yield (f"gather[mask={use_mask},key={keys.dtype}]", dtype, gather_kernel(dtype, use_mask, 4, wide),
                        (a2, a4, a4, k1, keys, a4) + gather_tail)
@@ -904,9 +851,8 @@ def ptx_cases():
     for dtype in ("float16", "bfloat16"):
         h4 = types.Array(precision.numba_type(dtype), 4, "A")
         yield ("col2im[mask=True]", dtype, col2im_kernel(dtype, True), (f2, h4, h4, f4, f1, conv, i64))
-        yield ("sample[mask=True,scatter=True,fused_gemm=False,columns=True]", dtype,
-               sample_kernel(dtype, True, True, False, True),
-               (f2, h4, f4, h4, h4, h4, f4, f1, f4, f4, f2, conv, i64, i64))
+        yield ("sample[mask=True,scatter=True,columns=True]", dtype, sample_kernel(dtype, True, True, True),
+               (f2, h4, h4, h4, f1, f4, f4, f2, conv, i64, i64))
         yield ("entries[key=uint32]", dtype, entries_kernel(dtype, False), (h4, u1) + entries_tail)
         yield ("gather[mask=True,key=uint32]", dtype, gather_kernel(dtype, True, 4, False),
                (f2, h4, h4, k1, u1, f4) + gather_tail)
