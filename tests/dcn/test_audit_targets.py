@@ -148,11 +148,12 @@ def test_backward_64_bit_division_in_loops(figures):
 def test_backward_gemm_like_loop_of_the_column_free_gather_does_not_regress(figures):
     """The column-free gather (``fused``'s deterministic mode) misses the 80% target; pinned at
     today's figure. Weights staged in shared memory (session 24): 51.6% (10% when it read
-    every weight from global memory). The retired ``fused_gemm`` sample pass (9.1%) is gone
+    every weight from global memory); the output plane a compile-time constant (immediate
+    load offsets, session 25): 59.3%. The retired ``fused_gemm`` sample pass (9.1%) is gone
     (session 25); ``fused``'s own GEMM loops meet the target."""
     assert not [r for r in figures["targets"] if "fused_gemm" in r["target"]]
     for r in rows_like(figures, "deft64", "bwd.deterministic.gather_staged", "FFMA %"):
-        assert r["value"] >= 50, r
+        assert r["value"] >= 58.5, r
 
 
 def test_fused_backward_predicted_time_does_not_regress(figures):
