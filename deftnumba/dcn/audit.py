@@ -233,7 +233,7 @@ def fused_backward_launches(g, config=None, deterministic: bool = False) -> list
         input_phases += ("wg_stage", "wg_gemm", "wg_red")
     launches = [
         Launch(f"{prefix}.input_grad", bf, bf.input_grad_kernel(g.dtype, *shape, config, g.has_mask, not deterministic,
-                                                                    config.regular(g)),
+                                                                    config.regular(g), bf.planes(g)),
                (flat, a4, a4, flat, flat, flat, flat, a4, a4, conv, dims),
                config.tiles(g) * (g.in_channels // span) * g.batch, config.input_threads(k), config,
                operator="fused backward", extra={"phases": input_phases, "out_of_tile_phases": ("scatter_outside",)})]
@@ -242,7 +242,7 @@ def fused_backward_launches(g, config=None, deterministic: bool = False) -> list
         splits = bf.choose_splits(g, config)
         w_blocks = splits * -(-opg // config.w_out_block) * -(-cpg // config.chunk) * g.groups
         launches.append(
-            Launch(f"{prefix}.weight_grad", bf, bf.weight_grad_kernel(g.dtype, *shape, config, g.has_mask),
+            Launch(f"{prefix}.weight_grad", bf, bf.weight_grad_kernel(g.dtype, *shape, config, g.has_mask, bf.planes(g)),
                    (flat, a4, a4, flat, flat, flat, conv, dims), w_blocks, config.weight_threads(k), config,
                    operator="fused backward",
                    extra={"phases": ("w_stage", "w_stage_grad_out", "w_table", "w_build", "weight_gemm"),

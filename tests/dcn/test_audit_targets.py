@@ -161,8 +161,10 @@ def test_fused_backward_predicted_time_does_not_regress(figures):
     weight gradient fused into the input kernel (atomic mode): 2.73x; the grad_out stagings
     unrolled over a compile-time count of rows: 2.49x; session 24's scatter (halo 3, the
     out-of-tile path a separate branch weighed by its chance, addresses through handles),
-    stagings (positions per thread, handles) and regular variant: pinned at today's 1.98x."""
-    assert value(figures, "deft64", "bwd fused predicted / fp32 floor") <= 2.03
+    stagings (positions per thread, handles) and regular variant: 1.98x; session 25's
+    compile-time planes (a RED's channel step and the stagings' plane steps in immediate
+    offsets): pinned at today's 1.88x."""
+    assert value(figures, "deft64", "bwd fused predicted / fp32 floor") <= 1.92
 
 
 def test_every_backward_kernel_is_modelled(figures):
