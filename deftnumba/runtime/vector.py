@@ -40,6 +40,13 @@ def vector_width(dtype) -> int:
     return VECTOR_BYTES // np.dtype(dtype).itemsize
 
 
+def slice_vector_width(elements: int, dtype) -> int:
+    """Elements per step of a kernel's copy of a contiguous slice of ``elements``: a 16-byte
+    vector where the slice is a whole number of them, else one (the kernels' rule)."""
+    vw = vector_width(dtype)
+    return vw if elements % vw == 0 else 1
+
+
 if backend.IS_SIMULATOR:
 
     @cuda.jit(device=True)

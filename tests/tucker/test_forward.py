@@ -81,6 +81,21 @@ def test_several_chunks_and_blocks(rng, poisoned):
     check_close(tucker_conv2d(*args, **kw, method="three_pass", config=tile), args, kw, np.float32)
 
 
+def test_packed_slices_copied_by_vector_and_by_element(rng, poisoned):
+    """The core conv copies its packed core slice (``CC*K*OCB`` floats) in 16-byte vectors where
+    the slice is a whole number of them and element by element otherwise: both paths, bounds-checked."""
+    from deftnumba.runtime.vector import slice_vector_width
+
+    args, kw = make(rng, (1, 7, 5, 6, 5, 3, 7, 3, 3, 1, 1, 1, 1))
+    by_vector = core_conv.CoreTile(tile_h=3, tile_w=2, chunk=2, oc_block=2, reg_oc=1, reg_px=2)  # 36 floats
+    by_element = core_conv.CoreTile(tile_h=3, tile_w=2, chunk=1, oc_block=3, reg_oc=3, reg_px=2)  # 27 floats
+    assert slice_vector_width(2 * 9 * 2, np.float32) == 4 and slice_vector_width(1 * 9 * 3, np.float32) == 1
+    for tile in (by_vector, by_element):
+        with backend.bounds_checked():
+            out = tucker_conv2d(*args, **kw, method="three_pass", config=tile)
+        check_close(out, args, kw, np.float32)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_deterministic(rng, method):
     args, kw = make(rng, CASES["3x3-pad1"])

@@ -53,6 +53,7 @@ import numpy as np
 
 from ...runtime.backend import cuda
 from ...runtime.tiles import RegisterBlockedTile, staged_extent
+from ...runtime.vector import load_vector, slice_vector_width, vector_width
 
 uint32 = np.uint32  # the 32-bit index type inside kernels (see the module docstring)
 
@@ -155,6 +156,9 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
 
     CORE_ACC = RO * RP  # local-array sizes must be plain constants
     POS_T = -(-REGION // THREADS)  # staged positions per thread
+    VW = vector_width(DT)
+    VEC_CORE = slice_vector_width(CORE_SLICE, DT) == VW  # the core slice copied in 16-byte vectors
+    u_VEC_STEP = U(THREADS * VW)
 
     @cuda.jit
     def kernel(hidden, packed_core, out, height, width, out_h, out_w):
@@ -174,7 +178,7 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
         plane_out = uint32(out_h) * uint32(out_w)
         image_in = np.int64(n) * np.int64(R_IN * np.int64(plane_in))      # 64-bit image bases
         image_in_u = np.uint64(image_in)
-        image_out = np.int64(n) * np.int64(rank_out * np.int64(plane_out))
+        image_out_u = np.uint64(np.int64(n) * np.int64(rank_out * np.int64(plane_out)))
         tiles_x = (uint32(out_w) + u_TW - U(1)) // u_TW
         tile_y = uint32(cuda.blockIdx.x) // tiles_x
         oy0 = tile_y * u_TH
@@ -229,11 +233,24 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
                         staged[U(U(ch * u_REGION) + pos)] = value
                 ch = U(ch + U(1))
             # phase: stage_core
-            slice0 = np.int64(rank_block * u_CHUNKS + chunk) * np.int64(CORE_SLICE)
-            idx = tid
-            while idx < u_CORE_SLICE:
-                staged_core[idx] = packed_core[slice0 + np.int64(idx)]
-                idx += u_THREADS
+            # One contiguous slice (pack_core), copied in 16-byte vectors (LDG.128, STS.128)
+            # where it is a whole number of them. Unsigned indices: a signed one costs
+            # Numba's wraparound test per load.
+            slice0 = np.uint64(U(rank_block * u_CHUNKS + chunk)) * np.uint64(CORE_SLICE)
+            if VEC_CORE:
+                # (a while loop: a compile-time count of reps in a Python range, 18 at l1b, was
+                # left rolled with uniform-register bookkeeping, 2.3x the instructions)
+                idx = U(tid * U(VW))
+                while idx < u_CORE_SLICE:
+                    v = load_vector(packed_core, slice0 + np.uint64(idx))
+                    for t in range(VW):
+                        staged_core[U(idx + U(t))] = v[t]
+                    idx = U(idx + u_VEC_STEP)
+            else:
+                idx = tid
+                while idx < u_CORE_SLICE:
+                    staged_core[idx] = packed_core[slice0 + np.uint64(idx)]
+                    idx = U(idx + u_THREADS)
             cuda.syncthreads()  # staged and staged_core are complete before anyone reads them
 
             # phase: multiply
@@ -264,14 +281,16 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
         # phase: epilogue
         oy = oy0 + u_row
         ox = ox0 + v0
+        # (unsigned indices and 32-bit tests: a signed 64-bit index cost a wraparound fix-up and
+        # a 64-bit compare per store, ~14 instructions where 3 do)
         if oy < uint32(out_h):
             for i in range(RO):
-                oc = rank_block * u_OCB + core_base + uint32(i)
+                oc = U(U(rank_block * u_OCB) + U(core_base + U(i)))
                 if oc < u_R_OUT:
-                    base = image_out + np.int64(oc * plane_out + oy * uint32(out_w) + ox)
+                    base = image_out_u + np.uint64(U(U(oc * plane_out) + U(U(oy * uint32(out_w)) + ox)))
                     for j in range(RP):
-                        if ox + uint32(j) < uint32(out_w):
-                            out[base + np.int64(j)] = acc[i * RP + j]
+                        if U(ox + U(j)) < uint32(out_w):
+                            out[base + np.uint64(j)] = acc[i * RP + j]
 
     return kernel
 
@@ -302,13 +321,16 @@ def sass_iterations(shape, config: CoreTile) -> dict[str, tuple]:
     names it, so the audit divides its SASS loop by its shared stores: right whether the
     compiler unrolled the copy into the chunk loop or kept a loop of a few channels a pass
     (it does at 7x7 tiles of 28 threads: 4 channels x 3 positions a pass, two passes a
-    chunk, which the old count of one pass per chunk charged 20x too little). ``epilogue``
-    is straight code."""
+    chunk, which the old count of one pass per chunk charged 20x too little). ``stage_core``
+    counts stored vectors (``slice_vector_width``: 16 bytes, or one element where the slice is
+    not a whole number of vectors). ``epilogue`` is straight code."""
     body = phase_model(shape, config)
     chunks = -(-shape.rank_in // config.chunk)
     rows, cols = config.staged_shape(shape)
     stores = chunks * config.chunk * -(-(rows * cols) // config.threads)  # CC x POS_T a chunk
-    return {"prologue": (0, 1), "stage_input": (stores, chunks), "stage_core": (body["stage_core"], chunks),
+    vw = slice_vector_width(config.chunk * shape.taps * config.oc_block, shape.dtype)
+    core_stores = chunks * -(-(config.chunk * shape.taps * config.oc_block) // (config.threads * vw))
+    return {"prologue": (0, 1), "stage_input": (stores, chunks), "stage_core": (core_stores, chunks),
             "multiply": (body["multiply"], chunks * config.chunk), "epilogue": (0, 1)}
 
 

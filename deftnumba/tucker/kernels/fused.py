@@ -67,6 +67,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...runtime.backend import cuda
+from ...runtime.vector import load_vector, slice_vector_width, vector_width
 
 uint32 = np.uint32  # the 32-bit index type inside kernels (see the module docstring)
 
@@ -294,6 +295,16 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
     PAD_H, PAD_W = np.int32(pad_h), np.int32(pad_w)
     C_IN, C_OUT = in_channels, out_channels
 
+    # The packed slices are copied in 16-byte vectors (LDG.128, STS.128) where a slice is a whole
+    # number of them (the packed arrays are the array module's own, aligned; the shared offsets
+    # are multiples of 4 floats): slice_vector_width
+    VW = vector_width(DT)
+    VEC_F, VEC_K, VEC_L = (slice_vector_width(n, DT) == VW for n in (CX * CR, CK * K * ROP, ROP * OB))
+    u_VW, u_VEC_STEP = U(VW), U(lay.threads * VW)
+    # at most one step per thread: the copy loop ends after its first trip (compile time), so
+    # the compiler emits a test, not a loop unrolled for trips that never come
+    ONCE_F, ONCE_K, ONCE_L = (n <= lay.threads * slice_vector_width(n, DT) for n in (CX * CR, CK * K * ROP, ROP * OB))
+
     CORE_ACC = RO * RP  # local-array sizes must be plain constants
     THREADS = lay.threads
     POS_T = -(-REGION_P // THREADS)  # staged positions per thread
@@ -319,7 +330,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
         plane_out = uint32(out_h) * uint32(out_w)
         image_in = np.int64(n) * np.int64(C_IN * np.int64(plane_in))      # 64-bit image bases
         image_in_u = np.uint64(image_in)
-        image_out = np.int64(n) * np.int64(C_OUT * np.int64(plane_out))
+        image_out_u = np.uint64(np.int64(n) * np.int64(C_OUT * np.int64(plane_out)))
         tiles_x = (uint32(out_w) + u_TW - U(1)) // u_TW
         tile_y = uint32(cuda.blockIdx.x) // tiles_x
         oy0 = tile_y * u_TH
@@ -379,11 +390,24 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                             smem[U(U(U(X_OFF) + U(ch * U(REGION_P))) + pos)] = value
                     ch = U(ch + U(1))
                 # phase: stage_first
-                slice0 = np.int64(rank_chunk * u_IN_CHUNKS + in_chunk) * np.int64(CX * CR)
-                idx = tid
-                while idx < u_F_SLICE:
-                    smem[F_OFF + idx] = packed_first[slice0 + np.int64(idx)]
-                    idx += u_THREADS
+                # (unsigned indices: a signed one costs Numba's wraparound test per load)
+                slice0 = np.uint64(U(rank_chunk * u_IN_CHUNKS + in_chunk)) * np.uint64(CX * CR)
+                if VEC_F:
+                    idx = U(tid * u_VW)
+                    while idx < u_F_SLICE:
+                        v = load_vector(packed_first, slice0 + np.uint64(idx))
+                        for e in range(VW):
+                            smem[U(U(F_OFF) + U(idx + U(e)))] = v[e]
+                        idx = U(idx + u_VEC_STEP)
+                        if ONCE_F:
+                            break
+                else:
+                    idx = tid
+                    while idx < u_F_SLICE:
+                        smem[U(U(F_OFF) + idx)] = packed_first[slice0 + np.uint64(idx)]
+                        idx = U(idx + u_THREADS)
+                        if ONCE_F:
+                            break
                 cuda.syncthreads()  # staged input and first-factor slice complete before the GEMM
 
                 # phase: first_gemm
@@ -413,11 +437,23 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
             sub = U(0)
             while sub < u_SUBS:  # the rank chunk's core weights, CK ranks at a time
                 # phase: stage_core
-                slice0 = np.int64(rank_chunk * u_SUBS + sub) * np.int64(CK * K * ROP)
-                idx = tid
-                while idx < u_K_SLICE:
-                    smem[K_OFF + idx] = packed_core[slice0 + np.int64(idx)]
-                    idx += u_THREADS
+                slice0 = np.uint64(U(rank_chunk * u_SUBS + sub)) * np.uint64(CK * K * ROP)
+                if VEC_K:
+                    idx = U(tid * u_VW)
+                    while idx < u_K_SLICE:
+                        v = load_vector(packed_core, slice0 + np.uint64(idx))
+                        for e in range(VW):
+                            smem[U(U(K_OFF) + U(idx + U(e)))] = v[e]
+                        idx = U(idx + u_VEC_STEP)
+                        if ONCE_K:
+                            break
+                else:
+                    idx = tid
+                    while idx < u_K_SLICE:
+                        smem[U(U(K_OFF) + idx)] = packed_core[slice0 + np.uint64(idx)]
+                        idx = U(idx + u_THREADS)
+                        if ONCE_K:
+                            break
                 cuda.syncthreads()  # hidden tile (first sub-chunk) and core slice complete
 
                 # phase: multiply
@@ -460,11 +496,23 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
         out_block = U(0)
         while out_block < u_OUT_BLOCKS:
             # phase: stage_last
-            slice0 = np.int64(out_block) * np.int64(ROP * OB)
-            idx = tid
-            while idx < u_L_SLICE:
-                smem[L_OFF + idx] = packed_last[slice0 + np.int64(idx)]
-                idx += u_THREADS
+            slice0 = np.uint64(out_block) * np.uint64(ROP * OB)
+            if VEC_L:
+                idx = U(tid * u_VW)
+                while idx < u_L_SLICE:
+                    v = load_vector(packed_last, slice0 + np.uint64(idx))
+                    for e in range(VW):
+                        smem[U(U(L_OFF) + U(idx + U(e)))] = v[e]
+                    idx = U(idx + u_VEC_STEP)
+                    if ONCE_L:
+                        break
+            else:
+                idx = tid
+                while idx < u_L_SLICE:
+                    smem[U(U(L_OFF) + idx)] = packed_last[slice0 + np.uint64(idx)]
+                    idx = U(idx + u_THREADS)
+                    if ONCE_L:
+                        break
             cuda.syncthreads()  # core outputs (first block) and last-factor slice complete
 
             # phase: last_gemm
@@ -483,15 +531,17 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                 l_ptr += u_OB
                 v_ptr += u_P
                 rank += U(1)
+            # (unsigned indices and 32-bit tests: a signed 64-bit index cost a wraparound fix-up
+            # and a 64-bit compare per store)
             if oy < uint32(out_h):
                 for i in range(EO):
-                    o = out_block * u_OB + oc_t * u_EO + uint32(i)
+                    o = U(U(out_block * u_OB) + U(U(oc_t * u_EO) + U(i)))
                     if o < u_COUT:
                         bias_o = bias[o]
-                        base = image_out + np.int64(o * plane_out + oy * uint32(out_w) + ox)
+                        base = image_out_u + np.uint64(U(U(o * plane_out) + U(U(oy * uint32(out_w)) + ox)))
                         for j in range(RP):
-                            if ox + uint32(j) < uint32(out_w):
-                                out[base + np.int64(j)] = out_acc[i * RP + j] + bias_o
+                            if U(ox + U(j)) < uint32(out_w):
+                                out[base + np.uint64(j)] = out_acc[i * RP + j] + bias_o
             cuda.syncthreads()  # everyone is done reading staged_last before it is restaged
             out_block += U(1)
 
@@ -556,8 +606,9 @@ def sass_iterations(shape, config: FusedTile) -> dict[str, tuple]:
     ``UR x UQ`` per rank chunk, guarded ones included) and ``phase_steps`` names them, so
     the audit divides their SASS loop by its shared stores: right whether the compiler
     unrolled the staging completely (its loop is then the enclosing chunk loop) or kept a
-    loop of a few channels a pass (seen in the core conv). The other phases' innermost
-    loops are ``phase_model``'s."""
+    loop of a few channels a pass (seen in the core conv). The copies of the packed slices
+    (``stage_first``, ``stage_core``, ``stage_last``) count stored vectors (``slice_vector_width``).
+    The other phases' innermost loops are ``phase_model``'s."""
     g, t = shape, config
     lay = t.layout(g)
     body = phase_model(g, t)
@@ -565,12 +616,18 @@ def sass_iterations(shape, config: FusedTile) -> dict[str, tuple]:
     steps = rank_chunks * -(-g.in_channels // t.in_chunk)
     out_blocks = -(-g.out_channels // lay.out_block)
     per_step = t.in_chunk * -(-lay.region_padded // lay.threads)  # CX x POS_T stores
+
+    def copies(elements):  # vector stores per thread of one slice copy
+        return -(-elements // (lay.threads * slice_vector_width(elements, g.dtype)))
+
+    core_runs = rank_chunks * (t.rank_chunk // t.core_ranks)
     return {"prologue": (0, 1), "stage_input": (steps * per_step, steps),
-            "stage_first": (body["stage_first"], steps),
+            "stage_first": (steps * copies(t.in_chunk * t.rank_chunk), steps),
             "first_gemm": (body["first_gemm"], steps), "store_hidden": (body["store_hidden"], rank_chunks),
-            "stage_core": (body["stage_core"], rank_chunks * (t.rank_chunk // t.core_ranks)),
+            "stage_core": (core_runs * copies(t.core_ranks * g.taps * lay.ranks_padded), core_runs),
             "multiply": (body["multiply"], rank_chunks * t.rank_chunk), "store_core": (0, 1),
-            "stage_last": (body["stage_last"], out_blocks), "last_gemm": (body["last_gemm"], out_blocks)}
+            "stage_last": (out_blocks * copies(lay.ranks_padded * lay.out_block), out_blocks),
+            "last_gemm": (body["last_gemm"], out_blocks)}
 
 
 def phase_steps(shape, config: FusedTile) -> dict[str, tuple]:
