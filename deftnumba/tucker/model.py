@@ -282,7 +282,10 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
 # Session 22 counted the staging per shared store (it had been charged once per chunk where
 # the compiler kept a loop of a few channels a pass) and made the core conv's staging cheaper;
 # a `three_pass` search with K = 4 then moved layer3 to 7x7 tiles of 32 ranks (2x7 outputs per
-# thread) and kept the other picks (they beat everything the search audited).
+# thread) and kept the other picks (they beat everything the search audited). Session 25
+# copied the packed slices in 16-byte vectors; a search with K = 4 on layers 2-4 then moved
+# `fused` at l2a to 4x14 tiles of 64-rank chunks, and at layer4 to channel chunks of 16 (the
+# first factor's slice, 4 ranks a thread, is a vector copy), and kept the other picks.
 # Keys: (batch, C, r_in, r_out, Cout, kh, kw, sh, sw, ph, pw, dh, dw, dtype); FusedTile(th, tw,
 # rank_chunk, in_chunk, RO, RP, EO, UR, core_chunk) and CoreTile(th, tw, chunk, OCB, RO, RP).
 AUDITED_PICKS: dict = {
@@ -295,7 +298,7 @@ AUDITED_PICKS: dict = {
         'three_pass': core_conv.CoreTile(8, 8, 8, 32, 8, 8),
     },
     (32, 128, 64, 64, 128, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l2a-n32
-        'fused': fused.FusedTile(4, 28, 32, 16, 8, 7, 8, 8, 4),
+        'fused': fused.FusedTile(4, 14, 64, 16, 8, 7, 8, 8, 4),
         'three_pass': core_conv.CoreTile(14, 14, 8, 32, 8, 7),
     },
     (32, 128, 96, 64, 128, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l2b-n32
@@ -311,11 +314,11 @@ AUDITED_PICKS: dict = {
         'three_pass': core_conv.CoreTile(7, 7, 8, 32, 2, 7),
     },
     (32, 512, 160, 160, 512, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l4a-n32
-        'fused': fused.FusedTile(2, 8, 64, 4, 8, 1, 2, 8, 4),
+        'fused': fused.FusedTile(2, 8, 64, 16, 8, 1, 2, 8, 4),
         'three_pass': core_conv.CoreTile(7, 7, 8, 16, 4, 7),
     },
     (32, 512, 192, 160, 512, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l4b-n32
-        'fused': fused.FusedTile(2, 8, 64, 4, 8, 1, 2, 8, 4),
+        'fused': fused.FusedTile(2, 8, 64, 16, 8, 1, 2, 8, 4),
         'three_pass': core_conv.CoreTile(7, 7, 8, 16, 4, 7),
     },
 }
