@@ -430,6 +430,10 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
         a = cuda.local.array(RR, dtype=DT)
         b = cuda.local.array(RP, dtype=DT)
         sums = cuda.local.array((EPT, 4), dtype=DT)  # S_q of the points this thread owns
+        c00 = cuda.local.array(CC, dtype=DT)  # a point's four staged corners, the chunk's channels
+        c01 = cuda.local.array(CC, dtype=DT)
+        c10 = cuda.local.array(CC, dtype=DT)
+        c11 = cuda.local.array(CC, dtype=DT)
         wacc = cuda.local.array((WRO, WRK), dtype=DT)  # weight-gradient partials of one slot
         wa = cuda.local.array((WRO, PX_TRIP), dtype=DT)
         wb = cuda.local.array((WRK, PX_TRIP), dtype=DT)
@@ -557,7 +561,8 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                 have_table = True
 
             # phase: stage (the chunk's input region, zero outside the image and past nc): this
-            # thread's region positions, each for every channel of the chunk
+            # thread's region positions, each for every channel of the chunk, channel-innermost
+            # (staged[pos*CC + cc]: a corner's CC channels are one vector, STS.128/LDS.128 at CC = 4)
             chunk_input = element_address(input, image_base + u64(u32(c * plane)))  # input[n, c]
             for r in range(POS_REPS):
                 pos = u32(tid + u32(r * THREADS))
@@ -567,11 +572,13 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                     gx = u32(ix0 + i32(u32(pos - u32(row * u32(SWR)))))
                     inside = gy < height and gx < width
                     at = offset_address(input, chunk_input, u32(u32(gy * width) + gx))  # (read if inside)
-                    for cc in range(CC):
-                        v = ZERO
+                    slot = u32(pos * u32(CC))
+                    for cc in range(CC):  # (all loads, then all stores: one STS.128 at CC = 4)
+                        c00[cc] = ZERO
                         if inside and (REGULAR or u32(cc) < nc):
-                            v = load_at(input, at, u32(u32(cc) * plane))
-                        staged[pos + cc * REGION] = v
+                            c00[cc] = load_at(input, at, u32(u32(cc) * plane))
+                    for cc in range(CC):
+                        staged[slot + cc] = c00[cc]
 
             for i in range(RR):
                 for j in range(RP):
@@ -710,18 +717,26 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                         k11 = ALL_BITS if w11 != ZERO else NO_BITS
                         if r0 >= i32(0) and r1 < i32(SHR) and q0 >= i32(0) and q1 < i32(SWR):
                             # all four corners staged (the common case; a branch per point)
-                            s00 = u32(i32(r0 * i32(SWR)) + q0)
-                            s01 = u32(i32(r0 * i32(SWR)) + q1)
-                            s10 = u32(i32(r1 * i32(SWR)) + q0)
-                            s11 = u32(i32(r1 * i32(SWR)) + q1)
+                            # (staged channel-innermost: a corner's CC values are consecutive)
+                            s00 = u32(u32(i32(r0 * i32(SWR)) + q0) * u32(CC))
+                            s01 = u32(u32(i32(r0 * i32(SWR)) + q1) * u32(CC))
+                            s10 = u32(u32(i32(r1 * i32(SWR)) + q0) * u32(CC))
+                            s11 = u32(u32(i32(r1 * i32(SWR)) + q1) * u32(CC))
+                            # the corners' values, read before any store or RED (which the
+                            # vectoriser does not move loads across): one LDS.128 per corner
+                            for cc in range(CC):
+                                c00[cc] = staged[s00 + cc]
+                                c01[cc] = staged[s01 + cc]
+                                c10[cc] = staged[s10 + cc]
+                                c11[cc] = staged[s11 + cc]
                             for cc in range(CC):
                                 if REGULAR or u32(cc) < nc:
                                     # (compile-time offsets added unwrapped: they fold into the loads)
                                     gc = grad_cols[at + cc * K * PS]  # row (cc*K + k), pixel p
-                                    v00 = staged[s00 + cc * REGION]
-                                    v01 = staged[s01 + cc * REGION]
-                                    v10 = staged[s10 + cc * REGION]
-                                    v11 = staged[s11 + cc * REGION]
+                                    v00 = c00[cc]
+                                    v01 = c01[cc]
+                                    v10 = c10[cc]
+                                    v11 = c11[cc]
                                     sums[r, 0] += gc * v00
                                     sums[r, 1] += gc * v01
                                     sums[r, 2] += gc * v10
