@@ -430,6 +430,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
         a = cuda.local.array(RR, dtype=DT)
         b = cuda.local.array(RP, dtype=DT)
         sums = cuda.local.array((EPT, 4), dtype=DT)  # S_q of the points this thread owns
+        position = cuda.local.array(CC, dtype=DT)  # a staged position's channels (stage)
         c00 = cuda.local.array(CC, dtype=DT)  # a point's four staged corners, the chunk's channels
         c01 = cuda.local.array(CC, dtype=DT)
         c10 = cuda.local.array(CC, dtype=DT)
@@ -574,11 +575,11 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                     at = offset_address(input, chunk_input, u32(u32(gy * width) + gx))  # (read if inside)
                     slot = u32(pos * u32(CC))
                     for cc in range(CC):  # (all loads, then all stores: one STS.128 at CC = 4)
-                        c00[cc] = ZERO
+                        position[cc] = ZERO
                         if inside and (REGULAR or u32(cc) < nc):
-                            c00[cc] = load_at(input, at, u32(u32(cc) * plane))
+                            position[cc] = load_at(input, at, u32(u32(cc) * plane))
                     for cc in range(CC):
-                        staged[slot + cc] = c00[cc]
+                        staged[slot + cc] = position[cc]
 
             for i in range(RR):
                 for j in range(RP):
