@@ -53,6 +53,10 @@ CONFIGS = {
                                          w_out_block=2, w_reg_out=1, w_reg_cols=3),
     "chunk1-tile2x4": BackwardTileConfig(tile_h=2, tile_w=4, halo=2, chunk=1, out_block=4, reg_rows=1, reg_px=4,
                                          w_out_block=4, w_reg_out=2, w_reg_cols=1),
+    # 4x4 ownership and 8 staged outputs: the column-gradient GEMM's trip runs its loop of
+    # 4 rank-1 updates twice (backward_fused._column_gemm_trip), as GPU_CONFIG's does
+    "twice-tile2x2": BackwardTileConfig(tile_h=2, tile_w=2, halo=1, chunk=4, out_block=8, reg_rows=4, reg_px=4,
+                                        w_out_block=4, w_reg_out=2, w_reg_cols=2),
 }
 
 

@@ -193,3 +193,22 @@ def test_image_dividing_tiles_with_seven_pixel_rows(rng, poisoned):
     with backend.bounds_checked():
         out = tucker_conv2d(*args, **kw, method="fused", config=tile)
     check_close(out, args, kw, np.float32)
+
+
+def test_input_staged_by_channel_lanes(rng, poisoned):
+    """A block with at least twice as many threads as staged positions splits each channel
+    chunk over lanes (``fused.input_staging``: layer4's 2x8 tile stages 40 positions with 320
+    threads); here 3 lanes over chunks of 4 channels (a lane with one channel fewer), a
+    partial last channel chunk and rank chunk, bounds-checked."""
+    from types import SimpleNamespace
+
+    args, kw = make(rng, (2, 9, 4, 5, 7, 18, 6, 3, 3, 1, 1, 1, 1))
+    tile = fused.FusedTile(tile_h=1, tile_w=2, rank_chunk=6, in_chunk=4, reg_oc=1, reg_px=1, out_reg=1,
+                           first_reg=2)
+    g = SimpleNamespace(rank_out=18, stride_h=1, stride_w=1, kernel_h=3, kernel_w=3, dil_h=1, dil_w=1, taps=9)
+    lay = tile.layout(g)
+    assert (lay.threads, lay.region_padded) == (36, 12)
+    assert fused.input_staging(lay, tile.in_chunk) == (3, 2, 1)
+    with backend.bounds_checked():
+        out = tucker_conv2d(*args, **kw, method="fused", config=tile)
+    check_close(out, args, kw, np.float32)

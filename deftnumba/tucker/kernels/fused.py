@@ -178,6 +178,17 @@ class FusedLayout:
         return self.shared_floats * g.itemsize
 
 
+def input_staging(lay: FusedLayout, in_chunk: int) -> tuple[int, int, int]:
+    """``(lanes, channels, positions)`` of the input staging: ``lanes`` threads per staged
+    position (``threads // region_padded`` where the block has at least twice as many threads
+    as positions, else 1), each copying ``channels`` of the chunk's ``in_chunk`` channels at
+    ``positions`` positions. One lane per position made a 2x8 tile of 320 threads (layer4,
+    7x7) copy all 16 channels of its 40 positions on 40 threads: 16 elements per thread
+    where 2 do with 8 lanes."""
+    lanes = max(1, min(in_chunk, lay.threads // lay.region_padded))
+    return lanes, -(-in_chunk // lanes), -(-lay.region_padded // lay.threads)
+
+
 def fits(t: FusedTile, g) -> bool:
     """Static shared memory within 48 KB and at most 1024 threads."""
     lay = t.layout(g)
@@ -307,7 +318,11 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
 
     CORE_ACC = RO * RP  # local-array sizes must be plain constants
     THREADS = lay.threads
-    POS_T = -(-REGION_P // THREADS)  # staged positions per thread
+    # input staging: LANES threads per staged position split the chunk's CX channels (more
+    # threads than positions: a 7x7 image's 2x8 tile stages 40 positions with 320 threads),
+    # each copying CH_T channels of POS_T positions (input_staging)
+    LANES, CH_T, POS_T = input_staging(lay, CX)
+    u_LANES, u_LANE_THREADS = U(LANES), U(LANES * REGION_P)
     FIRST_ACC = UR * UQ
     OUT_ACC = EO * RP
 
@@ -350,10 +365,15 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
         q0 = (tid - r_t * u_Q_T) * u_UQ
         for i in range(RO * RP):
             core_acc[i] = ZERO
-        # offsets[k]: in-image offset of staged position tid + k*THREADS, or -1 (zero
+        # input staging ownership: lane `lane` of position `base` (tid itself when LANES = 1);
+        # threads past LANES * REGION_P stage nothing
+        lane = tid // u_REGION_P if LANES > 1 else U(0)
+        base = U(tid - lane * u_REGION_P)
+        stager = LANES == 1 or tid < u_LANE_THREADS
+        # offsets[k]: in-image offset of staged position base + k*THREADS, or -1 (zero
         # padding, or one of the padded positions past the region)
         for k in range(POS_T):
-            pos = tid + uint32(k * THREADS)
+            pos = base + uint32(k * THREADS)
             rr = pos // u_COLS
             gy = iy0 + np.int32(rr)
             gx = ix0 + np.int32(pos - rr * u_COLS)
@@ -370,25 +390,28 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                 c0 = in_chunk * u_CX
                 # phase: stage_input
                 # Each thread copies its own POS_T region positions (offsets computed once,
-                # above) for each of the CX channels: no division, one add per element. As
-                # in core_conv.py: an unconditional load (from the image's first element for
-                # padding) and a select, 32-bit sums wrapped in U, an unsigned 64-bit index,
-                # a 32-bit channel counter (so LLVM unrolls the loop).
-                ch = U(0)
-                while ch < U(CX):
-                    channel_in = U(c0 + ch)
-                    channel_ok = channel_in < u_C
-                    channel = U(channel_in * plane_in)  # inside the image: 32 bits
-                    for k in range(POS_T):
-                        pos = U(tid + U(k * THREADS))
-                        if (k + 1) * THREADS <= REGION_P or pos < u_REGION_P:
-                            inside = channel_ok and offsets[k] >= 0
-                            at = U(channel + U(offsets[k])) if inside else U(0)
-                            value = input[image_in_u + np.uint64(at)]
-                            if not inside:
-                                value = ZERO
-                            smem[U(U(U(X_OFF) + U(ch * U(REGION_P))) + pos)] = value
-                    ch = U(ch + U(1))
+                # above) for CH_T of the CX channels (lane, lane + LANES, ...): no division, one
+                # add per element. As in core_conv.py: an unconditional load (from the image's
+                # first element for padding) and a select, 32-bit sums wrapped in U, an unsigned
+                # 64-bit index, a 32-bit counter of compile-time trips (so LLVM unrolls the loop).
+                if stager:
+                    j = U(0)
+                    while j < U(CH_T):
+                        ch = U(lane + U(j * u_LANES))
+                        if CX % LANES == 0 or ch < u_CX:
+                            channel_in = U(c0 + ch)
+                            channel_ok = channel_in < u_C
+                            channel = U(channel_in * plane_in)  # inside the image: 32 bits
+                            for k in range(POS_T):
+                                pos = U(base + U(k * THREADS))
+                                if (k + 1) * THREADS <= REGION_P or pos < u_REGION_P:
+                                    inside = channel_ok and offsets[k] >= 0
+                                    at = U(channel + U(offsets[k])) if inside else U(0)
+                                    value = input[image_in_u + np.uint64(at)]
+                                    if not inside:
+                                        value = ZERO
+                                    smem[U(U(U(X_OFF) + U(ch * U(REGION_P))) + pos)] = value
+                        j = U(j + U(1))
                 # phase: stage_first
                 # (unsigned indices: a signed one costs Numba's wraparound test per load)
                 slice0 = np.uint64(U(rank_chunk * u_IN_CHUNKS + in_chunk)) * np.uint64(CX * CR)
@@ -602,7 +625,7 @@ def phase_model(shape, config: FusedTile) -> dict[str, int]:
 def sass_iterations(shape, config: FusedTile) -> dict[str, tuple]:
     """Per phase, ``(source steps of its innermost SASS loop, runs of its code outside that
     loop)`` per thread, for the SASS audit (``tucker/audit.py``). ``stage_input`` and
-    ``store_hidden`` count stored elements (each thread's ``CX x POS_T`` per channel chunk,
+    ``store_hidden`` count stored elements (each thread's ``CH_T x POS_T`` per channel chunk,
     ``UR x UQ`` per rank chunk, guarded ones included) and ``phase_steps`` names them, so
     the audit divides their SASS loop by its shared stores: right whether the compiler
     unrolled the staging completely (its loop is then the enclosing chunk loop) or kept a
@@ -615,7 +638,8 @@ def sass_iterations(shape, config: FusedTile) -> dict[str, tuple]:
     rank_chunks = -(-g.rank_in // t.rank_chunk)
     steps = rank_chunks * -(-g.in_channels // t.in_chunk)
     out_blocks = -(-g.out_channels // lay.out_block)
-    per_step = t.in_chunk * -(-lay.region_padded // lay.threads)  # CX x POS_T stores
+    _, ch_t, pos_t = input_staging(lay, t.in_chunk)
+    per_step = ch_t * pos_t  # CH_T x POS_T stores
 
     def copies(elements):  # vector stores per thread of one slice copy
         return -(-elements // (lay.threads * slice_vector_width(elements, g.dtype)))
