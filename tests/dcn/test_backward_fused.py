@@ -109,6 +109,28 @@ def test_regular_variant_matches_reference(name, deterministic, rng):
     assert not any(backward_fused.SIMULATOR_CONFIG.regular(c) for c in CASES.values())
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_weights_staged_by_vector(deterministic, rng):
+    """Where every chunk and output step is full and the slab rows are whole 16-byte vectors
+    (``weights_by_vector``), the input kernel stages its weights by vector; here from a
+    caller's weight array that starts 4 bytes past a 16-byte boundary (the launcher copies it
+    to an aligned one), under bounds checks."""
+    g = REGULAR_CASES["regular"]
+    cfg = CONFIGS["twice-tile2x2"]
+    assert cfg.regular(g) and cfg.weights_by_vector(g)
+    assert not backward_fused.SIMULATOR_CONFIG.weights_by_vector(g)  # (chunks of 2: 18 floats a row)
+    x, offset, weight, bias, mask = layer_arrays(g, rng)
+    buffer = np.empty(weight.size + 1, dtype=weight.dtype)
+    shifted = buffer[1:].reshape(weight.shape)
+    shifted[...] = weight
+    assert shifted.__array_interface__["data"][0] % 16 != 0
+    arrays = (x, offset, shifted, bias, mask)
+    go = grad_out_for(g, rng)
+    with backend.bounds_checked():
+        grads = direct(g, go, arrays, deterministic=deterministic, plan=cfg, splits=2)
+    check_against_reference(g, go, arrays, grads)
+
+
 def test_splits_reduce_in_a_fixed_order(rng):
     """Deterministic mode (the weight kernel's partials): more partials change the float sum
     order of grad_weight but not its value; the same split count gives the same bits."""

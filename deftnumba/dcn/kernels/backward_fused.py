@@ -89,6 +89,7 @@ import numpy as np
 from ...runtime import backend, precision
 from ...runtime.addresses import element_address, offset_address, read_at
 from ...runtime.tiles import staged_extent
+from ...runtime.vector import load_vector, vector_aligned, vector_width
 from ...runtime.backend import cuda
 from .atomics import keep_if, red_add, red_add_at
 from .sampling import conv_tuple, sampling_functions
@@ -156,6 +157,18 @@ class BackwardTileConfig:
 
     def input_threads(self, taps: int) -> int:
         return (self.rows(taps) // self.reg_rows) * (self.pixels // self.reg_px)
+
+    def weights_by_vector(self, geometry) -> bool:
+        """Whether the input kernel stages its weight slabs ``[out_block, CC*K]`` in 16-byte
+        vectors: every chunk and output step full (``regular``), a slab row (``CC*K``) and a
+        weight row (``Cg*K``) whole vectors, so each vector starts 16-byte aligned (the
+        launcher passes an aligned weight array, ``runtime.vector.vector_aligned``), and one
+        row of vectors per pass fits the block."""
+        g = geometry
+        k, vw = g.taps, vector_width(precision.compute_dtype(g.dtype))
+        ck = self.rows(k)
+        return (self.regular(g) and ck % vw == 0 and (g.in_channels // g.groups) * k % vw == 0
+                and self.input_threads(k) >= ck // vw)
 
     def pixel_vector(self) -> int:
         """Pixels per shared load of the fused weight-gradient GEMM (4: ``LDS.128``)."""
@@ -317,7 +330,8 @@ def _column_gemm_trip(out_block: int, products: int) -> tuple[int, int]:
 #   the column tile overwrites it in place.
 @functools.cache
 def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, config: BackwardTileConfig,
-                      use_mask: bool, atomic: bool, regular: bool, planes: tuple[int, int]):
+                      use_mask: bool, atomic: bool, regular: bool, planes: tuple[int, int],
+                      weights_by_vector: bool = False):
     """Kernel ``(input, offset, mask, weight, grad_out, grad_input, grad_weight, grad_offset,
     grad_mask, conv, dims)`` on ``(tiles, C // channel_span, images)`` blocks of
     ``config.input_threads(K)``.
@@ -335,6 +349,8 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     position or a RED's corner, ``GO_ROWS`` output planes in the ``grad_out`` stagings) fold
     into the instructions' immediate offsets: at ``deft64`` a RED costs 3 instructions, not 5
     (a 64-bit add per channel), and the predicted pass 0.158 ms, not 0.167.
+    ``weights_by_vector`` (``config.weights_by_vector(geometry)``, with a 16-byte aligned
+    ``weight``) stages the weight slabs by ``LDG.128``/``STS.128``.
     """
     PLANE, OUT_PLANE = planes
     fns = sampling_functions(dtype)
@@ -391,6 +407,11 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     W_ROWS = THREADS // CK  # weight staging likewise: one column per thread, W_ROWS rows per pass
     W_FAST = W_ROWS >= 1
     W_REPS = -(-OGB // W_ROWS) if W_FAST else 0  # rows per thread and output step
+    WV = vector_width(DT)  # weight staging by 16-byte vector (weights_by_vector): ...
+    WV_COLS = CK // WV  # ... vectors per slab row, one per thread ...
+    WV_ROWS = THREADS // WV_COLS if WV_COLS else 0  # ... and WV_ROWS rows per pass
+    W_VECTOR = weights_by_vector and REGULAR and CK % WV == 0 and WV_ROWS >= 1
+    WV_REPS = -(-OGB // WV_ROWS) if W_VECTOR else 0  # vectors per thread and output step
     NO_STEP = np.uint32(0xFFFFFFFF)  # "no grad_out step staged yet"
     POS_REPS = -(-REGION // THREADS)  # region positions staged per thread
     u32 = np.uint32
@@ -471,14 +492,22 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
         go_at0 = u32(u32(go_row * u32(PS)) + go_pixel_t)
         go_rows_step = u32(u32(GO_ROWS) * out_plane)  # grad_out elements from one of its rows to the next
         # weight staging (W_FAST): this thread's column w_col of the slab and first row w_row
+        # (W_VECTOR: its vector column w_col, WV_ROWS rows per pass)
         w_row = u32(OGB)
         w_col = u32(0)
-        if tid < u32(W_ROWS * CK):
-            w_row = u32(tid // u32(CK))
-            w_col = u32(tid - u32(w_row * u32(CK)))
         row_length = u32(cpg * u32(K))  # weights per output channel
-        w_at0 = u32(u32(w_row * u32(CK)) + w_col)  # its first element of staged_weight
-        w_rows_step = u32(u32(W_ROWS) * row_length)  # weights from one of its rows to the next
+        if W_VECTOR:
+            if tid < u32(WV_ROWS * WV_COLS):
+                w_row = u32(tid // u32(WV_COLS))
+                w_col = u32(tid - u32(w_row * u32(WV_COLS)))
+            w_at0 = u32(u32(u32(w_row * u32(WV_COLS)) + w_col) * u32(WV))  # a multiple of WV: STS.128
+            w_rows_step = u32(u32(WV_ROWS) * row_length)
+        else:
+            if tid < u32(W_ROWS * CK):
+                w_row = u32(tid // u32(CK))
+                w_col = u32(tid - u32(w_row * u32(CK)))
+            w_at0 = u32(u32(w_row * u32(CK)) + w_col)  # its first element of staged_weight
+            w_rows_step = u32(u32(W_ROWS) * row_length)  # weights from one of its rows to the next
 
         c_begin = u32(u32(cuda.blockIdx.y) * span)
         c_end = u32(c_begin + span)
@@ -599,7 +628,19 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
             o0 = u32(0)
             while o0 < opg:
                 # phase: stage_gemm (weights [OGB, CC*K] of this output step)
-                if W_FAST:  # this thread's column w_col, every W_ROWS-th row: W_REPS rows, a
+                if W_VECTOR:  # this thread's vector column, every WV_ROWS-th row: WV_REPS 16-byte
+                    # vectors (LDG.128, STS.128; regular: no bounds tests), a compile-time count
+                    if w_row < u32(OGB):
+                        at = u32(u32(weight_row + u32(u32(o0 + w_row) * row_length)) + u32(w_col * u32(WV)))
+                        k = u32(0)
+                        while k < u32(WV_REPS):
+                            if OGB % WV_ROWS == 0 or u32(w_row + u32(k * u32(WV_ROWS))) < u32(OGB):
+                                v = load_vector(weight, u64(at))
+                                for e in range(WV):
+                                    staged_weight[u32(u32(w_at0 + u32(k * u32(WV_ROWS * CK))) + u32(e))] = v[e]
+                            at = u32(at + w_rows_step)
+                            k = u32(k + u32(1))
+                elif W_FAST:  # this thread's column w_col, every W_ROWS-th row: W_REPS rows, a
                     # compile-time count (unrolled), read through one handle, stored at
                     # compile-time offsets (the threads past W_ROWS * CK stage nothing)
                     if w_row < u32(OGB):
@@ -1328,6 +1369,9 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
     conv = conv_tuple(g)
     input_c = xp.ascontiguousarray(input)
     weight_c = xp.ascontiguousarray(precision.to_compute(weight, g.dtype, xp))  # float32 for halves (small)
+    by_vector = config.weights_by_vector(g)
+    if by_vector:  # (16-byte vectors: a copy if the caller's weights start elsewhere)
+        weight_c = vector_aligned(xp, weight_c)
     grad_output_c = xp.ascontiguousarray(grad_output)
     dummy4 = xp.zeros((1, 1, 1, 1), dtype=input.dtype)  # an absent mask (storage dtype)
     mask_arg = mask if mask is not None else dummy4
@@ -1342,7 +1386,8 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
     # input, offset and mask gradients
     span = channel_span(g)
     tiles = config.tiles(g)
-    kernel = input_grad_kernel(g.dtype, *shape, config, use_mask, not deterministic, config.regular(g), planes(g))
+    kernel = input_grad_kernel(g.dtype, *shape, config, use_mask, not deterministic, config.regular(g), planes(g),
+                               by_vector)
     grad_weight_flat = grad_weight.reshape(-1)
     with stopwatch.section("fused input grads" if deterministic else "fused grads"):
         if not deterministic:  # both receive RED additions
@@ -1387,8 +1432,8 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
 def phase_steps(config=None) -> dict:
     """``{phase: (kind, per_step)}``: how the audit finds one source step of these phases in
     their SASS (``dcn.audit.normalise_steps``): the ``grad_out`` and weight stagings
-    (``GO_FAST``, ``W_FAST``) are unrolled over a compile-time count of rows, one shared store
-    per row."""
+    (``GO_FAST``, ``W_FAST``, ``W_VECTOR``) are unrolled over a compile-time count of rows, one
+    shared store per row (``W_VECTOR``: per 16-byte vector, one ``STS.128``)."""
     return {"stage_grad_out": ("sts", 1), "wg_stage": ("sts", 1), "stage_gemm": ("sts", 1),
             "w_stage_grad_out": ("sts", 1)}
 
@@ -1447,11 +1492,16 @@ def phase_model(geometry, config: BackwardTileConfig | None = None, target_block
     # chunk's weight pass (which runs last step first) except at a weight group's first chunk
     cols_pass_stagings = chunks * (out_steps - 1) + weight_groups_per_span
     weight_pass_stagings = chunks * (out_steps - 1)
+    if config.weights_by_vector(g):  # stores per thread and output step: 16-byte vectors ...
+        wv_cols = ck // vector_width(precision.compute_dtype(g.dtype))
+        weight_stores = -(-config.out_block // (t_in // wv_cols))
+    else:  # ... or elements
+        weight_stores = (-(-config.out_block // (t_in // ck)) if t_in >= ck
+                         else -(-config.out_block * ck // t_in))
     return {
         "table": groups_per_span * -(-kp // t_in),
         "stage": (chunks, chunks),  # (position and channel loops unrolled: the whole copy per chunk)
-        "stage_gemm": (steps * (-(-config.out_block // (t_in // ck)) if t_in >= ck
-                                else -(-config.out_block * ck // t_in)), steps),
+        "stage_gemm": (steps * weight_stores, steps),
         "stage_grad_out": (cols_pass_stagings * grad_out_trips, steps),
         "grad_cols_gemm": steps * (config.out_block // steps_a),
         "scatter": (chunks, chunks),
