@@ -119,7 +119,8 @@ def search(g, method: str, top: int = 8) -> list:
     best of each (tile, register block, rank block) shape, up to ``3 * top`` of them: the
     formulas undervalue large register blocks on small images (at layer4 the best audited
     core-conv tile, 7x7 with 4x7 outputs per thread, is not among their first ten 7x7
-    tiles). Returns ``(predicted us, tile)`` pairs, best first: how ``model.AUDITED_PICKS``
+    tiles). Today's pick (``model.AUDITED_PICKS``, often a tile added by hand) is audited
+    with them. Returns ``(predicted us, tile)`` pairs, best first: how ``model.AUDITED_PICKS``
     is made."""
     kernel = "fused" if method == "fused" else "core_conv"
     ranked = [p.config for p in model.rank_configs(g, method, audited=False)]
@@ -128,8 +129,9 @@ def search(g, method: str, top: int = 8) -> list:
     for t in ranked:
         if (t.tile_h, t.tile_w) in fitting:
             shapes.setdefault((t.tile_h, t.tile_w, t.reg_oc, t.reg_px, getattr(t, "oc_block", 0)), t)
-    chosen = ranked[:top] + list(shapes.values())[:3 * top]
-    chosen = list(dict.fromkeys(chosen))  # in order, without repeats
+    current = model.AUDITED_PICKS.get(model.pick_key(g), {}).get(method)  # today's pick, if any: ...
+    chosen = ([current] if current is not None else []) + ranked[:top] + list(shapes.values())[:3 * top]
+    chosen = list(dict.fromkeys(chosen))  # ... audited too, so the best printed is the best known
     rows = []
     for i, t in enumerate(chosen):
         print(f"  [{i + 1}/{len(chosen)}] {method} {model._tag(t)}", file=sys.stderr, flush=True)
