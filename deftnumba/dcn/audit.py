@@ -314,8 +314,9 @@ def column_backward_launches(g, method: str) -> list:
                     (a2, a4, a4, k1, keys, a4, conv, i64, i64, i64, i32, i32, i32, types.boolean),
                     chunk * (g.in_channels // cb) * g.height * g.width, (per_segment,), "")
         # the column-free gather (fused in deterministic mode): a block
-        # per (image, CB channels, pixel block); loops: output chunks (depth 1), the segment's
-        # entries (2), the outputs of a chunk (3, CB FMAs per output: the GEMM-like loop)
+        # per (image, CB channels, pixel block); loops: output chunks (depth 1), the taps (2:
+        # per tap, the product of its weights and its sums, CB FMAs per output: the GEMM-like
+        # part), the tap's entries (3: one load and one FMA per output into the tap's sums)
         out_chunk = bk.gather_out_chunk(g)
         out_chunks = -(-outs // out_chunk)
         flat_storage = types.Array(getattr(types, str(g.dtype)), 1, "C")
@@ -326,10 +327,26 @@ def column_backward_launches(g, method: str) -> list:
                                     g.out_h * g.out_w),
             (flat_storage, a1, a4, a4, k1, keys, a4, conv, i32, i32, i32, i32, i32, types.boolean, i32, i32, i32, i32),
             blocks, bk.GATHER_THREADS, None, repeats, "",
-            extra={"items": blocks * bk.GATHER_THREADS, "loop_trips": (out_chunks, per_segment, out_chunk * cb),
-                   "dot_depth": 3, "gemm_depth": 3}))
+            extra={"items": blocks * bk.GATHER_THREADS,
+                   "loop_trips": (out_chunks, g.taps, -(-per_segment // g.taps)),
+                   "dot_depth": None, "gemm_depth": 2, "gemm_exclusive": True}))
         return launches
     raise ValueError(f"no backward launch model for method {method!r}; modelled: {BACKWARD_METHODS}")
+
+
+def exclusive_loops(a: sass.KernelAudit, depth: int) -> list:
+    """``(loop, FFMA fraction)`` of the largest loop at ``depth``, counting only its own
+    instructions (less the largest loop nested in it): the straight-line product that a loop
+    issues once per trip around an inner loop."""
+    at = [lp for lp in a.loops if lp.depth == depth and lp.ffma]
+    if not at:
+        return []
+    lp = max(at, key=lambda x: x.instructions)
+    inner = [x for x in a.loops if x.depth == depth + 1 and lp.lines[0] <= x.lines[0] and x.lines[1] <= lp.lines[1]]
+    nested = max(inner, key=lambda x: x.instructions) if inner else None
+    own = lp.instructions - (nested.instructions if nested else 0)
+    own_ffma = lp.ffma - (nested.ffma if nested else 0)
+    return [(lp, own_ffma / own if own else 0.0)]
 
 
 def replace_label(launch: Launch, label: str, operator: str) -> Launch:
@@ -886,12 +903,16 @@ def target_rows(name: str, results: dict) -> list:
         for m in r["launches"]:
             a, label = m["audit"], m["launch"]
             if method in ("bwd-fused", "bwd-fused_deterministic"):
-                gemm = gemm_loops(a, ("grad_cols_gemm", "weight_gemm", "wg_gemm"))
-            else:  # the column-free gather's dot product: its innermost loop
+                gemm = [(lp, lp.ffma_fraction) for lp in gemm_loops(a, ("grad_cols_gemm", "weight_gemm", "wg_gemm"))]
+            elif m["extra"].get("gemm_exclusive"):  # the column-free gather: its tap loop, less
+                # the entries loop nested in it (the tap's product of weights and sums)
+                gemm = exclusive_loops(a, m["extra"]["gemm_depth"])
+            else:
                 depth = m["extra"].get("gemm_depth")
-                gemm = [lp for lp in a.loops if depth and lp.depth == depth and lp.innermost and lp.ffma]
-            for lp in gemm:
-                add(f"{label} GEMM-like loop @{lp.first_offset:#x} FFMA %", round(100 * lp.ffma_fraction, 1),
+                gemm = [(lp, lp.ffma_fraction) for lp in a.loops if depth and lp.depth == depth and lp.innermost
+                        and lp.ffma]
+            for lp, fraction in gemm:
+                add(f"{label} GEMM-like loop @{lp.first_offset:#x} FFMA %", round(100 * fraction, 1),
                     ">= 80", lambda v: v >= 80)
             add(f"{label} 64-bit div calls in loops", a.div64_in_loops, "0", lambda v: v == 0)
             add(f"{label} value-returning atomics in loops", a.returning_atomics_in_loops, "0", lambda v: v == 0)

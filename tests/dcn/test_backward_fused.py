@@ -131,6 +131,23 @@ def test_weights_staged_by_vector(deterministic, rng):
     check_against_reference(g, go, arrays, grads)
 
 
+def test_deterministic_gather_sums_taps_in_two_register_arrays(rng):
+    """The column-free gather (``gather_staged_kernel``) sums a tap's ``grad_out`` values of up to
+    32 outputs per register array: 37 outputs take both (32 + 4 of a chunk of 36) and a second,
+    partial output chunk of one. Bounds-checked, against the reference, with the entries of a
+    pixel's taps walked in order."""
+    from deftnumba.dcn.kernels import backward as bk
+
+    _, g = case("outputs-37", n=1, c=2, h=4, w=5, c_out=37)
+    assert bk.gather_out_chunk(g) == 36
+    arrays = layer_arrays(g, rng)
+    go = grad_out_for(g, rng)
+    with backend.bounds_checked(), backend.launch_log() as launched:
+        grads = direct(g, go, arrays, deterministic=True)
+    assert any("gather_staged_kernel" in k for k in launched)
+    check_against_reference(g, go, arrays, grads)
+
+
 def test_splits_reduce_in_a_fixed_order(rng):
     """Deterministic mode (the weight kernel's partials): more partials change the float sum
     order of grad_weight but not its value; the same split count gives the same bits."""

@@ -71,10 +71,10 @@ sort-then-segment reduction whose order is fixed:
    per ``CB`` channels), and writes ``grad_input`` (no atomics, no zero fill). It
    reads ``grad_cols``. The column-free method (``backward_fused``'s ``fused`` in
    deterministic mode) has no ``grad_cols``:
-   ``gather_staged_kernel`` recomputes each element per corner (4x the
-   column-gradient GEMM's work on CUDA cores: the price of staying buffer-free),
-   from the block's weights staged in shared memory and each ``grad_out`` value
-   loaded once for its ``CB`` channels.
+   ``gather_staged_kernel`` regroups the sum by tap instead: per input pixel and
+   tap, the ``grad_out`` columns of the tap's entries weighted by their
+   coefficients, then that sum times the tap's weights (staged in shared memory),
+   once per tap rather than once per entry (a pixel has ~4 entries per tap).
 
 The sort can go in parts of output rows (``sort_part_rows``, within a byte budget:
 the ``fused`` method's deterministic mode keeps it under 2.5% of the arguments and
@@ -465,8 +465,9 @@ def gather_kernel(dtype, use_mask: bool, block_channels: int = 1, wide_keys: boo
 #   block and output chunk (C/CB*H*W/GATHER_THREADS blocks: L2 hits); per entry and output chunk
 #   its outputs' grad_out values, one per output (L1/L2 hits: an output pixel's grad_out serves
 #   its 4*K corners); writes grad_input C*H*W*s (reads it too after the first part).
-# FLOPs: ~30 per entry and block (coefficient), 2*Og + 2 per entry and channel (the column
-#   gradient recomputed per corner: 4x the column-gradient GEMM's work).
+# FLOPs: ~30 per entry and block (coefficient), 2*Og per entry (its weighted grad_out column
+#   into the tap's sums), 2*Og per tap, pixel and channel (the sums times the tap's weights:
+#   about the column-gradient GEMM's work; per entry and channel it was 4x that).
 GATHER_THREADS = 128
 """Threads per block of ``gather_staged_kernel`` (input pixels of one image and channel block)."""
 GRID_YZ_LIMIT = 65535
@@ -474,8 +475,9 @@ GRID_YZ_LIMIT = 65535
 
 def gather_out_chunk(geometry) -> int:
     """Outputs per weight staging of ``gather_staged_kernel``: all of a weight group's (at most
-    64) when the ``K x outputs x CB`` tile fits 24 KB of shared memory, else as many as fit
-    (a multiple of 4 where possible). Each further staging re-reads the thread's segment."""
+    64: a tap's sums of 64 outputs are 64 registers, 168 a thread at ``deft64``) when the
+    ``K x outputs x CB`` tile fits 24 KB of shared memory, else as many as fit (a multiple of 4
+    where possible). Each further staging re-reads the thread's segment."""
     g = geometry
     cb = gather_block_channels(g)
     itemsize = precision.compute_dtype(g.dtype).itemsize
@@ -492,8 +494,8 @@ def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: 
     offset_groups, row0, part_rows, id_bits, accumulate, out_channels, w_per_group, block0,
     image0)``: the
     deterministic col2im of one sort part (``entries_kernel``) for the column-free methods,
-    recomputing the column gradient (``grad_flat``, ``weight_flat``: ``grad_output`` and the
-    weights flattened).
+    from ``grad_output`` and the weights (``grad_flat``, ``weight_flat``, flattened) rather than
+    a column gradient in device memory.
 
     Grid ``(ceil(H*W / GATHER_THREADS), C / CB, n_images)`` (in launches of at most 65535
     channel blocks and images, from ``block0`` and ``image0``): a block owns one image and one
@@ -501,16 +503,25 @@ def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: 
     ``uint32`` (``backward_fused.supported``: fewer than 2**32 elements per image), the
     segment index and the ``grad_out`` image bases ``uint64``. The block stages
     ``W[outputs, c0 .. c0+CB, taps]`` of its weight group in shared memory as ``[tap][o][j]``
-    (``out_chunk`` outputs at a time), so that an entry's column gradient, ``sum_o W[o, c0+j,
-    tap] * grad_out[n, o, oy, ox]`` for its ``CB`` channels, reads each ``grad_out`` value once
-    from global memory and the ``CB`` weights of each output as ``CB/4`` shared vector loads
-    (``LDS.128``), ``CB`` FMAs per output. (The grid-stride ``gather_kernel`` read every weight
-    from global memory: one load per FMA.) The output plane ``Ho*Wo`` (``out_plane``) is a
-    compile-time constant, so the ``grad_out`` loads of consecutive outputs are one base
-    address plus immediate offsets: 53 instructions per 4 outputs where a run-time plane took
-    61 (two address instructions per load). Each thread sums its segment of the sorted keys in
-    order, recomputing each entry's coefficient ``m * w_corner`` from its id, and writes
-    (``accumulate``: adds to) ``grad_input[first_image + n_local, c0 + j, y, x]``.
+    (``out_chunk`` outputs at a time).
+
+    The sum is regrouped by tap. ``grad_input[c, pixel] = sum_e coef_e * sum_o W[o, c, tap_e] *
+    grad_out[o, p_e]`` over the pixel's entries ``e`` equals ``sum_tap sum_o W[o, c, tap] *
+    h_tap[o]`` with ``h_tap[o] = sum_{e of that tap} coef_e * grad_out[o, p_e]``. A segment's
+    keys are sorted by tap (the tap is the high part of an entry's id), so each thread walks
+    its segment once, tap by tap: the tap's entries add their weighted ``grad_out`` columns into
+    ``h`` (one load and one FMA per output, ``h`` in registers), then ``h`` times the tap's
+    weights goes into the ``CB`` sums (``CB/4`` shared vector loads, ``LDS.128``, and ``CB`` FMAs
+    per output). The weights are read once per tap, not once per entry (about 4 entries per tap
+    and pixel): at ``deft64`` 19k instructions per thread where recomputing each entry's column
+    gradient took 41k. Every lane runs the tap loop in step, so the warp multiplies together;
+    a lane closing its own runs would make the warp multiply at nearly every entry.
+
+    The output plane ``Ho*Wo`` (``out_plane``) is a compile-time constant, so the ``grad_out``
+    loads of an entry's outputs are one base address plus immediate offsets. Each entry's
+    coefficient ``m * w_corner`` is recomputed from its id. The thread writes (``accumulate``:
+    adds to) ``grad_input[first_image + n_local, c0 + j, y, x]``; the order of every sum is
+    fixed by the sort, so the result is bit-identical run to run.
     """
     fns = sampling_functions(dtype)
     tap_position = fns.tap_position
@@ -523,10 +534,14 @@ def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: 
     CB = block_channels
     K = taps
     OC = out_chunk
+    # the tap sums h of OC outputs, in two register arrays of at most 32: LLVM unrolls a loop of
+    # 32 of them (constant indices: registers) and keeps one of 64 rolled (local memory)
+    H0 = min(OC, 32)
+    H1 = OC - H0
+    H1_SIZE = max(1, H1)  # (a local array's size must be a plain constant)
     THREADS = GATHER_THREADS
     TILE = K * OC * CB
     STAGE_REPS = -(-TILE // THREADS)  # weights staged per thread (unrolled)
-    UNROLL = 4 if OC % 4 == 0 else 1  # outputs per trip of the dot loop (8: LLVM keeps the CB loop rolled)
     EVEN = even  # the group's outputs are a multiple of out_chunk: no bounds test per output
     PLANE = out_plane  # Ho*Wo, compile-time: immediate load offsets (docstring)
     KEY = np.uint64 if wide_keys else np.uint32
@@ -556,7 +571,8 @@ def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: 
         segment = u64(u32(u32(n_local * u32(offset_groups)) + g)) * u64(plane) + u64(q)
         w_tile = cuda.shared.array(TILE, dtype=DT, alignment=16)
         acc = cuda.local.array(CB, dtype=DT)
-        column_grad = cuda.local.array(CB, dtype=DT)
+        h0 = cuda.local.array(H0, dtype=DT)  # a tap's weighted grad_out sums, outputs 0 .. H0 ...
+        h1 = cuda.local.array(H1_SIZE, dtype=DT)  # ... and H0 .. OC (registers: unrolled loops)
         for j in range(CB):
             acc[j] = ZERO
         o0 = u32(0)
@@ -578,40 +594,55 @@ def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: 
             # (a thread past the image gets an empty segment: no divergent branch around the loop)
             e = starts[segment] if valid else np.int64(0)
             end = starts[segment + u64(1)] if valid else np.int64(0)
-            while e < end:
-                ident = u32(key[e] & low)
-                corner = u32(ident & u32(3))
-                s = u32(ident >> u32(2))
-                tap = u32(s // part_pixels)
-                p_local = u32(s - u32(tap * part_pixels))
-                row = u32(p_local // out_w)
-                oy = u32(u32(row0) + row)
-                ox = u32(p_local - u32(row * out_w))
-                y, x = tap_position(offset, n, g, tap, oy, ox, conv)
-                _y0, _y1, _x0, _x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
-                w = w00 if corner == u32(0) else (w01 if corner == u32(1) else (w10 if corner == u32(2) else w11))
-                m = load(mask, (n, u32(u32(g * u32(K)) + tap), oy, ox)) if use_mask else ONE
-                coef = m * w
-                for j in range(CB):
-                    column_grad[j] = ZERO
-                # grad_out[n, o_first + o0 + o, oy, ox] through one handle, a plane per output
-                at = element_address(grad_flat, (u64(n) * u64(out_channels) + u64(u32(o_first + o0)))
-                                     * u64(out_plane) + u64(u32(u32(oy * out_w) + ox)))
+            # The segment's entries are sorted by tap (the tap is the high part of their ids), so
+            # the tap loop walks them once: for each tap, h[o] = sum over its entries of
+            # coef * grad_out[o, entry's output pixel], then acc[j] += sum_o W[o, c0+j, tap] * h[o].
+            # Every lane runs the tap loop in step (the warp multiplies together), and the
+            # weights are read once per tap, not once per entry (~4 entries per tap and pixel).
+            tap = u32(0)
+            tap_first = u32(0)  # the tap's first id / 4 (ids are 4 * (tap * part_pixels + p) + corner)
+            while tap < u32(K):
+                tap_end = u32(tap_first + part_pixels)
+                for o in range(H0):
+                    h0[o] = ZERO
+                for o in range(H1):
+                    h1[o] = ZERO
+                while e < end:  # this tap's entries
+                    ident = u32(key[e] & low)
+                    s = u32(ident >> u32(2))
+                    if s >= tap_end:  # (a comparison, not a division: the next tap's first entry)
+                        break
+                    corner = u32(ident & u32(3))
+                    p_local = u32(s - tap_first)
+                    row = u32(p_local // out_w)
+                    oy = u32(u32(row0) + row)
+                    ox = u32(p_local - u32(row * out_w))
+                    y, x = tap_position(offset, n, g, tap, oy, ox, conv)
+                    _y0, _y1, _x0, _x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
+                    w = w00 if corner == u32(0) else (w01 if corner == u32(1) else (w10 if corner == u32(2) else w11))
+                    m = load(mask, (n, u32(u32(g * u32(K)) + tap), oy, ox)) if use_mask else ONE
+                    coef = m * w
+                    # grad_out[n, o_first + o0 + o, oy, ox] through one handle, a plane per output
+                    # (compile-time: immediate offsets)
+                    at = element_address(grad_flat, (u64(n) * u64(out_channels) + u64(u32(o_first + o0)))
+                                         * u64(out_plane) + u64(u32(u32(oy * out_w) + ox)))
+                    for o in range(H0):
+                        if EVEN or u32(o0 + u32(o)) < outs:
+                            h0[o] += coef * load_at(grad_flat, at, u32(o * PLANE))
+                    for o in range(H1):
+                        if EVEN or u32(o0 + u32(H0 + o)) < outs:
+                            h1[o] += coef * load_at(grad_flat, at, u32((H0 + o) * PLANE))
+                    e += 1
+                # the tap's products: CB/4 LDS.128 of weights and CB FMAs per output
                 wt = u32(u32(tap * u32(OC)) * u32(CB))
-                o = u32(0)
-                while o < u32(OC):  # UNROLL outputs per trip: CB FMAs each
-                    for sub in range(UNROLL):
-                        go = ZERO
-                        if EVEN or u32(u32(o0 + o) + u32(sub)) < outs:
-                            go = load_at(grad_flat, at, u32(u32(sub) * out_plane))
-                        for j in range(CB):
-                            column_grad[j] += w_tile[wt + (sub * CB + j)] * go
-                    at = offset_address(grad_flat, at, u32(u32(UNROLL) * out_plane))
-                    wt = u32(wt + u32(UNROLL * CB))
-                    o = u32(o + u32(UNROLL))
-                for j in range(CB):
-                    acc[j] += coef * column_grad[j]
-                e += 1
+                for o in range(H0):
+                    for j in range(CB):
+                        acc[j] += w_tile[wt + (o * CB + j)] * h0[o]
+                for o in range(H1):
+                    for j in range(CB):
+                        acc[j] += w_tile[wt + ((H0 + o) * CB + j)] * h1[o]
+                tap = u32(tap + u32(1))
+                tap_first = tap_end
             cuda.syncthreads()  # everyone is done reading the weight tile
             o0 = u32(o0 + u32(OC))
         if valid:
