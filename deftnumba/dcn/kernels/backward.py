@@ -475,7 +475,7 @@ GRID_YZ_LIMIT = 65535
 
 def gather_out_chunk(geometry) -> int:
     """Outputs per weight staging of ``gather_staged_kernel``: all of a weight group's (at most
-    64: a tap's sums of 64 outputs are 64 registers, 168 a thread at ``deft64``) when the
+    64: a tap's sums of 64 outputs take 64 registers; the kernel uses 168 at ``deft64``) when the
     ``K x outputs x CB`` tile fits 24 KB of shared memory, else as many as fit (a multiple of 4
     where possible). Each further staging re-reads the thread's segment."""
     g = geometry
