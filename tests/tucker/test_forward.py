@@ -212,3 +212,15 @@ def test_input_staged_by_channel_lanes(rng, poisoned):
     with backend.bounds_checked():
         out = tucker_conv2d(*args, **kw, method="fused", config=tile)
     check_close(out, args, kw, np.float32)
+
+
+@pytest.mark.parametrize("rank_chunk", [4, 3])
+def test_multiply_takes_ranks_in_pairs_or_one_by_one(rng, poisoned, rank_chunk):
+    """The fused kernel's multiply loop takes two staged ranks per trip where they pair up (an
+    even core chunk) and one otherwise; both, with a partial last rank chunk, bounds-checked."""
+    args, kw = make(rng, (1, 5, 5, 6, 7, 5, 4, 3, 3, 1, 1, 1, 1))
+    tile = fused.FusedTile(tile_h=2, tile_w=2, rank_chunk=rank_chunk, in_chunk=2, reg_oc=2, reg_px=2, out_reg=2,
+                           first_reg=1)
+    with backend.bounds_checked():
+        out = tucker_conv2d(*args, **kw, method="fused", config=tile)
+    check_close(out, args, kw, np.float32)

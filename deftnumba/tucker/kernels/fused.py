@@ -317,6 +317,8 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
     ONCE_F, ONCE_K, ONCE_L = (n <= lay.threads * slice_vector_width(n, DT) for n in (CX * CR, CK * K * ROP, ROP * OB))
 
     CORE_ACC = RO * RP  # local-array sizes must be plain constants
+    TWO_RANKS = CK % 2 == 0  # the multiply loop's trip takes two staged ranks (its body repeated) ...
+    RANKS_PER_TRIP = 2 if TWO_RANKS else 1  # ... where they pair up
     THREADS = lay.threads
     # input staging: LANES threads per staged position split the chunk's CX channels (more
     # threads than positions: a 7x7 image's 2x8 tile stages 40 positions with 320 threads),
@@ -499,7 +501,24 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                         w_ptr += u_KW_ROP
                         ky += U(1)
                     x_channel += u_REGION
-                    cr += U(1)
+                    if TWO_RANKS:  # the next rank in the same trip (the trip's overhead paid once)
+                        x_ptr = x_channel
+                        ky = U(0)
+                        while ky < u_KH:
+                            for q in range(SEG):
+                                row[q] = smem[x_ptr + uint32(q)]
+                            for kx in range(KW):
+                                for i in range(RO):
+                                    a[i] = smem[w_ptr + uint32(kx * ROP + i)]
+                                for j in range(RP):
+                                    x = row[j * SW + kx * DW]
+                                    for i in range(RO):
+                                        core_acc[i * RP + j] += a[i] * x
+                            x_ptr += u_ROW_STEP
+                            w_ptr += u_KW_ROP
+                            ky += U(1)
+                        x_channel += u_REGION
+                    cr += U(RANKS_PER_TRIP)
                 sub += U(1)
                 if sub < u_SUBS:
                     cuda.syncthreads()  # all reads of staged_core done before the next sub-chunk restages it
