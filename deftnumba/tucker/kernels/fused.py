@@ -317,8 +317,12 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
     ONCE_F, ONCE_K, ONCE_L = (n <= lay.threads * slice_vector_width(n, DT) for n in (CX * CR, CK * K * ROP, ROP * OB))
 
     CORE_ACC = RO * RP  # local-array sizes must be plain constants
-    TWO_RANKS = CK % 2 == 0  # the multiply loop's trip takes two staged ranks (its body repeated) ...
-    RANKS_PER_TRIP = 2 if TWO_RANKS else 1  # ... where they pair up
+    # the multiply loop's trip takes two staged ranks (its body written twice) where they pair up
+    # and a rank's body is short (at most 256 FFMA: layer1's 4x7 outputs, 252; layer4's 8x1, 72);
+    # at 8x7 outputs (504 FFMA) the trip's ~9 instructions are under 2% and pairing changed only
+    # ptxas's schedule (+0.2-0.4% predicted)
+    TWO_RANKS = CK % 2 == 0 and KH * KW * RO * RP <= 256
+    RANKS_PER_TRIP = 2 if TWO_RANKS else 1
     THREADS = lay.threads
     # input staging: LANES threads per staged position split the chunk's CX channels (more
     # threads than positions: a 7x7 image's 2x8 tile stages 40 positions with 320 threads),
