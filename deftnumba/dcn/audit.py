@@ -213,8 +213,8 @@ def fused_backward_launches(g, config=None, deterministic: bool = False) -> list
     """The column-free backward's launches (``backward_fused.backward``). Atomic mode (the
     default, ``bwd-fused``): one kernel, input, offset, mask and weight gradients (the weight
     gradient's block partials reduced with ``RED``). Deterministic mode: the input kernel
-    without its ``RED`` phases, then the weight kernel's per-split partials (their fixed-order
-    sum is an array addition, not modelled; nor is the gather, ``bwd-deterministic``)."""
+    without its ``RED`` phases, then the weight kernel (its blocks' additions to grad_weight
+    in ticket order, a serial tail, are not modelled; nor is the gather, ``bwd-deterministic``)."""
     from numba import types
 
     from .kernels import backward_fused as bf
@@ -243,11 +243,13 @@ def fused_backward_launches(g, config=None, deterministic: bool = False) -> list
         splits = bf.choose_splits(g, config)
         w_blocks = splits * -(-opg // config.w_out_block) * -(-cpg // config.chunk) * g.groups
         launches.append(
-            Launch(f"{prefix}.weight_grad", bf, bf.weight_grad_kernel(g.dtype, *shape, config, g.has_mask, bf.planes(g)),
-                   (flat, a4, a4, flat, flat, flat, conv, dims), w_blocks, config.weight_threads(k), config,
+            Launch(f"{prefix}.weight_grad", bf, bf.weight_grad_kernel(g.dtype, *shape, config, g.has_mask, bf.planes(g),
+                                                                     config.regular(g)),
+                   (flat, flat, flat, flat, flat, types.Array(types.uint32, 1, "C"), conv, dims), w_blocks,
+                   config.weight_threads(k), config,
                    operator="fused backward",
-                   extra={"phases": ("w_stage", "w_stage_grad_out", "w_table", "w_build", "weight_gemm"),
-                          "splits": splits}))
+                   extra={"phases": ("w_stage", "w_stage_grad_out", "w_build", "w_build_outside", "weight_gemm"),
+                          "out_of_tile_phases": ("w_build_outside",), "splits": splits}))
     return launches
 
 

@@ -168,6 +168,17 @@ def test_column_free_gather_regrouped_by_tap_does_not_regress(figures):
     assert figures["predicted_ms"]["deft64/bwd-deterministic"] <= 0.31
 
 
+def test_deterministic_fused_backward_predicted_time_does_not_regress(figures):
+    """``fused`` with ``deterministic=True`` (the input kernel without its REDs, then the weight
+    kernel; the gather's launches are ``bwd-deterministic``'s). Session 27: the weight kernel's
+    blocks add their sums into grad_weight in ticket order (no partials in memory, so 8 blocks
+    per slice instead of 5: 128 blocks for 132 SMs), its sampling table computed in registers
+    with 32-bit indices and compile-time tap geometry (no shared table), its GEMM trip run
+    twice (84% FFMA): 0.386 -> 0.209 ms predicted at deft64 (weight kernel 0.309 -> 0.132 ms;
+    its serial tail of ticketed additions is not modelled)."""
+    assert figures["predicted_ms"]["deft64/bwd-fused_deterministic"] <= 0.215
+
+
 def test_fused_backward_predicted_time_does_not_regress(figures):
     """Target <= 1.5x the floor; missed (docs/perf-notes.md). Was 7.06x with two kernels; the
     weight gradient fused into the input kernel (atomic mode): 2.73x; the grad_out stagings

@@ -131,6 +131,24 @@ def test_weights_staged_by_vector(deterministic, rng):
     check_against_reference(g, go, arrays, grads)
 
 
+def test_weight_kernel_runs_two_copies_of_its_gemm_steps_per_trip(rng):
+    """The deterministic weight kernel's GEMM trip repeats its loop of rank-1 updates at a
+    second offset where twice the steps divide the tile (``_column_gemm_trip``), as at
+    ``deft64``: here 16 pixels in 2 x 8 updates of 2 x 4 products, bounds-checked, against the
+    reference (a second copy that read the first copy's pixels would fail it)."""
+    g = REGULAR_CASES["regular"]
+    cfg = BackwardTileConfig(tile_h=4, tile_w=4, halo=1, chunk=4, out_block=2, reg_rows=4, reg_px=4,
+                             w_out_block=2, w_reg_out=2, w_reg_cols=4)
+    steps, trip = backward_fused._column_gemm_trip(cfg.pixels, cfg.w_reg_out * cfg.w_reg_cols)
+    assert (steps, trip) == (8, 16)
+    arrays = layer_arrays(g, rng)
+    go = grad_out_for(g, rng)
+    with backend.bounds_checked(), backend.launch_log() as launched:
+        grads = direct(g, go, arrays, deterministic=True, plan=cfg, splits=2)
+    assert any("weight_grad_kernel" in k for k in launched)
+    check_against_reference(g, go, arrays, grads)
+
+
 def test_deterministic_gather_sums_taps_in_two_register_arrays(rng):
     """The column-free gather (``gather_staged_kernel``) sums a tap's ``grad_out`` values of up to
     32 outputs per register array: 37 outputs take both (32 + 4 of a chunk of 36) and a second,
@@ -149,8 +167,8 @@ def test_deterministic_gather_sums_taps_in_two_register_arrays(rng):
 
 
 def test_splits_reduce_in_a_fixed_order(rng):
-    """Deterministic mode (the weight kernel's partials): more partials change the float sum
-    order of grad_weight but not its value; the same split count gives the same bits."""
+    """Deterministic mode (the weight kernel's blocks per slice): more splits change the float
+    sum order of grad_weight but not its value; the same split count gives the same bits."""
     g = CASES["basic-3x3"]
     arrays = layer_arrays(g, rng)
     go = grad_out_for(g, rng)
@@ -159,6 +177,30 @@ def test_splits_reduce_in_a_fixed_order(rng):
     again = direct(g, go, arrays, deterministic=True, splits=4)
     np.testing.assert_array_equal(four.weight, again.weight)
     np.testing.assert_allclose(one.weight, four.weight, rtol=1e-5, atol=1e-5)
+
+
+@SIMULATED
+def test_weight_splits_add_in_ticket_order_whatever_order_blocks_run(rng):
+    """The weight kernel's S blocks of a slice take the (image, tile) pairs of the ticket they
+    draw as they start and add their sums in ticket order: under shuffled block orders the
+    weight gradient keeps its bits, and it equals the left-to-right sum of the per-ticket
+    partials (each computed with one split of the same pairs). A block that took its pairs
+    by its block index, or added out of turn, would give other bits here."""
+    _, g = case("tickets", n=3, c=2, h=5, w=6, c_out=3)
+    cfg = CONFIGS["chunk1-tile2x4"]
+    arrays = layer_arrays(g, rng)
+    go = grad_out_for(g, rng) * 1e3  # large and small terms: the sum order shows in the bits
+    go[0] *= 1e-3
+    splits = 3
+    assert g.batch * cfg.tiles(g) > splits
+    runs = []
+    for seed in range(3):
+        with backend.order_varying(seed), backend.launch_log() as launched:
+            runs.append(direct(g, go, arrays, deterministic=True, plan=cfg, splits=splits).weight)
+        assert any("weight_grad_kernel" in k for k in launched)
+    for other in runs[1:]:
+        np.testing.assert_array_equal(runs[0], other)
+    check_against_reference(g, go, arrays, direct(g, go, arrays, deterministic=True, plan=cfg, splits=splits))
 
 
 def test_auto_runs_fused_and_deterministic_runs_the_gather(rng):
@@ -266,18 +308,18 @@ def test_red_add_at_and_keep_if(rng):
 def test_extra_memory_at_deft64():
     """Atomic mode allocates nothing beyond the arguments and gradients (the weight gradient
     is reduced with RED into grad_weight); deterministic mode stays under issue 11's 5%: its
-    weight partials beyond grad_weight under 2%, its gather's sort part (packed keys, sort
-    scratch, segment starts) under 2.5%, at ``deft64``, N=8."""
+    gather's sort part (packed keys, sort scratch, segment starts) under 2.5%, and the weight
+    kernel's two counters per slice (its blocks add into grad_weight in ticket order, no
+    partials), at ``deft64``, N=8."""
     g = Geometry(batch=8, in_channels=64, height=64, width=64, out_channels=64, kernel_h=3, kernel_w=3,
                  pad_h=1, pad_w=1, has_mask=True, has_bias=True)
     cfg = backward_fused.GPU_CONFIG
     total = backward_fused.argument_and_gradient_bytes(g)
-    h200 = 2 * 132  # the GPU's target: two blocks per SM
+    h200 = 132  # the GPU's target for blocks of 3 warps: one per SM
     assert backward_fused.extra_bytes(g, cfg, deterministic=False, target_blocks=h200) == 0
-    splits = backward_fused.choose_splits(g, cfg, target_blocks=h200)
-    assert splits > 1  # the deterministic weight kernel's partials are really used
-    weight_bytes = g.itemsize * g.out_channels * g.in_channels * g.taps
-    assert (splits - 1) * weight_bytes < 0.02 * total
+    # 16 slices (64 outputs x 16 chunks of 4 channels) of 8 blocks: 128 blocks, one per SM
+    assert backward_fused.choose_splits(g, cfg, target_blocks=h200) == 8
+    assert backward_fused.choose_splits(g, cfg, target_blocks=10 * h200) == backward_fused.MAX_SPLITS
     from deftnumba.dcn.kernels import backward as bk
 
     rows = bk.sort_part_rows(g, 1, backward_fused.sort_budget(g))
@@ -285,7 +327,7 @@ def test_extra_memory_at_deft64():
     sort = bk.sort_part_bytes(g, 1, rows)
     assert sort == 2 * 4 * (4 * 9 * 32 * 64) + 8 * (64 * 64 + 2) < 0.025 * total
     extra = backward_fused.extra_bytes(g, cfg, deterministic=True, target_blocks=h200)
-    assert extra == (splits - 1) * weight_bytes + sort < 0.05 * total  # 3.8% (was 12.8%)
+    assert extra == sort + 2 * 4 * 16 < 0.02 * total  # 1.9% (was 3.7% with weight partials, 12.8% before)
 
 
 def test_config_rejects_ownership_that_does_not_divide():

@@ -22,6 +22,13 @@ every atomic, the order of additions from different threads is unspecified.
 ``address`` is the handle of ``array[i]`` (``runtime.addresses``): one 64-bit multiply-add
 per addition where ``red_add(array, i + offset, ...)`` rebuilt the whole address.
 
+``load_acquire(array, index)`` reads ``array[index]`` (a 1-D ``uint32`` array) with
+``ld.acquire.gpu``: once it returns the value another block stored before a
+release (``cuda.threadfence()``, then the atomic that publishes it), this thread's later
+loads see that block's earlier stores, and the SM's L1 holds no stale copy of them. The
+weight kernel's fixed-order reduction (``backward_fused.weight_grad_kernel``) waits on it.
+In the simulator, which runs one block at a time, it is a plain load.
+
 ``keep_if(value, mask)`` is ``value`` where the unsigned ``mask`` (of the value's width) is
 all ones and an exact ``+0`` where it is zero: a bitwise AND, one ``LOP3``, where
 ``value if flag else 0`` cost a compare and a select at every use once the predicate
@@ -50,6 +57,12 @@ if backend.IS_SIMULATOR:
     def red_add_at(array, address, offset, value):
         """``array[address + offset] += value`` atomically, result unused (simulator fallback)."""
         cuda.atomic.add(array, address + offset, value)
+
+    @cuda.jit(device=True)
+    def load_acquire(array, index):
+        """``array[index]`` (simulator: blocks run one at a time, a plain load sees every
+        earlier block's stores)."""
+        return array[index]
 
 else:
     from llvmlite import ir
@@ -116,5 +129,26 @@ else:
             pointer = pointer_at(context, builder, array_type, args[1], args[2], offset_type)
             _red(builder, pointer, context.cast(builder, args[3], value_type, array_type.dtype),
                  array_type.dtype.bitwidth)
+
+        return signature, codegen
+
+    @intrinsic
+    def load_acquire(typingctx, array, index):
+        """``ld.acquire.gpu.global.u32`` of ``array[index]`` (a 1-D ``uint32`` array): later
+        loads of this thread see what the block that released the value had stored."""
+        if not (isinstance(array, types.Array) and array.ndim == 1 and array.dtype == types.uint32) \
+                or not isinstance(index, types.Integer):
+            return None
+        signature = types.uint32(array, index)
+
+        def codegen(context, builder, sig, args):
+            array_type, index_type = sig.args
+            ary = context.make_array(array_type)(context, builder, args[0])
+            index_intp = context.cast(builder, args[1], index_type, types.intp)
+            pointer = cgutils.get_item_pointer(context, builder, array_type, ary, [index_intp], wraparound=False)
+            asm_type = ir.FunctionType(ir.IntType(32), [pointer.type])
+            load = ir.InlineAsm(asm_type, "ld.acquire.gpu.global.u32 $0, [$1];", "=r,l,~{memory}",
+                                side_effect=True)
+            return builder.call(load, [pointer])
 
         return signature, codegen

@@ -50,13 +50,14 @@ channel chunk, weight group) owns ``grad_weight[OGW outputs, CC*K]`` in register
 columns per thread) and walks its share of the (image, tile) pairs in a fixed
 order: build the column tile ``[P, CC*K]`` in shared memory (table, staged region,
 out-of-tile reads as the forward), stage ``grad_out[P, OGW]``, and add the
-rank-``P`` update. With ``S`` splits there are ``S`` partial weight gradients,
-the first written into ``grad_weight`` itself; the host adds the others to it in a
-fixed order. So this weight gradient is deterministic, and its extra memory is
-``(S - 1) * |grad_weight|`` (``choose_splits`` keeps it under ``PARTIALS_SHARE`` = 2%
-of the arguments and gradients). It repeats the sampling the input kernel did; fusing it
-deterministically would need per-block partials of ``|grad_weight|`` each (ordered
-sums of N*T of them), far over the memory target, hence two kernels in this mode.
+rank-``P`` update. The ``S`` blocks of one slice (``S`` splits) draw tickets as they
+start; ticket ``s`` sums the pairs ``s, s + S, ...`` and adds its partial to
+``grad_weight`` after tickets ``0 .. s-1`` have added theirs (a wait on a counter, read
+with ``atomics.load_acquire``). So this weight gradient is deterministic with no partials
+in memory (two counters per slice), and ``S`` is free to fill the device
+(``choose_splits``). It repeats the sampling the input kernel did; fusing it
+deterministically would need the same ordered additions from every (image, tile) block,
+N*T of them per slice, hence two kernels in this mode.
 
 Determinism
 -----------
@@ -65,8 +66,8 @@ order-varying steps. ``deterministic=True`` launches ``input_grad_kernel`` witho
 them (offset and mask gradients only), the weight kernel above, and builds
 ``grad_input`` with ``backward.py``'s sort-then-segment gather in its column-free form
 (``gather_staged_kernel``: column gradients recomputed per entry, no column matrix), one image at a time, in parts of output rows
-within ``sort_budget``. Its extra memory (the sort part and the weight kernel's ``S - 1``
-partials) stays under 5% of the arguments and gradients (``extra_bytes``; docs/perf-notes.md).
+within ``sort_budget``. Its extra memory (the sort part and the weight kernel's counters)
+stays under 5% of the arguments and gradients (``extra_bytes``; docs/perf-notes.md).
 
 Precision: the kernel factories take the layer's storage dtype; input, offset, mask and
 ``grad_out`` are read through ``load`` (float16/bfloat16 stay half in memory), the weights
@@ -91,7 +92,7 @@ from ...runtime.addresses import element_address, offset_address, read_at
 from ...runtime.tiles import staged_extent
 from ...runtime.vector import load_vector, vector_aligned, vector_width
 from ...runtime.backend import cuda
-from .atomics import keep_if, red_add, red_add_at
+from .atomics import keep_if, load_acquire, red_add, red_add_at
 from .sampling import conv_tuple, sampling_functions
 
 GRID_YZ_LIMIT = 65535
@@ -210,7 +211,7 @@ class BackwardTileConfig:
         s, k, p = precision.compute_dtype(geometry.dtype).itemsize, geometry.taps, self.pixels
         rows, cols = self.staged_shape(geometry)
         ck = self.rows(k)
-        return s * (self.chunk * rows * cols + p * self.w_out_block + p * ck) + (4 + s) * 4 * k * p
+        return s * (self.chunk * rows * cols + p * self.w_out_block + p * ck) + 4  # (+ the ticket)
 
 
 SIMULATOR_CONFIG = BackwardTileConfig()  # 16 threads per block in the input kernel for K = 9
@@ -228,13 +229,16 @@ STATIC_SHARED_LIMIT = 48 * 1024
 GATHER_IMAGES = 1
 """Images per call of the deterministic gather (``backward._deterministic_input_grad``), which
 sorts them in parts of ``backward.sort_part_rows`` output rows within ``sort_budget``."""
-PARTIALS_SHARE = 0.02
-"""Cap on the deterministic weight kernel's extra partials, as a share of the arguments and
-gradients (``choose_splits``)."""
+MAX_SPLITS = 8
+"""At most this many blocks share a slice of the deterministic weight kernel
+(``choose_splits``): their additions to ``grad_weight`` run one after another, a few
+microseconds each (a prediction, unmeasured), so a longer chain than needed to fill an
+H200 (8 x 16 slices at ``deft64``) would show as a tail."""
 SORT_SHARE = 0.025
 """Cap on the deterministic gather's sort buffers, as a share of the arguments and gradients
-(``sort_budget``). With ``PARTIALS_SHARE``, deterministic mode's extra memory stays under 5%
-(issue 11's target) wherever one output row fits the budget."""
+(``sort_budget``). With the weight kernel's counters (8 bytes per slice), deterministic
+mode's extra memory stays under 5% (issue 11's target) wherever one output row fits the
+budget."""
 INPUT_REGISTER_BUDGET = 96
 """``launch_bounds`` of ``input_grad_kernel``: as many blocks per SM as fit at this many
 registers per thread in float32, twice as many in float64, at most 4 (4 blocks of 144 threads at
@@ -967,21 +971,29 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
 #   No column matrix: the column tile lives in shared memory.
 @functools.cache
 def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, config: BackwardTileConfig,
-                       use_mask: bool, planes: tuple[int, int]):
-    """Kernel ``(input, offset, mask, grad_out, grad_weight, partials, conv, dims)`` on
+                       use_mask: bool, planes: tuple[int, int], regular: bool = False):
+    """Kernel ``(input, offset, mask, grad_out, grad_weight, tickets, conv, dims)`` on
     ``(S, out_blocks * chunks, groups)`` blocks of ``config.weight_threads(K)`` threads.
 
-    input and grad_out flat (``N*C*H*W``, ``N*Co*Ho*Wo``); grad_weight flat ``[Co, Cg*K]`` (partial
-    0) and partials flat ``[S - 1, Co, Cg*K]`` (partials 1 .. S-1): block ``(s, ob*chunks + j, g)``
-    writes outputs ``g*Og + ob*OGW ..`` x columns ``(j*CC)*K ..`` of partial ``s``, the sum over
-    the (image, tile) pairs ``s, s + S, s + 2S, ...``; dims ``(C, H, W, Co, Cg, N, cpo, Ho, Wo)``
-    int32; ``planes`` compile-time ``(H*W, Ho*Wo)`` as in ``input_grad_kernel``.
+    input, offset, mask and grad_out flat and contiguous (``N*C*H*W``, ``N*2GK*Ho*Wo``,
+    ``N*GK*Ho*Wo``, ``N*Co*Ho*Wo``); grad_weight flat ``[Co, Cg*K]``; tickets a zeroed ``uint32`` array of two counters per slice (``2 * out_blocks * chunks *
+    groups``). The ``S`` blocks ``(., ob*chunks + j, g)`` share the slice of outputs ``g*Og +
+    ob*OGW ..`` x columns ``(j*CC)*K ..``: each draws a ticket ``s`` (counter 0, in the order the
+    blocks start), sums the (image, tile) pairs ``s, s + S, s + 2S, ...`` in registers, waits
+    until counter 1 reads ``s`` (tickets ``0 .. s-1`` have added theirs), adds its partial to
+    grad_weight (ticket 0 writes it) and raises counter 1. The additions run in ticket order and
+    ticket ``s`` always sums the same pairs, so grad_weight is bit-identical run to run, with no
+    partials in memory. A block waits only for tickets drawn before its own, by blocks already
+    running that wait on nothing later: it cannot deadlock. dims ``(C, H, W, Co, Cg, N, cpo, Ho,
+    Wo)`` int32; ``planes`` compile-time ``(H*W, Ho*Wo)`` as in ``input_grad_kernel``;
+    ``regular``: every chunk lies in one offset group and is full (``BackwardTileConfig.regular``),
+    so the build drops its per-channel tests.
     """
     PLANE, OUT_PLANE = planes
+    REGULAR = regular
     fns = sampling_functions(dtype)
     load = fns.load  # input, offset, mask, grad_out: the storage dtype
     load_at = fns.precision.load_at  # (through a runtime.addresses handle)
-    tap_position = fns.tap_position
     in_band = fns.in_band
     bilinear_corners = fns.bilinear_corners
     T = fns.T
@@ -1001,25 +1013,24 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
     OUT_T = OGW // RO
     COL_T = CK // RK
     THREADS = OUT_T * COL_T
-    STEPS_B = _steps(P, RO * RK)
+    STEPS_B, TRIP_B = _column_gemm_trip(P, RO * RK)
+    TWICE_B = TRIP_B != STEPS_B  # the trip's two runs of STEPS_B updates
     GRAD_OUT_TILE = P * OGW  # shared-array sizes must be compile-time literals
     POS_REPS = -(-REGION // THREADS)  # region positions staged per thread
     GO_ROWS = THREADS // P  # grad_out staging: rows per pass when every thread owns one pixel ...
     GO_FAST = GO_ROWS >= 1  # ... (else the generic element loop)
     GO_REPS = -(-OGW // GO_ROWS) if GO_FAST else 0
     COLUMN_TILE = CK * P
-    TABLE = 4 * KP
-    SH_, SW_ = stride_h, stride_w
+    SH_, SW_, DH_, DW_, KW = stride_h, stride_w, dil_h, dil_w, kernel_w
     USE_MASK = use_mask
     u32 = np.uint32
     u64 = np.uint64
     i32 = np.int32
 
     @cuda.jit
-    def kernel(input, offset, mask, grad_out, grad_weight, partials, conv, dims):
+    def kernel(input, offset, mask, grad_out, grad_weight, tickets, conv, dims):
         # Index discipline as in input_grad_kernel: uint32 inside an image, uint64 bases.
         tid = u32(cuda.threadIdx.x)
-        split = u32(cuda.blockIdx.x)
         splits = u32(cuda.gridDim.x)
         channels = u32(dims[0])
         height = u32(dims[1])
@@ -1032,6 +1043,11 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
         out_w = u32(dims[8])
         plane = u32(PLANE)  # == height * width, compile-time (input_grad_kernel's docstring)
         out_plane = u32(OUT_PLANE)  # == out_h * out_w
+        groups_o = u32(channels // cpo)  # offset groups
+        height_i = i32(dims[1])  # (the bilinear rule's clamps in int32)
+        width_i = i32(dims[2])
+        pad_h = i32(conv[2])
+        pad_w = i32(conv[3])
         opg = u32(out_channels // u32(channels // cpg))
         chunks = u32(u32(cpg + u32(CC - 1)) // u32(CC))
         g = u32(cuda.blockIdx.z)
@@ -1046,8 +1062,14 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
         staged = cuda.shared.array(STAGED, dtype=DT, alignment=16)
         staged_grad_out = cuda.shared.array(GRAD_OUT_TILE, dtype=DT, alignment=16)
         columns = cuda.shared.array(COLUMN_TILE, dtype=DT, alignment=16)
-        corner_index = cuda.shared.array(TABLE, dtype=np.int32, alignment=16)
-        corner_weight = cuda.shared.array(TABLE, dtype=DT, alignment=16)
+        ticket = cuda.shared.array(1, dtype=np.uint32)
+
+        # this block's ticket among the S blocks of its slice: the pairs it sums, and its turn
+        counters = u32(u32(2) * u32(u32(cuda.blockIdx.y) + u32(u32(cuda.blockIdx.z) * u32(cuda.gridDim.y))))
+        if tid == u32(0):
+            ticket[0] = cuda.atomic.add(tickets, counters, u32(1))
+        cuda.syncthreads()  # every thread reads the ticket
+        split = ticket[0]
 
         acc = cuda.local.array((RO, RK), dtype=DT)
         a = cuda.local.array(RO, dtype=DT)
@@ -1132,19 +1154,27 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
                     staged_grad_out[u32(u32(p * u32(OGW)) + o)] = v
                     idx = u32(idx + u32(THREADS))
 
-            # The chunk's channels may span offset groups: one table and one build per group.
+            # The chunk's channels may span offset groups: one pass over the points per group.
+            cuda.syncthreads()  # the staged input and grad_out are complete
             c = c_first
             while c < u32(c_first + nc):
                 og = u32(c // cpo)
                 seg_end = min(u32(c_first + nc), u32(u32(og + u32(1)) * cpo))
-                # phase: w_table
+                offset_group = element_address(offset, u64(u32(u32(u32(n * groups_o) + og) * u32(2 * K))) * u64(out_plane))
+                mask_group = element_address(mask, u64(u32(u32(u32(n * groups_o) + og) * u32(K))) * u64(out_plane)) \
+                    if USE_MASK else u64(0)
                 e = tid
                 while e < u32(KP):
+                    # phase: w_build (one thread per (tap, pixel) point: its position from the
+                    # offsets, corners relative to the staged region, weights with the mask folded
+                    # in -- 32-bit indices, compile-time tap geometry, the offsets through handles --
+                    # then its column values, kept in registers between the two: no table)
                     k = u32(e // u32(P))
                     p = u32(e - u32(k * u32(P)))
                     u = u32(p // u32(TW))
                     oy = u32(oy0 + u)
                     ox = u32(ox0 + u32(p - u32(u * u32(TW))))
+                    ki = u32(k // u32(KW))
                     r0 = i32(0)
                     r1 = i32(0)
                     q0 = i32(0)
@@ -1154,11 +1184,15 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
                     w10 = ZERO
                     w11 = ZERO
                     if oy < out_h and ox < out_w:
-                        y, x = tap_position(offset, n, og, k, oy, ox, conv)
-                        if in_band(y, x, height, width):
-                            y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
+                        at = u32(u32(u32(k * u32(2)) * out_plane) + u32(u32(oy * out_w) + ox))
+                        # (int32 + int32 is int64 in Numba: each sum is cast back)
+                        y = T(i32(i32(i32(oy * u32(SH_)) + i32(ki * u32(DH_))) - pad_h)) + load_at(offset, offset_group, at)
+                        x = T(i32(i32(i32(ox * u32(SW_)) + i32(u32(k - u32(ki * u32(KW))) * u32(DW_))) - pad_w)) \
+                            + load_at(offset, offset_group, u32(at + out_plane))
+                        if in_band(y, x, height_i, width_i):
+                            y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height_i, width_i)
                             if USE_MASK:
-                                m = load(mask, (n, u32(u32(og * u32(K)) + k), oy, ox))
+                                m = load_at(mask, mask_group, u32(u32(k * out_plane) + u32(u32(oy * out_w) + ox)))
                                 w00 *= m
                                 w01 *= m
                                 w10 *= m
@@ -1169,99 +1203,93 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
                             q1 = i32(i32(x1) - ix0)
                         elif USE_MASK:  # value 0 times the mask, as torchvision: NaN stays NaN
                             # (the corners stay at staged cell 0, read with weight 0 * m)
-                            w00 = ZERO * load(mask, (n, u32(u32(og * u32(K)) + k), oy, ox))
+                            w00 = ZERO * load_at(mask, mask_group, u32(u32(k * out_plane) + u32(u32(oy * out_w) + ox)))
                             w01 = w00
                             w10 = w00
                             w11 = w00
-                    corner_index[e] = r0
-                    corner_index[u32(e + u32(KP))] = r1
-                    corner_index[u32(e + u32(2 * KP))] = q0
-                    corner_index[u32(e + u32(3 * KP))] = q1
-                    corner_weight[e] = w00
-                    corner_weight[u32(e + u32(KP))] = w01
-                    corner_weight[u32(e + u32(2 * KP))] = w10
-                    corner_weight[u32(e + u32(3 * KP))] = w11
-                    e = u32(e + u32(THREADS))
-                cuda.syncthreads()  # the table, staged input and grad_out are complete
-
-                # phase: w_build (column tile [P, CC*K]: one thread per (tap, pixel) point reads its
-                # table entry once and fills the point's CC channel rows of this offset group)
-                e = tid
-                while e < u32(KP):
-                    k = u32(e // u32(P))
-                    p = u32(e - u32(k * u32(P)))
-                    r0 = corner_index[e]
-                    r1 = corner_index[u32(e + u32(KP))]
-                    q0 = corner_index[u32(e + u32(2 * KP))]
-                    q1 = corner_index[u32(e + u32(3 * KP))]
-                    w00 = corner_weight[e]
-                    w01 = corner_weight[u32(e + u32(KP))]
-                    w10 = corner_weight[u32(e + u32(2 * KP))]
-                    w11 = corner_weight[u32(e + u32(3 * KP))]
-                    inside = r0 >= i32(0) and r1 < i32(SHR) and q0 >= i32(0) and q1 < i32(SWR)
-                    s00 = u32(0)  # staged offsets of the corners (inside) ...
-                    s01 = u32(0)
-                    s10 = u32(0)
-                    s11 = u32(0)
-                    o00 = u32(0)  # ... or their in-image offsets (not inside: the corners are clamped
-                    o01 = u32(0)  # into the image, so these are never negative)
-                    o10 = u32(0)
-                    o11 = u32(0)
-                    if inside:
+                    # (the point's CC channel rows of the column tile [P, CC*K])
+                    out_at = u32(u32(p * u32(CK)) + k)  # columns[p, cc*K + k] = out_at + cc*K
+                    if r0 >= i32(0) and r1 < i32(SHR) and q0 >= i32(0) and q1 < i32(SWR):
+                        # all four corners staged (the common case; a branch per point)
                         s00 = u32(i32(r0 * i32(SWR)) + q0)
                         s01 = u32(i32(r0 * i32(SWR)) + q1)
                         s10 = u32(i32(r1 * i32(SWR)) + q0)
                         s11 = u32(i32(r1 * i32(SWR)) + q1)
+                        for cc in range(CC):
+                            ci = u32(c_first + u32(cc))
+                            if REGULAR or (ci >= c and ci < seg_end):
+                                # (compile-time offsets added unwrapped: they fold into the loads and the store)
+                                columns[out_at + cc * K] = (w00 * staged[s00 + cc * REGION]
+                                                            + w01 * staged[s01 + cc * REGION]
+                                                            + w10 * staged[s10 + cc * REGION]
+                                                            + w11 * staged[s11 + cc * REGION])
+                            elif c == c_first and u32(cc) >= nc:
+                                columns[u32(out_at + u32(cc * K))] = ZERO
                     else:
+                        # phase: w_build_outside (a corner outside the staged region: the values
+                        # read from the input, clamped into the image, so never out of bounds; a warp
+                        # issues this when any of its lanes' points needs it)
                         row0 = u32(u32(iy0 + r0) * width)
                         row1 = u32(u32(iy0 + r1) * width)
                         o00 = u32(row0 + u32(ix0 + q0))
                         o01 = u32(row0 + u32(ix0 + q1))
                         o10 = u32(row1 + u32(ix0 + q0))
                         o11 = u32(row1 + u32(ix0 + q1))
-                    out_at = u32(u32(p * u32(CK)) + k)  # columns[p, cc*K + k] = out_at + cc*K
-                    channel_base = image_base + u64(u32(c_first * plane))
-                    for cc in range(CC):
-                        ci = u32(c_first + u32(cc))
-                        if ci >= c and ci < seg_end:
-                            if inside:
-                                v = (w00 * staged[u32(s00 + u32(cc * REGION))]
-                                     + w01 * staged[u32(s01 + u32(cc * REGION))]
-                                     + w10 * staged[u32(s10 + u32(cc * REGION))]
-                                     + w11 * staged[u32(s11 + u32(cc * REGION))])
-                            else:
-                                v = (w00 * load(input, channel_base + u64(o00)) + w01 * load(input, channel_base + u64(o01))
-                                     + w10 * load(input, channel_base + u64(o10)) + w11 * load(input, channel_base + u64(o11)))
-                            columns[u32(out_at + u32(cc * K))] = v
-                        elif c == c_first and u32(cc) >= nc:
-                            columns[u32(out_at + u32(cc * K))] = ZERO
-                        channel_base = channel_base + u64(plane)
+                        channel_base = image_base + u64(u32(c_first * plane))
+                        cc = u32(0)
+                        while cc < nc:  # (a loop with a run-time count, not unrolled: this path is rare)
+                            ci = u32(c_first + cc)
+                            if REGULAR or (ci >= c and ci < seg_end):
+                                columns[u32(out_at + u32(cc * u32(K)))] = (
+                                    w00 * load(input, channel_base + u64(o00)) + w01 * load(input, channel_base + u64(o01))
+                                    + w10 * load(input, channel_base + u64(o10)) + w11 * load(input, channel_base + u64(o11)))
+                            channel_base = channel_base + u64(plane)
+                            cc = u32(cc + u32(1))
+                        if not REGULAR and c == c_first:
+                            for cz in range(CC):  # the rows past a partial chunk's channels
+                                if u32(cz) >= nc:
+                                    columns[u32(out_at + u32(cz * K))] = ZERO
+                    # phase: w_build
                     e = u32(e + u32(THREADS))
-                cuda.syncthreads()  # the column rows of this offset group are complete
                 c = seg_end
+            cuda.syncthreads()  # the column tile is complete
 
             # phase: weight_gemm (rank-1 updates over the tile's pixels; LDS.128 of RO and RK values)
             ao = a_first
             bo = b_first
             step = u32(0)
-            while step < u32(P):  # STEPS_B rank-1 updates per trip (unrolled)
+            # (two source loops of STEPS_B updates, as the column-gradient GEMM's trip; compile-time
+            # offsets added unwrapped: they fold into the LDS)
+            while step < u32(P):  # TRIP_B rank-1 updates per trip (unrolled)
                 for sub in range(STEPS_B):
                     for i in range(RO):
-                        a[i] = staged_grad_out[u32(ao + u32(sub * OGW + i))]
+                        a[i] = staged_grad_out[ao + (sub * OGW + i)]
                     for j in range(RK):
-                        b[j] = columns[u32(bo + u32(sub * CK + j))]
+                        b[j] = columns[bo + (sub * CK + j)]
                     for i in range(RO):
                         for j in range(RK):
                             acc[i, j] += a[i] * b[j]
-                ao = u32(ao + u32(STEPS_B * OGW))
-                bo = u32(bo + u32(STEPS_B * CK))
-                step = u32(step + u32(STEPS_B))
+                if TWICE_B:
+                    for sub in range(STEPS_B):
+                        for i in range(RO):
+                            a[i] = staged_grad_out[ao + ((STEPS_B + sub) * OGW + i)]
+                        for j in range(RK):
+                            b[j] = columns[bo + ((STEPS_B + sub) * CK + j)]
+                        for i in range(RO):
+                            for j in range(RK):
+                                acc[i, j] += a[i] * b[j]
+                ao = u32(ao + u32(TRIP_B * OGW))
+                bo = u32(bo + u32(TRIP_B * CK))
+                step = u32(step + u32(TRIP_B))
             cuda.syncthreads()  # everyone is done with this tile's columns and grad_out
             item = u32(item + splits)
 
-        # epilogue: this block's slice of partial ``split`` (partial 0 is grad_weight itself)
+        # epilogue: add this block's partial to the slice of grad_weight, in ticket order
+        if tid == u32(0):
+            while load_acquire(tickets, u32(counters + u32(1))) != split:
+                pass  # tickets 0 .. split-1 are still adding theirs
+        cuda.syncthreads()  # (thread 0's acquire) the earlier tickets' sums are visible to all
         row_length = u32(cpg * u32(K))
-        partial_base = u64(split - u32(1)) * u64(u32(out_channels * row_length))
         for i in range(RO):
             o = u32(o_first + u32(a_first + u32(i)))
             if o < opg:
@@ -1272,7 +1300,11 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
                         if split == u32(0):
                             grad_weight[flat] = acc[i, j]
                         else:
-                            partials[partial_base + u64(flat)] = acc[i, j]
+                            grad_weight[flat] = grad_weight[flat] + acc[i, j]
+        cuda.threadfence()  # (release) this thread's sums reach the device before the turn passes
+        cuda.syncthreads()  # every thread has added its share
+        if tid == u32(0):
+            cuda.atomic.add(tickets, u32(counters + u32(1)), u32(1))  # the next ticket's turn
 
     return kernel
 
@@ -1290,20 +1322,19 @@ def argument_and_gradient_bytes(geometry) -> int:
 
 
 def choose_splits(geometry, config: BackwardTileConfig, target_blocks: int | None = None) -> int:
-    """Partial weight gradients ``S`` of ``weight_grad_kernel``: enough blocks to fill the
-    device (``target_blocks``, default 2 per SM of an H200; 2 in the simulator), capped so
-    the ``S - 1`` partials beyond ``grad_weight`` itself stay under ``PARTIALS_SHARE`` of
-    ``argument_and_gradient_bytes``."""
+    """Blocks ``S`` per slice of ``weight_grad_kernel``: as many as keep the launch within
+    ``target_blocks`` (default: one issue round of an H200, ``132 * max(1, 4 // warps per
+    block)`` blocks, since a second block of 3 warps on an SM would double its issue slots per
+    instruction; 2 in the simulator), at most ``MAX_SPLITS`` and one per (image, tile) pair,
+    at least 1."""
     g = geometry
     cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
     blocks = g.groups * -(-opg // config.w_out_block) * -(-cpg // config.chunk)
     items = g.batch * config.tiles(g)
     if target_blocks is None:
-        target_blocks = 2 if backend.IS_SIMULATOR else 2 * 132
-    splits = max(1, min(items, -(-target_blocks // blocks)))
-    weight_bytes = precision.compute_dtype(g.dtype).itemsize * g.out_channels * cpg * g.taps
-    cap = 1 + int(PARTIALS_SHARE * argument_and_gradient_bytes(g) // weight_bytes)
-    return max(1, min(splits, cap))
+        warps = -(-config.weight_threads(g.taps) // 32)
+        target_blocks = 2 if backend.IS_SIMULATOR else 132 * max(1, 4 // warps)
+    return max(1, min(items, MAX_SPLITS, target_blocks // blocks))
 
 
 def sort_budget(geometry) -> int:
@@ -1317,22 +1348,23 @@ def extra_bytes(geometry, config: BackwardTileConfig | None = None, deterministi
     """Device memory the ``fused`` backward allocates beyond its arguments and gradients.
 
     Atomic mode: none (grad_input and grad_weight receive ``RED`` additions directly).
-    Deterministic mode: the weight kernel's ``S - 1`` partials beyond ``grad_weight``, and
-    the largest sort part of the gather (``backward.sort_part_bytes``: packed keys, the
-    sort's scratch, segment starts); they are never held at the same time, but are counted
-    together."""
+    Deterministic mode: the largest sort part of the gather (``backward.sort_part_bytes``:
+    packed keys, the sort's scratch, segment starts) and the weight kernel's two ``uint32``
+    counters per slice (it adds its blocks' sums into ``grad_weight`` in ticket order, with
+    no partials in memory); they are never held at the same time, but are counted together.
+    ``target_blocks`` is accepted for symmetry with ``choose_splits`` (the counters do not
+    depend on ``S``)."""
     if not deterministic:
         return 0
     from . import backward as column_backward
 
     g = geometry
     config = config or default_config(g)
-    splits = choose_splits(g, config, target_blocks)
-    s = precision.compute_dtype(g.dtype).itemsize
-    partials = (splits - 1) * s * g.out_channels * (g.in_channels // g.groups) * g.taps
+    cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
+    counters = 2 * 4 * g.groups * -(-opg // config.w_out_block) * -(-cpg // config.chunk)
     n = min(g.batch, GATHER_IMAGES)
     rows = column_backward.sort_part_rows(g, n, sort_budget(g))
-    return partials + column_backward.sort_part_bytes(g, n, rows)
+    return counters + column_backward.sort_part_bytes(g, n, rows)
 
 
 def _dims(g, fifth: int) -> tuple:
@@ -1351,9 +1383,10 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
     Images of 2**32 elements or more (``supported`` is false) run ``fused_columns`` instead,
     whose kernels index in 64 bits.
 
-    ``plan``: a ``BackwardTileConfig`` or ``None`` (``default_config``); ``splits``: the number
-    of partial weight gradients of the deterministic mode's weight kernel (``None``:
-    ``choose_splits``; atomic mode reduces the weight gradient with ``RED`` and ignores it).
+    ``plan``: a ``BackwardTileConfig`` or ``None`` (``default_config``); ``splits``: the blocks
+    per slice of the deterministic mode's weight kernel, whose sums it adds in ticket order
+    (``None``: ``choose_splits``; atomic mode reduces the weight gradient with ``RED`` and
+    ignores it).
     """
     g = geometry
     if not supported(g):  # an image of 2**32 elements or more: the 64-bit column method instead
@@ -1415,18 +1448,17 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
     else:
         return  # atomic mode: the input kernel has added the weight gradient too
 
-    # deterministic mode: the weight gradient from S partials (partial 0 in grad_weight),
-    # added in a fixed order
+    # deterministic mode: the weight gradient from S blocks per slice, added into grad_weight
+    # in ticket order (weight_grad_kernel)
     splits = splits or choose_splits(g, config)
     cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
     grid = (splits, -(-opg // config.w_out_block) * -(-cpg // config.chunk), g.groups)
-    kernel = weight_grad_kernel(g.dtype, *shape, config, use_mask, planes(g))
+    kernel = weight_grad_kernel(g.dtype, *shape, config, use_mask, planes(g), config.regular(g))
     with stopwatch.section("fused weight grad"):
-        partials = xp.empty((splits - 1) * grad_weight.size if splits > 1 else 1, dtype=dtype)
-        backend.launch(kernel, grid, config.weight_threads(g.taps), input_c.reshape(-1), offset, mask_arg,
-                       grad_output_c.reshape(-1), grad_weight_flat, partials, conv, _dims(g, g.batch))
-        for s in range(splits - 1):  # a fixed order: bit-identical run to run
-            grad_weight_flat += partials[s * grad_weight.size:(s + 1) * grad_weight.size]
+        tickets = xp.zeros(2 * grid[1] * grid[2], dtype=np.uint32)  # two counters per slice
+        backend.launch(kernel, grid, config.weight_threads(g.taps), input_c.reshape(-1),
+                       xp.ascontiguousarray(offset).reshape(-1), xp.ascontiguousarray(mask_arg).reshape(-1),
+                       grad_output_c.reshape(-1), grad_weight_flat, tickets, conv, _dims(g, g.batch))
 
 
 def phase_steps(config=None) -> dict:
@@ -1445,7 +1477,7 @@ def phase_model(geometry, config: BackwardTileConfig | None = None, target_block
     unroll factor).
 
     * ``table``, ``stage``, ``stage_gemm``, ``stage_grad_out``, ``wg_stage``, ``w_stage``,
-      ``w_table``, ``w_build``: trips of their ``while`` loops (one element, or one (tap,
+      ``w_build`` (the sampling table and the column values of a point): trips of their ``while`` loops (one element, or one (tap,
       pixel) point, per trip); ``stage_grad_out`` and ``wg_stage`` as pairs ``(trips, runs of
       their step code)``: a step stages ``grad_out`` only when it is not still staged;
     * ``grad_cols_gemm``, ``weight_gemm``: trips of the GEMM ``while`` loops, each of
@@ -1458,7 +1490,8 @@ def phase_model(geometry, config: BackwardTileConfig | None = None, target_block
       with a corner outside the staged region): its channel loop per owned point and chunk, its
       straight part per chunk, as if every point took it (the audit weighs it by the chance
       that a warp does); ``offset_grad``: once per offset group of the span
-      (the kernel has two copies of this code; one runs per offset group).
+      (the kernel has two copies of this code; one runs per offset group); ``w_build_outside``
+      as ``scatter_outside``, per point.
 
     Input-kernel counts are for atomic mode (the weight gradient fused in; ``wg_*`` phases),
     exact for spans whose chunks do not stop at a group edge (an upper bound otherwise); the
@@ -1480,7 +1513,7 @@ def phase_model(geometry, config: BackwardTileConfig | None = None, target_block
     items = -(-(g.batch * config.tiles(g)) // splits)
     segments = 1 if (g.in_channels // g.offset_groups) % config.chunk == 0 else 2
     steps_a = _column_gemm_trip(config.out_block, config.reg_rows * config.reg_px)[1]
-    steps_b = _steps(p, config.w_reg_out * config.w_reg_cols)
+    steps_b = _column_gemm_trip(p, config.w_reg_out * config.w_reg_cols)[1]
     vw = config.pixel_vector()
     steps_w = _steps(p // vw, max(1, (config.wg_reg_out * config.wg_reg_cols * vw) // 2))
     weight_groups_per_span = max(1, span // (g.in_channels // g.groups))
@@ -1515,8 +1548,10 @@ def phase_model(geometry, config: BackwardTileConfig | None = None, target_block
         "w_stage": (items, items),  # (position and channel loops unrolled: the whole copy per item)
         "w_stage_grad_out": ((items * -(-config.w_out_block // (t_w // p)) if t_w >= p
                               else items * -(-p * config.w_out_block // t_w)), items),
-        "w_table": items * segments * -(-kp // t_w),
         "w_build": items * segments * -(-kp // t_w),
+        # as if every point had a corner outside the staged region (the audit scales it as
+        # scatter_outside): its channel loop per point, its straight part per point
+        "w_build_outside": (items * segments * -(-kp // t_w) * config.chunk, items * segments * -(-kp // t_w)),
         "weight_gemm": items * (p // steps_b),
     }
 
@@ -1528,6 +1563,7 @@ def ptx_cases():
     configs = {"float32": (GPU_CONFIG, SIMULATOR_CONFIG), "float64": (SIMULATOR_CONFIG,)}
     conv = types.UniTuple(types.int32, 8)
     dims = types.UniTuple(types.int32, 9)
+    tickets = types.Array(types.uint32, 1, "C")
     for dtype in ("float32", "float64"):
         t = getattr(types, dtype)
         a4, flat = types.Array(t, 4, "A"), types.Array(t, 1, "C")
@@ -1539,7 +1575,7 @@ def ptx_cases():
                        input_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, atomic, False, (4096, 4096)),
                        (flat, a4, a4, flat, flat, flat, flat, a4, a4, conv, dims))
             yield (f"weight_grad[3x3,{tag}]", dtype, weight_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, (4096, 4096)),
-                   (flat, a4, a4, flat, flat, flat, conv, dims))
+                   (flat, flat, flat, flat, flat, tickets, conv, dims))
     # float16 and bfloat16 (storage in half, arithmetic in float32): the deft64 config; input,
     # offset, mask and grad_out in the storage type, weights and gradients in float32
     cfg = GPU_CONFIG
@@ -1552,4 +1588,4 @@ def ptx_cases():
                input_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, True, False, (4096, 4096)),
                (s1, s4, s4, f1, s1, f1, f1, f4, f4, conv, dims))
         yield (f"weight_grad[3x3,{tag}]", dtype, weight_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, (4096, 4096)),
-               (s1, s4, s4, s1, f1, f1, conv, dims))
+               (s1, s1, s1, s1, f1, tickets, conv, dims))
