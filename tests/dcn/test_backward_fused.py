@@ -1,5 +1,5 @@
 """The column-free ``fused`` backward beyond the shared method tests of test_backward.py:
-split weight partials, tile configs whose channel chunks cross weight and offset groups,
+the weight kernel's split blocks (added in ticket order), tile configs whose channel chunks cross weight and offset groups,
 bounds-checked runs, which kernels launch, run-to-run determinism under a shuffled block
 order (and that the atomic path does vary under it), ``red_add`` in the simulator, and the
 extra-memory figure."""
@@ -183,9 +183,9 @@ def test_splits_reduce_in_a_fixed_order(rng):
 def test_weight_splits_add_in_ticket_order_whatever_order_blocks_run(rng):
     """The weight kernel's S blocks of a slice take the (image, tile) pairs of the ticket they
     draw as they start and add their sums in ticket order: under shuffled block orders the
-    weight gradient keeps its bits, and it equals the left-to-right sum of the per-ticket
-    partials (each computed with one split of the same pairs). A block that took its pairs
-    by its block index, or added out of turn, would give other bits here."""
+    weight gradient keeps its bits and matches the reference. A block that took its pairs by
+    its block index (the sums would then be added in an order that follows the shuffle) gives
+    other bits here."""
     _, g = case("tickets", n=3, c=2, h=5, w=6, c_out=3)
     cfg = CONFIGS["chunk1-tile2x4"]
     arrays = layer_arrays(g, rng)
