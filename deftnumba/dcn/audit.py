@@ -326,8 +326,9 @@ def column_backward_launches(g, method: str) -> list:
         launches.append(Launch(
             "bwd.deterministic.gather_staged",
             bk, bk.gather_staged_kernel(g.dtype, g.has_mask, cb, wide, g.taps, out_chunk, outs % out_chunk == 0,
-                                    g.out_h * g.out_w),
-            (flat_storage, a1, a4, a4, k1, keys, a4, conv, i32, i32, i32, i32, i32, types.boolean, i32, i32, i32, i32),
+                                    g.out_h * g.out_w, bk.staged_tap_geometry(g), g.out_w),
+            (flat_storage, a1, flat_storage, flat_storage, k1, keys, a4, conv, i32, i32, i32, i32, i32, types.boolean,
+             i32, i32, i32, i32),
             blocks, bk.GATHER_THREADS, None, repeats, "",
             extra={"items": blocks * bk.GATHER_THREADS,
                    "loop_trips": (out_chunks, g.taps, -(-per_segment // g.taps)),

@@ -151,21 +151,24 @@ def test_backward_gemm_like_loop_of_the_column_free_gather_does_not_regress(figu
     every weight from global memory); the output plane a compile-time constant (immediate
     load offsets, session 25): 59.3%; the sum regrouped by tap (session 26: a tap's weighted
     ``grad_out`` sums times its weights, once per tap, not per entry; the row is that product,
-    the tap loop less its entries loop): 68.7%. Each weight is still read once per 4 FFMA (80%
-    at most). The retired ``fused_gemm`` sample pass (9.1%) is gone (session 25); ``fused``'s
+    the tap loop less its entries loop): 68.7%; session 27 (each entry's coefficient in 32 bits
+    through handles, compile-time tap geometry: 168 -> 125 registers, ptxas schedules the tap
+    loop anew): 72.7%. Each weight is still read once per 4 FFMA (80% at most). The retired ``fused_gemm`` sample pass (9.1%) is gone (session 25); ``fused``'s
     own GEMM loops meet the target."""
     assert not [r for r in figures["targets"] if "fused_gemm" in r["target"]]
     rows = rows_like(figures, "deft64", "bwd.deterministic.gather_staged", "FFMA %")
     assert len(rows) == 1
     for r in rows:
-        assert r["value"] >= 67.5, r
+        assert r["value"] >= 72, r
 
 
 def test_column_free_gather_regrouped_by_tap_does_not_regress(figures):
     """Session 26: the gather sums each tap's entries before multiplying by the weights,
     0.332 -> 0.155 ms predicted at deft64 (41k -> 19k instructions per thread); the method's
-    three launches (entries, the column gather, the column-free gather) 0.472 -> 0.295 ms."""
-    assert figures["predicted_ms"]["deft64/bwd-deterministic"] <= 0.31
+    three launches (entries, the column gather, the column-free gather) 0.472 -> 0.295 ms.
+    Session 27: an entry's coefficient in 32 bits (331 -> 258 instructions per entry), the
+    column-free gather 0.155 -> 0.131 ms, the three launches 0.271 ms."""
+    assert figures["predicted_ms"]["deft64/bwd-deterministic"] <= 0.28
 
 
 def test_deterministic_fused_backward_predicted_time_does_not_regress(figures):

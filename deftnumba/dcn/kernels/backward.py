@@ -489,7 +489,8 @@ def gather_out_chunk(geometry) -> int:
 
 @functools.cache
 def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: bool, taps: int,
-                         out_chunk: int, even: bool, out_plane: int):
+                         out_chunk: int, even: bool, out_plane: int, tap_geometry: tuple = (3, 1, 1, 1, 1),
+                         out_width: int = 64):
     """Kernel ``(grad_flat, weight_flat, offset, mask, starts, key, grad_input, conv, first_image,
     offset_groups, row0, part_rows, id_bits, accumulate, out_channels, w_per_group, block0,
     image0)``: the
@@ -519,20 +520,24 @@ def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: 
 
     The output plane ``Ho*Wo`` (``out_plane``) is a compile-time constant, so the ``grad_out``
     loads of an entry's outputs are one base address plus immediate offsets. Each entry's
-    coefficient ``m * w_corner`` is recomputed from its id. The thread writes (``accumulate``:
+    coefficient ``m * w_corner`` is recomputed from its id: the offsets and the mask flat and
+    contiguous, read through handles in 32 bits (``sampling.tap_position_at``), with the tap
+    geometry ``tap_geometry = (kw, sh, sw, dh, dw)`` and the output width ``out_width``
+    compile-time (a pixel's row and a tap's row are multiplies, not divisions). The thread writes (``accumulate``:
     adds to) ``grad_input[first_image + n_local, c0 + j, y, x]``; the order of every sum is
     fixed by the sort, so the result is bit-identical run to run.
     """
     fns = sampling_functions(dtype)
-    tap_position = fns.tap_position
+    tap_position_at = fns.tap_position_at
     bilinear_corners = fns.bilinear_corners
-    load = fns.load
     load_at = fns.precision.load_at
     ZERO = fns.ZERO
     ONE = fns.ONE
     DT = fns.T
     CB = block_channels
     K = taps
+    KW, SH, SW, DH, DW = tap_geometry
+    OUT_W = out_width
     OC = out_chunk
     # the tap sums h of OC outputs, in two register arrays of at most 32: LLVM unrolls a loop of
     # 32 of them (constant indices: registers) and keeps one of 64 rolled (local memory)
@@ -552,8 +557,12 @@ def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: 
                row0, part_rows, id_bits, accumulate, out_channels, w_per_group, block0, image0):
         tid = u32(cuda.threadIdx.x)
         _, channels, height, width = grad_input.shape
-        out_w = u32(offset.shape[3])
+        out_w = u32(OUT_W)  # == Wo of the caller's geometry (compile-time)
         out_plane = u32(PLANE)  # == Ho * Wo of the caller's geometry
+        height_i = i32(height)  # (the bilinear rule's clamps in int32)
+        width_i = i32(width)
+        pad_h = i32(conv[2])
+        pad_w = i32(conv[3])
         plane = u32(u32(height) * u32(width))
         part_pixels = u32(u32(part_rows) * out_w)
         per_group = u32(u32(channels) // u32(offset_groups))
@@ -569,6 +578,10 @@ def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: 
         q = u32(u32(u32(cuda.blockIdx.x) * u32(THREADS)) + tid)
         valid = q < plane
         segment = u64(u32(u32(n_local * u32(offset_groups)) + g)) * u64(plane) + u64(q)
+        # handles of offset[n, 2*g*K] and mask[n, g*K] (flat, contiguous)
+        group_row = u64(u32(u32(n * u32(offset_groups)) + g)) * u64(u32(K))
+        offset_group = element_address(offset, group_row * u64(u32(2 * out_plane)))
+        mask_group = element_address(mask, group_row * u64(out_plane)) if use_mask else u64(0)
         w_tile = cuda.shared.array(TILE, dtype=DT, alignment=16)
         acc = cuda.local.array(CB, dtype=DT)
         h0 = cuda.local.array(H0, dtype=DT)  # a tap's weighted grad_out sums, outputs 0 .. H0 ...
@@ -592,8 +605,8 @@ def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: 
                     w_tile[u32(u32(u32(tap * u32(OC)) + o) * u32(CB)) + j] = v
             cuda.syncthreads()  # the weight tile is staged
             # (a thread past the image gets an empty segment: no divergent branch around the loop)
-            e = starts[segment] if valid else np.int64(0)
-            end = starts[segment + u64(1)] if valid else np.int64(0)
+            e = u64(starts[segment]) if valid else u64(0)
+            end = u64(starts[segment + u64(1)]) if valid else u64(0)
             # The segment's entries are sorted by tap (the tap is the high part of their ids), so
             # the tap loop walks them once: for each tap, h[o] = sum over its entries of
             # coef * grad_out[o, entry's output pixel], then acc[j] += sum_o W[o, c0+j, tap] * h[o].
@@ -617,10 +630,12 @@ def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: 
                     row = u32(p_local // out_w)
                     oy = u32(u32(row0) + row)
                     ox = u32(p_local - u32(row * out_w))
-                    y, x = tap_position(offset, n, g, tap, oy, ox, conv)
-                    _y0, _y1, _x0, _x1, w00, w01, w10, w11 = bilinear_corners(y, x, height, width)
+                    y, x = tap_position_at(offset, offset_group, tap, oy, ox, out_w, out_plane, KW, SH, SW, DH, DW,
+                                           pad_h, pad_w)
+                    _y0, _y1, _x0, _x1, w00, w01, w10, w11 = bilinear_corners(y, x, height_i, width_i)
                     w = w00 if corner == u32(0) else (w01 if corner == u32(1) else (w10 if corner == u32(2) else w11))
-                    m = load(mask, (n, u32(u32(g * u32(K)) + tap), oy, ox)) if use_mask else ONE
+                    m = load_at(mask, mask_group, u32(u32(tap * out_plane) + u32(u32(oy * out_w) + ox))) \
+                        if use_mask else ONE
                     coef = m * w
                     # grad_out[n, o_first + o0 + o, oy, ox] through one handle, a plane per output
                     # (compile-time: immediate offsets)
@@ -632,7 +647,7 @@ def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: 
                     for o in range(H1):
                         if EVEN or u32(o0 + u32(H0 + o)) < outs:
                             h1[o] += coef * load_at(grad_flat, at, u32((H0 + o) * PLANE))
-                    e += 1
+                    e = u64(e + u64(1))
                 # the tap's products: CB/4 LDS.128 of weights and CB FMAs per output
                 wt = u32(u32(tap * u32(OC)) * u32(CB))
                 for o in range(H0):
@@ -672,6 +687,12 @@ def grad_columns(geometry, weight, grad_out_groups, xp):
     g = geometry
     w = weight.reshape(g.groups, g.out_channels // g.groups, (g.in_channels // g.groups) * g.taps)
     return xp.matmul(w.transpose(0, 2, 1), grad_out_groups).reshape(g.in_channels * g.taps, -1)
+
+
+def staged_tap_geometry(geometry) -> tuple:
+    """``(kw, sh, sw, dh, dw)``: the tap geometry ``gather_staged_kernel`` compiles in."""
+    g = geometry
+    return (g.kernel_w, g.stride_h, g.stride_w, g.dil_h, g.dil_w)
 
 
 def gather_block_channels(geometry) -> int:
@@ -736,9 +757,12 @@ def _deterministic_input_grad(g, grad_cols, grad_output, weight, offset, mask_ar
     if column_free:  # a block per (image, channel block, pixel block), the weights staged
         out_chunk = gather_out_chunk(g)
         gather = gather_staged_kernel(g.dtype, g.has_mask, cb, wide, g.taps, out_chunk,
-                                      (g.out_channels // g.groups) % out_chunk == 0, g.out_h * g.out_w)
+                                      (g.out_channels // g.groups) % out_chunk == 0, g.out_h * g.out_w,
+                                      staged_tap_geometry(g), g.out_w)
         grid = (-(-(g.height * g.width) // GATHER_THREADS), g.in_channels // cb, n_chunk)
         grad_flat, weight_flat = grad_output.reshape(-1), weight.reshape(-1)
+        offset_flat = xp.ascontiguousarray(offset).reshape(-1)  # (read through handles)
+        mask_flat = xp.ascontiguousarray(mask_arg).reshape(-1)
     else:
         gather = gather_kernel(g.dtype, g.has_mask, cb, wide, index_is_narrow(threads))
     for row0 in range(0, g.out_h, rows):
@@ -756,7 +780,7 @@ def _deterministic_input_grad(g, grad_cols, grad_output, weight, offset, mask_ar
                 for image0 in range(0, images, GRID_YZ_LIMIT):
                     backend.launch(gather, (blocks_x, min(GRID_YZ_LIMIT, channel_blocks - block0),
                                             min(GRID_YZ_LIMIT, images - image0)), GATHER_THREADS,
-                                   grad_flat, weight_flat, offset, mask_arg, starts, key, grad_input, conv,
+                                   grad_flat, weight_flat, offset_flat, mask_flat, starts, key, grad_input, conv,
                                    np.int32(first), np.int32(g.offset_groups), np.int32(row0), np.int32(part_rows),
                                    np.int32(id_bits), row0 > 0, np.int32(g.out_channels),
                                    np.int32(g.in_channels // g.groups), np.int32(block0), np.int32(image0))
@@ -872,7 +896,7 @@ def ptx_cases():
                        (a2, a4, a4, k1, keys, a4) + gather_tail)
                 yield (f"gather_staged[mask={use_mask},key={keys.dtype}]", dtype,
                        gather_staged_kernel(dtype, use_mask, 8, wide, 9, 16, True, 4096),
-                       (flat, flat, a4, a4, k1, keys, a4) + staged_tail)
+                       (flat, flat, flat, flat, k1, keys, a4) + staged_tail)
         for wide, keys in ((False, u1), (True, w1)):
             yield (f"entries[key={keys.dtype}]", dtype, entries_kernel(dtype, wide), (a4, keys) + entries_tail)
     # float16 and bfloat16 (storage in half, arithmetic in float32), one case per kernel: mask
@@ -890,5 +914,6 @@ def ptx_cases():
         yield ("entries[key=uint32]", dtype, entries_kernel(dtype, False), (h4, u1) + entries_tail)
         yield ("gather[mask=True,key=uint32]", dtype, gather_kernel(dtype, True, 4, False),
                (f2, h4, h4, k1, u1, f4) + gather_tail)
+        h1 = types.Array(precision.numba_type(dtype), 1, "C")
         yield ("gather_staged[mask=True,key=uint32]", dtype, gather_staged_kernel(dtype, True, 8, False, 9, 16, True, 4096),
-               (types.Array(precision.numba_type(dtype), 1, "C"), f1, h4, h4, k1, u1, f4) + staged_tail)
+               (h1, f1, h1, h1, k1, u1, f4) + staged_tail)

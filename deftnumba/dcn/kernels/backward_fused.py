@@ -992,6 +992,7 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
     PLANE, OUT_PLANE = planes
     REGULAR = regular
     fns = sampling_functions(dtype)
+    tap_position_at = fns.tap_position_at
     load = fns.load  # input, offset, mask, grad_out: the storage dtype
     load_at = fns.precision.load_at  # (through a runtime.addresses handle)
     in_band = fns.in_band
@@ -1174,7 +1175,6 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
                     u = u32(p // u32(TW))
                     oy = u32(oy0 + u)
                     ox = u32(ox0 + u32(p - u32(u * u32(TW))))
-                    ki = u32(k // u32(KW))
                     r0 = i32(0)
                     r1 = i32(0)
                     q0 = i32(0)
@@ -1184,11 +1184,8 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
                     w10 = ZERO
                     w11 = ZERO
                     if oy < out_h and ox < out_w:
-                        at = u32(u32(u32(k * u32(2)) * out_plane) + u32(u32(oy * out_w) + ox))
-                        # (int32 + int32 is int64 in Numba: each sum is cast back)
-                        y = T(i32(i32(i32(oy * u32(SH_)) + i32(ki * u32(DH_))) - pad_h)) + load_at(offset, offset_group, at)
-                        x = T(i32(i32(i32(ox * u32(SW_)) + i32(u32(k - u32(ki * u32(KW))) * u32(DW_))) - pad_w)) \
-                            + load_at(offset, offset_group, u32(at + out_plane))
+                        y, x = tap_position_at(offset, offset_group, k, oy, ox, out_w, out_plane, KW, SH_, SW_,
+                                               DH_, DW_, pad_h, pad_w)
                         if in_band(y, x, height_i, width_i):
                             y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_corners(y, x, height_i, width_i)
                             if USE_MASK:

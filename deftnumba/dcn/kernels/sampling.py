@@ -61,6 +61,7 @@ def sampling_functions(dtype) -> SimpleNamespace:
 def _sampling_functions(dtype: str) -> SimpleNamespace:
     prec = precision(dtype)
     load = prec.load  # reads of the storage arrays (offsets here)
+    load_at = prec.load_at  # (through a runtime.addresses handle)
     T = prec.T  # converter and constant type used inside kernels (the compute type)
     ZERO = T(0)
     ONE = T(1)
@@ -79,6 +80,23 @@ def _sampling_functions(dtype: str) -> SimpleNamespace:
         channel = 2 * (group * kh * kw + tap)
         y = T(oy * sh - ph + i * dh) + load(offset, (n, channel, oy, ox))
         x = T(ox * sw - pw + j * dw) + load(offset, (n, channel + 1, oy, ox))
+        return y, x
+
+    @cuda.jit(device=True, inline=True)
+    def tap_position_at(offset, group, tap, oy, ox, out_w, out_plane, kw, sh, sw, dh, dw, ph, pw):
+        """``tap_position`` for kernels that index an image in 32 bits: ``offset`` flat and
+        contiguous, ``group`` the handle (``runtime.addresses``) of ``offset[n, 2*g*K, 0, 0]``;
+        ``tap``, ``oy``, ``ox``, ``out_w``, ``out_plane`` (``Ho*Wo``) unsigned 32-bit; the tap
+        geometry ``kw, sh, sw, dh, dw`` best passed as compile-time constants (then the tap's
+        row is a multiply, not a division); ``ph, pw`` int32. Every sum is cast back to 32
+        bits (Numba types ``int32 + int32`` as ``int64``)."""
+        i = np.uint32(np.uint32(tap) // np.uint32(kw))
+        j = np.uint32(np.uint32(tap) - np.uint32(i * np.uint32(kw)))
+        at = np.uint32(np.uint32(np.uint32(tap * np.uint32(2)) * out_plane) + np.uint32(np.uint32(oy * out_w) + ox))
+        y = T(np.int32(np.int32(np.int32(oy * np.uint32(sh)) + np.int32(i * np.uint32(dh))) - ph)) \
+            + load_at(offset, group, at)
+        x = T(np.int32(np.int32(np.int32(ox * np.uint32(sw)) + np.int32(j * np.uint32(dw))) - pw)) \
+            + load_at(offset, group, np.uint32(at + out_plane))
         return y, x
 
     @cuda.jit(device=True, inline=True)
@@ -162,6 +180,7 @@ def _sampling_functions(dtype: str) -> SimpleNamespace:
     return SimpleNamespace(
         T=T, ZERO=ZERO, ONE=ONE, load=load, store=prec.store, precision=prec,
         tap_position=tap_position,
+        tap_position_at=tap_position_at,
         in_band=in_band,
         bilinear_axis=bilinear_axis,
         in_gradient_band=in_gradient_band,
