@@ -235,7 +235,7 @@ def fused_backward_launches(g, config=None, deterministic: bool = False) -> list
         Launch(f"{prefix}.input_grad", bf, bf.input_grad_kernel(g.dtype, *shape, config, g.has_mask, not deterministic,
                                                                     config.regular(g), bf.planes(g),
                                                                     config.weights_by_vector(g)),
-               (flat, a4, a4, flat, flat, flat, flat, a4, a4, conv, dims),
+               (flat, flat, flat, flat, flat, flat, flat, flat, flat, conv, dims),
                config.tiles(g) * (g.in_channels // span) * g.batch, config.input_threads(k), config,
                operator="fused backward", extra={"phases": input_phases, "out_of_tile_phases": ("scatter_outside",)})]
     if deterministic:

@@ -191,8 +191,10 @@ def test_fused_backward_predicted_time_does_not_regress(figures):
     compile-time planes (a RED's channel step and the stagings' plane steps in immediate
     offsets) and channel-innermost staged input (a corner's 4 channels one LDS.128): 1.86x;
     session 26's column-gradient GEMM trip of 8 rank-1 updates (84.8% FFMA) and weight
-    slabs staged by 16-byte vector: pinned at today's 1.81x."""
-    assert value(figures, "deft64", "bwd fused predicted / fp32 floor") <= 1.84
+    slabs staged by 16-byte vector: 1.81x; session 27's offsets, mask and their gradients read
+    and written through handles in 32 bits (the sampling table and the offset gradients):
+    pinned at today's 1.77x."""
+    assert value(figures, "deft64", "bwd fused predicted / fp32 floor") <= 1.79
 
 
 def test_every_backward_kernel_is_modelled(figures):

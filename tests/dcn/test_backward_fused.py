@@ -131,6 +131,22 @@ def test_weights_staged_by_vector(deterministic, rng):
     check_against_reference(g, go, arrays, grads)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_batch_split_launches_slice_every_flat_argument(monkeypatch, deterministic, rng):
+    """Past 65535 images the input kernel launches in batch slices: with the limit lowered to 2,
+    3 images run as slices of 2 and 1, each with its own slices of the flat input, offsets,
+    mask, grad_out and gradients (bounds-checked, against the reference). A slice that started
+    at the wrong image's offsets or gradients fails it."""
+    monkeypatch.setattr(backward_fused, "GRID_YZ_LIMIT", 2)
+    _, g = case("three-images", n=3, c=4, h=4, w=5, c_out=3, offset_groups=2)
+    arrays = layer_arrays(g, rng)
+    go = grad_out_for(g, rng)
+    with backend.bounds_checked(), backend.launch_log() as launched:
+        grads = direct(g, go, arrays, deterministic=deterministic, splits=2)
+    assert sum("input_grad_kernel" in k for k in launched) == 2
+    check_against_reference(g, go, arrays, grads)
+
+
 def test_weight_kernel_runs_two_copies_of_its_gemm_steps_per_trip(rng):
     """The deterministic weight kernel's GEMM trip repeats its loop of rank-1 updates at a
     second offset where twice the steps divide the tile (``_column_gemm_trip``), as at

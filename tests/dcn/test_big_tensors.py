@@ -142,6 +142,17 @@ AUDITED_INT32 = {
     ("backward.py", "np.int32(g.height)"): "H < 2**31; products with it are int64 in numba",
     ("backward.py", "np.int32(g.width)"): "W < 2**31; products with it are int64 in numba",
     ("fused_tiled.py", "np.int32(v)"): "kernel_dims: C, H, W, Cout, Ho, Wo and 2*G*K < 2**31 (check_limits)",
+    # tap_position_at's integer part of a sampling position, oy*sh + i*dh - ph (and the same in x):
+    # each term and sum within the input extent that check_limits bounds (< 2**24 in float32,
+    # < 2**31 in float64), as im2col.py's np.int32(oy) products
+    **{("sampling.py", text): "tap_position_at: a sampling position's integer part and its terms, within the "
+                              "extent check_limits bounds (< 2**31)"
+       for text in ("np.int32(oy * np.uint32(sh))", "np.int32(i * np.uint32(dh))",
+                    "np.int32(ox * np.uint32(sw))", "np.int32(j * np.uint32(dw))",
+                    "np.int32(np.int32(oy * np.uint32(sh)) + np.int32(i * np.uint32(dh)))",
+                    "np.int32(np.int32(ox * np.uint32(sw)) + np.int32(j * np.uint32(dw)))",
+                    "np.int32(np.int32(np.int32(oy * np.uint32(sh)) + np.int32(i * np.uint32(dh))) - ph)",
+                    "np.int32(np.int32(np.int32(ox * np.uint32(sw)) + np.int32(j * np.uint32(dw))) - pw)")},
     ("fused_tiled.py", "np.int32(y0)"): "first block index in y < groups * oc_blocks <= Cout < 2**31",
 }
 

@@ -341,8 +341,9 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     ``config.input_threads(K)``.
 
     input and grad_input are flat (``N*C*H*W``), weight and grad_weight flat (``Co*Cg*K``),
-    grad_out flat (``N*Co*Ho*Wo``); offset, mask, grad_offset, grad_mask 4-D (mask and
-    grad_mask dummies without ``use_mask``); dims the int32 tuple ``(C, H, W, Co, Cg, span,
+    grad_out flat (``N*Co*Ho*Wo``); offset, mask, grad_offset, grad_mask flat and contiguous
+    (``N*2GK*Ho*Wo``, ``N*GK*Ho*Wo``; mask and grad_mask dummies without ``use_mask``), read
+    and written through handles in 32 bits (``sampling.tap_position_at``); dims the int32 tuple ``(C, H, W, Co, Cg, span,
     cpo, Ho, Wo)``. ``atomic`` adds the input gradient and the block's weight-gradient
     partials with ``red_add`` (grad_input and grad_weight zeroed by the caller); without it
     grad_input and grad_weight are untouched (the deterministic path computes them apart).
@@ -360,9 +361,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     fns = sampling_functions(dtype)
     load = fns.load  # input, offset, mask, grad_out: the storage dtype
     load_at = fns.precision.load_at  # (through a runtime.addresses handle)
-    tap_position = fns.tap_position
-    in_band = fns.in_band
-    bilinear_corners = fns.bilinear_corners
+    tap_position_at = fns.tap_position_at
     bilinear_corner_gradients = fns.bilinear_corner_gradients
     in_gradient_band = fns.in_gradient_band
     T = fns.T
@@ -397,7 +396,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     GRAD_OUT_STEP = OGB * PS
     COLUMN_TILE = CK * PS
     TABLE = 4 * KP
-    SH_, SW_ = stride_h, stride_w
+    SH_, SW_, DH_, DW_ = stride_h, stride_w, dil_h, dil_w
     USE_MASK, ATOMIC = use_mask, atomic
     REGULAR = regular  # every chunk full and every output step full (config.regular): no bounds tests
     STEPS_A, TRIP_A = _column_gemm_trip(OGB, RR * RP)
@@ -425,6 +424,26 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     # ptxas bound: 4 blocks of 144 threads per SM at deft64 (<= 102 registers: 96) instead of
     # the 3 that ~126 registers allow (the launch's 3.9 blocks per SM then run in one wave)
     options = {} if backend.IS_SIMULATOR else {"launch_bounds": (THREADS, input_min_blocks(THREADS, np.dtype(DT).itemsize))}
+
+    @cuda.jit(device=True, inline=True)
+    def point_gradients(offset, mask, grad_offset, grad_mask, group, k, oy, ox, out_w, out_plane, height_i, width_i,
+                        pad_h, pad_w, s0, s1, s2, s3):
+        """The offset and mask gradients of one (tap ``k``, pixel) point of the offset group whose
+        first offset plane is element ``group`` (``u64``) of the flat offsets, from its corner sums
+        ``S_q``: ``grad_offset = m * sum_q (dw_q/dy, dw_q/dx) S_q``, ``grad_mask = sum_q w_q S_q``."""
+        y, x = tap_position_at(offset, element_address(offset, group), k, oy, ox, out_w, out_plane, KW, SH_, SW_,
+                               DH_, DW_, pad_h, pad_w)
+        (_, _, _, _, w00, w01, w10, w11, gy00, gy01, gy10, gy11,
+         gx00, gx01, gx10, gx11) = bilinear_corner_gradients(y, x, height_i, width_i)
+        at = u32(u32(k * out_plane) + u32(u32(oy * out_w) + ox))  # the point in its plane of the group's mask
+        m = ONE
+        if USE_MASK:
+            m = load_at(mask, element_address(mask, u64(group // u64(2))), at)
+        dy_at = u64(group + u64(u32(at + u32(k * out_plane))))  # plane 2k of the group's offsets
+        grad_offset[dy_at] = m * (gy00 * s0 + gy01 * s1 + gy10 * s2 + gy11 * s3)
+        grad_offset[u64(dy_at + u64(out_plane))] = m * (gx00 * s0 + gx01 * s1 + gx10 * s2 + gx11 * s3)
+        if USE_MASK:
+            grad_mask[u64(u64(group // u64(2)) + u64(at))] = w00 * s0 + w01 * s1 + w10 * s2 + w11 * s3
 
     @cuda.jit(**options)
     def kernel(input, offset, mask, weight, grad_out, grad_input, grad_weight, grad_offset, grad_mask, conv,
@@ -537,27 +556,20 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                             oy = u32(oy0 + u)
                             ox = u32(ox0 + u32(p - u32(u * u32(TW))))
                             if oy < out_h and ox < out_w:
-                                y, x = tap_position(offset, n, table_og, k, oy, ox, conv)
-                                (_, _, _, _, w00, w01, w10, w11, gy00, gy01, gy10, gy11,
-                                 gx00, gx01, gx10, gx11) = bilinear_corner_gradients(y, x, height, width)
-                                point = u32(u32(table_og * u32(K)) + k)
-                                m = ONE
-                                if USE_MASK:
-                                    m = load(mask, (n, point, oy, ox))
-                                s0 = sums[r, 0]
-                                s1 = sums[r, 1]
-                                s2 = sums[r, 2]
-                                s3 = sums[r, 3]
-                                grad_offset[n, u32(u32(2) * point), oy, ox] = m * (gy00 * s0 + gy01 * s1 + gy10 * s2
-                                                                                   + gy11 * s3)
-                                grad_offset[n, u32(u32(2) * point + u32(1)), oy, ox] = m * (gx00 * s0 + gx01 * s1
-                                                                                            + gx10 * s2 + gx11 * s3)
-                                if USE_MASK:
-                                    grad_mask[n, point, oy, ox] = w00 * s0 + w01 * s1 + w10 * s2 + w11 * s3
+                                # (the offset-group count, the int32 sizes and pads recomputed from
+                                # the arguments here: kept live, they made the kernel spill)
+                                point_gradients(offset, mask, grad_offset, grad_mask,
+                                                u64(u32(u32(n * u32(channels // cpo)) + table_og))
+                                                * u64(u32(2 * K) * out_plane),
+                                                k, oy, ox, out_w, out_plane, i32(dims[1]), i32(dims[2]), i32(conv[2]),
+                                                i32(conv[3]), sums[r, 0], sums[r, 1], sums[r, 2], sums[r, 3])
                         for q in range(4):
                             sums[r, q] = ZERO
                 # phase: table (corners relative to the staged region, mask folded into the weights;
                 # the previous chunk ended with a barrier, so nobody still reads the old table)
+                group_row = u64(u32(u32(n * u32(channels // cpo)) + og)) * u64(u32(K) * out_plane)  # mask[n, og*K]
+                offset_group = element_address(offset, u64(group_row * u64(2)))  # offset[n, 2*og*K]
+                mask_group = element_address(mask, group_row) if USE_MASK else u64(0)
                 e = tid
                 while e < u32(KP):
                     k = u32(e // u32(P))
@@ -574,15 +586,16 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                     w10 = ZERO
                     w11 = ZERO
                     if oy < out_h and ox < out_w:
-                        y, x = tap_position(offset, n, og, k, oy, ox, conv)
+                        y, x = tap_position_at(offset, offset_group, k, oy, ox, out_w, out_plane, KW, SH_, SW_, DH_,
+                                               DW_, i32(conv[2]), i32(conv[3]))
                         # the gradient band (closed at -1): a sample on y = -1 or x = -1 has zero
                         # weights (it scatters nothing) but its clamped corners still feed the
                         # one-sided offset gradient, as in torchvision (sampling.py's rule)
                         if in_gradient_band(y, x, height, width):
                             (y0, y1, x0, x1, w00, w01, w10, w11,
-                             _, _, _, _, _, _, _, _) = bilinear_corner_gradients(y, x, height, width)
+                             _, _, _, _, _, _, _, _) = bilinear_corner_gradients(y, x, i32(dims[1]), i32(dims[2]))
                             if USE_MASK:
-                                m = load(mask, (n, u32(u32(og * u32(K)) + k), oy, ox))
+                                m = load_at(mask, mask_group, u32(u32(k * out_plane) + u32(u32(oy * out_w) + ox)))
                                 w00 *= m
                                 w01 *= m
                                 w10 *= m
@@ -592,7 +605,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                             q0 = i32(i32(x0) - ix0)
                             q1 = i32(i32(x1) - ix0)
                         elif USE_MASK:  # the column is 0 times the mask, as torchvision: NaN stays NaN
-                            w00 = ZERO * load(mask, (n, u32(u32(og * u32(K)) + k), oy, ox))
+                            w00 = ZERO * load_at(mask, mask_group, u32(u32(k * out_plane) + u32(u32(oy * out_w) + ox)))
                     corner_index[e] = r0
                     corner_index[u32(e + u32(KP))] = r1
                     corner_index[u32(e + u32(2 * KP))] = q0
@@ -939,22 +952,10 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                 oy = u32(oy0 + u)
                 ox = u32(ox0 + u32(p - u32(u * u32(TW))))
                 if oy < out_h and ox < out_w:
-                    y, x = tap_position(offset, n, table_og, k, oy, ox, conv)
-                    (_, _, _, _, w00, w01, w10, w11, gy00, gy01, gy10, gy11,
-                     gx00, gx01, gx10, gx11) = bilinear_corner_gradients(y, x, height, width)
-                    point = u32(u32(table_og * u32(K)) + k)
-                    m = ONE
-                    if USE_MASK:
-                        m = load(mask, (n, point, oy, ox))
-                    s0 = sums[r, 0]
-                    s1 = sums[r, 1]
-                    s2 = sums[r, 2]
-                    s3 = sums[r, 3]
-                    grad_offset[n, u32(u32(2) * point), oy, ox] = m * (gy00 * s0 + gy01 * s1 + gy10 * s2 + gy11 * s3)
-                    grad_offset[n, u32(u32(2) * point + u32(1)), oy, ox] = m * (gx00 * s0 + gx01 * s1 + gx10 * s2
-                                                                                + gx11 * s3)
-                    if USE_MASK:
-                        grad_mask[n, point, oy, ox] = w00 * s0 + w01 * s1 + w10 * s2 + w11 * s3
+                    point_gradients(offset, mask, grad_offset, grad_mask,
+                                    u64(u32(u32(n * u32(channels // cpo)) + table_og)) * u64(u32(2 * K) * out_plane),
+                                    k, oy, ox, out_w, out_plane, i32(dims[1]), i32(dims[2]), i32(conv[2]), i32(conv[3]),
+                                    sums[r, 0], sums[r, 1], sums[r, 2], sums[r, 3])
 
     return kernel
 
@@ -1364,6 +1365,15 @@ def extra_bytes(geometry, config: BackwardTileConfig | None = None, deterministi
     return counters + column_backward.sort_part_bytes(g, n, rows)
 
 
+def _flat_view(array, name: str):
+    """``array`` as a flat view (the kernels write through it), which needs C order."""
+    flat = array.reshape(-1)
+    if not array.flags.c_contiguous:
+        raise ValueError(f"backward_fused: {name} must be C-contiguous (a preallocated gradient), got strides "
+                         f"{array.strides}")
+    return flat
+
+
 def _dims(g, fifth: int) -> tuple:
     """The int32 tuple ``(C, H, W, Co, Cg, fifth, cpo, Ho, Wo)`` (``fifth``: the input kernel's
     channel span, the weight kernel's image count)."""
@@ -1425,13 +1435,18 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
             grad_weight_flat[...] = 0
         grad_input_flat = grad_input.reshape(-1)
         image = g.in_channels * g.height * g.width
+        points = g.offset_groups * g.taps * g.out_h * g.out_w  # mask (and grad_mask) elements per image
+        offset_flat = xp.ascontiguousarray(offset).reshape(-1)  # (read through handles)
+        mask_flat = xp.ascontiguousarray(mask_arg).reshape(-1)
+        grad_offset_flat, grad_mask_flat = _flat_view(grad_offset, "grad_offset"), _flat_view(grad_mask_arg, "grad_mask")
         for first in range(0, g.batch, GRID_YZ_LIMIT):
             last = min(g.batch, first + GRID_YZ_LIMIT)
             backend.launch(kernel, (tiles, g.in_channels // span, last - first), config.input_threads(g.taps),
-                           input_c[first:last].reshape(-1), offset[first:last],
-                           mask_arg[first:last] if use_mask else dummy4, weight_c.reshape(-1),
+                           input_c[first:last].reshape(-1), offset_flat[2 * first * points:2 * last * points],
+                           mask_flat[first * points:last * points] if use_mask else mask_flat, weight_c.reshape(-1),
                            grad_output_c[first:last].reshape(-1), grad_input_flat[first * image:last * image],
-                           grad_weight_flat, grad_offset[first:last], grad_mask_arg[first:last] if use_mask else grad_mask_arg,
+                           grad_weight_flat, grad_offset_flat[2 * first * points:2 * last * points],
+                           grad_mask_flat[first * points:last * points] if use_mask else grad_mask_flat,
                            conv, _dims(g, span))
     if deterministic:
         from . import backward as column_backward
@@ -1570,7 +1585,7 @@ def ptx_cases():
             for atomic in (True, False):
                 yield (f"input_grad[3x3,{tag},atomic={atomic}]", dtype,
                        input_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, atomic, False, (4096, 4096)),
-                       (flat, a4, a4, flat, flat, flat, flat, a4, a4, conv, dims))
+                       (flat, flat, flat, flat, flat, flat, flat, flat, flat, conv, dims))
             yield (f"weight_grad[3x3,{tag}]", dtype, weight_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, (4096, 4096)),
                    (flat, flat, flat, flat, flat, tickets, conv, dims))
     # float16 and bfloat16 (storage in half, arithmetic in float32): the deft64 config; input,
@@ -1583,6 +1598,6 @@ def ptx_cases():
         s4, s1 = types.Array(precision.numba_type(dtype), 4, "A"), types.Array(precision.numba_type(dtype), 1, "C")
         yield (f"input_grad[3x3,{tag},atomic=True]", dtype,
                input_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, True, False, (4096, 4096)),
-               (s1, s4, s4, f1, s1, f1, f1, f4, f4, conv, dims))
+               (s1, s1, s1, f1, s1, f1, f1, f1, f1, conv, dims))
         yield (f"weight_grad[3x3,{tag}]", dtype, weight_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, (4096, 4096)),
                (s1, s1, s1, s1, f1, tickets, conv, dims))
