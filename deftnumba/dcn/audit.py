@@ -222,8 +222,7 @@ def fused_backward_launches(g, config=None, deterministic: bool = False) -> list
     config = config or bf.default_config(g)
     k = g.taps
     shape = (g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.dil_h, g.dil_w)
-    t = getattr(types, str(g.dtype))
-    a4, flat = types.Array(t, 4, "A"), types.Array(t, 1, "C")
+    flat = types.Array(getattr(types, str(g.dtype)), 1, "C")  # (every array argument is flat)
     conv, dims = types.UniTuple(types.int32, 8), types.UniTuple(types.int32, 9)
     span = bf.channel_span(g)
     prefix = "bwd.fused_deterministic" if deterministic else "bwd.fused"

@@ -343,8 +343,8 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     input and grad_input are flat (``N*C*H*W``), weight and grad_weight flat (``Co*Cg*K``),
     grad_out flat (``N*Co*Ho*Wo``); offset, mask, grad_offset, grad_mask flat and contiguous
     (``N*2GK*Ho*Wo``, ``N*GK*Ho*Wo``; mask and grad_mask dummies without ``use_mask``), read
-    and written through handles in 32 bits (``sampling.tap_position_at``); dims the int32 tuple ``(C, H, W, Co, Cg, span,
-    cpo, Ho, Wo)``. ``atomic`` adds the input gradient and the block's weight-gradient
+    and written through handles in 32 bits (``sampling.tap_position_at``); dims the int32 tuple
+    ``(C, H, W, Co, Cg, span, cpo, Ho, Wo)``. ``atomic`` adds the input gradient and the block's weight-gradient
     partials with ``red_add`` (grad_input and grad_weight zeroed by the caller); without it
     grad_input and grad_weight are untouched (the deterministic path computes them apart).
     ``regular`` (``config.regular(geometry)``: every channel chunk and output step full)
@@ -1578,7 +1578,7 @@ def ptx_cases():
     tickets = types.Array(types.uint32, 1, "C")
     for dtype in ("float32", "float64"):
         t = getattr(types, dtype)
-        a4, flat = types.Array(t, 4, "A"), types.Array(t, 1, "C")
+        flat = types.Array(t, 1, "C")  # (every array argument is flat)
         for cfg in configs[dtype]:
             tag = (f"{cfg.tile_h}x{cfg.tile_w}h{cfg.halo}c{cfg.chunk}o{cfg.out_block}r{cfg.reg_rows}x{cfg.reg_px}"
                    f"w{cfg.w_out_block}r{cfg.w_reg_out}x{cfg.w_reg_cols}")
@@ -1593,9 +1593,9 @@ def ptx_cases():
     cfg = GPU_CONFIG
     tag = (f"{cfg.tile_h}x{cfg.tile_w}h{cfg.halo}c{cfg.chunk}o{cfg.out_block}r{cfg.reg_rows}x{cfg.reg_px}"
            f"w{cfg.w_out_block}r{cfg.w_reg_out}x{cfg.w_reg_cols}")
-    f4, f1 = types.Array(types.float32, 4, "A"), types.Array(types.float32, 1, "C")
+    f1 = types.Array(types.float32, 1, "C")
     for dtype in ("float16", "bfloat16"):
-        s4, s1 = types.Array(precision.numba_type(dtype), 4, "A"), types.Array(precision.numba_type(dtype), 1, "C")
+        s1 = types.Array(precision.numba_type(dtype), 1, "C")
         yield (f"input_grad[3x3,{tag},atomic=True]", dtype,
                input_grad_kernel(dtype, 3, 3, 1, 1, 1, 1, cfg, True, True, False, (4096, 4096)),
                (s1, s1, s1, f1, s1, f1, f1, f1, f1, conv, dims))
