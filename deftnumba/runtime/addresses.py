@@ -3,7 +3,7 @@
 ``element_address(array, index)`` is ``&array[index]`` as a 64-bit integer (a *handle*);
 ``offset_address(array, address, j)`` is the handle ``j`` elements further. Readers and
 writers that take a handle and a run-time offset (``read_at`` here, ``precision``'s
-``load_at``, ``dcn.kernels.atomics.red_add_at``) then cost one 64-bit multiply-add per access
+``load_at``, ``runtime.atomics.red_add_at``) then cost one 64-bit multiply-add per access
 (``IMAD.WIDE.U32``: the offset times the element size, plus the handle).
 
 Why: a kernel that reads or updates the same few elements in every channel of a chunk

@@ -42,7 +42,7 @@ def _signature(kernel: str, dtype: str) -> tuple:
     i32 = types.int32
     if kernel == "fused":
         return (a, a, a, a, a, a, i32, i32, i32, i32)
-    return (a, a, a, i32, i32, i32, i32)
+    return (a, a, a, a, types.Array(types.uint32, 1, "C"), i32, i32, i32, i32)  # (..., partials, counters, sizes)
 
 
 def _compiled(kernel: str, g, t):
@@ -128,7 +128,8 @@ def search(g, method: str, top: int = 8) -> list:
     shapes = {}  # the formulas' best tile of each shape that divides the image
     for t in ranked:
         if (t.tile_h, t.tile_w) in fitting:
-            shapes.setdefault((t.tile_h, t.tile_w, t.reg_oc, t.reg_px, getattr(t, "oc_block", 0)), t)
+            shapes.setdefault((t.tile_h, t.tile_w, t.reg_oc, t.reg_px, getattr(t, "oc_block", 0),
+                               getattr(t, "splits", 1)), t)
     current = model.AUDITED_PICKS.get(model.pick_key(g), {}).get(method)  # today's pick, if any: ...
     chosen = ([current] if current is not None else []) + ranked[:top] + list(shapes.values())[:3 * top]
     chosen = list(dict.fromkeys(chosen))  # ... audited too, so the best printed is the best known

@@ -75,8 +75,8 @@ def instructions(kernel: str, g: TuckerGeometry, config) -> dict[str, float]:
 
 
 def _barriers(kernel: str, g: TuckerGeometry, t) -> int:
-    if kernel == "core_conv":
-        return 2 * -(-g.rank_in // t.chunk)
+    if kernel == "core_conv":  # two per chunk (and with rank splits, two around the counter)
+        return 2 * t.chunks_per_split(g) + (2 if t.splits > 1 else 0)
     rank_chunks = -(-g.rank_in // t.rank_chunk)
     in_chunks = -(-g.in_channels // t.in_chunk)
     out_blocks = -(-g.out_channels // t.layout(g).out_block)
@@ -126,7 +126,8 @@ class Prediction:
 def _tag(t) -> str:
     if t is None:
         return "-"
-    return "/".join(f"{k}={v}" for k, v in vars(t).items())
+    # (a core-conv tile without rank splits keeps the tag it had before splits existed)
+    return "/".join(f"{k}={v}" for k, v in vars(t).items() if not (k == "splits" and v == 1))
 
 
 def _kernel_time(kernel: str, g: TuckerGeometry, t, device: Device):
@@ -174,7 +175,9 @@ def _kernel_time(kernel: str, g: TuckerGeometry, t, device: Device):
     if kernel == "core_conv":
         dram = sum(o.bytes for o in roofline.operators(g, "three_pass")[1:2])
         rows, cols = t.staged_shape(g)
-        l2 = blocks * (-(-g.rank_in // t.chunk) * t.chunk) * (rows * cols + g.taps * t.oc_block) * s
+        l2 = blocks * t.chunks_per_split(g) * t.chunk * (rows * cols + g.taps * t.oc_block) * s
+        if t.splits > 1:  # the splits' partial outputs: S stored, S read back by the last block
+            l2 += 2 * t.splits * g.batch * g.rank_out * g.out_h * g.out_w * s
     else:
         dram = roofline.totals(g, "fused").bytes
         l2 = blocks * (-(-g.rank_in // t.rank_chunk) * (-(-g.in_channels // t.in_chunk) * t.in_chunk)
@@ -249,11 +252,14 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
                         if ocb % ro or ocb > 4 * g.rank_out:
                             continue
                         for cc in ((4, 8) if coarse else (2, 4, 8)):
-                            t = core_conv.CoreTile(th, tw, cc, ocb, ro, rp)
-                            # >= 28 threads: a 7x7 tile's four rank groups of 7 pixels are one
-                            # warp with 4 lanes idle (the audit charges the whole warp)
-                            if 28 <= t.threads <= 1024 and t.shared_bytes(g) <= fused.STATIC_SHARED_LIMIT:
-                                out.append(t)
+                            for splits in ((1, 4) if coarse else (1, 2, 4, 8)):
+                                if splits > -(-g.rank_in // cc):
+                                    continue
+                                t = core_conv.CoreTile(th, tw, cc, ocb, ro, rp, splits)
+                                # >= 28 threads: a 7x7 tile's four rank groups of 7 pixels are one
+                                # warp with 4 lanes idle (the audit charges the whole warp)
+                                if 28 <= t.threads <= 1024 and t.shared_bytes(g) <= fused.STATIC_SHARED_LIMIT:
+                                    out.append(t)
         return out
     if method == "fused":
         tiles = ((1, 4), (2, 4), (4, 8), (8, 8)) if coarse else ((1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (2, 8))
@@ -286,8 +292,14 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
 # copied the packed slices in 16-byte vectors; a search with K = 4 on layers 2-4 then moved
 # `fused` at l2a to 4x14 tiles of 64-rank chunks, and at layer4 to channel chunks of 16 (the
 # first factor's slice, 4 ranks a thread, is a vector copy), and kept the other picks.
+# Session 28 split the core conv's input ranks over several blocks per tile (CoreTile.splits;
+# the last block to finish adds the sums in split order); `three_pass` searches (K = 6 on
+# layers 3-4, K = 4 on l1a and layer2) moved layers 2-4 to split tiles (layer2: 14x14 tiles of
+# 64 ranks, 4x7 outputs a thread, 2 splits; layer3: 14x14, 8x7 outputs a thread, 4 splits;
+# layer4: 7x7 tiles of 4-rank chunks, 4x7 outputs a thread, 8 splits: at l4b this tile, tried by
+# hand, beat the search's best) and kept l1a's (layer1 was not re-searched).
 # Keys: (batch, C, r_in, r_out, Cout, kh, kw, sh, sw, ph, pw, dh, dw, dtype); FusedTile(th, tw,
-# rank_chunk, in_chunk, RO, RP, EO, UR, core_chunk) and CoreTile(th, tw, chunk, OCB, RO, RP).
+# rank_chunk, in_chunk, RO, RP, EO, UR, core_chunk) and CoreTile(th, tw, chunk, OCB, RO, RP, splits).
 AUDITED_PICKS: dict = {
     (32, 64, 64, 32, 64, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l1a-n32
         'fused': fused.FusedTile(8, 14, 32, 16, 4, 7, 8, 8, 8),
@@ -299,27 +311,27 @@ AUDITED_PICKS: dict = {
     },
     (32, 128, 64, 64, 128, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l2a-n32
         'fused': fused.FusedTile(4, 14, 64, 16, 8, 7, 8, 8, 4),
-        'three_pass': core_conv.CoreTile(14, 14, 8, 32, 8, 7),
+        'three_pass': core_conv.CoreTile(14, 14, 8, 64, 4, 7, splits=2),
     },
     (32, 128, 96, 64, 128, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l2b-n32
         'fused': fused.FusedTile(4, 28, 32, 16, 8, 7, 8, 8, 4),
-        'three_pass': core_conv.CoreTile(14, 14, 8, 32, 8, 7),
+        'three_pass': core_conv.CoreTile(14, 14, 8, 64, 4, 7, splits=2),
     },
     (32, 256, 96, 96, 256, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l3a-n32
         'fused': fused.FusedTile(7, 7, 32, 16, 8, 7, 4, 8, 8),
-        'three_pass': core_conv.CoreTile(7, 7, 8, 32, 2, 7),
+        'three_pass': core_conv.CoreTile(14, 14, 8, 32, 8, 7, splits=4),
     },
     (32, 256, 128, 96, 256, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l3b-n32
         'fused': fused.FusedTile(7, 7, 64, 16, 8, 7, 4, 8, 4),
-        'three_pass': core_conv.CoreTile(7, 7, 8, 32, 2, 7),
+        'three_pass': core_conv.CoreTile(14, 14, 8, 32, 8, 7, splits=4),
     },
     (32, 512, 160, 160, 512, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l4a-n32
         'fused': fused.FusedTile(2, 8, 64, 16, 8, 1, 2, 8, 4),
-        'three_pass': core_conv.CoreTile(7, 7, 8, 16, 4, 7),
+        'three_pass': core_conv.CoreTile(7, 7, 4, 32, 4, 7, splits=8),
     },
     (32, 512, 192, 160, 512, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l4b-n32
         'fused': fused.FusedTile(2, 8, 64, 16, 8, 1, 2, 8, 4),
-        'three_pass': core_conv.CoreTile(7, 7, 8, 16, 4, 7),
+        'three_pass': core_conv.CoreTile(7, 7, 4, 32, 4, 7, splits=8),
     },
 }
 """``pick_key(g) -> {method: tile}``: the tile the SASS audit ranked first among the hand

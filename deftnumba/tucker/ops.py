@@ -6,7 +6,9 @@ Methods (``METHODS``):
   CuPy's ``matmul`` on the GPU; NumPy in the simulator), our core-conv kernel
   (``kernels/core_conv.py``), the last 1x1 as a second batched GEMM, then the
   bias. The two intermediates ``[N, r_in, H, W]`` and ``[N, r_out, Ho, Wo]``
-  round-trip through device memory.
+  round-trip through device memory. On small images the core conv's tile may
+  split its input ranks over several blocks (``CoreTile.splits``), whose sums
+  the last block to finish adds in split order: still a fixed order.
 * ``fused``: one launch (``kernels/fused.py``): the first 1x1 is computed while
   staging the core convolution's input tile in shared memory, the last 1x1 (and
   the bias) in its epilogue; only the input and the output touch device memory.

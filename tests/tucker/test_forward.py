@@ -224,3 +224,28 @@ def test_multiply_takes_ranks_in_pairs_or_one_by_one(rng, poisoned, rank_chunk):
     with backend.bounds_checked():
         out = tucker_conv2d(*args, **kw, method="fused", config=tile)
     check_close(out, args, kw, np.float32)
+
+
+def test_rank_splits_add_their_sums_in_split_order_whatever_order_blocks_run(rng, poisoned):
+    """``CoreTile.splits``: S blocks share an output tile, each sums a slice of the input-rank
+    chunks and stores it in ``partials``; the last to finish adds the S sums in split order.
+    Uneven splits (5 chunks over 2, 3 and 5 splits, a partial last chunk), bounds-checked,
+    match the reference; under shuffled block orders (another block finishes last) the output
+    keeps its bits. Adding the sums in the order the blocks finished would change bits here:
+    the large and small input ranks make the order show."""
+    args, kw = make(rng, (2, 4, 5, 6, 9, 5, 3, 3, 3, 1, 1, 1, 1))
+    x, first, core, last, b = args
+    first[:4] *= 1e4  # hidden ranks 0-3 (the first chunks) large, the rest small
+    args = (x, first, core, last, b)
+    for splits in (2, 3, 5):
+        tile = core_conv.CoreTile(tile_h=2, tile_w=3, chunk=2, oc_block=4, reg_oc=2, reg_px=3, splits=splits)
+        runs = []
+        for seed in range(3):
+            with backend.bounds_checked(), backend.order_varying(seed):
+                runs.append(tucker_conv2d(*args, **kw, method="three_pass", config=tile))
+        check_close(runs[0], args, kw, np.float32)
+        for other in runs[1:]:
+            np.testing.assert_array_equal(runs[0], other)
+    g = ops.check_tucker(*args, **kw)
+    with pytest.raises(ValueError, match="splits"):
+        core_conv.launch(g, core_conv.CoreTile(2, 3, 2, 4, 2, 3, splits=6), None, None, None)

@@ -24,13 +24,14 @@ FFMA_TARGET = 85.0
 # and layer4; l1b's three_pass now meets the target, by 0.2%. Session 26 lowered layer4's fused
 # pins: a block with more threads than staged positions splits each channel chunk over lanes, and
 # the multiply loop takes two staged ranks per trip; that trip took the fused multiply loop at
-# l1a and l1b from 84.8% and 84.6% to 86%, meeting the 85% target there.)
+# l1a and l1b from 84.8% and 84.6% to 86%, meeting the 85% target there. Session 28 lowered the
+# three_pass pins of layers 2-4: the core conv splits its input ranks over 2-8 blocks per tile
+# there, and its multiply loop now meets the 85% target on every layer.)
 FUSED_RATIO = {"r18-l1a-n32": 1.75, "r18-l1b-n32": 1.63, "r18-l2a-n32": 1.84, "r18-l2b-n32": 1.97,
                "r18-l3a-n32": 2.76, "r18-l3b-n32": 2.90, "r18-l4a-n32": 5.20, "r18-l4b-n32": 4.50}
-THREE_PASS_RATIO = {"r18-l2a-n32": 1.68, "r18-l2b-n32": 1.65, "r18-l3a-n32": 2.03,
-                    "r18-l3b-n32": 1.99, "r18-l4a-n32": 2.60, "r18-l4b-n32": 2.60}
-FFMA_MISSED = {("r18-l3a-n32", "core_conv"): 72, ("r18-l3b-n32", "core_conv"): 72, ("r18-l4a-n32", "fused"): 69,
-               ("r18-l4a-n32", "core_conv"): 82, ("r18-l4b-n32", "fused"): 69, ("r18-l4b-n32", "core_conv"): 82}
+THREE_PASS_RATIO = {"r18-l2a-n32": 1.60, "r18-l2b-n32": 1.55, "r18-l3a-n32": 1.80,
+                    "r18-l3b-n32": 1.74, "r18-l4a-n32": 1.96, "r18-l4b-n32": 1.91}
+FFMA_MISSED = {("r18-l4a-n32", "fused"): 69, ("r18-l4b-n32", "fused"): 69}
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,7 @@ from ...runtime import backend, precision
 from ...runtime.addresses import element_address, offset_address
 from ...runtime.backend import cuda
 from . import im2col
-from .atomics import red_add
+from ...runtime.atomics import red_add
 from .im2col import launch
 from .sampling import conv_tuple, sampling_functions
 

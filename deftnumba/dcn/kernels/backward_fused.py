@@ -92,7 +92,7 @@ from ...runtime.addresses import element_address, offset_address, read_at
 from ...runtime.tiles import staged_extent
 from ...runtime.vector import load_vector, vector_aligned, vector_width
 from ...runtime.backend import cuda
-from .atomics import keep_if, load_acquire, red_add, red_add_at
+from ...runtime.atomics import keep_if, load_acquire, red_add, red_add_at
 from .sampling import conv_tuple, sampling_functions
 
 GRID_YZ_LIMIT = 65535

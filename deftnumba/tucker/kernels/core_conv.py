@@ -42,6 +42,31 @@ SH x SW the staged region, B = ceil(Q/OCB) rank blocks, s = itemsize):
   FLOPs   2 * N * Q * R * K * Ho*Wo (padded chunks and ranks compute zeros: counted
           in ``useful_fraction``)
 The roofline module counts the minimal bytes (each tensor once): ``tucker.roofline``.
+
+Rank splits (``splits = S > 1``)
+--------------------------------
+On small images the grid is too small for the GPU: at ResNet-18's layer4 (7x7, batch 32)
+a tile of the whole image and 16 ranks per block makes 320 one-warp blocks for 132 SMs.
+With ``S`` splits, ``S`` blocks share each output tile and each sums a contiguous slice
+of the input-rank chunks (split-K): split ``s = blockIdx.x % S`` takes chunks
+``s*CHUNKS//S .. (s+1)*CHUNKS//S - 1``. The sums meet in a fixed order, with no atomics
+on the data:
+
+* every split stores its sum in ``partials[s]`` (same flat index as the output), fences
+  (release) and counts itself in the tile's counter (``cuda.atomic.add``, which returns
+  how many came before);
+* the block that arrives last (count ``S - 1``) reads the counter with an acquire load
+  (``runtime.atomics.load_acquire``: the other splits' stores are visible and its SM's L1
+  holds no stale copy), then adds ``partials[0] + partials[1] + ... + partials[S-1]``
+  in split order and writes the output.
+
+Whichever block arrives last, the additions and their order are the same, so the output
+is bit-identical run to run. Nobody waits for anybody: no deadlock whatever the order
+blocks run in, and the tail after the last split is one hand-off, not ``S`` in a row (a
+ticket queue, where each split adds into the output in turn, would need no partials
+but serialises ``S`` hand-offs of a few hundred nanoseconds each through L2). The price
+is ``S`` partial outputs in device memory (``S x N x r_out x Ho x Wo``; 8 MB at layer4,
+batch 32, ``S = 8``), mostly served by L2.
 """
 
 from __future__ import annotations
@@ -51,6 +76,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...runtime.atomics import load_acquire
 from ...runtime.backend import cuda
 from ...runtime.tiles import RegisterBlockedTile, staged_extent
 from ...runtime.vector import load_vector, slice_vector_width, vector_width
@@ -66,8 +92,10 @@ class CoreTile(RegisterBlockedTile):
 
     tile_h, tile_w: output pixels per block; chunk: input ranks staged per step (CC);
     oc_block: output ranks per block (OCB); reg_oc: ranks per thread (RO, contiguous);
-    reg_px: pixels per thread (RP, contiguous in one tile row; divides tile_w).
-    threads = (oc_block // reg_oc) * (tile_h * tile_w // reg_px).
+    reg_px: pixels per thread (RP, contiguous in one tile row; divides tile_w);
+    splits: blocks that share one output tile (S), each summing a contiguous slice of the
+    input-rank chunks; the last to finish adds their sums in split order (see the module
+    docstring, "Rank splits"). threads = (oc_block // reg_oc) * (tile_h * tile_w // reg_px).
     """
 
     tile_h: int = 4
@@ -76,9 +104,10 @@ class CoreTile(RegisterBlockedTile):
     oc_block: int = 4
     reg_oc: int = 2
     reg_px: int = 2
+    splits: int = 1
 
     def __post_init__(self):
-        self.check_blocking("chunk")
+        self.check_blocking("chunk", "splits")
         if self.tile_w % self.reg_px:
             raise ValueError(f"tile_w ({self.tile_w}) must be a multiple of reg_px ({self.reg_px})")
 
@@ -93,9 +122,21 @@ class CoreTile(RegisterBlockedTile):
         return g.itemsize * (staged + self.chunk * g.taps * self.oc_block)
 
     def blocks(self, g) -> tuple[int, int, int]:
-        """``(tiles, rank blocks, images)``."""
+        """The grid: ``(tiles x splits, rank blocks, images)``."""
         tiles = -(-g.out_h // self.tile_h) * -(-g.out_w // self.tile_w)
-        return tiles, -(-g.rank_out // self.oc_block), g.batch
+        return tiles * self.splits, -(-g.rank_out // self.oc_block), g.batch
+
+    def chunks_per_split(self, g) -> int:
+        """Input-rank chunks the busiest block sums: split ``s`` takes chunks
+        ``s*chunks//splits .. (s+1)*chunks//splits - 1``, ``ceil(chunks / splits)`` at most."""
+        return -(-(-(-g.rank_in // self.chunk)) // self.splits)
+
+    def check_splits(self, g) -> None:
+        """``ValueError`` unless every split has at least one chunk of input ranks."""
+        chunks = -(-g.rank_in // self.chunk)
+        if self.splits > chunks:
+            raise ValueError(f"CoreTile.splits ({self.splits}) must be at most the chunks of input ranks: "
+                             f"{g.rank_in} ranks make {chunks} chunks of {self.chunk}")
 
 
 def _round4(n: int) -> int:
@@ -123,10 +164,12 @@ def pack_core(dense_core: np.ndarray, config: CoreTile, xp=np) -> np.ndarray:
 @functools.cache
 def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                      dil_h, dil_w, config: CoreTile):
-    """Kernel ``(hidden, packed_core, out, height, width, out_h, out_w)``: grid
-    ``config.blocks(geometry)`` (images in z, at most 65535 per launch), ``config.threads``
+    """Kernel ``(hidden, packed_core, out, partials, counters, height, width, out_h, out_w)``:
+    grid ``config.blocks(geometry)`` (images in z, at most 65535 per launch), ``config.threads``
     threads. hidden ``[n*R*H*W]``, packed_core from ``pack_core``, out ``[n*Q*Ho*Wo]``
-    (flat, C-contiguous); the sizes are int32 scalars."""
+    (flat, C-contiguous); with ``config.splits = S > 1``, partials ``[S*n*Q*Ho*Wo]`` (any
+    contents) and counters a zeroed ``uint32`` array of one counter per output tile of the
+    launch (``tiles * rank blocks * images``), else both unused; the sizes are int32 scalars."""
     DT = np.float32 if np.dtype(dtype) == np.float32 else np.float64
     ZERO = DT(0)
     U = np.uint32
@@ -145,6 +188,7 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
     ROW_T = TW // RP                          # threads along one tile row
     THREADS = (OCB // RO) * PX_T
     CHUNKS = -(-rank_in // CC)
+    SPLITS = config.splits  # blocks per output tile, each summing a slice of the chunks
     R_IN = rank_in
     u_R_OUT = U(rank_out)
     # Compile-time constants as uint32, so index arithmetic stays 32-bit.
@@ -161,9 +205,10 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
     u_VEC_STEP = U(THREADS * VW)
 
     @cuda.jit
-    def kernel(hidden, packed_core, out, height, width, out_h, out_w):
+    def kernel(hidden, packed_core, out, partials, counters, height, width, out_h, out_w):
         staged = cuda.shared.array(STAGED_ALLOC, dtype=DT, alignment=16)
         staged_core = cuda.shared.array(CORE_SLICE, dtype=DT, alignment=16)
+        last = cuda.shared.array(1, dtype=np.uint32)  # (rank splits only: 1 in the last block to finish)
         acc = cuda.local.array(CORE_ACC, dtype=DT)
         weights = cuda.local.array(RO, dtype=DT)
         row = cuda.local.array(SEG, dtype=DT)
@@ -180,9 +225,10 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
         image_in_u = np.uint64(image_in)
         image_out_u = np.uint64(np.int64(n) * np.int64(rank_out * np.int64(plane_out)))
         tiles_x = (uint32(out_w) + u_TW - U(1)) // u_TW
-        tile_y = uint32(cuda.blockIdx.x) // tiles_x
+        tile = uint32(cuda.blockIdx.x) // U(SPLITS)  # (a compile-time divisor: a multiply-high)
+        tile_y = tile // tiles_x
         oy0 = tile_y * u_TH
-        ox0 = (uint32(cuda.blockIdx.x) - tile_y * tiles_x) * u_TW
+        ox0 = (tile - tile_y * tiles_x) * u_TW
         iy0 = np.int32(oy0 * u_SH) - PAD_H  # first staged input row (may be negative)
         ix0 = np.int32(ox0 * u_SW) - PAD_W
 
@@ -204,8 +250,16 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
             if gy >= 0 and gy < np.int32(height_u) and gx >= 0 and gx < np.int32(width_u):
                 offsets[k] = np.int32(uint32(gy) * width_u + uint32(gx))
 
+        # Rank splits: split s of an output tile sums chunks s*CHUNKS//S .. (s+1)*CHUNKS//S - 1
+        # (the epilogue adds the S sums in split order).
         chunk = U(0)
-        while chunk < u_CHUNKS:
+        chunk_end = u_CHUNKS
+        split = U(0)
+        if SPLITS > 1:
+            split = uint32(cuda.blockIdx.x) - U(tile * U(SPLITS))
+            chunk = U(U(split * u_CHUNKS) // U(SPLITS))
+            chunk_end = U(U(U(split + U(1)) * u_CHUNKS) // U(SPLITS))
+        while chunk < chunk_end:
             c0 = chunk * u_CC
             # phase: stage_input
             # Each thread copies its own POS_T region positions (offsets computed once,
@@ -283,6 +337,33 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
         ox = ox0 + v0
         # (unsigned indices and 32-bit tests: a signed 64-bit index cost a wraparound fix-up and
         # a 64-bit compare per store, ~14 instructions where 3 do)
+        if SPLITS > 1:
+            # every split stores its sum in partials[split]; the last to arrive adds them
+            out_size = np.uint64(uint32(cuda.gridDim.z)) * np.uint64(u_R_OUT * plane_out)
+            mine = np.uint64(split) * out_size
+            if oy < uint32(out_h):
+                for i in range(RO):
+                    oc = U(U(rank_block * u_OCB) + U(core_base + U(i)))
+                    if oc < u_R_OUT:
+                        base = image_out_u + np.uint64(U(U(oc * plane_out) + U(U(oy * uint32(out_w)) + ox)))
+                        for j in range(RP):
+                            if U(ox + U(j)) < uint32(out_w):
+                                partials[mine + base + np.uint64(j)] = acc[i * RP + j]
+            cuda.threadfence()  # (release) this block's sums reach the device before it counts itself
+            cuda.syncthreads()  # every thread has stored its sums
+            if tid == U(0):
+                counter = U(tile + U(uint32(cuda.gridDim.x) // U(SPLITS)
+                                     * U(rank_block + U(uint32(cuda.blockIdx.z) * uint32(cuda.gridDim.y)))))
+                last[0] = U(0)
+                cuda.threadfence()  # (release, after the barrier) the whole block's sums before the count
+                if cuda.atomic.add(counters, counter, U(1)) == U(SPLITS - 1):
+                    # (acquire) the other splits' sums are visible, and no stale copy is in L1;
+                    # the value read is always S here
+                    if load_acquire(counters, counter) == U(SPLITS):
+                        last[0] = U(1)
+            cuda.syncthreads()  # every thread reads whether its block is the last
+            if last[0] == U(0):
+                return
         if oy < uint32(out_h):
             for i in range(RO):
                 oc = U(U(rank_block * u_OCB) + U(core_base + U(i)))
@@ -290,13 +371,22 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
                     base = image_out_u + np.uint64(U(U(oc * plane_out) + U(U(oy * uint32(out_w)) + ox)))
                     for j in range(RP):
                         if U(ox + U(j)) < uint32(out_w):
-                            out[base + np.uint64(j)] = acc[i * RP + j]
+                            if SPLITS > 1:
+                                # the S sums in split order (this block's own read back too: the
+                                # same bits as its registers, and no branch per split)
+                                total = partials[base + np.uint64(j)]
+                                for k in range(1, SPLITS):
+                                    total += partials[np.uint64(k) * out_size + base + np.uint64(j)]
+                                out[base + np.uint64(j)] = total
+                            else:
+                                out[base + np.uint64(j)] = acc[i * RP + j]
 
     return kernel
 
 
 def phase_model(shape, config: CoreTile) -> dict[str, int]:
-    """Iterations per thread of each phase's innermost loop body, for one launch.
+    """Iterations per thread of each phase's innermost loop body, for one launch (a block
+    of the busiest split: ``config.chunks_per_split`` chunks).
 
     ``shape``: a ``TuckerGeometry``. stage_input and stage_core count staged elements
     per thread; multiply counts (cc, ky) steps (each: SEG loads, KW*(RO loads +
@@ -304,7 +394,7 @@ def phase_model(shape, config: CoreTile) -> dict[str, int]:
     """
     g = shape
     rows, cols = config.staged_shape(g)
-    chunks = -(-g.rank_in // config.chunk)
+    chunks = config.chunks_per_split(g)
     t = config.threads
     return {
         "stage_input": chunks * -(-config.chunk * rows * cols // t),
@@ -323,9 +413,10 @@ def sass_iterations(shape, config: CoreTile) -> dict[str, tuple]:
     (it does at 7x7 tiles of 28 threads: 4 channels x 3 positions a pass, two passes a
     chunk, which the old count of one pass per chunk charged 20x too little). ``stage_core``
     counts stored vectors (``slice_vector_width``: 16 bytes, or one element where the slice is
-    not a whole number of vectors). ``epilogue`` is straight code."""
+    not a whole number of vectors). ``epilogue`` is straight code (with rank splits, every block
+    is charged the last block's additions). A block sums ``config.chunks_per_split`` chunks."""
     body = phase_model(shape, config)
-    chunks = -(-shape.rank_in // config.chunk)
+    chunks = config.chunks_per_split(shape)
     rows, cols = config.staged_shape(shape)
     stores = chunks * config.chunk * -(-(rows * cols) // config.threads)  # CC x POS_T a chunk
     vw = slice_vector_width(config.chunk * shape.taps * config.oc_block, shape.dtype)
@@ -345,16 +436,23 @@ def launch(geometry, config: CoreTile, hidden_in, packed_core, hidden_out) -> No
     from ... import backend
 
     g = geometry
+    config.check_splits(g)
     kernel = core_conv_kernel(g.dtype, g.rank_in, g.rank_out, g.kernel_h, g.kernel_w, g.stride_h, g.stride_w,
                               g.pad_h, g.pad_w, g.dil_h, g.dil_w, config)
-    tiles, rank_blocks, batch = config.blocks(g)
+    blocks_x, rank_blocks, batch = config.blocks(g)
     per_in = g.rank_in * g.height * g.width
     per_out = g.rank_out * g.out_h * g.out_w
+    xp = backend.array_module(hidden_out)
+    splits = config.splits
     for first in range(0, batch, GRID_Z_LIMIT):
         images = min(GRID_Z_LIMIT, batch - first)
-        backend.launch(kernel, (tiles, rank_blocks, images), config.threads,
+        # rank splits: S partial outputs and one zeroed counter per output tile of this launch
+        # (a placeholder of each without splits)
+        partials = xp.empty(splits * images * per_out if splits > 1 else 1, dtype=hidden_out.dtype)
+        counters = xp.zeros(blocks_x // splits * rank_blocks * images if splits > 1 else 1, dtype=np.uint32)
+        backend.launch(kernel, (blocks_x, rank_blocks, images), config.threads,
                        hidden_in[first * per_in:(first + images) * per_in], packed_core,
-                       hidden_out[first * per_out:(first + images) * per_out],
+                       hidden_out[first * per_out:(first + images) * per_out], partials, counters,
                        np.int32(g.height), np.int32(g.width), np.int32(g.out_h), np.int32(g.out_w))
 
 
@@ -363,15 +461,19 @@ def ptx_cases():
     from numba import types
 
     a1 = {d: types.Array(getattr(types, d), 1, "C") for d in ("float32", "float64")}
+    u1 = types.Array(types.uint32, 1, "C")
     i32 = types.int32
     shapes = {  # (rank_in, rank_out, kh, kw, stride, pad, dil): TDC's ResNet-18 layer1 core, a strided one
         "r64-32_3x3": (64, 32, 3, 3, 1, 1, 1),
         "r96-64_3x3s2": (96, 64, 3, 3, 2, 1, 1),
     }
-    for dtype, tiles in (("float32", (GPU_TILE, CoreTile(4, 8, 4, 32, 4, 4))), ("float64", (SIMULATOR_TILE,))):
+    for dtype, tiles in (("float32", (GPU_TILE, CoreTile(4, 8, 4, 32, 4, 4), CoreTile(4, 8, 4, 32, 4, 4, splits=4))),
+                         ("float64", (SIMULATOR_TILE,))):
         a = a1[dtype]
         for name, (r, q, kh, kw, s, p, d) in shapes.items():
             for cfg in tiles:
                 tag = f"{cfg.tile_h}x{cfg.tile_w}c{cfg.chunk}o{cfg.oc_block}r{cfg.reg_oc}x{cfg.reg_px}"
+                tag += f"s{cfg.splits}" if cfg.splits > 1 else ""
                 yield (f"core_conv[{name},{tag}]", dtype,
-                       core_conv_kernel(dtype, r, q, kh, kw, s, s, p, p, d, d, cfg), (a, a, a, i32, i32, i32, i32))
+                       core_conv_kernel(dtype, r, q, kh, kw, s, s, p, p, d, d, cfg),
+                       (a, a, a, a, u1, i32, i32, i32, i32))

@@ -37,9 +37,9 @@ registers ran out. (Multiplying by 0 is no substitute: ``inf * 0`` is NaN.)
 
 from __future__ import annotations
 
-from ...runtime import backend
-from ...runtime.addresses import handle_arguments, pointer_at
-from ...runtime.backend import cuda
+from . import backend
+from .addresses import handle_arguments, pointer_at
+from .backend import cuda
 
 if backend.IS_SIMULATOR:
 
