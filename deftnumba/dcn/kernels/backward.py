@@ -111,10 +111,10 @@ import functools
 import numpy as np
 
 from ...runtime import backend, precision
-from ...runtime.addresses import element_address, offset_address
+from ...runtime.addresses import element_address
+from ...runtime.atomics import red_add
 from ...runtime.backend import cuda
 from . import im2col
-from ...runtime.atomics import red_add
 from .im2col import launch
 from .sampling import conv_tuple, sampling_functions
 
@@ -172,7 +172,6 @@ def col2im_kernel(dtype, use_mask: bool, narrow: bool = True):
     load = fns.load
 
     IDX = np.uint32 if narrow else np.uint64  # the grid-stride index (see index_is_narrow)
-    WIDE = np.int64
     i32 = np.int32
     split_index = _split_index_function(narrow)
 
@@ -249,7 +248,6 @@ def sample_kernel(dtype, use_mask: bool, scatter_input: bool, write_columns: boo
     load = fns.load
 
     IDX = np.uint32 if narrow else np.uint64  # the grid-stride index (see index_is_narrow)
-    WIDE = np.int64
     i32 = np.int32
     split_index = _split_index_function(narrow)
 
