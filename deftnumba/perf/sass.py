@@ -609,6 +609,7 @@ class PhaseCount:
     body_dfma: float = 0.0  # DFMA per source iteration (float64 kernels)
     loops: int = 1       # distinct source loops whose bodies ``body`` adds up
     body_sts: int = 0    # shared stores (STS, any width) per pass through the SASS loop(s)
+    body_sts_path: int = 0  # of those, the most that one path through the loop body executes
 
 
 @dataclass
@@ -672,6 +673,42 @@ def _summarise_loop(loop: Loop, cfg: Cfg, ins: list, phase: list) -> LoopSummary
         unroll=1 if loop.children else unroll_factor(own))  # outer loops hold remainder copies
 
 
+def _most_on_one_path(loop: Loop, cfg: Cfg, marked: set) -> int:
+    """The most ``marked`` instructions one pass through ``loop`` can execute: the longest path,
+    counting marked instructions, through its blocks from the header, back edges (its own and
+    its nested loops') left out. A body with another cycle in it counts every marked
+    instruction, as before."""
+    if not marked:
+        return 0
+    blocks = loop.blocks
+    count = {b: sum(1 for i in range(cfg.starts[b], cfg.ends[b]) if i in marked) for b in blocks}
+    back = set()  # back edges: into this loop's header, and into a nested loop's from inside it
+    nested = [loop]
+    while nested:
+        inner = nested.pop()
+        back |= {(b, inner.header) for b in inner.blocks if inner.header in cfg.succs[b]}
+        nested.extend(inner.children)
+    succ = {b: [c for c in cfg.succs[b] if c in blocks and (b, c) not in back] for b in blocks}
+    preds: dict = {b: [] for b in blocks}
+    waiting = {b: 0 for b in blocks}
+    for b in blocks:
+        for c in succ[b]:
+            preds[c].append(b)
+            waiting[c] += 1
+    ready = [b for b in blocks if waiting[b] == 0]
+    best: dict = {}
+    while ready:  # in topological order: every predecessor's best path is known
+        b = ready.pop()
+        best[b] = count[b] + max((best[p] for p in preds[b]), default=0)
+        for c in succ[b]:
+            waiting[c] -= 1
+            if waiting[c] == 0:
+                ready.append(c)
+    if len(best) < len(blocks):
+        return sum(count.values())
+    return max(best.values())
+
+
 def hottest_loop(loops: list) -> LoopSummary | None:
     """The innermost loop with the most FFMA (ties: more instructions, then earlier): in a
     GEMM-like kernel, its multiply loop. Without FFMA anywhere, the largest innermost loop."""
@@ -726,6 +763,11 @@ def audit_listing(listing: Listing, source: Source | None = None, name: str = ""
             if best is None or (unroll, len(idx)) > (best[0], len(best[1])):
                 chosen[span] = (unroll, idx)
         kept = {i for _, idx in chosen.values() for i in idx}
+        # shared stores one pass executes: a body that stores on alternative paths (a value, or
+        # a zero where the element is padding) runs one of them, not both
+        path_sts = sum(_most_on_one_path(innermost_of[idx[0]][0], cfg,
+                                         {i for i in idx if ins[i].category == "sts"})
+                       for _, idx in chosen.values())
         body = [ins[i] for i in in_body if i in kept]
         straight += [ins[i] for i in in_body if i not in kept]
         unrolls = [u for u, _ in chosen.values()]
@@ -736,7 +778,7 @@ def audit_listing(listing: Listing, source: Source | None = None, name: str = ""
             calls=sum(1 for i in every if i.base == "CALL"),
             div64_calls=sum(1 for i in every if i.base == "CALL" and i.target and DIV64_ROUTINE.search(i.target)),
             body_sass=len(body), unroll=max(unrolls) if unrolls else 1,
-            body_sts=sum(1 for i in body if i.category == "sts"),
+            body_sts=sum(1 for i in body if i.category == "sts"), body_sts_path=path_sts,
             body_dfma=sum(sum(1 for i in idx if ins[i].base == "DFMA") / u for u, idx in chosen.values()),
             loops=max(1, len(chosen)))
     resources = resources or {}
@@ -811,7 +853,9 @@ def normalise_steps(phases: dict, steps: dict) -> dict:
     """The measured ``PhaseCount``s per source step of the phase model: ``steps`` maps a phase
     to ``(kind, per_step)``, a step issuing ``per_step`` global loads (``"ldg"``) or shared
     stores (``"sts"``) or FFMAs (``"ffma"``), counted in the phase's SASS loop body; body = instructions per pass
-    / steps per pass. (A loop of compile-time trip count that LLVM unrolled completely, or
+    / steps per pass. Stores are those one pass executes (``body_sts_path``): a body that stores a
+    value on one path and a zero on another (a channel past the end) stores once a pass, and
+    dividing by both paths' stores charged such a copy about half its cost. (A loop of compile-time trip count that LLVM unrolled completely, or
     one the store-per-line rule cannot see through, is still divided right.) A phase whose
     body has none of them is left as measured."""
     from dataclasses import replace
@@ -823,8 +867,8 @@ def normalise_steps(phases: dict, steps: dict) -> dict:
             continue
         if kind == "ffma":  # FFMA per pass through the loop (body_ffma is per source iteration)
             seen = m.body_ffma * m.unroll
-        else:
-            seen = sum(m.body_ldg_widths.values()) if kind == "ldg" else m.body_sts
+        else:  # (stores: those one pass executes, where the body stores on alternative paths)
+            seen = sum(m.body_ldg_widths.values()) if kind == "ldg" else (m.body_sts_path or m.body_sts)
         n = seen / per_step
         if n <= 0:
             continue

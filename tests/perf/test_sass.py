@@ -174,6 +174,26 @@ def test_normalise_fused_counts_one_step_from_the_loads_and_stores_it_issues():
     assert out["table"] is phases["table"]  # no step rule: as measured
 
 
+def test_stores_are_counted_on_one_path_through_the_loop_body():
+    """A staging body that stores a value on one path and a zero on the other (a channel past
+    the end) executes one of those stores a pass: ``_most_on_one_path`` counts the marked
+    instructions along the best path (header -> value or zero -> latch), and ``normalise_steps``
+    divides by those. Dividing by both paths' stores charged such a copy half its cost."""
+    # blocks: 0 header, 1 value path, 2 zero path, 3 latch (back to 0); two instructions each
+    cfg = sass.Cfg(starts=[0, 2, 4, 6], ends=[2, 4, 6, 8], succs=[[1, 2], [3], [3], [0]],
+                   reachable={0, 1, 2, 3}, loops=[], block_of=[0, 0, 1, 1, 2, 2, 3, 3])
+    loop = sass.Loop(header=0, blocks=frozenset({0, 1, 2, 3}))
+    assert sass._most_on_one_path(loop, cfg, {2, 3, 4, 6}) == 3  # value path: 2 stores, + the latch's
+    assert sass._most_on_one_path(loop, cfg, {4, 5}) == 2        # only the zero path stores
+    assert sass._most_on_one_path(loop, cfg, set()) == 0
+    from dataclasses import replace
+
+    count = replace(_count(80, sts=8), body_sts_path=4)
+    out = sass.normalise_steps({"stage": count, "old": _count(80, sts=8)}, {"stage": ("sts", 1), "old": ("sts", 1)})
+    assert out["stage"].body == pytest.approx(80 / 4)
+    assert out["old"].body == pytest.approx(80 / 8)  # no path figure (hand-made counts): all stores
+
+
 def test_warp_fraction():
     assert layer_audit.warp_fraction(0.0) == 0.0
     assert layer_audit.warp_fraction(1.0) == 1.0

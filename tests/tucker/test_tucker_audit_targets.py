@@ -26,11 +26,14 @@ FFMA_TARGET = 85.0
 # the multiply loop takes two staged ranks per trip; that trip took the fused multiply loop at
 # l1a and l1b from 84.8% and 84.6% to 86%, meeting the 85% target there. Session 28 lowered the
 # three_pass pins of layers 2-4: the core conv splits its input ranks over 2-8 blocks per tile
-# there, and its multiply loop now meets the 85% target on every layer.)
-FUSED_RATIO = {"r18-l1a-n32": 1.75, "r18-l1b-n32": 1.63, "r18-l2a-n32": 1.84, "r18-l2b-n32": 1.97,
-               "r18-l3a-n32": 2.76, "r18-l3b-n32": 2.90, "r18-l4a-n32": 5.20, "r18-l4b-n32": 4.50}
-THREE_PASS_RATIO = {"r18-l2a-n32": 1.60, "r18-l2b-n32": 1.55, "r18-l3a-n32": 1.80,
-                    "r18-l3b-n32": 1.74, "r18-l4a-n32": 1.96, "r18-l4b-n32": 1.91}
+# there, and its multiply loop now meets the 85% target on every layer. It also found that the
+# audit divided a staging loop that stores a value on one path and a zero on another by both
+# paths' stores, charging the copy about half its cost; counted per executed store, l1b's
+# three_pass, "met" by 0.2% before, misses by 1.3% (pinned), and l2b's now meets it, by 0.1%.)
+FUSED_RATIO = {"r18-l1a-n32": 1.69, "r18-l1b-n32": 1.66, "r18-l2a-n32": 1.85, "r18-l2b-n32": 1.94,
+               "r18-l3a-n32": 2.71, "r18-l3b-n32": 2.80, "r18-l4a-n32": 5.19, "r18-l4b-n32": 4.48}
+THREE_PASS_RATIO = {"r18-l1b-n32": 1.55, "r18-l2a-n32": 1.60, "r18-l3a-n32": 1.83,
+                    "r18-l3b-n32": 1.77, "r18-l4a-n32": 1.98, "r18-l4b-n32": 1.93}
 FFMA_MISSED = {("r18-l4a-n32", "fused"): 69, ("r18-l4b-n32", "fused"): 69}
 
 

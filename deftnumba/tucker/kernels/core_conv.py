@@ -190,6 +190,7 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
     CHUNKS = -(-rank_in // CC)
     SPLITS = config.splits  # blocks per output tile, each summing a slice of the chunks
     R_IN = rank_in
+    R_FULL = rank_in % CC == 0  # every chunk of ranks is whole: no rank test in the staging
     u_R_OUT = U(rank_out)
     # Compile-time constants as uint32, so index arithmetic stays 32-bit.
     u_THREADS, u_REGION, u_COLS, u_CORE_SLICE = U(THREADS), U(REGION), U(COLS), U(CORE_SLICE)
@@ -266,7 +267,8 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
             # above) for each of the CC channels: no division, one add per element. The
             # load is unconditional, from the image's first element where the position is
             # padding or the rank is past r_in, and a select zeroes it: no branch (a branch
-            # around the load cost a convergence barrier per element in the SASS).
+            # around the load cost a convergence barrier per element in the SASS). Where CC
+            # divides r_in every rank exists: no rank test at all.
             # (Every sum is wrapped in U: numba widens a sum of uint32 to 64 bits. The
             # index is unsigned 64-bit: a signed one costs a wraparound test per load.)
             # A 32-bit counter from 0 to a compile-time count: LLVM unrolls the loop (a
@@ -274,7 +276,7 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
             ch = U(0)
             while ch < U(CC):
                 rank = U(c0 + ch)
-                channel_ok = rank < u_R_IN
+                channel_ok = R_FULL or rank < u_R_IN
                 channel = U(rank * plane_in)  # inside the image: 32 bits
                 for k in range(POS_T):
                     pos = U(tid + U(k * THREADS))

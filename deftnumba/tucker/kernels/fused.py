@@ -305,6 +305,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
     u_KH, u_ROW_STEP, u_KW_ROP, u_ROP = U(KH), U(DH * COLS), U(KW * ROP), U(ROP)
     PAD_H, PAD_W = np.int32(pad_h), np.int32(pad_w)
     C_IN, C_OUT = in_channels, out_channels
+    C_FULL = in_channels % CX == 0  # every channel chunk is whole: no channel test in the staging
 
     # The packed slices are copied in 16-byte vectors (LDG.128, STS.128) where a slice is a whole
     # number of them (the packed arrays are the array module's own, aligned; the shared offsets
@@ -400,13 +401,14 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                 # add per element. As in core_conv.py: an unconditional load (from the image's
                 # first element for padding) and a select, 32-bit sums wrapped in U, an unsigned
                 # 64-bit index, a 32-bit counter of compile-time trips (so LLVM unrolls the loop).
+                # Where CX divides C every channel exists: no channel test at all.
                 if stager:
                     j = U(0)
                     while j < U(CH_T):
                         ch = U(lane + U(j * u_LANES))
                         if CX % LANES == 0 or ch < u_CX:
                             channel_in = U(c0 + ch)
-                            channel_ok = channel_in < u_C
+                            channel_ok = C_FULL or channel_in < u_C
                             channel = U(channel_in * plane_in)  # inside the image: 32 bits
                             for k in range(POS_T):
                                 pos = U(base + U(k * THREADS))
