@@ -764,7 +764,7 @@ def audit_listing(listing: Listing, source: Source | None = None, name: str = ""
                 chosen[span] = (unroll, idx)
         kept = {i for _, idx in chosen.values() for i in idx}
         # shared stores one pass executes: a body that stores on alternative paths (a value, or
-        # a zero where the element is padding) runs one of them, not both
+        # a zero where the channel is past the end) runs one of them, not both
         path_sts = sum(_most_on_one_path(innermost_of[idx[0]][0], cfg,
                                          {i for i in idx if ins[i].category == "sts"})
                        for _, idx in chosen.values())
@@ -855,7 +855,8 @@ def normalise_steps(phases: dict, steps: dict) -> dict:
     stores (``"sts"``) or FFMAs (``"ffma"``), counted in the phase's SASS loop body; body = instructions per pass
     / steps per pass. Stores are those one pass executes (``body_sts_path``): a body that stores a
     value on one path and a zero on another (a channel past the end) stores once a pass, and
-    dividing by both paths' stores charged such a copy about half its cost. (A loop of compile-time trip count that LLVM unrolled completely, or
+    dividing by both paths' stores charged such a copy about half its cost. (A loop of
+    compile-time trip count that LLVM unrolled completely, or
     one the store-per-line rule cannot see through, is still divided right.) A phase whose
     body has none of them is left as measured."""
     from dataclasses import replace
