@@ -545,14 +545,26 @@ STRAY_SHARE = 0.25
 
 
 def reassign_strays(phase: list, cfg: Cfg) -> list:
-    """Give an innermost loop's stray instructions to the loop's main phase.
+    """Give a loop's stray instructions to the loop's main phase.
 
     The scheduler moves a few instructions of one source line into a neighbouring loop
     (an address of the next phase computed inside this one). They run once per iteration
     of the loop they sit in, so they are counted with that loop's main phase; otherwise a
     single stray would make that loop the other phase's innermost loop. A phase is a stray
-    in a loop when it holds under ``STRAY_SHARE`` of the loop's instructions."""
+    in a loop when it holds under ``STRAY_SHARE`` of the loop's instructions.
+
+    In an outer loop (one with loops inside) a stray is judged against all the loop's
+    instructions and moves to the main phase of those in no inner loop, but only where it
+    holds the deepest instructions of its phase and under ``STRAY_SHARE`` as many as the
+    phase has elsewhere (a phase whose code lives in that loop stays). Otherwise a staging
+    copy unrolled into straight code, with six address instructions of its shared array
+    scheduled into the multiply's outer loop, is charged as a staging loop of six
+    instructions per stored element."""
     phase = list(phase)
+
+    def depth_of(i):
+        return max((lp.depth for lp in cfg.loops_of(i)), default=0)
+
     for loop in cfg.loops:
         if loop.children:
             continue
@@ -562,6 +574,23 @@ def reassign_strays(phase: list, cfg: Cfg) -> list:
         for i in idx:
             if counts[phase[i]] < STRAY_SHARE * len(idx):
                 phase[i] = main
+    for loop in sorted((lp for lp in cfg.loops if lp.children), key=lambda lp: -lp.depth):
+        every = [i for b in loop.blocks for i in range(cfg.starts[b], cfg.ends[b])]
+        idx = [i for i in every if depth_of(i) == loop.depth]
+        if not idx:
+            continue
+        counts = Counter(phase[i] for i in idx)
+        main = max(counts, key=lambda k: (counts[k], k))
+        mine = set(idx)
+        for name, count in counts.items():
+            if name == main or count >= STRAY_SHARE * len(every):
+                continue
+            elsewhere = [i for i in range(len(phase)) if phase[i] == name and i not in mine]
+            deeper_elsewhere = any(depth_of(i) >= loop.depth for i in elsewhere)
+            if not deeper_elsewhere and count < STRAY_SHARE * len(elsewhere):
+                for i in idx:
+                    if phase[i] == name:
+                        phase[i] = main
     return phase
 
 

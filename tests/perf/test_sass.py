@@ -194,6 +194,31 @@ def test_stores_are_counted_on_one_path_through_the_loop_body():
     assert out["old"].body == pytest.approx(80 / 8)  # no path figure (hand-made counts): all stores
 
 
+def test_strays_in_an_outer_loop_move_only_where_their_phase_lives_elsewhere():
+    """A staging copy unrolled into straight code of the chunk loop (depth 1) can leave a few
+    of its instructions (a shared base address) in the multiply's outer loop (depth 2), whose
+    inner loop (depth 3) is the multiply's body. They are the staging phase's deepest code,
+    so left alone they would be charged as its loop body, once per staged element;
+    ``reassign_strays`` gives them to the multiply. A phase whose code lives in the outer loop
+    itself (here ``header``: all its instructions there) keeps them."""
+    # blocks: 0 chunk-loop top (stage x8), 1 cc-loop top (stage x2 strays, multiply x4,
+    # header x2), 2 inner multiply loop (x12), 3 cc latch, 4 chunk latch, 5 exit
+    starts = [0, 8, 16, 28, 29, 30]
+    ends = [8, 16, 28, 29, 30, 31]
+    block_of = [b for b in range(6) for _ in range(starts[b], ends[b])]
+    inner = sass.Loop(header=2, blocks=frozenset({2}), depth=3)
+    middle = sass.Loop(header=1, blocks=frozenset({1, 2, 3}), depth=2, children=[inner])
+    outer = sass.Loop(header=0, blocks=frozenset({0, 1, 2, 3, 4}), depth=1, children=[middle])
+    cfg = sass.Cfg(starts=starts, ends=ends, succs=[[1], [2], [2, 3], [1, 4], [0, 5], []],
+                   reachable=set(range(6)), loops=[outer, middle, inner], block_of=block_of)
+    phase = ["stage"] * 8 + ["stage"] * 2 + ["multiply"] * 4 + ["header"] * 2 + ["multiply"] * 12 \
+        + ["multiply", "stage", "stage"]
+    out = sass.reassign_strays(phase, cfg)
+    assert out[8:10] == ["multiply", "multiply"]  # the staging's strays
+    assert out[14:16] == ["header", "header"]     # a phase with no code elsewhere stays
+    assert out[:8] == ["stage"] * 8 and out[16:28] == ["multiply"] * 12
+
+
 def test_warp_fraction():
     assert layer_audit.warp_fraction(0.0) == 0.0
     assert layer_audit.warp_fraction(1.0) == 1.0

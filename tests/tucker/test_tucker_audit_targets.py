@@ -30,12 +30,15 @@ FFMA_TARGET = 85.0
 # audit divided a staging loop that stores a value on one path and a zero on another by both
 # paths' stores, charging the copy about half its cost; counted per executed store, l1b's
 # three_pass, "met" by 0.2% before, misses by 1.3% (pinned), and l2b's now meets it, by 0.1%.
-# Session 29 lowered the three_pass pins again: the core conv stages its input through one
-# 64-bit handle per position, the channel step a uniform offset, not a 64-bit index per element.)
-FUSED_RATIO = {"r18-l1a-n32": 1.69, "r18-l1b-n32": 1.66, "r18-l2a-n32": 1.85, "r18-l2b-n32": 1.94,
-               "r18-l3a-n32": 2.71, "r18-l3b-n32": 2.80, "r18-l4a-n32": 5.19, "r18-l4b-n32": 4.48}
-THREE_PASS_RATIO = {"r18-l1b-n32": 1.55, "r18-l2a-n32": 1.56, "r18-l3a-n32": 1.79,
-                    "r18-l3b-n32": 1.74, "r18-l4a-n32": 1.95, "r18-l4b-n32": 1.90}
+# Session 29 lowered the pins again: both kernels stage their input through one 64-bit handle
+# per position, the channel step a uniform offset, not a 64-bit index per element; and the
+# audit gives a phase's few stray instructions in an outer loop to that loop's phase
+# (perf/sass.reassign_strays), which had charged six of them per staged element. l1b's
+# three_pass meets the target, by 0.3%.)
+FUSED_RATIO = {"r18-l1a-n32": 1.58, "r18-l1b-n32": 1.54, "r18-l2a-n32": 1.79, "r18-l2b-n32": 1.80,
+               "r18-l3a-n32": 2.61, "r18-l3b-n32": 2.75, "r18-l4a-n32": 5.03, "r18-l4b-n32": 4.34}
+THREE_PASS_RATIO = {"r18-l2a-n32": 1.53, "r18-l3a-n32": 1.76, "r18-l3b-n32": 1.71,
+                    "r18-l4a-n32": 1.91, "r18-l4b-n32": 1.86}
 FFMA_MISSED = {("r18-l4a-n32", "fused"): 69, ("r18-l4b-n32", "fused"): 69}
 
 

@@ -1156,7 +1156,8 @@ def weight_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil
                     staged_grad_out[u32(u32(p * u32(OGW)) + o)] = v
                     idx = u32(idx + u32(THREADS))
 
-            # The chunk's channels may span offset groups: one pass over the points per group.
+            # phase: w_build (the chunk's channels may span offset groups: one pass over the
+            # points per group)
             cuda.syncthreads()  # the staged input and grad_out are complete
             c = c_first
             while c < u32(c_first + nc):

@@ -66,6 +66,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...runtime.addresses import element_address, read_at
 from ...runtime.backend import cuda
 from ...runtime.vector import load_vector, slice_vector_width, vector_width
 
@@ -343,6 +344,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
         b = cuda.local.array(UQ, dtype=DT)
         row = cuda.local.array(SEG, dtype=DT)
         offsets = cuda.local.array(POS_T, dtype=np.int32)
+        handles = cuda.local.array(POS_T, dtype=np.uint64)
 
         tid = uint32(cuda.threadIdx.x)
         n = cuda.blockIdx.z
@@ -397,28 +399,36 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                 c0 = in_chunk * u_CX
                 # phase: stage_input
                 # Each thread copies its own POS_T region positions (offsets computed once,
-                # above) for CH_T of the CX channels (lane, lane + LANES, ...): no division, one
-                # add per element. As in core_conv.py: an unconditional load (from the image's
-                # first element for padding) and a select, 32-bit sums wrapped in U, an unsigned
-                # 64-bit index, a 32-bit counter of compile-time trips (so LLVM unrolls the loop).
-                # Where CX divides C every channel exists: no channel test at all.
+                # above) for CH_T of the CX channels (lane, lane + LANES, ...). As in
+                # core_conv.py: one 64-bit handle per position, the channel's step a uniform
+                # offset (read_at), an unconditional load and a select that zeroes padding and
+                # missing channels, 32-bit sums wrapped in U, a 32-bit counter of compile-time
+                # trips (so LLVM unrolls the loop). Where CX divides C every channel exists: no
+                # channel test at all. (l1b: 6.2 -> 3.1 µs predicted, 91 -> 86 registers.)
                 if stager:
+                    # per position, a 64-bit handle to its element in this lane's first channel
+                    # (clamped into the image where the chunk is partial; element 0 of the
+                    # channel for padding): channel lane + j*LANES is j*LANES planes further
+                    first_channel = U(c0 + lane)
+                    if not C_FULL and first_channel >= u_C:
+                        first_channel = U(u_C - U(1))
+                    lane_at = image_in_u + np.uint64(U(first_channel * plane_in))
+                    for k in range(POS_T):
+                        handles[k] = element_address(input, lane_at + np.uint64(U(offsets[k]) if offsets[k] >= 0 else U(0)))
                     j = U(0)
                     while j < U(CH_T):
                         ch = U(lane + U(j * u_LANES))
                         if CX % LANES == 0 or ch < u_CX:
                             channel_in = U(c0 + ch)
                             channel_ok = C_FULL or channel_in < u_C
-                            channel = U(channel_in * plane_in)  # inside the image: 32 bits
+                            step = U(U(j * u_LANES) * plane_in) if channel_ok else U(0)
                             for k in range(POS_T):
                                 pos = U(base + U(k * THREADS))
                                 if (k + 1) * THREADS <= REGION_P or pos < u_REGION_P:
-                                    inside = channel_ok and offsets[k] >= 0
-                                    at = U(channel + U(offsets[k])) if inside else U(0)
-                                    value = input[image_in_u + np.uint64(at)]
-                                    if not inside:
+                                    value = read_at(input, handles[k], step)
+                                    if not (channel_ok and offsets[k] >= 0):
                                         value = ZERO
-                                    smem[U(U(U(X_OFF) + U(ch * U(REGION_P))) + pos)] = value
+                                    smem[U(U(U(X_OFF) + U(lane * U(REGION_P))) + pos) + int(j) * (LANES * REGION_P)] = value
                         j = U(j + U(1))
                 # phase: stage_first
                 # (unsigned indices: a signed one costs Numba's wraparound test per load)
