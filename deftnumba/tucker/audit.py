@@ -50,7 +50,7 @@ def _compiled(kernel: str, g, t):
         return fused.fused_kernel(g.dtype, g.in_channels, g.rank_in, g.rank_out, g.out_channels, g.kernel_h,
                                   g.kernel_w, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w, t)
     return core_conv.core_conv_kernel(g.dtype, g.rank_in, g.rank_out, g.kernel_h, g.kernel_w, g.stride_h,
-                                      g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w, t)
+                                      g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w, t, core_conv.whole_rows(g, t))
 
 
 def model_kernel(g, kernel: str, config) -> dict:

@@ -71,6 +71,21 @@ def test_reference_is_conv_with_reconstructed_weight(rng):
     np.testing.assert_allclose(tucker_conv2d_reference(*args, **kw), dense, rtol=1e-10, atol=1e-10)
 
 
+def test_core_conv_tiles_that_divide_the_width_skip_the_width_tests(rng, poisoned):
+    """Where the tile width divides the output width (``core_conv.whole_rows``) the kernel is
+    compiled without its per-pixel width tests; with and without rank splits, bounds-checked.
+    (Where it does not divide, the irregular cases above run the tested kernel.)"""
+    from types import SimpleNamespace
+
+    args, kw = make(rng, (2, 5, 5, 8, 6, 5, 4, 3, 3, 1, 1, 1, 1))
+    for tile in (core_conv.CoreTile(tile_h=2, tile_w=4, chunk=2, oc_block=4, reg_oc=2, reg_px=2),
+                 core_conv.CoreTile(tile_h=3, tile_w=8, chunk=2, oc_block=2, reg_oc=1, reg_px=4, splits=3)):
+        assert core_conv.whole_rows(SimpleNamespace(out_w=8), tile)
+        with backend.bounds_checked():
+            out = tucker_conv2d(*args, **kw, method="three_pass", config=tile)
+        check_close(out, args, kw, np.float32)
+
+
 def test_several_chunks_and_blocks(rng, poisoned):
     """Explicit tiles with several rank chunks, channel chunks, rank blocks and output
     blocks (and a partial last one of each) still match."""

@@ -34,11 +34,13 @@ FFMA_TARGET = 85.0
 # per position, the channel step a uniform offset, not a 64-bit index per element; and the
 # audit gives a phase's few stray instructions in an outer loop to that loop's phase
 # (perf/sass.reassign_strays), which had charged six of them per staged element. l1b's
-# three_pass meets the target, by 0.3%.)
+# three_pass meets the target, by 0.6%. The core conv compiles out its per-pixel width tests
+# where the tile divides the width; and a rank loop that ptxas keeps in the split epilogue
+# (layers 3-4), charged zero times before, is now counted: layers 3-4's three_pass pins rose.)
 FUSED_RATIO = {"r18-l1a-n32": 1.58, "r18-l1b-n32": 1.54, "r18-l2a-n32": 1.79, "r18-l2b-n32": 1.80,
                "r18-l3a-n32": 2.61, "r18-l3b-n32": 2.75, "r18-l4a-n32": 5.03, "r18-l4b-n32": 4.34}
-THREE_PASS_RATIO = {"r18-l2a-n32": 1.53, "r18-l3a-n32": 1.76, "r18-l3b-n32": 1.71,
-                    "r18-l4a-n32": 1.91, "r18-l4b-n32": 1.86}
+THREE_PASS_RATIO = {"r18-l2a-n32": 1.52, "r18-l3a-n32": 1.80, "r18-l3b-n32": 1.74,
+                    "r18-l4a-n32": 1.97, "r18-l4b-n32": 1.91}
 FFMA_MISSED = {("r18-l4a-n32", "fused"): 69, ("r18-l4b-n32", "fused"): 69}
 
 

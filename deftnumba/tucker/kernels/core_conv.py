@@ -164,13 +164,16 @@ def pack_core(dense_core: np.ndarray, config: CoreTile, xp=np) -> np.ndarray:
 
 @functools.cache
 def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                     dil_h, dil_w, config: CoreTile):
+                     dil_h, dil_w, config: CoreTile, whole_rows: bool = False):
     """Kernel ``(hidden, packed_core, out, partials, counters, height, width, out_h, out_w)``:
     grid ``config.blocks(geometry)`` (images in z, at most 65535 per launch), ``config.threads``
     threads. hidden ``[n*R*H*W]``, packed_core from ``pack_core``, out ``[n*Q*Ho*Wo]``
     (flat, C-contiguous); with ``config.splits = S > 1``, partials ``[S*n*Q*Ho*Wo]`` (any
     contents) and counters a zeroed ``uint32`` array of one counter per output tile of the
-    launch (``tiles * rank blocks * images``), else both unused; the sizes are int32 scalars."""
+    launch (``tiles * rank blocks * images``), else both unused; the sizes are int32 scalars.
+    ``whole_rows`` (``out_w % tile_w == 0``, see ``launch``): every tile row lies inside the
+    image, so the epilogue tests no pixel against the width (it must only be passed where it
+    holds)."""
     DT = np.float32 if np.dtype(dtype) == np.float32 else np.float64
     ZERO = DT(0)
     U = np.uint32
@@ -192,6 +195,7 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
     SPLITS = config.splits  # blocks per output tile, each summing a slice of the chunks
     R_IN = rank_in
     R_FULL = rank_in % CC == 0  # every chunk of ranks is whole: no rank test in the staging
+    WHOLE_ROWS = whole_rows  # every tile row inside the image: no width test per pixel
     u_R_OUT = U(rank_out)
     # Compile-time constants as uint32, so index arithmetic stays 32-bit.
     u_THREADS, u_REGION, u_COLS, u_CORE_SLICE = U(THREADS), U(REGION), U(COLS), U(CORE_SLICE)
@@ -353,7 +357,7 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
                     if oc < u_R_OUT:
                         base = image_out_u + np.uint64(U(U(oc * plane_out) + U(U(oy * uint32(out_w)) + ox)))
                         for j in range(RP):
-                            if U(ox + U(j)) < uint32(out_w):
+                            if WHOLE_ROWS or U(ox + U(j)) < uint32(out_w):
                                 partials[mine + base + np.uint64(j)] = acc[i * RP + j]
             cuda.threadfence()  # (release) this block's sums reach the device before it counts itself
             cuda.syncthreads()  # every thread has stored its sums
@@ -376,7 +380,7 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
                 if oc < u_R_OUT:
                     base = image_out_u + np.uint64(U(U(oc * plane_out) + U(U(oy * uint32(out_w)) + ox)))
                     for j in range(RP):
-                        if U(ox + U(j)) < uint32(out_w):
+                        if WHOLE_ROWS or U(ox + U(j)) < uint32(out_w):
                             if SPLITS > 1:
                                 # the S sums in split order (this block's own read back too: the
                                 # same bits as its registers, and no branch per split)
@@ -419,22 +423,34 @@ def sass_iterations(shape, config: CoreTile) -> dict[str, tuple]:
     (it does at 7x7 tiles of 28 threads: 4 channels x 3 positions a pass, two passes a
     chunk, which the old count of one pass per chunk charged 20x too little). ``stage_core``
     counts stored vectors (``slice_vector_width``: 16 bytes, or one element where the slice is
-    not a whole number of vectors). ``epilogue`` is straight code (with rank splits, every block
-    is charged the last block's additions). A block sums ``config.chunks_per_split`` chunks."""
+    not a whole number of vectors). ``epilogue`` is straight code or a loop over the ranks
+    (see below); with rank splits, every block is charged the last block's additions. A block sums ``config.chunks_per_split`` chunks."""
     body = phase_model(shape, config)
     chunks = config.chunks_per_split(shape)
     rows, cols = config.staged_shape(shape)
     stores = chunks * config.chunk * -(-(rows * cols) // config.threads)  # CC x POS_T a chunk
     vw = slice_vector_width(config.chunk * shape.taps * config.oc_block, shape.dtype)
     core_stores = chunks * -(-(config.chunk * shape.taps * config.oc_block) // (config.threads * vw))
+    # epilogue: straight code where LLVM unrolls it; where it keeps a loop over the thread's RO
+    # ranks (4-8 rank splits, or per-pixel width tests), each pass stores (and, with splits,
+    # adds) the rank's RP pixels, which the store-per-line rule reads as RP source steps: RO * RP
+    # steps a thread (charged zero times before session 29: 588 instructions at l4a, batch 32)
     return {"prologue": (0, 1), "stage_input": (stores, chunks), "stage_core": (core_stores, chunks),
-            "multiply": (body["multiply"], chunks * config.chunk), "epilogue": (0, 1)}
+            "multiply": (body["multiply"], chunks * config.chunk),
+            "epilogue": (config.reg_oc * config.reg_px, 1)}
 
 
 def phase_steps(shape, config: CoreTile) -> dict[str, tuple]:
     """Per source step of ``phase_model``, what SASS shows (``perf.sass.normalise_steps``)."""
     return {"stage_input": ("sts", 1), "stage_core": ("sts", 1),
             "multiply": ("ffma", shape.kernel_w * config.reg_oc * config.reg_px)}
+
+
+def whole_rows(g, config: CoreTile) -> bool:
+    """Whether every tile row lies inside the output image (``out_w % tile_w == 0``): the
+    kernel then compiles out its per-pixel width tests (at l2a, 28 of them per thread in the
+    split epilogue, each with the 64-bit address of the other split's sum it guarded)."""
+    return g.out_w % config.tile_w == 0
 
 
 def launch(geometry, config: CoreTile, hidden_in, packed_core, hidden_out) -> None:
@@ -444,7 +460,7 @@ def launch(geometry, config: CoreTile, hidden_in, packed_core, hidden_out) -> No
     g = geometry
     config.check_splits(g)
     kernel = core_conv_kernel(g.dtype, g.rank_in, g.rank_out, g.kernel_h, g.kernel_w, g.stride_h, g.stride_w,
-                              g.pad_h, g.pad_w, g.dil_h, g.dil_w, config)
+                              g.pad_h, g.pad_w, g.dil_h, g.dil_w, config, whole_rows(g, config))
     blocks_x, rank_blocks, batch = config.blocks(g)
     per_in = g.rank_in * g.height * g.width
     per_out = g.rank_out * g.out_h * g.out_w
