@@ -61,7 +61,13 @@ def audit_all() -> dict:
     """Audit every kernel above (needs DEFTNUMBA_BACKEND=cuda): ``{name: KernelAudit dict}``."""
     from deftnumba.perf import sass
 
-    return {name: sass.audit_kernel(k, sig, name, "float32").to_json() for name, (k, sig) in signatures().items()}
+    out = {name: sass.audit_kernel(k, sig, name, "float32").to_json() for name, (k, sig) in signatures().items()}
+    k, sig = signatures()["axpy_int32"]
+    variants = sass.ptx_variants(k, sig, 3)  # NVVM recompiled from one IR (sass.ptx_variants)
+    out["ptx_variants"] = {"compiles": sum(variants.values()),
+                           "audits": [sass.audit_kernel(k, sig, "axpy_int32", "float32", ptx=ptx).to_json()
+                                      for ptx in variants]}
+    return out
 
 
 if __name__ == "__main__":

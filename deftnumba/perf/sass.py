@@ -177,6 +177,38 @@ def compile_cubin(func, signature, cc=CC) -> tuple[str, bytes, dict]:
     return ptx, cubin, resources
 
 
+def ptx_variants(func, signature, times: int, cc=CC) -> Counter:
+    """``{ptx: compiles}`` over ``times`` NVVM compiles of one kernel's LLVM IR.
+
+    NVVM is not deterministic: handed the same IR twice, in one process or in two, it can
+    return different PTX (seen in ``tucker.fused`` at ResNet-18 layer3: 7 of 40 compiles
+    take fewer 128-bit shared loads in the first GEMM; docs/perf-notes.md, "Compile
+    variants"). A GPU run compiles once, so it gets one of these at random, and so does
+    one audit. Numba lowers the kernel once here; only the NVVM step is repeated."""
+    from numba.cuda import codegen
+
+    captured = []
+    original = codegen.nvvm.compile_ir
+
+    def keep(irs, **options):
+        captured.append((irs, options))
+        return original(irs, **options)
+
+    codegen.nvvm.compile_ir = keep  # (the module attribute numba-cuda's codegen calls)
+    try:
+        compile_cubin(func, signature, cc)
+    finally:
+        codegen.nvvm.compile_ir = original
+    if not captured:
+        raise RuntimeError("numba-cuda did not compile through numba.cuda.codegen.nvvm.compile_ir")
+    irs, options = captured[-1]
+    found = Counter()
+    for _ in range(times):
+        ptx = original(irs, **options)
+        found[(ptx.decode() if isinstance(ptx, bytes) else ptx).strip("\x00").strip()] += 1
+    return found
+
+
 # --------------------------------------------------------------------------- parsing
 @dataclass
 class Instruction:
@@ -953,16 +985,23 @@ def block_threads_of(func) -> int | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _audit_cached(func, signature, name, dtype, cc):
-    ptx, cubin, resources = compile_cubin(func, signature, cc)
+def _audit_cubin(func, cubin, resources, name, dtype) -> KernelAudit:
     listing = parse_sass(disassemble(cubin))
     threads = block_threads_of(func) or 256
     return audit_listing(listing, source_of(func), name, dtype, resources, threads)
 
 
-def audit_kernel(kernel, signature, name: str = "", dtype: str = "", cc=CC) -> KernelAudit:
-    """Compile (once per process: cached by function and signature), disassemble, audit."""
+@functools.lru_cache(maxsize=None)
+def _audit_cached(func, signature, name, dtype, cc):
+    ptx, cubin, resources = compile_cubin(func, signature, cc)
+    return _audit_cubin(func, cubin, resources, name, dtype)
+
+
+def audit_kernel(kernel, signature, name: str = "", dtype: str = "", cc=CC, ptx: str | None = None) -> KernelAudit:
+    """Compile (once per process: cached by function and signature), disassemble, audit.
+    With ``ptx`` (one of ``ptx_variants``), audit that PTX of the same kernel instead."""
+    if ptx is not None:
+        return _audit_cubin(kernel, *link_cubin(ptx, cc), name, dtype)
     return _audit_cached(kernel, tuple(signature), name, dtype, cc)  # the dispatcher keeps launch bounds
 
 

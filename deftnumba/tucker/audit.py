@@ -53,13 +53,14 @@ def _compiled(kernel: str, g, t):
                                       g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w, t, core_conv.whole_rows(g, t))
 
 
-def model_kernel(g, kernel: str, config) -> dict:
+def model_kernel(g, kernel: str, config, ptx: str | None = None) -> dict:
     """One launch of our ``kernel`` (``"fused"`` or ``"core_conv"``) at tile ``config`` for layer
     ``g`` through the issue-slot model: registers, occupancy, per-phase instructions per thread,
-    the main loop's FFMA share and the predicted time in microseconds (a prediction)."""
+    the main loop's FFMA share and the predicted time in microseconds (a prediction). With
+    ``ptx`` (from ``compile_variants``), that compile of the kernel."""
     mod = fused if kernel == "fused" else core_conv
     a = sass.audit_kernel(_compiled(kernel, g, config), _signature(kernel, str(g.dtype)), f"tucker.{kernel}",
-                          str(g.dtype))
+                          str(g.dtype), ptx=ptx)
     counts = sass.normalise_steps(a.phases, mod.phase_steps(g, config))
     iterations = mod.sass_iterations(g, config)
     per_thread = sass.per_thread_instructions(counts, iterations)
@@ -113,6 +114,21 @@ def model_layer(g) -> dict:
     return out
 
 
+def compile_variants(g, times: int) -> dict:
+    """Each picked kernel of layer ``g`` compiled ``times`` times by NVVM from the same IR
+    (``sass.ptx_variants``): ``{kernel: [(predicted us, compiles), ...]}``, fastest first.
+    One entry where NVVM was deterministic; more where a GPU run may get either."""
+    out = {}
+    for method, kernel in (("fused", "fused"), ("three_pass", "core_conv")):
+        pick = model.rank_configs(g, method, top=1)
+        if not pick:
+            continue
+        variants = sass.ptx_variants(_compiled(kernel, g, pick[0].config), _signature(kernel, str(g.dtype)), times)
+        out[kernel] = sorted((model_kernel(g, kernel, pick[0].config, ptx)["predicted_us"], n)
+                             for ptx, n in variants.items())
+    return out
+
+
 def search(g, method: str, top: int = 8) -> list:
     """Audit the ``top`` tiles ``tucker.model`` ranks first for ``method`` (``"fused"`` or
     ``"three_pass"``) at layer ``g``, and, among tiles that divide the image, the formulas'
@@ -163,6 +179,9 @@ def main(argv=None) -> int:
     parser.add_argument("--search", type=int, metavar="K",
                         help="instead: audit the hand model's K best tiles per method and shape, and its best "
                              "of each image-dividing shape (up to 3K), and print the best (model.AUDITED_PICKS)")
+    parser.add_argument("--variants", type=int, metavar="N",
+                        help="instead: compile each pick N times through NVVM (the same IR; NVVM is not "
+                             "deterministic) and print the predicted time of every distinct compile")
     args = parser.parse_args(argv)
     from ..runtime import backend
 
@@ -179,6 +198,16 @@ def main(argv=None) -> int:
                     print(f"{name} {method}: {us:9.2f} us  {t!r}")
                 if rows:
                     print(f"best {method} for {model.pick_key(g)}: {rows[0][1]!r}", flush=True)
+        return 0
+    if args.variants:
+        suites = bench_op.suites()
+        names = args.shapes or [n for n, s in suites.items() if not s.get("core_only")]
+        print(f"Tucker forward, fp32, sm_90, {args.variants} NVVM compiles of each pick: {LABEL}")
+        for i, name in enumerate(names):
+            print(f"[{i + 1}/{len(names)}] {name}", file=sys.stderr, flush=True)
+            for kernel, rows in compile_variants(bench_op.geometry(suites[name]), args.variants).items():
+                found = ", ".join(f"{us:.2f} us ({n} of {args.variants})" for us, n in rows)
+                print(f"{name:>12} {kernel:>9}: {found}", flush=True)
         return 0
     figures = target_figures(args.shapes)
     print(f"Tucker forward, fp32, sm_90: {figures['label']}")

@@ -259,6 +259,14 @@ def test_compiled_phases_follow_the_markers(compiled):
     assert a["phases"]["copy"]["body"] > 0 and a["phases"]["scale"]["depth"] == 1
 
 
+def test_ptx_variants_recompile_one_ir_and_each_variant_is_audited(compiled):
+    v = compiled["ptx_variants"]
+    assert v["compiles"] == 3 and 1 <= len(v["audits"]) <= 3
+    for a in v["audits"]:  # an audit of a given PTX reads the same kernel's line table
+        assert set(a["phases"]) == set(compiled["axpy_int32"]["phases"])
+        assert a["phases"]["body"]["body_ffma"] == compiled["axpy_int32"]["phases"]["body"]["body_ffma"] > 0
+
+
 # --------------------------------------------------------------------------- the planner's table
 def test_planner_table_covers_the_candidates_and_matches_the_kernel_source():
     from deftnumba import bench, tiling

@@ -36,11 +36,15 @@ FFMA_TARGET = 85.0
 # (perf/sass.reassign_strays), which had charged six of them per staged element. l1b's
 # three_pass meets the target, by 0.6%. The core conv compiles out its per-pixel width tests
 # where the tile divides the width; and a rank loop that ptxas keeps in the split epilogue
-# (layers 3-4), charged zero times before, is now counted: layers 3-4's three_pass pins rose.)
+# (layers 3-4), charged zero times before, is now counted: layers 3-4's three_pass pins rose.
+# Session 30: NVVM is not deterministic. From the same IR it compiles l3a's fused kernel two
+# ways, 63.95 us (about 5 compiles in 6) and 65.36 us (python -m deftnumba.tucker.audit
+# --variants 40); CI drew the slower one and failed the 2.61 pin. That pin now covers both
+# (2.640 + 0.8%); every other pick gave one PTX in 40 compiles. l2a's three_pass meets the
+# target (1.499): the offsets of the staged positions and the tile count in 32 bits.)
 FUSED_RATIO = {"r18-l1a-n32": 1.58, "r18-l1b-n32": 1.54, "r18-l2a-n32": 1.79, "r18-l2b-n32": 1.80,
-               "r18-l3a-n32": 2.61, "r18-l3b-n32": 2.75, "r18-l4a-n32": 5.03, "r18-l4b-n32": 4.34}
-THREE_PASS_RATIO = {"r18-l2a-n32": 1.52, "r18-l3a-n32": 1.80, "r18-l3b-n32": 1.74,
-                    "r18-l4a-n32": 1.97, "r18-l4b-n32": 1.91}
+               "r18-l3a-n32": 2.66, "r18-l3b-n32": 2.75, "r18-l4a-n32": 5.03, "r18-l4b-n32": 4.34}
+THREE_PASS_RATIO = {"r18-l3a-n32": 1.80, "r18-l3b-n32": 1.74, "r18-l4a-n32": 1.97, "r18-l4b-n32": 1.91}
 FFMA_MISSED = {("r18-l4a-n32", "fused"): 69, ("r18-l4b-n32", "fused"): 69}
 
 

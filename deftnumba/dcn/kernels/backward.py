@@ -362,10 +362,15 @@ def entries_kernel(dtype, wide_keys: bool = False, narrow: bool = True):
             base = (n_local * groups + g) * plane
             ident = KEY(4) * KEY(tap * part_pixels + p_local)
             e = WIDE(4) * WIDE(idx)
-            key[e] = ((KEY(base + y0 * width + x0) if w00 != ZERO else sentinel) << shift) | ident
-            key[e + 1] = ((KEY(base + y0 * width + x1) if w01 != ZERO else sentinel) << shift) | (ident + KEY(1))
-            key[e + 2] = ((KEY(base + y1 * width + x0) if w10 != ZERO else sentinel) << shift) | (ident + KEY(2))
-            key[e + 3] = ((KEY(base + y1 * width + x1) if w11 != ZERO else sentinel) << shift) | (ident + KEY(3))
+            # (each conditional its own statement: docs/contributing.md, "One value per join")
+            k00 = KEY(base + y0 * width + x0) if w00 != ZERO else sentinel
+            k01 = KEY(base + y0 * width + x1) if w01 != ZERO else sentinel
+            k10 = KEY(base + y1 * width + x0) if w10 != ZERO else sentinel
+            k11 = KEY(base + y1 * width + x1) if w11 != ZERO else sentinel
+            key[e] = (k00 << shift) | ident
+            key[e + 1] = (k01 << shift) | (ident + KEY(1))
+            key[e + 2] = (k10 << shift) | (ident + KEY(2))
+            key[e + 3] = (k11 << shift) | (ident + KEY(3))
             idx = IDX(idx + IDX(cuda.gridsize(1)))
 
     return kernel

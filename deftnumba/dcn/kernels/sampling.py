@@ -127,9 +127,12 @@ def _sampling_functions(dtype: str) -> SimpleNamespace:
         hi = np.int32(lo + 1)  # int32 throughout (numba widens int32 sums to int64)
         lo_inside = lo >= 0
         hi_inside = hi < size
-        return (max(lo, np.int32(0)), min(hi, np.int32(size - 1)),
-                ONE - frac if lo_inside else ZERO, frac if hi_inside else ZERO,
-                MINUS_ONE if lo_inside else ZERO, ONE if hi_inside else ZERO)
+        # (each conditional its own statement: docs/contributing.md, "One value per join")
+        w_lo = ONE - frac if lo_inside else ZERO
+        w_hi = frac if hi_inside else ZERO
+        dw_lo = MINUS_ONE if lo_inside else ZERO
+        dw_hi = ONE if hi_inside else ZERO
+        return max(lo, np.int32(0)), min(hi, np.int32(size - 1)), w_lo, w_hi, dw_lo, dw_hi
 
     @cuda.jit(device=True, inline=True)
     def bilinear_corners(y, x, height, width):

@@ -219,7 +219,7 @@ def fused_kernel(dtype, taps: tuple, stride_h: int, stride_w: int, config: LeanT
         plane_out = U(out_h) * u_out_w
         image_in = n * np.uint64(u_channels * plane_in)     # 64-bit image bases ...
         image_out = n * np.uint64(u_channels * plane_out)   # ... 32-bit indices inside the image
-        tiles_x = (u_out_w + u_TW - U(1)) // u_TW
+        tiles_x = U(U(u_out_w + u_TW) - U(1)) // u_TW  # (32-bit: a multiply-high)
         tile_y = U(cuda.blockIdx.x) // tiles_x
         oy0 = tile_y * u_TH
         ox0 = (U(cuda.blockIdx.x) - tile_y * tiles_x) * u_TW

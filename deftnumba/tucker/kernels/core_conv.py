@@ -231,7 +231,7 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
         image_in = np.int64(n) * np.int64(R_IN * np.int64(plane_in))      # 64-bit image bases
         image_in_u = np.uint64(image_in)
         image_out_u = np.uint64(np.int64(n) * np.int64(rank_out * np.int64(plane_out)))
-        tiles_x = (uint32(out_w) + u_TW - U(1)) // u_TW
+        tiles_x = U(U(uint32(out_w) + u_TW) - U(1)) // u_TW  # (32-bit: a multiply-high)
         tile = uint32(cuda.blockIdx.x) // U(SPLITS)  # (a compile-time divisor: a multiply-high)
         tile_y = tile // tiles_x
         oy0 = tile_y * u_TH
@@ -248,14 +248,16 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
         for i in range(RO * RP):
             acc[i] = ZERO
         # offsets[k]: in-image offset of staged position tid + k*THREADS, or -1 (zero padding)
+        # (32-bit and unsigned: a row or column above or left of the image wraps to a huge
+        # value, so one unsigned test per axis; a signed sum would be widened to 64 bits)
         for k in range(POS_T):
-            pos = tid + uint32(k * THREADS)
+            pos = U(tid + U(k * THREADS))
             rr = pos // u_COLS
-            gy = iy0 + np.int32(rr)
-            gx = ix0 + np.int32(pos - rr * u_COLS)
+            gy = U(U(iy0) + rr)
+            gx = U(U(ix0) + U(pos - U(rr * u_COLS)))
             offsets[k] = -1
-            if gy >= 0 and gy < np.int32(height_u) and gx >= 0 and gx < np.int32(width_u):
-                offsets[k] = np.int32(uint32(gy) * width_u + uint32(gx))
+            if gy < height_u and gx < width_u:
+                offsets[k] = np.int32(U(gy * width_u) + gx)
 
         # Rank splits: split s of an output tile sums chunks s*CHUNKS//S .. (s+1)*CHUNKS//S - 1
         # (the epilogue adds the S sums in split order).
@@ -282,7 +284,9 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
             # from 0 to a compile-time count: LLVM unrolls the channel loop.)
             chunk_at = image_in_u + np.uint64(U(c0 * plane_in))
             for k in range(POS_T):
-                handles[k] = element_address(hidden, chunk_at + np.uint64(U(offsets[k]) if offsets[k] >= 0 else U(0)))
+                # (a conditional is its own statement: docs/contributing.md, "One value per join")
+                at = U(offsets[k]) if offsets[k] >= 0 else U(0)
+                handles[k] = element_address(hidden, chunk_at + np.uint64(at))
             ch = U(0)
             while ch < U(CC):
                 rank = U(c0 + ch)

@@ -355,7 +355,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
         image_in = np.int64(n) * np.int64(C_IN * np.int64(plane_in))      # 64-bit image bases
         image_in_u = np.uint64(image_in)
         image_out_u = np.uint64(np.int64(n) * np.int64(C_OUT * np.int64(plane_out)))
-        tiles_x = (uint32(out_w) + u_TW - U(1)) // u_TW
+        tiles_x = U(U(uint32(out_w) + u_TW) - U(1)) // u_TW  # (32-bit: a multiply-high)
         tile_y = uint32(cuda.blockIdx.x) // tiles_x
         oy0 = tile_y * u_TH
         ox0 = (uint32(cuda.blockIdx.x) - tile_y * tiles_x) * u_TW
@@ -381,14 +381,16 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
         stager = LANES == 1 or tid < u_LANE_THREADS
         # offsets[k]: in-image offset of staged position base + k*THREADS, or -1 (zero
         # padding, or one of the padded positions past the region)
+        # (32-bit and unsigned: a row or column above or left of the image wraps to a huge
+        # value, so one unsigned test per axis; a signed sum would be widened to 64 bits)
         for k in range(POS_T):
-            pos = base + uint32(k * THREADS)
+            pos = U(base + U(k * THREADS))
             rr = pos // u_COLS
-            gy = iy0 + np.int32(rr)
-            gx = ix0 + np.int32(pos - rr * u_COLS)
+            gy = U(U(iy0) + rr)
+            gx = U(U(ix0) + U(pos - U(rr * u_COLS)))
             offsets[k] = -1
-            if pos < u_REGION and gy >= 0 and gy < np.int32(height_u) and gx >= 0 and gx < np.int32(width_u):
-                offsets[k] = np.int32(uint32(gy) * width_u + uint32(gx))
+            if pos < u_REGION and gy < height_u and gx < width_u:
+                offsets[k] = np.int32(U(gy * width_u) + gx)
 
         rank_chunk = U(0)
         while rank_chunk < u_RANK_CHUNKS:
@@ -414,7 +416,9 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                         first_channel = U(u_C - U(1))
                     lane_at = image_in_u + np.uint64(U(first_channel * plane_in))
                     for k in range(POS_T):
-                        handles[k] = element_address(input, lane_at + np.uint64(U(offsets[k]) if offsets[k] >= 0 else U(0)))
+                        # (a conditional is its own statement: docs/contributing.md, "One value per join")
+                        at = U(offsets[k]) if offsets[k] >= 0 else U(0)
+                        handles[k] = element_address(input, lane_at + np.uint64(at))
                     j = U(0)
                     while j < U(CH_T):
                         ch = U(lane + U(j * u_LANES))
