@@ -14,7 +14,9 @@ use) with the kernel modules' ``sass_iterations`` and ``phase_steps``. Every tim
 prints is a **prediction** from static instruction counts, never a measurement.
 
 ``three_pass`` is our core-conv kernel between two cuBLAS GEMMs; the GEMMs are not our SASS,
-so its row adds them at the vendor rate ``tucker.model`` assumes (labelled).
+so its row adds them at the vendor rate ``tucker.model`` assumes (labelled). ``winograd`` is the
+same with the Winograd F(2x2, 3x3) core conv (``kernels/winograd.py``); its ratio is to the
+same floor, whose FLOPs are the direct convolution's (the Winograd core multiplies 2.25x fewer).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import sys
 from ..perf import sass
 from ..perf.roofline import floor_ms_of
 from . import bench_op, model, roofline
-from .kernels import core_conv, fused
+from .kernels import core_conv, fused, winograd
 
 TARGET_SHAPES = tuple(f"r18-{layer}-n32" for layer in ("l1a", "l1b", "l2a", "l2b", "l3a", "l3b", "l4a", "l4b"))
 """Issue 14's static target shapes: TDC's ResNet-18 layers at batch 32 (at batch 1 the small
@@ -42,10 +44,14 @@ def _signature(kernel: str, dtype: str) -> tuple:
     i32 = types.int32
     if kernel == "fused":
         return (a, a, a, a, a, a, i32, i32, i32, i32)
+    if kernel == "winograd":  # (..., partials, counters, sizes, tiles_total)
+        return (a, a, a, a, types.Array(types.uint32, 1, "C"), i32, i32, i32, i32, i32)
     return (a, a, a, a, types.Array(types.uint32, 1, "C"), i32, i32, i32, i32)  # (..., partials, counters, sizes)
 
 
 def _compiled(kernel: str, g, t):
+    if kernel == "winograd":
+        return winograd.winograd_kernel(g.dtype, g.rank_in, g.rank_out, g.pad_h, g.pad_w, t)
     if kernel == "fused":
         return fused.fused_kernel(g.dtype, g.in_channels, g.rank_in, g.rank_out, g.out_channels, g.kernel_h,
                                   g.kernel_w, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w, t)
@@ -58,7 +64,7 @@ def model_kernel(g, kernel: str, config, ptx: str | None = None) -> dict:
     ``g`` through the issue-slot model: registers, occupancy, per-phase instructions per thread,
     the main loop's FFMA share and the predicted time in microseconds (a prediction). With
     ``ptx`` (from ``compile_variants``), that compile of the kernel."""
-    mod = fused if kernel == "fused" else core_conv
+    mod = {"fused": fused, "core_conv": core_conv, "winograd": winograd}[kernel]
     a = sass.audit_kernel(_compiled(kernel, g, config), _signature(kernel, str(g.dtype)), f"tucker.{kernel}",
                           str(g.dtype), ptx=ptx)
     counts = sass.normalise_steps(a.phases, mod.phase_steps(g, config))
@@ -68,6 +74,10 @@ def model_kernel(g, kernel: str, config, ptx: str | None = None) -> dict:
         lay = config.layout(g)
         threads = lay.threads
         blocks = -(-g.out_h // config.tile_h) * -(-g.out_w // config.tile_w) * g.batch
+    elif kernel == "winograd":
+        threads = config.threads
+        gx, gy = config.grid(g)
+        blocks = gx * gy
     else:
         threads = config.threads
         tiles, rank_blocks, images = config.blocks(g)
@@ -111,6 +121,15 @@ def model_layer(g) -> dict:
         out["three_pass"] = {"core_conv": r, "gemms_us_assumed": gemms_us,
                              "predicted_us": r["predicted_us"] + gemms_us,
                              "ratio": (r["predicted_us"] + gemms_us) / floor}
+    wino_pick = model.rank_configs(g, "winograd", top=1)
+    if wino_pick:
+        r = model_kernel(g, "winograd", wino_pick[0].config)
+        first, _, last = roofline.operators(g, "three_pass")
+        gemms_us = 1e3 * model._vendor_ms([first, last], model.H200)
+        # (the floor counts the direct convolution's FLOPs; this core does 2.25x fewer multiplies)
+        out["winograd"] = {"core_conv": r, "gemms_us_assumed": gemms_us,
+                           "predicted_us": r["predicted_us"] + gemms_us,
+                           "ratio": (r["predicted_us"] + gemms_us) / floor}
     return out
 
 
@@ -119,7 +138,7 @@ def compile_variants(g, times: int) -> dict:
     (``sass.ptx_variants``): ``{kernel: [(predicted us, compiles), ...]}``, fastest first.
     One entry where NVVM was deterministic; more where a GPU run may get either."""
     out = {}
-    for method, kernel in (("fused", "fused"), ("three_pass", "core_conv")):
+    for method, kernel in (("fused", "fused"), ("three_pass", "core_conv"), ("winograd", "winograd")):
         pick = model.rank_configs(g, method, top=1)
         if not pick:
             continue
@@ -130,16 +149,24 @@ def compile_variants(g, times: int) -> dict:
 
 
 def search(g, method: str, top: int = 8) -> list:
-    """Audit the ``top`` tiles ``tucker.model`` ranks first for ``method`` (``"fused"`` or
-    ``"three_pass"``) at layer ``g``, and, among tiles that divide the image, the formulas'
+    """Audit the ``top`` tiles ``tucker.model`` ranks first for ``method`` (``"fused"``,
+    ``"three_pass"`` or ``"winograd"``; for ``winograd``, its ``4 * top`` best) at layer ``g``, and, among tiles that divide the image, the formulas'
     best of each (tile, register block, rank block) shape, up to ``3 * top`` of them: the
     formulas undervalue large register blocks on small images (at layer4 the best audited
     core-conv tile, 7x7 with 4x7 outputs per thread, is not among their first ten 7x7
     tiles). Today's pick (``model.AUDITED_PICKS``, often a tile added by hand) is audited
     with them. Returns ``(predicted us, tile)`` pairs, best first: how ``model.AUDITED_PICKS``
     is made."""
-    kernel = "fused" if method == "fused" else "core_conv"
+    kernel = {"fused": "fused", "three_pass": "core_conv", "winograd": "winograd"}[method]
     ranked = [p.config for p in model.rank_configs(g, method, audited=False)]
+    if method == "winograd":  # (no image tiles: the formulas' best, and today's pick)
+        current = model.AUDITED_PICKS.get(model.pick_key(g), {}).get(method)
+        chosen = list(dict.fromkeys(([current] if current is not None else []) + ranked[:4 * top]))
+        rows = []
+        for i, t in enumerate(chosen):
+            print(f"  [{i + 1}/{len(chosen)}] {method} {model._tag(t)}", file=sys.stderr, flush=True)
+            rows.append((model_kernel(g, kernel, t)["predicted_us"], t))
+        return sorted(rows, key=lambda r: r[0])
     fitting = set(model._fitting_tiles(g))
     shapes = {}  # the formulas' best tile of each shape that divides the image
     for t in ranked:
@@ -179,6 +206,8 @@ def main(argv=None) -> int:
     parser.add_argument("--search", type=int, metavar="K",
                         help="instead: audit the hand model's K best tiles per method and shape, and its best "
                              "of each image-dividing shape (up to 3K), and print the best (model.AUDITED_PICKS)")
+    parser.add_argument("--methods", nargs="*", default=["fused", "three_pass", "winograd"],
+                        help="with --search: the methods to search (default: all three)")
     parser.add_argument("--variants", type=int, metavar="N",
                         help="instead: compile each pick N times through NVVM (the same IR; NVVM is not "
                              "deterministic) and print the predicted time of every distinct compile")
@@ -192,7 +221,7 @@ def main(argv=None) -> int:
         suites = bench_op.suites()
         for name in args.shapes or [n for n, s in suites.items() if not s.get("core_only")]:
             g = bench_op.geometry(suites[name])
-            for method in ("fused", "three_pass"):
+            for method in args.methods:
                 rows = search(g, method, args.search)
                 for us, t in rows:
                     print(f"{name} {method}: {us:9.2f} us  {t!r}")
@@ -212,14 +241,15 @@ def main(argv=None) -> int:
     figures = target_figures(args.shapes)
     print(f"Tucker forward, fp32, sm_90: {figures['label']}")
     print(f"{'shape':>12} {'floor us':>8} | {'fused us':>8} {'ratio':>5} {'regs':>4} {'FFMA% (loops)':>22} "
-          f"{'hand us':>7} | {'3-pass us':>9} {'ratio':>5}")
+          f"{'hand us':>7} | {'3-pass us':>9} {'ratio':>5} | {'winograd':>8} {'ratio':>5}")
     for name, r in figures["suites"].items():
         f, t = r.get("fused"), r.get("three_pass")
         ffma = ",".join(f"{k[:5]} {v:.0f}" for k, v in f["ffma_percent"].items()) if f else "-"
         print(f"{name:>12} {r['floor_us']:8.2f} | "
               + (f"{f['predicted_us']:8.2f} {f['ratio']:5.2f} {f['registers']:>4} {ffma:>22} "
                  f"{f['hand_model_us']:7.2f} | " if f else f"{'-':>8} {'-':>5} {'-':>4} {'-':>22} {'-':>7} | ")
-              + (f"{t['predicted_us']:9.2f} {t['ratio']:5.2f}" if t else "-"))
+              + (f"{t['predicted_us']:9.2f} {t['ratio']:5.2f}" if t else f"{'-':>9} {'-':>5}")
+              + (f" | {r['winograd']['predicted_us']:8.2f} {r['winograd']['ratio']:5.2f}" if "winograd" in r else ""))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:

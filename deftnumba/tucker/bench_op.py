@@ -8,7 +8,7 @@ and 32; and two of TDC's artifact *core* shapes, (64->32, 56x56) and (192->160,
 Cout = r_out, and only the core runs; ``cudnn_conv`` is then the same dense 3x3
 conv TDC compares against).
 
-Methods (``methods()``): ours ``fused`` and ``three_pass`` (and ``core_conv`` on
+Methods (``methods()``): ours ``fused``, ``three_pass`` and ``winograd`` (and ``core_conv`` on
 core-only shapes), baselines ``cudnn_conv`` (the dense layer replaced) and
 ``cudnn_tucker`` (the three convolutions through cuDNN), GPU-only.
 
@@ -50,6 +50,7 @@ def methods() -> dict[str, str]:
     return {
         "fused": "ours: one launch, first 1x1 in the input staging, last 1x1 in the epilogue",
         "three_pass": "ours: cuBLAS 1x1 GEMM, our core-conv kernel, cuBLAS 1x1 GEMM",
+        "winograd": "ours: three_pass with a Winograd F(2x2,3x3) core conv (3x3, stride 1, dilation 1)",
         "core_conv": "ours: the core-conv kernel alone (core-only shapes)",
         "cudnn_conv": "baseline: the dense torch conv2d the Tucker layer replaces (GPU only)",
         "cudnn_tucker": "baseline: the same three convolutions through torch/cuDNN (GPU only)",
@@ -111,9 +112,14 @@ def runner(method: str, pass_: str, inputs: dict):
     g: TuckerGeometry = inputs["geometry"]
     core_only = inputs["shape"].get("core_only", False)
     conv = dict(stride=(g.stride_h, g.stride_w), padding=(g.pad_h, g.pad_w), dilation=(g.dil_h, g.dil_w))
-    if method in ("fused", "three_pass", "core_conv"):
+    if method in ("fused", "three_pass", "winograd", "core_conv"):
         if pass_ != "fwd" or core_only != (method == "core_conv"):
             return None
+        if method == "winograd":
+            from .kernels import winograd
+
+            if not winograd.eligible(g):
+                return None
         a = inputs["arrays"]
         if method == "core_conv":
             from .kernels import core_conv
@@ -189,7 +195,7 @@ def predictions(shape: dict, dtype: str = "float32") -> dict[str, float]:
         name = next((k for k, v in suites().items() if v == shape), None)
         recorded = json.loads(AUDIT_PATH.read_text())["suites"].get(name, {})
     out = {}
-    for m in ("fused", "three_pass", "cudnn_conv", "cudnn_tucker"):
+    for m in ("fused", "three_pass", "winograd", "cudnn_conv", "cudnn_tucker"):
         if shape.get("core_only") and m != "cudnn_conv":
             continue
         if m in recorded:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from ..perf.device import H200, DeviceModel
 from . import roofline
 from .geometry import TuckerGeometry
-from .kernels import core_conv, fused
+from .kernels import core_conv, fused, winograd
 
 LABEL = "prediction (static model, no GPU run)"
 
@@ -74,7 +74,19 @@ def instructions(kernel: str, g: TuckerGeometry, config) -> dict[str, float]:
             "last_gemm": t.out_reg * t.reg_px + _loads(t.reg_px, True) + _loads(t.out_reg, True) + 3.0}
 
 
+def _winograd_instructions(g: TuckerGeometry, t) -> dict[str, float]:
+    """Issued instructions per iteration of the Winograd kernel's phases (``winograd.phase_model``),
+    calibrated on its sm_90 SASS at layer4 (session 31): a rank step of 10x8 is 80 FFMA, 5
+    LDS.128 (the 10 ranks in a 12-value slot) and ~7 others; a staged patch ~9.5 a value; a
+    copied core vector ~5; an output pair ~60 (+3 per split added)."""
+    return {"stage_input": 16 * 9.5, "stage_core": 5.0,
+            "multiply": t.reg_oc * t.reg_tile + _loads(t.rank_slot, True) + _loads(t.reg_tile, True) + 7.0,
+            "epilogue": 60.0 + t.exchange_ranks * _loads(t.reg_tile, True) + (12.0 * t.splits if t.splits > 1 else 0.0)}
+
+
 def _barriers(kernel: str, g: TuckerGeometry, t) -> int:
+    if kernel == "winograd":  # two per chunk, two per exchange pass (and two around the counter)
+        return 2 * t.chunks_per_split(g) + 2 * (t.reg_oc // t.exchange_ranks) + (2 if t.splits > 1 else 0)
     if kernel == "core_conv":  # two per chunk (and with rank splits, two around the counter)
         return 2 * t.chunks_per_split(g) + (2 if t.splits > 1 else 0)
     rank_chunks = -(-g.rank_in // t.rank_chunk)
@@ -86,7 +98,11 @@ def _barriers(kernel: str, g: TuckerGeometry, t) -> int:
 
 def _registers(kernel: str, g: TuckerGeometry, t) -> int:
     """Registers per thread, estimated: accumulators + operands + ~30 for addresses and
-    loop state (sm_90 ptxas gave 71-80 for the 8x4 core tile, 48-64 for 4x4)."""
+    loop state (sm_90 ptxas gave 71-80 for the 8x4 core tile, 48-64 for 4x4; the Winograd
+    kernel's 8x8 block, 119-123)."""
+    if kernel == "winograd":
+        live = t.reg_oc * t.reg_tile + t.reg_oc + t.reg_tile + 16
+        return int(min(255, 8 * math.ceil((live + 30) / 8)))
     seg = (t.reg_px - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w + 1
     live = t.reg_oc * t.reg_px + seg + t.reg_oc
     if kernel == "fused":
@@ -132,11 +148,17 @@ def _tag(t) -> str:
 
 def _kernel_time(kernel: str, g: TuckerGeometry, t, device: Device):
     """(issue ms, memory ms, facts) of one launch of our kernel."""
-    mod = core_conv if kernel == "core_conv" else fused
+    mod = {"core_conv": core_conv, "fused": fused, "winograd": winograd}[kernel]
     iters = mod.phase_model(g, t)
-    per_iter = instructions(kernel, g, t)
+    per_iter = _winograd_instructions(g, t) if kernel == "winograd" else instructions(kernel, g, t)
     instr = sum(iters[p] * per_iter[p] for p in iters) + BARRIER_SLOTS * _barriers(kernel, g, t)
-    if kernel == "core_conv":
+    if kernel == "winograd":
+        threads = t.threads
+        gx, gy = t.grid(g)
+        blocks = gx * gy
+        shared = t.shared_bytes(g)
+        ffma = iters["multiply"] * t.reg_oc * t.reg_tile
+    elif kernel == "core_conv":
         threads = t.threads
         tiles, rank_blocks, batch = t.blocks(g)
         blocks = tiles * rank_blocks * batch
@@ -172,7 +194,13 @@ def _kernel_time(kernel: str, g: TuckerGeometry, t, device: Device):
     issue_ms = 1e3 * cycles / device.clock_hz
     # bytes: minimal DRAM traffic + staged re-reads from L2
     s = g.itemsize
-    if kernel == "core_conv":
+    if kernel == "winograd":
+        dram = sum(o.bytes for o in roofline.operators(g, "three_pass")[1:2])
+        p = winograd.POSITIONS
+        l2 = blocks * t.chunks_per_split(g) * t.chunk * (p * t.tiles + p * t.oc_block) * s
+        if t.splits > 1:
+            l2 += 2 * t.splits * g.batch * g.rank_out * g.out_h * g.out_w * s
+    elif kernel == "core_conv":
         dram = sum(o.bytes for o in roofline.operators(g, "three_pass")[1:2])
         rows, cols = t.staged_shape(g)
         l2 = blocks * t.chunks_per_split(g) * t.chunk * (rows * cols + g.taps * t.oc_block) * s
@@ -217,13 +245,15 @@ def predict(g: TuckerGeometry, method: str, config=None, device: Device = H200) 
         ms = max(issue, memory) + device.launch_us / 1e3
         return Prediction("fused", config, ms, issue, memory, 1, f["threads"], f["blocks"], f["per_sm"],
                           f["waves"], f["regs"], f["shared"], f["instr"], f["ffma"])
-    if method == "three_pass":
-        issue, memory, f = _kernel_time("core_conv", g, config, device)
+    if method in ("three_pass", "winograd"):
+        if method == "winograd" and not winograd.eligible(g):
+            raise ValueError("winograd takes 3x3 cores with stride 1 and dilation 1")
+        issue, memory, f = _kernel_time("core_conv" if method == "three_pass" else "winograd", g, config, device)
         first, _, last = roofline.operators(g, "three_pass")
         ms = max(issue, memory) + device.launch_us / 1e3 + _vendor_ms([first, last], device)
-        return Prediction("three_pass", config, ms, issue, memory, 3, f["threads"], f["blocks"], f["per_sm"],
+        return Prediction(method, config, ms, issue, memory, 3, f["threads"], f["blocks"], f["per_sm"],
                           f["waves"], f["regs"], f["shared"], f["instr"], f["ffma"])
-    raise ValueError(f"method must be fused, three_pass, cudnn_conv or cudnn_tucker, got {method!r}")
+    raise ValueError(f"method must be fused, three_pass, winograd, cudnn_conv or cudnn_tucker, got {method!r}")
 
 
 def _fitting_tiles(g: TuckerGeometry) -> tuple:
@@ -278,7 +308,24 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
                                 if t.layout(g).threads >= 32 and fused.fits(t, g):
                                     out.append(t)
         return out
-    raise ValueError(f"method must be fused or three_pass, got {method!r}")
+    if method == "winograd":
+        if not winograd.eligible(g):
+            return out
+        for tb in ((16, 32) if coarse else (8, 16, 32)):
+            for ob, ro in (((32, 8), (16, 4)) if coarse else
+                           ((16, 4), (32, 8), (48, 6), (64, 8), (40, 10), (80, 10), (96, 12))):
+                for cc in ((8,) if coarse else (4, 8)):
+                    for splits in ((1, 2, 4) if coarse else (1, 2, 4, 8)):
+                        if splits > -(-g.rank_in // cc) or ob > 2 * g.rank_out:
+                            continue
+                        try:
+                            t = winograd.WinogradTile(tb, ob, cc, ro, 8, splits)
+                        except ValueError:
+                            continue
+                        if t.shared_bytes(g) <= fused.STATIC_SHARED_LIMIT:
+                            out.append(t)
+        return out
+    raise ValueError(f"method must be fused, three_pass or winograd, got {method!r}")
 
 
 # TDC's ResNet-18 layers at batch 32, made by
@@ -298,40 +345,52 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
 # 64 ranks, 4x7 outputs a thread, 2 splits; layer3: 14x14, 8x7 outputs a thread, 4 splits;
 # layer4: 7x7 tiles of 4-rank chunks, 4x7 outputs a thread, 8 splits: at l4b this tile, tried by
 # hand, beat the search's best) and kept layer1's.
+# Session 31 added `winograd` (the core conv by Winograd's F(2x2, 3x3)): picks from a scan of
+# 2x2-tile counts 8-32, rank blocks of 32-96 (10 or 12 ranks a thread where that divides the
+# layer's ranks), chunks of 4 and 8, 1 or 2 splits, every candidate audited (not the formulas).
 # Keys: (batch, C, r_in, r_out, Cout, kh, kw, sh, sw, ph, pw, dh, dw, dtype); FusedTile(th, tw,
-# rank_chunk, in_chunk, RO, RP, EO, UR, core_chunk) and CoreTile(th, tw, chunk, OCB, RO, RP, splits).
+# rank_chunk, in_chunk, RO, RP, EO, UR, core_chunk), CoreTile(th, tw, chunk, OCB, RO, RP, splits) and
+# WinogradTile(tiles, OB, CC, RO, RT, splits).
 AUDITED_PICKS: dict = {
     (32, 64, 64, 32, 64, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l1a-n32
         'fused': fused.FusedTile(8, 14, 32, 16, 4, 7, 8, 8, 8),
         'three_pass': core_conv.CoreTile(8, 8, 8, 32, 8, 8),
+        'winograd': winograd.WinogradTile(32, 32, 8, 8, 8),
     },
     (32, 64, 32, 32, 64, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l1b-n32
         'fused': fused.FusedTile(8, 14, 32, 16, 4, 7, 8, 8, 8),
         'three_pass': core_conv.CoreTile(8, 8, 8, 32, 8, 8),
+        'winograd': winograd.WinogradTile(32, 32, 8, 8, 8),
     },
     (32, 128, 64, 64, 128, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l2a-n32
         'fused': fused.FusedTile(4, 14, 64, 16, 8, 7, 8, 8, 4),
         'three_pass': core_conv.CoreTile(14, 14, 8, 64, 4, 7, splits=2),
+        'winograd': winograd.WinogradTile(16, 64, 8, 8, 8),
     },
     (32, 128, 96, 64, 128, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l2b-n32
         'fused': fused.FusedTile(4, 28, 32, 16, 8, 7, 8, 8, 4),
         'three_pass': core_conv.CoreTile(14, 14, 8, 64, 4, 7, splits=2),
+        'winograd': winograd.WinogradTile(16, 64, 8, 8, 8),
     },
     (32, 256, 96, 96, 256, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l3a-n32
         'fused': fused.FusedTile(7, 7, 32, 16, 8, 7, 4, 8, 8),
         'three_pass': core_conv.CoreTile(14, 14, 8, 32, 8, 7, splits=4),
+        'winograd': winograd.WinogradTile(8, 96, 4, 12, 8, splits=2),
     },
     (32, 256, 128, 96, 256, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l3b-n32
         'fused': fused.FusedTile(7, 7, 64, 16, 8, 7, 4, 8, 4),
         'three_pass': core_conv.CoreTile(14, 14, 8, 32, 8, 7, splits=4),
+        'winograd': winograd.WinogradTile(8, 96, 4, 12, 8, splits=2),
     },
     (32, 512, 160, 160, 512, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l4a-n32
         'fused': fused.FusedTile(2, 8, 64, 16, 8, 1, 2, 8, 4),
         'three_pass': core_conv.CoreTile(7, 7, 4, 32, 4, 7, splits=8),
+        'winograd': winograd.WinogradTile(16, 40, 8, 10, 8),
     },
     (32, 512, 192, 160, 512, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l4b-n32
         'fused': fused.FusedTile(2, 8, 64, 16, 8, 1, 2, 8, 4),
         'three_pass': core_conv.CoreTile(7, 7, 4, 32, 4, 7, splits=8),
+        'winograd': winograd.WinogradTile(16, 40, 8, 10, 8),
     },
 }
 """``pick_key(g) -> {method: tile}``: the tile the SASS audit ranked first among the hand
@@ -361,10 +420,10 @@ def rank_configs(g: TuckerGeometry, method: str, device: Device = H200, top: int
 
 @functools.lru_cache(maxsize=256)
 def best(g: TuckerGeometry, device: Device = H200) -> tuple[str, object]:
-    """``(method, tile)`` with the lowest predicted time among ``fused`` and ``three_pass``
+    """``(method, tile)`` with the lowest predicted time among ``fused``, ``three_pass`` and ``winograd``
     (coarse tile grid; cached per layer). What ``tucker_conv2d(method="auto")`` runs on a GPU."""
     picks = []
-    for method in ("fused", "three_pass"):
+    for method in ("fused", "three_pass", "winograd"):
         ranked = rank_configs(g, method, device=device, top=1, coarse=True)
         if ranked:
             picks.append(ranked[0])

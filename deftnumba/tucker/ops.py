@@ -9,13 +9,17 @@ Methods (``METHODS``):
   round-trip through device memory. On small images the core conv's tile may
   split its input ranks over several blocks (``CoreTile.splits``), whose sums
   the last block to finish adds in split order: still a fixed order.
+* ``winograd``: ``three_pass`` with the core conv by Winograd's F(2x2, 3x3)
+  (``kernels/winograd.py``): 2.25x fewer multiplies in the core, for 3x3 cores with
+  stride 1 and dilation 1 only (any padding, batch and ranks); other layers raise
+  ``ValueError``. Its splits meet in a fixed order, as ``three_pass``'s.
 * ``fused``: one launch (``kernels/fused.py``): the first 1x1 is computed while
   staging the core convolution's input tile in shared memory, the last 1x1 (and
   the bias) in its epilogue; only the input and the output touch device memory.
 
-Both reduce every output in a fixed order (no atomics): results are
-bit-identical run to run. ``groups > 1`` applies to the core convolution; both
-methods run it as a dense block-diagonal core (zeros between groups), which
+All reduce every output in a fixed order (no atomics): results are
+bit-identical run to run. ``groups > 1`` applies to the core convolution; every
+method runs it as a dense block-diagonal core (zeros between groups), which
 costs ``groups`` times the core's FLOPs (the reference and the roofline count
 the grouped work).
 """
@@ -26,10 +30,10 @@ import numpy as np
 
 from ..runtime import backend
 from .geometry import check_tucker
-from .kernels import core_conv, fused
+from .kernels import core_conv, fused, winograd
 from .reference import dense_core
 
-METHODS: tuple[str, ...] = ("three_pass", "fused")
+METHODS: tuple[str, ...] = ("three_pass", "fused", "winograd")
 
 
 def _empty(xp, shape, dtype):
@@ -61,7 +65,7 @@ def tucker_conv2d(input, first, core, last, bias=None, stride=1, padding=0, dila
     ``deftnumba.deform_conv2d``: CuPy in gives CuPy out on the ``cuda`` backend.
 
     method: ``"auto"`` or one of ``METHODS``; config: an optional tile for the method
-    (``core_conv.CoreTile`` or ``fused.FusedTile``); stopwatch: optional
+    (``core_conv.CoreTile``, ``fused.FusedTile`` or ``winograd.WinogradTile``); stopwatch: optional
     ``backend.Stopwatch``. Returns ``[N, Cout, Ho, Wo]``.
     """
     g = check_tucker(input, first, core, last, bias, stride, padding, dilation, groups)
@@ -69,9 +73,14 @@ def tucker_conv2d(input, first, core, last, bias=None, stride=1, padding=0, dila
         if config is None:
             method, config = pick_method(g)
         else:
-            method = "fused" if isinstance(config, fused.FusedTile) else "three_pass"
+            method = ("fused" if isinstance(config, fused.FusedTile)
+                      else "winograd" if isinstance(config, winograd.WinogradTile) else "three_pass")
     if method not in METHODS:
         raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
+    if method == "winograd" and not winograd.eligible(g):
+        raise ValueError("method='winograd' takes a 3x3 core with stride 1 and dilation 1, got "
+                         f"{g.kernel_h}x{g.kernel_w}, stride ({g.stride_h}, {g.stride_w}), dilation "
+                         f"({g.dil_h}, {g.dil_w}): use method='three_pass' or 'fused'")
     stopwatch = stopwatch or backend.NO_STOPWATCH
     host_result = not backend.is_cupy_array(input)
     xp = backend.array_module(input)
@@ -84,8 +93,8 @@ def tucker_conv2d(input, first, core, last, bias=None, stride=1, padding=0, dila
         k = xp.asarray(dense_core(backend.to_host(k), g.groups))
     b = backend.to_device(bias) if bias is not None else None
     out = _empty(xp, g.shapes["output"], dtype)
-    if method == "three_pass":
-        _three_pass(g, x, f, k, l, b, out, config, xp, stopwatch)
+    if method in ("three_pass", "winograd"):
+        _three_pass(g, x, f, k, l, b, out, config, xp, stopwatch, method)
     else:
         cfg = config if config is not None else fused.default_config(g)
         if cfg is not None and not isinstance(cfg, fused.FusedTile):
@@ -98,12 +107,15 @@ def tucker_conv2d(input, first, core, last, bias=None, stride=1, padding=0, dila
     return backend.to_host(out) if host_result and not backend.IS_SIMULATOR else out
 
 
-def _three_pass(g, x, f, k, l, b, out, config, xp, stopwatch) -> None:
+def _three_pass(g, x, f, k, l, b, out, config, xp, stopwatch, method="three_pass") -> None:
     dtype = np.dtype(g.dtype)
     n = g.batch
-    cfg = config if config is not None else default_core_tile(g)
-    if not isinstance(cfg, core_conv.CoreTile):
-        raise TypeError(f"config for three_pass must be a CoreTile, got {type(cfg).__name__}")
+    kernel = winograd if method == "winograd" else core_conv
+    tile_type = winograd.WinogradTile if method == "winograd" else core_conv.CoreTile
+    cfg = config if config is not None else (default_winograd_tile(g) if method == "winograd"
+                                             else default_core_tile(g))
+    if not isinstance(cfg, tile_type):
+        raise TypeError(f"config for {method} must be a {tile_type.__name__}, got {type(cfg).__name__}")
     hidden_in = _empty(xp, g.shapes["hidden_in"], dtype)
     hidden_out = _empty(xp, g.shapes["hidden_out"], dtype)
     with stopwatch.section("first 1x1 (GEMM)"):
@@ -111,8 +123,8 @@ def _three_pass(g, x, f, k, l, b, out, config, xp, stopwatch) -> None:
         xp.matmul(f, x.reshape(n, g.in_channels, g.height * g.width),
                   out=hidden_in.reshape(n, g.rank_in, g.height * g.width))
     with stopwatch.section("core conv"):
-        packed = core_conv.pack_core(k, cfg, xp)
-        core_conv.launch(g, cfg, hidden_in.reshape(-1), packed, hidden_out.reshape(-1))
+        packed = kernel.pack_core(k, cfg, xp)
+        kernel.launch(g, cfg, hidden_in.reshape(-1), packed, hidden_out.reshape(-1))
     with stopwatch.section("last 1x1 (GEMM)"):
         p = g.out_h * g.out_w
         xp.matmul(l, hidden_out.reshape(n, g.rank_out, p), out=out.reshape(n, g.out_channels, p))
@@ -128,3 +140,19 @@ def default_core_tile(g) -> core_conv.CoreTile:
     t = core_conv.GPU_TILE
     ocb = min(t.oc_block, -(-g.rank_out // t.reg_oc) * t.reg_oc)
     return core_conv.CoreTile(t.tile_h, t.tile_w, t.chunk, ocb, t.reg_oc, t.reg_px)
+
+
+def default_winograd_tile(g) -> winograd.WinogradTile:
+    """The Winograd core conv's tile: the audit's pick for the suite layers
+    (``tucker.model.AUDITED_PICKS``), else ``GPU_TILE`` with rank splits while a split keeps
+    a chunk, on the GPU; the small ``SIMULATOR_TILE`` in the simulator."""
+    if backend.IS_SIMULATOR:
+        return winograd.SIMULATOR_TILE
+    from . import model
+
+    pick = model.AUDITED_PICKS.get(model.pick_key(g), {}).get("winograd")
+    if pick is not None:
+        return pick
+    t = winograd.GPU_TILE
+    chunks = -(-g.rank_in // t.chunk)
+    return winograd.WinogradTile(t.tiles, t.oc_block, t.chunk, t.reg_oc, t.reg_tile, min(t.splits, chunks))

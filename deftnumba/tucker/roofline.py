@@ -7,9 +7,10 @@ outputs once; an FMA is 2 FLOPs; the bias add is 1 FLOP per output.
 Methods (``MODELS``):
 
 * ``cudnn_conv``: the dense convolution the Tucker layer replaces (weight ``[Cout, C, kh, kw]``);
-* ``cudnn_tucker`` and ``three_pass``: three operators, first 1x1, core, last 1x1
+* ``cudnn_tucker``, ``three_pass`` and ``winograd``: three operators, first 1x1, core, last 1x1
   (+bias); the intermediates ``hidden_in [N, r_in, H, W]`` and ``hidden_out
-  [N, r_out, Ho, Wo]`` are written and read back;
+  [N, r_out, Ho, Wo]`` are written and read back (``winograd``'s core does 2.25x fewer
+  multiplies than the direct convolution counted here: the floor stays the layer's);
 * ``fused``: one operator: input and factors read once, output written once.
 
 Passes: ``fwd``; ``bwd`` (our layers' backward is torch's: the three convolutions
@@ -23,7 +24,7 @@ from __future__ import annotations
 from ..perf.roofline import Operator
 from .geometry import TuckerGeometry
 
-MODELS = ("cudnn_conv", "cudnn_tucker", "three_pass", "fused")
+MODELS = ("cudnn_conv", "cudnn_tucker", "three_pass", "winograd", "fused")
 PASSES = ("fwd", "bwd", "fwdbwd")
 
 
@@ -90,7 +91,7 @@ def operators(g: TuckerGeometry, method: str = "fused", pass_: str = "fwd") -> l
     if method == "cudnn_conv":
         return [_dense(g)]
     three = _three(g)
-    if method in ("cudnn_tucker", "three_pass"):
+    if method in ("cudnn_tucker", "three_pass", "winograd"):
         return three
     s = g.itemsize
     factors = sum(o.bytes_read for o in three) - s * (g.batch * g.in_channels * g.height * g.width

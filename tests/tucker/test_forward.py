@@ -5,7 +5,7 @@ import pytest
 
 from deftnumba.runtime import backend
 from deftnumba.tucker import METHODS, ops, reconstruct, tucker_conv2d
-from deftnumba.tucker.kernels import core_conv, fused
+from deftnumba.tucker.kernels import core_conv, fused, winograd
 from deftnumba.tucker.reference import conv2d, tucker_conv2d_reference
 
 # (N, C, H, W, r_in, r_out, Cout, kh, kw, stride, padding, dilation, groups)
@@ -49,17 +49,25 @@ def poisoned(poison_allocations):
     poison_allocations(ops)
 
 
+WINOGRAD_CASES = ("3x3-pad1", "groups2")  # 3x3 cores, stride 1, dilation 1: what F(2x2, 3x3) takes
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(rng, poisoned, method, name):
     args, kw = make(rng, CASES[name])
+    if method == "winograd" and name not in WINOGRAD_CASES:
+        with pytest.raises(ValueError, match=r"method='winograd' takes a 3x3 core with stride 1 and dilation 1"):
+            tucker_conv2d(*args, **kw, method=method)
+        return
     out = tucker_conv2d(*args, **kw, method=method)
     check_close(out, args, kw, np.float32)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_float64_no_bias(rng, poisoned, method):
-    args, kw = make(rng, CASES["stride2-dil-nonsquare"], np.float64, bias=False)
+    name = "3x3-pad1" if method == "winograd" else "stride2-dil-nonsquare"
+    args, kw = make(rng, CASES[name], np.float64, bias=False)
     out = tucker_conv2d(*args, **kw, method=method)
     check_close(out, args, kw, np.float64)
 
@@ -122,7 +130,7 @@ def test_deterministic(rng, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_bounds_checked(rng, method):
     """Every index inside the kernels stays in bounds; no shared/local value is read unwritten."""
-    args, kw = make(rng, CASES["stride2-dil-nonsquare"])
+    args, kw = make(rng, CASES["groups2" if method == "winograd" else "stride2-dil-nonsquare"])
     with backend.bounds_checked():
         out = tucker_conv2d(*args, **kw, method=method)
     check_close(out, args, kw, np.float32)
@@ -190,7 +198,8 @@ def test_model_best_names_a_method_and_tile():
 
     method, tile = model.best(TuckerGeometry(32, 128, 28, 28, 128, 64, 64, 3, 3, 1, 1, 1, 1))
     assert method in METHODS
-    assert isinstance(tile, fused.FusedTile if method == "fused" else core_conv.CoreTile)
+    kind = {"fused": fused.FusedTile, "three_pass": core_conv.CoreTile, "winograd": winograd.WinogradTile}
+    assert isinstance(tile, kind[method])
 
 
 def test_image_dividing_tiles_with_seven_pixel_rows(rng, poisoned):

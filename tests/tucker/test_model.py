@@ -7,7 +7,7 @@ import pytest
 
 from deftnumba.tucker import bench_op, model, ranks, roofline
 from deftnumba.tucker.geometry import TuckerGeometry
-from deftnumba.tucker.kernels import core_conv, fused
+from deftnumba.tucker.kernels import core_conv, fused, winograd
 
 L1 = TuckerGeometry(32, 64, 56, 56, 64, 64, 32, 3, 3, 1, 1, 1, 1, has_bias=True)
 
@@ -37,7 +37,8 @@ def test_phase_models_cover_the_marked_phases():
     import inspect
     import re
 
-    for mod, cfg in ((core_conv, core_conv.GPU_TILE), (fused, fused.GPU_CANDIDATES[0])):
+    for mod, cfg in ((core_conv, core_conv.GPU_TILE), (fused, fused.GPU_CANDIDATES[0]),
+                     (winograd, winograd.GPU_TILE)):
         marked = set(re.findall(r"# phase: (\w+)", inspect.getsource(mod).split("def phase_model")[0]))
         marked -= {"NAME"}
         body_marked = set(re.findall(r"^\s+# phase: (\w+)$", inspect.getsource(mod), re.M))
@@ -49,7 +50,8 @@ def test_sass_iterations_cover_the_phases():
     """The SASS audit's iteration counts name every marked phase (and the prologue), each as
     (passes through the innermost loop, runs of the rest), and the normalised steps name
     looped phases only."""
-    for mod, cfg in ((core_conv, core_conv.GPU_TILE), (fused, fused.GPU_CANDIDATES[0])):
+    for mod, cfg in ((core_conv, core_conv.GPU_TILE), (fused, fused.GPU_CANDIDATES[0]),
+                     (winograd, winograd.GPU_TILE)):
         its = mod.sass_iterations(L1, cfg)
         assert set(its) == set(mod.phase_model(L1, cfg)) | {"prologue"}, mod.__name__
         assert all(len(v) == 2 and v[0] >= 0 and v[1] >= 1 for v in its.values())
@@ -89,6 +91,7 @@ def test_bench_predictions_prefer_the_recorded_audit():
         preds = bench_op.predictions(suites[name])
         assert preds["fused"] == pytest.approx(r["fused"]["predicted_us"] / 1e3)
         assert preds["three_pass"] == pytest.approx(r["three_pass"]["predicted_us"] / 1e3)
+        assert preds["winograd"] == pytest.approx(r["winograd"]["predicted_us"] / 1e3)
         assert preds["cudnn_conv"] == pytest.approx(model.predict(bench_op.geometry(suites[name]), "cudnn_conv").ms)
     assert bench_op.predictions(suites["r18-l1a-n32"], "float64")["fused"] == pytest.approx(
         model.predict(bench_op.geometry(suites["r18-l1a-n32"], "float64"), "fused").ms)
@@ -118,7 +121,7 @@ def test_instruction_model_matches_recorded_sass():
 
 def test_bench_op_protocol():
     assert bench_op.name == "tucker"
-    assert {"fused", "three_pass", "cudnn_conv", "cudnn_tucker"} <= set(bench_op.methods())
+    assert {"fused", "three_pass", "winograd", "cudnn_conv", "cudnn_tucker"} <= set(bench_op.methods())
     suites = bench_op.suites()
     assert "r18-l1a-n1" in suites and "r18-l4b-n32" in suites
     assert suites["core-64-32-56-n1"]["core_only"] and suites["core-192-160-7-n1"]["rank_in"] == 192
@@ -126,7 +129,7 @@ def test_bench_op_protocol():
         ops = bench_op.operators(shape, "cudnn_conv", "fwd")
         assert ops and ops[0].flops > 0
     preds = bench_op.predictions(suites["r18-l2a-n32"])
-    assert set(preds) == {"fused", "three_pass", "cudnn_conv", "cudnn_tucker"}
+    assert set(preds) == {"fused", "three_pass", "winograd", "cudnn_conv", "cudnn_tucker"}
 
 
 def test_bench_op_runs_tiny_shape_in_simulator():

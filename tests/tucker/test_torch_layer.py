@@ -22,9 +22,10 @@ def test_from_conv_full_rank_equals_conv(rng, method):
     torch.testing.assert_close(layer.weight, conv.weight, rtol=1e-9, atol=1e-9)
 
 
-def test_kernels_match_torch_convs(rng):
+@pytest.mark.parametrize("method", ["fused", "winograd"])
+def test_kernels_match_torch_convs(rng, method):
     seeded(rng)
-    layer = TuckerConv2d(5, 6, 3, ranks=(2, 3), padding=1, groups=1, method="fused")
+    layer = TuckerConv2d(5, 6, 3, ranks=(2, 3), padding=1, groups=1, method=method)
     x = torch.randn(1, 5, 5, 4)
     y = layer(x)
     layer.method = "torch"
