@@ -29,6 +29,10 @@ loads see that block's earlier stores, and the SM's L1 holds no stale copy of th
 weight kernel's fixed-order reduction (``backward_fused.weight_grad_kernel``) waits on it.
 In the simulator, which runs one block at a time, it is a plain load.
 
+``arrives_last(counters, counter, arrivals)`` is the hand-off of a fixed-order reduction over
+blocks: each block counts itself once its stores are released, and the last to arrive (and
+only it) goes on to add everyone's partial sums in a fixed order.
+
 ``keep_if(value, mask)`` is ``value`` where the unsigned ``mask`` (of the value's width) is
 all ones and an exact ``+0`` where it is zero: a bitwise AND, one ``LOP3``, where
 ``value if flag else 0`` cost a compare and a select at every use once the predicate
@@ -36,6 +40,8 @@ registers ran out. (Multiplying by 0 is no substitute: ``inf * 0`` is NaN.)
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from . import backend
 from .addresses import handle_arguments, pointer_at
@@ -152,3 +158,20 @@ else:
             return builder.call(load, [pointer])
 
         return signature, codegen
+
+
+@cuda.jit(device=True, inline=True)
+def arrives_last(counters, counter, arrivals):
+    """For one thread of a block whose threads have all stored their share (a barrier after
+    each thread's ``cuda.threadfence()``): publish the block's stores and count it in
+    ``counters[counter]`` (a ``uint32`` array, zeroed before the launch); ``True`` in the block
+    that arrives last of ``arrivals`` (uint32). The fence after the barrier releases the
+    whole block's stores before the count; the last block's acquire load then makes every
+    other block's stores visible to it (and leaves no stale copy in its SM's L1). The value
+    it reads is always ``arrivals``. Nobody waits: whichever block is last carries on, the
+    others return. (The rank splits of ``tucker.kernels.core_conv`` and ``winograd``.)"""
+    cuda.threadfence()  # (release, after the barrier) the whole block's stores before the count
+    last = False
+    if cuda.atomic.add(counters, counter, np.uint32(1)) == np.uint32(arrivals - np.uint32(1)):
+        last = load_acquire(counters, counter) == arrivals
+    return last

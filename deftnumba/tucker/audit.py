@@ -101,10 +101,21 @@ def floor_us(g, method: str = "fused") -> float:
     return 1e3 * sum(floor_ms_of(o.flops, o.bytes, dtype=str(g.dtype)) for o in roofline.operators(g, method))
 
 
+def _between_gemms(g, core: dict, floor: float) -> dict:
+    """A core-conv kernel's row plus the two 1x1 GEMMs at the vendor rate ``tucker.model``
+    assumes (labelled ``gemms_us_assumed``), and the sum's ratio to ``floor``. (For the
+    Winograd core the floor's FLOPs stay the direct convolution's: it multiplies 2.25x fewer.)"""
+    first, _, last = roofline.operators(g, "three_pass")
+    gemms_us = 1e3 * model._vendor_ms([first, last], model.H200)
+    return {"core_conv": core, "gemms_us_assumed": gemms_us, "predicted_us": core["predicted_us"] + gemms_us,
+            "ratio": (core["predicted_us"] + gemms_us) / floor}
+
+
 def model_layer(g) -> dict:
-    """Both our methods at ``tucker.model``'s picked tiles: ``fused`` (one kernel) and
-    ``three_pass`` (our core conv audited, plus the two GEMMs at the assumed vendor rate);
-    each with its predicted time and its ratio to the fused (minimal-bytes) floor."""
+    """Our methods at ``tucker.model``'s picked tiles: ``fused`` (one kernel), ``three_pass``
+    and ``winograd`` (our direct or Winograd core conv audited, plus the two GEMMs at the
+    assumed vendor rate); each with its predicted time and its ratio to the fused
+    (minimal-bytes) floor."""
     floor = floor_us(g, "fused")
     out = {"floor_us": floor}
     fused_pick = model.rank_configs(g, "fused", top=1)
@@ -113,23 +124,10 @@ def model_layer(g) -> dict:
         r["hand_model_us"] = 1e3 * fused_pick[0].ms
         r["ratio"] = r["predicted_us"] / floor
         out["fused"] = r
-    core_pick = model.rank_configs(g, "three_pass", top=1)
-    if core_pick:
-        r = model_kernel(g, "core_conv", core_pick[0].config)
-        first, _, last = roofline.operators(g, "three_pass")
-        gemms_us = 1e3 * model._vendor_ms([first, last], model.H200)
-        out["three_pass"] = {"core_conv": r, "gemms_us_assumed": gemms_us,
-                             "predicted_us": r["predicted_us"] + gemms_us,
-                             "ratio": (r["predicted_us"] + gemms_us) / floor}
-    wino_pick = model.rank_configs(g, "winograd", top=1)
-    if wino_pick:
-        r = model_kernel(g, "winograd", wino_pick[0].config)
-        first, _, last = roofline.operators(g, "three_pass")
-        gemms_us = 1e3 * model._vendor_ms([first, last], model.H200)
-        # (the floor counts the direct convolution's FLOPs; this core does 2.25x fewer multiplies)
-        out["winograd"] = {"core_conv": r, "gemms_us_assumed": gemms_us,
-                           "predicted_us": r["predicted_us"] + gemms_us,
-                           "ratio": (r["predicted_us"] + gemms_us) / floor}
+    for method, kernel in (("three_pass", "core_conv"), ("winograd", "winograd")):
+        pick = model.rank_configs(g, method, top=1)
+        if pick:
+            out[method] = _between_gemms(g, model_kernel(g, kernel, pick[0].config), floor)
     return out
 
 

@@ -77,7 +77,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...runtime.addresses import element_address, read_at
-from ...runtime.atomics import load_acquire
+from ...runtime.atomics import arrives_last
 from ...runtime.backend import cuda
 from ...runtime.tiles import RegisterBlockedTile, staged_extent
 from ...runtime.vector import load_vector, slice_vector_width, vector_width
@@ -369,12 +369,8 @@ def core_conv_kernel(dtype, rank_in, rank_out, kernel_h, kernel_w, stride_h, str
                 counter = U(tile + U(uint32(cuda.gridDim.x) // U(SPLITS)
                                      * U(rank_block + U(uint32(cuda.blockIdx.z) * uint32(cuda.gridDim.y)))))
                 last[0] = U(0)
-                cuda.threadfence()  # (release, after the barrier) the whole block's sums before the count
-                if cuda.atomic.add(counters, counter, U(1)) == U(SPLITS - 1):
-                    # (acquire) the other splits' sums are visible, and no stale copy is in L1;
-                    # the value read is always S here
-                    if load_acquire(counters, counter) == U(SPLITS):
-                        last[0] = U(1)
+                if arrives_last(counters, counter, U(SPLITS)):  # (release, count, acquire: runtime.atomics)
+                    last[0] = U(1)
             cuda.syncthreads()  # every thread reads whether its block is the last
             if last[0] == U(0):
                 return

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...runtime.addresses import element_address, read_at
-from ...runtime.atomics import load_acquire
+from ...runtime.atomics import arrives_last
 from ...runtime.backend import cuda
 from ...runtime.vector import load_vector, slice_vector_width, vector_width
 
@@ -232,6 +232,17 @@ def winograd_kernel(dtype, rank_in, rank_out, pad_h, pad_w, config: WinogradTile
     CORE_REPS = -(-CORE_SLICE // (THREADS * VW))     # vector copies per thread (the last may be partial)
     COPY_UNROLL = copy_unroll(CORE_REPS)
     CORE_EXACT = CORE_SLICE % (THREADS * VW) == 0
+
+    @cuda.jit(device=True, inline=True)
+    def store_tile(target, at, out_w, row2, col2, y00, y01, y10, y11):
+        # a 2x2 output tile at target[at]: its second column and row where the image has them
+        target[at] = y00
+        if col2:
+            target[at + np.uint64(1)] = y01
+        if row2:
+            target[at + np.uint64(out_w)] = y10
+            if col2:
+                target[at + np.uint64(U(out_w + U(1)))] = y11
 
     @cuda.jit(device=True, inline=True)
     def add_splits(partials, out, at, out_size):
@@ -448,23 +459,12 @@ def winograd_kernel(dtype, rank_in, rank_out, pad_h, pad_w, config: WinogradTile
                     s13 = d[7] - d[11] - d[15]
                     if tile_ok and U(U(rank_block * u_OB) + o) < u_R_OUT:
                         at = image_out + np.uint64(U(U(U(U(rank_block * u_OB) + o) * plane_out) + pixel))
-                        if S > 1:
-                            at = at + mine
-                            partials[at] = s00 + s01 + s02
-                            if col2:
-                                partials[at + np.uint64(1)] = s01 - s02 - s03
-                            if row2:
-                                partials[at + np.uint64(out_w_u)] = s10 + s11 + s12
-                                if col2:
-                                    partials[at + np.uint64(U(out_w_u + U(1)))] = s11 - s12 - s13
+                        if S > 1:  # this split's sums, for the last split to add
+                            store_tile(partials, at + mine, out_w_u, row2, col2, s00 + s01 + s02,
+                                       s01 - s02 - s03, s10 + s11 + s12, s11 - s12 - s13)
                         else:
-                            out[at] = s00 + s01 + s02
-                            if col2:
-                                out[at + np.uint64(1)] = s01 - s02 - s03
-                            if row2:
-                                out[at + np.uint64(out_w_u)] = s10 + s11 + s12
-                                if col2:
-                                    out[at + np.uint64(U(out_w_u + U(1)))] = s11 - s12 - s13
+                            store_tile(out, at, out_w_u, row2, col2, s00 + s01 + s02,
+                                       s01 - s02 - s03, s10 + s11 + s12, s11 - s12 - s13)
             cuda.syncthreads()  # the transform is done reading M before the next pass overwrites it
 
         if S > 1:
@@ -474,11 +474,8 @@ def winograd_kernel(dtype, rank_in, rank_out, pad_h, pad_w, config: WinogradTile
             if tid == U(0):
                 counter = U(tile_block + U(U(U(cuda.gridDim.x) // U(S)) * rank_block))
                 last[0] = U(0)
-                cuda.threadfence()  # (release, after the barrier) the whole block's sums before the count
-                if cuda.atomic.add(counters, counter, U(1)) == U(S - 1):
-                    # (acquire) the other splits' sums are visible, no stale copy in L1; always S here
-                    if load_acquire(counters, counter) == U(S):
-                        last[0] = U(1)
+                if arrives_last(counters, counter, U(S)):  # (release, count, acquire: runtime.atomics)
+                    last[0] = U(1)
             cuda.syncthreads()  # every thread reads whether its block is the last
             if last[0] == U(0):
                 return
