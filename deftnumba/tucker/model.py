@@ -77,10 +77,10 @@ def instructions(kernel: str, g: TuckerGeometry, config) -> dict[str, float]:
 def _winograd_instructions(g: TuckerGeometry, t) -> dict[str, float]:
     """Issued instructions per iteration of the Winograd kernel's phases (``winograd.phase_model``),
     calibrated on its sm_90 SASS at layer4 (session 31): a rank step of 10x8 is 80 FFMA, 5
-    LDS.128 (the 10 ranks in a 12-value slot) and ~7 others; a staged patch ~9.5 a value; a
-    copied core vector ~5; an output pair ~60 (+3 per split added)."""
+    LDS.128 (the 10 ranks in a 12-value slot) and ~2 others (four ranks a loop trip); a staged
+    patch ~9.5 a value; a copied core vector ~5; an output pair ~60 (+3 per split added)."""
     return {"stage_input": 16 * 9.5, "stage_core": 5.0,
-            "multiply": t.reg_oc * t.reg_tile + _loads(t.rank_slot, True) + _loads(t.reg_tile, True) + 7.0,
+            "multiply": t.reg_oc * t.reg_tile + _loads(t.rank_slot, True) + _loads(t.reg_tile, True) + 2.0,
             "epilogue": 60.0 + t.exchange_ranks * _loads(t.reg_tile, True) + (12.0 * t.splits if t.splits > 1 else 0.0)}
 
 

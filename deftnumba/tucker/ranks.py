@@ -92,13 +92,14 @@ def _tiles(method: str, half: TuckerGeometry, device) -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def _predicted_ms(g: TuckerGeometry, device) -> float:
-    """Predicted ms of the better of ``fused`` and ``three_pass`` at these ranks, over a
-    few tiles: the model's top 3 (coarse grid) for the layer at half ranks."""
+    """Predicted ms of the best of ``fused``, ``three_pass`` and (3x3 cores at stride 1)
+    ``winograd`` at these ranks, over a few tiles: the model's top 3 (coarse grid) for the
+    layer at half ranks."""
     half = replace(g, rank_out=max(1, g.out_channels // 2), rank_in=max(1, g.in_channels // 2))
     best = math.inf
-    for method in ("fused", "three_pass"):
+    for method in ("fused", "three_pass", "winograd"):
         for t in _tiles(method, half, device):
-            if method == "three_pass" or model.fused.fits(t, g):
+            if method != "fused" or model.fused.fits(t, g):
                 best = min(best, model.predict(g, method, t, device).ms)
     return best
 
