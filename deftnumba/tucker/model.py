@@ -29,6 +29,7 @@ how far the model's pick trails the measured best.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -58,7 +59,12 @@ def instructions(kernel: str, g: TuckerGeometry, config) -> dict[str, float]:
     calibrated formulas; see the module docstring)."""
     t = config
     seg = (t.reg_px - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w + 1
-    row_loads = _loads(seg, g.stride_w == 1 and g.dil_w == 1)
+    if kernel == "core_conv":
+        row_loads = _loads(seg, g.stride_w == 1 and g.dil_w == 1)
+    else:  # the fused kernel's row segments load as vectors only where they start 16-byte
+        # aligned (fused.hidden_rows), and so do a thread's first-1x1 positions
+        lay = t.layout(g)
+        row_loads = _loads(seg, lay.pitch % 4 == 0 and lay.segment % 4 == 0)
     step = g.kernel_w * t.reg_oc * t.reg_px + row_loads + g.kernel_w * _loads(t.reg_oc, True) + 3.5
     common = {"stage_input": 12.0, "stage_core": 10.0, "multiply": step}
     if kernel == "core_conv":
@@ -66,12 +72,13 @@ def instructions(kernel: str, g: TuckerGeometry, config) -> dict[str, float]:
     lay = t.layout(g)
     return {**common,
             "stage_first": 10.0,
-            "first_gemm": lay.first_reg * lay.first_pos + _loads(lay.first_pos, True)
+            "first_gemm": lay.first_reg * lay.first_pos + _loads(lay.first_pos, lay.first_pos % 4 == 0)
             + _loads(lay.first_reg, True) + 3.0,
             "store_hidden": 3.0,
             "store_core": 2.0,
             "stage_last": 10.0,
-            "last_gemm": t.out_reg * t.reg_px + _loads(t.reg_px, True) + _loads(t.out_reg, True) + 3.0}
+            "last_gemm": t.out_reg * t.reg_px + _loads(t.reg_px, t.reg_px % 4 == 0 and (t.tile_h * t.tile_w) % 4 == 0)
+            + _loads(t.out_reg, True) + 3.0}
 
 
 def _winograd_instructions(g: TuckerGeometry, t) -> dict[str, float]:
@@ -143,7 +150,9 @@ def _tag(t) -> str:
     if t is None:
         return "-"
     # (a core-conv tile without rank splits keeps the tag it had before splits existed)
-    return "/".join(f"{k}={v}" for k, v in vars(t).items() if not (k == "splits" and v == 1))
+    # (and a fused tile without row slots keeps the tag it had before row_slots existed)
+    return "/".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in vars(t).items()
+                    if not (k == "splits" and v == 1) and not (k == "row_slots" and not v))
 
 
 def _kernel_time(kernel: str, g: TuckerGeometry, t, device: Device):
@@ -296,7 +305,7 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
         if not coarse:
             tiles += _fitting_tiles(g)
         for th, tw in tiles:
-            for rp in ((2, 4) if coarse else (1, 2, 4, 7)):
+            for rp in ((2, 4) if coarse else (1, 2, 4, 7, 8)):
                 if tw % rp:
                     continue
                 for ro in ((4, 8) if coarse else (2, 4, 8)):
@@ -307,6 +316,12 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
                                 t = fused.FusedTile(th, tw, cr, cx, ro, rp, eo, 8 if cr >= 16 else 4, ck)
                                 if t.layout(g).threads >= 32 and fused.fits(t, g):
                                     out.append(t)
+                                # the same with each thread's hidden row segment in an aligned
+                                # slot, where that changes the layout (fused.hidden_rows)
+                                slotted = dataclasses.replace(t, row_slots=True)
+                                if (not coarse and slotted.layout(g).segment != rp * g.stride_w
+                                        and slotted.layout(g).threads >= 32 and fused.fits(slotted, g)):
+                                    out.append(slotted)
         return out
     if method == "winograd":
         if not winograd.eligible(g):
@@ -348,22 +363,27 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
 # Session 31 added `winograd` (the core conv by Winograd's F(2x2, 3x3)): picks from a scan of
 # 2x2-tile counts 8-32, rank blocks of 32-96 (10 or 12 ranks a thread where that divides the
 # layer's ranks), chunks of 4 and 8, 1 or 2 splits, every candidate audited (not the formulas).
+# Session 32 aligned the fused kernel's hidden row segments (fused.hidden_rows): layer1's picks
+# from `--search 6 --methods fused` (l1a: 8x8 tiles of 8-pixel rows) and from slotted variants of
+# the old pick tried by hand (l1b: 8 input channels a chunk make room for the slots); layer2's
+# search moved l2a to 4 ranks a thread (70.47 -> 70.16 µs) and kept l2b; slotted variants of the
+# layer2-3 picks tried by hand did not fit or were slower; layers 3-4 were not searched again.
 # Keys: (batch, C, r_in, r_out, Cout, kh, kw, sh, sw, ph, pw, dh, dw, dtype); FusedTile(th, tw,
 # rank_chunk, in_chunk, RO, RP, EO, UR, core_chunk), CoreTile(th, tw, chunk, OCB, RO, RP, splits) and
 # WinogradTile(tiles, OB, CC, RO, RT, splits).
 AUDITED_PICKS: dict = {
     (32, 64, 64, 32, 64, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l1a-n32
-        'fused': fused.FusedTile(8, 14, 32, 16, 4, 7, 8, 8, 8),
+        'fused': fused.FusedTile(8, 8, 64, 16, 4, 8, 8, 8, 4),  # 8-pixel rows, padded to 12 floats
         'three_pass': core_conv.CoreTile(8, 8, 8, 32, 8, 8),
         'winograd': winograd.WinogradTile(32, 32, 8, 8, 8),
     },
     (32, 64, 32, 32, 64, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l1b-n32
-        'fused': fused.FusedTile(8, 14, 32, 16, 4, 7, 8, 8, 8),
+        'fused': fused.FusedTile(8, 14, 32, 8, 4, 7, 8, 8, 8, row_slots=True),
         'three_pass': core_conv.CoreTile(8, 8, 8, 32, 8, 8),
         'winograd': winograd.WinogradTile(32, 32, 8, 8, 8),
     },
     (32, 128, 64, 64, 128, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l2a-n32
-        'fused': fused.FusedTile(4, 14, 64, 16, 8, 7, 8, 8, 4),
+        'fused': fused.FusedTile(4, 14, 64, 16, 4, 7, 8, 8, 4),
         'three_pass': core_conv.CoreTile(14, 14, 8, 64, 4, 7, splits=2),
         'winograd': winograd.WinogradTile(16, 64, 8, 8, 8),
     },

@@ -219,6 +219,40 @@ def test_image_dividing_tiles_with_seven_pixel_rows(rng, poisoned):
     check_close(out, args, kw, np.float32)
 
 
+@pytest.mark.parametrize("case, tile_w, reg_px, slots", [
+    ((2, 5, 5, 11, 5, 6, 4, 3, 3, 1, 1, 1, 1), 8, 8, False),      # rows of 10 padded to 12
+    ((1, 4, 6, 9, 3, 5, 3, 3, 3, 1, 1, 1, 1), 4, 4, False),       # 6 -> 8, a partial last tile
+    ((1, 3, 9, 13, 4, 3, 5, 3, 2, (2, 2), 1, (1, 2), 1), 4, 2, False),  # stride 2: 2 * 2 = 4; 9 -> 12
+    ((2, 4, 5, 16, 5, 6, 3, 3, 3, 1, 1, 1, 1), 14, 7, True),      # 2 segments of 9 in 12-float slots
+    ((1, 3, 7, 11, 4, 5, 3, 3, 3, 1, 1, 1, 1), 6, 3, True),       # SEG 5 in 8; a partial last tile
+    ((1, 3, 6, 9, 3, 4, 4, 3, 3, (1, 2), 1, (1, 2), 1), 6, 3, True),  # stride 2, dil 2: SEG 9 in 12, STEP 6
+])
+def test_hidden_rows_padded_for_aligned_row_segments(rng, poisoned, case, tile_w, reg_px, slots):
+    """The fused kernel lays ``staged_hidden``'s rows out so that each thread's row segment
+    starts 16-byte aligned (``fused.hidden_rows``): rows padded to a multiple of 4 floats where
+    ``RP * SW`` is one, otherwise each segment in its own slot, the columns neighbouring
+    segments share stored in each. The first 1x1 keeps the dense region and ``store_hidden``
+    maps each position to its place(s). Bounds-checked, with partial tiles and rank chunks,
+    against the reference (a position stored at its dense index, a shared column stored in one
+    slot only, or a segment read from the dense row, fails)."""
+    from types import SimpleNamespace
+
+    args, kw = make(rng, case)
+    tile = fused.FusedTile(tile_h=2, tile_w=tile_w, rank_chunk=4, in_chunk=2, reg_oc=2, reg_px=reg_px, out_reg=2,
+                           first_reg=2, core_chunk=2, row_slots=slots)
+    n, c, h, w, ri, ro, co, kh, kwid, s, p, d, gr = case
+    sw = s[1] if isinstance(s, tuple) else s
+    dw = d[1] if isinstance(d, tuple) else d
+    g = SimpleNamespace(rank_out=ro, stride_h=s[0] if isinstance(s, tuple) else s, stride_w=sw, kernel_h=kh,
+                        kernel_w=kwid, dil_h=d[0] if isinstance(d, tuple) else d, dil_w=dw, taps=kh * kwid)
+    lay = tile.layout(g)
+    assert lay.pitch % 4 == 0 and lay.segment % 4 == 0 and lay.pitch > lay.cols
+    assert (lay.segment != reg_px * sw) == slots
+    with backend.bounds_checked():
+        out = tucker_conv2d(*args, **kw, method="fused", config=tile)
+    check_close(out, args, kw, np.float32)
+
+
 def test_input_staged_by_channel_lanes(rng, poisoned):
     """A block with at least twice as many threads as staged positions splits each channel
     chunk over lanes (``fused.input_staging``: layer4's 2x8 tile stages 40 positions with 320

@@ -42,7 +42,10 @@ FFMA_TARGET = 85.0
 # --variants 40); CI drew the slower one and failed the 2.61 pin. That pin now covers both
 # (2.640 + 0.8%); every other pick gave one PTX in 40 compiles. l2a's three_pass meets the
 # target (1.499): the offsets of the staged positions and the tile count in 32 bits.)
-FUSED_RATIO = {"r18-l1a-n32": 1.58, "r18-l1b-n32": 1.54, "r18-l2a-n32": 1.79, "r18-l2b-n32": 1.80,
+# Session 32: the fused kernel's hidden row segments start 16-byte aligned (fused.hidden_rows);
+# layer1's fused picks meet the target (l1a 1.454, l1b 1.485). In 6 NVVM compiles of each, l1b
+# gave one PTX and l1a one 0.2% faster compile besides (before store_hidden's last rewrite).
+FUSED_RATIO = {"r18-l2a-n32": 1.77, "r18-l2b-n32": 1.80,
                "r18-l3a-n32": 2.66, "r18-l3b-n32": 2.75, "r18-l4a-n32": 5.03, "r18-l4b-n32": 4.34}
 THREE_PASS_RATIO = {"r18-l3a-n32": 1.80, "r18-l3b-n32": 1.74, "r18-l4a-n32": 1.97, "r18-l4b-n32": 1.91}
 FFMA_MISSED = {("r18-l4a-n32", "fused"): 69, ("r18-l4b-n32", "fused"): 69}

@@ -92,7 +92,9 @@ class FusedTile:
     per thread in the first 1x1 (UR; falls back to rank_chunk when it does not fit);
     core_chunk: input ranks of core weights staged at a time (divides rank_chunk; 0 =
     all of it): a large rank_chunk feeds the first 1x1 a big GEMM while the staged
-    core slice stays small.
+    core slice stays small; row_slots: where RP * SW is not a multiple of 4, each
+    thread's row segment of the hidden tile in its own 16-byte-aligned slot
+    (``hidden_rows``: more shared memory, vector loads in the multiply).
     threads = ceil(r_out / RO) * (TH*TW / RP): the layer's r_out sets the block size.
     """
 
@@ -105,6 +107,7 @@ class FusedTile:
     out_reg: int = 2
     first_reg: int = 2
     core_chunk: int = 0  # 0: the whole rank chunk
+    row_slots: bool = False  # each thread's row segment of staged_hidden in its own slot (hidden_rows)
 
     @property
     def core_ranks(self) -> int:
@@ -143,6 +146,9 @@ class FusedLayout:
     out_block: int       # OB = oc_threads * EO
     offsets: dict        # float offsets of the shared buffers
     shared_floats: int
+    pitch: int           # floats per staged_hidden row (hidden_rows)
+    segment: int         # floats from one thread's row segment to the next in a row (hidden_rows)
+    hidden_region: int   # floats per staged_hidden rank: SH * pitch, rounded up to 4
 
     @classmethod
     def of(cls, t: FusedTile, g) -> "FusedLayout":
@@ -159,13 +165,16 @@ class FusedLayout:
         pos_threads = threads // rank_threads
         uq = -(-region // pos_threads)
         region_padded = pos_threads * uq
+        pitch, segment = hidden_rows(t, g, cols)
+        hidden_region = _round4(rows * pitch) if pitch != cols else region
         ranks_padded = oc_threads * t.reg_oc
         out_block = oc_threads * t.out_reg
         pixels = t.tile_h * t.tile_w
         staging = {}
         at = 0
         for name, size in (("x", t.in_chunk * region_padded), ("first", t.in_chunk * t.rank_chunk),
-                           ("hidden", t.rank_chunk * region), ("core", t.core_ranks * g.taps * ranks_padded)):
+                           ("hidden", t.rank_chunk * hidden_region),
+                           ("core", t.core_ranks * g.taps * ranks_padded)):
             staging[name] = at
             at += _round4(size)
         epilogue_at = 0
@@ -173,10 +182,35 @@ class FusedLayout:
             staging[name] = epilogue_at
             epilogue_at += _round4(size)
         return cls(threads, oc_threads, ranks_padded, px_threads, rows, cols, region, ur, rank_threads,
-                   pos_threads, uq, region_padded, out_block, staging, max(at, epilogue_at))
+                   pos_threads, uq, region_padded, out_block, staging, max(at, epilogue_at), pitch,
+                   segment, hidden_region)
 
     def shared_bytes(self, g) -> int:
         return self.shared_floats * g.itemsize
+
+
+def hidden_rows(t: FusedTile, g, cols: int) -> tuple[int, int]:
+    """``(pitch, segment)``: floats per row of ``staged_hidden``, and from one thread's row
+    segment to the next. In the core conv a thread reads ``SEG`` consecutive values of a row
+    from column ``v * RP * SW``; they load as 128-bit vectors only if that start is 16-byte
+    aligned. Three layouts (the staged input and the first 1x1 keep the dense ``SH * SW``
+    region; only ``store_hidden`` and the multiply see these):
+
+    * ``RP * SW`` a multiple of 4: rows padded to a multiple of 4 floats (``pitch``), segments
+      ``RP * SW`` apart as in the dense row (``RP = 8``: LDS.128, LDS.128, LDS.64 instead of
+      10 scalar LDS);
+    * otherwise, with ``row_slots`` and where a segment holds at least 4 values: each of a row's ``TW / RP`` segments
+      in its own slot of ``SEG`` rounded up to 4 floats, the columns two segments share stored
+      in both (``RP = 7``, 3x3: 9 values in 12-float slots, LDS.128, LDS.128, LDS instead of 9
+      LDS; a 14-wide tile's rows take 24 floats, not 16);
+    * else the dense row (``pitch = SW``)."""
+    step = t.reg_px * g.stride_w
+    seg = (t.reg_px - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w + 1
+    if step % 4 == 0:
+        return _round4(cols), step
+    if t.row_slots and seg >= 4:
+        return (t.tile_w // t.reg_px) * _round4(seg), _round4(seg)
+    return cols, step
 
 
 def input_staging(lay: FusedLayout, in_chunk: int) -> tuple[int, int, int]:
@@ -285,9 +319,15 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
     KH, KW, K = kernel_h, kernel_w, kernel_h * kernel_w
     SH, SW, DH, DW = stride_h, stride_w, dil_h, dil_w
     COLS, REGION, REGION_P = lay.cols, lay.region, lay.region_padded
+    PITCH, HREGION = lay.pitch, lay.hidden_region  # staged_hidden's row and rank strides
+    SEGMENT = lay.segment                          # from one thread's row segment to the next
+    PADDED_ROWS = PITCH != COLS
+    STEP = RP * SW                                 # segments' first columns in the dense row
+    SLOTS = SEGMENT != STEP                        # each segment in its own slot (hidden_rows)
     P = TH * TW
     ROP, OB = lay.ranks_padded, lay.out_block
     SEG = (RP - 1) * SW + (KW - 1) * DW + 1
+    SHARED_BY = -(-SEG // STEP)                    # at most this many segments hold a column
     X_OFF, F_OFF, H_OFF, K_OFF = (lay.offsets[k] for k in ("x", "first", "hidden", "core"))
     V_OFF, L_OFF = lay.offsets["core_out"], lay.offsets["last"]
     SMEM = lay.shared_floats
@@ -297,13 +337,15 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
     u_THREADS = U(lay.threads)
     u_F_SLICE, u_K_SLICE, u_L_SLICE = U(CX * CR), U(CK * K * ROP), U(ROP * OB)
     u_REGION, u_REGION_P, u_COLS = U(REGION), U(REGION_P), U(COLS)
+    u_PITCH, u_HREGION, u_SEGMENT, u_STEP, u_SEG = U(PITCH), U(HREGION), U(SEGMENT), U(STEP), U(SEG)
+    LAST_SEGMENT = TW // RP - 1
     u_PX_T, u_ROW_T, u_TW, u_TH, u_RP, u_RO, u_EO = (U(lay.px_threads), U(TW // RP), U(TW), U(TH), U(RP),
                                                     U(RO), U(EO))
     u_SH, u_SW, u_CX, u_CR, u_UR, u_UQ = U(SH), U(SW), U(CX), U(CR), U(UR), U(UQ)
     u_Q_T = U(lay.first_pos_threads)
     u_C, u_COUT, u_OB, u_P = U(in_channels), U(out_channels), U(OB), U(P)
     u_RANK_CHUNKS, u_IN_CHUNKS, u_OUT_BLOCKS = U(RANK_CHUNKS), U(IN_CHUNKS), U(OUT_BLOCKS)
-    u_KH, u_ROW_STEP, u_KW_ROP, u_ROP = U(KH), U(DH * COLS), U(KW * ROP), U(ROP)
+    u_KH, u_ROW_STEP, u_KW_ROP, u_ROP = U(KH), U(DH * PITCH), U(KW * ROP), U(ROP)
     PAD_H, PAD_W = np.int32(pad_h), np.int32(pad_w)
     C_IN, C_OUT = in_channels, out_channels
     C_FULL = in_channels % CX == 0  # every channel chunk is whole: no channel test in the staging
@@ -367,7 +409,11 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
         px_t = tid - oc_t * u_PX_T
         u_row = px_t // u_ROW_T
         v0 = (px_t - u_row * u_ROW_T) * u_RP
-        window = u_row * u_SH * u_COLS + v0 * u_SW
+        # (a multiple of 4 where the rows are padded or slotted: hidden_rows)
+        if SLOTS:
+            window = u_row * u_SH * u_PITCH + (px_t - u_row * u_ROW_T) * u_SEGMENT
+        else:
+            window = u_row * u_SH * u_PITCH + v0 * u_SW
         core_base = oc_t * u_RO
         # first-1x1 ownership: UR ranks x UQ region positions
         r_t = tid // u_Q_T
@@ -473,11 +519,40 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                 in_chunk += U(1)
 
             # phase: store_hidden
-            for i in range(UR):
-                h0 = uint32(H_OFF) + (r_t * u_UR + uint32(i)) * u_REGION + q0
+            # (region position q0 + j is row (q0 + j) // SW, column (q0 + j) % SW of the tile's
+            # hidden rows, PITCH floats apart: hidden_rows)
+            if SLOTS or PADDED_ROWS:
+                h_rank = uint32(H_OFF) + r_t * u_UR * u_HREGION
                 for j in range(UQ):
-                    if q0 + uint32(j) < u_REGION:
-                        smem[h0 + uint32(j)] = first_acc[i * UQ + j]
+                    q = U(q0 + U(j))
+                    if q < u_REGION:
+                        q_row = q // u_COLS
+                        col = U(q - U(q_row * u_COLS))
+                        h_row = U(h_rank + U(q_row * u_PITCH))
+                        if SLOTS:
+                            # column c goes to the slot of every segment s holding it (s * STEP
+                            # <= c < s * STEP + SEG): the last segment starting at or before c
+                            # and up to SHARED_BY - 1 before it
+                            s_hi = col // u_STEP
+                            if s_hi > U(LAST_SEGMENT):
+                                s_hi = U(LAST_SEGMENT)
+                            for k in range(SHARED_BY):
+                                if U(k) <= s_hi:
+                                    s_k = U(s_hi - U(k))
+                                    within = U(col - U(s_k * u_STEP))
+                                    if within < u_SEG:
+                                        h_at = U(h_row + U(U(s_k * u_SEGMENT) + within))
+                                        for i in range(UR):  # (a 64-bit base: ranks at immediate offsets)
+                                            smem[np.uint64(h_at) + np.uint64(i * HREGION)] = first_acc[i * UQ + j]
+                        else:
+                            for i in range(UR):
+                                smem[np.uint64(U(h_row + col)) + np.uint64(i * HREGION)] = first_acc[i * UQ + j]
+            else:
+                for i in range(UR):
+                    h0 = uint32(H_OFF) + (r_t * u_UR + uint32(i)) * u_REGION + q0
+                    for j in range(UQ):
+                        if q0 + uint32(j) < u_REGION:
+                            smem[h0 + uint32(j)] = first_acc[i * UQ + j]
             x_channel = uint32(H_OFF) + window  # staged_hidden index of (cr, ky=0) for this thread
             sub = U(0)
             while sub < u_SUBS:  # the rank chunk's core weights, CK ranks at a time
@@ -520,7 +595,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                         x_ptr += u_ROW_STEP
                         w_ptr += u_KW_ROP
                         ky += U(1)
-                    x_channel += u_REGION
+                    x_channel += u_HREGION
                     if TWO_RANKS:  # the next rank in the same trip (the trip's overhead paid once)
                         x_ptr = x_channel
                         ky = U(0)
@@ -537,7 +612,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                             x_ptr += u_ROW_STEP
                             w_ptr += u_KW_ROP
                             ky += U(1)
-                        x_channel += u_REGION
+                        x_channel += u_HREGION
                     cr += U(RANKS_PER_TRIP)
                 sub += U(1)
                 if sub < u_SUBS:
