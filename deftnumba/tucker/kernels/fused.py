@@ -25,7 +25,8 @@ across blocks and the result is deterministic)::
             barrier
             # phase: first_gemm   first_acc += staged_first^T staged_x
             barrier
-        # phase: store_hidden     staged_hidden [CR, SH*SW] <- first_acc
+        # phase: store_hidden     staged_hidden [CR, SH rows] <- first_acc (rows padded or
+        #                         slotted so each thread's row segment is aligned: hidden_rows)
         for each sub-chunk of CK of those ranks:
             # phase: stage_core   staged_core [CK*K, r_out]
             barrier
