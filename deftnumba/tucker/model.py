@@ -61,15 +61,16 @@ def instructions(kernel: str, g: TuckerGeometry, config) -> dict[str, float]:
     seg = (t.reg_px - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w + 1
     if kernel == "core_conv":
         row_loads = _loads(seg, g.stride_w == 1 and g.dil_w == 1)
-    else:  # the fused kernel's row segments load as vectors only where they start 16-byte
-        # aligned (fused.hidden_rows), and so do a thread's first-1x1 positions
+    else:
+        # the fused kernel's loads are vectors only where they start 16-byte aligned: a row
+        # segment (fused.hidden_rows), a thread's first-1x1 positions, its last-1x1 pixels
         lay = t.layout(g)
         row_loads = _loads(seg, lay.pitch % 4 == 0 and lay.segment % 4 == 0)
     step = g.kernel_w * t.reg_oc * t.reg_px + row_loads + g.kernel_w * _loads(t.reg_oc, True) + 3.5
     common = {"stage_input": 12.0, "stage_core": 10.0, "multiply": step}
     if kernel == "core_conv":
         return {**common, "epilogue": 6.0}
-    lay = t.layout(g)
+    pixels_aligned = t.reg_px % 4 == 0 and (t.tile_h * t.tile_w) % 4 == 0
     return {**common,
             "stage_first": 10.0,
             "first_gemm": lay.first_reg * lay.first_pos + _loads(lay.first_pos, lay.first_pos % 4 == 0)
@@ -77,8 +78,7 @@ def instructions(kernel: str, g: TuckerGeometry, config) -> dict[str, float]:
             "store_hidden": 3.0,
             "store_core": 2.0,
             "stage_last": 10.0,
-            "last_gemm": t.out_reg * t.reg_px + _loads(t.reg_px, t.reg_px % 4 == 0 and (t.tile_h * t.tile_w) % 4 == 0)
-            + _loads(t.out_reg, True) + 3.0}
+            "last_gemm": t.out_reg * t.reg_px + _loads(t.reg_px, pixels_aligned) + _loads(t.out_reg, True) + 3.0}
 
 
 def _winograd_instructions(g: TuckerGeometry, t) -> dict[str, float]:

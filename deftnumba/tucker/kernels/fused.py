@@ -200,10 +200,10 @@ def hidden_rows(t: FusedTile, g, cols: int) -> tuple[int, int]:
     * ``RP * SW`` a multiple of 4: rows padded to a multiple of 4 floats (``pitch``), segments
       ``RP * SW`` apart as in the dense row (``RP = 8``: LDS.128, LDS.128, LDS.64 instead of
       10 scalar LDS);
-    * otherwise, with ``row_slots`` and where a segment holds at least 4 values: each of a row's ``TW / RP`` segments
-      in its own slot of ``SEG`` rounded up to 4 floats, the columns two segments share stored
-      in both (``RP = 7``, 3x3: 9 values in 12-float slots, LDS.128, LDS.128, LDS instead of 9
-      LDS; a 14-wide tile's rows take 24 floats, not 16);
+    * otherwise, with ``row_slots`` and where a segment holds at least 4 values: each of a
+      row's ``TW / RP`` segments in its own slot of ``SEG`` rounded up to 4 floats, the columns
+      two segments share stored in both (``RP = 7``, 3x3: 9 values in 12-float slots, LDS.128,
+      LDS.128, LDS instead of 9 LDS; a 14-wide tile's rows take 24 floats, not 16);
     * else the dense row (``pitch = SW``)."""
     step = t.reg_px * g.stride_w
     seg = (t.reg_px - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w + 1
