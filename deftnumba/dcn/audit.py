@@ -233,7 +233,8 @@ def fused_backward_launches(g, config=None, deterministic: bool = False) -> list
     launches = [
         Launch(f"{prefix}.input_grad", bf, bf.input_grad_kernel(g.dtype, *shape, config, g.has_mask, not deterministic,
                                                                     config.regular(g), bf.planes(g),
-                                                                    config.weights_by_vector(g)),
+                                                                    config.weights_by_vector(g),
+                                                                    config.grad_out_by_vector(g)),
                (flat, flat, flat, flat, flat, flat, flat, flat, flat, conv, dims),
                config.tiles(g) * (g.in_channels // span) * g.batch, config.input_threads(k), config,
                operator="fused backward", extra={"phases": input_phases, "out_of_tile_phases": ("scatter_outside",)})]

@@ -4,6 +4,8 @@ bounds-checked runs, which kernels launch, run-to-run determinism under a shuffl
 order (and that the atomic path does vary under it), ``red_add`` in the simulator, and the
 extra-memory figure."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -57,6 +59,11 @@ CONFIGS = {
     # 4 rank-1 updates twice (backward_fused._column_gemm_trip), as GPU_CONFIG's does
     "twice-tile2x2": BackwardTileConfig(tile_h=2, tile_w=2, halo=1, chunk=4, out_block=8, reg_rows=4, reg_px=4,
                                         w_out_block=4, w_reg_out=2, w_reg_cols=2),
+    # GPU_CONFIG's ownerships (6x4 column-gradient, 4x3 weight-gradient accumulators) on 6
+    # threads: 12 table points a thread (the rolled point loops), grad_out staged by vector
+    # where a tile row and an output row are whole vectors (stride-pad-dil-pairs: 4 columns)
+    "gpu-ownership": BackwardTileConfig(tile_h=2, tile_w=4, halo=1, chunk=2, out_block=4, reg_rows=6, reg_px=4,
+                                        w_out_block=4, w_reg_out=2, w_reg_cols=3, wg_reg_out=4, wg_reg_cols=3),
 }
 
 
@@ -74,6 +81,28 @@ def test_configs_and_splits_match_reference(name, config, deterministic, rng):
     go = grad_out_for(g, rng)
     grads = direct(g, go, arrays, deterministic=deterministic, plan=cfg, splits=3)
     check_against_reference(g, go, arrays, grads)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_grad_out_staged_by_vector(deterministic, rng):
+    """Where a tile row and an output row are whole 16-byte vectors (``grad_out_by_vector``),
+    the input kernel stages ``grad_out`` by vector: here from a caller's ``grad_output`` that
+    starts 4 bytes past a 16-byte boundary (the launcher copies it to an aligned one; the
+    simulator's ``load_vector`` rejects a misaligned index), under bounds checks, with
+    edge tiles whose vectors lie past the image."""
+    g = CASES["stride-pad-dil-pairs"]
+    cfg = CONFIGS["gpu-ownership"]
+    assert cfg.grad_out_by_vector(g) and g.out_w % cfg.tile_w == 0 and g.out_h % cfg.tile_h == 0
+    wide = dataclasses.replace(cfg, tile_w=8)  # half of every tile past the image
+    assert wide.grad_out_by_vector(g) and g.out_w < wide.tile_w
+    arrays = layer_arrays(g, rng)
+    go = grad_out_for(g, rng)
+    shifted = np.empty(go.size + 1, dtype=go.dtype)[1:].reshape(go.shape)  # 4 bytes past the start
+    shifted[...] = go
+    for config in (cfg, wide):
+        with backend.bounds_checked():
+            grads = direct(g, shifted, arrays, deterministic=deterministic, plan=config, splits=2)
+        check_against_reference(g, go, arrays, grads)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

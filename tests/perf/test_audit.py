@@ -28,15 +28,24 @@ HALF_KERNEL_KINDS = ("im2col.positions[", "im2col.columns[", "fused_columns.fuse
 """Every DCN kernel kind a forward or backward method launches, as the registry names it."""
 
 
+LOCAL_BY_DESIGN = ("backward_fused.input_grad[",)
+"""Kernels whose local memory is deliberate: the fused backward's input kernel keeps each owned
+point's four corner sums ``S_q`` in a local array, read and written once per point and channel
+chunk (one ``LDL.128``, one ``STL.128``) by a point loop that stays rolled (backward_fused's
+``sums``): unrolled, 6 points a thread at 96 threads would cost 6x the loop's code."""
+
+
 def test_every_dcn_kernel_kind_compiles_in_both_half_dtypes(reports):
     """float16 and bfloat16 (storage in half, float32 arithmetic: runtime.precision): every DCN
-    kernel kind, forward and backward, is compiled for sm_90, without local memory."""
+    kernel kind, forward and backward, is compiled for sm_90, without local memory (but for
+    ``LOCAL_BY_DESIGN``)."""
     for dtype in ("float16", "bfloat16"):
         half = [r for r in reports if r["dtype"] == dtype]
         names = {r["kernel"] for r in half}
         missing = [kind for kind in HALF_KERNEL_KINDS if not any(n.startswith(kind) for n in names)]
         assert not missing, (dtype, missing, sorted(names))
-        assert not [r["kernel"] for r in half if r["uses_local_memory"]], dtype
+        assert not [r["kernel"] for r in half if r["uses_local_memory"]
+                    and not r["kernel"].startswith(LOCAL_BY_DESIGN)], dtype
 
 
 def test_float32_and_half_kernels_have_no_float64_instructions(reports):

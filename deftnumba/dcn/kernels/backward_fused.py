@@ -92,11 +92,12 @@ from ...runtime.addresses import element_address, offset_address, read_at
 from ...runtime.tiles import staged_extent
 from ...runtime.vector import load_vector, vector_aligned, vector_width
 from ...runtime.backend import cuda
-from ...runtime.atomics import keep_if, load_acquire, red_add, red_add_at
+from ...runtime.atomics import keep_if, load_acquire, red_add_at
 from .sampling import conv_tuple, sampling_functions
 
 GRID_YZ_LIMIT = 65535
 OUTSIDE = -(1 << 20)  # table marker: the point samples outside the band (no value, no gradient)
+NOT_STAGED = -1  # table marker (input kernel): a corner of the point lies outside the staged region
 
 
 @dataclass(frozen=True)
@@ -163,13 +164,24 @@ class BackwardTileConfig:
         """Whether the input kernel stages its weight slabs ``[out_block, CC*K]`` in 16-byte
         vectors: every chunk and output step full (``regular``), a slab row (``CC*K``) and a
         weight row (``Cg*K``) whole vectors, so each vector starts 16-byte aligned (the
-        launcher passes an aligned weight array, ``runtime.vector.vector_aligned``), and one
-        row of vectors per pass fits the block."""
+        launcher passes an aligned weight array, ``runtime.vector.vector_aligned``), and the
+        block has a thread for every slab row (each stages one)."""
         g = geometry
         k, vw = g.taps, vector_width(precision.compute_dtype(g.dtype))
         ck = self.rows(k)
         return (self.regular(g) and ck % vw == 0 and (g.in_channels // g.groups) * k % vw == 0
-                and self.input_threads(k) >= ck // vw)
+                and self.input_threads(k) >= self.out_block)
+
+    def grad_out_by_vector(self, geometry) -> bool:
+        """Whether the input kernel stages ``grad_out`` in 16-byte vectors of pixels: stored in
+        the compute dtype (float32, float64), a tile row and an output row whole vectors (so a
+        vector never straddles the image's edge, and starts 16-byte aligned: the launcher
+        passes an aligned ``grad_out``), and a thread for every vector of a staged row."""
+        g = geometry
+        dtype = precision.compute_dtype(g.dtype)
+        vw = vector_width(dtype)
+        return (np.dtype(g.dtype) == dtype and self.tile_w % vw == 0 and g.out_w % vw == 0
+                and self.input_threads(g.taps) >= self.pixels // vw)
 
     def pixel_vector(self) -> int:
         """Pixels per shared load of the fused weight-gradient GEMM (4: ``LDS.128``)."""
@@ -215,11 +227,14 @@ class BackwardTileConfig:
 
 
 SIMULATOR_CONFIG = BackwardTileConfig()  # 16 threads per block in the input kernel for K = 9
-GPU_CONFIG = BackwardTileConfig(tile_h=8, tile_w=8, halo=3, chunk=4, out_block=32, reg_rows=4, reg_px=4,
-                                w_out_block=64, w_reg_out=8, w_reg_cols=4, wg_reg_out=2, wg_reg_cols=4)
-"""``deft64`` (3x3): input kernel 144 threads of 4x4 (and 2x4) accumulators, 44.6 KB shared;
-weight kernel 72 threads of 8x4 accumulators, 47.0 KB. (Weight-kernel ownerships of 4x4 and
-8x2 for 144 threads were tried: their GEMM loops fall to 75% and 72% FFMA in SASS.)
+GPU_CONFIG = BackwardTileConfig(tile_h=8, tile_w=8, halo=3, chunk=4, out_block=32, reg_rows=6, reg_px=4,
+                                w_out_block=64, w_reg_out=8, w_reg_cols=4, wg_reg_out=4, wg_reg_cols=3)
+"""``deft64`` (3x3): input kernel 96 threads (3 whole warps) of 6x4 (and 4x3) accumulators,
+44.6 KB shared; weight kernel 72 threads of 8x4 accumulators, 47.0 KB. (Until session 33
+the input kernel had 144 threads of 4x4 and 2x4: 4.5 warps, so a sixth of its fifth warp's
+issue slots were empty in every phase. 192 threads of 3x4 fit 80 registers but their
+GEMM loops fell to 71-79% FFMA. Weight-kernel ownerships of 4x4 and 8x2 for 144 threads
+were tried: their GEMM loops fall to 75% and 72% FFMA in SASS.)
 
 The halo of 3 keeps a sample's corners in the staged region for all but ~0.02% of samples
 under N(0,1) offsets (3% with a halo of 1), so a warp rarely takes the scatter's out-of-tile
@@ -257,7 +272,7 @@ def default_config(geometry) -> BackwardTileConfig:
     """``SIMULATOR_CONFIG`` in the simulator; on a GPU ``GPU_CONFIG`` shrunk (tile, then
     chunk) until both kernels fit 48 KB of static shared memory and the ownership divides."""
     k = geometry.taps
-    candidates = [SIMULATOR_CONFIG] if backend.IS_SIMULATOR else []
+    candidates = [SIMULATOR_CONFIG] if backend.IS_SIMULATOR else [GPU_CONFIG]
     for th, tw in ((8, 8), (4, 8), (4, 4), (2, 4), (2, 2), (1, 1)):
         for chunk in (4, 2, 1):
             for rr in (4, 2, 1):
@@ -296,11 +311,26 @@ def planes(geometry) -> tuple[int, int]:
     return g.height * g.width, g.out_h * g.out_w
 
 
-def _steps(trips: int, products: int) -> int:
-    """Rank-1 updates per trip of a GEMM loop: enough for ~64 FFMA per trip (the loop's
-    counter, branch and address updates then cost < 15% of its issue slots), dividing ``trips``."""
-    want = max(1, 64 // products)
+def _steps(trips: int, products: int, ffma: int = 64) -> int:
+    """Rank-1 updates per trip of a GEMM loop: enough for ~``ffma`` FFMA per trip (at 64 the
+    loop's counter, branch and address updates cost < 15% of its issue slots), dividing ``trips``."""
+    want = max(1, ffma // products)
     return max(s for s in range(1, want + 1) if trips % s == 0)
+
+
+def _staging_rows(threads: int, per_row: int, rows: int) -> int:
+    """Rows of a ``[rows, per_row]`` staging per pass of the block, one item per thread: as many
+    as the threads hold, rounded down to a divisor of ``rows`` (every thread then stages the
+    same count, with no bounds test per row); 0 when one row does not fit."""
+    fit = threads // per_row
+    return max((d for d in range(1, fit + 1) if rows % d == 0), default=0)
+
+
+WG_TRIP_FFMA = 192
+"""FFMA per trip of the fused weight-gradient GEMM's pixel loop, halved (``_steps``): 4x3
+accumulators at 32 pixels a trip (384 FFMA, 56 ``LDS.128``), 86% FFMA in its SASS at
+``deft64`` (85% at 16 pixels, 83% at 8). (The column-gradient GEMM stays at ~64 FFMA per
+source loop: at 96 LLVM kept the loop rolled.)"""
 
 
 def _column_gemm_trip(out_block: int, products: int) -> tuple[int, int]:
@@ -335,7 +365,7 @@ def _column_gemm_trip(out_block: int, products: int) -> tuple[int, int]:
 @functools.cache
 def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w, config: BackwardTileConfig,
                       use_mask: bool, atomic: bool, regular: bool, planes: tuple[int, int],
-                      weights_by_vector: bool = False):
+                      weights_by_vector: bool = False, grad_out_by_vector: bool = False):
     """Kernel ``(input, offset, mask, weight, grad_out, grad_input, grad_weight, grad_offset,
     grad_mask, conv, dims)`` on ``(tiles, C // channel_span, images)`` blocks of
     ``config.input_threads(K)``.
@@ -355,7 +385,9 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     into the instructions' immediate offsets: at ``deft64`` a RED costs 3 instructions, not 5
     (a 64-bit add per channel), and the predicted pass 0.158 ms, not 0.167.
     ``weights_by_vector`` (``config.weights_by_vector(geometry)``, with a 16-byte aligned
-    ``weight``) stages the weight slabs by ``LDG.128``/``STS.128``.
+    ``weight``) stages the weight slabs by ``LDG.128``; ``grad_out_by_vector``
+    (``config.grad_out_by_vector(geometry)``, with a 16-byte aligned ``grad_out``) stages
+    ``grad_out`` by ``LDG.128``/``STS.128``.
     """
     PLANE, OUT_PLANE = planes
     fns = sampling_functions(dtype)
@@ -401,20 +433,29 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     REGULAR = regular  # every chunk full and every output step full (config.regular): no bounds tests
     STEPS_A, TRIP_A = _column_gemm_trip(OGB, RR * RP)
     TWICE_A = TRIP_A != STEPS_A  # the trip's two runs of STEPS_A updates
-    # pixels per trip of the weight-gradient GEMM: ~128 FFMA per trip (its trip overhead, two
-    # address LEAs, two adds, compare and branch, is then under 5% of its issue slots)
-    PX_TRIP = VW * _steps(P // VW, max(1, (WRO * WRK * VW) // 2))
-    GO_ROWS = THREADS // P  # grad_out staging: rows per pass when every thread owns one pixel ...
-    GO_FAST = GO_ROWS >= 1  # ... (else the generic element loop)
+    # pixels per trip of the weight-gradient GEMM: ~2 * WG_TRIP_FFMA FFMA per trip (its trip
+    # overhead, two address LEAs, two adds, compare and branch, is then under 5% of its slots)
+    PX_TRIP = VW * _steps(P // VW, max(1, (WRO * WRK * VW) // 2), WG_TRIP_FFMA)
+    # grad_out staging: each thread owns one pixel (GO_VECTOR: one 16-byte vector of GV pixels in
+    # a tile row) of GO_ROWS rows per pass (GO_FAST; else the generic element loop)
+    GV = vector_width(DT)
+    GO_VECTOR = grad_out_by_vector and TW % GV == 0 and P // GV <= THREADS
+    GO_SPAN = GV if GO_VECTOR else 1  # pixels a thread stages per row
+    GO_ROWS = _staging_rows(THREADS, P // GO_SPAN, OGB)
+    GO_FAST = GO_ROWS >= 1
     GO_REPS = -(-OGB // GO_ROWS) if GO_FAST else 0  # rows per thread and staged step
-    W_ROWS = THREADS // CK  # weight staging likewise: one column per thread, W_ROWS rows per pass
-    W_FAST = W_ROWS >= 1
-    W_REPS = -(-OGB // W_ROWS) if W_FAST else 0  # rows per thread and output step
+    # weight slab staging, transposed: staged_weight[ck * OGB + o], so that the column-gradient
+    # GEMM reads a row's weights of consecutive output steps as one vector (LDS.128). A thread
+    # stages one output row o (consecutive threads consecutive o: its stores hit distinct
+    # banks), every W_CKS-th column (W_VECTOR: every W_CKS-th 16-byte vector of columns)
+    W_CKS = THREADS // OGB
+    W_FAST = W_CKS >= 1
+    W_REPS = -(-CK // W_CKS) if W_FAST else 0  # columns per thread and output step
     WV = vector_width(DT)  # weight staging by 16-byte vector (weights_by_vector): ...
-    WV_COLS = CK // WV  # ... vectors per slab row, one per thread ...
-    WV_ROWS = THREADS // WV_COLS if WV_COLS else 0  # ... and WV_ROWS rows per pass
-    W_VECTOR = weights_by_vector and REGULAR and CK % WV == 0 and WV_ROWS >= 1
-    WV_REPS = -(-OGB // WV_ROWS) if W_VECTOR else 0  # vectors per thread and output step
+    WV_COLS = CK // WV  # ... vectors per slab row
+    W_VECTOR = weights_by_vector and REGULAR and CK % WV == 0 and W_FAST
+    WV_REPS = -(-WV_COLS // W_CKS) if W_VECTOR else 0  # vectors per thread and output step
+    GO_SPAN_W = WV if W_VECTOR else 1  # columns from one of a thread's first to the next
     NO_STEP = np.uint32(0xFFFFFFFF)  # "no grad_out step staged yet"
     POS_REPS = -(-REGION // THREADS)  # region positions staged per thread
     u32 = np.uint32
@@ -478,13 +519,19 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
         staged_weight = cuda.shared.array(WEIGHT_STEP, dtype=DT, alignment=16)
         staged_grad_out = cuda.shared.array(GRAD_OUT_STEP, dtype=DT, alignment=16)
         grad_cols = cuda.shared.array(COLUMN_TILE, dtype=DT, alignment=16)
-        corner_index = cuda.shared.array(TABLE, dtype=np.int32, alignment=16)
-        corner_weight = cuda.shared.array(TABLE, dtype=DT, alignment=16)
+        corner_index = cuda.shared.array(TABLE, dtype=np.int32, alignment=16)  # [point, corner]
+        corner_weight = cuda.shared.array(TABLE, dtype=DT, alignment=16)  # [point, corner]
 
         acc = cuda.local.array((RR, RP), dtype=DT)
+        go_values = cuda.local.array(GV, dtype=DT)  # a staged vector of grad_out (GO_VECTOR)
         a = cuda.local.array(RR, dtype=DT)
         b = cuda.local.array(RP, dtype=DT)
-        sums = cuda.local.array((EPT, 4), dtype=DT)  # S_q of the points this thread owns
+        # S_q of the points this thread owns (points tid, tid + THREADS, ...). The point loops
+        # stay rolled (a run-time trip count), so the sums live in local memory (L1), read and
+        # written once per point and chunk (LDL.128, STL.128): unrolled, the loops held them in
+        # registers only up to 4 points a thread (LLVM kept a loop of 6 rolled, 96 threads at
+        # deft64), and cost 4x the code.
+        sums = cuda.local.array((EPT, 4), dtype=DT)
         position = cuda.local.array(CC, dtype=DT)  # a staged position's channels (stage)
         c00 = cuda.local.array(CC, dtype=DT)  # a point's four staged corners, the chunk's channels
         c01 = cuda.local.array(CC, dtype=DT)
@@ -504,9 +551,9 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
         # threads past GO_ROWS * P start past the last row and stage nothing
         go_row = u32(OGB)
         go_pixel_t = u32(0)
-        if tid < u32(GO_ROWS * P):
-            go_row = u32(tid // u32(P))
-            go_pixel_t = u32(tid - u32(go_row * u32(P)))
+        if tid < u32(GO_ROWS * (P // GO_SPAN)):
+            go_row = u32(tid // u32(P // GO_SPAN))
+            go_pixel_t = u32(u32(tid - u32(go_row * u32(P // GO_SPAN))) * u32(GO_SPAN))  # (GO_VECTOR: its first)
         go_u = u32(go_pixel_t // u32(TW))
         go_oy = u32(oy0 + go_u)
         go_ox = u32(ox0 + u32(go_pixel_t - u32(go_u * u32(TW))))
@@ -514,23 +561,15 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
         go_pixel = u32(u32(go_oy * out_w) + go_ox)
         go_at0 = u32(u32(go_row * u32(PS)) + go_pixel_t)
         go_rows_step = u32(u32(GO_ROWS) * out_plane)  # grad_out elements from one of its rows to the next
-        # weight staging (W_FAST): this thread's column w_col of the slab and first row w_row
-        # (W_VECTOR: its vector column w_col, WV_ROWS rows per pass)
-        w_row = u32(OGB)
-        w_col = u32(0)
+        # weight staging (W_FAST): this thread's output row w_o of the slab and first column
+        # w_first (W_VECTOR: first vector of columns); the threads past W_CKS * OGB stage nothing
+        w_o = u32(OGB)
+        w_first = u32(0)
         row_length = u32(cpg * u32(K))  # weights per output channel
-        if W_VECTOR:
-            if tid < u32(WV_ROWS * WV_COLS):
-                w_row = u32(tid // u32(WV_COLS))
-                w_col = u32(tid - u32(w_row * u32(WV_COLS)))
-            w_at0 = u32(u32(u32(w_row * u32(WV_COLS)) + w_col) * u32(WV))  # a multiple of WV: STS.128
-            w_rows_step = u32(u32(WV_ROWS) * row_length)
-        else:
-            if tid < u32(W_ROWS * CK):
-                w_row = u32(tid // u32(CK))
-                w_col = u32(tid - u32(w_row * u32(CK)))
-            w_at0 = u32(u32(w_row * u32(CK)) + w_col)  # its first element of staged_weight
-            w_rows_step = u32(u32(W_ROWS) * row_length)  # weights from one of its rows to the next
+        if tid < u32(W_CKS * OGB):
+            w_first = u32(tid // u32(OGB))
+            w_o = u32(tid - u32(w_first * u32(OGB)))
+        w_at0 = u32(u32(w_first * u32(GO_SPAN_W * OGB)) + w_o)  # its first element of staged_weight
 
         c_begin = u32(u32(cuda.blockIdx.y) * span)
         c_end = u32(c_begin + span)
@@ -547,26 +586,30 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
             if not have_table or og != table_og:
                 if have_table:
                     # phase: offset_grad (end of an offset group: S_q -> offset and mask gradients)
-                    for r in range(EPT):
-                        e = u32(tid + u32(r * THREADS))
-                        if e < u32(KP):
-                            k = u32(e // u32(P))
-                            p = u32(e - u32(k * u32(P)))
-                            u = u32(p // u32(TW))
-                            oy = u32(oy0 + u)
-                            ox = u32(ox0 + u32(p - u32(u * u32(TW))))
-                            if oy < out_h and ox < out_w:
-                                # (the offset-group count, the int32 sizes and pads recomputed from
-                                # the arguments here: kept live, they made the kernel spill)
-                                point_gradients(offset, mask, grad_offset, grad_mask,
-                                                u64(u32(u32(n * u32(channels // cpo)) + table_og))
-                                                * u64(u32(2 * K) * out_plane),
-                                                k, oy, ox, out_w, out_plane, i32(dims[1]), i32(dims[2]), i32(conv[2]),
-                                                i32(conv[3]), sums[r, 0], sums[r, 1], sums[r, 2], sums[r, 3])
+                    e = tid
+                    r = u32(0)
+                    while e < u32(KP):  # (the thread's points, as in the scatter)
+                        k = u32(e // u32(P))
+                        p = u32(e - u32(k * u32(P)))
+                        u = u32(p // u32(TW))
+                        oy = u32(oy0 + u)
+                        ox = u32(ox0 + u32(p - u32(u * u32(TW))))
+                        if oy < out_h and ox < out_w:
+                            # (the offset-group count, the int32 sizes and pads recomputed from
+                            # the arguments here: kept live, they made the kernel spill)
+                            point_gradients(offset, mask, grad_offset, grad_mask,
+                                            u64(u32(u32(n * u32(channels // cpo)) + table_og))
+                                            * u64(u32(2 * K) * out_plane),
+                                            k, oy, ox, out_w, out_plane, i32(dims[1]), i32(dims[2]), i32(conv[2]),
+                                            i32(conv[3]), sums[r, 0], sums[r, 1], sums[r, 2], sums[r, 3])
                         for q in range(4):
                             sums[r, q] = ZERO
-                # phase: table (corners relative to the staged region, mask folded into the weights;
-                # the previous chunk ended with a barrier, so nobody still reads the old table)
+                        e = u32(e + u32(THREADS))
+                        r = u32(r + u32(1))
+                # phase: table (per point: its first corner's offset in a channel plane and in the
+                # staged region, the steps to the other corners, and the weights with the mask
+                # folded in: what the scatter needs in every chunk, computed once per offset
+                # group; the previous chunk ended with a barrier, so nobody still reads the old table)
                 group_row = u64(u32(u32(n * u32(channels // cpo)) + og)) * u64(u32(K) * out_plane)  # mask[n, og*K]
                 offset_group = element_address(offset, u64(group_row * u64(2)))  # offset[n, 2*og*K]
                 mask_group = element_address(mask, group_row) if USE_MASK else u64(0)
@@ -577,10 +620,10 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                     u = u32(p // u32(TW))
                     oy = u32(oy0 + u)
                     ox = u32(ox0 + u32(p - u32(u * u32(TW))))
-                    r0 = i32(OUTSIDE)
-                    r1 = i32(0)
-                    q0 = i32(0)
-                    q1 = i32(0)
+                    f00 = i32(0)  # corner (y0, x0) in a channel plane
+                    s00 = i32(OUTSIDE)  # ... and in the staged region (NOT_STAGED: a corner outside it)
+                    dx = i32(0)  # x1 - x0 and y1 - y0: 0 or 1 (the corners are clamped into the image)
+                    dy = i32(0)
                     w00 = ZERO
                     w01 = ZERO
                     w10 = ZERO
@@ -601,19 +644,24 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                                 w10 *= m
                                 w11 *= m
                             r0 = i32(i32(y0) - iy0)
-                            r1 = i32(i32(y1) - iy0)
                             q0 = i32(i32(x0) - ix0)
-                            q1 = i32(i32(x1) - ix0)
+                            dy = i32(i32(y1) - i32(y0))
+                            dx = i32(i32(x1) - i32(x0))
+                            f00 = i32(i32(i32(y0) * i32(dims[2])) + i32(x0))
+                            s00 = i32(NOT_STAGED)
+                            if r0 >= i32(0) and i32(r0 + dy) < i32(SHR) and q0 >= i32(0) and i32(q0 + dx) < i32(SWR):
+                                s00 = i32(i32(r0 * i32(SWR)) + q0)  # (a staged position)
                         elif USE_MASK:  # the column is 0 times the mask, as torchvision: NaN stays NaN
                             w00 = ZERO * load_at(mask, mask_group, u32(u32(k * out_plane) + u32(u32(oy * out_w) + ox)))
-                    corner_index[e] = r0
-                    corner_index[u32(e + u32(KP))] = r1
-                    corner_index[u32(e + u32(2 * KP))] = q0
-                    corner_index[u32(e + u32(3 * KP))] = q1
-                    corner_weight[e] = w00
-                    corner_weight[u32(e + u32(KP))] = w01
-                    corner_weight[u32(e + u32(2 * KP))] = w10
-                    corner_weight[u32(e + u32(3 * KP))] = w11
+                    t = u32(e * u32(4))  # the point's four entries: one vector (STS.128)
+                    corner_index[t] = f00
+                    corner_index[t + 1] = s00
+                    corner_index[t + 2] = dx
+                    corner_index[t + 3] = dy
+                    corner_weight[t] = w00
+                    corner_weight[t + 1] = w01
+                    corner_weight[t + 2] = w10
+                    corner_weight[t + 3] = w11
                     e = u32(e + u32(THREADS))
                 table_og = og
                 have_table = True
@@ -644,40 +692,41 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
             weight_row = u32(u32(g * opg) * u32(cpg * u32(K)) + u32(u32(c - u32(g * cpg)) * u32(K)))
             o0 = u32(0)
             while o0 < opg:
-                # phase: stage_gemm (weights [OGB, CC*K] of this output step)
-                if W_VECTOR:  # this thread's vector column, every WV_ROWS-th row: WV_REPS 16-byte
-                    # vectors (LDG.128, STS.128; regular: no bounds tests), a compile-time count
-                    if w_row < u32(OGB):
-                        at = u32(u32(weight_row + u32(u32(o0 + w_row) * row_length)) + u32(w_col * u32(WV)))
+                # phase: stage_gemm (weights [OGB, CC*K] of this output step, stored transposed)
+                if W_VECTOR:  # this thread's row, every W_CKS-th vector of columns: WV_REPS 16-byte
+                    # vectors (LDG.128; regular: no bounds tests), a compile-time count
+                    if w_o < u32(OGB):
+                        at = u32(u32(weight_row + u32(u32(o0 + w_o) * row_length)) + u32(w_first * u32(WV)))
                         k = u32(0)
                         while k < u32(WV_REPS):
-                            if OGB % WV_ROWS == 0 or u32(w_row + u32(k * u32(WV_ROWS))) < u32(OGB):
+                            vector = u32(w_first + u32(k * u32(W_CKS)))
+                            if WV_COLS % W_CKS == 0 or vector < u32(WV_COLS):
                                 v = load_vector(weight, u64(at))
-                                for e in range(WV):
-                                    staged_weight[u32(u32(w_at0 + u32(k * u32(WV_ROWS * CK))) + u32(e))] = v[e]
-                            at = u32(at + w_rows_step)
+                                w_at = u64(w_at0) + u64(k * u32(W_CKS * WV * OGB))
+                                for e in range(WV):  # (compile-time offsets: they fold into the stores)
+                                    staged_weight[w_at + e * OGB] = v[e]
+                            at = u32(at + u32(W_CKS * WV))
                             k = u32(k + u32(1))
-                elif W_FAST:  # this thread's column w_col, every W_ROWS-th row: W_REPS rows, a
-                    # compile-time count (unrolled), read through one handle, stored at
-                    # compile-time offsets (the threads past W_ROWS * CK stage nothing)
-                    if w_row < u32(OGB):
-                        src = element_address(weight, u32(u32(weight_row + u32(u32(o0 + w_row) * row_length)) + w_col))
-                        column_ok = REGULAR or w_col < u32(nc * u32(K))
+                elif W_FAST:  # this thread's row, every W_CKS-th column: W_REPS columns, a
+                    # compile-time count, read through one handle
+                    if w_o < u32(OGB):
+                        src = element_address(weight, u32(u32(weight_row + u32(u32(o0 + w_o) * row_length)) + w_first))
+                        row_ok = REGULAR or u32(o0 + w_o) < opg
                         k = u32(0)
                         while k < u32(W_REPS):
-                            o = u32(w_row + u32(k * u32(W_ROWS)))
-                            if OGB % W_ROWS == 0 or o < u32(OGB):
+                            ck = u32(w_first + u32(k * u32(W_CKS)))
+                            if CK % W_CKS == 0 or ck < u32(CK):
                                 v = ZERO
-                                if column_ok and (REGULAR or u32(o0 + o) < opg):
+                                if row_ok and (REGULAR or ck < u32(nc * u32(K))):
                                     v = read_at(weight, src, u32(0))
-                                staged_weight[u64(w_at0) + u64(k * u32(W_ROWS * CK))] = v
-                            src = offset_address(weight, src, w_rows_step)
+                                staged_weight[u64(w_at0) + u64(k * u32(W_CKS * OGB))] = v
+                            src = offset_address(weight, src, u32(W_CKS))
                             k = u32(k + u32(1))
                 else:
                     idx = tid
                     while idx < u32(WEIGHT_STEP):
-                        o = u32(idx // u32(CK))
-                        ck = u32(idx - u32(o * u32(CK)))
+                        ck = u32(idx // u32(OGB))
+                        o = u32(idx - u32(ck * u32(OGB)))
                         v = ZERO
                         if u32(o0 + o) < opg and ck < u32(nc * u32(K)):
                             v = weight[u32(weight_row + u32(u32(o0 + o) * row_length) + ck)]
@@ -685,21 +734,38 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                         idx = u32(idx + u32(THREADS))
                 # phase: stage_grad_out (grad_out [OGB, P] rows of stride PS, unless already staged)
                 if o0 != staged_o0 or g != staged_g:
-                    if GO_FAST:  # this thread's pixel, every GO_ROWS-th row: GO_REPS rows, a
-                        # compile-time count (unrolled, no run-time remainder); one 64-bit index
+                    if GO_FAST:  # this thread's pixel (GO_VECTOR: its GV pixels, LDG.128/STS.128; a vector
+                        # lies wholly inside or outside the image, as out_w % GV == 0), every GO_ROWS-th row:
+                        # GO_REPS rows, a compile-time count (unrolled, no run-time remainder); one 64-bit index
                         # stepped by GO_ROWS planes, stores at compile-time offsets
-                        if go_row < u32(OGB):  # the threads past GO_ROWS * P stage nothing
-                            src = element_address(grad_out, out_base + u64(u32(u32(u32(u32(g * opg) + u32(o0 + go_row))
-                                                                                               * out_plane) + go_pixel)))
+                        if go_row < u32(OGB):  # the threads past GO_ROWS * P / GO_SPAN stage nothing
+                            src = out_base + u64(u32(u32(u32(u32(g * opg) + u32(o0 + go_row)) * out_plane) + go_pixel))
+                            if not GO_VECTOR:  # (a handle, runtime.addresses; the vectors are read at an index)
+                                src = element_address(grad_out, src)
                             k = u32(0)
                             while k < u32(GO_REPS):
                                 o = u32(go_row + u32(k * u32(GO_ROWS)))
                                 if OGB % GO_ROWS == 0 or o < u32(OGB):
-                                    v = ZERO
-                                    if go_inside and (REGULAR or u32(o0 + o) < opg):
-                                        v = load_at(grad_out, src, u32(0))
-                                    staged_grad_out[u64(go_at0) + u64(k * u32(GO_ROWS * PS))] = v
-                                src = offset_address(grad_out, src, go_rows_step)
+                                    keep = go_inside and (REGULAR or u32(o0 + o) < opg)
+                                    at = u64(go_at0) + u64(k * u32(GO_ROWS * PS))
+                                    if GO_VECTOR:
+                                        for e in range(GV):
+                                            go_values[e] = ZERO
+                                        if keep:
+                                            v4 = load_vector(grad_out, src)
+                                            for e in range(GV):
+                                                go_values[e] = v4[e]
+                                        for e in range(GV):
+                                            staged_grad_out[at + e] = go_values[e]
+                                    else:
+                                        v = ZERO
+                                        if keep:
+                                            v = load_at(grad_out, src, u32(0))
+                                        staged_grad_out[at] = v
+                                if GO_VECTOR:
+                                    src = u64(src + u64(go_rows_step))
+                                else:
+                                    src = offset_address(grad_out, src, go_rows_step)
                                 k = u32(k + u32(1))
                     else:
                         idx = tid
@@ -721,14 +787,14 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
 
                 # phase: grad_cols_gemm (rank-1 updates; RR + RP contiguous values per step: LDS.128)
                 # (a uint32 while loop: LLVM unrolls it; a Python range keeps a 64-bit counter)
-                wo = a_first
+                wo = u32(a_first * u32(OGB))  # row a_first of the transposed weight slab
                 go = b_first
-                step = u32(0)
                 # (two source loops of STEPS_A updates: LLVM unrolls each, not one loop of TRIP_A)
-                while step < u32(OGB):  # TRIP_A rank-1 updates per trip (unrolled)
+                wo_end = u32(wo + u32(OGB))
+                while wo < wo_end:  # TRIP_A rank-1 updates per trip (unrolled)
                     for sub in range(STEPS_A):
                         for i in range(RR):
-                            a[i] = staged_weight[u32(wo + u32(sub * CK + i))]
+                            a[i] = staged_weight[u32(wo + u32(i * OGB + sub))]
                         for j in range(RP):
                             b[j] = staged_grad_out[u32(go + u32(sub * PS + j))]
                         for i in range(RR):
@@ -737,15 +803,14 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                     if TWICE_A:
                         for sub in range(STEPS_A):
                             for i in range(RR):
-                                a[i] = staged_weight[u32(wo + u32((STEPS_A + sub) * CK + i))]
+                                a[i] = staged_weight[u32(wo + u32(i * OGB + STEPS_A + sub))]
                             for j in range(RP):
                                 b[j] = staged_grad_out[u32(go + u32((STEPS_A + sub) * PS + j))]
                             for i in range(RR):
                                 for j in range(RP):
                                     acc[i, j] += a[i] * b[j]
-                    wo = u32(wo + u32(TRIP_A * CK))
+                    wo = u32(wo + u32(TRIP_A))
                     go = u32(go + u32(TRIP_A * PS))
-                    step = u32(step + u32(TRIP_A))
                 cuda.syncthreads()  # everyone is done reading this step's weights and grad_out
                 o0 = u32(o0 + u32(OGB))
             for i in range(RR):
@@ -756,102 +821,104 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
             # phase: scatter (per owned point: S_q over the chunk's channels; atomic mode: RED to
             # grad_input, and the point's column values written over its grad_cols, in place)
             chunk_grad = element_address(grad_input, image_base + u64(u32(c * plane)))  # grad_input[n, c]
-            for r in range(EPT):
-                e = u32(tid + u32(r * THREADS))
-                if e < u32(KP):
-                    k = u32(e // u32(P))
-                    at = u32(u32(k * u32(PS)) + u32(e - u32(k * u32(P))))  # row k, pixel p of grad_cols
-                    r0 = corner_index[e]
-                    if r0 == i32(OUTSIDE):
-                        if ATOMIC:  # no sample: the column is 0 (0 * mask: NaN stays NaN)
-                            w00 = corner_weight[e]
-                            for cc in range(CC):
-                                grad_cols[at + cc * K * PS] = w00
-                    else:
-                        r1 = corner_index[u32(e + u32(KP))]
-                        q0 = corner_index[u32(e + u32(2 * KP))]
-                        q1 = corner_index[u32(e + u32(3 * KP))]
-                        w00 = corner_weight[e]
-                        w01 = corner_weight[u32(e + u32(KP))]
-                        w10 = corner_weight[u32(e + u32(2 * KP))]
-                        w11 = corner_weight[u32(e + u32(3 * KP))]
-                        # the corners' offsets in a channel plane (clamped into the image: valid
-                        # addresses even at weight 0) and their handles in grad_input[n, c]; channel
-                        # cc is cc * plane further (red_add_at: one 64-bit multiply-add per RED)
-                        row0 = u32(u32(iy0 + r0) * width)
-                        row1 = u32(u32(iy0 + r1) * width)
-                        f00 = u32(row0 + u32(ix0 + q0))
-                        f01 = u32(row0 + u32(ix0 + q1))
-                        f10 = u32(row1 + u32(ix0 + q0))
-                        f11 = u32(row1 + u32(ix0 + q1))
-                        a00 = offset_address(grad_input, chunk_grad, f00)
-                        a01 = offset_address(grad_input, chunk_grad, f01)
-                        a10 = offset_address(grad_input, chunk_grad, f10)
-                        a11 = offset_address(grad_input, chunk_grad, f11)
-                        # a corner of weight 0 (outside the image, clamped in; or at an integer
-                        # position) adds an exact +0, not gc * 0 (NaN for a non-finite gc), as in
-                        # torchvision: its value is ANDed with a mask of zeros (set per point)
-                        k00 = ALL_BITS if w00 != ZERO else NO_BITS
-                        k01 = ALL_BITS if w01 != ZERO else NO_BITS
-                        k10 = ALL_BITS if w10 != ZERO else NO_BITS
-                        k11 = ALL_BITS if w11 != ZERO else NO_BITS
-                        if r0 >= i32(0) and r1 < i32(SHR) and q0 >= i32(0) and q1 < i32(SWR):
-                            # all four corners staged (the common case; a branch per point)
-                            # (staged channel-innermost: a corner's CC values are consecutive)
-                            s00 = u32(u32(i32(r0 * i32(SWR)) + q0) * u32(CC))
-                            s01 = u32(u32(i32(r0 * i32(SWR)) + q1) * u32(CC))
-                            s10 = u32(u32(i32(r1 * i32(SWR)) + q0) * u32(CC))
-                            s11 = u32(u32(i32(r1 * i32(SWR)) + q1) * u32(CC))
-                            # the corners' values, read before any store or RED (which the
-                            # vectoriser does not move loads across): one LDS.128 per corner
-                            for cc in range(CC):
-                                c00[cc] = staged[s00 + cc]
-                                c01[cc] = staged[s01 + cc]
-                                c10[cc] = staged[s10 + cc]
-                                c11[cc] = staged[s11 + cc]
-                            for cc in range(CC):
-                                if REGULAR or u32(cc) < nc:
-                                    # (compile-time offsets added unwrapped: they fold into the loads)
-                                    gc = grad_cols[at + cc * K * PS]  # row (cc*K + k), pixel p
-                                    v00 = c00[cc]
-                                    v01 = c01[cc]
-                                    v10 = c10[cc]
-                                    v11 = c11[cc]
-                                    sums[r, 0] += gc * v00
-                                    sums[r, 1] += gc * v01
-                                    sums[r, 2] += gc * v10
-                                    sums[r, 3] += gc * v11
-                                    if ATOMIC:
-                                        grad_cols[at + cc * K * PS] = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
-                                        step = u32(u32(cc) * plane)
-                                        red_add_at(grad_input, a00, step, keep_if(gc * w00, k00))
-                                        red_add_at(grad_input, a01, step, keep_if(gc * w01, k01))
-                                        red_add_at(grad_input, a10, step, keep_if(gc * w10, k10))
-                                        red_add_at(grad_input, a11, step, keep_if(gc * w11, k11))
-                        else:
-                            # phase: scatter_outside (a corner outside the staged region: the same
-                            # sums and additions, the values read from the input; a warp issues this
-                            # when any of its lanes' points needs it)
-                            channel_base = image_base + u64(u32(c * plane))  # input[n, c]
-                            cc = u32(0)
-                            while cc < nc:  # (a loop: this path is rare)
-                                gc = grad_cols[u32(at + u32(cc * u32(K * PS)))]
-                                step = u32(cc * plane)
-                                v00 = load(input, channel_base + u64(u32(f00 + step)))
-                                v01 = load(input, channel_base + u64(u32(f01 + step)))
-                                v10 = load(input, channel_base + u64(u32(f10 + step)))
-                                v11 = load(input, channel_base + u64(u32(f11 + step)))
+            # (a loop over the thread's points, rolled: see the sums' declaration)
+            e = tid
+            r = u32(0)
+            while e < u32(KP):
+                k = u32(e // u32(P))
+                at = u32(u32(k * u32(PS)) + u32(e - u32(k * u32(P))))  # row k, pixel p of grad_cols
+                t = u32(e * u32(4))  # the point's table entries: one LDS.128 each
+                f00 = u32(corner_index[t])
+                s00 = corner_index[t + 1]
+                dx = u32(corner_index[t + 2])
+                dy = u32(corner_index[t + 3])
+                w00 = corner_weight[t]
+                w01 = corner_weight[t + 1]
+                w10 = corner_weight[t + 2]
+                w11 = corner_weight[t + 3]
+                if s00 == i32(OUTSIDE):
+                    if ATOMIC:  # no sample: the column is 0 (0 * mask: NaN stays NaN)
+                        for cc in range(CC):
+                            grad_cols[at + cc * K * PS] = w00
+                else:
+                    # the corners' offsets in a channel plane (clamped into the image: valid
+                    # addresses even at weight 0) and their handles in grad_input[n, c]; channel
+                    # cc is cc * plane further (red_add_at: an immediate offset)
+                    f01 = u32(f00 + dx)
+                    f10 = u32(f00 + u32(dy * width))
+                    f11 = u32(f10 + dx)
+                    a00 = offset_address(grad_input, chunk_grad, f00)
+                    a01 = offset_address(grad_input, chunk_grad, f01)
+                    a10 = offset_address(grad_input, chunk_grad, f10)
+                    a11 = offset_address(grad_input, chunk_grad, f11)
+                    # a corner of weight 0 (outside the image, clamped in; or at an integer
+                    # position) adds an exact +0, not gc * 0 (NaN for a non-finite gc), as in
+                    # torchvision: its value is ANDed with a mask of zeros (set per point)
+                    k00 = ALL_BITS if w00 != ZERO else NO_BITS
+                    k01 = ALL_BITS if w01 != ZERO else NO_BITS
+                    k10 = ALL_BITS if w10 != ZERO else NO_BITS
+                    k11 = ALL_BITS if w11 != ZERO else NO_BITS
+                    if s00 >= i32(0):
+                        # all four corners staged (the common case; a branch per point)
+                        # (staged channel-innermost: a corner's CC values are consecutive, and
+                        # start at a multiple of CC that LLVM sees, so the loads become vectors)
+                        row1 = u32(u32(s00) + u32(dy * u32(SWR)))
+                        s0 = u32(u32(s00) * u32(CC))
+                        s01 = u32(u32(u32(s00) + dx) * u32(CC))
+                        s10 = u32(row1 * u32(CC))
+                        s11 = u32(u32(row1 + dx) * u32(CC))
+                        # the corners' values, read before any store or RED (which the
+                        # vectoriser does not move loads across): one LDS.128 per corner
+                        for cc in range(CC):
+                            c00[cc] = staged[s0 + cc]
+                            c01[cc] = staged[s01 + cc]
+                            c10[cc] = staged[s10 + cc]
+                            c11[cc] = staged[s11 + cc]
+                        for cc in range(CC):
+                            if REGULAR or u32(cc) < nc:
+                                # (compile-time offsets added unwrapped: they fold into the loads)
+                                gc = grad_cols[at + cc * K * PS]  # row (cc*K + k), pixel p
+                                v00 = c00[cc]
+                                v01 = c01[cc]
+                                v10 = c10[cc]
+                                v11 = c11[cc]
                                 sums[r, 0] += gc * v00
                                 sums[r, 1] += gc * v01
                                 sums[r, 2] += gc * v10
                                 sums[r, 3] += gc * v11
                                 if ATOMIC:
-                                    grad_cols[u32(at + u32(cc * u32(K * PS)))] = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
+                                    grad_cols[at + cc * K * PS] = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
+                                    step = u32(u32(cc) * plane)
                                     red_add_at(grad_input, a00, step, keep_if(gc * w00, k00))
                                     red_add_at(grad_input, a01, step, keep_if(gc * w01, k01))
                                     red_add_at(grad_input, a10, step, keep_if(gc * w10, k10))
                                     red_add_at(grad_input, a11, step, keep_if(gc * w11, k11))
-                                cc = u32(cc + u32(1))
+                    else:
+                        # phase: scatter_outside (a corner outside the staged region: the same
+                        # sums and additions, the values read from the input; a warp issues this
+                        # when any of its lanes' points needs it)
+                        channel_base = image_base + u64(u32(c * plane))  # input[n, c]
+                        cc = u32(0)
+                        while cc < nc:  # (a loop: this path is rare)
+                            gc = grad_cols[u32(at + u32(cc * u32(K * PS)))]
+                            step = u32(cc * plane)
+                            v00 = load(input, channel_base + u64(u32(f00 + step)))
+                            v01 = load(input, channel_base + u64(u32(f01 + step)))
+                            v10 = load(input, channel_base + u64(u32(f10 + step)))
+                            v11 = load(input, channel_base + u64(u32(f11 + step)))
+                            sums[r, 0] += gc * v00
+                            sums[r, 1] += gc * v01
+                            sums[r, 2] += gc * v10
+                            sums[r, 3] += gc * v11
+                            if ATOMIC:
+                                grad_cols[u32(at + u32(cc * u32(K * PS)))] = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
+                                red_add_at(grad_input, a00, step, keep_if(gc * w00, k00))
+                                red_add_at(grad_input, a01, step, keep_if(gc * w01, k01))
+                                red_add_at(grad_input, a10, step, keep_if(gc * w10, k10))
+                                red_add_at(grad_input, a11, step, keep_if(gc * w11, k11))
+                            cc = u32(cc + u32(1))
+                e = u32(e + u32(THREADS))
+                r = u32(r + u32(1))
             # phase: scatter (its closing barrier)
             # (atomic mode) the column tile is complete; (deterministic mode) the next chunk may
             # overwrite the staged input, grad_cols and the table
@@ -865,21 +932,38 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                 while True:
                     # phase: wg_stage (grad_out [OGB, P] of this step, unless still staged)
                     if o0 != staged_o0 or g != staged_g:
-                        if GO_FAST:  # this thread's pixel, every GO_ROWS-th row: GO_REPS rows, a
-                            # compile-time count (unrolled, no run-time remainder); one 64-bit index
+                        if GO_FAST:  # this thread's pixel (GO_VECTOR: its GV pixels, LDG.128/STS.128; a vector
+                            # lies wholly inside or outside the image, as out_w % GV == 0), every GO_ROWS-th row:
+                            # GO_REPS rows, a compile-time count (unrolled, no run-time remainder); one 64-bit index
                             # stepped by GO_ROWS planes, stores at compile-time offsets
-                            if go_row < u32(OGB):  # the threads past GO_ROWS * P stage nothing
-                                src = element_address(grad_out, out_base + u64(u32(u32(u32(u32(g * opg) + u32(o0 + go_row))
-                                                                                                   * out_plane) + go_pixel)))
+                            if go_row < u32(OGB):  # the threads past GO_ROWS * P / GO_SPAN stage nothing
+                                src = out_base + u64(u32(u32(u32(u32(g * opg) + u32(o0 + go_row)) * out_plane) + go_pixel))
+                                if not GO_VECTOR:  # (a handle, runtime.addresses; the vectors are read at an index)
+                                    src = element_address(grad_out, src)
                                 k = u32(0)
                                 while k < u32(GO_REPS):
                                     o = u32(go_row + u32(k * u32(GO_ROWS)))
                                     if OGB % GO_ROWS == 0 or o < u32(OGB):
-                                        v = ZERO
-                                        if go_inside and (REGULAR or u32(o0 + o) < opg):
-                                            v = load_at(grad_out, src, u32(0))
-                                        staged_grad_out[u64(go_at0) + u64(k * u32(GO_ROWS * PS))] = v
-                                    src = offset_address(grad_out, src, go_rows_step)
+                                        keep = go_inside and (REGULAR or u32(o0 + o) < opg)
+                                        at = u64(go_at0) + u64(k * u32(GO_ROWS * PS))
+                                        if GO_VECTOR:
+                                            for e in range(GV):
+                                                go_values[e] = ZERO
+                                            if keep:
+                                                v4 = load_vector(grad_out, src)
+                                                for e in range(GV):
+                                                    go_values[e] = v4[e]
+                                            for e in range(GV):
+                                                staged_grad_out[at + e] = go_values[e]
+                                        else:
+                                            v = ZERO
+                                            if keep:
+                                                v = load_at(grad_out, src, u32(0))
+                                            staged_grad_out[at] = v
+                                    if GO_VECTOR:
+                                        src = u64(src + u64(go_rows_step))
+                                    else:
+                                        src = offset_address(grad_out, src, go_rows_step)
                                     k = u32(k + u32(1))
                         else:
                             idx = tid
@@ -929,11 +1013,13 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
                         for i in range(WRO):
                             o = u32(o0 + u32(o_t + u32(i * WG_O_T)))
                             if REGULAR or o < opg:
+                                # (a handle per output row, the columns at compile-time offsets:
+                                # ptxas folds them into the REDs' immediate offsets)
+                                row = element_address(grad_weight, u32(u32(weight_row + u32(o * u32(cpg * u32(K))))
+                                                                       + ck_t))
                                 for j in range(WRK):
-                                    ck = u32(ck_t + u32(j * WG_CK_T))
-                                    if REGULAR or ck < u32(nc * u32(K)):
-                                        red_add(grad_weight, u32(u32(weight_row + u32(o * u32(cpg * u32(K)))) + ck),
-                                                wacc[i, j])
+                                    if REGULAR or u32(ck_t + u32(j * WG_CK_T)) < u32(nc * u32(K)):
+                                        red_add_at(grad_weight, row, u32(j * WG_CK_T), wacc[i, j])
                         slot = u32(slot + u32(THREADS))
                     if o0 == u32(0):
                         break
@@ -943,19 +1029,21 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
             c = chunk_end
 
         # phase: offset_grad (the last offset group of the span)
-        for r in range(EPT):
-            e = u32(tid + u32(r * THREADS))
-            if e < u32(KP):
-                k = u32(e // u32(P))
-                p = u32(e - u32(k * u32(P)))
-                u = u32(p // u32(TW))
-                oy = u32(oy0 + u)
-                ox = u32(ox0 + u32(p - u32(u * u32(TW))))
-                if oy < out_h and ox < out_w:
-                    point_gradients(offset, mask, grad_offset, grad_mask,
-                                    u64(u32(u32(n * u32(channels // cpo)) + table_og)) * u64(u32(2 * K) * out_plane),
-                                    k, oy, ox, out_w, out_plane, i32(dims[1]), i32(dims[2]), i32(conv[2]), i32(conv[3]),
-                                    sums[r, 0], sums[r, 1], sums[r, 2], sums[r, 3])
+        e = tid
+        r = u32(0)
+        while e < u32(KP):  # (the thread's points, as in the scatter)
+            k = u32(e // u32(P))
+            p = u32(e - u32(k * u32(P)))
+            u = u32(p // u32(TW))
+            oy = u32(oy0 + u)
+            ox = u32(ox0 + u32(p - u32(u * u32(TW))))
+            if oy < out_h and ox < out_w:
+                point_gradients(offset, mask, grad_offset, grad_mask,
+                                u64(u32(u32(n * u32(channels // cpo)) + table_og)) * u64(u32(2 * K) * out_plane),
+                                k, oy, ox, out_w, out_plane, i32(dims[1]), i32(dims[2]), i32(conv[2]), i32(conv[3]),
+                                sums[r, 0], sums[r, 1], sums[r, 2], sums[r, 3])
+            e = u32(e + u32(THREADS))
+            r = u32(r + u32(1))
 
     return kernel
 
@@ -1427,8 +1515,11 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
     # input, offset and mask gradients
     span = channel_span(g)
     tiles = config.tiles(g)
+    go_by_vector = config.grad_out_by_vector(g)
+    if go_by_vector:  # (likewise: a copy only if the caller's grad_output starts elsewhere)
+        grad_output_c = vector_aligned(xp, grad_output_c)
     kernel = input_grad_kernel(g.dtype, *shape, config, use_mask, not deterministic, config.regular(g), planes(g),
-                               by_vector)
+                               by_vector, go_by_vector)
     grad_weight_flat = grad_weight.reshape(-1)
     with stopwatch.section("fused input grads" if deterministic else "fused grads"):
         if not deterministic:  # both receive RED additions
@@ -1477,8 +1568,9 @@ def backward(geometry, grad_output, input, offset, weight, mask, grad_input, gra
 def phase_steps(config=None) -> dict:
     """``{phase: (kind, per_step)}``: how the audit finds one source step of these phases in
     their SASS (``dcn.audit.normalise_steps``): the ``grad_out`` and weight stagings
-    (``GO_FAST``, ``W_FAST``, ``W_VECTOR``) are unrolled over a compile-time count of rows, one
-    shared store per row (``W_VECTOR``: per 16-byte vector, one ``STS.128``)."""
+    (``GO_FAST``, ``W_FAST``, ``W_VECTOR``) are unrolled over a compile-time count of rows or
+    columns, one shared store per element (the weight slab is stored transposed: a 16-byte
+    vector of ``W_VECTOR`` is four ``STS``)."""
     return {"stage_grad_out": ("sts", 1), "wg_stage": ("sts", 1), "stage_gemm": ("sts", 1),
             "w_stage_grad_out": ("sts", 1)}
 
@@ -1498,12 +1590,15 @@ def phase_model(geometry, config: BackwardTileConfig | None = None, target_block
       source); ``wg_gemm``: ``(trips of its
       pixel loop, runs of its slot code)``; ``wg_red`` (no loop: it sits in the slot loop):
       slot runs;
-    * ``scatter`` (no loop of its own: the point and channel loops are unrolled): the whole
-      phase, body and straight part, runs once per channel chunk; ``scatter_outside`` (a point
+    * ``scatter``: its point loop (rolled: LLVM keeps a loop of ~170 instructions a point, the
+      channel loop unrolled inside) runs once per owned point and chunk, its straight part once
+      per chunk; ``scatter_outside`` (a point
       with a corner outside the staged region): its channel loop per owned point and chunk, its
       straight part per chunk, as if every point took it (the audit weighs it by the chance
-      that a warp does); ``offset_grad``: once per offset group of the span
-      (the kernel has two copies of this code; one runs per offset group); ``w_build_outside``
+      that a warp does); ``offset_grad``: the kernel has two copies of this code (their point
+      loops unrolled: a bounded trip count), one in the chunk loop (the audit's body), run at
+      the end of every offset group of the span but the last, the other after the loop (its
+      straight part), run once; ``w_build_outside``
       as ``scatter_outside``, per point.
 
     Input-kernel counts are for atomic mode (the weight gradient fused in; ``wg_*`` phases),
@@ -1528,9 +1623,11 @@ def phase_model(geometry, config: BackwardTileConfig | None = None, target_block
     steps_a = _column_gemm_trip(config.out_block, config.reg_rows * config.reg_px)[1]
     steps_b = _column_gemm_trip(p, config.w_reg_out * config.w_reg_cols)[1]
     vw = config.pixel_vector()
-    steps_w = _steps(p // vw, max(1, (config.wg_reg_out * config.wg_reg_cols * vw) // 2))
+    steps_w = _steps(p // vw, max(1, (config.wg_reg_out * config.wg_reg_cols * vw) // 2), WG_TRIP_FFMA)
     weight_groups_per_span = max(1, span // (g.in_channels // g.groups))
-    go_rows = t_in // p  # grad_out staging: one pixel per thread, go_rows rows per pass
+    # grad_out staging: one pixel (or one vector of pixels) per thread, go_rows rows per pass
+    go_span = vector_width(precision.compute_dtype(g.dtype)) if config.grad_out_by_vector(g) else 1
+    go_rows = _staging_rows(t_in, p // go_span, config.out_block)
     grad_out_trips = -(-config.out_block // go_rows) if go_rows else -(-config.out_block * p // t_in)
     steps = chunks * out_steps  # output steps of each GEMM pass
     slot_runs = steps * -(-config.fused_weight_slots(k) // t_in)
@@ -1538,26 +1635,28 @@ def phase_model(geometry, config: BackwardTileConfig | None = None, target_block
     # chunk's weight pass (which runs last step first) except at a weight group's first chunk
     cols_pass_stagings = chunks * (out_steps - 1) + weight_groups_per_span
     weight_pass_stagings = chunks * (out_steps - 1)
-    if config.weights_by_vector(g):  # stores per thread and output step: 16-byte vectors ...
-        wv_cols = ck // vector_width(precision.compute_dtype(g.dtype))
-        weight_stores = -(-config.out_block // (t_in // wv_cols))
-    else:  # ... or elements
-        weight_stores = (-(-config.out_block // (t_in // ck)) if t_in >= ck
-                         else -(-config.out_block * ck // t_in))
+    # stores per thread and output step (one element each, the slab stored transposed): the
+    # vectors' elements or the columns of a thread's row, or the elements of the generic loop
+    w_cks = t_in // config.out_block
+    if config.weights_by_vector(g):
+        vw = vector_width(precision.compute_dtype(g.dtype))
+        weight_stores = vw * -(-(ck // vw) // w_cks)
+    else:
+        weight_stores = -(-ck // w_cks) if w_cks else -(-config.out_block * ck // t_in)
     return {
         "table": groups_per_span * -(-kp // t_in),
         "stage": (chunks, chunks),  # (position and channel loops unrolled: the whole copy per chunk)
         "stage_gemm": (steps * weight_stores, steps),
         "stage_grad_out": (cols_pass_stagings * grad_out_trips, steps),
         "grad_cols_gemm": steps * (config.out_block // steps_a),
-        "scatter": (chunks, chunks),
+        "scatter": (chunks * -(-kp // t_in), chunks),
         # as if every owned point had a corner outside the staged region: the audit scales this
         # by the chance that a warp's point does (its out-of-tile share, warp_fraction)
         "scatter_outside": (chunks * -(-kp // t_in) * config.chunk, chunks),
         "wg_stage": (weight_pass_stagings * grad_out_trips, steps),
         "wg_gemm": (slot_runs * (p // (vw * steps_w)), slot_runs),  # vw * steps_w pixels per trip
         "wg_red": slot_runs,
-        "offset_grad": groups_per_span,
+        "offset_grad": (groups_per_span - 1, 1),
         "w_stage": (items, items),  # (position and channel loops unrolled: the whole copy per item)
         "w_stage_grad_out": ((items * -(-config.w_out_block // (t_w // p)) if t_w >= p
                               else items * -(-p * config.w_out_block // t_w)), items),
