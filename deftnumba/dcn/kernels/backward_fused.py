@@ -256,8 +256,9 @@ mode's extra memory stays under 5% (issue 11's target) wherever one output row f
 budget."""
 INPUT_REGISTER_BUDGET = 96
 """``launch_bounds`` of ``input_grad_kernel``: as many blocks per SM as fit at this many
-registers per thread in float32, twice as many in float64, at most 4 (4 blocks of 144 threads at
-``deft64``, where ptxas unbounded takes ~126 and fits 3); never fewer registers than this,
+registers per thread in float32, twice as many in float64, at most 4 (set when the blocks had
+144 threads at ``deft64``, where ptxas unbounded took ~126 registers and fitted 3; the 96 of
+``GPU_CONFIG`` now get 4 blocks, at most 168 registers); never fewer registers than this,
 so larger blocks are not forced to spill."""
 
 
@@ -462,8 +463,8 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     u64 = np.uint64
     i32 = np.int32
 
-    # ptxas bound: 4 blocks of 144 threads per SM at deft64 (<= 102 registers: 96) instead of
-    # the 3 that ~126 registers allow (the launch's 3.9 blocks per SM then run in one wave)
+    # ptxas bound (INPUT_REGISTER_BUDGET): 4 blocks per SM at deft64 (the launch's 3.9 blocks
+    # per SM then run in one wave)
     options = {} if backend.IS_SIMULATOR else {"launch_bounds": (THREADS, input_min_blocks(THREADS, np.dtype(DT).itemsize))}
 
     @cuda.jit(device=True, inline=True)
