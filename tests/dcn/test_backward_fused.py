@@ -333,3 +333,18 @@ def test_extra_memory_at_deft64():
 def test_config_rejects_ownership_that_does_not_divide():
     with pytest.raises(ValueError, match="reg_rows"):
         BackwardTileConfig(chunk=1, reg_rows=2).check(taps=9)
+
+
+def test_gpu_default_config_keeps_96_threads_where_the_staged_region_grows(monkeypatch):
+    """On a GPU, ``default_config`` takes ``GPU_CONFIG`` (96 threads, 3 whole warps) at
+    ``deft64``, and shrinks its halo, not its ownership, where a stride of 2 widens the staged
+    region past 48 KB of shared memory at halo 3."""
+    monkeypatch.setattr(backend, "IS_SIMULATOR", False)
+    shapes = dict(batch=8, in_channels=64, height=64, width=64, out_channels=64, kernel_h=3, kernel_w=3,
+                  has_mask=True, has_bias=True)
+    deft64 = Geometry(**shapes, pad_h=1, pad_w=1)
+    assert backward_fused.default_config(deft64) == backward_fused.GPU_CONFIG
+    strided = Geometry(**shapes, stride_h=2, stride_w=2, pad_h=1, pad_w=1)
+    assert backward_fused.GPU_CONFIG.input_shared_bytes(strided) > backward_fused.STATIC_SHARED_LIMIT
+    cfg = backward_fused.default_config(strided)
+    assert cfg == dataclasses.replace(backward_fused.GPU_CONFIG, halo=2) and cfg.input_threads(9) == 96

@@ -83,7 +83,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -273,7 +273,10 @@ def default_config(geometry) -> BackwardTileConfig:
     """``SIMULATOR_CONFIG`` in the simulator; on a GPU ``GPU_CONFIG`` shrunk (tile, then
     chunk) until both kernels fit 48 KB of static shared memory and the ownership divides."""
     k = geometry.taps
-    candidates = [SIMULATOR_CONFIG] if backend.IS_SIMULATOR else [GPU_CONFIG]
+    # GPU_CONFIG, then its halo shrunk (a stride or dilation of 2 widens the staged region past
+    # 48 KB at halo 3), then smaller tiles and chunks
+    candidates = ([SIMULATOR_CONFIG] if backend.IS_SIMULATOR
+                  else [replace(GPU_CONFIG, halo=h) for h in (GPU_CONFIG.halo, 2, 1)])
     for th, tw in ((8, 8), (4, 8), (4, 4), (2, 4), (2, 2), (1, 1)):
         for chunk in (4, 2, 1):
             for rr in (4, 2, 1):
