@@ -459,7 +459,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
     WV_COLS = CK // WV  # ... vectors per slab row
     W_VECTOR = weights_by_vector and REGULAR and CK % WV == 0 and W_FAST
     WV_REPS = -(-WV_COLS // W_CKS) if W_VECTOR else 0  # vectors per thread and output step
-    GO_SPAN_W = WV if W_VECTOR else 1  # columns from one of a thread's first to the next
+    W_SPAN = WV if W_VECTOR else 1  # weight columns a thread stages at once (one vector, or one)
     NO_STEP = np.uint32(0xFFFFFFFF)  # "no grad_out step staged yet"
     POS_REPS = -(-REGION // THREADS)  # region positions staged per thread
     u32 = np.uint32
@@ -573,7 +573,7 @@ def input_grad_kernel(dtype, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_
         if tid < u32(W_CKS * OGB):
             w_first = u32(tid // u32(OGB))
             w_o = u32(tid - u32(w_first * u32(OGB)))
-        w_at0 = u32(u32(w_first * u32(GO_SPAN_W * OGB)) + w_o)  # its first element of staged_weight
+        w_at0 = u32(u32(w_first * u32(W_SPAN * OGB)) + w_o)  # its first element of staged_weight
 
         c_begin = u32(u32(cuda.blockIdx.y) * span)
         c_end = u32(c_begin + span)
