@@ -315,12 +315,15 @@ def column_backward_launches(g, method: str) -> list:
         grid_stride("bwd.deterministic.gather", bk.gather_kernel(g.dtype, g.has_mask, cb, wide, narrow),
                     (a2, a4, a4, k1, keys, a4, conv, i64, i64, i64, i32, i32, i32, types.boolean),
                     chunk * (g.in_channels // cb) * g.height * g.width, (per_segment,), "")
-        # the column-free gather (fused in deterministic mode): a block
-        # per (image, CB channels, pixel block); loops: output chunks (depth 1), the taps (2:
-        # per tap, the product of its weights and its sums, CB FMAs per output: the GEMM-like
-        # part), the tap's entries (3: one load and one FMA per output into the tap's sums)
+        # the column-free gather (fused in deterministic mode): a block per (image, CB channels,
+        # pixel block); loops: output chunks (depth 1), the taps (2), and in each tap two loops
+        # (3): its entries (one load and one FMA per output into the tap's sums), then the
+        # product of its weights and the block's sums (CB FMAs per output and pixel, both from
+        # shared memory: the GEMM-like loop), 4*UNROLL outputs a trip
+        cb = bk.gather_staged_channels(g)
         out_chunk = bk.gather_out_chunk(g)
         out_chunks = -(-outs // out_chunk)
+        product_trips = -(-out_chunk // 4) // bk.gather_product_unroll(out_chunk)
         flat_storage = types.Array(getattr(types, str(g.dtype)), 1, "C")
         blocks = -(-(g.height * g.width) // bk.GATHER_THREADS) * (g.in_channels // cb) * chunk
         launches.append(Launch(
@@ -331,25 +334,10 @@ def column_backward_launches(g, method: str) -> list:
              i32, i32, i32, i32),
             blocks, bk.GATHER_THREADS, None, repeats, "",
             extra={"items": blocks * bk.GATHER_THREADS,
-                   "loop_trips": (out_chunks, g.taps, -(-per_segment // g.taps)),
-                   "dot_depth": None, "gemm_depth": 2, "gemm_exclusive": True}))
+                   "loop_trips": (out_chunks, g.taps, (-(-per_segment // g.taps), product_trips)),
+                   "dot_depth": None, "gemm_depth": 3, "gemm_from_shared": True}))
         return launches
     raise ValueError(f"no backward launch model for method {method!r}; modelled: {BACKWARD_METHODS}")
-
-
-def exclusive_loops(a: sass.KernelAudit, depth: int) -> list:
-    """``(loop, FFMA fraction)`` of the largest loop at ``depth``, counting only its own
-    instructions (less the largest loop nested in it): the straight-line product that a loop
-    issues once per trip around an inner loop."""
-    at = [lp for lp in a.loops if lp.depth == depth and lp.ffma]
-    if not at:
-        return []
-    lp = max(at, key=lambda x: x.instructions)
-    inner = [x for x in a.loops if x.depth == depth + 1 and lp.lines[0] <= x.lines[0] and x.lines[1] <= lp.lines[1]]
-    nested = max(inner, key=lambda x: x.instructions) if inner else None
-    own = lp.instructions - (nested.instructions if nested else 0)
-    own_ffma = lp.ffma - (nested.ffma if nested else 0)
-    return [(lp, own_ffma / own if own else 0.0)]
 
 
 def replace_label(launch: Launch, label: str, operator: str) -> Launch:
@@ -365,7 +353,12 @@ def loop_nest(a: sass.KernelAudit, trips: tuple, dot_depth: int | None = None) -
     of that depth, less the largest one nested in it (a chain nest; LLVM's remainder or
     branch copies count once, the largest: an upper bound), its trips divided by its
     unroll factor (``unroll_factor``; for the loop at ``dot_depth``, a dot product with
-    one FMA per source iteration, by its FFMA count). Returns ``{"outside": n, "depth1": n, ...}`` (instructions per thread)."""
+    one FMA per source iteration, by its FFMA count).
+
+    The last depth may hold sibling loops, one after the other in the parent: ``trips[-1]``
+    is then a tuple of their trips, in source order (by address), and the parent counts
+    less all of them. Returns ``{"outside": n, "depth1": n, ...}`` (instructions per thread;
+    siblings as ``depthD.1``, ``depthD.2``, ...)."""
     by_depth: dict = {}
     for lp in a.loops:
         if lp.instructions > 2:  # not the trap after EXIT (a branch to itself)
@@ -377,15 +370,32 @@ def loop_nest(a: sass.KernelAudit, trips: tuple, dot_depth: int | None = None) -
     for d in sorted(biggest):
         if d > len(trips):
             break
-        lp = biggest[d]
-        inner = biggest.get(d + 1)
-        exclusive = lp.instructions - (inner.instructions if inner is not None and d + 1 <= len(trips) else 0)
         trip = trips[d - 1]
+        if isinstance(trip, tuple):  # sibling innermost loops (docstring)
+            for k, (lp, t) in enumerate(zip(sibling_loops(a, d, len(trip)), trip), 1):
+                out[f"depth{d}.{k}"] = lp.instructions * runs * -(-t // ((lp.ffma if d == dot_depth else lp.unroll) or 1))
+            break
+        lp = biggest[d]
+        if d < len(trips) and isinstance(trips[d], tuple):
+            nested = sum(x.instructions for x in sibling_loops(a, d + 1, len(trips[d])))
+        else:
+            inner = biggest.get(d + 1)
+            nested = inner.instructions if inner is not None and d + 1 <= len(trips) else 0
+        exclusive = lp.instructions - nested
         per_pass = (lp.ffma if d == dot_depth else lp.unroll) or 1
         trip = -(-trip // per_pass)  # source iterations per pass through an unrolled body
         runs *= trip
         out[f"depth{d}"] = exclusive * runs
     return out
+
+
+def sibling_loops(a: sass.KernelAudit, depth: int, count: int) -> list:
+    """The ``count`` loops at ``depth``, in address order (``loop_nest``'s siblings); an error
+    when the compiled kernel has another number of them (the model would count wrongly)."""
+    loops = sorted((lp for lp in a.loops if lp.depth == depth and lp.instructions > 2), key=lambda lp: lp.first_offset)
+    if len(loops) != count:
+        raise ValueError(f"{a.name}: {len(loops)} loops at depth {depth}, the launch model expects {count}")
+    return loops
 
 
 # --------------------------------------------------------------------------- phase models of today's kernels
@@ -599,10 +609,15 @@ def _model_loop_nest(launch: Launch, a: sass.KernelAudit) -> dict:
             loops[lp.depth] = lp
     phases = []
     for name, n in per_thread.items():
-        depth = 0 if name == "outside" else int(name[5:])
+        depth, _, sibling = ("0" if name == "outside" else name[5:]).partition(".")
+        depth = int(depth)
         lp = loops.get(depth)
+        iterations = trips[depth] if depth < len(trips) else 0
+        if sibling:  # one of the last depth's sibling loops (loop_nest)
+            lp = sibling_loops(a, depth, len(iterations))[int(sibling) - 1]
+            iterations = iterations[int(sibling) - 1]
         phases.append({"phase": name, "body": lp.instructions if lp else a.instructions, "unroll": lp.unroll if lp else 1,
-                       "iterations": trips[depth] if depth < len(trips) else 0, "straight": 0, "straight_runs": 0,
+                       "iterations": iterations, "straight": 0, "straight_runs": 0,
                        "per_thread": n, "body_ffma_%": round(100 * lp.ffma_fraction, 1) if lp else 0.0,
                        "body_lds_bits": "/".join(sorted(lp.lds_widths, key=int)) or "-" if lp else "-",
                        "div64_calls": a.div64_in_loops if lp else a.div64_calls,
@@ -907,13 +922,11 @@ def target_rows(name: str, results: dict) -> list:
             a, label = m["audit"], m["launch"]
             if method in ("bwd-fused", "bwd-fused_deterministic"):
                 gemm = [(lp, lp.ffma_fraction) for lp in gemm_loops(a, ("grad_cols_gemm", "weight_gemm", "wg_gemm"))]
-            elif m["extra"].get("gemm_exclusive"):  # the column-free gather: its tap loop, less
-                # the entries loop nested in it (the tap's product of weights and sums)
-                gemm = exclusive_loops(a, m["extra"]["gemm_depth"])
-            else:
-                depth = m["extra"].get("gemm_depth")
+            else:  # innermost loops with FFMA at the launch's GEMM depth (with gemm_from_shared:
+                # those that read shared memory, not the column-free gather's entries loop)
+                depth, shared = m["extra"].get("gemm_depth"), m["extra"].get("gemm_from_shared")
                 gemm = [(lp, lp.ffma_fraction) for lp in a.loops if depth and lp.depth == depth and lp.innermost
-                        and lp.ffma]
+                        and lp.ffma and (not shared or lp.mix["lds"])]
             for lp, fraction in gemm:
                 add(f"{label} GEMM-like loop @{lp.first_offset:#x} FFMA %", round(100 * fraction, 1),
                     ">= 80", lambda v: v >= 80)

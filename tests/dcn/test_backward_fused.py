@@ -194,15 +194,31 @@ def test_weight_kernel_runs_two_copies_of_its_gemm_steps_per_trip(rng):
     check_against_reference(g, go, arrays, grads)
 
 
-def test_deterministic_gather_sums_taps_in_two_register_arrays(rng):
-    """The column-free gather (``gather_staged_kernel``) sums a tap's ``grad_out`` values of up to
-    32 outputs per register array: 37 outputs take both (32 + 4 of a chunk of 36) and a second,
-    partial output chunk of one. Bounds-checked, against the reference, with the entries of a
-    pixel's taps walked in order."""
+GATHER_LAYOUTS = {
+    # name: (case, the block's channels CB, outputs per chunk, product unroll)
+    # 37 outputs: both register arrays of sums (32 + 8, the last 3 padding) in one chunk
+    "outputs-37": (case("outputs-37", n=1, c=2, h=4, w=5, c_out=37), 2, 37, 2),
+    # float64: 32 outputs a chunk (the shared sums), so chunks of 32, 32 and 6 (a partial one)
+    "outputs-70-float64": (case("outputs-70-float64", n=1, c=2, h=3, w=4, c_out=70, dtype="float64"), 2, 32, 4),
+    # CB = 16: a product thread owns 4 pixels x 4 channels; 135 pixels: a second, partial block
+    "channels-16": (case("channels-16", n=1, c=16, h=9, w=15, c_out=5), 16, 5, 2),
+    # CB = 8 (2 pixels x 4 channels), two weight and offset groups, stride and dilation
+    "channels-8-groups": (case("channels-8-groups", n=2, c=16, h=6, w=7, c_out=6, groups=2, offset_groups=2,
+                               stride=(2, 1), dil=(1, 2), pad=(1, 2)), 8, 3, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(GATHER_LAYOUTS))
+def test_deterministic_gather_layouts_match_reference(name, rng):
+    """The column-free gather (``gather_staged_kernel``) in each of its layouts: the tap sums of
+    up to 32 outputs per register array, padded to whole vectors; several output chunks; and
+    the product re-dealt as 1x2, 2x4 and 4x4 (pixels x channels) per thread, with pixels past
+    the image. Bounds-checked, against the reference."""
     from deftnumba.dcn.kernels import backward as bk
 
-    _, g = case("outputs-37", n=1, c=2, h=4, w=5, c_out=37)
-    assert bk.gather_out_chunk(g) == 36
+    g, channels, chunk, unroll = GATHER_LAYOUTS[name][0][1], *GATHER_LAYOUTS[name][1:]
+    assert (bk.gather_staged_channels(g), bk.gather_out_chunk(g), bk.gather_product_unroll(chunk)) == \
+        (channels, chunk, unroll)
     arrays = layer_arrays(g, rng)
     go = grad_out_for(g, rng)
     with backend.bounds_checked(), backend.launch_log() as launched:

@@ -74,7 +74,10 @@ sort-then-segment reduction whose order is fixed:
    ``gather_staged_kernel`` regroups the sum by tap instead: per input pixel and
    tap, the ``grad_out`` columns of the tap's entries weighted by their
    coefficients, then that sum times the tap's weights (staged in shared memory),
-   once per tap rather than once per entry (a pixel has ~4 entries per tap).
+   once per tap rather than once per entry (a pixel has ~4 entries per tap). The
+   sums go through shared memory, so that the product is a small GEMM per block
+   (pixels x outputs times outputs x 16 channels) with 4x4 pixels x channels a
+   thread, rather than one pixel's dot products.
 
 The sort can go in parts of output rows (``sort_part_rows``, within a byte budget:
 the ``fused`` method's deterministic mode keeps it under 2.5% of the arguments and
@@ -474,20 +477,36 @@ def gather_kernel(dtype, use_mask: bool, block_channels: int = 1, wide_keys: boo
 GATHER_THREADS = 128
 """Threads per block of ``gather_staged_kernel`` (input pixels of one image and channel block)."""
 GRID_YZ_LIMIT = 65535
+GATHER_SUMS_BYTES = 32 * 1024
+"""Shared memory of ``gather_staged_kernel``'s tap sums: ``out_chunk`` sums of each of the block's
+``GATHER_THREADS`` pixels (64 float32 outputs, 32 float64)."""
+
+
+def gather_staged_channels(geometry) -> int:
+    """Channels a block of ``gather_staged_kernel`` sums (its ``CB``): the largest of 16, 8, 4, 2, 1
+    that divides both an offset group's and a weight group's channels. The entries of a pixel's
+    segment (their coefficients and ``grad_out`` loads) are walked once per block, so once per
+    ``CB`` channels; and ``CB`` sums per thread let the tap's product reuse each loaded weight
+    and tap sum for 4 pixels and 4 channels (``gather_staged_kernel``)."""
+    g = geometry
+    per_offset_group, per_weight_group = g.in_channels // g.offset_groups, g.in_channels // g.groups
+    return next(cb for cb in (16, 8, 4, 2, 1) if per_offset_group % cb == 0 and per_weight_group % cb == 0)
 
 
 def gather_out_chunk(geometry) -> int:
-    """Outputs per weight staging of ``gather_staged_kernel``: all of a weight group's (at most
-    64: a tap's sums of 64 outputs take 64 registers; the kernel uses 168 at ``deft64``) when the
-    ``K x outputs x CB`` tile fits 24 KB of shared memory, else as many as fit (a multiple of 4
-    where possible). Each further staging re-reads the thread's segment."""
+    """Outputs per pass of ``gather_staged_kernel`` over a pixel's segment: all of a weight group's,
+    up to 64 (a tap's sums take that many registers) and as many as ``GATHER_SUMS_BYTES`` hold
+    for the block's pixels (32 in float64). Each further chunk re-walks the segment."""
     g = geometry
-    cb = gather_block_channels(g)
     itemsize = precision.compute_dtype(g.dtype).itemsize
-    outs = g.out_channels // g.groups
-    fit = max(1, (24 * 1024) // (g.taps * cb * itemsize))
-    chunk = min(outs, 64, fit)
-    return chunk - chunk % 4 if chunk > 4 else chunk
+    fit = GATHER_SUMS_BYTES // (GATHER_THREADS * itemsize)
+    return min(g.out_channels // g.groups, 64, fit)
+
+
+def gather_product_unroll(out_chunk: int) -> int:
+    """Vectors of 4 outputs per trip of ``gather_staged_kernel``'s product loop: 4, 2 or 1,
+    the most that divides the chunk's vectors (at 4, 256 FMAs per trip at ``CB = 16``)."""
+    return next(u for u in (4, 2, 1) if (-(-out_chunk // 4)) % u == 0)
 
 
 @functools.cache
@@ -502,33 +521,39 @@ def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: 
     a column gradient in device memory.
 
     Grid ``(ceil(H*W / GATHER_THREADS), C / CB, n_images)`` (in launches of at most 65535
-    channel blocks and images, from ``block0`` and ``image0``): a block owns one image and one
-    block of ``CB`` channels, a thread one input pixel ``(y, x)``. Indices inside an image are
-    ``uint32`` (``backward_fused.supported``: fewer than 2**32 elements per image), the
-    segment index and the ``grad_out`` image bases ``uint64``. The block stages
-    ``W[outputs, c0 .. c0+CB, taps]`` of its weight group in shared memory as ``[tap][o][j]``
-    (``out_chunk`` outputs at a time).
+    channel blocks and images, from ``block0`` and ``image0``): a block owns one image, one
+    block of ``CB`` channels (``gather_staged_channels``) and ``GATHER_THREADS`` input pixels.
+    Indices inside an image are ``uint32`` (``backward_fused.supported``: fewer than 2**32
+    elements per image), the segment index and the ``grad_out`` image bases ``uint64``.
 
     The sum is regrouped by tap. ``grad_input[c, pixel] = sum_e coef_e * sum_o W[o, c, tap_e] *
     grad_out[o, p_e]`` over the pixel's entries ``e`` equals ``sum_tap sum_o W[o, c, tap] *
-    h_tap[o]`` with ``h_tap[o] = sum_{e of that tap} coef_e * grad_out[o, p_e]``. A segment's
-    keys are sorted by tap (the tap is the high part of an entry's id), so each thread walks
-    its segment once, tap by tap: the tap's entries add their weighted ``grad_out`` columns into
-    ``h`` (one load and one FMA per output, ``h`` in registers), then ``h`` times the tap's
-    weights goes into the ``CB`` sums (``CB/4`` shared vector loads, ``LDS.128``, and ``CB`` FMAs
-    per output). The weights are read once per tap, not once per entry (about 4 entries per tap
-    and pixel): at ``deft64`` 19k instructions per thread where recomputing each entry's column
-    gradient took 41k. Every lane runs the tap loop in step, so the warp multiplies together;
-    a lane closing its own runs would make the warp multiply at nearly every entry.
+    h_tap[o]`` with ``h_tap[o] = sum_{e of that tap} coef_e * grad_out[o, p_e]``. Per tap, in
+    two phases separated by barriers:
 
-    The output plane ``Ho*Wo`` (``out_plane``) is a compile-time constant, so the ``grad_out``
-    loads of an entry's outputs are one base address plus immediate offsets. Each entry's
-    coefficient ``m * w_corner`` is recomputed from its id: the offsets and the mask flat and
-    contiguous, read through handles in 32 bits (``sampling.tap_position_at``), with the tap
-    geometry ``tap_geometry = (kw, sh, sw, dh, dw)`` and the output width ``out_width``
-    compile-time (a pixel's row and a tap's row are multiplies, not divisions). The thread writes (``accumulate``:
-    adds to) ``grad_input[first_image + n_local, c0 + j, y, x]``; the order of every sum is
-    fixed by the sort, so the result is bit-identical run to run.
+    1. **Entries.** Thread ``t`` owns pixel ``t`` of the block. A segment's keys are sorted by
+       tap (the tap is the high part of an entry's id), so the thread walks its segment once,
+       tap by tap: the tap's entries add their weighted ``grad_out`` columns into ``h`` (one
+       load and one FMA per output, ``h`` in registers). It then stores ``h`` to shared memory
+       as ``[o/4][pixel][o%4]`` (``STS.128``), and the block stages the tap's weights
+       ``W[outputs, c0 .. c0+CB, tap]`` as ``[o][j]``.
+    2. **Product.** The block's ``GATHER_THREADS x CB`` sums are re-dealt: a thread owns ``PX``
+       pixels (``t mod PG + PG*i``, ``PG = GATHER_THREADS / PX``: a warp's lanes read
+       neighbouring pixels) times ``CJ = min(4, CB)`` neighbouring channels (``PX*CJ = CB``).
+       Per 4 outputs it loads ``PX`` vectors of sums and 4 vectors of weights (``LDS.128``,
+       the weights a broadcast) for ``4*PX*CJ`` FMAs: at ``CB = 16``, 16 FMAs per 2 loads,
+       where one pixel per thread allows 4 per load.
+
+    The sums past the group's outputs (``out_chunk`` rounded up to 4) stay zero and their
+    weights are staged as zeros. The output plane ``Ho*Wo`` (``out_plane``) is a compile-time
+    constant, so the ``grad_out`` loads of an entry's outputs are one base address plus
+    immediate offsets. Each entry's coefficient ``m * w_corner`` is recomputed from its id: the
+    offsets and the mask flat and contiguous, read through handles in 32 bits
+    (``sampling.tap_position_at``), with the tap geometry ``tap_geometry = (kw, sh, sw, dh,
+    dw)`` and the output width ``out_width`` compile-time (a pixel's row and a tap's row are
+    multiplies, not divisions). Each thread writes (``accumulate``: adds to) its ``CB`` sums to
+    ``grad_input[first_image + n_local, c, y, x]``; the order of every sum is fixed by the
+    sort and the kernel's loops, so the result is bit-identical run to run.
     """
     fns = sampling_functions(dtype)
     tap_position_at = fns.tap_position_at
@@ -542,18 +567,26 @@ def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: 
     KW, SH, SW, DH, DW = tap_geometry
     OUT_W = out_width
     OC = out_chunk
-    # the tap sums h of OC outputs, in two register arrays of at most 32: LLVM unrolls a loop of
+    OC4 = -(-OC // 4) * 4  # the sums, rounded up to whole vectors (the extra ones stay zero)
+    # the tap sums h of OC4 outputs, in two register arrays of at most 32: LLVM unrolls a loop of
     # 32 of them (constant indices: registers) and keeps one of 64 rolled (local memory)
-    H0 = min(OC, 32)
-    H1 = OC - H0
+    H0 = min(OC4, 32)
+    H1 = OC4 - H0
     H1_SIZE = max(1, H1)  # (a local array's size must be a plain constant)
     THREADS = GATHER_THREADS
-    TILE = K * OC * CB
-    STAGE_REPS = -(-TILE // THREADS)  # weights staged per thread (unrolled)
+    CJ = min(4, CB)  # the product's channels per thread (one LDS.128 of weights at CB >= 4) ...
+    PX = CB // CJ  # ... and pixels per thread
+    PG = THREADS // PX  # pixel groups: thread t takes pixels t % PG + PG*i, channels CJ*(t // PG) ..
+    UNROLL = gather_product_unroll(OC)  # the product's trip: 4*UNROLL outputs, 4*UNROLL*CB FMAs
+    HV = 4 * UNROLL * PX  # (local array sizes must be plain constants)
+    SUMS = OC4 * THREADS  # the block's tap sums, [o/4][pixel][o%4]
+    W_TILE = OC4 * CB  # a tap's weights, [o][j]
+    W_REPS = -(-W_TILE // THREADS)  # weights staged per thread and tap (unrolled)
     EVEN = even  # the group's outputs are a multiple of out_chunk: no bounds test per output
     PLANE = out_plane  # Ho*Wo, compile-time: immediate load offsets (docstring)
     KEY = np.uint64 if wide_keys else np.uint32
     i32 = np.int32
+    assert CB in (1, 2, 4, 8, 16) and THREADS % PX == 0
 
     @cuda.jit
     def kernel(grad_flat, weight_flat, offset, mask, starts, key, grad_input, conv, first_image, offset_groups,
@@ -578,52 +611,40 @@ def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: 
         w_group = u32(c0 // w_per_group)
         c_local = u32(c0 - u32(w_group * w_per_group))
         o_first = u32(w_group * outs)
-        q = u32(u32(u32(cuda.blockIdx.x) * u32(THREADS)) + tid)
+        pixel0 = u32(u32(cuda.blockIdx.x) * u32(THREADS))
+        q = u32(pixel0 + tid)  # the pixel whose segment this thread walks
         valid = q < plane
         segment = u64(u32(u32(n_local * u32(offset_groups)) + g)) * u64(plane) + u64(q)
         # handles of offset[n, 2*g*K] and mask[n, g*K] (flat, contiguous)
         group_row = u64(u32(u32(n * u32(offset_groups)) + g)) * u64(u32(K))
         offset_group = element_address(offset, group_row * u64(u32(2 * out_plane)))
         mask_group = element_address(mask, group_row * u64(out_plane)) if use_mask else u64(0)
-        w_tile = cuda.shared.array(TILE, dtype=DT, alignment=16)
-        acc = cuda.local.array(CB, dtype=DT)
+        sums = cuda.shared.array(SUMS, dtype=DT, alignment=16)  # [o/4][pixel][o%4]
+        w_tap = cuda.shared.array(W_TILE, dtype=DT, alignment=16)  # [o][j]
+        acc = cuda.local.array(CB, dtype=DT)  # [i][jj]: pixel pg + PG*i, channel jc + jj
         h0 = cuda.local.array(H0, dtype=DT)  # a tap's weighted grad_out sums, outputs 0 .. H0 ...
-        h1 = cuda.local.array(H1_SIZE, dtype=DT)  # ... and H0 .. OC (registers: unrolled loops)
+        h1 = cuda.local.array(H1_SIZE, dtype=DT)  # ... and H0 .. OC4 (registers: unrolled loops)
+        hv = cuda.local.array(HV, dtype=DT)  # the product's sums of 4*UNROLL outputs and PX pixels ...
+        wv = cuda.local.array(CJ, dtype=DT)  # ... and weights of one output and CJ channels
+        pg = u32(tid % u32(PG))  # the product's pixels and channels (docstring)
+        jc = u32(u32(tid // u32(PG)) * u32(CJ))
         for j in range(CB):
             acc[j] = ZERO
         o0 = u32(0)
         while o0 < outs:  # output chunks (one at deft64)
-            # the weights W[o_first + o0 + o, c_local + j, tap] -> w_tile[(tap*OC + o)*CB + j]
-            # (zeros past the group's outputs); the previous chunk's readers are done (barrier below)
-            for r in range(STAGE_REPS):
-                idx = u32(tid + u32(r * THREADS))
-                if (r + 1) * THREADS <= TILE or idx < u32(TILE):
-                    tap = u32(idx % u32(K))
-                    j = u32(u32(idx // u32(K)) % u32(CB))
-                    o = u32(idx // u32(K * CB))
-                    v = ZERO
-                    if u32(o0 + o) < outs:
-                        v = weight_flat[u32(u32(u32(u32(u32(u32(o_first + o0) + o) * u32(w_per_group)) + u32(c_local + j))
-                                                * u32(K)) + tap)]
-                    w_tile[u32(u32(u32(tap * u32(OC)) + o) * u32(CB)) + j] = v
-            cuda.syncthreads()  # the weight tile is staged
             # (a thread past the image gets an empty segment: no divergent branch around the loop)
             e = u64(starts[segment]) if valid else u64(0)
             end = u64(starts[segment + u64(1)]) if valid else u64(0)
-            # The segment's entries are sorted by tap (the tap is the high part of their ids), so
-            # the tap loop walks them once: for each tap, h[o] = sum over its entries of
-            # coef * grad_out[o, entry's output pixel], then acc[j] += sum_o W[o, c0+j, tap] * h[o].
-            # Every lane runs the tap loop in step (the warp multiplies together), and the
-            # weights are read once per tap, not once per entry (~4 entries per tap and pixel).
             tap = u32(0)
             tap_first = u32(0)  # the tap's first id / 4 (ids are 4 * (tap * part_pixels + p) + corner)
             while tap < u32(K):
+                # -- phase 1: this tap's entries. h[o] = sum over them of coef * grad_out[o, p_e]
                 tap_end = u32(tap_first + part_pixels)
                 for o in range(H0):
                     h0[o] = ZERO
                 for o in range(H1):
                     h1[o] = ZERO
-                while e < end:  # this tap's entries
+                while e < end:
                     ident = u32(key[e] & low)
                     s = u32(ident >> u32(2))
                     if s >= tap_end:  # (a comparison, not a division: the next tap's first entry)
@@ -645,32 +666,64 @@ def gather_staged_kernel(dtype, use_mask: bool, block_channels: int, wide_keys: 
                     at = element_address(grad_flat, (u64(n) * u64(out_channels) + u64(u32(o_first + o0)))
                                          * u64(out_plane) + u64(u32(u32(oy * out_w) + ox)))
                     for o in range(H0):
-                        if EVEN or u32(o0 + u32(o)) < outs:
+                        if o < OC and (EVEN or u32(o0 + u32(o)) < outs):
                             h0[o] += coef * load_at(grad_flat, at, u32(o * PLANE))
                     for o in range(H1):
-                        if EVEN or u32(o0 + u32(H0 + o)) < outs:
+                        if H0 + o < OC and (EVEN or u32(o0 + u32(H0 + o)) < outs):
                             h1[o] += coef * load_at(grad_flat, at, u32((H0 + o) * PLANE))
                     e = u64(e + u64(1))
-                # the tap's products: CB/4 LDS.128 of weights and CB FMAs per output
-                wt = u32(u32(tap * u32(OC)) * u32(CB))
+                # the sums to shared memory, 4 outputs per vector: sums[o/4][tid][o%4] (the
+                # previous tap's readers are done: the barrier at the end of the tap)
                 for o in range(H0):
-                    for j in range(CB):
-                        acc[j] += w_tile[wt + (o * CB + j)] * h0[o]
+                    sums[u32(u32(u32(u32(o // 4) * u32(THREADS)) + tid) * u32(4)) + u32(o % 4)] = h0[o]
                 for o in range(H1):
-                    for j in range(CB):
-                        acc[j] += w_tile[wt + ((H0 + o) * CB + j)] * h1[o]
+                    sums[u32(u32(u32(u32((H0 + o) // 4) * u32(THREADS)) + tid) * u32(4)) + u32(o % 4)] = h1[o]
+                # the tap's weights W[o_first + o0 + o, c_local + j, tap] -> w_tap[o*CB + j] (zeros
+                # past the chunk and the group's outputs)
+                for r in range(W_REPS):
+                    idx = u32(tid + u32(r * THREADS))
+                    if (r + 1) * THREADS <= W_TILE or idx < u32(W_TILE):
+                        o = u32(idx // u32(CB))
+                        j = u32(idx % u32(CB))
+                        v = ZERO
+                        if o < u32(OC) and u32(o0 + o) < outs:
+                            v = weight_flat[u32(u32(u32(u32(u32(u32(o_first + o0) + o) * u32(w_per_group))
+                                                        + u32(c_local + j)) * u32(K)) + tap)]
+                        w_tap[idx] = v
+                cuda.syncthreads()  # every pixel's sums and the tap's weights are staged
+                # -- phase 2: acc[i][jj] += sum_o W[o, jc + jj, tap] * h[o] of pixel pg + PG*i,
+                # per 4 outputs PX LDS.128 of sums and 4 of weights (a broadcast: one jc per warp)
+                h_at = u32(pg * u32(4))  # sums[o4][pg + PG*i][r] is sums[h_at + 4*PG*i + r] ...
+                w_at = jc  # ... and w_tap[4*o4 + r][jc + jj] is w_tap[w_at + r*CB + jj]
+                o4 = u32(0)
+                while o4 < u32(OC4 // 4):  # (UNROLL vectors of outputs a trip)
+                    for i in range(PX):
+                        for r in range(4 * UNROLL):  # output 4*o4 + r: vector r // 4, lane r % 4
+                            hv[i * 4 * UNROLL + r] = sums[u32(h_at + u32(4 * THREADS * (r // 4) + 4 * PG * i
+                                                                         + r % 4))]
+                    for r in range(4 * UNROLL):
+                        for jj in range(CJ):
+                            wv[jj] = w_tap[u32(w_at + u32(r * CB + jj))]
+                        for i in range(PX):
+                            for jj in range(CJ):
+                                acc[i * CJ + jj] += wv[jj] * hv[i * 4 * UNROLL + r]
+                    h_at = u32(h_at + u32(4 * THREADS * UNROLL))
+                    w_at = u32(w_at + u32(4 * CB * UNROLL))
+                    o4 = u32(o4 + u32(UNROLL))
+                cuda.syncthreads()  # everyone is done reading the sums and the weights
                 tap = u32(tap + u32(1))
                 tap_first = tap_end
-            cuda.syncthreads()  # everyone is done reading the weight tile
             o0 = u32(o0 + u32(OC))
-        if valid:
-            y = u32(q // u32(width))
-            x = u32(q - u32(y * u32(width)))
-            for j in range(CB):
-                if accumulate:
-                    grad_input[n, u32(c0 + u32(j)), y, x] += acc[j]
-                else:
-                    grad_input[n, u32(c0 + u32(j)), y, x] = acc[j]
+        for i in range(PX):
+            p = u32(u32(pixel0 + pg) + u32(PG * i))
+            if p < plane:
+                y = u32(p // u32(width))
+                x = u32(p - u32(y * u32(width)))
+                for jj in range(CJ):
+                    if accumulate:
+                        grad_input[n, u32(c0 + u32(jc + u32(jj))), y, x] += acc[i * CJ + jj]
+                    else:
+                        grad_input[n, u32(c0 + u32(jc + u32(jj))), y, x] = acc[i * CJ + jj]
 
     return kernel
 
@@ -701,7 +754,7 @@ def staged_tap_geometry(geometry) -> tuple:
 def gather_block_channels(geometry) -> int:
     """Channels a gather thread sums (``gather_kernel``'s ``CB``): the largest of 8, 4, 2, 1 that
     divides both an offset group's and a weight group's channels, so each key's coefficient is
-    recomputed once per CB channels (and each ``grad_out`` value loaded once per CB, ``gather_staged_kernel``)."""
+    recomputed once per CB channels (``gather_staged_channels`` is the column-free gather's)."""
     g = geometry
     per_offset_group, per_weight_group = g.in_channels // g.offset_groups, g.in_channels // g.groups
     return next(cb for cb in (8, 4, 2, 1) if per_offset_group % cb == 0 and per_weight_group % cb == 0)
@@ -755,7 +808,7 @@ def _deterministic_input_grad(g, grad_cols, grad_output, weight, offset, mask_ar
     key_type = np.uint64 if wide else np.uint32
     segments = n_chunk * g.offset_groups * g.height * g.width
     bounds = xp.arange(segments + 1, dtype=key_type) << key_type(id_bits)  # each segment's first key
-    cb = gather_block_channels(g)
+    cb = gather_staged_channels(g) if column_free else gather_block_channels(g)
     threads = n_chunk * (g.in_channels // cb) * g.height * g.width
     if column_free:  # a block per (image, channel block, pixel block), the weights staged
         out_chunk = gather_out_chunk(g)
