@@ -65,7 +65,8 @@ Atomic mode: the ``RED`` additions to ``grad_input`` and ``grad_weight`` are the
 order-varying steps. ``deterministic=True`` launches ``input_grad_kernel`` without
 them (offset and mask gradients only), the weight kernel above, and builds
 ``grad_input`` with ``backward.py``'s sort-then-segment gather in its column-free form
-(``gather_staged_kernel``: column gradients recomputed per entry, no column matrix), one image at a time, in parts of output rows
+(``gather_staged_kernel``: the column gradient recomputed per tap from ``grad_output`` and
+the weights, no column matrix), one image at a time, in parts of output rows
 within ``sort_budget``. Its extra memory (the sort part and the weight kernel's counters)
 stays under 5% of the arguments and gradients (``extra_bytes``; docs/perf-notes.md).
 
