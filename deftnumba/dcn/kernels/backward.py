@@ -488,9 +488,18 @@ def gather_staged_channels(geometry) -> int:
     segment (their coefficients and ``grad_out`` loads) are walked once per block, so once per
     ``CB`` channels; and ``CB`` sums per thread let the tap's product reuse each loaded weight
     and tap sum for 4 pixels and 4 channels (``gather_staged_kernel``)."""
+    return _channels_dividing_groups(geometry, 16)
+
+
+def _channels_dividing_groups(geometry, most: int) -> int:
+    """The largest power of two up to ``most`` that divides both an offset group's and a weight
+    group's channels (so a block of that many channels lies in one group of each)."""
     g = geometry
     per_offset_group, per_weight_group = g.in_channels // g.offset_groups, g.in_channels // g.groups
-    return next(cb for cb in (16, 8, 4, 2, 1) if per_offset_group % cb == 0 and per_weight_group % cb == 0)
+    cb = most
+    while per_offset_group % cb or per_weight_group % cb:
+        cb //= 2
+    return cb
 
 
 def gather_out_chunk(geometry) -> int:
@@ -755,9 +764,7 @@ def gather_block_channels(geometry) -> int:
     """Channels a gather thread sums (``gather_kernel``'s ``CB``): the largest of 8, 4, 2, 1 that
     divides both an offset group's and a weight group's channels, so each key's coefficient is
     recomputed once per CB channels (``gather_staged_channels`` is the column-free gather's)."""
-    g = geometry
-    per_offset_group, per_weight_group = g.in_channels // g.offset_groups, g.in_channels // g.groups
-    return next(cb for cb in (8, 4, 2, 1) if per_offset_group % cb == 0 and per_weight_group % cb == 0)
+    return _channels_dividing_groups(geometry, 8)
 
 
 def sort_key_layout(geometry, n_chunk: int, part_rows: int) -> tuple[int, bool]:
