@@ -70,7 +70,7 @@ def instructions(kernel: str, g: TuckerGeometry, config) -> dict[str, float]:
     common = {"stage_input": 12.0, "stage_core": 10.0, "multiply": step}
     if kernel == "core_conv":
         return {**common, "epilogue": 6.0}
-    pixels_aligned = t.reg_px % 4 == 0 and (t.tile_h * t.tile_w) % 4 == 0
+    pixels_aligned = t.reg_px > 2  # (fused.core_out_pitch: each thread's pixels in an aligned slot)
     return {**common,
             "stage_first": 10.0,
             "first_gemm": lay.first_reg * lay.first_pos + _loads(lay.first_pos, lay.first_pos % 4 == 0)

@@ -232,9 +232,11 @@ def test_hidden_rows_padded_for_aligned_row_segments(rng, poisoned, case, tile_w
     starts 16-byte aligned (``fused.hidden_rows``): rows padded to a multiple of 4 floats where
     ``RP * SW`` is one, otherwise each segment in its own slot, the columns neighbouring
     segments share stored in each. The first 1x1 keeps the dense region and ``store_hidden``
-    maps each position to its place(s). Bounds-checked, with partial tiles and rank chunks,
-    against the reference (a position stored at its dense index, a shared column stored in one
-    slot only, or a segment read from the dense row, fails)."""
+    maps each position to its place(s); the core's outputs go to ``staged_core_out`` in
+    16-byte slots per thread where ``RP > 2``. Bounds-checked, with partial tiles and rank
+    chunks, against the reference (a position stored at its dense index, a shared column stored
+    in one slot only, a segment read from the dense row, or core outputs stored densely and read
+    from slots, fails)."""
     from types import SimpleNamespace
 
     args, kw = make(rng, case)
@@ -248,6 +250,8 @@ def test_hidden_rows_padded_for_aligned_row_segments(rng, poisoned, case, tile_w
     lay = tile.layout(g)
     assert lay.pitch % 4 == 0 and lay.segment % 4 == 0 and lay.pitch > lay.cols
     assert (lay.segment != reg_px * sw) == slots
+    # the last 1x1's pixels: each thread's in a 16-byte slot where RP > 2 (fused.core_out_pitch)
+    assert lay.core_out_pixels == (-(-reg_px // 4) * 4 if reg_px > 2 else reg_px)
     with backend.bounds_checked():
         out = tucker_conv2d(*args, **kw, method="fused", config=tile)
     check_close(out, args, kw, np.float32)

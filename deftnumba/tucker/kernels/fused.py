@@ -33,7 +33,8 @@ across blocks and the result is deterministic)::
             # phase: multiply     core_acc += core * staged_hidden (as kernels/core_conv.py)
             barrier (between sub-chunks)
     barrier
-    # phase: store_core           staged_core_out [r_out, P] <- core_acc
+    # phase: store_core           staged_core_out [r_out, P] <- core_acc (each thread's RP
+    #                             pixels 16-byte aligned where RP > 2: core_out_pitch)
     for each block of OB outputs:
         # phase: stage_last       staged_last [r_out, OB]
         barrier
@@ -150,6 +151,7 @@ class FusedLayout:
     pitch: int           # floats per staged_hidden row (hidden_rows)
     segment: int         # floats from one thread's row segment to the next in a row (hidden_rows)
     hidden_region: int   # floats per staged_hidden rank: SH * pitch, rounded up to 4
+    core_out_pixels: int  # floats per thread's pixels in a staged_core_out rank (core_out_pitch)
 
     @classmethod
     def of(cls, t: FusedTile, g) -> "FusedLayout":
@@ -179,12 +181,14 @@ class FusedLayout:
             staging[name] = at
             at += _round4(size)
         epilogue_at = 0
-        for name, size in (("core_out", ranks_padded * pixels), ("last", ranks_padded * out_block)):
+        core_out_pixels = core_out_pitch(t)
+        for name, size in (("core_out", ranks_padded * px_threads * core_out_pixels),
+                           ("last", ranks_padded * out_block)):
             staging[name] = epilogue_at
             epilogue_at += _round4(size)
         return cls(threads, oc_threads, ranks_padded, px_threads, rows, cols, region, ur, rank_threads,
                    pos_threads, uq, region_padded, out_block, staging, max(at, epilogue_at), pitch,
-                   segment, hidden_region)
+                   segment, hidden_region, core_out_pixels)
 
     def shared_bytes(self, g) -> int:
         return self.shared_floats * g.itemsize
@@ -212,6 +216,16 @@ def hidden_rows(t: FusedTile, g, cols: int) -> tuple[int, int]:
     if t.row_slots and seg >= 4:
         return (t.tile_w // t.reg_px) * _round4(seg), _round4(seg)
     return cols, step
+
+
+def core_out_pitch(t: FusedTile) -> int:
+    """Floats from one thread's pixels to the next in a rank of ``staged_core_out``. The last
+    1x1 reads a thread's ``RP`` pixels of every rank; they load as 128-bit vectors only if they
+    start 16-byte aligned. Where ``RP > 2`` is not a multiple of 4 each thread's pixels get a
+    slot of ``RP`` rounded up to 4 (``RP = 7``: ``LDS.128``, ``LDS.64``, ``LDS`` instead of 7
+    ``LDS``, 8/7 of the buffer); ``RP = 1, 2`` load as one scalar or ``LDS.64`` already, and
+    padding would double or quadruple the buffer."""
+    return _round4(t.reg_px) if t.reg_px > 2 else t.reg_px
 
 
 def input_staging(lay: FusedLayout, in_chunk: int) -> tuple[int, int, int]:
@@ -326,6 +340,8 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
     STEP = RP * SW                                 # segments' first columns in the dense row
     SLOTS = SEGMENT != STEP                        # each segment in its own slot (hidden_rows)
     P = TH * TW
+    RPV = lay.core_out_pixels                      # a thread's pixels' slot in staged_core_out
+    VP = lay.px_threads * RPV                      # staged_core_out's rank stride
     ROP, OB = lay.ranks_padded, lay.out_block
     SEG = (RP - 1) * SW + (KW - 1) * DW + 1
     SHARED_BY = -(-SEG // STEP)                    # at most this many segments hold a column
@@ -344,7 +360,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                                                     U(RO), U(EO))
     u_SH, u_SW, u_CX, u_CR, u_UR, u_UQ = U(SH), U(SW), U(CX), U(CR), U(UR), U(UQ)
     u_Q_T = U(lay.first_pos_threads)
-    u_C, u_COUT, u_OB, u_P = U(in_channels), U(out_channels), U(OB), U(P)
+    u_C, u_COUT, u_OB, u_VP, u_RPV = U(in_channels), U(out_channels), U(OB), U(VP), U(RPV)
     u_RANK_CHUNKS, u_IN_CHUNKS, u_OUT_BLOCKS = U(RANK_CHUNKS), U(IN_CHUNKS), U(OUT_BLOCKS)
     u_KH, u_ROW_STEP, u_KW_ROP, u_ROP = U(KH), U(DH * PITCH), U(KW * ROP), U(ROP)
     PAD_H, PAD_W = np.int32(pad_h), np.int32(pad_w)
@@ -626,7 +642,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
 
         # phase: store_core
         for i in range(RO):
-            v_row = uint32(V_OFF) + (core_base + uint32(i)) * u_P + px_t * u_RP
+            v_row = uint32(V_OFF) + (core_base + uint32(i)) * u_VP + px_t * u_RPV
             for j in range(RP):
                 smem[v_row + uint32(j)] = core_acc[i * RP + j]
         oy = oy0 + u_row
@@ -657,7 +673,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
             for i in range(EO * RP):
                 out_acc[i] = ZERO
             l_ptr = uint32(L_OFF) + oc_t * u_EO   # staged_last index of (rank a, first owned output)
-            v_ptr = uint32(V_OFF) + px_t * u_RP   # staged_core_out index of (rank a, first owned pixel)
+            v_ptr = uint32(V_OFF) + px_t * u_RPV  # staged_core_out index of (rank a, first owned pixel)
             rank = U(0)
             while rank < u_ROP:
                 for j in range(RP):
@@ -667,7 +683,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                     for j in range(RP):
                         out_acc[i * RP + j] += li * row[j]
                 l_ptr += u_OB
-                v_ptr += u_P
+                v_ptr += u_VP
                 rank += U(1)
             # (unsigned indices and 32-bit tests: a signed 64-bit index cost a wraparound fix-up
             # and a 64-bit compare per store)
