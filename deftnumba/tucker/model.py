@@ -368,6 +368,11 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
 # the old pick tried by hand (l1b: 8 input channels a chunk make room for the slots); layer2's
 # search moved l2a to 4 ranks a thread (70.47 -> 70.16 µs) and kept l2b; slotted variants of the
 # layer2-3 picks tried by hand did not fit or were slower; layers 3-4 were not searched again.
+# Session 34 put each thread's core outputs in aligned slots (fused.core_out_pitch); `--search 5
+# --methods fused` on layers 2-3 then moved l2a to slotted rows and 4 input channels a chunk
+# (68.88 -> 66.79 µs; its first, 7x7 tiles of 2 ranks a thread at 66.28 µs, took the multiply loop
+# under the 85% FFMA that l2a meets: 84.8%) and l3b to slotted 7x7 tiles of 4 ranks (82.16 ->
+# 77.50 µs), and kept l2b and l3a.
 # Keys: (batch, C, r_in, r_out, Cout, kh, kw, sh, sw, ph, pw, dh, dw, dtype); FusedTile(th, tw,
 # rank_chunk, in_chunk, RO, RP, EO, UR, core_chunk), CoreTile(th, tw, chunk, OCB, RO, RP, splits) and
 # WinogradTile(tiles, OB, CC, RO, RT, splits).
@@ -383,7 +388,7 @@ AUDITED_PICKS: dict = {
         'winograd': winograd.WinogradTile(32, 32, 8, 8, 8),
     },
     (32, 128, 64, 64, 128, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l2a-n32
-        'fused': fused.FusedTile(4, 14, 64, 16, 4, 7, 8, 8, 4),
+        'fused': fused.FusedTile(4, 14, 64, 4, 4, 7, 8, 8, 4, row_slots=True),
         'three_pass': core_conv.CoreTile(14, 14, 8, 64, 4, 7, splits=2),
         'winograd': winograd.WinogradTile(16, 64, 8, 8, 8),
     },
@@ -398,7 +403,7 @@ AUDITED_PICKS: dict = {
         'winograd': winograd.WinogradTile(8, 96, 4, 12, 8, splits=2),
     },
     (32, 256, 128, 96, 256, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l3b-n32
-        'fused': fused.FusedTile(7, 7, 64, 16, 8, 7, 4, 8, 4),
+        'fused': fused.FusedTile(7, 7, 64, 8, 4, 7, 2, 8, 4, row_slots=True),
         'three_pass': core_conv.CoreTile(14, 14, 8, 32, 8, 7, splits=4),
         'winograd': winograd.WinogradTile(8, 96, 4, 12, 8, splits=2),
     },
