@@ -188,8 +188,8 @@ else:
             "--json data/tucker/static_audit.json` (no GPU needed).")
 
 # %% [markdown]
-# Reading: at these picks the formulas are pessimistic everywhere, by 5-18% on most layers
-# and by 2.2x on l3a (large register blocks on 7x7 tiles). Their ranking, not their figures,
+# Reading: at these picks the formulas are pessimistic everywhere: by 5-18% on layers 1-2 and
+# l3b, by 2.2-2.7x on l3a and layer4 (large register blocks on 7x7 images). Their ranking, not their figures,
 # is what the search uses: they shortlist and the audit decides. Where fusion loses is plain: one block
 # computes all `r_out` and all `Cout` of its tile, so a 7x7 image gives only 4 blocks and the
 # first 1x1 runs on the tile's halo (40 staged positions for a 2x8 tile). (Phases are charged

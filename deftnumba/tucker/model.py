@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -312,8 +313,13 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
                     for cr, ck in (((8, 0), (16, 4), (32, 4)) if coarse else
                                    ((2, 0), (4, 0), (8, 0), (16, 0), (16, 4), (32, 4), (32, 8), (64, 4))):
                         for cx in ((8, 16) if coarse else (4, 8, 16)):
-                            for eo in ((4, 8) if coarse else (2, 4, 8)):
-                                t = fused.FusedTile(th, tw, cr, cx, ro, rp, eo, 8 if cr >= 16 else 4, ck)
+                            # first-1x1 ranks a thread: 4 as well as 8 for large rank chunks
+                            # (layer4's audited picks take 4 with chunks of 32 and 64)
+                            first_regs = (8,) if cr >= 16 else (4,)
+                            if not coarse and cr >= 16:
+                                first_regs = (8, 4)
+                            for eo, ur in itertools.product((4, 8) if coarse else (2, 4, 8), first_regs):
+                                t = fused.FusedTile(th, tw, cr, cx, ro, rp, eo, ur, ck)
                                 if t.layout(g).threads >= 32 and fused.fits(t, g):
                                     out.append(t)
                                 # the same with each thread's hidden row segment in an aligned
@@ -372,7 +378,10 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
 # --methods fused` on layers 2-3 then moved l2a to slotted rows and 4 input channels a chunk
 # (68.88 -> 66.79 µs; its first, 7x7 tiles of 2 ranks a thread at 66.28 µs, took the multiply loop
 # under the 85% FFMA that l2a meets: 84.8%) and l3b to slotted 7x7 tiles of 4 ranks (82.16 ->
-# 77.50 µs), and kept l2b and l3a.
+# 77.50 µs), and kept l2b and l3a. At layer4, tiles of 4 pixels a thread tried by hand around
+# the search's 2-pixel ones (the formulas rank 1- and 2-pixel tiles first there) beat the old
+# 1-pixel pick and take the multiply loop from 70.6% to 89.4% FFMA: l4a 91.80 -> 82.19 µs (rank
+# chunks of 32, 8 channels a chunk, 4 ranks a thread in the first 1x1), l4b 91.80 -> 90.96 µs.
 # Keys: (batch, C, r_in, r_out, Cout, kh, kw, sh, sw, ph, pw, dh, dw, dtype); FusedTile(th, tw,
 # rank_chunk, in_chunk, RO, RP, EO, UR, core_chunk), CoreTile(th, tw, chunk, OCB, RO, RP, splits) and
 # WinogradTile(tiles, OB, CC, RO, RT, splits).
@@ -408,12 +417,12 @@ AUDITED_PICKS: dict = {
         'winograd': winograd.WinogradTile(8, 96, 4, 12, 8, splits=2),
     },
     (32, 512, 160, 160, 512, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l4a-n32
-        'fused': fused.FusedTile(2, 8, 64, 16, 8, 1, 2, 8, 4),
+        'fused': fused.FusedTile(2, 8, 32, 8, 8, 4, 2, 4, 4),
         'three_pass': core_conv.CoreTile(7, 7, 4, 32, 4, 7, splits=8),
         'winograd': winograd.WinogradTile(16, 40, 8, 10, 8),
     },
     (32, 512, 192, 160, 512, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l4b-n32
-        'fused': fused.FusedTile(2, 8, 64, 16, 8, 1, 2, 8, 4),
+        'fused': fused.FusedTile(2, 8, 64, 16, 8, 4, 2, 4, 4),
         'three_pass': core_conv.CoreTile(7, 7, 4, 32, 4, 7, splits=8),
         'winograd': winograd.WinogradTile(16, 40, 8, 10, 8),
     },

@@ -48,11 +48,14 @@ FFMA_TARGET = 85.0
 # Session 34: the core outputs each thread's last 1x1 reads sit in 16-byte slots
 # (fused.core_out_pitch), and new picks at l2a and l3b (model.AUDITED_PICKS): layer2-3 pins lowered.
 # In 8 NVVM compiles of each pick, l3a gave two PTXs (61.64 and 62.82 us: the pin covers both,
-# 2.537 + 0.8%), l2a and l3b two within 0.05%, l2b one.
+# 2.537 + 0.8%), l2a and l3b two within 0.05%, l2b one. Layer4's new picks (4 pixels a thread)
+# take its multiply loop to 89.4% FFMA: the 85% target is met on every layer, FFMA_MISSED is empty.
+# l4b's pick compiled to 90.96 us in 7 of 8 compiles and to 93.24 us (4.359x) in one: its pin,
+# 4.34 for the old pick, covers both.
 FUSED_RATIO = {"r18-l2a-n32": 1.69, "r18-l2b-n32": 1.77,
-               "r18-l3a-n32": 2.56, "r18-l3b-n32": 2.49, "r18-l4a-n32": 5.03, "r18-l4b-n32": 4.34}
+               "r18-l3a-n32": 2.56, "r18-l3b-n32": 2.49, "r18-l4a-n32": 4.49, "r18-l4b-n32": 4.40}
 THREE_PASS_RATIO = {"r18-l3a-n32": 1.80, "r18-l3b-n32": 1.74, "r18-l4a-n32": 1.97, "r18-l4b-n32": 1.91}
-FFMA_MISSED = {("r18-l4a-n32", "fused"): 69, ("r18-l4b-n32", "fused"): 69}
+FFMA_MISSED: dict = {}
 # Session 31: `winograd`, three_pass with the core conv by Winograd's F(2x2, 3x3) (2.25x fewer
 # multiplies than the direct FLOPs the floor counts; 3x3, stride 1, dilation 1), audited at
 # its picks (model.AUDITED_PICKS) on every layer. Missed where WINOGRAD_RATIO pins it.
