@@ -238,16 +238,20 @@ def main(argv=None) -> int:
         return 0
     figures = target_figures(args.shapes)
     print(f"Tucker forward, fp32, sm_90: {figures['label']}")
-    print(f"{'shape':>12} {'floor us':>8} | {'fused us':>8} {'ratio':>5} {'regs':>4} {'FFMA% (loops)':>22} "
+    print(f"{'shape':>12} {'floor us':>8} {'bound':>5} | {'fused us':>8} {'ratio':>5} {'regs':>4} {'FFMA% (loops)':>22} "
           f"{'hand us':>7} | {'3-pass us':>9} {'ratio':>5} | {'winograd':>8} {'ratio':>5}")
+    suites = bench_op.suites()
     for name, r in figures["suites"].items():
         f, t = r.get("fused"), r.get("three_pass")
+        bound = model.fused_bound(bench_op.geometry(suites[name])).ratio
         ffma = ",".join(f"{k[:5]} {v:.0f}" for k, v in f["ffma_percent"].items()) if f else "-"
-        print(f"{name:>12} {r['floor_us']:8.2f} | "
+        print(f"{name:>12} {r['floor_us']:8.2f} {bound:5.2f} | "
               + (f"{f['predicted_us']:8.2f} {f['ratio']:5.2f} {f['registers']:>4} {ffma:>22} "
                  f"{f['hand_model_us']:7.2f} | " if f else f"{'-':>8} {'-':>5} {'-':>4} {'-':>22} {'-':>7} | ")
               + (f"{t['predicted_us']:9.2f} {t['ratio']:5.2f}" if t else f"{'-':>9} {'-':>5}")
               + (f" | {r['winograd']['predicted_us']:8.2f} {r['winograd']['ratio']:5.2f}" if "winograd" in r else ""))
+    print("bound: model.fused_bound over the floor, the least any one-launch fused kernel of this design "
+          "could reach (only useful FFMAs at the full issue rate; halo and grid quantisation counted)")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:

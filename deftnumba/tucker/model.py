@@ -219,7 +219,7 @@ def _kernel_time(kernel: str, g: TuckerGeometry, t, device: Device):
     else:
         dram = roofline.totals(g, "fused").bytes
         l2 = blocks * (-(-g.rank_in // t.rank_chunk) * (-(-g.in_channels // t.in_chunk) * t.in_chunk)
-                       * lay.region + g.in_channels * g.rank_in + g.rank_in * g.taps * lay.ranks_padded
+                       * lay.region + g.in_channels * g.rank_in + g.rank_in * g.taps * lay.weights_padded
                        + lay.ranks_padded * g.out_channels) * s
     memory_ms = 1e3 * max(dram / device.dram_bandwidth, l2 / device.l2_bandwidth)
     return issue_ms, memory_ms, dict(threads=threads, blocks=blocks, per_sm=per_sm, waves=waves, regs=regs,
@@ -266,6 +266,84 @@ def predict(g: TuckerGeometry, method: str, config=None, device: Device = H200) 
     raise ValueError(f"method must be fused, three_pass, winograd, cudnn_conv or cudnn_tucker, got {method!r}")
 
 
+@dataclass(frozen=True)
+class FusedBound:
+    """The least issue-bound time any one-launch fused kernel of ``fused``'s design could have
+    (``fused_bound``): a prediction under the audit's issue-slot model, never a measurement."""
+
+    us: float            # microseconds, at the best tile shape
+    tile: tuple          # (tile_h, tile_w) of that shape
+    blocks: int          # its grid: tiles x images
+    recompute: float     # its first-1x1 FLOPs over the layer's (halo recomputation)
+    floor_us: float      # the layer's roofline floor (tucker.roofline, the fused operator)
+
+    @property
+    def ratio(self) -> float:
+        """The bound over the floor: no kernel of this design gets under it."""
+        return self.us / self.floor_us
+
+    def ffma_share_for(self, ratio: float = 1.5) -> float:
+        """The share of issued instructions that must be useful FFMAs for a kernel to reach
+        ``ratio`` times the floor (above 1: out of reach)."""
+        return self.ratio / ratio
+
+
+def _needed(out_size: int, tile: int, stride: int, pad: int, dil: int, kernel: int, size: int) -> list:
+    """Per tile along one axis: (output rows of the tile, input rows in the image it reads)."""
+    out = []
+    for start in range(0, out_size, tile):
+        rows = range(start, min(start + tile, out_size))
+        read = {o * stride - pad + k * dil for o in rows for k in range(kernel)}
+        out.append((len(rows), sum(1 for r in read if 0 <= r < size)))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def fused_bound(g: TuckerGeometry, device: Device = H200) -> FusedBound:
+    """How close to the roofline floor *any* one-launch kernel of ``fused``'s design can get.
+
+    The design (the issue's, kept for determinism): a block owns one image's ``TH x TW``
+    output tile with all ``r_out`` core ranks and all ``Cout`` outputs, so nothing is summed
+    across blocks; it computes the first 1x1 at every in-image input position its core
+    conv reads (the halo, computed again by the neighbouring tile). The bound grants it
+    everything else: every issued instruction is an FFMA on 32 useful lanes, 4 warp
+    instructions a clock per SM (``perf/sass.py``'s model), no loads, no barriers, zero
+    padding free. The busiest SM runs at least ``ceil(blocks / SMs)`` blocks, and at
+    least its share of the total. Minimised over every tile shape. Two costs remain,
+    and they are what fusion pays: the halo recomputation and the grid's quantisation
+    over the SMs (a 7x7 image has few tiles, each with a large halo)."""
+    totals = roofline.totals(g, "fused")
+    floor = 1e6 * max(totals.flops / device.fp32_flops, totals.bytes / device.dram_bandwidth)
+    per_pixel = 2.0 * g.rank_out * (g.rank_in // g.groups) * g.taps + 2.0 * g.out_channels * g.rank_out
+    per_input = 2.0 * g.rank_in * g.in_channels
+    ffma_per_s = device.fp32_flops  # FMA = 2 FLOPs: the whole device's FFMA lanes at the model's clock
+    first_flops = per_input * g.height * g.width
+    best = None
+    for th in range(1, g.out_h + 1):
+        rows = _needed(g.out_h, th, g.stride_h, g.pad_h, g.dil_h, g.kernel_h, g.height)
+        for tw in range(1, g.out_w + 1):
+            cols = _needed(g.out_w, tw, g.stride_w, g.pad_w, g.dil_w, g.kernel_w, g.width)
+            work = sorted(per_input * ri * ci + per_pixel * ro * co for ro, ri in rows for co, ci in cols)
+            blocks = len(work) * g.batch
+            busiest = -(-blocks // device.sms)
+            # the busiest SM: at least the heaviest block, at least ceil(blocks / SMs) blocks
+            # (the lightest ones, for a bound) and at least an even share of all the work
+            light, left, i = 0.0, busiest, 0
+            while left > 0:
+                take = min(left, g.batch)
+                light += take * work[i]
+                left -= take
+                i += 1
+            total = g.batch * sum(work)
+            flops = max(work[-1], light, total / device.sms)
+            us = 1e6 * flops * device.sms / ffma_per_s
+            if best is None or us < best[0]:
+                recompute = g.batch * sum(per_input * ri * ci for _, ri in rows for _, ci in cols) / (
+                    g.batch * first_flops) if first_flops else 1.0
+                best = (us, (th, tw), blocks, recompute)
+    return FusedBound(best[0], best[1], best[2], best[3], floor)
+
+
 def _fitting_tiles(g: TuckerGeometry) -> tuple:
     """Tiles whose sides divide the output image (7x7, 7x14, 4x28, ...): ResNet's 28, 14 and 7
     are not multiples of 8, and a power-of-two tile there computes up to 31% padding."""
@@ -273,6 +351,33 @@ def _fitting_tiles(g: TuckerGeometry) -> tuple:
     ws = [d for d in range(4, min(g.out_w, 32) + 1) if g.out_w % d == 0]
     return tuple((h, w) for h in hs for w in ws if 16 <= h * w <= 256 and (h, w) not in
                  ((4, 4), (4, 8), (8, 8), (8, 16), (2, 8)))
+
+
+def _whole_warp_group_tiles(g: TuckerGeometry) -> list:
+    """Fused tiles of exactly 128 threads (4 warps) built the other way round: ranks a thread
+    ``RO`` between 3 and 12 and a row of ``TW`` pixels in ``TW / RP`` threads, then as many
+    tile rows as make ``ceil(r_out / RO) * rows * TW / RP = 128`` (96 ranks, 6 a thread, rows
+    of 7: 8x7 tiles; 160 ranks, 5 a thread, 2x8 tiles of 4 pixels a thread: session 35's
+    layer3-4 picks), with the rank chunks, first-1x1 ranks, outputs a thread and core chunks
+    those picks took. Where the grid is one block an SM, a block of 3 or 6 warps leaves
+    schedulers idle under the issue-slot model."""
+    out = []
+    widths = sorted({tw for _, tw in _fitting_tiles(g)} | {8})
+    for ro in range(3, 13):
+        oc_threads = -(-g.rank_out // ro)
+        for tw in widths:
+            for rp in (1, 2, 4, 7, 8):
+                if tw % rp or 128 % (oc_threads * (tw // rp)):
+                    continue
+                th = 128 // (oc_threads * (tw // rp))
+                if th > g.out_h:
+                    continue
+                for cr, ur in ((32, 4), (32, 8), (48, 12), (64, 8), (64, 16)):
+                    for cx, eo, ck in itertools.product((8, 16), (1, 2, 4), (2, 4)):
+                        t = fused.FusedTile(th, tw, cr, cx, ro, rp, eo, ur, ck)
+                        if fused.fits(t, g):
+                            out.append(t)
+    return out
 
 
 def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
@@ -309,7 +414,13 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
             for rp in ((2, 4) if coarse else (1, 2, 4, 7, 8)):
                 if tw % rp:
                     continue
-                for ro in ((4, 8) if coarse else (2, 4, 8)):
+                px = th * tw // rp
+                # and, where they exist, ranks a thread that make the block whole groups of 4
+                # warps (the issue-slot model's best: 6 at 96 ranks and 7x7 rows of 8, 5 at 160;
+                # fused.weight_pitch keeps their weights 16-byte aligned)
+                filling = () if coarse else tuple(ro for ro in range(3, 13) if ro not in (4, 8)
+                                                  and (-(-g.rank_out // ro) * px) in (128, 256))
+                for ro in ((4, 8) if coarse else (2, 4, 8) + filling):
                     for cr, ck in (((8, 0), (16, 4), (32, 4)) if coarse else
                                    ((2, 0), (4, 0), (8, 0), (16, 0), (16, 4), (32, 4), (32, 8), (64, 4))):
                         for cx in ((8, 16) if coarse else (4, 8, 16)):
@@ -328,6 +439,9 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
                                 if (not coarse and slotted.layout(g).segment != rp * g.stride_w
                                         and slotted.layout(g).threads >= 32 and fused.fits(slotted, g)):
                                     out.append(slotted)
+        if not coarse:
+            seen = set(out)
+            out += [t for t in _whole_warp_group_tiles(g) if t not in seen]
         return out
     if method == "winograd":
         if not winograd.eligible(g):
@@ -407,22 +521,22 @@ AUDITED_PICKS: dict = {
         'winograd': winograd.WinogradTile(16, 64, 8, 8, 8),
     },
     (32, 256, 96, 96, 256, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l3a-n32
-        'fused': fused.FusedTile(7, 7, 32, 16, 8, 7, 4, 8, 8),
+        'fused': fused.FusedTile(8, 7, 48, 8, 6, 7, 4, 12, 4),  # 128 threads; 6 ranks in 8-float slots
         'three_pass': core_conv.CoreTile(14, 14, 8, 32, 8, 7, splits=4),
         'winograd': winograd.WinogradTile(8, 96, 4, 12, 8, splits=2),
     },
     (32, 256, 128, 96, 256, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l3b-n32
-        'fused': fused.FusedTile(7, 7, 64, 8, 4, 7, 2, 8, 4, row_slots=True),
+        'fused': fused.FusedTile(8, 7, 64, 8, 6, 7, 4, 16, 4),  # 128 threads; 6 ranks in 8-float slots
         'three_pass': core_conv.CoreTile(14, 14, 8, 32, 8, 7, splits=4),
         'winograd': winograd.WinogradTile(8, 96, 4, 12, 8, splits=2),
     },
     (32, 512, 160, 160, 512, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l4a-n32
-        'fused': fused.FusedTile(2, 8, 32, 8, 8, 4, 2, 4, 4),
+        'fused': fused.FusedTile(2, 8, 32, 16, 5, 4, 1, 4, 2),  # 128 threads; 5 ranks in 8-float slots
         'three_pass': core_conv.CoreTile(7, 7, 4, 32, 4, 7, splits=8),
         'winograd': winograd.WinogradTile(16, 40, 8, 10, 8),
     },
     (32, 512, 192, 160, 512, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l4b-n32
-        'fused': fused.FusedTile(2, 8, 64, 16, 8, 4, 2, 4, 4),
+        'fused': fused.FusedTile(2, 8, 64, 8, 5, 4, 1, 8, 2),  # 128 threads; 5 ranks in 8-float slots
         'three_pass': core_conv.CoreTile(7, 7, 4, 32, 4, 7, splits=8),
         'winograd': winograd.WinogradTile(16, 40, 8, 10, 8),
     },

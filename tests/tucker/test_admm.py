@@ -53,3 +53,16 @@ def test_admm_converges_onto_the_rank_limited_set():
     tucker = admm.admm(model, data, ranks, s)
     assert tucker.projection_gap < 0.1 and tucker.projection_gap < before / 3, (before, tucker.projection_gap)
     assert admm.projection_gap(model, ranks) == pytest.approx(tucker.projection_gap)
+
+
+def test_the_scaled_dual_shrinks_as_rho_grows():
+    """U is the scaled dual (y / rho): when rho grows U must shrink by the same factor, or the
+    implied dual grows with rho and holds W off its projection. At 1/16 ranks, 12 rounds: the
+    gap ends at 0.04 with the rescale and 0.11 without (seed 3)."""
+    torch.manual_seed(3)
+    s = admm.Settings(pretrain_epochs=3, finetune_epochs=0, seed=3)
+    data = admm.load_digits(3)
+    model = admm._model_class()()
+    admm.train(model, data, s.pretrain_epochs, s)
+    tucker = admm.admm(model, data, admm.ranks_for(model, 0.0625), s)
+    assert tucker.projection_gap < 0.07

@@ -311,3 +311,31 @@ def test_rank_splits_add_their_sums_in_split_order_whatever_order_blocks_run(rng
     g = ops.check_tucker(*args, **kw)
     with pytest.raises(ValueError, match="splits"):
         core_conv.launch(g, core_conv.CoreTile(2, 3, 2, 4, 2, 3, splits=6), None, None, None)
+
+
+@pytest.mark.parametrize("case, reg_oc, tile_w, reg_px", [
+    ((2, 5, 6, 7, 5, 7, 4, 3, 3, 1, 1, 1, 1), 6, 4, 2),        # 7 ranks: 2 threads of 6 in 8-float slots
+    ((1, 4, 5, 9, 6, 5, 3, 3, 2, 1, (1, 0), 1, 1), 3, 3, 3),   # 3 in 4; non-square core, 2 rank chunks
+    ((1, 3, 7, 6, 4, 11, 5, 3, 3, (2, 1), 1, (1, 2), 1), 5, 2, 2),  # 5 in 8; 3 threads, the last partial
+])
+def test_core_weights_in_aligned_slots(rng, poisoned, case, reg_oc, tile_w, reg_px):
+    """Where ``RO > 2`` is not a multiple of 4, each thread's core weights of a tap sit in a
+    zero-padded 16-byte slot of ``staged_core`` (``fused.weight_pitch``), packed so by
+    ``pack_core``. Bounds-checked against the reference, with ranks that leave the last thread
+    partial (packing the weights densely while reading them from slots fails)."""
+    from types import SimpleNamespace
+
+    args, kw = make(rng, case)
+    tile = fused.FusedTile(tile_h=2, tile_w=tile_w, rank_chunk=4, in_chunk=2, reg_oc=reg_oc, reg_px=reg_px,
+                           out_reg=2, first_reg=2, core_chunk=2)
+    n, c, h, w, ri, ro, co, kh, kwid, s, p, d, gr = case
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+    g = SimpleNamespace(rank_out=ro, stride_h=pair(s)[0], stride_w=pair(s)[1], kernel_h=kh, kernel_w=kwid,
+                        dil_h=pair(d)[0], dil_w=pair(d)[1], taps=kh * kwid)
+    lay = tile.layout(g)
+    assert lay.weight_slot == -(-reg_oc // 4) * 4 and lay.weights_padded == lay.oc_threads * lay.weight_slot
+    packed = fused.pack_core(args[2][:, :, :, :], tile, lay)
+    assert packed.size == -(-ri // 4) * 4 * kh * kwid * lay.weights_padded
+    with backend.bounds_checked():
+        out = tucker_conv2d(*args, **kw, method="fused", config=tile)
+    check_close(out, args, kw, np.float32)

@@ -168,3 +168,51 @@ def test_choose_ranks_meets_budget_and_differs_by_objective(rng):
     assert all("prediction" in c.label for c in lat)
     with pytest.raises(ValueError, match="exactly one"):
         ranks.choose_ranks(layers, by="latency", _candidates=table)
+
+
+def _layer(batch, channels, size, ranks, kernel, pad):
+    return TuckerGeometry(batch=batch, in_channels=channels, height=size, width=size, out_channels=channels,
+                          rank_in=ranks, rank_out=ranks, kernel_h=kernel, kernel_w=kernel, pad_h=pad, pad_w=pad)
+
+
+def test_fused_bound_is_the_floor_where_fusion_costs_nothing():
+    """One block per image, one image per SM and no halo (a 1x1 core, or a 3x3 core whose tile
+    is the whole image): the bound is the compute floor itself."""
+    for kernel, pad, size in ((1, 0, 2), (3, 1, 3)):
+        g = _layer(132, 512, size, 256, kernel, pad)
+        b = model.fused_bound(g)
+        assert roofline.totals(g, "fused").flops / model.H200.fp32_flops > \
+            roofline.totals(g, "fused").bytes / model.H200.dram_bandwidth  # compute-bound
+        assert b.recompute == pytest.approx(1.0)
+        if kernel == 3:  # (a 1x1 core: any tile shape ties)
+            assert b.tile == (size, size) and b.blocks == 132
+        assert b.ratio == pytest.approx(1.0, rel=1e-9)
+
+
+def test_fused_bound_counts_halo_and_quantisation_by_hand():
+    """A 4x4 image, 3x3 core, pad 1, batch 33: whole-image tiles give 33 blocks (one an SM,
+    no halo: the floor's FLOPs on a quarter of the SMs, 4x the floor); 2x2 tiles give 132 blocks
+    of 3x3 in-image halos (9/4 of the first 1x1 each); 1x1 tiles need up to 9 halo positions a
+    pixel. The bound is the best of all shapes, by hand."""
+    g = _layer(33, 64, 4, 32, 3, 1)
+    b = model.fused_bound(g)
+    per_input, per_pixel = 2 * 32 * 64, 2 * 32 * 32 * 9 + 2 * 64 * 32
+    whole = 16 * (per_input + per_pixel)                 # one block an image, 33 SMs busy
+    quarter = 9 * per_input + 4 * per_pixel              # 2x2 tiles: 132 blocks, one an SM
+    assert b.tile == (2, 2) and b.blocks == 132
+    assert b.us == pytest.approx(1e6 * quarter * 132 / model.H200.fp32_flops)
+    assert b.us < 1e6 * whole * 132 / model.H200.fp32_flops
+    assert b.recompute == pytest.approx(4 * 9 / 16)
+
+
+def test_fused_bound_of_tdc_layers():
+    """Never under the floor; layer4 (7x7 images) the costliest to fuse. Deterministic counts
+    (a prediction under the issue-slot model, not a timing)."""
+    ratios = {}
+    for name in ("r18-l1a-n32", "r18-l2a-n32", "r18-l3a-n32", "r18-l4a-n32"):
+        b = model.fused_bound(bench_op.geometry(bench_op.suites()[name]))
+        assert b.ratio >= 1.0
+        ratios[name] = b.ratio
+    assert ratios["r18-l4a-n32"] == pytest.approx(1.237, abs=0.001)
+    assert ratios["r18-l1a-n32"] < ratios["r18-l2a-n32"] < ratios["r18-l3a-n32"] < ratios["r18-l4a-n32"]
+    assert model.fused_bound(bench_op.geometry(bench_op.suites()["r18-l4a-n32"])).ffma_share_for(1.5) > 0.8

@@ -28,7 +28,8 @@ across blocks and the result is deterministic)::
         # phase: store_hidden     staged_hidden [CR, SH rows] <- first_acc (rows padded or
         #                         slotted so each thread's row segment is aligned: hidden_rows)
         for each sub-chunk of CK of those ranks:
-            # phase: stage_core   staged_core [CK*K, r_out]
+            # phase: stage_core   staged_core [CK*K, r_out] (each thread's RO ranks 16-byte
+            #                     aligned where RO > 2: weight_pitch)
             barrier
             # phase: multiply     core_acc += core * staged_hidden (as kernels/core_conv.py)
             barrier (between sub-chunks)
@@ -152,6 +153,8 @@ class FusedLayout:
     segment: int         # floats from one thread's row segment to the next in a row (hidden_rows)
     hidden_region: int   # floats per staged_hidden rank: SH * pitch, rounded up to 4
     core_out_pixels: int  # floats per thread's pixels in a staged_core_out rank (core_out_pitch)
+    weight_slot: int     # floats per thread's RO core weights of a tap in staged_core (weight_pitch)
+    weights_padded: int  # floats per tap in staged_core: oc_threads * weight_slot
 
     @classmethod
     def of(cls, t: FusedTile, g) -> "FusedLayout":
@@ -171,13 +174,15 @@ class FusedLayout:
         pitch, segment = hidden_rows(t, g, cols)
         hidden_region = _round4(rows * pitch) if pitch != cols else region
         ranks_padded = oc_threads * t.reg_oc
+        weight_slot = weight_pitch(t)
+        weights_padded = oc_threads * weight_slot
         out_block = oc_threads * t.out_reg
         pixels = t.tile_h * t.tile_w
         staging = {}
         at = 0
         for name, size in (("x", t.in_chunk * region_padded), ("first", t.in_chunk * t.rank_chunk),
                            ("hidden", t.rank_chunk * hidden_region),
-                           ("core", t.core_ranks * g.taps * ranks_padded)):
+                           ("core", t.core_ranks * g.taps * weights_padded)):
             staging[name] = at
             at += _round4(size)
         epilogue_at = 0
@@ -188,7 +193,7 @@ class FusedLayout:
             epilogue_at += _round4(size)
         return cls(threads, oc_threads, ranks_padded, px_threads, rows, cols, region, ur, rank_threads,
                    pos_threads, uq, region_padded, out_block, staging, max(at, epilogue_at), pitch,
-                   segment, hidden_region, core_out_pixels)
+                   segment, hidden_region, core_out_pixels, weight_slot, weights_padded)
 
     def shared_bytes(self, g) -> int:
         return self.shared_floats * g.itemsize
@@ -226,6 +231,16 @@ def core_out_pitch(t: FusedTile) -> int:
     ``LDS``, 8/7 of the buffer); ``RP = 1, 2`` load as one scalar or ``LDS.64`` already, and
     padding would double or quadruple the buffer."""
     return _round4(t.reg_px) if t.reg_px > 2 else t.reg_px
+
+
+def weight_pitch(t: FusedTile) -> int:
+    """Floats from one thread's core weights of a tap to the next in ``staged_core``. The
+    multiply reads a thread's ``RO`` weights of every tap; they load as 128-bit vectors only if
+    they start 16-byte aligned. Where ``RO > 2`` is not a multiple of 4 each thread's weights get
+    a slot of ``RO`` rounded up to 4, zero-padded (``RO = 6``: ``LDS.128 + LDS.64`` instead of
+    three ``LDS.64``; 8/6 of the slice). ``RO = 6`` and ``5`` give block sizes that fill whole
+    groups of 4 warps at ResNet's 96 and 160 ranks (``16 x 7 = 112`` threads at 96 ranks and 7x7)."""
+    return _round4(t.reg_oc) if t.reg_oc > 2 and t.reg_oc % 4 else t.reg_oc
 
 
 def input_staging(lay: FusedLayout, in_chunk: int) -> tuple[int, int, int]:
@@ -285,14 +300,18 @@ def pack_first(first, t: FusedTile, xp=np):
 
 
 def pack_core(core, t: FusedTile, lay: FusedLayout, xp=np):
-    """Dense ``core [Q, R, kh, kw]`` -> flat ``[core chunk][ck][ky][kx][o]`` (R padded to whole
-    rank chunks, o to ``ranks_padded``); core chunk ``i`` holds ranks ``i*CK ...``."""
+    """Dense ``core [Q, R, kh, kw]`` -> flat ``[core chunk][ck][ky][kx][oc thread][slot]`` (R padded
+    to whole rank chunks; thread ``v``'s ranks ``v*RO ...`` in a slot of ``weight_slot`` floats,
+    zeros past ``Q`` and past ``RO``: weight_pitch); core chunk ``i`` holds ranks ``i*CK ...``."""
     q, r, kh, kw = core.shape
     ck = t.core_ranks
     nr = -(-r // t.rank_chunk) * (t.rank_chunk // ck)
-    padded = xp.zeros((lay.ranks_padded, nr * ck, kh, kw), dtype=core.dtype)
-    padded[:q, :r] = core
-    return xp.ascontiguousarray(padded.reshape(lay.ranks_padded, nr, ck, kh * kw).transpose(1, 2, 3, 0)).reshape(-1)
+    ro, slot, threads = t.reg_oc, lay.weight_slot, lay.oc_threads
+    padded = xp.zeros((threads, slot, nr * ck, kh, kw), dtype=core.dtype)
+    dense = xp.zeros((lay.ranks_padded, nr * ck, kh, kw), dtype=core.dtype)
+    dense[:q, :r] = core
+    padded[:, :ro] = dense.reshape(threads, ro, nr * ck, kh, kw)
+    return xp.ascontiguousarray(padded.reshape(lay.weights_padded, nr, ck, kh * kw).transpose(1, 2, 3, 0)).reshape(-1)
 
 
 def pack_last(last, bias, lay: FusedLayout, xp=np):
@@ -343,6 +362,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
     RPV = lay.core_out_pixels                      # a thread's pixels' slot in staged_core_out
     VP = lay.px_threads * RPV                      # staged_core_out's rank stride
     ROP, OB = lay.ranks_padded, lay.out_block
+    ROPW, u_RW = lay.weights_padded, U(lay.weight_slot)  # staged_core's tap stride, a thread's slot
     SEG = (RP - 1) * SW + (KW - 1) * DW + 1
     SHARED_BY = -(-SEG // STEP)                    # at most this many segments hold a column
     X_OFF, F_OFF, H_OFF, K_OFF = (lay.offsets[k] for k in ("x", "first", "hidden", "core"))
@@ -352,7 +372,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
     IN_CHUNKS = -(-in_channels // CX)
     OUT_BLOCKS = -(-out_channels // OB)
     u_THREADS = U(lay.threads)
-    u_F_SLICE, u_K_SLICE, u_L_SLICE = U(CX * CR), U(CK * K * ROP), U(ROP * OB)
+    u_F_SLICE, u_K_SLICE, u_L_SLICE = U(CX * CR), U(CK * K * ROPW), U(ROP * OB)
     u_REGION, u_REGION_P, u_COLS = U(REGION), U(REGION_P), U(COLS)
     u_PITCH, u_HREGION, u_SEGMENT, u_STEP, u_SEG = U(PITCH), U(HREGION), U(SEGMENT), U(STEP), U(SEG)
     LAST_SEGMENT = TW // RP - 1
@@ -362,7 +382,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
     u_Q_T = U(lay.first_pos_threads)
     u_C, u_COUT, u_OB, u_VP, u_RPV = U(in_channels), U(out_channels), U(OB), U(VP), U(RPV)
     u_RANK_CHUNKS, u_IN_CHUNKS, u_OUT_BLOCKS = U(RANK_CHUNKS), U(IN_CHUNKS), U(OUT_BLOCKS)
-    u_KH, u_ROW_STEP, u_KW_ROP, u_ROP = U(KH), U(DH * PITCH), U(KW * ROP), U(ROP)
+    u_KH, u_ROW_STEP, u_KW_ROP, u_ROP = U(KH), U(DH * PITCH), U(KW * ROPW), U(ROP)
     PAD_H, PAD_W = np.int32(pad_h), np.int32(pad_w)
     C_IN, C_OUT = in_channels, out_channels
     C_FULL = in_channels % CX == 0  # every channel chunk is whole: no channel test in the staging
@@ -371,11 +391,11 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
     # number of them (the packed arrays are the array module's own, aligned; the shared offsets
     # are multiples of 4 floats): slice_vector_width
     VW = vector_width(DT)
-    VEC_F, VEC_K, VEC_L = (slice_vector_width(n, DT) == VW for n in (CX * CR, CK * K * ROP, ROP * OB))
+    VEC_F, VEC_K, VEC_L = (slice_vector_width(n, DT) == VW for n in (CX * CR, CK * K * ROPW, ROP * OB))
     u_VW, u_VEC_STEP = U(VW), U(lay.threads * VW)
     # at most one step per thread: the copy loop ends after its first trip (compile time), so
     # the compiler emits a test, not a loop unrolled for trips that never come
-    ONCE_F, ONCE_K, ONCE_L = (n <= lay.threads * slice_vector_width(n, DT) for n in (CX * CR, CK * K * ROP, ROP * OB))
+    ONCE_F, ONCE_K, ONCE_L = (n <= lay.threads * slice_vector_width(n, DT) for n in (CX * CR, CK * K * ROPW, ROP * OB))
 
     CORE_ACC = RO * RP  # local-array sizes must be plain constants
     # the multiply loop's trip takes two staged ranks (its body written twice) where they pair up
@@ -574,7 +594,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
             sub = U(0)
             while sub < u_SUBS:  # the rank chunk's core weights, CK ranks at a time
                 # phase: stage_core
-                slice0 = np.uint64(U(rank_chunk * u_SUBS + sub)) * np.uint64(CK * K * ROP)
+                slice0 = np.uint64(U(rank_chunk * u_SUBS + sub)) * np.uint64(CK * K * ROPW)
                 if VEC_K:
                     idx = U(tid * u_VW)
                     while idx < u_K_SLICE:
@@ -594,7 +614,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                 cuda.syncthreads()  # hidden tile (first sub-chunk) and core slice complete
 
                 # phase: multiply
-                w_ptr = uint32(K_OFF) + core_base   # staged_core index of (cr, ky, kx=0, first owned rank)
+                w_ptr = uint32(K_OFF) + oc_t * u_RW  # staged_core index of (cr, ky, kx=0, this thread's slot)
                 cr = U(0)
                 while cr < u_CK:
                     x_ptr = x_channel
@@ -604,7 +624,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                             row[q] = smem[x_ptr + uint32(q)]
                         for kx in range(KW):
                             for i in range(RO):
-                                a[i] = smem[w_ptr + uint32(kx * ROP + i)]
+                                a[i] = smem[w_ptr + uint32(kx * ROPW + i)]
                             for j in range(RP):
                                 x = row[j * SW + kx * DW]
                                 for i in range(RO):
@@ -621,7 +641,7 @@ def fused_kernel(dtype, in_channels, rank_in, rank_out, out_channels, kernel_h, 
                                 row[q] = smem[x_ptr + uint32(q)]
                             for kx in range(KW):
                                 for i in range(RO):
-                                    a[i] = smem[w_ptr + uint32(kx * ROP + i)]
+                                    a[i] = smem[w_ptr + uint32(kx * ROPW + i)]
                                 for j in range(RP):
                                     x = row[j * SW + kx * DW]
                                     for i in range(RO):
@@ -745,7 +765,7 @@ def phase_model(shape, config: FusedTile) -> dict[str, int]:
         "stage_first": rank_chunks * in_chunks * -(-t.in_chunk * t.rank_chunk // th),
         "first_gemm": rank_chunks * in_chunks * t.in_chunk,
         "store_hidden": rank_chunks * lay.first_reg * lay.first_pos,
-        "stage_core": rank_chunks * (t.rank_chunk // t.core_ranks) * -(-t.core_ranks * g.taps * lay.ranks_padded // th),
+        "stage_core": rank_chunks * (t.rank_chunk // t.core_ranks) * -(-t.core_ranks * g.taps * lay.weights_padded // th),
         "multiply": rank_chunks * t.rank_chunk * g.kernel_h,
         "store_core": t.reg_oc * t.reg_px,
         "stage_last": out_blocks * -(-lay.ranks_padded * lay.out_block // th),
@@ -779,7 +799,7 @@ def sass_iterations(shape, config: FusedTile) -> dict[str, tuple]:
     return {"prologue": (0, 1), "stage_input": (steps * per_step, steps),
             "stage_first": (steps * copies(t.in_chunk * t.rank_chunk), steps),
             "first_gemm": (body["first_gemm"], steps), "store_hidden": (body["store_hidden"], rank_chunks),
-            "stage_core": (core_runs * copies(t.core_ranks * g.taps * lay.ranks_padded), core_runs),
+            "stage_core": (core_runs * copies(t.core_ranks * g.taps * lay.weights_padded), core_runs),
             "multiply": (body["multiply"], rank_chunks * t.rank_chunk), "store_core": (0, 1),
             "stage_last": (out_blocks * copies(lay.ranks_padded * lay.out_block), out_blocks),
             "last_gemm": (body["last_gemm"], out_blocks)}
