@@ -516,7 +516,7 @@ AUDITED_PICKS: dict = {
         'winograd': winograd.WinogradTile(16, 64, 8, 8, 8),
     },
     (32, 128, 96, 64, 128, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l2b-n32
-        'fused': fused.FusedTile(4, 28, 32, 16, 8, 7, 8, 8, 4),
+        'fused': fused.FusedTile(8, 14, 48, 8, 8, 7, 4, 12, 4),  # 128 threads, 256 blocks (session 35)
         'three_pass': core_conv.CoreTile(14, 14, 8, 64, 4, 7, splits=2),
         'winograd': winograd.WinogradTile(16, 64, 8, 8, 8),
     },
