@@ -308,8 +308,8 @@ def fused_bound(g: TuckerGeometry, device: Device = H200) -> FusedBound:
     conv reads (the halo, computed again by the neighbouring tile). The bound grants it
     everything else: every issued instruction is an FFMA on 32 useful lanes, 4 warp
     instructions a clock per SM (``perf/sass.py``'s model), no loads, no barriers, zero
-    padding free. The busiest SM runs at least ``ceil(blocks / SMs)`` blocks, and at
-    least its share of the total. Minimised over every tile shape. Two costs remain,
+    padding free. The busiest SM runs at least the heaviest block, at least ``ceil(blocks /
+    SMs)`` blocks and at least an even share of the total. Minimised over every tile shape. Two costs remain,
     and they are what fusion pays: the halo recomputation and the grid's quantisation
     over the SMs (a 7x7 image has few tiles, each with a large halo)."""
     totals = roofline.totals(g, "fused")
@@ -338,8 +338,8 @@ def fused_bound(g: TuckerGeometry, device: Device = H200) -> FusedBound:
             flops = max(work[-1], light, total / device.sms)
             us = 1e6 * flops * device.sms / ffma_per_s
             if best is None or us < best[0]:
-                recompute = g.batch * sum(per_input * ri * ci for _, ri in rows for _, ci in cols) / (
-                    g.batch * first_flops) if first_flops else 1.0
+                recompute = (sum(per_input * ri * ci for _, ri in rows for _, ci in cols) / first_flops
+                             if first_flops else 1.0)
                 best = (us, (th, tw), blocks, recompute)
     return FusedBound(best[0], best[1], best[2], best[3], floor)
 

@@ -238,8 +238,9 @@ def weight_pitch(t: FusedTile) -> int:
     multiply reads a thread's ``RO`` weights of every tap; they load as 128-bit vectors only if
     they start 16-byte aligned. Where ``RO > 2`` is not a multiple of 4 each thread's weights get
     a slot of ``RO`` rounded up to 4, zero-padded (``RO = 6``: ``LDS.128 + LDS.64`` instead of
-    three ``LDS.64``; 8/6 of the slice). ``RO = 6`` and ``5`` give block sizes that fill whole
-    groups of 4 warps at ResNet's 96 and 160 ranks (``16 x 7 = 112`` threads at 96 ranks and 7x7)."""
+    three ``LDS.64``; 8/6 of the slice). ``RO = 6`` and ``5`` make blocks of exactly 4 warps at
+    ResNet's 96 and 160 ranks: 16 x 8 = 128 threads for 8x7 tiles of 7-pixel rows, 32 x 4 for
+    2x8 tiles of 4 pixels a thread."""
     return _round4(t.reg_oc) if t.reg_oc > 2 and t.reg_oc % 4 else t.reg_oc
 
 
