@@ -319,10 +319,11 @@ def fused_bound(g: TuckerGeometry, device: Device = H200) -> FusedBound:
     ffma_per_s = device.fp32_flops  # FMA = 2 FLOPs: the whole device's FFMA lanes at the model's clock
     first_flops = per_input * g.height * g.width
     best = None
+    cols_of = {tw: _needed(g.out_w, tw, g.stride_w, g.pad_w, g.dil_w, g.kernel_w, g.width)
+               for tw in range(1, g.out_w + 1)}
     for th in range(1, g.out_h + 1):
         rows = _needed(g.out_h, th, g.stride_h, g.pad_h, g.dil_h, g.kernel_h, g.height)
-        for tw in range(1, g.out_w + 1):
-            cols = _needed(g.out_w, tw, g.stride_w, g.pad_w, g.dil_w, g.kernel_w, g.width)
+        for tw, cols in cols_of.items():
             work = sorted(per_input * ri * ci + per_pixel * ro * co for ro, ri in rows for co, ci in cols)
             blocks = len(work) * g.batch
             busiest = -(-blocks // device.sms)
