@@ -1,10 +1,12 @@
 """tucker_conv2d against the float64 reference, on irregular tiny shapes (simulator)."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from deftnumba.runtime import backend
-from deftnumba.tucker import METHODS, ops, reconstruct, tucker_conv2d
+from deftnumba.tucker import METHODS, model, ops, reconstruct, tucker_conv2d
 from deftnumba.tucker.kernels import core_conv, fused, winograd
 from deftnumba.tucker.reference import conv2d, tucker_conv2d_reference
 
@@ -339,3 +341,19 @@ def test_core_weights_in_aligned_slots(rng, poisoned, case, reg_oc, tile_w, reg_
     with backend.bounds_checked():
         out = tucker_conv2d(*args, **kw, method="fused", config=tile)
     check_close(out, args, kw, np.float32)
+
+
+@pytest.mark.parametrize("key", list(model.AUDITED_PICKS), ids=lambda k: f"r{k[2]}-{k[3]}")
+def test_the_audited_fused_picks_run_right(rng, poisoned, key):
+    """The fused tiles the GPU runs at TDC's ResNet-18 layers (64-168 threads; 5 and 6 ranks a
+    thread in weight slots at layers 3-4), with the layer's own output ranks (they set the
+    block), on one small image of four tiles, two of them partial, few channels and a partial
+    block of outputs, against the reference."""
+    _, _, _, r_out, _, kh, kw, *_ = key
+    tile = model.AUDITED_PICKS[key]["fused"]
+    lay = tile.layout(SimpleNamespace(rank_out=r_out, stride_h=1, stride_w=1, kernel_h=kh, kernel_w=kw,
+                                      dil_h=1, dil_w=1, taps=kh * kw))
+    case = (1, 5, tile.tile_h + 1, tile.tile_w + 2, 6, r_out, lay.out_block + 3, kh, kw, 1, 1, 1, 1)
+    args, kw_args = make(rng, case)
+    out = tucker_conv2d(*args, **kw_args, method="fused", config=tile)
+    check_close(out, args, kw_args, np.float32)
