@@ -165,6 +165,10 @@ if AUDIT.exists():
         if "winograd" in r:
             rows[-1].update({"winograd us": round(r["winograd"]["predicted_us"], 1),
                              "winograd / floor": round(r["winograd"]["ratio"], 2)})
+        # the same kernels when a warp also waits for its loads (see "With stalls" below)
+        for m in ("fused", "three_pass", "winograd"):
+            if r.get(m, {}).get("latency_us") is not None:
+                rows[-1][f"{m} us with stalls"] = round(r[m]["latency_us"], 1)
     nb.show(nb.markdown_table(rows) + f"\n\n{audited['label']}. `three_pass` = our core conv (audited) + "
             "two cuBLAS GEMMs at an assumed 75% of their roofline; `winograd` = the same with the core "
             "conv by Winograd's F(2x2, 3x3), 2.25x fewer multiplies than the direct FLOPs the floor counts.")
@@ -202,6 +206,18 @@ else:
 # by source line: where the compiler interleaves the staging with the first 1x1, the chart
 # shows both as `first_gemm`.) On a GPU, `model.autotune` times the top candidates and reports
 # how far the model's pick trails the best measured (TDC's artifact: ~25%).
+
+# %% [markdown]
+# **With stalls.** The issue-slot model lets every warp issue every clock, as if the other
+# warps on its scheduler always covered its waits. The `... with stalls` columns drop that
+# assumption (`perf.sass.stall_charges`): ptxas writes into each instruction how many clocks the
+# warp stalls after it and which loads it waits for; the audit reads those bits from the
+# SASS, charges a shared load ~30 clocks and a global load ~300 (an L2 hit; assumed round
+# figures), and lets a block's warps hide each other's waits only within a phase. Where few
+# warps share an SM (`fused` at layers 3-4: one block of 4 warps, one warp per scheduler)
+# the staging loops, one global load per trip, wait most of the time: the prediction roughly
+# doubles, and more. Where many blocks share an SM (layer 1) nothing changes. Both columns are
+# predictions; only a GPU run can say how much of the waiting is real.
 
 # %% [markdown]
 # **How far could fusion go? A bound.** The red marks above are `model.fused_bound`: the least

@@ -5,7 +5,7 @@ The pipeline, each step usable on its own:
 1. ``compile_cubin(func, signature)``: numba-cuda's real compiler (NVVM) makes PTX with line
    info, nvJitLink (ptxas inside) links it for ``sm_90`` into a cubin. Neither needs a
    device, but both need ``DEFTNUMBA_BACKEND=cuda`` (the simulator has no compiler).
-2. ``disassemble(cubin)``: ``nvdisasm -c -g`` (from the ``nvidia-cuda-nvdisasm`` wheel)
+2. ``disassemble(cubin)``: ``nvdisasm -c -g -hex`` (from the ``nvidia-cuda-nvdisasm`` wheel)
    prints the SASS with the Python source line of every instruction.
 3. ``parse_sass(text)`` -> ``Listing``: the kernel's instructions, labels and line info.
    ``classify(opcode)`` puts each instruction in one category (FFMA, shared load, integer,
@@ -53,6 +53,25 @@ latency fully hidden, no bank conflicts, no divergence beyond counting both side
 branch), a CALL counts one slot (its routine is not counted), the clock is the one the
 fp32 peak implies (``fp32_flops / (2 * 128 lanes * SMs)``). It is a lower bound on time for
 an issue-bound kernel and says nothing about memory: it sits beside the roofline floor.
+
+One warp's stalls (also a prediction)
+-------------------------------------
+The no-stall assumption flatters a launch with few warps per scheduler: a lone warp waits
+for every shared or global load it uses soon after issuing it. ``disassemble`` prints each
+instruction's encoding, whose high word holds the controls ptxas scheduled it with
+(``control_of``: stall clocks, the scoreboard barrier a load's result will release, the
+barriers an instruction waits on). ``stall_charges`` walks an instruction list as one warp
+alone would issue it, with assumed latencies for the variable-latency results (``LATENCY``:
+~30 clocks for shared memory, ~300 for a global load that hits L2), and charges each
+instruction the clocks until the warp's next issue. The audit sums them per phase like the
+instruction counts (``PhaseCount.body_cycles``, ``straight_cycles``; each loop's body run twice
+so a load waited for in the next trip counts). ``issue_model(..., cycles=)`` then returns
+``latency_seconds``: per wave, the larger of the issue slots and one block's time, where a
+block's warps hide each other's waits within a phase only (barriers keep them in step):
+``sum over phases of max(w * instructions, one warp's clocks)``. It equals ``seconds`` where
+enough warps are resident, and exposes a kernel that one block of 4 warps per SM leaves
+waiting on its staging loads. Not modelled: bank conflicts, a barrier's wait for the
+slowest warp, the memory system's queues. The Tucker audit reports it (``latency_us``).
 """
 
 from __future__ import annotations
@@ -110,12 +129,13 @@ def find_nvdisasm() -> str:
 
 
 def disassemble(cubin: bytes) -> str:
-    """``nvdisasm -c -g`` of a cubin: code sections only, with source line annotations."""
+    """``nvdisasm -c -g -hex`` of a cubin: code sections only, with source line annotations and
+    each instruction's encoding (its high word carries the scheduling controls: ``control_of``)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        proc = subprocess.run([find_nvdisasm(), "-c", "-g", path], capture_output=True, text=True)
+        proc = subprocess.run([find_nvdisasm(), "-c", "-g", "-hex", path], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"nvdisasm failed: {proc.stderr.strip()[-2000:]}")
     return proc.stdout
@@ -221,6 +241,7 @@ class Instruction:
     file: str | None = None  # source file and line from the line table
     line: int | None = None
     target: str | None = None  # branch / call target label or function
+    control: int | None = None  # the scheduling-control bits of its encoding (``-hex`` listings): ``control_of``
 
     @property
     def base(self) -> str:
@@ -275,16 +296,26 @@ _LABEL = re.compile(r"^(\.L\w+|[A-Za-z_$][\w$.]*):\s*$")
 _LINE = re.compile(r'^\s*//## File "([^"]*)", line (\d+)')
 _INSTR = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(.*?)\s*;?\s*$")
 _TARGET = re.compile(r"`\(([^)]+)\)")
+_HEX = re.compile(r"/\*\s*0x([0-9a-fA-F]{16})\s*\*/")
 
 
 def parse_sass(text: str) -> Listing:
-    """Parse ``nvdisasm -c [-g]`` output into functions of ``Instruction``s (NOPs dropped)."""
+    """Parse ``nvdisasm -c [-g] [-hex]`` output into functions of ``Instruction``s (NOPs dropped).
+    With ``-hex``, each instruction's second encoding word (on the line after it) gives its
+    ``control`` bits."""
     functions: dict = {}
     current: Function | None = None
     file = line = None
     pending_labels: list = []
     entries = set()
+    words = 0  # encoding words seen of the last instruction (the high one is the second)
+    last = None
     for raw in text.splitlines():
+        if (m := _HEX.search(raw)) and not _INSTR.match(_HEX.sub("", raw)):
+            if last is not None and words == 1:  # the high word of the instruction above
+                last.control = int(m.group(1), 16) >> 41
+            words += 1
+            continue
         if m := _SECTION.match(raw):
             current = functions.setdefault(m.group(1), Function(m.group(1)))
             file = line = None
@@ -298,7 +329,8 @@ def parse_sass(text: str) -> Listing:
         if m := _LINE.match(raw):
             file, line = m.group(1), int(m.group(2))
             continue
-        if m := _INSTR.match(raw):
+        if m := _INSTR.match(_HEX.sub("", raw)):
+            words, last = (1 if _HEX.search(raw) else 0), None
             body = m.group(2).strip().rstrip(";").strip()
             predicate = ""
             if body.startswith("@"):
@@ -306,14 +338,15 @@ def parse_sass(text: str) -> Listing:
                 body = body.strip()
             opcode, _, operands = body.partition(" ")
             if opcode == "NOP":
-                continue
+                continue  # (its high word, if any, is dropped with it: ``last`` stays None)
             t = _TARGET.search(operands)
             index = len(current.instructions)
             for label in pending_labels:
                 current.labels[label] = index
             pending_labels = []
-            current.instructions.append(Instruction(int(m.group(1), 16), opcode, operands.strip(), predicate,
-                                                    file, line, t.group(1) if t else None))
+            last = Instruction(int(m.group(1), 16), opcode, operands.strip(), predicate, file, line,
+                               t.group(1) if t else None)
+            current.instructions.append(last)
             continue
         if m := _LABEL.match(raw.strip()):
             pending_labels.append(m.group(1))
@@ -626,6 +659,84 @@ def reassign_strays(phase: list, cfg: Cfg) -> list:
     return phase
 
 
+# --------------------------------------------------------------------------- one warp's stalls
+@dataclass(frozen=True)
+class Control:
+    """The scheduling controls ptxas writes into every sm_70+ instruction (bits 105-125 of the
+    128-bit encoding; the layout Jia et al. read off Volta, "Dissecting the NVIDIA Volta GPU
+    Architecture via Microbenchmarking", 2018, unchanged through Hopper): ``stall`` clocks
+    before the warp's next instruction may issue; a ``write_barrier`` (0-5) the instruction's
+    result will release when it lands (variable-latency operations: memory, S2R, MUFU, ...);
+    a ``read_barrier`` released once its source registers are read; the barriers
+    (``wait_mask``) it waits on before it issues."""
+
+    stall: int
+    yield_: bool
+    write_barrier: int | None
+    read_barrier: int | None
+    wait_mask: int
+    reuse: int
+
+
+def control_of(bits: int) -> Control:
+    """Decode ``Instruction.control`` (the encoding's high word shifted right by 41)."""
+    wb, rb = (bits >> 5) & 7, (bits >> 8) & 7
+    return Control(stall=bits & 15, yield_=bool((bits >> 4) & 1), write_barrier=None if wb == 7 else wb,
+                   read_barrier=None if rb == 7 else rb, wait_mask=(bits >> 11) & 63, reuse=(bits >> 17) & 15)
+
+
+LATENCY = {"lds": 30, "ldg": 300, "stg": 300, "local": 40, "const": 20, "atomic": 300}
+"""Assumed clocks from issue until a variable-latency result lands (the wait its barrier
+imposes): round figures of the order microbenchmarks report for Ampere and Hopper
+(shared memory ~30 clocks; a global load that hits L2 ~250-300; Luo et al.,
+arXiv:2402.13499, and Chips and Cheese's H100 article). A global load is charged an L2
+hit: the kernels here re-read staged data that stays in the 50 MB L2. ``ATOMS`` and the
+shuffle units are charged ``LATENCY_SHARED_UNIT``, anything else ``LATENCY_OTHER``
+(S2R, MUFU, conversions: 10-25 clocks). Not a measurement."""
+LATENCY_SHARED_UNIT = 30
+LATENCY_OTHER = 20
+READ_RELEASE = 4
+"""Clocks until a store's (or any) source registers are read and its read barrier released
+(an assumption: the registers are read at dispatch)."""
+
+
+def _latency(inst: Instruction) -> int:
+    if inst.base in ("ATOMS", "SHFL", "LDSM"):
+        return LATENCY_SHARED_UNIT
+    return LATENCY.get(inst.category, LATENCY_OTHER)
+
+
+def stall_charges(instructions: list, passes: int = 1) -> list | None:
+    """Clocks one warp, alone on its scheduler, spends on each instruction of ``instructions``
+    issued in order: its wait for the barriers it names, then its stall count (at least 1).
+    ``passes`` > 1 runs the list again (a loop body: a wait on a value loaded in the
+    previous trip) and charges the last pass. ``None`` where an instruction has no control
+    bits (a listing without ``-hex``).
+
+    With ``w`` warps on a scheduler, one instruction list takes about ``max(w * len, sum of the
+    charges)`` clocks: the other warps issue while one waits (``issue_model``)."""
+    if any(i.control is None for i in instructions):
+        return None
+    decoded = [control_of(i.control) for i in instructions]
+    ready = [0] * 6
+    t = 0
+    charges: list = []
+    for _ in range(passes):
+        charges = []
+        for inst, c in zip(instructions, decoded):
+            start = t
+            for b in range(6):
+                if (c.wait_mask >> b) & 1:
+                    t = max(t, ready[b])
+            if c.write_barrier is not None:
+                ready[c.write_barrier] = max(ready[c.write_barrier], t + _latency(inst))
+            if c.read_barrier is not None:
+                ready[c.read_barrier] = max(ready[c.read_barrier], t + READ_RELEASE)
+            t += max(1, c.stall)
+            charges.append(t - start)
+    return charges
+
+
 # --------------------------------------------------------------------------- the audit
 def mix_of(instructions) -> dict:
     """``{category: count}`` over ``CATEGORIES`` (zeros included, table order)."""
@@ -671,6 +782,11 @@ class PhaseCount:
     loops: int = 1       # distinct source loops whose bodies ``body`` adds up
     body_sts: int = 0    # shared stores (STS, any width) per pass through the SASS loop(s)
     body_sts_path: int = 0  # of those, the most that one path through the loop body executes
+    # one warp alone on its scheduler (``stall_charges``; None without control bits): clocks per
+    # source iteration of the body, per pass through the SASS loop(s), and of the straight part
+    body_cycles: float | None = None
+    body_cycles_sass: float | None = None
+    straight_cycles: float | None = None
 
 
 @dataclass
@@ -800,6 +916,18 @@ def audit_listing(listing: Listing, source: Source | None = None, name: str = ""
             for i in range(cfg.starts[b], cfg.ends[b]):
                 if i not in innermost_of or loop.depth > innermost_of[i][0].depth:
                     innermost_of[i] = (loop, summary.unroll)
+    # one warp's clocks per instruction: each loop's own instructions (those of no deeper loop)
+    # run twice in order and the second trip charged; the code outside loops once, in order
+    groups: dict = {}
+    for i in live:
+        groups.setdefault(id(innermost_of[i][0]) if i in innermost_of else None, []).append(i)
+    charge: dict | None = {}
+    for key, idx in groups.items():
+        got = stall_charges([ins[i] for i in idx], passes=1 if key is None else 2)
+        if got is None:
+            charge = None
+            break
+        charge.update(zip(idx, got))
     phases: dict = {}
     for name_ in dict.fromkeys(phase[i] for i in live):
         members = [i for i in live if phase[i] == name_]
@@ -831,6 +959,11 @@ def audit_listing(listing: Listing, source: Source | None = None, name: str = ""
                        for _, idx in chosen.values())
         body = [ins[i] for i in in_body if i in kept]
         straight += [ins[i] for i in in_body if i not in kept]
+        cycles = {}
+        if charge is not None:
+            cycles = dict(body_cycles=sum(sum(charge[i] for i in idx) / u for u, idx in chosen.values()),
+                          body_cycles_sass=sum(charge[i] for i in kept),
+                          straight_cycles=sum(charge[i] for i in members if i not in kept))
         unrolls = [u for u, _ in chosen.values()]
         phases[name_] = PhaseCount(
             body=sum(len(idx) / u for u, idx in chosen.values()), straight=len(straight), depth=deepest,
@@ -841,7 +974,7 @@ def audit_listing(listing: Listing, source: Source | None = None, name: str = ""
             body_sass=len(body), unroll=max(unrolls) if unrolls else 1,
             body_sts=sum(1 for i in body if i.category == "sts"), body_sts_path=path_sts,
             body_dfma=sum(sum(1 for i in idx if ins[i].base == "DFMA") / u for u, idx in chosen.values()),
-            loops=max(1, len(chosen)))
+            loops=max(1, len(chosen)), **cycles)
     resources = resources or {}
     mix = mix_of(code)
     warps = None
@@ -910,6 +1043,23 @@ def per_thread_instructions(phases: dict, iterations: dict) -> dict:
     return out
 
 
+def per_thread_cycles(phases: dict, iterations: dict) -> dict | None:
+    """``{phase: clocks one warp alone spends on it}`` (``stall_charges``), weighted like
+    ``per_thread_instructions``; ``None`` where a phase has no cycle counts."""
+    out = {}
+    for name, count in phases.items():
+        get = count.get if isinstance(count, dict) else lambda k, c=count: getattr(c, k, None)
+        body, straight = get("body_cycles"), get("straight_cycles")
+        if body is None or straight is None:
+            return None
+        it = iterations.get(name, 0)
+        runs = 1
+        if isinstance(it, (tuple, list)):
+            it, runs = it
+        out[name] = body * it + straight * runs
+    return out
+
+
 def normalise_steps(phases: dict, steps: dict) -> dict:
     """The measured ``PhaseCount``s per source step of the phase model: ``steps`` maps a phase
     to ``(kind, per_step)``, a step issuing ``per_step`` global loads (``"ldg"``) or shared
@@ -935,17 +1085,26 @@ def normalise_steps(phases: dict, steps: dict) -> dict:
         if n <= 0:
             continue
         ffma = m.body_ffma * m.unroll  # back to per pass (single-loop phases)
-        out[name] = replace(m, body=m.body_sass / n, body_ffma=ffma / n, unroll=n)
+        cycles = None if m.body_cycles_sass is None else m.body_cycles_sass / n
+        out[name] = replace(m, body=m.body_sass / n, body_ffma=ffma / n, unroll=n, body_cycles=cycles)
     return out
 
 
 def issue_model(per_thread: dict, blocks: int, threads: int, registers: int, shared_bytes: int,
-                device=None) -> dict:
+                device=None, cycles: dict | None = None) -> dict:
     """The static issue-slot model of one launch (a prediction). See the module docstring.
 
     per_thread: ``{phase: instructions issued per thread}``; blocks, threads: the grid and the
     block; registers and shared_bytes: ptxas's figures. Returns the occupancy, waves,
     ``seconds`` and the per-phase share of it.
+
+    With ``cycles`` (``per_thread_cycles``: the clocks one warp alone spends on each phase,
+    its stalls included) it also returns ``latency_seconds``: each wave takes at least as
+    long as one block does when its warps hide each other's stalls only within a phase (a
+    barrier keeps them in step): ``sum over phases of max(w * instructions, one warp's
+    clocks)``, ``w`` the block's warps on its busiest scheduler. Blocks sharing an SM
+    overlap freely. ``latency_seconds >= seconds``; the two agree where enough warps are
+    resident to cover every wait (also a prediction, on assumed latencies: ``LATENCY``).
     """
     device = device or _device()
     occ = occupancy(registers, shared_bytes, threads, device)
@@ -964,9 +1123,21 @@ def issue_model(per_thread: dict, blocks: int, threads: int, registers: int, sha
         left -= resident
     total = sum(per_thread.values())
     seconds = slots_per_instruction * total / clock
-    return {**occ, "feasible": True, "waves": waves, "busiest_sm_blocks": busiest, "clock_hz": clock,
-            "per_thread": total, "seconds": seconds,
-            "phases_s": {k: slots_per_instruction * v / clock for k, v in per_thread.items()}}
+    out = {**occ, "feasible": True, "waves": waves, "busiest_sm_blocks": busiest, "clock_hz": clock,
+           "per_thread": total, "seconds": seconds,
+           "phases_s": {k: slots_per_instruction * v / clock for k, v in per_thread.items()}}
+    if cycles is not None:
+        own = -(-occ["warps_per_block"] // 4)  # one block's warps on its busiest scheduler
+        block_clocks = {k: max(own * v, cycles.get(k, own * v)) for k, v in per_thread.items()}
+        one_block = sum(block_clocks.values())
+        clocks, left = 0.0, busiest
+        for _ in range(waves):
+            resident = min(left, occ["blocks_per_sm"])
+            clocks += max(-(-resident * occ["warps_per_block"] // 4) * total, one_block)
+            left -= resident
+        out["latency_seconds"] = clocks / clock
+        out["one_block_s"] = {k: v / clock for k, v in block_clocks.items()}
+    return out
 
 
 # --------------------------------------------------------------------------- kernels of the package

@@ -70,6 +70,7 @@ def model_kernel(g, kernel: str, config, ptx: str | None = None) -> dict:
     counts = sass.normalise_steps(a.phases, mod.phase_steps(g, config))
     iterations = mod.sass_iterations(g, config)
     per_thread = sass.per_thread_instructions(counts, iterations)
+    cycles = sass.per_thread_cycles(counts, iterations)
     if kernel == "fused":
         lay = config.layout(g)
         threads = lay.threads
@@ -82,7 +83,7 @@ def model_kernel(g, kernel: str, config, ptx: str | None = None) -> dict:
         threads = config.threads
         tiles, rank_blocks, images = config.blocks(g)
         blocks = tiles * rank_blocks * images
-    issue = sass.issue_model(per_thread, blocks, threads, a.registers, a.shared_bytes or 0)
+    issue = sass.issue_model(per_thread, blocks, threads, a.registers, a.shared_bytes or 0, cycles=cycles)
     loops = {name: c for name, c in counts.items() if c.body_ffma}
     ffma = {name: round(100 * c.body_ffma / c.body, 1) for name, c in loops.items() if c.body}
     return {"kernel": kernel, "config": model._tag(config), "registers": a.registers,
@@ -93,7 +94,9 @@ def model_kernel(g, kernel: str, config, ptx: str | None = None) -> dict:
                               "predicted_us": round(1e6 * issue["phases_s"].get(name, 0.0), 3)}
                        for name in counts},
             "instructions_per_thread": round(sum(per_thread.values())),
-            "predicted_us": 1e6 * issue["seconds"]}
+            "predicted_us": 1e6 * issue["seconds"],
+            "one_warp_clocks": {name: round(v) for name, v in (cycles or {}).items()},
+            "latency_us": 1e6 * issue["latency_seconds"] if "latency_seconds" in issue else None}
 
 
 def floor_us(g, method: str = "fused") -> float:
@@ -107,8 +110,10 @@ def _between_gemms(g, core: dict, floor: float) -> dict:
     Winograd core the floor's FLOPs stay the direct convolution's: it multiplies 2.25x fewer.)"""
     first, _, last = roofline.operators(g, "three_pass")
     gemms_us = 1e3 * model._vendor_ms([first, last], model.H200)
+    latency = core.get("latency_us")
     return {"core_conv": core, "gemms_us_assumed": gemms_us, "predicted_us": core["predicted_us"] + gemms_us,
-            "ratio": (core["predicted_us"] + gemms_us) / floor}
+            "ratio": (core["predicted_us"] + gemms_us) / floor,
+            "latency_us": None if latency is None else latency + gemms_us}
 
 
 def model_layer(g) -> dict:
@@ -238,20 +243,28 @@ def main(argv=None) -> int:
         return 0
     figures = target_figures(args.shapes)
     print(f"Tucker forward, fp32, sm_90: {figures['label']}")
-    print(f"{'shape':>12} {'floor us':>8} {'bound':>5} | {'fused us':>8} {'ratio':>5} {'regs':>4} {'FFMA% (loops)':>22} "
-          f"{'hand us':>7} | {'3-pass us':>9} {'ratio':>5} | {'winograd':>8} {'ratio':>5}")
+    print(f"{'shape':>12} {'floor us':>8} {'bound':>5} | {'fused us':>8} {'ratio':>5} {'lat. us':>7} {'regs':>4} "
+          f"{'FFMA% (loops)':>22} {'hand us':>7} | {'3-pass us':>9} {'ratio':>5} {'lat. us':>7} | "
+          f"{'winograd':>8} {'ratio':>5} {'lat. us':>7}")
+
+    def lat(row):
+        return f"{row['latency_us']:7.2f}" if row.get("latency_us") is not None else f"{'-':>7}"
+
     suites = bench_op.suites()
     for name, r in figures["suites"].items():
         f, t = r.get("fused"), r.get("three_pass")
         bound = model.fused_bound(bench_op.geometry(suites[name])).ratio
         ffma = ",".join(f"{k[:5]} {v:.0f}" for k, v in f["ffma_percent"].items()) if f else "-"
         print(f"{name:>12} {r['floor_us']:8.2f} {bound:5.2f} | "
-              + (f"{f['predicted_us']:8.2f} {f['ratio']:5.2f} {f['registers']:>4} {ffma:>22} "
-                 f"{f['hand_model_us']:7.2f} | " if f else f"{'-':>8} {'-':>5} {'-':>4} {'-':>22} {'-':>7} | ")
-              + (f"{t['predicted_us']:9.2f} {t['ratio']:5.2f}" if t else f"{'-':>9} {'-':>5}")
-              + (f" | {r['winograd']['predicted_us']:8.2f} {r['winograd']['ratio']:5.2f}" if "winograd" in r else ""))
+              + (f"{f['predicted_us']:8.2f} {f['ratio']:5.2f} {lat(f)} {f['registers']:>4} {ffma:>22} "
+                 f"{f['hand_model_us']:7.2f} | " if f else f"{'-':>8} {'-':>5} {'-':>7} {'-':>4} {'-':>22} {'-':>7} | ")
+              + (f"{t['predicted_us']:9.2f} {t['ratio']:5.2f} {lat(t)}" if t else f"{'-':>9} {'-':>5} {'-':>7}")
+              + (f" | {r['winograd']['predicted_us']:8.2f} {r['winograd']['ratio']:5.2f} {lat(r['winograd'])}"
+                 if "winograd" in r else ""))
     print("bound: model.fused_bound over the floor, the least any one-launch fused kernel of this design "
           "could reach (only useful FFMAs at the full issue rate; halo and grid quantisation counted)")
+    print("lat.: the same kernels where a warp also waits for its loads (perf.sass.stall_charges: ptxas's stall "
+          "counts and assumed load latencies), hidden only by the warps resident beside it")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:

@@ -346,3 +346,79 @@ def test_audit_command_prints_progress_a_table_and_csv(tmp_path):
         records = list(csv.DictReader(f))
     assert [r["dtype"] for r in records] == dtypes
     assert [int(r["f64"]) > 0 for r in records] == [False, True, False, False]
+
+
+# --------------------------------------------------------------------------- one warp's stalls
+# four instructions of an sm_90 listing printed with ``-hex`` (the low and the high word of each)
+HEX_LISTING = """
+//--------------------- .text.k --------------------------
+        .other          k,@"STO_CUDA_ENTRY STV_DEFAULT"
+k:
+        /*0000*/                   S2R R2, SR_TID.X ;                                  /* 0x0000000000027919 */
+                                                                                       /* 0x000e6e0000002100 */
+        /*0010*/                   ISETP.GE.AND P0, PT, R2, RZ, PT ;                   /* 0x000000ff0200720c */
+                                                                                       /* 0x002fc40003f06270 */
+        /*0020*/                   NOP ;                                               /* 0x0000000000007918 */
+                                                                                       /* 0x000fc00000000000 */
+        /*0030*/                   LDG.E R3, desc[UR8][R4.64] ;                        /* 0x0000000804037981 */
+                                                                                       /* 0x0004e2000c1e1900 */
+        /*0040*/                   EXIT ;                                              /* 0x000000000000794d */
+                                                                                       /* 0x000fea0003800000 */
+"""
+
+
+def test_control_bits_are_read_from_the_high_word():
+    ins = sass.parse_sass(HEX_LISTING).kernel.instructions
+    assert [i.opcode for i in ins] == ["S2R", "ISETP.GE.AND", "LDG.E", "EXIT"]
+    assert ins[1].operands == "P0, PT, R2, RZ, PT"  # the encoding comment is not an operand
+    s2r, isetp, ldg = (sass.control_of(i.control) for i in ins[:3])
+    # S2R: variable latency, releases barrier 1 when its value lands; ISETP waits on barrier 1
+    assert (s2r.stall, s2r.write_barrier, s2r.read_barrier, s2r.wait_mask) == (7, 1, None, 0)
+    assert (isetp.stall, isetp.write_barrier, isetp.wait_mask) == (2, None, 0b000010)
+    # LDG: its result on barrier 3, its address registers read on barrier 2
+    assert (ldg.write_barrier, ldg.read_barrier) == (3, 2)
+    # a listing without -hex has no control bits, and no cycle counts
+    assert sass.stall_charges([sass.Instruction(0, "FFMA")]) is None
+
+
+def _inst(opcode, stall=1, wb=7, rb=7, wait=0):
+    bits = stall | (wb << 5) | (rb << 8) | (wait << 11)
+    return sass.Instruction(0, opcode, control=bits)
+
+
+def test_stall_charges_wait_for_the_barrier_of_a_load():
+    lds = _inst("LDS.128", wb=0)
+    use = _inst("FFMA", wait=0b1)
+    free = [_inst("FFMA") for _ in range(10)]
+    # the use right after the load waits out the shared-memory latency
+    assert sass.stall_charges([lds, use]) == [1, sass.LATENCY["lds"]]
+    # ten independent FFMAs between them hide 10 of those clocks
+    got = sass.stall_charges([lds] + free + [use])
+    assert sum(got) == sass.LATENCY["lds"] + 1
+    assert got[-1] == sass.LATENCY["lds"] + 1 - 11
+    # a global load waits longer; a stall count of 4 costs 4
+    assert sum(sass.stall_charges([_inst("LDG.E.128", wb=2), _inst("STS.128", wait=0b100)])) == \
+        sass.LATENCY["ldg"] + 1
+    assert sass.stall_charges([_inst("FFMA", stall=4)]) == [4]
+    # a loop body run twice: the load at its end is waited for at the top of the next trip
+    # (the use issues LATENCY after the load; the ten FFMAs and the load follow)
+    body = [_inst("FFMA", wait=0b1)] + free + [lds]
+    assert sum(sass.stall_charges(body, passes=1)) == 12
+    assert sum(sass.stall_charges(body, passes=2)) == sass.LATENCY["lds"] + 11
+
+
+def test_the_latency_bound_needs_warps_to_hide_stalls():
+    clock = sass.clock_hz()
+    # 132 blocks of 4 warps, one per SM: each scheduler has one warp, so a phase takes the
+    # clocks one warp needs (its stalls), where those exceed its instructions
+    m = sass.issue_model({"stage": 100, "multiply": 1000}, 132, 128, 64, 0,
+                         cycles={"stage": 700, "multiply": 1100})
+    assert m["seconds"] == pytest.approx(1100 / clock)
+    assert m["latency_seconds"] == pytest.approx(1800 / clock)
+    # 8 such blocks on each SM (8 warps a scheduler): the stalls are covered, the bound is the
+    # issue slots again
+    m = sass.issue_model({"stage": 100, "multiply": 1000}, 8 * 132, 128, 64, 0,
+                         cycles={"stage": 700, "multiply": 1100})
+    assert m["latency_seconds"] == pytest.approx(m["seconds"]) == pytest.approx(8 * 1100 / clock)
+    # without cycle counts the model is the issue-slot model alone
+    assert "latency_seconds" not in sass.issue_model({"a": 1}, 1, 32, 32, 0)

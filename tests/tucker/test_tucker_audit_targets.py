@@ -122,3 +122,18 @@ def test_no_audited_kernel_beats_the_fused_bound(figures):
         b = model.fused_bound(bench_op.geometry(bench_op.suites()[shape]))
         assert b.floor_us == pytest.approx(r["floor_us"], rel=1e-9)
         assert r["fused"]["predicted_us"] >= b.us, shape
+
+
+def test_stalls_only_add_time(figures):
+    """The estimate with one warp's stalls (``perf.sass.stall_charges``) is never below the
+    issue-slot one; it equals it where enough warps share an SM to cover the waits, and it is
+    larger where one block of 4 warps holds an SM (the fused picks at layers 3-4)."""
+    for shape, r in figures["suites"].items():
+        for k in (r["fused"], r["three_pass"]["core_conv"], r["winograd"]["core_conv"]):
+            assert k["latency_us"] >= k["predicted_us"] * (1 - 1e-9), shape
+            assert set(k["one_warp_clocks"]) == set(k["phases"])
+        assert r["three_pass"]["latency_us"] == pytest.approx(
+            r["three_pass"]["core_conv"]["latency_us"] + r["three_pass"]["gemms_us_assumed"])
+    lone = figures["suites"]["r18-l3a-n32"]["fused"]
+    assert lone["blocks"] <= 132 and lone["threads"] == 128  # one block of 4 warps a busy SM
+    assert lone["latency_us"] > 1.5 * lone["predicted_us"]
