@@ -1027,29 +1027,13 @@ def occupancy(registers: int, shared_bytes: int, threads: int, device=None) -> d
             "limited_by": min(limits, key=limits.get), "warps_per_block": warps_per_block}
 
 
-def per_thread_instructions(phases: dict, iterations: dict) -> dict:
-    """``{phase: issued instructions per thread}`` from a ``PhaseCount`` (or dict) per phase
-    and the ``phase_model`` iterations (a number, or ``(body_iterations, straight_runs)``).
-    A phase the model does not name runs its body zero times and its straight part once."""
-    out = {}
-    for name, count in phases.items():
-        body = count["body"] if isinstance(count, dict) else count.body
-        straight = count["straight"] if isinstance(count, dict) else count.straight
-        it = iterations.get(name, 0)
-        runs = 1
-        if isinstance(it, (tuple, list)):
-            it, runs = it
-        out[name] = body * it + straight * runs
-    return out
-
-
-def per_thread_cycles(phases: dict, iterations: dict) -> dict | None:
-    """``{phase: clocks one warp alone spends on it}`` (``stall_charges``), weighted like
-    ``per_thread_instructions``; ``None`` where a phase has no cycle counts."""
+def _per_thread(phases: dict, iterations: dict, body_key: str, straight_key: str) -> dict | None:
+    """``body * iterations + straight * runs`` per phase, the two read from a ``PhaseCount`` (or
+    dict) under the given names; ``None`` where a phase lacks one."""
     out = {}
     for name, count in phases.items():
         get = count.get if isinstance(count, dict) else lambda k, c=count: getattr(c, k, None)
-        body, straight = get("body_cycles"), get("straight_cycles")
+        body, straight = get(body_key), get(straight_key)
         if body is None or straight is None:
             return None
         it = iterations.get(name, 0)
@@ -1058,6 +1042,19 @@ def per_thread_cycles(phases: dict, iterations: dict) -> dict | None:
             it, runs = it
         out[name] = body * it + straight * runs
     return out
+
+
+def per_thread_instructions(phases: dict, iterations: dict) -> dict:
+    """``{phase: issued instructions per thread}`` from a ``PhaseCount`` (or dict) per phase
+    and the ``phase_model`` iterations (a number, or ``(body_iterations, straight_runs)``).
+    A phase the model does not name runs its body zero times and its straight part once."""
+    return _per_thread(phases, iterations, "body", "straight")
+
+
+def per_thread_cycles(phases: dict, iterations: dict) -> dict | None:
+    """``{phase: clocks one warp alone spends on it}`` (``stall_charges``), weighted like
+    ``per_thread_instructions``; ``None`` where a phase has no cycle counts."""
+    return _per_thread(phases, iterations, "body_cycles", "straight_cycles")
 
 
 def normalise_steps(phases: dict, steps: dict) -> dict:
