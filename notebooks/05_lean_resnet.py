@@ -175,6 +175,7 @@ if audit_path.exists():
                      "outputs/thread": f"{c['reg_oc']}x{c['reg_px']}", "groups": c.get("ksplit", 1),
                      "registers": r["registers"],
                      "pointwise FFMA %": r["pointwise_ffma_percent"], "predicted us": r["predicted_us"],
+                     "with stalls us": r.get("latency_us"),
                      "floor us": r["floor_us"], "predicted / floor": r["ratio"]})
     nb.show(nb.markdown_table(rows, floats=".3g"))
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -190,6 +191,9 @@ if audit_path.exists():
     floors = [audit["suites"][n]["floor_us"] for n in names]
     ax.scatter(names, floors, color="black", marker="_", s=900, label="roofline floor", zorder=3)
     ax.scatter(names, [1.3 * f for f in floors], color="red", marker="_", s=900, label="target 1.3x floor", zorder=3)
+    stalls = [audit["suites"][n].get("latency_us") for n in names]
+    if all(v is not None for v in stalls):
+        ax.scatter(names, stalls, color="black", marker="x", s=60, label="with one warp's stalls", zorder=3)
     ax.set_ylabel("predicted issue-bound time, us (batch 32)")
     ax.set_ylim(0, 1.6 * max(bottom.max(), 1.3 * max(floors)))
     ax.legend(fontsize=8, ncol=3, loc="upper left")
@@ -208,6 +212,13 @@ else:
 # leave half the issue slots empty, so its blocks hold two *channel groups* (`ksplit=2`) that
 # sum the two halves of every chunk's channels and add their sums in shared memory at the end
 # (the thin `combine` slice), in a fixed order. All four shapes meet the target; 7x7x512 by 1%.
+#
+# The crosses add what the issue-slot model leaves out: the clocks a warp waits on its own loads
+# when too few warps share its scheduler to cover them (`perf.sass.stall_charges`, from the
+# scheduling controls ptxas wrote into the SASS and *assumed* load latencies: also a prediction).
+# 14x14x256 (four blocks an SM) has enough warps resident to hide every wait, and 28x28x128
+# nearly; 56x56x64 and 7x7x512 (one block of 8 or 12 warps an SM) do not, and would land at
+# about 1.5x their floor if those latencies hold. Only a GPU run can say.
 
 # %% [markdown]
 # ## 4. Does it learn as well? ResNet against LeanResNet on digits

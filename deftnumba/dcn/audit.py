@@ -415,7 +415,8 @@ def normalise_multiply(phases: dict, fma_per_step: int) -> dict:
     k = fma / fma_per_step
     if k > 1 and abs(k - round(k)) < 1e-9:
         k = int(round(k))
-        m = replace(m, body=m.body / k, body_ffma=m.body_ffma / k, body_dfma=m.body_dfma / k, unroll=m.unroll * k)
+        m = replace(m, body=m.body / k, body_ffma=m.body_ffma / k, body_dfma=m.body_dfma / k, unroll=m.unroll * k,
+                    body_cycles=None if m.body_cycles is None else m.body_cycles / k)
     return {**phases, "multiply": m}
 
 
@@ -531,7 +532,8 @@ def out_of_tile_phase(g, tile, out_of_tile: float, measured=None):
     it = (columns[0] if isinstance(columns, tuple) else columns) * warp_fraction(out_of_tile)
     if measured is None:
         measured = sass.PhaseCount(body=0.0, straight=0, depth=2, body_ffma=0.0, body_lds_widths={},
-                                   body_ldg_widths={}, calls=0, div64_calls=0)
+                                   body_ldg_widths={}, calls=0, div64_calls=0, body_cycles=0.0,
+                                   body_cycles_sass=0.0, straight_cycles=0.0)
     return measured, it
 
 
@@ -575,12 +577,17 @@ def model_launch(launch: Launch, g, out_of_tile: float = 0.0, cc=sass.CC) -> dic
     if mean:  # the phase model sums the trips of the phase's loops: one mean body per trip
         from dataclasses import replace
 
-        counts = {k: (replace(c, body=c.body / c.loops, body_ffma=c.body_ffma / c.loops) if k in mean else c)
+        counts = {k: (replace(c, body=c.body / c.loops, body_ffma=c.body_ffma / c.loops,
+                              body_cycles=None if c.body_cycles is None else c.body_cycles / c.loops)
+                      if k in mean else c)
                   for k, c in counts.items()}
     iterations = phase_iterations(launch, g, out_of_tile)
     per_thread = sass.per_thread_instructions(counts, iterations)
-    model = sass.issue_model(per_thread, launch.blocks, launch.threads, a.registers, a.shared_bytes or 0)
+    cycles = sass.per_thread_cycles(counts, iterations)  # one warp alone, its stalls included
+    model = sass.issue_model(per_thread, launch.blocks, launch.threads, a.registers, a.shared_bytes or 0,
+                             cycles=cycles)
     seconds = model["seconds"] * launch.repeats
+    latency = model.get("latency_seconds")
     phases = []
     for name, count in counts.items():
         it = iterations.get(name, 0)
@@ -591,10 +598,12 @@ def model_launch(launch: Launch, g, out_of_tile: float = 0.0, cc=sass.CC) -> dic
                        "body_ffma_%": round(100 * count.body_ffma / count.body, 1) if count.body else 0.0,
                        "body_lds_bits": "/".join(sorted(count.body_lds_widths, key=int)) or "-",
                        "div64_calls": count.div64_calls,
-                       "predicted_us": 1e6 * model["phases_s"].get(name, 0.0) * launch.repeats})
+                       "predicted_us": 1e6 * model["phases_s"].get(name, 0.0) * launch.repeats,
+                       "one_warp_clocks": round(cycles[name]) if cycles else None})
     missing = sorted(set(iterations) - set(a.phases))
     return {"launch": launch.label, "audit": a, "blocks": launch.blocks, "threads": launch.threads,
             "repeats": launch.repeats, "model": model, "phases": phases, "predicted_s": seconds,
+            "latency_s": None if latency is None else latency * launch.repeats,
             "per_thread": model["per_thread"], "unknown_phases": missing, "extra": launch.extra}
 
 
@@ -621,10 +630,11 @@ def _model_loop_nest(launch: Launch, a: sass.KernelAudit) -> dict:
                        "per_thread": n, "body_ffma_%": round(100 * lp.ffma_fraction, 1) if lp else 0.0,
                        "body_lds_bits": "/".join(sorted(lp.lds_widths, key=int)) or "-" if lp else "-",
                        "div64_calls": a.div64_in_loops if lp else a.div64_calls,
-                       "predicted_us": 1e6 * model["phases_s"].get(name, 0.0) * launch.repeats})
+                       "predicted_us": 1e6 * model["phases_s"].get(name, 0.0) * launch.repeats,
+                       "one_warp_clocks": "-"})  # (not priced for a loop nest)
     return {"launch": launch.label, "audit": a, "blocks": launch.blocks, "threads": launch.threads,
             "repeats": launch.repeats, "model": model, "phases": phases,
-            "predicted_s": model["seconds"] * launch.repeats, "per_thread": model["per_thread"],
+            "predicted_s": model["seconds"] * launch.repeats, "latency_s": None, "per_thread": model["per_thread"],
             "unknown_phases": [], "extra": launch.extra}
 
 
@@ -674,12 +684,16 @@ def model_layer(g, method: str = "fused", tile=None, cc=sass.CC) -> dict:
     return {"method": method, "tile": launches[0].config if method == "fused" else None,
             "out_of_tile": f, "launches": models,
             "predicted_ms": 1e3 * sum(m["predicted_s"] for m in models),
+            # with one warp's stalls (perf.sass.stall_charges, assumed latencies); None where a
+            # launch is modelled by its loop nest
+            "latency_ms": (None if any(m["latency_s"] is None for m in models)
+                           else 1e3 * sum(m["latency_s"] for m in models)),
             "floor_ms": roofline.floor_ms(g, base, pass_) if modelled else None,
             "fused_floor_ms": roofline.floor_ms(g, "fused", pass_), "pass": pass_}
 
 
 PHASE_COLUMNS = ("phase", "body", "unroll", "iterations", "straight", "straight_runs", "per_thread", "body_ffma_%",
-                 "body_lds_bits", "div64_calls", "predicted_us")
+                 "body_lds_bits", "div64_calls", "predicted_us", "one_warp_clocks")
 
 
 def format_layer(name: str, g, result: dict) -> str:
@@ -705,6 +719,8 @@ def format_layer(name: str, g, result: dict) -> str:
         out.append(line)
         out.append(_indent(format_table(m["phases"], PHASE_COLUMNS), 4))
         extra = f"    {m['per_thread']:,.0f} instructions per thread; PREDICTED issue-bound {1e3 * m['predicted_s']:.4f} ms"
+        if m.get("latency_s") is not None:
+            extra += f", {1e3 * m['latency_s']:.4f} ms with one warp's stalls"
         if m.get("floor_ms") is not None:
             extra += f" (roofline floor of this operator {m['floor_ms']:.4f} ms)"
         if m.get("per_column_element") is not None:
@@ -717,7 +733,11 @@ def format_layer(name: str, g, result: dict) -> str:
     gemm_free = result["method"] in ("fused", "bwd-fused")
     out.append(f"  PREDICTED issue-bound time {result['predicted_ms']:.4f} ms (a prediction from static SASS counts, "
                f"not a measurement) vs fp32 roofline floor {floor} of '{result['method']}'"
-               f" = {ratio:.2f}x" + ("" if gemm_free
+               f" = {ratio:.2f}x"
+               + ("" if result.get("latency_ms") is None
+                  else f"; with one warp's stalls (assumed latencies) {result['latency_ms']:.4f} ms"
+                       + (f" = {result['latency_ms'] / result['floor_ms']:.2f}x" if result["floor_ms"] else ""))
+               + ("" if gemm_free
                                      else f"; the fused ideal's floor is {result['fused_floor_ms']:.4f} ms"
                                           " (the cuBLAS GEMMs and host sorts are not modelled)"))
     return "\n".join(out)
@@ -738,6 +758,7 @@ def layer_rows(name: str, g, result: dict) -> list:
                          "kind": "prediction (static SASS issue-slot model)"})
         rows.append({"shape": name, "method": result["method"], "launch": m["launch"], "phase": "TOTAL",
                      "per_thread": m["per_thread"], "predicted_us": 1e6 * m["predicted_s"],
+                     "latency_us": None if m["latency_s"] is None else 1e6 * m["latency_s"],
                      "floor_us": 1e3 * m["floor_ms"] if m.get("floor_ms") is not None else None,
                      "registers": a.registers, "warps_per_sm": m["model"].get("warps_per_sm"),
                      "kind": "prediction (static SASS issue-slot model)"})
@@ -975,11 +996,13 @@ def target_figures(shapes=("deft64", "res128", "det-c4", "det-c5"), backward_sha
     """What the target tests read, JSON-ready: ``targets`` (``target_rows`` of the fused
     forward at every shape in ``shapes``, of every method and backward at
     ``backward_shape``), ``column_kernels`` (every float32 column-kernel case of
-    ``ptx_cases``: registers, F64, local memory, calls, its largest innermost loop) and
-    ``predicted_ms`` per (shape, method). Run in a compiler process (``env_for_compiler``)."""
+    ``ptx_cases``: registers, F64, local memory, calls, its largest innermost loop),
+    ``predicted_ms`` per (shape, method), and ``latency_ms``: the same with one warp's stalls
+    (``None`` where a launch is modelled by its loop nest). Run in a compiler process
+    (``env_for_compiler``)."""
     from . import bench_op as bench
 
-    out = {"targets": [], "predicted_ms": {}, "column_kernels": {}}
+    out = {"targets": [], "predicted_ms": {}, "latency_ms": {}, "column_kernels": {}}
     for name in shapes:
         g = bench.SUITES[name]
         methods = (list(FORWARD_METHODS) + ["bwd-" + m for m in BACKWARD_METHODS]
@@ -989,6 +1012,7 @@ def target_figures(shapes=("deft64", "res128", "det-c4", "det-c5"), backward_sha
             progress(len(results) + 1, len(methods), f"{name} {method}")  # on stderr
             results[method] = r = model_layer(g, method)
             out["predicted_ms"][f"{name}/{method}"] = r["predicted_ms"]
+            out["latency_ms"][f"{name}/{method}"] = r["latency_ms"]
         out["targets"] += target_rows(name, results)
     for name, dtype, kernel, signature in cases():
         if dtype == "float32" and name.startswith(COLUMN_KERNELS):

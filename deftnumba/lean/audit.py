@@ -7,8 +7,10 @@ At stride 1 ``lean_conv2d(method="fused")`` launches ``kernels/strip.py`` at the
 configuration ``planning.default_config`` picks; this compiles that kernel for sm_90 with
 numba-cuda's real compiler (NVVM, nvJitLink, ``nvdisasm``; no GPU), attributes its SASS to
 the kernel's ``# phase:`` marks and runs the house's issue-slot model (``perf/sass.py``:
-the model the DCN audit uses, with the strip module's ``phase_model`` and ``phase_steps``). Everything it reports about time is a
-**prediction** from static instruction counts, never a measurement.
+the model the DCN audit uses, with the strip module's ``phase_model`` and ``phase_steps``).
+``lat. us`` adds the clocks one warp spends waiting on its own loads, from ptxas's scheduling
+controls and assumed latencies (``perf.sass.stall_charges``). Everything it reports about time
+is a **prediction** from static instruction counts, never a measurement.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def model_layer(g, config=None) -> dict:
     counts = sass.normalise_steps(a.phases, strip.phase_steps(config))
     iterations = strip.phase_model(g, config)
     per_thread = sass.per_thread_instructions(counts, iterations)
-    model = sass.issue_model(per_thread, blocks, config.threads, a.registers, a.shared_bytes or 0)
+    cycles = sass.per_thread_cycles(counts, iterations)  # one warp alone, its stalls included
+    model = sass.issue_model(per_thread, blocks, config.threads, a.registers, a.shared_bytes or 0, cycles=cycles)
     phases = []
     for name, count in counts.items():
         it = iterations.get(name, 0)
@@ -66,7 +69,10 @@ def model_layer(g, config=None) -> dict:
             "phases": [{k: p[k] for k in ("phase", "body", "iterations", "straight", "straight_runs", "per_thread",
                                           "predicted_us")} for p in phases],
             "f64": a.f64, "local": a.local, "predicted_us": predicted_us, "floor_us": floor_us,
-            "ratio": predicted_us / floor_us}
+            "ratio": predicted_us / floor_us,
+            # with one warp's stalls (perf.sass.stall_charges, assumed latencies): also a prediction
+            "latency_us": None if model.get("latency_seconds") is None else model["latency_seconds"] * 1e6,
+            "one_warp_clocks": {name: round(v) for name, v in (cycles or {}).items()}}
 
 
 def search(g, top: int = 8) -> list:
@@ -105,6 +111,10 @@ def target_figures(shapes=None) -> dict:
     return out
 
 
+def _us(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the figures here")
@@ -128,12 +138,12 @@ def main(argv=None) -> int:
     figures = target_figures()
     print(f"lean fused forward (strip kernel), fp32, sm_90: {figures['label']}")
     print(f"{'shape':>10} {'config (strip,chunk,OCB,RO,RP,KS)':>33} {'regs':>4} {'FFMA%':>6} "
-          f"{'predicted us':>12} {'floor us':>8} {'ratio':>6}")
+          f"{'predicted us':>12} {'lat. us':>8} {'floor us':>8} {'ratio':>6}")
     for name, r in figures["suites"].items():
         c = r["config"]
         config = f"{c['strip']},{c['chunk']},{c['oc_block']},{c['reg_oc']},{c['reg_px']},{c['ksplit']}"
         print(f"{name:>10} {config:>33} {r['registers']:>4} {r['pointwise_ffma_percent']:>6.1f} "
-              f"{r['predicted_us']:>12.2f} {r['floor_us']:>8.2f} {r['ratio']:>6.2f}")
+              f"{r['predicted_us']:>12.2f} {_us(r['latency_us']):>8} {r['floor_us']:>8.2f} {r['ratio']:>6.2f}")
         print("           " + ", ".join(f"{p['phase']} {p['predicted_us']:.2f}" for p in r["phases"]))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -331,10 +331,11 @@ def test_extra_memory_at_deft64():
                  pad_h=1, pad_w=1, has_mask=True, has_bias=True)
     cfg = backward_fused.GPU_CONFIG
     total = backward_fused.argument_and_gradient_bytes(g)
-    h200 = 132  # the GPU's target for blocks of 3 warps: one per SM
+    h200 = 132 * 4  # the GPU's target for blocks of 3 warps: four per SM (WEIGHT_WARPS_PER_SM)
     assert backward_fused.extra_bytes(g, cfg, deterministic=False, target_blocks=h200) == 0
-    # 16 slices (64 outputs x 16 chunks of 4 channels) of 8 blocks: 128 blocks, one per SM
-    assert backward_fused.choose_splits(g, cfg, target_blocks=h200) == 8
+    # 16 slices (64 outputs x 16 chunks of 4 channels) of 32 blocks: 512 blocks, 4 a SM (3.9)
+    assert backward_fused.choose_splits(g, cfg, target_blocks=h200) == 32
+    assert backward_fused.choose_splits(g, cfg, target_blocks=132) == 8  # (one a SM: sessions 27-36)
     assert backward_fused.choose_splits(g, cfg, target_blocks=10 * h200) == backward_fused.MAX_SPLITS
     from deftnumba.dcn.kernels import backward as bk
 
@@ -364,3 +365,19 @@ def test_gpu_default_config_keeps_96_threads_where_the_staged_region_grows(monke
     assert backward_fused.GPU_CONFIG.input_shared_bytes(strided) > backward_fused.STATIC_SHARED_LIMIT
     cfg = backward_fused.default_config(strided)
     assert cfg == dataclasses.replace(backward_fused.GPU_CONFIG, halo=2) and cfg.input_threads(9) == 96
+
+
+def test_the_weight_kernel_aims_at_twelve_warps_an_sm(monkeypatch):
+    """On a GPU ``choose_splits`` fills each of the H200's 132 SMs with about
+    ``WEIGHT_WARPS_PER_SM`` warps (4 blocks of 3 at ``deft64``), not one block: with one, a
+    warp waiting for its offsets' global loads has no other warp on its scheduler to cover it
+    (the audit's estimate with stalls, docs/perf-notes.md, "Session 37")."""
+    g = Geometry(batch=8, in_channels=64, height=64, width=64, out_channels=64, kernel_h=3, kernel_w=3,
+                 pad_h=1, pad_w=1, has_mask=True, has_bias=True)
+    cfg = backward_fused.GPU_CONFIG
+    monkeypatch.setattr(backend, "IS_SIMULATOR", False)
+    splits = backward_fused.choose_splits(g, cfg)
+    warps = -(-cfg.weight_threads(g.taps) // 32)
+    blocks = splits * 16
+    assert warps == 3 and splits == 32
+    assert backward_fused.WEIGHT_WARPS_PER_SM - warps < blocks * warps / 132 <= backward_fused.WEIGHT_WARPS_PER_SM

@@ -51,3 +51,18 @@ def test_phases_add_up_to_the_prediction(figures):
     for r in figures["suites"].values():
         assert sum(p["predicted_us"] for p in r["phases"]) == pytest.approx(r["predicted_us"], rel=1e-6)
         assert r["floor_us"] > 0 and r["ratio"] == pytest.approx(r["predicted_us"] / r["floor_us"])
+
+
+def test_stalls_only_add_time(figures):
+    """The estimate with one warp's stalls (``perf.sass.stall_charges``, assumed latencies) is
+    never below the issue-slot one. It equals it where three blocks share each busy SM
+    (14x14x256) and is larger where one block holds an SM (56x56x64, 7x7x512): a prediction
+    either way."""
+    for shape, r in figures["suites"].items():
+        assert r["latency_us"] >= r["predicted_us"] * (1 - 1e-9), shape
+        assert set(r["one_warp_clocks"]) == {p["phase"] for p in r["phases"]}
+    crowded = figures["suites"]["14x14x256"]
+    assert crowded["blocks_per_sm"] >= 4 and crowded["latency_us"] == pytest.approx(crowded["predicted_us"])
+    for shape in ("56x56x64", "7x7x512"):
+        lone = figures["suites"][shape]
+        assert lone["blocks_per_sm"] == 1 and lone["latency_us"] > 1.1 * lone["predicted_us"], shape

@@ -66,3 +66,54 @@ def test_the_scaled_dual_shrinks_as_rho_grows():
     admm.train(model, data, s.pretrain_epochs, s)
     tucker = admm.admm(model, data, admm.ranks_for(model, 0.0625), s)
     assert tucker.projection_gap < 0.07
+
+
+def test_the_last_epochs_anneal_the_rate_to_zero():
+    """``anneal_last``: a constant rate, then a cosine down to zero over the last epochs."""
+    s = admm.Settings(lr=0.01, batch=256)
+    data = admm.load_digits(1)
+    model = admm._model_class()()
+    seen = []
+    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+    model.register_forward_hook(lambda *_: seen.append(opt.param_groups[0]["lr"]))  # the rate of each step
+    admm.train(model, data, 3, s, opt=opt, anneal_last=2)
+    per_epoch = -(-len(data[1]) // s.batch)
+    assert seen[:per_epoch + 1] == [0.01] * (per_epoch + 1)  # the first epoch and the first annealed step
+    tail = seen[per_epoch:]
+    assert all(a > b for a, b in zip(tail, tail[1:])) and tail[-1] < 0.01 * 0.05
+    assert opt.param_groups[0]["lr"] == pytest.approx(0, abs=1e-12)
+
+
+def test_both_methods_end_on_the_same_schedule(monkeypatch):
+    """The comparison is fair: truncate-then-fine-tune and ADMM's fine-tune both anneal their
+    last ``finetune_epochs`` epochs, and train the same total number of epochs."""
+    calls = []
+    train = admm.train
+
+    def spy(model, data, epochs, s, penalty=None, gen=None, progress=None, opt=None, anneal_last=0):
+        calls.append((epochs, penalty is not None, anneal_last))
+        return train(model, data, epochs, s, penalty, gen, progress, opt, anneal_last)
+
+    monkeypatch.setattr(admm, "train", spy)
+    s = admm.Settings(pretrain_epochs=1, admm_epochs=2, finetune_epochs=1)
+    admm.sweep((0.25,), s, quiet=True)
+    pretrain, finetune, *rounds, admm_finetune = calls
+    assert finetune == (3, False, 1) and admm_finetune == (1, False, 1)
+    assert rounds == [(1, True, 0)] * 2
+    calls.clear()
+    admm.sweep((0.25,), admm.Settings(pretrain_epochs=1, admm_epochs=2, finetune_epochs=1, anneal=False), quiet=True)
+    assert all(c[2] == 0 for c in calls)
+
+
+def test_paired_differences_pair_by_seed():
+    def row(method, seed, acc):
+        return dict(method=method, rank_fraction=0.25, compression=7.9, test_accuracy=acc, seed=seed)
+
+    rows = [row("truncate+finetune", 0, 0.90), row("admm", 0, 0.95), row("truncate+finetune", 1, 0.80),
+            row("admm", 1, 0.70), row("truncate+finetune", 2, 0.60), row("admm", 2, 0.60),
+            row("admm", 3, 0.99),  # no partner: left out
+            row("dense", 0, 0.97)]
+    (p,) = admm.paired_differences(rows)
+    d = np.array([0.05, -0.10, 0.0])
+    assert p["mean"] == pytest.approx(d.mean()) and p["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
+    assert (p["wins"], p["ties"], p["losses"], p["seeds"]) == (1, 1, 1, 3)

@@ -245,11 +245,19 @@ STATIC_SHARED_LIMIT = 48 * 1024
 GATHER_IMAGES = 1
 """Images per call of the deterministic gather (``backward._deterministic_input_grad``), which
 sorts them in parts of ``backward.sort_part_rows`` output rows within ``sort_budget``."""
-MAX_SPLITS = 8
+MAX_SPLITS = 32
 """At most this many blocks share a slice of the deterministic weight kernel
 (``choose_splits``): their additions to ``grad_weight`` run one after another, a few
-microseconds each (a prediction, unmeasured), so a longer chain than needed to fill an
-H200 (8 x 16 slices at ``deft64``) would show as a tail."""
+microseconds each (a prediction, unmeasured), so the chain shows as a tail. 32 x 16 slices
+fill an H200 at ``deft64`` with 4 blocks an SM (``WEIGHT_WARPS_PER_SM``); 8 (before session
+37) gave one block of 3 warps an SM."""
+WEIGHT_WARPS_PER_SM = 12
+"""Warps an SM the deterministic weight kernel's launch aims at (``choose_splits``): 3 a
+scheduler, so that one warp's wait for its global loads (the offsets and mask of each point in
+``w_build``, the staging's gathers) is covered by the others. With one block of 3 warps an SM
+(session 27-36) the audit's estimate with stalls was 4.1x its issue-slot one at ``deft64``
+(0.576 against 0.139 ms); with 4 blocks, 1.4x (0.149 against 0.105 ms). Predictions, on
+assumed latencies (``perf.sass.LATENCY``); docs/perf-notes.md, "Session 37"."""
 SORT_SHARE = 0.025
 """Cap on the deterministic gather's sort buffers, as a share of the arguments and gradients
 (``sort_budget``). With the weight kernel's counters (8 bytes per slice), deterministic
@@ -1415,17 +1423,17 @@ def argument_and_gradient_bytes(geometry) -> int:
 
 def choose_splits(geometry, config: BackwardTileConfig, target_blocks: int | None = None) -> int:
     """Blocks ``S`` per slice of ``weight_grad_kernel``: as many as keep the launch within
-    ``target_blocks`` (default: one issue round of an H200, ``132 * max(1, 4 // warps per
-    block)`` blocks, since a second block of 3 warps on an SM would double its issue slots per
-    instruction; 2 in the simulator), at most ``MAX_SPLITS`` and one per (image, tile) pair,
-    at least 1."""
+    ``target_blocks`` (default: ``132 * max(1, WEIGHT_WARPS_PER_SM // warps per block)``
+    blocks, about ``WEIGHT_WARPS_PER_SM`` warps on every SM of an H200, enough to cover each
+    other's load latencies; 2 in the simulator), at most ``MAX_SPLITS`` and one per (image,
+    tile) pair, at least 1."""
     g = geometry
     cpg, opg = g.in_channels // g.groups, g.out_channels // g.groups
     blocks = g.groups * -(-opg // config.w_out_block) * -(-cpg // config.chunk)
     items = g.batch * config.tiles(g)
     if target_blocks is None:
         warps = -(-config.weight_threads(g.taps) // 32)
-        target_blocks = 2 if backend.IS_SIMULATOR else 132 * max(1, 4 // warps)
+        target_blocks = 2 if backend.IS_SIMULATOR else 132 * max(1, WEIGHT_WARPS_PER_SM // warps)
     return max(1, min(items, MAX_SPLITS, target_blocks // blocks))
 
 
