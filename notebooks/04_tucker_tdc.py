@@ -258,7 +258,7 @@ nb.show(nb.markdown_table(rows) + f"\n\n{model.LABEL}: counts under the issue-sl
 # (6 or 5 ranks a thread, their weights in 16-byte slots: `fused.weight_pitch`) took l3a from
 # 2.49x to 1.82x and l4a from 4.45x to 3.46x. The three-launch `winograd` method is not held to
 # this design (it writes the intermediates), and its core multiplies 2.25x fewer; that is why
-# `auto` picks it on layers 2-4.
+# `auto` picks it on every layer at batch 32 (`model.best`).
 
 # %% [markdown]
 # **Small images: split the core conv's input ranks.** At layer4 (7x7 images) one tile covers a

@@ -451,7 +451,7 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
             for ob, ro in (((32, 8), (16, 4)) if coarse else
                            ((16, 4), (32, 8), (48, 6), (64, 8), (40, 10), (80, 10), (96, 12))):
                 for cc in ((8,) if coarse else (4, 8)):
-                    for splits in ((1, 2, 4) if coarse else (1, 2, 4, 8)):
+                    for splits in ((1, 2, 4) if coarse else (1, 2, 3, 4, 8)):  # (3: layer4's picks)
                         if splits > -(-g.rank_in // cc) or ob > 2 * g.rank_out:
                             continue
                         try:
@@ -497,6 +497,14 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
 # the search's 2-pixel ones (the formulas rank 1- and 2-pixel tiles first there) beat the old
 # 1-pixel pick and take the multiply loop from 70.6% to 89.4% FFMA: l4a 91.80 -> 82.19 µs (rank
 # chunks of 32, 8 channels a chunk, 4 ranks a thread in the first 1x1), l4b 91.80 -> 90.96 µs.
+# Session 37 re-picked `winograd` at layers 3-4 by the larger of the audit's two estimates, issue
+# slots and one warp's stalls (perf.sass.stall_charges): the session-31 picks held one or two
+# blocks of 4 warps on each busy SM and waited on their loads (l3a 12.96 us by issue slots,
+# 35.93 with stalls; l4a 9.68 and 27.51). About 25 tiles audited by hand around them (tiles of 8
+# and 16, rank blocks of 32-96, 1-8 splits, 3 included, now among the candidates too): 16 tiles
+# of 32 ranks in 2 splits at layer3 (l3a 13.68 / 17.58 us), 16 tiles of 40 ranks in 3 splits at
+# layer4 (l4a 11.18 / 11.18: three blocks a busy SM cover every wait). Issue slots rise 0.7-1.5
+# us; the estimate with stalls falls by half or more (docs/tucker-notes.md, "Session 37").
 # Keys: (batch, C, r_in, r_out, Cout, kh, kw, sh, sw, ph, pw, dh, dw, dtype); FusedTile(th, tw,
 # rank_chunk, in_chunk, RO, RP, EO, UR, core_chunk), CoreTile(th, tw, chunk, OCB, RO, RP, splits) and
 # WinogradTile(tiles, OB, CC, RO, RT, splits).
@@ -524,22 +532,22 @@ AUDITED_PICKS: dict = {
     (32, 256, 96, 96, 256, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l3a-n32
         'fused': fused.FusedTile(8, 7, 48, 8, 6, 7, 4, 12, 4),  # 128 threads; 6 ranks in 8-float slots
         'three_pass': core_conv.CoreTile(14, 14, 8, 32, 8, 7, splits=4),
-        'winograd': winograd.WinogradTile(8, 96, 4, 12, 8, splits=2),
+        'winograd': winograd.WinogradTile(16, 32, 8, 8, 8, splits=2),  # 588 blocks (session 37)
     },
     (32, 256, 128, 96, 256, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l3b-n32
         'fused': fused.FusedTile(8, 7, 64, 8, 6, 7, 4, 16, 4),  # 128 threads; 6 ranks in 8-float slots
         'three_pass': core_conv.CoreTile(14, 14, 8, 32, 8, 7, splits=4),
-        'winograd': winograd.WinogradTile(8, 96, 4, 12, 8, splits=2),
+        'winograd': winograd.WinogradTile(16, 32, 8, 8, 8, splits=2),  # 588 blocks (session 37)
     },
     (32, 512, 160, 160, 512, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l4a-n32
         'fused': fused.FusedTile(2, 8, 32, 16, 5, 4, 1, 4, 2),  # 128 threads; 5 ranks in 8-float slots
         'three_pass': core_conv.CoreTile(7, 7, 4, 32, 4, 7, splits=8),
-        'winograd': winograd.WinogradTile(16, 40, 8, 10, 8),
+        'winograd': winograd.WinogradTile(16, 40, 8, 10, 8, splits=3),  # 384 blocks (session 37)
     },
     (32, 512, 192, 160, 512, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l4b-n32
         'fused': fused.FusedTile(2, 8, 64, 8, 5, 4, 1, 8, 2),  # 128 threads; 5 ranks in 8-float slots
         'three_pass': core_conv.CoreTile(7, 7, 4, 32, 4, 7, splits=8),
-        'winograd': winograd.WinogradTile(16, 40, 8, 10, 8),
+        'winograd': winograd.WinogradTile(16, 40, 8, 10, 8, splits=3),  # 384 blocks (session 37)
     },
 }
 """``pick_key(g) -> {method: tile}``: the tile the SASS audit ranked first among the hand

@@ -56,6 +56,9 @@ FFMA_TARGET = 85.0
 # 16-byte slots: fused.weight_pitch); l3a 2.49 -> 1.82, l3b 2.46 -> 1.81, l4a 4.45 -> 3.46, l4b
 # 4.25 -> 3.25. 8 NVVM compiles of each new pick gave one PTX; pins at the figure + ~1%. l2b's new
 # pick (8x14 tiles, 256 blocks of 128 threads): 1.744 -> 1.713 in 7 of 8 compiles, 1.729 in one.
+# Session 37: `winograd`'s picks at layers 3-4 chosen by the larger of the issue-slot estimate and
+# the one with stalls; their issue-slot ratios rose (l3a 1.26 -> 1.29, l3b 1.18 -> 1.20, l4a
+# 1.40 -> 1.485, l4b 1.35 -> 1.39), all under the target; 6 NVVM compiles of each gave one PTX.
 FUSED_RATIO = {"r18-l2a-n32": 1.69, "r18-l2b-n32": 1.745,
                "r18-l3a-n32": 1.84, "r18-l3b-n32": 1.83, "r18-l4a-n32": 3.50, "r18-l4b-n32": 3.29}
 THREE_PASS_RATIO = {"r18-l3a-n32": 1.80, "r18-l3b-n32": 1.74, "r18-l4a-n32": 1.97, "r18-l4b-n32": 1.91}
@@ -137,3 +140,13 @@ def test_stalls_only_add_time(figures):
     lone = figures["suites"]["r18-l3a-n32"]["fused"]
     assert lone["blocks"] <= 132 and lone["threads"] == 128  # one block of 4 warps a busy SM
     assert lone["latency_us"] > 1.5 * lone["predicted_us"]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_winograd_meets_the_target_with_stalls_too(figures, shape):
+    """Session 37 picked `winograd`'s tiles at layers 3-4 by the larger of the two estimates
+    (model.AUDITED_PICKS): with one warp's stalls counted as well, the method `auto` runs is
+    within 1.5x the floor on every layer (before: 2.0-2.4x at layers 3-4). A prediction on
+    assumed load latencies, not the issue's target itself, which is the issue-slot figure."""
+    r = figures["suites"][shape]
+    assert r["winograd"]["latency_us"] <= RATIO_TARGET * r["floor_us"]

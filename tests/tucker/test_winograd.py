@@ -129,3 +129,22 @@ def test_tile_and_layer_errors(rng):
         out = tucker_conv2d(*args, **kw, config=winograd.SIMULATOR_TILE)
     assert any("winograd_kernel" in n for n in names)
     check_close(out, args, kw, np.float32)
+
+
+@pytest.mark.parametrize("tile", [winograd.WinogradTile(16, 32, 8, 8, 8, splits=2),
+                                  winograd.WinogradTile(16, 40, 8, 10, 8, splits=3)],
+                         ids=lambda t: f"t{t.tiles}-ob{t.oc_block}-s{t.splits}")
+def test_the_audited_layer3_4_picks_run_right(rng, poisoned, tile):
+    """Session 37's audited picks at layers 3-4 (``model.AUDITED_PICKS``: 128 threads, 2 and 3
+    rank splits), on ranks that leave the last chunk, split and rank block partial, and a 7x6
+    image whose 2x2 tiles end past its edge."""
+    from deftnumba.tucker import model
+
+    assert tile in {p["winograd"] for p in model.AUDITED_PICKS.values()}
+    assert tile.threads == 128
+    r_in = tile.chunk * (2 * tile.splits) - 3  # two chunks a split, the last one short by 3
+    r_out = tile.oc_block + 6                  # a second, partial rank block
+    args, kw = make(rng, (1, 5, 7, 6, r_in, r_out, 4, 3, 3, 1, 1, 1, 1))
+    with backend.bounds_checked():
+        out = tucker_conv2d(*args, **kw, method="winograd", config=tile)
+    check_close(out, args, kw, np.float32)
