@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import importlib
 import json
-import math
 import os
 import pkgutil
 import sys
@@ -728,12 +727,11 @@ def format_layer(name: str, g, result: dict) -> str:
         out.append(extra)
         if m["unknown_phases"]:
             out.append(f"    note: phase_model names phases the SASS lacks: {m['unknown_phases']}")
-    ratio = result["predicted_ms"] / result["floor_ms"] if result["floor_ms"] else math.nan
     floor = f"{result['floor_ms']:.4f} ms" if result["floor_ms"] is not None else "(none modelled)"
     gemm_free = result["method"] in ("fused", "bwd-fused")
     out.append(f"  PREDICTED issue-bound time {result['predicted_ms']:.4f} ms (a prediction from static SASS counts, "
                f"not a measurement) vs fp32 roofline floor {floor} of '{result['method']}'"
-               f" = {ratio:.2f}x"
+               + (f" = {result['predicted_ms'] / result['floor_ms']:.2f}x" if result["floor_ms"] else "")
                + ("" if result.get("latency_ms") is None
                   else f"; with one warp's stalls (assumed latencies) {result['latency_ms']:.4f} ms"
                        + (f" = {result['latency_ms'] / result['floor_ms']:.2f}x" if result["floor_ms"] else ""))
