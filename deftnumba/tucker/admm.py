@@ -99,9 +99,14 @@ class Settings:
     # rate to zero along a cosine (truncate-then-fine-tune: ``admm_epochs`` at a constant rate,
     # then those; ADMM: its rounds at a constant rate, the decomposition, then those). With a
     # constant rate to the end (before session 37) ADMM trailed fine-tuning by 0.11-0.29 points
-    # (seeds 0-9); annealed, the two tie: -0.04 to -0.07 +- 0.09-0.12 points over seeds 0-19
+    # (seeds 0-9); annealed, the two tie: -0.04 to -0.07 +- 0.09-0.13 points over seeds 0-19
     # (docs/tucker-notes.md, "ADMM").
     anneal: bool = True
+
+    @property
+    def anneal_last(self) -> int:
+        """Epochs at the end of each method's training that anneal the rate (0 without ``anneal``)."""
+        return self.finetune_epochs if self.anneal else 0
 
 
 def _batches(n, batch, gen):
@@ -230,7 +235,7 @@ def admm(model, data, ranks: dict, s: Settings, progress=None):
     tucker = to_tucker(model, ranks)
     tucker.projection_gap = gap
     train(tucker, data, s.finetune_epochs, s, gen=gen, progress=progress,
-          anneal_last=s.finetune_epochs if s.anneal else 0)
+          anneal_last=s.anneal_last)
     return tucker
 
 
@@ -280,7 +285,7 @@ def sweep(fractions=(0.125, 0.25, 0.5), s: Settings = Settings(), quiet: bool = 
         before = accuracy(truncated, data)
         train(truncated, data, s.admm_epochs + s.finetune_epochs, s,
               gen=torch.Generator().manual_seed(s.seed + 1), progress=bar,
-              anneal_last=s.finetune_epochs if s.anneal else 0)
+              anneal_last=s.anneal_last)
         rows.append(dict(method="truncate", rank_fraction=f, ranks=rank_text, compression=ratio,
                          test_accuracy=before, epochs=0, seed=s.seed, projection_gap=projection_gap(model, ranks)))
         rows.append(dict(method="truncate+finetune", rank_fraction=f, ranks=rank_text, compression=ratio,
