@@ -261,6 +261,36 @@ nb.show(nb.markdown_table(rows) + f"\n\n{model.LABEL}: counts under the issue-sl
 # `auto` picks it on every layer at batch 32 (`model.best`).
 
 # %% [markdown]
+# **What would take a one-launch kernel under 1.5x: a Winograd core.** `fused_bound(g,
+# core="winograd")` is the same bound for a kernel of the same design whose core conv is
+# F(2x2, 3x3), as `winograd`'s is: 16 multiplies a 2x2 output tile instead of 36, tiles of even
+# sides. Its FLOPs are fewer than the floor's, so the bound can fall below the floor. The table
+# puts it beside the direct bound and beside the share of useful FFMAs `fused` reaches today (its
+# bound over its audited time, `data/tucker/static_audit.json`). No such kernel exists yet: the
+# table says how much room one would have.
+
+# %%
+recorded = json.loads(AUDIT.read_text())["suites"] if AUDIT.exists() else {}
+rows = []
+for n in [k for k in bench_op.suites() if k.endswith("-n32")]:
+    g = bench_op.geometry(bench_op.suites()[n])
+    direct, wino = model.fused_bound(g), model.fused_bound(g, core="winograd")
+    fused_us = recorded.get(n, {}).get("fused", {}).get("predicted_us")
+    rows.append({"layer": n, "direct bound / floor": round(direct.ratio, 2),
+                 "share for 1.5x, direct": f"{100 * direct.ffma_share_for(1.5):.0f}%",
+                 "Winograd-core bound / floor": round(wino.ratio, 2),
+                 "share for 1.5x, Winograd core": f"{100 * wino.ffma_share_for(1.5):.0f}%",
+                 "`fused`'s share today": f"{100 * direct.us / fused_us:.0f}%" if fused_us else "-"})
+nb.show(nb.markdown_table(rows) + f"\n\n{model.LABEL}: counts under the issue-slot model, nothing measured.")
+
+# %% [markdown]
+# Reading: `fused` keeps 36-70% of its issued instructions useful FFMAs (the direct bound over
+# its audited time). With a Winograd core, 40-50% would reach 1.5x on layers 1-3 and 70% on
+# layer4; with the direct core it takes 68-83%. The same staging, with a fused input transform
+# and an output transform before the last 1x1, is the next kernel to build
+# (`docs/tucker-notes.md`, "Session 38").
+
+# %% [markdown]
 # **Small images: split the core conv's input ranks.** At layer4 (7x7 images) one tile covers a
 # whole image, so the core conv has only `images x rank blocks` blocks: 160 at batch 32, 5 at
 # batch 1, for 132 SMs. `CoreTile.splits = S` gives each tile `S` blocks, each summing `1/S` of

@@ -299,7 +299,7 @@ def _needed(out_size: int, tile: int, stride: int, pad: int, dil: int, kernel: i
 
 
 @functools.lru_cache(maxsize=64)
-def fused_bound(g: TuckerGeometry, device: Device = H200) -> FusedBound:
+def fused_bound(g: TuckerGeometry, device: Device = H200, core: str = "direct") -> FusedBound:
     """How close to the roofline floor *any* one-launch kernel of ``fused``'s design can get.
 
     The design (the issue's, kept for determinism): a block owns one image's ``TH x TW``
@@ -311,20 +311,44 @@ def fused_bound(g: TuckerGeometry, device: Device = H200) -> FusedBound:
     padding free. The busiest SM runs at least the heaviest block, at least ``ceil(blocks /
     SMs)`` blocks and at least an even share of the total. Minimised over every tile shape. Two costs remain,
     and they are what fusion pays: the halo recomputation and the grid's quantisation
-    over the SMs (a 7x7 image has few tiles, each with a large halo)."""
+    over the SMs (a 7x7 image has few tiles, each with a large halo).
+
+    ``core="winograd"``: the same design with the core conv by F(2x2, 3x3) (``kernels/winograd.py``;
+    3x3, stride 1, dilation 1 only): 16 multiplies a 2x2 output tile and rank pair instead of 36,
+    tiles of even sides (or the whole image side), the transforms granted free like the loads.
+    Its FLOPs are fewer than the floor's (direct) FLOPs, so its ratio can fall below 1. No kernel
+    of this kind exists yet: the bound says how far one could go."""
+    if core not in ("direct", "winograd"):
+        raise ValueError(f"core must be 'direct' or 'winograd', got {core!r}")
+    winograd_core = core == "winograd"
+    if winograd_core and not winograd.eligible(g):
+        raise ValueError("core='winograd' needs a 3x3 core of stride 1 and dilation 1 "
+                         f"(got {g.kernel_h}x{g.kernel_w}, stride {g.stride_h}x{g.stride_w}, "
+                         f"dilation {g.dil_h}x{g.dil_w})")
     totals = roofline.totals(g, "fused")
     floor = 1e6 * max(totals.flops / device.fp32_flops, totals.bytes / device.dram_bandwidth)
-    per_pixel = 2.0 * g.rank_out * (g.rank_in // g.groups) * g.taps + 2.0 * g.out_channels * g.rank_out
+    rank_pairs = g.rank_out * (g.rank_in // g.groups)
+    last_per_pixel = 2.0 * g.out_channels * g.rank_out
     per_input = 2.0 * g.rank_in * g.in_channels
     ffma_per_s = device.fp32_flops  # FMA = 2 FLOPs: the whole device's FFMA lanes at the model's clock
     first_flops = per_input * g.height * g.width
+
+    def core_flops(ro, co):
+        if winograd_core:  # 2x2 output tiles (a tile's odd edge padded), 16 multiplies a rank pair
+            return 2.0 * rank_pairs * winograd.POSITIONS * -(-ro // 2) * -(-co // 2)
+        return 2.0 * rank_pairs * g.taps * ro * co
+
+    def sides(n):
+        return [t for t in range(1, n + 1) if not winograd_core or t % 2 == 0 or t == n]
+
     best = None
     cols_of = {tw: _needed(g.out_w, tw, g.stride_w, g.pad_w, g.dil_w, g.kernel_w, g.width)
-               for tw in range(1, g.out_w + 1)}
-    for th in range(1, g.out_h + 1):
+               for tw in sides(g.out_w)}
+    for th in sides(g.out_h):
         rows = _needed(g.out_h, th, g.stride_h, g.pad_h, g.dil_h, g.kernel_h, g.height)
         for tw, cols in cols_of.items():
-            work = sorted(per_input * ri * ci + per_pixel * ro * co for ro, ri in rows for co, ci in cols)
+            work = sorted(per_input * ri * ci + core_flops(ro, co) + last_per_pixel * ro * co
+                          for ro, ri in rows for co, ci in cols)
             blocks = len(work) * g.batch
             busiest = -(-blocks // device.sms)
             # the busiest SM: at least the heaviest block, at least ceil(blocks / SMs) blocks
