@@ -264,10 +264,11 @@ nb.show(nb.markdown_table(rows) + f"\n\n{model.LABEL}: counts under the issue-sl
 # **What would take a one-launch kernel under 1.5x: a Winograd core.** `fused_bound(g,
 # core="winograd")` is the same bound for a kernel of the same design whose core conv is
 # F(2x2, 3x3), as `winograd`'s is: 16 multiplies a 2x2 output tile instead of 36, tiles of even
-# sides. Its FLOPs are fewer than the floor's, so the bound can fall below the floor. The table
-# puts it beside the direct bound and beside the share of useful FFMAs `fused` reaches today (its
-# bound over its audited time, `data/tucker/static_audit.json`). No such kernel exists yet: the
-# table says how much room one would have.
+# sides. For both cores a block's accumulators must fit one SM's registers (Winograd keeps 4 a
+# pixel, the direct core 1). Its FLOPs are fewer than the floor's, so the bound can fall below
+# the floor. The table puts it beside the direct bound and beside the share of useful FFMAs
+# `fused` reaches today (its bound over its audited time, `data/tucker/static_audit.json`). No
+# such kernel exists yet: the table says how much room one would have.
 
 # %%
 recorded = json.loads(AUDIT.read_text())["suites"] if AUDIT.exists() else {}

@@ -317,7 +317,11 @@ def fused_bound(g: TuckerGeometry, device: Device = H200, core: str = "direct") 
     3x3, stride 1, dilation 1 only): 16 multiplies a 2x2 output tile and rank pair instead of 36,
     tiles of even sides (or the whole image side), the transforms granted free like the loads.
     Its FLOPs are fewer than the floor's (direct) FLOPs, so its ratio can fall below 1. No kernel
-    of this kind exists yet: the bound says how far one could go."""
+    of this kind exists yet: the bound says how far one could go.
+
+    One physical limit is kept for both cores: a block's core accumulators (``r_out`` per output
+    pixel direct, 16 per 2x2 output tile with Winograd: 4x as many) live through the whole
+    reduction, so they must fit one SM's register file."""
     if core not in ("direct", "winograd"):
         raise ValueError(f"core must be 'direct' or 'winograd', got {core!r}")
     winograd_core = core == "winograd"
@@ -341,12 +345,18 @@ def fused_bound(g: TuckerGeometry, device: Device = H200, core: str = "direct") 
     def sides(n):
         return [t for t in range(1, n + 1) if not winograd_core or t % 2 == 0 or t == n]
 
+    def accumulators_fit(th, tw):
+        per_rank = winograd.POSITIONS * -(-th // 2) * -(-tw // 2) if winograd_core else th * tw
+        return g.rank_out * per_rank * g.itemsize <= 4 * device.registers_per_sm
+
     best = None
     cols_of = {tw: _needed(g.out_w, tw, g.stride_w, g.pad_w, g.dil_w, g.kernel_w, g.width)
                for tw in sides(g.out_w)}
     for th in sides(g.out_h):
         rows = _needed(g.out_h, th, g.stride_h, g.pad_h, g.dil_h, g.kernel_h, g.height)
         for tw, cols in cols_of.items():
+            if not accumulators_fit(th, tw):
+                continue
             work = sorted(per_input * ri * ci + core_flops(ro, co) + last_per_pixel * ro * co
                           for ro, ri in rows for co, ci in cols)
             blocks = len(work) * g.batch

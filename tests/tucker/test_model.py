@@ -219,6 +219,19 @@ def test_fused_bound_with_a_winograd_core_by_hand():
     assert b.floor_us == model.fused_bound(g).floor_us  # the floor stays the direct layer's
 
 
+def test_fused_bound_keeps_a_blocks_accumulators_in_one_register_file():
+    """The bound's tiles hold their core accumulators (r_out a pixel direct, 16 a 2x2 tile with
+    Winograd) in one SM's 64K registers: at layer1 the unconstrained Winograd tile (20x34 outputs:
+    32 ranks x 16 x 170 tiles = 87,040 floats) would not fit."""
+    for name in ("r18-l1a-n32", "r18-l2a-n32", "r18-l4a-n32"):
+        g = bench_op.geometry(bench_op.suites()[name])
+        th, tw = model.fused_bound(g).tile
+        assert g.rank_out * th * tw <= model.H200.registers_per_sm
+        th, tw = model.fused_bound(g, core="winograd").tile
+        assert g.rank_out * 16 * -(-th // 2) * -(-tw // 2) <= model.H200.registers_per_sm
+    assert model.fused_bound(bench_op.geometry(bench_op.suites()["r18-l1a-n32"]), core="winograd").tile == (14, 30)
+
+
 def test_fused_bound_with_a_winograd_core_needs_its_layers():
     g = TuckerGeometry(batch=2, in_channels=8, height=6, width=6, out_channels=8, rank_in=4, rank_out=4,
                        kernel_h=3, kernel_w=3, stride_h=2, stride_w=2, pad_h=1, pad_w=1)
