@@ -376,6 +376,9 @@ def fused_bound(g: TuckerGeometry, device: Device = H200, core: str = "direct") 
                 recompute = (sum(per_input * ri * ci for _, ri in rows for _, ci in cols) / first_flops
                              if first_flops else 1.0)
                 best = (us, (th, tw), blocks, recompute)
+    if best is None:
+        raise ValueError(f"no tile of this design holds its core accumulators ({g.rank_out} ranks, "
+                         f"{g.itemsize}-byte values) in one SM's {device.registers_per_sm} registers")
     return FusedBound(best[0], best[1], best[2], best[3], floor)
 
 

@@ -230,6 +230,8 @@ def test_fused_bound_keeps_a_blocks_accumulators_in_one_register_file():
         th, tw = model.fused_bound(g, core="winograd").tile
         assert g.rank_out * 16 * -(-th // 2) * -(-tw // 2) <= model.H200.registers_per_sm
     assert model.fused_bound(bench_op.geometry(bench_op.suites()["r18-l1a-n32"]), core="winograd").tile == (14, 30)
+    with pytest.raises(ValueError, match="accumulators"):  # 2x2 outputs of 8192 ranks: 131,072 sums
+        model.fused_bound(_layer(1, 16, 4, 8192, 3, 1), core="winograd")
 
 
 def test_fused_bound_with_a_winograd_core_needs_its_layers():
