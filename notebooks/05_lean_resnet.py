@@ -216,9 +216,11 @@ else:
 # The crosses add what the issue-slot model leaves out: the clocks a warp waits on its own loads
 # when too few warps share its scheduler to cover them (`perf.sass.stall_charges`, from the
 # scheduling controls ptxas wrote into the SASS and *assumed* load latencies: also a prediction).
-# 14x14x256 (four blocks an SM) has enough warps resident to hide every wait, and 28x28x128
-# nearly; 56x56x64 and 7x7x512 (one block of 8 or 12 warps an SM) do not, and would land at
-# about 1.5x their floor if those latencies hold. Only a GPU run can say.
+# Where two or more blocks share an SM (56x56x64, 28x28x128, 14x14x256: their configurations
+# were picked by the larger of the two estimates) enough warps are resident to hide every wait,
+# and the cross sits on the bar. 7x7x512 (one block of 12 warps an SM) does not, and would land
+# at about 1.55x its floor if those latencies hold; its candidates that wait less miss the 1.3x
+# target by issue slots (1.34x). Only a GPU run can say.
 
 # %% [markdown]
 # ## 4. Does it learn as well? ResNet against LeanResNet on digits

@@ -1137,6 +1137,15 @@ def issue_model(per_thread: dict, blocks: int, threads: int, registers: int, sha
     return out
 
 
+def larger_estimate_us(row: dict) -> float:
+    """The larger of an audit row's two time estimates, in microseconds: ``latency_us`` (one
+    warp's stalls counted; never below the issue-slot figure) where the row has it, else
+    ``predicted_us`` (issue slots). What the audits' searches rank tiles by: a tile that only
+    the issue-slot model likes waits on its loads (both are predictions)."""
+    latency = row.get("latency_us")
+    return max(row["predicted_us"], latency) if latency is not None else row["predicted_us"]
+
+
 # --------------------------------------------------------------------------- kernels of the package
 def block_threads_of(func) -> int | None:
     """Threads per block a kernel factory baked in (a closure constant named ``THREADS``),

@@ -158,8 +158,9 @@ def search(g, method: str, top: int = 8) -> list:
     formulas undervalue large register blocks on small images (at layer4 the best audited
     core-conv tile, 7x7 with 4x7 outputs per thread, is not among their first ten 7x7
     tiles). Today's pick (``model.AUDITED_PICKS``, often a tile added by hand) is audited
-    with them. Returns ``(predicted us, tile)`` pairs, best first: how ``model.AUDITED_PICKS``
-    is made."""
+    with them. Returns ``(predicted us, tile)`` pairs, best first, by the larger of the two
+    estimates (issue slots, and one warp's stalls: ``sass.larger_estimate_us``; session 37
+    re-picked `winograd` at layers 3-4 so): how ``model.AUDITED_PICKS`` is made."""
     kernel = {"fused": "fused", "three_pass": "core_conv", "winograd": "winograd"}[method]
     ranked = [p.config for p in model.rank_configs(g, method, audited=False)]
     if method == "winograd":  # (no image tiles: the formulas' best, and today's pick)
@@ -168,7 +169,7 @@ def search(g, method: str, top: int = 8) -> list:
         rows = []
         for i, t in enumerate(chosen):
             print(f"  [{i + 1}/{len(chosen)}] {method} {model._tag(t)}", file=sys.stderr, flush=True)
-            rows.append((model_kernel(g, kernel, t)["predicted_us"], t))
+            rows.append((sass.larger_estimate_us(model_kernel(g, kernel, t)), t))
         return sorted(rows, key=lambda r: r[0])
     fitting = set(model._fitting_tiles(g))
     shapes = {}  # the formulas' best tile of each shape that divides the image
@@ -183,7 +184,7 @@ def search(g, method: str, top: int = 8) -> list:
     for i, t in enumerate(chosen):
         print(f"  [{i + 1}/{len(chosen)}] {method} {model._tag(t)}", file=sys.stderr, flush=True)
         try:
-            rows.append((model_kernel(g, kernel, t)["predicted_us"], t))
+            rows.append((sass.larger_estimate_us(model_kernel(g, kernel, t)), t))
         except Exception as e:  # noqa: BLE001  a tile the compiler cannot build is skipped, and said so
             # (seen once: NVVM emitted PTX that branches to an undefined label, ptxas "Unknown symbol")
             print(f"  does not compile, skipped: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr, flush=True)
@@ -227,7 +228,7 @@ def main(argv=None) -> int:
             for method in args.methods:
                 rows = search(g, method, args.search)
                 for us, t in rows:
-                    print(f"{name} {method}: {us:9.2f} us  {t!r}")
+                    print(f"{name} {method}: {us:9.2f} us (the larger estimate)  {t!r}")
                 if rows:
                     print(f"best {method} for {model.pick_key(g)}: {rows[0][1]!r}", flush=True)
         return 0

@@ -55,14 +55,25 @@ def test_phases_add_up_to_the_prediction(figures):
 
 def test_stalls_only_add_time(figures):
     """The estimate with one warp's stalls (``perf.sass.stall_charges``, assumed latencies) is
-    never below the issue-slot one. It equals it where three blocks share each busy SM
-    (14x14x256) and is larger where one block holds an SM (56x56x64, 7x7x512): a prediction
-    either way."""
+    never below the issue-slot one. It equals it where several blocks share each busy SM
+    (56x56x64, 28x28x128 and 14x14x256, whose picks were made so in session 38) and is larger
+    where one block holds an SM (7x7x512, whose candidates that wait less miss the 1.3x issue
+    target): a prediction either way."""
     for shape, r in figures["suites"].items():
         assert r["latency_us"] >= r["predicted_us"] * (1 - 1e-9), shape
         assert set(r["one_warp_clocks"]) == {p["phase"] for p in r["phases"]}
-    crowded = figures["suites"]["14x14x256"]
-    assert crowded["blocks_per_sm"] >= 4 and crowded["latency_us"] == pytest.approx(crowded["predicted_us"])
-    for shape in ("56x56x64", "7x7x512"):
-        lone = figures["suites"][shape]
-        assert lone["blocks_per_sm"] == 1 and lone["latency_us"] > 1.1 * lone["predicted_us"], shape
+    for shape in ("56x56x64", "28x28x128", "14x14x256"):
+        crowded = figures["suites"][shape]
+        assert crowded["blocks_per_sm"] >= 2 and crowded["latency_us"] == pytest.approx(crowded["predicted_us"])
+    lone = figures["suites"]["7x7x512"]
+    assert lone["blocks_per_sm"] == 1 and lone["latency_us"] > 1.1 * lone["predicted_us"]
+
+
+def test_stalls_keep_the_first_three_shapes_within_the_target(figures):
+    """Since session 38 the picks of 56x56x64, 28x28x128 and 14x14x256 meet 1.3x the floor with
+    one warp's stalls counted too (1.20-1.22x); 7x7x512 is pinned at today's 1.55x."""
+    for shape in ("56x56x64", "28x28x128", "14x14x256"):
+        r = figures["suites"][shape]
+        assert r["latency_us"] / r["floor_us"] <= TARGET, shape
+    r = figures["suites"]["7x7x512"]
+    assert r["latency_us"] / r["floor_us"] <= 1.56

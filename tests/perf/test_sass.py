@@ -422,3 +422,11 @@ def test_the_latency_bound_needs_warps_to_hide_stalls():
     assert m["latency_seconds"] == pytest.approx(m["seconds"]) == pytest.approx(8 * 1100 / clock)
     # without cycle counts the model is the issue-slot model alone
     assert "latency_seconds" not in sass.issue_model({"a": 1}, 1, 32, 32, 0)
+
+
+def test_the_larger_estimate_is_the_one_with_stalls_where_a_row_has_it():
+    assert sass.larger_estimate_us({"predicted_us": 16.0, "latency_us": 19.26}) == 19.26
+    assert sass.larger_estimate_us({"predicted_us": 16.0, "latency_us": None}) == 16.0
+    assert sass.larger_estimate_us({"predicted_us": 16.0}) == 16.0
+    # (latency_us is never below the issue-slot figure; a row that says so keeps the larger)
+    assert sass.larger_estimate_us({"predicted_us": 16.0, "latency_us": 15.0}) == 16.0

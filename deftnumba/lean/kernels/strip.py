@@ -172,8 +172,8 @@ def pick_key(geometry) -> tuple:
 
 
 AUDITED_PICKS = {
-    (32, 64, 56, 56, "float32", PATTERNS["star5"]): StripConfig(strip=256, chunk=16, oc_block=64, reg_oc=8, reg_px=8),
-    (32, 128, 28, 28, "float32", PATTERNS["star5"]): StripConfig(strip=192, chunk=32, oc_block=128, reg_oc=8,
+    (32, 64, 56, 56, "float32", PATTERNS["star5"]): StripConfig(strip=128, chunk=16, oc_block=64, reg_oc=8, reg_px=8),
+    (32, 128, 28, 28, "float32", PATTERNS["star5"]): StripConfig(strip=96, chunk=32, oc_block=128, reg_oc=8,
                                                                   reg_px=8),
     (32, 256, 14, 14, "float32", PATTERNS["star5"]): StripConfig(strip=32, chunk=64, oc_block=128, reg_oc=8, reg_px=4),
     (32, 512, 7, 7, "float32", PATTERNS["star5"]): StripConfig(strip=48, chunk=64, oc_block=128, reg_oc=8, reg_px=4,
@@ -183,7 +183,13 @@ AUDITED_PICKS = {
 SASS audit among the estimate's 8 best (``python -m deftnumba.lean.audit --search 8``, re-run
 once the kernel had channel groups and a pre-packed stencil): the estimate cannot see
 how ptxas schedules a configuration (its first choice for 56x56x64 was 0.07x the floor
-slower than the audited best).
+slower than the audited best). Session 38 re-picked 56x56x64 and 28x28x128 among the
+estimate's 16-24 best by the larger of the audit's two estimates (issue slots, one warp's
+stalls: what ``audit.search`` now ranks by): the old picks held one block of 8 or 12 warps per
+SM, which waits on its loads (issue slots / with stalls, us: 16.05 / 20.41, 15.28 / 16.46);
+strips of 128 and 96 pixels put 3 and 2 blocks on each busy SM (16.08 / 16.08, 15.36 /
+15.36). At 7x7x512 the pick stays (16.00 / 19.26): the candidates that wait less (strips of
+16 pixels, 16.61 / 16.61) miss issue 15's target of 1.3x the floor by issue slots (1.34x).
 Any configuration is correct; a pick that a later kernel change makes slower is only slower."""
 
 
