@@ -158,10 +158,16 @@ def search(g, method: str, top: int = 8) -> list:
     formulas undervalue large register blocks on small images (at layer4 the best audited
     core-conv tile, 7x7 with 4x7 outputs per thread, is not among their first ten 7x7
     tiles). Today's pick (``model.AUDITED_PICKS``, often a tile added by hand) is audited
-    with them. Returns ``(predicted us, tile)`` pairs, best first, by the larger of the two
-    estimates (issue slots, and one warp's stalls: ``sass.larger_estimate_us``; session 37
-    re-picked `winograd` at layers 3-4 so): how ``model.AUDITED_PICKS`` is made."""
+    with them. Returns ``(us, tile, issue us, multiply FFMA %)``, best first by ``us``, the
+    larger of the two estimates (issue slots, and one warp's stalls: ``sass.larger_estimate_us``;
+    session 37 re-picked `winograd` at layers 3-4 so): how ``model.AUDITED_PICKS`` is made. The
+    issue-slot time and the multiply loop's FFMA share are issue 14's target figures, which a
+    pick must still meet (session 38: the `fused` tiles that wait least at layers 3-4 do not)."""
     kernel = {"fused": "fused", "three_pass": "core_conv", "winograd": "winograd"}[method]
+
+    def audited(t):
+        r = model_kernel(g, kernel, t)
+        return sass.larger_estimate_us(r), t, r["predicted_us"], r["ffma_percent"].get("multiply")
     ranked = [p.config for p in model.rank_configs(g, method, audited=False)]
     if method == "winograd":  # (no image tiles: the formulas' best, and today's pick)
         current = model.AUDITED_PICKS.get(model.pick_key(g), {}).get(method)
@@ -169,8 +175,8 @@ def search(g, method: str, top: int = 8) -> list:
         rows = []
         for i, t in enumerate(chosen):
             print(f"  [{i + 1}/{len(chosen)}] {method} {model._tag(t)}", file=sys.stderr, flush=True)
-            rows.append((sass.larger_estimate_us(model_kernel(g, kernel, t)), t))
-        return sorted(rows, key=lambda r: r[0])
+            rows.append(audited(t))
+        return sorted(rows, key=lambda r: (r[0], r[2]))  # (ties: the fewer issue slots first)
     fitting = set(model._fitting_tiles(g))
     shapes = {}  # the formulas' best tile of each shape that divides the image
     for t in ranked:
@@ -184,11 +190,11 @@ def search(g, method: str, top: int = 8) -> list:
     for i, t in enumerate(chosen):
         print(f"  [{i + 1}/{len(chosen)}] {method} {model._tag(t)}", file=sys.stderr, flush=True)
         try:
-            rows.append((sass.larger_estimate_us(model_kernel(g, kernel, t)), t))
+            rows.append(audited(t))
         except Exception as e:  # noqa: BLE001  a tile the compiler cannot build is skipped, and said so
             # (seen once: NVVM emitted PTX that branches to an undefined label, ptxas "Unknown symbol")
             print(f"  does not compile, skipped: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr, flush=True)
-    return sorted(rows, key=lambda r: r[0])
+    return sorted(rows, key=lambda r: (r[0], r[2]))  # (ties: the fewer issue slots first)
 
 
 def target_figures(shapes=None) -> dict:
@@ -227,8 +233,11 @@ def main(argv=None) -> int:
             g = bench_op.geometry(suites[name])
             for method in args.methods:
                 rows = search(g, method, args.search)
-                for us, t in rows:
-                    print(f"{name} {method}: {us:9.2f} us (the larger estimate)  {t!r}")
+                for us, t, issue_us, ffma in rows:
+                    # (no multiply phase in the SASS: NVVM merged it into another, and the figures are suspect)
+                    loop = f"multiply {ffma}% FFMA" if ffma is not None else "NO multiply phase (suspect)"
+                    print(f"{name} {method}: {us:9.2f} us (the larger estimate), {issue_us:.2f} by issue slots, "
+                          f"{loop}  {t!r}")
                 if rows:
                     print(f"best {method} for {model.pick_key(g)}: {rows[0][1]!r}", flush=True)
         return 0
