@@ -7,7 +7,8 @@ static targets).
 
 ``tucker.model`` ranks tiles with per-iteration instruction formulas (fast enough for
 ``choose_ranks``' sweeps). This module checks its picks the slow, exact way: it compiles
-the picked ``fused`` and ``core_conv`` kernels with numba-cuda's real compiler (NVVM,
+the picked ``fused`` and ``core_conv`` kernels (and ``fused_winograd`` where
+``model.AUDITED_PICKS`` has a tile for it) with numba-cuda's real compiler (NVVM,
 nvJitLink, ``nvdisasm``; no GPU), attributes their SASS to the kernels' ``# phase:`` marks
 and runs the house's issue-slot model (``perf/sass.py``, the model the DCN and lean audits
 use) with the kernel modules' ``sass_iterations`` and ``phase_steps``. Every time it
@@ -29,7 +30,7 @@ import sys
 from ..perf import sass
 from ..perf.roofline import floor_ms_of
 from . import bench_op, model, roofline
-from .kernels import core_conv, fused, winograd
+from .kernels import core_conv, fused, fused_winograd, winograd
 
 TARGET_SHAPES = tuple(f"r18-{layer}-n32" for layer in ("l1a", "l1b", "l2a", "l2b", "l3a", "l3b", "l4a", "l4b"))
 """Issue 14's static target shapes: TDC's ResNet-18 layers at batch 32 (at batch 1 the small
@@ -42,7 +43,7 @@ def _signature(kernel: str, dtype: str) -> tuple:
 
     a = types.Array(getattr(types, dtype), 1, "C")
     i32 = types.int32
-    if kernel == "fused":
+    if kernel in ("fused", "fused_winograd"):
         return (a, a, a, a, a, a, i32, i32, i32, i32)
     if kernel == "winograd":  # (..., partials, counters, sizes, tiles_total)
         return (a, a, a, a, types.Array(types.uint32, 1, "C"), i32, i32, i32, i32, i32)
@@ -50,6 +51,9 @@ def _signature(kernel: str, dtype: str) -> tuple:
 
 
 def _compiled(kernel: str, g, t):
+    if kernel == "fused_winograd":
+        return fused_winograd.fused_winograd_kernel(g.dtype, g.in_channels, g.rank_in, g.rank_out, g.out_channels,
+                                                    g.pad_h, g.pad_w, t)
     if kernel == "winograd":
         return winograd.winograd_kernel(g.dtype, g.rank_in, g.rank_out, g.pad_h, g.pad_w, t)
     if kernel == "fused":
@@ -64,14 +68,14 @@ def model_kernel(g, kernel: str, config, ptx: str | None = None) -> dict:
     ``g`` through the issue-slot model: registers, occupancy, per-phase instructions per thread,
     the main loop's FFMA share and the predicted time in microseconds (a prediction). With
     ``ptx`` (from ``compile_variants``), that compile of the kernel."""
-    mod = {"fused": fused, "core_conv": core_conv, "winograd": winograd}[kernel]
+    mod = {"fused": fused, "core_conv": core_conv, "winograd": winograd, "fused_winograd": fused_winograd}[kernel]
     a = sass.audit_kernel(_compiled(kernel, g, config), _signature(kernel, str(g.dtype)), f"tucker.{kernel}",
                           str(g.dtype), ptx=ptx)
     counts = sass.normalise_steps(a.phases, mod.phase_steps(g, config))
     iterations = mod.sass_iterations(g, config)
     per_thread = sass.per_thread_instructions(counts, iterations)
     cycles = sass.per_thread_cycles(counts, iterations)
-    if kernel == "fused":
+    if kernel in ("fused", "fused_winograd"):
         lay = config.layout(g)
         threads = lay.threads
         blocks = -(-g.out_h // config.tile_h) * -(-g.out_w // config.tile_w) * g.batch
@@ -133,6 +137,12 @@ def model_layer(g) -> dict:
         pick = model.rank_configs(g, method, top=1)
         if pick:
             out[method] = _between_gemms(g, model_kernel(g, kernel, pick[0].config), floor)
+    # `fused_winograd` where it has an audited pick (no formulas rank its tiles yet)
+    pick = model.AUDITED_PICKS.get(model.pick_key(g), {}).get("fused_winograd")
+    if pick is not None:
+        r = model_kernel(g, "fused_winograd", pick)
+        r["ratio"] = r["predicted_us"] / floor
+        out["fused_winograd"] = r
     return out
 
 
@@ -271,6 +281,11 @@ def main(argv=None) -> int:
               + (f"{t['predicted_us']:9.2f} {t['ratio']:5.2f} {lat(t)}" if t else f"{'-':>9} {'-':>5} {'-':>7}")
               + (f" | {r['winograd']['predicted_us']:8.2f} {r['winograd']['ratio']:5.2f} {lat(r['winograd'])}"
                  if "winograd" in r else ""))
+    for name, r in figures["suites"].items():
+        if "fused_winograd" in r:
+            fw = r["fused_winograd"]
+            print(f"{name:>12} fused_winograd (one launch, Winograd core) at its audited pick: "
+                  f"{fw['predicted_us']:.2f} us, {fw['ratio']:.2f}x the floor, with stalls {lat(fw).strip()} us")
     print("bound: model.fused_bound over the floor, the least any one-launch fused kernel of this design "
           "could reach (only useful FFMAs at the full issue rate; halo and grid quantisation counted)")
     print("lat.: the same kernels where a warp also waits for its loads (perf.sass.stall_charges: ptxas's stall "

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from ..perf.device import H200, DeviceModel
 from . import roofline
 from .geometry import TuckerGeometry
-from .kernels import core_conv, fused, winograd
+from .kernels import core_conv, fused, fused_winograd, winograd
 
 LABEL = "prediction (static model, no GPU run)"
 
@@ -545,6 +545,13 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
 # Keys: (batch, C, r_in, r_out, Cout, kh, kw, sh, sw, ph, pw, dh, dw, dtype); FusedTile(th, tw,
 # rank_chunk, in_chunk, RO, RP, EO, UR, core_chunk), CoreTile(th, tw, chunk, OCB, RO, RP, splits) and
 # WinogradTile(tiles, OB, CC, RO, RT, splits).
+# Session 39 added `fused_winograd` (one launch, the core conv by F(2x2, 3x3)) at l2a only: the
+# best of 25 tiles audited at l2a (4x14 tiles, all 64 input ranks in one chunk, 8 a thread in the
+# first 1x1; 4 ranks transformed and multiplied at a time; 8 ranks x 7 tiles a thread), 53.64 us
+# by issue slots and with stalls, against `fused`'s 66.79; at l2b and layer3 the tiles audited
+# so far trail `fused` (docs/tucker-notes.md, "A one-launch layer with a Winograd core"). It has no formulas in this module:
+# `best` and `choose_ranks` do not price it yet. FusedWinogradTile(th, tw, CR, CX, UR, CK, RO, RT,
+# EO, LP).
 AUDITED_PICKS: dict = {
     (32, 64, 64, 32, 64, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l1a-n32
         'fused': fused.FusedTile(8, 8, 64, 16, 4, 8, 8, 8, 4),  # 8-pixel rows, padded to 12 floats
@@ -560,6 +567,7 @@ AUDITED_PICKS: dict = {
         'fused': fused.FusedTile(4, 14, 64, 4, 4, 7, 8, 8, 4, row_slots=True),
         'three_pass': core_conv.CoreTile(14, 14, 8, 64, 4, 7, splits=2),
         'winograd': winograd.WinogradTile(16, 64, 8, 8, 8),
+        'fused_winograd': fused_winograd.FusedWinogradTile(4, 14, 64, 4, 8, 4, 8, 7, 4, 7),  # session 39
     },
     (32, 128, 96, 64, 128, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l2b-n32
         'fused': fused.FusedTile(8, 14, 48, 8, 8, 7, 4, 12, 4),  # 128 threads, 256 blocks (session 35)

@@ -16,6 +16,9 @@ Methods (``METHODS``):
 * ``fused``: one launch (``kernels/fused.py``): the first 1x1 is computed while
   staging the core convolution's input tile in shared memory, the last 1x1 (and
   the bias) in its epilogue; only the input and the output touch device memory.
+* ``fused_winograd``: ``fused``'s one launch with the core conv by F(2x2, 3x3)
+  (``kernels/fused_winograd.py``): the hidden tile is transformed in shared memory and
+  multiplied as ``winograd`` does; 3x3 cores with stride 1 and dilation 1 only.
 
 All reduce every output in a fixed order (no atomics): results are
 bit-identical run to run. ``groups > 1`` applies to the core convolution; every
@@ -30,10 +33,10 @@ import numpy as np
 
 from ..runtime import backend
 from .geometry import check_tucker
-from .kernels import core_conv, fused, winograd
+from .kernels import core_conv, fused, fused_winograd, winograd
 from .reference import dense_core
 
-METHODS: tuple[str, ...] = ("three_pass", "fused", "winograd")
+METHODS: tuple[str, ...] = ("three_pass", "fused", "winograd", "fused_winograd")
 
 
 def _empty(xp, shape, dtype):
@@ -65,7 +68,8 @@ def tucker_conv2d(input, first, core, last, bias=None, stride=1, padding=0, dila
     ``deftnumba.deform_conv2d``: CuPy in gives CuPy out on the ``cuda`` backend.
 
     method: ``"auto"`` or one of ``METHODS``; config: an optional tile for the method
-    (``core_conv.CoreTile``, ``fused.FusedTile`` or ``winograd.WinogradTile``); stopwatch: optional
+    (``core_conv.CoreTile``, ``fused.FusedTile``, ``winograd.WinogradTile`` or
+    ``fused_winograd.FusedWinogradTile``); stopwatch: optional
     ``backend.Stopwatch``. Returns ``[N, Cout, Ho, Wo]``.
     """
     g = check_tucker(input, first, core, last, bias, stride, padding, dilation, groups)
@@ -74,11 +78,13 @@ def tucker_conv2d(input, first, core, last, bias=None, stride=1, padding=0, dila
             method, config = pick_method(g)
         else:
             method = ("fused" if isinstance(config, fused.FusedTile)
-                      else "winograd" if isinstance(config, winograd.WinogradTile) else "three_pass")
+                      else "winograd" if isinstance(config, winograd.WinogradTile)
+                      else "fused_winograd" if isinstance(config, fused_winograd.FusedWinogradTile)
+                      else "three_pass")
     if method not in METHODS:
         raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
-    if method == "winograd" and not winograd.eligible(g):
-        raise ValueError("method='winograd' takes a 3x3 core with stride 1 and dilation 1, got "
+    if method in ("winograd", "fused_winograd") and not winograd.eligible(g):
+        raise ValueError(f"method={method!r} takes a 3x3 core with stride 1 and dilation 1, got "
                          f"{g.kernel_h}x{g.kernel_w}, stride ({g.stride_h}, {g.stride_w}), dilation "
                          f"({g.dil_h}, {g.dil_w}): use method='three_pass' or 'fused'")
     stopwatch = stopwatch or backend.NO_STOPWATCH
@@ -95,6 +101,15 @@ def tucker_conv2d(input, first, core, last, bias=None, stride=1, padding=0, dila
     out = _empty(xp, g.shapes["output"], dtype)
     if method in ("three_pass", "winograd"):
         _three_pass(g, x, f, k, l, b, out, config, xp, stopwatch, method)
+    elif method == "fused_winograd":
+        cfg = config if config is not None else fused_winograd.default_config(g)
+        if cfg is not None and not isinstance(cfg, fused_winograd.FusedWinogradTile):
+            raise TypeError(f"config for fused_winograd must be a FusedWinogradTile, got {type(cfg).__name__}")
+        if cfg is None:
+            raise ValueError(f"no fused_winograd tile fits this layer ({g.rank_in}x{g.rank_out} ranks): "
+                             "use method='winograd' or 'fused'")
+        with stopwatch.section("fused_winograd"):
+            fused_winograd.forward(g, cfg, x, f, k, l, b, out, xp)
     else:
         cfg = config if config is not None else fused.default_config(g)
         if cfg is not None and not isinstance(cfg, fused.FusedTile):

@@ -11,7 +11,7 @@ Parameters (as convolution weights, so ``state_dict`` names say what they are):
 ``first [r_in, C, 1, 1]``, ``core [r_out, r_in/groups, kh, kw]``,
 ``last [Cout, r_out, 1, 1]``, ``bias [Cout]``.
 
-**Forward**: ``method`` ``"auto"``, ``"three_pass"``, ``"fused"`` or ``"winograd"`` runs our kernels
+**Forward**: ``method`` ``"auto"`` or one of ``tucker.METHODS`` runs our kernels
 (``deftnumba.tucker.tucker_conv2d``): CUDA tensors with the ``cuda`` backend
 (through DLPack, on torch's current stream), CPU tensors with the ``simulator``
 backend (slow, exact; for tests). ``method="torch"`` runs the three convolutions

@@ -52,14 +52,15 @@ def poisoned(poison_allocations):
 
 
 WINOGRAD_CASES = ("3x3-pad1", "groups2")  # 3x3 cores, stride 1, dilation 1: what F(2x2, 3x3) takes
+WINOGRAD_METHODS = ("winograd", "fused_winograd")
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(rng, poisoned, method, name):
     args, kw = make(rng, CASES[name])
-    if method == "winograd" and name not in WINOGRAD_CASES:
-        with pytest.raises(ValueError, match=r"method='winograd' takes a 3x3 core with stride 1 and dilation 1"):
+    if method in WINOGRAD_METHODS and name not in WINOGRAD_CASES:
+        with pytest.raises(ValueError, match=rf"method='{method}' takes a 3x3 core with stride 1 and dilation 1"):
             tucker_conv2d(*args, **kw, method=method)
         return
     out = tucker_conv2d(*args, **kw, method=method)
@@ -68,7 +69,7 @@ def test_matches_reference(rng, poisoned, method, name):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_float64_no_bias(rng, poisoned, method):
-    name = "3x3-pad1" if method == "winograd" else "stride2-dil-nonsquare"
+    name = "3x3-pad1" if method in WINOGRAD_METHODS else "stride2-dil-nonsquare"
     args, kw = make(rng, CASES[name], np.float64, bias=False)
     out = tucker_conv2d(*args, **kw, method=method)
     check_close(out, args, kw, np.float64)
@@ -132,7 +133,7 @@ def test_deterministic(rng, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_bounds_checked(rng, method):
     """Every index inside the kernels stays in bounds; no shared/local value is read unwritten."""
-    args, kw = make(rng, CASES["groups2" if method == "winograd" else "stride2-dil-nonsquare"])
+    args, kw = make(rng, CASES["groups2" if method in WINOGRAD_METHODS else "stride2-dil-nonsquare"])
     with backend.bounds_checked():
         out = tucker_conv2d(*args, **kw, method=method)
     check_close(out, args, kw, np.float32)

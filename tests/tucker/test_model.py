@@ -76,6 +76,11 @@ def test_audited_picks_come_first():
         g = next(bench_op.geometry(s) for s in bench_op.suites().values()
                  if model.pick_key(bench_op.geometry(s)) == key)
         for method, tile in picks.items():
+            if method == "fused_winograd":  # (no formulas rank its tiles yet: the audited tile is what runs)
+                from deftnumba.tucker.kernels import fused_winograd
+
+                assert fused_winograd.fits(tile, g)
+                continue
             assert model.rank_configs(g, method, top=1)[0].config == tile
             assert tile in model.candidates(g, method)
     assert model.AUDITED_PICKS, "the suite layers' audited tiles (python -m deftnumba.tucker.audit --search 8)"

@@ -150,3 +150,19 @@ def test_winograd_meets_the_target_with_stalls_too(figures, shape):
     assumed load latencies, not the issue's target itself, which is the issue-slot figure."""
     r = figures["suites"][shape]
     assert r["winograd"]["latency_us"] <= RATIO_TARGET * r["floor_us"]
+
+
+def test_fused_winograd_meets_the_targets_at_l2a(figures):
+    """Session 39: ``fused_winograd``, the one-launch layer with an F(2x2, 3x3) core, at its audited
+    l2a pick (``model.AUDITED_PICKS``): its multiply loop at >= 85% FFMA and the layer within 1.5x
+    the floor (the same direct-FLOP floor as ``fused``), where ``fused`` misses (1.67x); also with
+    one warp's stalls. It has no pick elsewhere yet."""
+    for shape, r in figures["suites"].items():
+        assert ("fused_winograd" in r) == (shape == "r18-l2a-n32"), shape
+    r = figures["suites"]["r18-l2a-n32"]
+    fw = r["fused_winograd"]
+    assert fw["kernel"] == "fused_winograd" and fw["f64"] == 0 and fw["spill_bytes"] in (0, None)
+    assert fw["ffma_percent"]["multiply"] >= FFMA_TARGET
+    assert fw["ratio"] <= RATIO_TARGET and fw["latency_us"] / r["floor_us"] <= RATIO_TARGET
+    assert fw["predicted_us"] < r["fused"]["predicted_us"]
+    assert sum(p["predicted_us"] for p in fw["phases"].values()) == pytest.approx(fw["predicted_us"], rel=1e-3)

@@ -174,21 +174,72 @@ def pack_core(dense_core, config: WinogradTile, xp=np):
     as the kernel stages it, flat: ``[rank block][chunk][pos][cc][o]`` with ``o`` fastest
     (zero-padded to whole blocks and chunks, and each thread's ``RO`` ranks to ``rank_slot``):
     one contiguous ``16*CC*padded_block`` slice per chunk."""
+    return pack_transformed(dense_core, config.chunk, config.oc_block, config.reg_oc, config.rank_slot, xp=xp)
+
+
+def pack_transformed(dense_core, chunk, oc_block, reg_oc, slot, ranks=None, xp=np):
+    """``pack_core``'s layout for any kernel with a Winograd core (``fused_winograd`` too):
+    ``[rank block of oc_block][chunk][pos][cc][rank thread][slot]``, input ranks padded to
+    ``ranks`` (default: whole chunks), each thread's ``reg_oc`` ranks in ``slot`` floats."""
     q, r, kh, kw = dense_core.shape
     if (kh, kw) != (3, 3):
-        raise ValueError(f"core must be [r_out, r_in, 3, 3] for the Winograd core conv, got {tuple(dense_core.shape)}")
-    cc, ocb = config.chunk, config.oc_block
-    nb, nc = -(-q // ocb), -(-r // cc)
+        raise ValueError(f"core must be [r_out, r_in, 3, 3] for a Winograd core conv, got {tuple(dense_core.shape)}")
+    cc, ocb = chunk, oc_block
+    ranks = ranks or -(-r // cc) * cc
+    nb, nc = -(-q // ocb), ranks // cc
     gt = xp.asarray(FILTER_TRANSFORM, dtype=dense_core.dtype)
     u = xp.einsum("ak,qrkl,bl->abqr", gt, dense_core, gt).reshape(POSITIONS, q, r)
     padded = xp.zeros((POSITIONS, nb * ocb, nc * cc), dtype=dense_core.dtype)
     padded[:, :q, :r] = u
     # [16, nb, OT, RO, nc, cc] -> [nb, nc, 16, cc, OT, RO], then each RO padded to its slot
-    ot, ro, slot = ocb // config.reg_oc, config.reg_oc, config.rank_slot
+    ot, ro = ocb // reg_oc, reg_oc
     packed = padded.reshape(POSITIONS, nb, ot, ro, nc, cc).transpose(1, 4, 0, 5, 2, 3)
     slots = xp.zeros((nb, nc, POSITIONS, cc, ot, slot), dtype=dense_core.dtype)
     slots[..., :ro] = packed
     return slots.reshape(-1)
+
+
+@functools.cache
+def input_transform_of(stride: int):
+    """Device function ``input_transform(buf, at, d)``: ``V = B^T d B`` of the 4x4 patch ``d``
+    (row-major; overwritten), adds only, position ``p`` of V stored at ``buf[at + p*stride]``."""
+
+    @cuda.jit(device=True, inline=True)
+    def input_transform(buf, at, d):
+        for j in range(4):  # B^T d: the rows
+            r0 = d[j] - d[8 + j]
+            r1 = d[4 + j] + d[8 + j]
+            r2 = d[8 + j] - d[4 + j]
+            r3 = d[4 + j] - d[12 + j]
+            d[j] = r0
+            d[4 + j] = r1
+            d[8 + j] = r2
+            d[12 + j] = r3
+        for i in range(4):  # (B^T d) B: the columns, stored
+            buf[at + np.uint64((4 * i + 0) * stride)] = d[4 * i] - d[4 * i + 2]
+            buf[at + np.uint64((4 * i + 1) * stride)] = d[4 * i + 1] + d[4 * i + 2]
+            buf[at + np.uint64((4 * i + 2) * stride)] = d[4 * i + 2] - d[4 * i + 1]
+            buf[at + np.uint64((4 * i + 3) * stride)] = d[4 * i + 1] - d[4 * i + 3]
+
+    return input_transform
+
+
+@cuda.jit(device=True, inline=True)
+def output_transform(buf, y00, y01, y10, y11, d):
+    """``Y = A^T M A`` of the 4x4 sums ``d`` (row-major), adds only; the 2x2 outputs stored at
+    ``buf[y00]``, ``buf[y01]`` (its row), ``buf[y10]``, ``buf[y11]`` (the next row)."""
+    s00 = d[0] + d[4] + d[8]
+    s01 = d[1] + d[5] + d[9]
+    s02 = d[2] + d[6] + d[10]
+    s03 = d[3] + d[7] + d[11]
+    s10 = d[4] - d[8] - d[12]
+    s11 = d[5] - d[9] - d[13]
+    s12 = d[6] - d[10] - d[14]
+    s13 = d[7] - d[11] - d[15]
+    buf[y00] = s00 + s01 + s02
+    buf[y01] = s01 - s02 - s03
+    buf[y10] = s10 + s11 + s12
+    buf[y11] = s11 - s12 - s13
 
 
 @functools.cache
