@@ -80,7 +80,7 @@ bias = rng.standard_normal(6).astype(np.float32)
 conv = dict(stride=2, padding=1, dilation=(2, 1))
 ref = tucker_conv2d_reference(x, first, core, last, bias, **conv)
 rows = [{"method": m, "max |error|": float(np.abs(tucker_conv2d(x, first, core, last, bias, **conv, method=m)
-                                                 - ref).max())} for m in METHODS if m != "winograd"]
+                                                 - ref).max())} for m in METHODS if "winograd" not in m]
 core3 = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
 ref3 = tucker_conv2d_reference(x, first, core3, last, bias, padding=1)
 rows.append({"method": "winograd (3x3, stride 1, pad 1)", "max |error|": float(np.abs(

@@ -102,7 +102,11 @@ def tucker_conv2d(input, first, core, last, bias=None, stride=1, padding=0, dila
     if method in ("three_pass", "winograd"):
         _three_pass(g, x, f, k, l, b, out, config, xp, stopwatch, method)
     elif method == "fused_winograd":
-        cfg = config if config is not None else fused_winograd.default_config(g)
+        if config is None:
+            from . import model
+
+            pick = None if backend.IS_SIMULATOR else model.AUDITED_PICKS.get(model.pick_key(g), {}).get(method)
+        cfg = config if config is not None else fused_winograd.default_config(g, pick)
         if cfg is not None and not isinstance(cfg, fused_winograd.FusedWinogradTile):
             raise TypeError(f"config for fused_winograd must be a FusedWinogradTile, got {type(cfg).__name__}")
         if cfg is None:

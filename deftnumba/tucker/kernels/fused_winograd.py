@@ -255,16 +255,15 @@ GPU_CANDIDATES = (
 )
 
 
-def default_config(g) -> FusedWinogradTile | None:
-    """The audited pick for a suite layer on the GPU (``model.AUDITED_PICKS``), else the first
-    of ``GPU_CANDIDATES`` that fits; in the simulator the small tile; None if none fits."""
+def default_config(g, pick: FusedWinogradTile | None = None) -> FusedWinogradTile | None:
+    """In the simulator the small tile; on the GPU ``pick`` (the audited one, which ``ops`` looks
+    up in ``model.AUDITED_PICKS``) where it fits, else the first of ``GPU_CANDIDATES`` that fits;
+    None if none fits."""
     from ... import backend
-    from .. import model
 
     if backend.IS_SIMULATOR:
         candidates = (SIMULATOR_TILE, FusedWinogradTile(2, 2, 2, 2, 1, 0, 1, 1, 1, 1))
     else:
-        pick = model.AUDITED_PICKS.get(model.pick_key(g), {}).get("fused_winograd")
         candidates = ((pick,) if pick is not None else ()) + GPU_CANDIDATES
     for t in candidates:
         if fits(t, g):
