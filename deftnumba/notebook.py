@@ -175,10 +175,12 @@ def caption(fig, text: str) -> None:
 
 
 def markdown_table(rows: list[Mapping], columns: list[str] | None = None, floats: str = ".3g") -> str:
-    """A Markdown table of ``rows`` (dicts), floats formatted with ``floats``."""
+    """A Markdown table of ``rows`` (dicts), floats formatted with ``floats``. The columns are
+    ``columns``, else every key of any row in the order they first appear (a row without one
+    leaves its cell empty)."""
     if not rows:
         return "(no rows)"
-    columns = columns or list(rows[0])
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
 
     def cell(value):
         if isinstance(value, (float, np.floating)):

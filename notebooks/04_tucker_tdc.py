@@ -165,8 +165,11 @@ if AUDIT.exists():
         if "winograd" in r:
             rows[-1].update({"winograd us": round(r["winograd"]["predicted_us"], 1),
                              "winograd / floor": round(r["winograd"]["ratio"], 2)})
+        if "fused_winograd" in r:  # the one-launch kernel with a Winograd core, where it has a pick
+            rows[-1].update({"fused_winograd us": round(r["fused_winograd"]["predicted_us"], 1),
+                             "fused_winograd / floor": round(r["fused_winograd"]["ratio"], 2)})
         # the same kernels when a warp also waits for its loads (see "With stalls" below)
-        for m in ("fused", "three_pass", "winograd"):
+        for m in ("fused", "three_pass", "winograd", "fused_winograd"):
             if r.get(m, {}).get("latency_us") is not None:
                 rows[-1][f"{m} us with stalls"] = round(r[m]["latency_us"], 1)
     nb.show(nb.markdown_table(rows) + f"\n\n{audited['label']}. `three_pass` = our core conv (audited) + "
@@ -267,8 +270,9 @@ nb.show(nb.markdown_table(rows) + f"\n\n{model.LABEL}: counts under the issue-sl
 # sides. For both cores a block's accumulators must fit one SM's registers (Winograd keeps 4 a
 # pixel, the direct core 1). Its FLOPs are fewer than the floor's, so the bound can fall below
 # the floor. The table puts it beside the direct bound and beside the share of useful FFMAs
-# `fused` reaches today (its bound over its audited time, `data/tucker/static_audit.json`). No
-# such kernel exists yet: the table says how much room one would have.
+# `fused` reaches today (its bound over its audited time, `data/tucker/static_audit.json`).
+# Session 39 built such a kernel, `method="fused_winograd"`; the last column is its audited time
+# over the floor where it has an audited pick (`model.AUDITED_PICKS`).
 
 # %%
 recorded = json.loads(AUDIT.read_text())["suites"] if AUDIT.exists() else {}
@@ -277,19 +281,24 @@ for n in [k for k in bench_op.suites() if k.endswith("-n32")]:
     g = bench_op.geometry(bench_op.suites()[n])
     direct, wino = model.fused_bound(g), model.fused_bound(g, core="winograd")
     fused_us = recorded.get(n, {}).get("fused", {}).get("predicted_us")
+    fw = recorded.get(n, {}).get("fused_winograd")
     rows.append({"layer": n, "direct bound / floor": round(direct.ratio, 2),
                  "share for 1.5x, direct": f"{100 * direct.ffma_share_for(1.5):.0f}%",
                  "Winograd-core bound / floor": round(wino.ratio, 2),
                  "share for 1.5x, Winograd core": f"{100 * wino.ffma_share_for(1.5):.0f}%",
-                 "`fused`'s share today": f"{100 * direct.us / fused_us:.0f}%" if fused_us else "-"})
+                 "`fused`'s share today": f"{100 * direct.us / fused_us:.0f}%" if fused_us else "-",
+                 "`fused_winograd` audited / floor": round(fw["ratio"], 2) if fw else "-"})
 nb.show(nb.markdown_table(rows) + f"\n\n{model.LABEL}: counts under the issue-slot model, nothing measured.")
 
 # %% [markdown]
 # Reading: `fused` keeps 36-70% of its issued instructions useful FFMAs (the direct bound over
 # its audited time). With a Winograd core, 40-50% would reach 1.5x on layers 1-3 and 70% on
-# layer4; with the direct core it takes 68-83%. The same staging, with a fused input transform
-# and an output transform before the last 1x1, is the next kernel to build
-# (`docs/tucker-notes.md`, "Session 38").
+# layer4; with the direct core it takes 68-83%. `fused_winograd` is that kernel: `fused`'s
+# staging, the input transform in shared memory, the output transform before the last 1x1. At
+# layer2 its audited picks are under 1.5x, where `fused` is at 1.67-1.71x. At layer3 one block
+# an SM (128 tiles of 4x14 for 132 SMs) waits on its staging's global loads at every channel
+# step, and the tiles audited so far trail `fused` (`docs/tucker-notes.md`, "Session 40").
+# Static predictions, nothing measured.
 
 # %% [markdown]
 # **Small images: split the core conv's input ranks.** At layer4 (7x7 images) one tile covers a

@@ -50,6 +50,9 @@ def test_markdown_table():
     text = notebook.markdown_table([{"a": 1, "b": 0.123456}, {"a": 2, "b": 1e-9}])
     assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.123 |", "| 2 | 1e-09 |"]
     assert notebook.markdown_table([]) == "(no rows)"
+    # a key only later rows have still gets its column (cells of rows without it stay empty)
+    text = notebook.markdown_table([{"a": 1}, {"a": 2, "c": "x"}])
+    assert text.splitlines() == ["| a | c |", "|---|---|", "| 1 |  |", "| 2 | x |"]
 
 
 def test_show_prints_outside_jupyter(capsys):

@@ -158,6 +158,12 @@ def compile_variants(g, times: int) -> dict:
         variants = sass.ptx_variants(_compiled(kernel, g, pick[0].config), _signature(kernel, str(g.dtype)), times)
         out[kernel] = sorted((model_kernel(g, kernel, pick[0].config, ptx)["predicted_us"], n)
                              for ptx, n in variants.items())
+    pick = model.AUDITED_PICKS.get(model.pick_key(g), {}).get("fused_winograd")
+    if pick is not None:
+        variants = sass.ptx_variants(_compiled("fused_winograd", g, pick), _signature("fused_winograd", str(g.dtype)),
+                                     times)
+        out["fused_winograd"] = sorted((model_kernel(g, "fused_winograd", pick, ptx)["predicted_us"], n)
+                                       for ptx, n in variants.items())
     return out
 
 

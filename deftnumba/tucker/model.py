@@ -552,6 +552,9 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
 # so far trail `fused` (docs/tucker-notes.md, "A one-launch layer with a Winograd core"). It has no formulas in this module:
 # `best` and `choose_ranks` do not price it yet. FusedWinogradTile(th, tw, CR, CX, UR, CK, RO, RT,
 # EO, LP).
+# Session 40 picked it at l2b, by hand from about 15 tiles: the 96 input ranks in two chunks of
+# 48 (6 a thread in the first 1x1), where session 39's 64-rank chunks padded them to 128 (98.37
+# us), and 16 input channels a step: 80.00 us by issue slots and with stalls, 1.41x the floor.
 AUDITED_PICKS: dict = {
     (32, 64, 64, 32, 64, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l1a-n32
         'fused': fused.FusedTile(8, 8, 64, 16, 4, 8, 8, 8, 4),  # 8-pixel rows, padded to 12 floats
@@ -573,6 +576,7 @@ AUDITED_PICKS: dict = {
         'fused': fused.FusedTile(8, 14, 48, 8, 8, 7, 4, 12, 4),  # 128 threads, 256 blocks (session 35)
         'three_pass': core_conv.CoreTile(14, 14, 8, 64, 4, 7, splits=2),
         'winograd': winograd.WinogradTile(16, 64, 8, 8, 8),
+        'fused_winograd': fused_winograd.FusedWinogradTile(4, 14, 48, 8, 6, 4, 8, 7, 4, 7),  # session 40
     },
     (32, 256, 96, 96, 256, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l3a-n32
         'fused': fused.FusedTile(8, 7, 48, 8, 6, 7, 4, 12, 4),  # 128 threads; 6 ranks in 8-float slots

@@ -22,13 +22,15 @@ def poisoned(poison_allocations):
 
 # (N, C, H, W, r_in, r_out, Cout, padding, tile): odd and even outputs, padding 0-2 per axis,
 # tiles past the image's edge, several rank chunks, sub-chunks, channel chunks and output
-# blocks with partial last ones, RT and LP of 3 (16-byte slots), one exchange pass or several
+# blocks with partial last ones, RT, LP and staged positions of 3 (16-byte slots), one exchange
+# pass or several
 CASES = {
     "odd-pad1": ((2, 5, 5, 7, 3, 5, 4, 1), Tile(2, 2, 4, 4, 2, 0, 2, 1, 2, 2)),
     "pad0-odd-out": ((1, 3, 7, 6, 5, 3, 2, 0), Tile(2, 4, 2, 2, 1, 0, 1, 2, 1, 2)),
     "pad2-1-subchunks": ((2, 4, 3, 9, 4, 6, 5, (2, 1)), Tile(4, 2, 4, 3, 2, 2, 2, 2, 2, 1)),
     "rank-chunks-partial": ((1, 7, 6, 5, 9, 4, 7, 1), Tile(2, 6, 4, 3, 2, 2, 2, 3, 1, 3)),
     "slots-of-3": ((2, 3, 6, 6, 6, 7, 3, 1), Tile(2, 6, 6, 2, 3, 3, 3, 3, 2, 3)),
+    "position-slots-of-3": ((2, 3, 6, 6, 6, 7, 3, 1), Tile(2, 6, 8, 2, 2, 4, 3, 3, 2, 3)),
     "ranks-of-one": ((1, 2, 5, 4, 1, 1, 3, 1), Tile(2, 2, 1, 1, 1, 0, 1, 1, 1, 1)),
     "two-exchange-passes": ((1, 3, 7, 8, 2, 4, 3, 1), Tile(4, 4, 1, 1, 1, 0, 4, 1, 1, 4)),
 }
@@ -56,6 +58,9 @@ def test_cases_cover_what_they_name():
 
     t = CASES["slots-of-3"][1]
     assert (t.tile_slot, t.rank_slot, t.pixel_slot) == (4, 4, 4)
+    t, g = CASES["position-slots-of-3"][1], geometry("position-slots-of-3")
+    lay = t.layout(g)  # 3 staged positions a first-1x1 thread in 4-float slots, 4 padded positions
+    assert (lay.first_pos, lay.pos_slot) == (3, 4) and lay.region_padded > lay.region
     t, g = CASES["rank-chunks-partial"][1], geometry("rank-chunks-partial")
     assert g.rank_in % t.rank_chunk and g.in_channels % t.in_chunk and t.rank_chunk // t.core_ranks == 2
     assert g.out_channels % t.layout(g).out_block

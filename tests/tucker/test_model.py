@@ -1,5 +1,6 @@
 """Roofline counts, performance model and tuner, bench op, rank choice (no kernels run)."""
 
+import json
 import math
 
 import numpy as np
@@ -134,7 +135,11 @@ def test_bench_op_protocol():
         ops = bench_op.operators(shape, "cudnn_conv", "fwd")
         assert ops and ops[0].flops > 0
     preds = bench_op.predictions(suites["r18-l2a-n32"])
-    assert set(preds) == {"fused", "three_pass", "winograd", "cudnn_conv", "cudnn_tucker"}
+    # fused_winograd has no formulas: it is predicted only where the recorded audit has its pick
+    assert set(preds) == {"fused", "three_pass", "winograd", "fused_winograd", "cudnn_conv", "cudnn_tucker"}
+    recorded = json.loads(bench_op.AUDIT_PATH.read_text())["suites"]["r18-l2a-n32"]["fused_winograd"]
+    assert preds["fused_winograd"] == recorded["predicted_us"] / 1e3
+    assert "fused_winograd" not in bench_op.predictions(suites["r18-l3a-n32"])
 
 
 def test_bench_op_runs_tiny_shape_in_simulator():

@@ -19,7 +19,8 @@ Blocked algorithm (threads = 16 positions x ``ceil(Q/RO)`` rank slots x ``TB/RT`
     for each chunk of CR input ranks:
         first_acc[UR x UQ] = 0
         for each chunk of CX input channels:
-            # phase: stage_input   staged_x [CX, region]  (the tile's (TH+2) x (TW+2) input, zeros outside)
+            # phase: stage_input   staged_x [CX, region]  (the tile's (TH+2) x (TW+2) input, zeros outside;
+            #                      each first-1x1 thread's UQ positions in a 16-byte slot)
             # phase: stage_first   staged_first [CX, CR]
             barrier
             # phase: first_gemm    first_acc += staged_first^T staged_x
@@ -165,7 +166,7 @@ class Layout:
     first_rank_threads: int  # CR / UR
     first_pos_threads: int
     first_pos: int           # UQ
-    region_padded: int       # first_pos_threads * UQ: staged_x's and hidden's rank stride
+    region_padded: int       # first_pos_threads * UQ: staged positions; hidden's rank stride
     padded_block: int        # OT * rank_slot: staged core floats per (position, rank)
     padded_tiles: int        # TT * tile_slot: V floats per (position, rank)
     out_block: int           # OB = out_threads * EO
@@ -173,6 +174,8 @@ class Layout:
     exchange_ranks: int      # EX: ranks per thread per output-transform pass
     offsets: dict
     shared_floats: int
+    pos_slot: int            # floats per first-1x1 thread's UQ positions in staged_x (16-byte slots)
+    region_slots: int        # first_pos_threads * pos_slot: staged_x's channel stride
 
     @classmethod
     def of(cls, t: FusedWinogradTile, g) -> "Layout":
@@ -189,6 +192,10 @@ class Layout:
         pos_threads = threads // rank_threads
         uq = -(-region // pos_threads)
         region_padded = pos_threads * uq
+        # each thread's UQ staged positions in a 16-byte slot (UQ = 3: one LDS.128, not three
+        # LDS); hidden keeps the plain region order the transform reads
+        pos_slot = _round4(uq) if uq > 2 and uq % 4 else uq
+        region_slots = pos_threads * pos_slot
         obp = ot * t.rank_slot
         pixels = t.tile_h * t.tile_w
         px_threads = pixels // t.out_px
@@ -196,7 +203,7 @@ class Layout:
         out_block = out_threads * t.out_reg
         ck = t.core_ranks
         staging, at = {}, 0
-        for name, size in (("x", t.in_chunk * region_padded), ("first", t.in_chunk * t.rank_chunk),
+        for name, size in (("x", t.in_chunk * region_slots), ("first", t.in_chunk * t.rank_chunk),
                            ("hidden", t.rank_chunk * region_padded), ("v", POSITIONS * ck * tt * t.tile_slot),
                            ("u", POSITIONS * ck * obp)):
             staging[name] = at
@@ -212,7 +219,8 @@ class Layout:
         staging["m"] = staging["last"] = core_out  # (the exchange and the last factor alias: a barrier apart)
         epilogue = core_out + max(_round4(POSITIONS * ot * ex * t.tiles), last)
         return cls(threads, ot, ranks_padded, tt, rows, cols, region, ur, rank_threads, pos_threads, uq,
-                   region_padded, obp, tt * t.tile_slot, out_block, px_threads, ex, staging, max(at, epilogue))
+                   region_padded, obp, tt * t.tile_slot, out_block, px_threads, ex, staging, max(at, epilogue),
+                   pos_slot, region_slots)
 
     def shared_bytes(self, g) -> int:
         return self.shared_floats * g.itemsize
@@ -307,6 +315,7 @@ def fused_winograd_kernel(dtype, in_channels, rank_in, rank_out, out_channels, p
     PASSES = RO // EX
     THREADS = lay.threads
     COLS, REGION, REGION_P = lay.cols, lay.region, lay.region_padded
+    QSLOT, REGION_S = lay.pos_slot, lay.region_slots  # staged_x: a thread's UQ positions in a slot
     SLOT, OBP = t.rank_slot, lay.padded_block
     LPS = t.pixel_slot                  # a thread's LP pixels of core_out in a 16-byte slot
     ROW_P = (TW // LP) * LPS            # core_out floats a tile row
@@ -367,6 +376,7 @@ def fused_winograd_kernel(dtype, in_channels, rank_in, rank_out, out_channels, p
         out_acc = cuda.local.array(OUT_ACC, dtype=DT)
         row = cuda.local.array(LP, dtype=DT)
         offsets = cuda.local.array(POS_T, dtype=np.int32)
+        slots = cuda.local.array(POS_T, dtype=np.uint32)
         handles = cuda.local.array(POS_T, dtype=np.uint64)
 
         tid = U(cuda.threadIdx.x)
@@ -386,7 +396,9 @@ def fused_winograd_kernel(dtype, in_channels, rank_in, rank_out, out_channels, p
 
         # first-1x1 ownership: UR ranks x UQ region positions
         r_t = tid // u_Q_T
-        q0 = U(U(tid - U(r_t * u_Q_T)) * u_UQ)
+        q_t = U(tid - U(r_t * u_Q_T))
+        q0 = U(q_t * u_UQ)                # first owned region position (hidden's order)
+        x0 = U(q_t * U(QSLOT))            # its slot in staged_x
         # input staging ownership (fused.input_staging): lane `lane` of position `base`
         lane = tid // u_REGION_P if LANES > 1 else U(0)
         base = U(tid - U(lane * u_REGION_P))
@@ -401,6 +413,8 @@ def fused_winograd_kernel(dtype, in_channels, rank_in, rank_out, out_channels, p
             offsets[k] = -1
             if pos < u_REGION and gy < height_u and gx < width_u:
                 offsets[k] = np.int32(U(gy * width_u) + gx)
+            owner = pos // u_UQ
+            slots[k] = U(U(owner * U(QSLOT)) + U(pos - U(owner * u_UQ)))  # pos's place in staged_x
         # multiply ownership: position pos, ranks ot*RO.., tiles tt*RT..
         tt = tid % u_TT
         rest_t = tid // u_TT
@@ -442,7 +456,7 @@ def fused_winograd_kernel(dtype, in_channels, rank_in, rank_out, out_channels, p
                                     value = read_at(input, handles[k], step)
                                     if not (channel_ok and offsets[k] >= 0):
                                         value = ZERO
-                                    smem[U(U(U(X_OFF) + U(lane * U(REGION_P))) + p_k) + int(j) * (LANES * REGION_P)] = value
+                                    smem[U(U(U(X_OFF) + U(lane * U(REGION_S))) + slots[k]) + int(j) * (LANES * REGION_S)] = value
                         j = U(j + U(1))
                 # phase: stage_first
                 slice0 = np.uint64(U(rank_chunk * u_IN_CHUNKS + in_chunk)) * np.uint64(CX * CR)
@@ -462,7 +476,7 @@ def fused_winograd_kernel(dtype, in_channels, rank_in, rank_out, out_channels, p
                 # bookkeeping paid once; a `for cx in range(CX)` was re-rolled by LLVM into a
                 # loop with 64-bit counters, 25 integer instructions a trip)
                 f_at = np.uint64(U(U(F_OFF) + U(r_t * u_UR)))  # staged_first index of (cx, first owned rank)
-                x_at = np.uint64(U(U(X_OFF) + q0))             # staged_x index of (cx, first owned position)
+                x_at = np.uint64(U(U(X_OFF) + x0))             # staged_x index of (cx, first owned position)
                 cx = U(0)
                 while cx < u_CX:
                     for j in range(UQ):
@@ -473,13 +487,13 @@ def fused_winograd_kernel(dtype, in_channels, rank_in, rank_out, out_channels, p
                             first_acc[i * UQ + j] += fi * b[j]
                     if CH_STEP == 2:
                         for j in range(UQ):
-                            b[j] = smem[x_at + np.uint64(REGION_P + j)]
+                            b[j] = smem[x_at + np.uint64(REGION_S + j)]
                         for i in range(UR):
                             fi = smem[f_at + np.uint64(CR + i)]
                             for j in range(UQ):
                                 first_acc[i * UQ + j] += fi * b[j]
                     f_at += np.uint64(CH_STEP * CR)
-                    x_at += np.uint64(CH_STEP * REGION_P)
+                    x_at += np.uint64(CH_STEP * REGION_S)
                     cx = U(cx + U(CH_STEP))
                 cuda.syncthreads()  # every thread is done reading the staged input before it is restaged
                 in_chunk = U(in_chunk + U(1))
