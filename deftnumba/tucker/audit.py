@@ -169,7 +169,8 @@ def compile_variants(g, times: int) -> dict:
 
 def search(g, method: str, top: int = 8) -> list:
     """Audit the ``top`` tiles ``tucker.model`` ranks first for ``method`` (``"fused"``,
-    ``"three_pass"`` or ``"winograd"``; for ``winograd``, its ``4 * top`` best) at layer ``g``, and, among tiles that divide the image, the formulas'
+    ``"three_pass"``, ``"winograd"`` or ``"fused_winograd"``; for the Winograd methods, their
+    ``4 * top`` best) at layer ``g``, and, among tiles that divide the image, the formulas'
     best of each (tile, register block, rank block) shape, up to ``3 * top`` of them: the
     formulas undervalue large register blocks on small images (at layer4 the best audited
     core-conv tile, 7x7 with 4x7 outputs per thread, is not among their first ten 7x7
@@ -179,19 +180,23 @@ def search(g, method: str, top: int = 8) -> list:
     session 37 re-picked `winograd` at layers 3-4 so): how ``model.AUDITED_PICKS`` is made. The
     issue-slot time and the multiply loop's FFMA share are issue 14's target figures, which a
     pick must still meet (session 38: the `fused` tiles that wait least at layers 3-4 do not)."""
-    kernel = {"fused": "fused", "three_pass": "core_conv", "winograd": "winograd"}[method]
+    kernel = {"fused": "fused", "three_pass": "core_conv", "winograd": "winograd",
+              "fused_winograd": "fused_winograd"}[method]
 
     def audited(t):
         r = model_kernel(g, kernel, t)
         return sass.larger_estimate_us(r), t, r["predicted_us"], r["ffma_percent"].get("multiply")
     ranked = [p.config for p in model.rank_configs(g, method, audited=False)]
-    if method == "winograd":  # (no image tiles: the formulas' best, and today's pick)
+    if method in ("winograd", "fused_winograd"):  # (the formulas' best, and today's pick)
         current = model.AUDITED_PICKS.get(model.pick_key(g), {}).get(method)
         chosen = list(dict.fromkeys(([current] if current is not None else []) + ranked[:4 * top]))
         rows = []
         for i, t in enumerate(chosen):
             print(f"  [{i + 1}/{len(chosen)}] {method} {model._tag(t)}", file=sys.stderr, flush=True)
-            rows.append(audited(t))
+            try:
+                rows.append(audited(t))
+            except Exception as e:  # noqa: BLE001  (as below: a tile the compiler cannot build is skipped)
+                print(f"  does not compile, skipped: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr, flush=True)
         return sorted(rows, key=lambda r: (r[0], r[2]))  # (ties: the fewer issue slots first)
     fitting = set(model._fitting_tiles(g))
     shapes = {}  # the formulas' best tile of each shape that divides the image
@@ -233,7 +238,7 @@ def main(argv=None) -> int:
                         help="instead: audit the hand model's K best tiles per method and shape, and its best "
                              "of each image-dividing shape (up to 3K), and print the best (model.AUDITED_PICKS)")
     parser.add_argument("--methods", nargs="*", default=["fused", "three_pass", "winograd"],
-                        help="with --search: the methods to search (default: all three)")
+                        help="with --search: the methods to search (default: all three; fused_winograd too on request)")
     parser.add_argument("--variants", type=int, metavar="N",
                         help="instead: compile each pick N times through NVVM (the same IR; NVVM is not "
                              "deterministic) and print the predicted time of every distinct compile")

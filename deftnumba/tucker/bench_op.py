@@ -199,10 +199,6 @@ def predictions(shape: dict, dtype: str = "float32") -> dict[str, float]:
     for m in ("fused", "three_pass", "winograd", "fused_winograd", "cudnn_conv", "cudnn_tucker"):
         if shape.get("core_only") and m != "cudnn_conv":
             continue
-        if m == "fused_winograd":  # (audited picks only: no formulas price it yet)
-            if m in recorded:
-                out[m] = recorded[m]["predicted_us"] / 1e3
-            continue
         if m in recorded:
             out[m] = recorded[m]["predicted_us"] / 1e3
             continue

@@ -92,11 +92,38 @@ def _winograd_instructions(g: TuckerGeometry, t) -> dict[str, float]:
             "epilogue": 60.0 + t.exchange_ranks * _loads(t.reg_tile, True) + (12.0 * t.splits if t.splits > 1 else 0.0)}
 
 
+def _fused_winograd_instructions(g: TuckerGeometry, t) -> dict[str, float]:
+    """Issued instructions per iteration of the fused Winograd kernel's phases
+    (``fused_winograd.phase_model``), calibrated on its sm_90 SASS at the audited l2a and l2b
+    picks (session 40): a first-1x1 channel is ``UR x UQ`` FFMA, its ranks' loads (128-bit where
+    ``UR`` is a multiple of 4, else 64-bit), one load of the thread's position slot and ~3
+    others; a multiply rank ``RO x RT`` FFMA, two slot loads each and ~4 others; a transformed
+    patch ~65 (16 loads, 32 adds, 16 stores); an output pair ~100 a pass; a last-1x1 rank
+    ``EO x LP`` FFMA and ~5 others besides its loads; a staged input value ~8, a copied vector
+    ~4-12. Within 5% of the audited per-thread totals of both picks."""
+    lay = t.layout(g)
+    ur, uq = lay.first_reg, lay.first_pos
+    rank_loads = _loads(ur, True) if ur % 4 == 0 else -(-ur // 2)
+    return {"stage_input": 8.0, "stage_first": 12.0,
+            "first_gemm": ur * uq + rank_loads + _loads(lay.pos_slot, True) + 3.0,
+            "store_hidden": 3.0, "transform": 65.0, "stage_core": 4.5,
+            "multiply": t.reg_oc * t.reg_tile + _loads(t.rank_slot, True) + _loads(t.tile_slot, True) + 4.0,
+            "output_transform": 100.0, "stage_last": 3.0,
+            "last_gemm": t.out_reg * t.out_px + _loads(t.out_reg, True) + _loads(t.pixel_slot, True) + 5.0}
+
+
 def _barriers(kernel: str, g: TuckerGeometry, t) -> int:
     if kernel == "winograd":  # two per chunk, two per exchange pass (and two around the counter)
         return 2 * t.chunks_per_split(g) + 2 * (t.reg_oc // t.exchange_ranks) + (2 if t.splits > 1 else 0)
     if kernel == "core_conv":  # two per chunk (and with rank splits, two around the counter)
         return 2 * t.chunks_per_split(g) + (2 if t.splits > 1 else 0)
+    if kernel == "fused_winograd":  # per rank chunk: two a channel step, one after the hidden
+        # tile, two a sub-chunk but the last; then one, two an exchange pass, two an output block
+        lay = t.layout(g)
+        rank_chunks = -(-g.rank_in // t.rank_chunk)
+        subs = t.rank_chunk // t.core_ranks
+        return (rank_chunks * (2 * -(-g.in_channels // t.in_chunk) + 2 * subs) + 1
+                + 2 * (t.reg_oc // lay.exchange_ranks) + 2 * -(-g.out_channels // lay.out_block))
     rank_chunks = -(-g.rank_in // t.rank_chunk)
     in_chunks = -(-g.in_channels // t.in_chunk)
     out_blocks = -(-g.out_channels // t.layout(g).out_block)
@@ -111,6 +138,10 @@ def _registers(kernel: str, g: TuckerGeometry, t) -> int:
     if kernel == "winograd":
         live = t.reg_oc * t.reg_tile + t.reg_oc + t.reg_tile + 16
         return int(min(255, 8 * math.ceil((live + 30) / 8)))
+    if kernel == "fused_winograd":  # (ptxas gave 96 and 127 for the l2a and l2b picks: 120 here)
+        lay = t.layout(g)
+        live = t.reg_oc * t.reg_tile + t.reg_oc + t.reg_tile + max(lay.first_reg * lay.first_pos, t.out_reg * t.out_px)
+        return int(min(255, 8 * math.ceil((live + 16) / 8)))
     seg = (t.reg_px - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w + 1
     live = t.reg_oc * t.reg_px + seg + t.reg_oc
     if kernel == "fused":
@@ -158,9 +189,10 @@ def _tag(t) -> str:
 
 def _kernel_time(kernel: str, g: TuckerGeometry, t, device: Device):
     """(issue ms, memory ms, facts) of one launch of our kernel."""
-    mod = {"core_conv": core_conv, "fused": fused, "winograd": winograd}[kernel]
+    mod = {"core_conv": core_conv, "fused": fused, "winograd": winograd, "fused_winograd": fused_winograd}[kernel]
     iters = mod.phase_model(g, t)
-    per_iter = _winograd_instructions(g, t) if kernel == "winograd" else instructions(kernel, g, t)
+    per_iter = (_winograd_instructions(g, t) if kernel == "winograd" else
+                _fused_winograd_instructions(g, t) if kernel == "fused_winograd" else instructions(kernel, g, t))
     instr = sum(iters[p] * per_iter[p] for p in iters) + BARRIER_SLOTS * _barriers(kernel, g, t)
     if kernel == "winograd":
         threads = t.threads
@@ -174,6 +206,13 @@ def _kernel_time(kernel: str, g: TuckerGeometry, t, device: Device):
         blocks = tiles * rank_blocks * batch
         shared = t.shared_bytes(g)
         ffma = iters["multiply"] * g.kernel_w * t.reg_oc * t.reg_px
+    elif kernel == "fused_winograd":
+        lay = t.layout(g)
+        threads = lay.threads
+        blocks = -(-g.out_h // t.tile_h) * -(-g.out_w // t.tile_w) * g.batch
+        shared = lay.shared_bytes(g)
+        ffma = (iters["multiply"] * t.reg_oc * t.reg_tile + iters["first_gemm"] * lay.first_reg * lay.first_pos
+                + iters["last_gemm"] * t.out_reg * t.out_px)
     else:
         lay = t.layout(g)
         threads = lay.threads
@@ -210,6 +249,12 @@ def _kernel_time(kernel: str, g: TuckerGeometry, t, device: Device):
         l2 = blocks * t.chunks_per_split(g) * t.chunk * (p * t.tiles + p * t.oc_block) * s
         if t.splits > 1:
             l2 += 2 * t.splits * g.batch * g.rank_out * g.out_h * g.out_w * s
+    elif kernel == "fused_winograd":
+        dram = roofline.totals(g, "fused").bytes
+        rank_chunks = -(-g.rank_in // t.rank_chunk)
+        l2 = blocks * (rank_chunks * -(-g.in_channels // t.in_chunk) * t.in_chunk * lay.region
+                       + g.in_channels * g.rank_in + winograd.POSITIONS * rank_chunks * t.rank_chunk
+                       * lay.padded_block + lay.ranks_padded * g.out_channels) * s
     elif kernel == "core_conv":
         dram = sum(o.bytes for o in roofline.operators(g, "three_pass")[1:2])
         rows, cols = t.staged_shape(g)
@@ -235,9 +280,11 @@ def _vendor_ms(ops, device: Device) -> float:
 def predict(g: TuckerGeometry, method: str, config=None, device: Device = H200) -> Prediction:
     """Predicted forward time of ``method`` on ``device`` (fp32), a labelled prediction.
 
-    ``method``: ``fused`` or ``three_pass`` (our kernels; ``config`` a ``FusedTile`` /
-    ``CoreTile``, default: the best ranked) or ``cudnn_conv`` / ``cudnn_tucker``
-    (vendor libraries, modelled as their roofline at ``device.gemm_efficiency``).
+    ``method``: ``fused``, ``three_pass``, ``winograd`` or ``fused_winograd`` (our kernels;
+    ``config`` a ``FusedTile`` / ``CoreTile`` / ``WinogradTile`` / ``FusedWinogradTile``, default:
+    the best ranked; the Winograd methods take 3x3 cores at stride 1 and dilation 1) or
+    ``cudnn_conv`` / ``cudnn_tucker`` (vendor libraries, modelled as their roofline at
+    ``device.gemm_efficiency``).
     """
     if method in ("cudnn_conv", "cudnn_tucker"):
         ops = roofline.operators(g, method)
@@ -250,10 +297,12 @@ def predict(g: TuckerGeometry, method: str, config=None, device: Device = H200) 
         if not ranked:
             raise ValueError(f"no {method} tile fits this layer")
         return ranked[0]
-    if method == "fused":
-        issue, memory, f = _kernel_time("fused", g, config, device)
+    if method in ("fused", "fused_winograd"):
+        if method == "fused_winograd" and not winograd.eligible(g):
+            raise ValueError("fused_winograd takes 3x3 cores with stride 1 and dilation 1")
+        issue, memory, f = _kernel_time(method, g, config, device)
         ms = max(issue, memory) + device.launch_us / 1e3
-        return Prediction("fused", config, ms, issue, memory, 1, f["threads"], f["blocks"], f["per_sm"],
+        return Prediction(method, config, ms, issue, memory, 1, f["threads"], f["blocks"], f["per_sm"],
                           f["waves"], f["regs"], f["shared"], f["instr"], f["ffma"])
     if method in ("three_pass", "winograd"):
         if method == "winograd" and not winograd.eligible(g):
@@ -263,7 +312,8 @@ def predict(g: TuckerGeometry, method: str, config=None, device: Device = H200) 
         ms = max(issue, memory) + device.launch_us / 1e3 + _vendor_ms([first, last], device)
         return Prediction(method, config, ms, issue, memory, 3, f["threads"], f["blocks"], f["per_sm"],
                           f["waves"], f["regs"], f["shared"], f["instr"], f["ffma"])
-    raise ValueError(f"method must be fused, three_pass, winograd, cudnn_conv or cudnn_tucker, got {method!r}")
+    raise ValueError(f"method must be fused, three_pass, winograd, fused_winograd, cudnn_conv or cudnn_tucker, "
+                     f"got {method!r}")
 
 
 @dataclass(frozen=True)
@@ -498,7 +548,45 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
                         if t.shared_bytes(g) <= fused.STATIC_SHARED_LIMIT:
                             out.append(t)
         return out
-    raise ValueError(f"method must be fused, three_pass or winograd, got {method!r}")
+    if method == "fused_winograd":
+        if not winograd.eligible(g):
+            return out
+        # tile sides (even), tiles and ranks a thread in the multiply, the last 1x1's pixels a
+        # thread (the largest that makes whole groups of threads), then the rank chunk and what
+        # the first 1x1, the sub-chunks, the channel steps and the output block take of it
+        heights = (2, 4) if coarse else (2, 4, 6, 8)
+        widths = (4, 8, 14) if coarse else (4, 6, 8, 14, 16, 28)
+        chunks = (32, 48, 64) if coarse else (16, 32, 48, 64, 96)
+        most = max(16, -(-g.rank_in // 16) * 16)  # (no chunk past the ranks rounded up to 16)
+        for th, tw in itertools.product(heights, widths):
+            if th > g.out_h + g.out_h % 2 or tw > g.out_w + g.out_w % 2:
+                continue
+            tb = (th // 2) * (tw // 2)
+            for rt, ro in itertools.product((2, 4, 7) if coarse else (2, 3, 4, 7, 8),
+                                            (4, 8) if coarse else (4, 6, 8, 10, 12, 16)):
+                threads = winograd.POSITIONS * -(-g.rank_out // ro) * (tb // rt)
+                if tb % rt or ro * rt > 96 or not 32 <= threads <= fused_winograd.MAX_THREADS:
+                    continue
+                lp = next((lp for lp in (8, 7, 4, 2, 1) if tw % lp == 0 and threads % (th * tw // lp) == 0), 0)
+                if not lp:
+                    continue
+                for cr in chunks:
+                    if cr > most:
+                        continue
+                    for ur, cx in itertools.product((4, 8) if coarse else (4, 6, 8, 12), (8,) if coarse else (4, 8, 16)):
+                        # (4 ranks a sub-chunk and 4 outputs a thread where they fit, else 2)
+                        for ck, eo in ((4, 4), (4, 2), (2, 4), (2, 2)):
+                            try:
+                                t = fused_winograd.FusedWinogradTile(th, tw, cr, cx, ur, ck, ro, rt, eo, lp)
+                            except ValueError:
+                                break
+                            if t.layout(g).first_reg != ur:
+                                break
+                            if fused_winograd.fits(t, g):
+                                out.append(t)
+                                break
+        return out
+    raise ValueError(f"method must be fused, three_pass, winograd or fused_winograd, got {method!r}")
 
 
 # TDC's ResNet-18 layers at batch 32, made by
@@ -552,9 +640,12 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
 # so far trail `fused` (docs/tucker-notes.md, "A one-launch layer with a Winograd core"). It has no formulas in this module:
 # `best` and `choose_ranks` do not price it yet. FusedWinogradTile(th, tw, CR, CX, UR, CK, RO, RT,
 # EO, LP).
-# Session 40 picked it at l2b, by hand from about 15 tiles: the 96 input ranks in two chunks of
-# 48 (6 a thread in the first 1x1), where session 39's 64-rank chunks padded them to 128 (98.37
-# us), and 16 input channels a step: 80.00 us by issue slots and with stalls, 1.41x the floor.
+# Session 40 picked it at l2b: the 96 input ranks in two chunks of 48 (6 a thread in the first
+# 1x1), where session 39's 64-rank chunks padded them to 128 (98.37 us); by hand 4x14 tiles of 8
+# channels a step (78.36 us with each thread's staged positions in slots), then
+# `--search 4 --methods fused_winograd` (the formulas' 16 best) 2x14 tiles of 16 channels a step:
+# 73.98 us by issue slots and with stalls, 1.30x the floor. It kept l2a's pick (52.59 us) and
+# found nothing under 2.3x at layer3.
 AUDITED_PICKS: dict = {
     (32, 64, 64, 32, 64, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l1a-n32
         'fused': fused.FusedTile(8, 8, 64, 16, 4, 8, 8, 8, 4),  # 8-pixel rows, padded to 12 floats
@@ -576,7 +667,7 @@ AUDITED_PICKS: dict = {
         'fused': fused.FusedTile(8, 14, 48, 8, 8, 7, 4, 12, 4),  # 128 threads, 256 blocks (session 35)
         'three_pass': core_conv.CoreTile(14, 14, 8, 64, 4, 7, splits=2),
         'winograd': winograd.WinogradTile(16, 64, 8, 8, 8),
-        'fused_winograd': fused_winograd.FusedWinogradTile(4, 14, 48, 8, 6, 4, 8, 7, 4, 7),  # session 40
+        'fused_winograd': fused_winograd.FusedWinogradTile(2, 14, 48, 16, 6, 4, 8, 7, 4, 7),  # session 40
     },
     (32, 256, 96, 96, 256, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l3a-n32
         'fused': fused.FusedTile(8, 7, 48, 8, 6, 7, 4, 12, 4),  # 128 threads; 6 ranks in 8-float slots
@@ -626,10 +717,11 @@ def rank_configs(g: TuckerGeometry, method: str, device: Device = H200, top: int
 
 @functools.lru_cache(maxsize=256)
 def best(g: TuckerGeometry, device: Device = H200) -> tuple[str, object]:
-    """``(method, tile)`` with the lowest predicted time among ``fused``, ``three_pass`` and ``winograd``
-    (coarse tile grid; cached per layer). What ``tucker_conv2d(method="auto")`` runs on a GPU."""
+    """``(method, tile)`` with the lowest predicted time among ``fused``, ``three_pass``, ``winograd``
+    and ``fused_winograd`` (coarse tile grid, audited picks first; cached per layer). What
+    ``tucker_conv2d(method="auto")`` runs on a GPU."""
     picks = []
-    for method in ("fused", "three_pass", "winograd"):
+    for method in ("fused", "three_pass", "winograd", "fused_winograd"):
         ranked = rank_configs(g, method, device=device, top=1, coarse=True)
         if ranked:
             picks.append(ranked[0])

@@ -93,13 +93,14 @@ def _tiles(method: str, half: TuckerGeometry, device) -> tuple:
 @functools.lru_cache(maxsize=None)
 def _predicted_ms(g: TuckerGeometry, device) -> float:
     """Predicted ms of the best of ``fused``, ``three_pass`` and (3x3 cores at stride 1)
-    ``winograd`` at these ranks, over a few tiles: the model's top 3 (coarse grid) for the
-    layer at half ranks."""
+    ``winograd`` and ``fused_winograd`` at these ranks, over a few tiles: the model's top 3
+    (coarse grid) for the layer at half ranks."""
     half = replace(g, rank_out=max(1, g.out_channels // 2), rank_in=max(1, g.in_channels // 2))
     best = math.inf
-    for method in ("fused", "three_pass", "winograd"):
+    fits = {"fused": model.fused.fits, "fused_winograd": model.fused_winograd.fits}
+    for method in ("fused", "three_pass", "winograd", "fused_winograd"):
         for t in _tiles(method, half, device):
-            if method != "fused" or model.fused.fits(t, g):
+            if method not in fits or fits[method](t, g):
                 best = min(best, model.predict(g, method, t, device).ms)
     return best
 

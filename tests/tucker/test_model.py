@@ -8,7 +8,7 @@ import pytest
 
 from deftnumba.tucker import bench_op, model, ranks, roofline
 from deftnumba.tucker.geometry import TuckerGeometry
-from deftnumba.tucker.kernels import core_conv, fused, winograd
+from deftnumba.tucker.kernels import core_conv, fused, fused_winograd, winograd
 
 L1 = TuckerGeometry(32, 64, 56, 56, 64, 64, 32, 3, 3, 1, 1, 1, 1, has_bias=True)
 
@@ -39,7 +39,7 @@ def test_phase_models_cover_the_marked_phases():
     import re
 
     for mod, cfg in ((core_conv, core_conv.GPU_TILE), (fused, fused.GPU_CANDIDATES[0]),
-                     (winograd, winograd.GPU_TILE)):
+                     (winograd, winograd.GPU_TILE), (fused_winograd, fused_winograd.GPU_CANDIDATES[0])):
         marked = set(re.findall(r"# phase: (\w+)", inspect.getsource(mod).split("def phase_model")[0]))
         marked -= {"NAME"}
         body_marked = set(re.findall(r"^\s+# phase: (\w+)$", inspect.getsource(mod), re.M))
@@ -52,7 +52,7 @@ def test_sass_iterations_cover_the_phases():
     (passes through the innermost loop, runs of the rest), and the normalised steps name
     looped phases only."""
     for mod, cfg in ((core_conv, core_conv.GPU_TILE), (fused, fused.GPU_CANDIDATES[0]),
-                     (winograd, winograd.GPU_TILE)):
+                     (winograd, winograd.GPU_TILE), (fused_winograd, fused_winograd.GPU_CANDIDATES[0])):
         its = mod.sass_iterations(L1, cfg)
         assert set(its) == set(mod.phase_model(L1, cfg)) | {"prologue"}, mod.__name__
         assert all(len(v) == 2 and v[0] >= 0 and v[1] >= 1 for v in its.values())
@@ -77,11 +77,6 @@ def test_audited_picks_come_first():
         g = next(bench_op.geometry(s) for s in bench_op.suites().values()
                  if model.pick_key(bench_op.geometry(s)) == key)
         for method, tile in picks.items():
-            if method == "fused_winograd":  # (no formulas rank its tiles yet: the audited tile is what runs)
-                from deftnumba.tucker.kernels import fused_winograd
-
-                assert fused_winograd.fits(tile, g)
-                continue
             assert model.rank_configs(g, method, top=1)[0].config == tile
             assert tile in model.candidates(g, method)
     assert model.AUDITED_PICKS, "the suite layers' audited tiles (python -m deftnumba.tucker.audit --search 8)"
@@ -116,6 +111,30 @@ def test_predictions_are_labelled_and_ranked():
     assert p.ms >= ffma_ms * 0.99
 
 
+def test_fused_winograd_formulas_match_the_recorded_audit():
+    """The fused Winograd kernel's per-iteration formulas (``model._fused_winograd_instructions``,
+    calibrated at its two audited picks) against the SASS audit recorded for them
+    (``data/tucker/static_audit.json``): per-thread instructions outside the prologue within 5%
+    (barriers apart: the formulas charge each ``BARRIER_SLOTS``, the audit one instruction)."""
+    recorded = json.loads(bench_op.AUDIT_PATH.read_text())["suites"]
+    for name in ("r18-l2a-n32", "r18-l2b-n32"):
+        g = bench_op.geometry(bench_op.suites()[name])
+        t = model.AUDITED_PICKS[model.pick_key(g)]["fused_winograd"]
+        iters, per = fused_winograd.phase_model(g, t), model._fused_winograd_instructions(g, t)
+        formula = sum(iters[p] * per[p] for p in iters)
+        r = recorded[name]["fused_winograd"]
+        audited = r["instructions_per_thread"] - r["phases"]["prologue"]["per_thread"]
+        assert formula == pytest.approx(audited, rel=0.05), name
+        p = model.predict(g, "fused_winograd", t)
+        assert p.method == "fused_winograd" and p.launches == 1 and "prediction" in p.label
+        assert p.instructions_per_thread == formula + model.BARRIER_SLOTS * model._barriers("fused_winograd", g, t)
+    # the Winograd methods take only 3x3 cores at stride 1 and dilation 1
+    strided = TuckerGeometry(2, 8, 9, 9, 8, 4, 4, 3, 3, 2, 2, 1, 1)
+    assert model.candidates(strided, "fused_winograd") == []
+    with pytest.raises(ValueError, match="fused_winograd takes 3x3"):
+        model.predict(strided, "fused_winograd", fused_winograd.GPU_CANDIDATES[0])
+
+
 def test_instruction_model_matches_recorded_sass():
     """The multiply step formula against sm_90 SASS recorded for two core-conv tiles
     (loop bodies of 3 unrolled kernel rows: 325 and 172 instructions)."""
@@ -135,11 +154,13 @@ def test_bench_op_protocol():
         ops = bench_op.operators(shape, "cudnn_conv", "fwd")
         assert ops and ops[0].flops > 0
     preds = bench_op.predictions(suites["r18-l2a-n32"])
-    # fused_winograd has no formulas: it is predicted only where the recorded audit has its pick
     assert set(preds) == {"fused", "three_pass", "winograd", "fused_winograd", "cudnn_conv", "cudnn_tucker"}
     recorded = json.loads(bench_op.AUDIT_PATH.read_text())["suites"]["r18-l2a-n32"]["fused_winograd"]
-    assert preds["fused_winograd"] == recorded["predicted_us"] / 1e3
-    assert "fused_winograd" not in bench_op.predictions(suites["r18-l3a-n32"])
+    assert preds["fused_winograd"] == recorded["predicted_us"] / 1e3  # the recorded audit first
+    g3 = bench_op.geometry(suites["r18-l3a-n32"])  # no audited pick there: the formulas' best
+    assert bench_op.predictions(suites["r18-l3a-n32"])["fused_winograd"] == model.predict(g3, "fused_winograd").ms
+    # layer4's 160 core ranks: no tile of the one-launch Winograd design fits 48 KB
+    assert "fused_winograd" not in bench_op.predictions(suites["r18-l4a-n32"])
 
 
 def test_bench_op_runs_tiny_shape_in_simulator():
