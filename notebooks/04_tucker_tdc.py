@@ -297,8 +297,41 @@ nb.show(nb.markdown_table(rows) + f"\n\n{model.LABEL}: counts under the issue-sl
 # staging, the input transform in shared memory, the output transform before the last 1x1. At
 # layer2 its audited picks are under 1.5x, where `fused` is at 1.67-1.71x. At layer3 one block
 # an SM (128 tiles of 4x14 for 132 SMs) waits on its staging's global loads at every channel
-# step, and the tiles audited so far trail `fused` (`docs/tucker-notes.md`, "Session 40").
+# step: its best tiles are 2.3-2.5x the floor by the larger of the two estimates, where `fused`
+# is at 1.8x by issue slots and 3.8-4x with stalls (`docs/tucker-notes.md`, "Session 40").
 # Static predictions, nothing measured.
+#
+# Where the Winograd core wins, phase by phase: the chart stacks each one-launch kernel's
+# predicted time at layer2 by phase (the same audit). The multiply shrinks by more than half; the
+# transforms it adds are small; the first 1x1 on the tile's halo, which the Winograd core does not
+# touch, is now the largest phase.
+
+# %%
+if AUDIT.exists():
+    shown = [n for n in ("r18-l2a-n32", "r18-l2b-n32") if "fused_winograd" in recorded.get(n, {})]
+    kernels = ("fused", "fused_winograd")
+    phases = []  # every phase either kernel has, in the order met
+    for n in shown:
+        for k in kernels:
+            phases += [ph for ph in recorded[n][k]["phases"] if ph not in phases]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    x = np.arange(len(shown) * len(kernels))
+    bottom = np.zeros(len(x))
+    colours = plt.get_cmap("tab20").colors
+    for i, ph in enumerate(phases):
+        vals = np.array([recorded[n][k]["phases"].get(ph, {}).get("predicted_us", 0.0) for n in shown for k in kernels])
+        ax.bar(x, vals, bottom=bottom, label=ph, width=0.7, color=colours[i % len(colours)])
+        bottom += vals
+    ax.scatter(x, [1.5 * recorded[n]["floor_us"] for n in shown for _ in kernels], color="k", marker="x", s=30,
+               zorder=3, label="1.5x floor (issue 14's target)")
+    ax.set_xticks(x, [f"{n.replace('r18-', '').replace('-n32', '')}\n{k}" for n in shown for k in kernels], fontsize=8)
+    ax.set_ylabel("predicted us (batch 32)")
+    ax.set_ylim(0, 1.1 * max(bottom.max(), 1.5 * max(recorded[n]["floor_us"] for n in shown)))
+    ax.set_title("one launch, direct core vs Winograd core: issue slots by phase (SASS audit)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    nb.stamp(ax, audited["label"])
+    plt.show()
 
 # %% [markdown]
 # **Small images: split the core conv's input ranks.** At layer4 (7x7 images) one tile covers a
