@@ -294,21 +294,23 @@ nb.show(nb.markdown_table(rows) + f"\n\n{model.LABEL}: counts under the issue-sl
 # Reading: `fused` keeps 36-70% of its issued instructions useful FFMAs (the direct bound over
 # its audited time). With a Winograd core, 40-50% would reach 1.5x on layers 1-3 and 70% on
 # layer4; with the direct core it takes 68-83%. `fused_winograd` is that kernel: `fused`'s
-# staging, the input transform in shared memory, the output transform before the last 1x1. At
-# layer2 its audited picks are under 1.5x, where `fused` is at 1.67-1.71x. At layer3 one block
+# staging, the input transform in shared memory, the output transform before the last 1x1. Its
+# audited picks are 1.02-1.16x the floor at layer1 and 1.30-1.32x at layer2, where `fused` is at
+# 1.45x and 1.67-1.71x. At layer3 one block
 # an SM (128 tiles of 4x14 for 132 SMs) waits on its staging's global loads at every channel
 # step: its best tiles are 2.3-2.5x the floor by the larger of the two estimates, where `fused`
 # is at 1.8x by issue slots and 3.8-4x with stalls (`docs/tucker-notes.md`, "Session 40").
 # Static predictions, nothing measured.
 #
 # Where the Winograd core wins, phase by phase: the chart stacks each one-launch kernel's
-# predicted time at layer2 by phase (the same audit). The multiply shrinks by more than half; the
-# transforms it adds are small; the first 1x1 on the tile's halo, which the Winograd core does not
-# touch, is now the largest phase.
+# predicted time at layers 1-2 by phase (the same audit). The multiply shrinks by about half or
+# more; the transforms it adds are small; the first 1x1 on the tile's halo, which the Winograd core
+# does not touch, is now nearly as large as the multiply at layer1 and larger at layer2.
 
 # %%
 if AUDIT.exists():
-    shown = [n for n in ("r18-l2a-n32", "r18-l2b-n32") if "fused_winograd" in recorded.get(n, {})]
+    shown = [n for n in ("r18-l1a-n32", "r18-l1b-n32", "r18-l2a-n32", "r18-l2b-n32")
+             if "fused_winograd" in recorded.get(n, {})]
     kernels = ("fused", "fused_winograd")
     phases = []  # every phase either kernel has, in the order met
     for n in shown:

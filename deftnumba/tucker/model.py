@@ -645,17 +645,28 @@ def candidates(g: TuckerGeometry, method: str, coarse: bool = False) -> list:
 # channels a step (78.36 us with each thread's staged positions in slots), then
 # `--search 4 --methods fused_winograd` (the formulas' 16 best) 2x14 tiles of 16 channels a step:
 # 73.98 us by issue slots and with stalls, 1.30x the floor. It kept l2a's pick (52.59 us) and
-# found nothing under 2.3x at layer3.
+# found nothing under 2.3x at layer3. At layer1 (`--search 4`) it picked 8x8 tiles: l1a 75.18 us
+# (1.02x the floor), l1b 46.23 (1.16x), by issue slots and with stalls, where `fused` is at 1.45x;
+# and at batch 1 8x4 tiles (l1a 9.52 us, l1b 6.41, the estimate with stalls).
 AUDITED_PICKS: dict = {
     (32, 64, 64, 32, 64, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l1a-n32
         'fused': fused.FusedTile(8, 8, 64, 16, 4, 8, 8, 8, 4),  # 8-pixel rows, padded to 12 floats
         'three_pass': core_conv.CoreTile(8, 8, 8, 32, 8, 8),
         'winograd': winograd.WinogradTile(32, 32, 8, 8, 8),
+        'fused_winograd': fused_winograd.FusedWinogradTile(8, 8, 64, 8, 4, 4, 16, 4, 4, 8),  # session 40
     },
     (32, 64, 32, 32, 64, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l1b-n32
         'fused': fused.FusedTile(8, 14, 32, 8, 4, 7, 8, 8, 8, row_slots=True),
         'three_pass': core_conv.CoreTile(8, 8, 8, 32, 8, 8),
         'winograd': winograd.WinogradTile(32, 32, 8, 8, 8),
+        'fused_winograd': fused_winograd.FusedWinogradTile(8, 8, 32, 16, 4, 4, 8, 8, 4, 8),  # session 40
+    },
+    # batch 1, layer1: only `fused_winograd`'s picks (session 40), where `auto` runs it (`best`)
+    (1, 64, 64, 32, 64, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l1a-n1
+        'fused_winograd': fused_winograd.FusedWinogradTile(8, 4, 64, 16, 8, 4, 4, 4, 4, 4),
+    },
+    (1, 64, 32, 32, 64, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l1b-n1
+        'fused_winograd': fused_winograd.FusedWinogradTile(8, 4, 32, 8, 4, 4, 4, 4, 4, 4),
     },
     (32, 128, 64, 64, 128, 3, 3, 1, 1, 1, 1, 1, 1, 'float32'): {  # r18-l2a-n32
         'fused': fused.FusedTile(4, 14, 64, 4, 4, 7, 8, 8, 4, row_slots=True),
