@@ -124,3 +124,26 @@ def test_tile_and_layer_errors(rng):
     big = check_tucker(*make(rng, (1, 3, 5, 5, 3, 512, 2, 3, 3, 1, 1, 1, 1))[0], padding=1)
     with pytest.raises(ValueError, match="bytes of shared memory"):
         fused_winograd.check(Tile(2, 2, 4, 2, 2, 0, 16, 1, 1, 2), big)
+
+
+def _audited_fused_winograd():
+    from deftnumba.tucker import model
+
+    return [(key, picks["fused_winograd"]) for key, picks in model.AUDITED_PICKS.items() if "fused_winograd" in picks]
+
+
+@pytest.mark.parametrize("key, tile", [pytest.param(k, t, id=f"n{k[0]}-r{k[2]}-{k[3]}") for k, t in _audited_fused_winograd()])
+def test_the_audited_picks_run_right(rng, poisoned, key, tile):
+    """The tiles the GPU runs (``model.AUDITED_PICKS``: 128-256 threads, rank chunks of 32-64,
+    slots of 3 and 7), with the layer's own core ranks (they set the block) and its rank chunk,
+    on one small image of four tiles, two of them partial; one rank chunk short by 3 (its work is
+    the whole chunk's: more chunks only repeat it, and the small cases above take several);
+    three channels (a partial chunk) and a partial block of outputs."""
+    r_out = key[3]
+    g = check_tucker(*make(rng, (1, 3, 4, 4, 2, r_out, 2, 3, 3, 1, 1, 1, 1))[0])
+    lay = tile.layout(g)
+    case = (1, 3, tile.tile_h + 1, tile.tile_w + 2, tile.rank_chunk - 3, r_out, lay.out_block + 3, 3, 3, 1, 1, 1, 1)
+    args, kw = make(rng, case)
+    with backend.bounds_checked():
+        out = tucker_conv2d(*args, **kw, method="fused_winograd", config=tile)
+    check_close(out, args, kw, np.float32)

@@ -140,7 +140,7 @@ def test_the_audited_layer3_4_picks_run_right(rng, poisoned, tile):
     image whose 2x2 tiles end past its edge."""
     from deftnumba.tucker import model
 
-    assert tile in {p["winograd"] for p in model.AUDITED_PICKS.values()}
+    assert tile in {p["winograd"] for p in model.AUDITED_PICKS.values() if "winograd" in p}
     assert tile.threads == 128
     r_in = tile.chunk * (2 * tile.splits) - 3  # two chunks a split, the last one short by 3
     r_out = tile.oc_block + 6                  # a second, partial rank block
